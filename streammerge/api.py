@@ -1,0 +1,65 @@
+"""The Python API: ``plan(...)``, ``merge(...)`` and ``inspect(...)``, the only place besides the CLI that
+knows every part. Each builds a :class:`Recipe`, reads headers, plans, and (for ``merge``) executes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .budget import make_budget
+from .execute import execute
+from .formats.checkpoint import Checkpoint, load_checkpoint
+from .output import check_destination
+from .plan import Plan, make_plan
+from .recipe import TOKEN_EMBEDDINGS, Recipe
+
+
+def plan_recipe(recipe: Recipe) -> Plan:
+    """Read the inputs' headers and plan ``recipe`` (nothing is written)."""
+    check_destination(recipe.out, recipe.force)
+    base = load_checkpoint(recipe.base)
+    models = [load_checkpoint(m) for m in recipe.models]
+    return make_plan(recipe, base, models, make_budget(recipe.max_ram))
+
+
+def plan(base: str | Path, models: Sequence[str | Path], out: str | Path, method: str = "widen",
+         params: dict[str, Any] | None = None, **options: Any) -> Plan:
+    """Plan a merge without running it. ``options`` are :class:`Recipe` fields (dtype, max_ram, exclude, ...)."""
+    return plan_recipe(Recipe(base=Path(base), models=tuple(Path(m) for m in models), out=Path(out),
+                              method=method, params=dict(params or {}), **options))
+
+
+def merge(base: str | Path, models: Sequence[str | Path], out: str | Path, method: str = "widen",
+          params: dict[str, Any] | None = None, progress: bool = False, **options: Any) -> Path:
+    """Merge ``models`` onto ``base`` into the folder ``out``; returns ``out``.
+
+    Example: ``merge("base", ["chat", "multilingual"], "merged", method="widen", params={"t": 1.0}, max_ram="2GiB")``
+    """
+    p = plan(base, models, out, method, params, **options)
+    return execute(p, show_progress=progress)
+
+
+def inspect(folder: str | Path) -> dict[str, Any]:
+    """What a model folder holds: tensors, dtypes, shapes, shards, parameter count, tying and vocabulary."""
+    ckpt: Checkpoint = load_checkpoint(folder)
+    dtypes: dict[str, int] = {}
+    for loc in ckpt.tensors.values():
+        dtypes[loc.info.dtype.name] = dtypes.get(loc.info.dtype.name, 0) + 1
+    embedding = next((e for e in TOKEN_EMBEDDINGS if e in ckpt.tensors), None)
+    return {
+        "folder": str(ckpt.folder),
+        "model_type": ckpt.model_type,
+        "architectures": ckpt.architectures,
+        "parameters": ckpt.parameter_count,
+        "bytes": ckpt.total_bytes,
+        "tied_embeddings": ckpt.tied(),
+        "vocab_size": ckpt.vocab_size,
+        "embedding_rows": ckpt.tensors[embedding].info.shape[0] if embedding else None,
+        "dtypes": dtypes,
+        "shards": [{"file": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.shards.items()],
+        "tensors": [
+            {"name": n, "dtype": loc.info.dtype.name, "shape": list(loc.info.shape), "shard": loc.shard.name}
+            for n, loc in ckpt.tensors.items()
+        ],
+    }

@@ -1,0 +1,213 @@
+"""The ``streammerge`` command line: merge, plan, inspect, methods, make-example.
+
+Flags build a :class:`Recipe`; everything else is the Python API. User errors (bad input, impossible budget)
+exit with status 1 and one clear message; bad usage exits 2. Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import api
+from ._version import __version__
+from .errors import StreamMergeError
+from .execute import execute
+from .methods import all_methods
+from .recipe import DEFAULT_SHARD_SIZE, Recipe
+from .units import format_size, parse_size
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not value.strip():
+            raise click.UsageError(f"--param {item!r}: write NAME=VALUE, e.g. --param t=1.0 or --param weight=0.3,0.7")
+        if name in params:
+            raise click.UsageError(f"--param {name} given twice")
+        params[name] = value
+    return params
+
+
+def _merge_options(f: Any) -> Any:
+    """The options shared by ``merge`` and ``plan``."""
+    options = [
+        click.option("--base", "base", required=True, type=click.Path(path_type=Path),
+                     help="Base model folder (the common ancestor the others were trained from)."),
+        click.option("--model", "models", multiple=True, required=True, type=click.Path(path_type=Path),
+                     help="A model folder to merge; repeat for each (order matters for per-model parameters)."),
+        click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+                     help="Output folder; it appears only when the merge is complete."),
+        click.option("--method", default="widen", show_default=True,
+                     help="Merge method; `streammerge methods` lists them with their parameters."),
+        click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+                     help="Method parameter, repeatable (e.g. --param t=1.0 --param s=1.0). Per-model parameters "
+                          "take one value per --model separated by commas, or one value for all."),
+        click.option("--max-ram", default=None, metavar="SIZE",
+                     help="RAM for the merge's buffers, e.g. 512MiB or 6GiB (default: half of available RAM). "
+                          "Sets the chunk size; the output does not depend on it."),
+        click.option("--dtype", default=None, metavar="DTYPE",
+                     help="Output dtype: bfloat16, float16 or float32 (default: each tensor keeps the base's dtype)."),
+        click.option("--exclude", multiple=True, metavar="REGEX",
+                     help="Tensors whose names match (re.match) keep the base's value; repeatable."),
+        click.option("--embedding", "embeddings", multiple=True, metavar="NAME",
+                     help="Tensor names to treat as embeddings (one column per stored row); repeatable. "
+                          "Default: the usual token/position embedding names of each architecture."),
+        click.option("--tokenizer-from", type=click.Path(path_type=Path), default=None,
+                     help="Copy tokenizer files from this folder instead of the base."),
+        click.option("--shard-size", default=None, metavar="SIZE",
+                     help=f"Largest output shard (default {DEFAULT_SHARD_SIZE // 1000**3}GB)."),
+        click.option("--chunk-rows", type=click.IntRange(min=1), default=None, hidden=True,
+                     help="Force the rows per chunk (testing)."),
+        click.option("--force", is_flag=True, help="Replace the output folder if it exists and is not empty."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _recipe(kw: dict[str, Any]) -> Recipe:
+    return Recipe(
+        base=kw["base"], models=kw["models"], out=kw["out"], method=kw["method"],
+        params=_parse_params(kw["params"]), dtype=kw["dtype"], exclude=kw["exclude"],
+        embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
+        shard_size=parse_size(kw["shard_size"]) if kw["shard_size"] else DEFAULT_SHARD_SIZE,
+        max_ram=kw["max_ram"], chunk_rows=kw["chunk_rows"], force=kw["force"],
+    )
+
+
+def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
+    lines = [
+        f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})",
+        f"base        {d['base']}",
+        *(f"model {i + 1:<5} {m}" for i, m in enumerate(d["models"])),
+        f"output      {d['out']} ({len(d['shards'])} shard(s), {format_size(d['bytes_written'])})",
+        f"device      {d['device']}",
+        f"budget      {format_size(d['budget']['max_ram'])} ({d['budget']['source']})",
+        f"peak RAM    {format_size(d['predicted_peak_ram'])} predicted for buffers (plus the interpreter)",
+        f"reads       {format_size(d['bytes_read'])}",
+        f"tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
+    ]
+    click.echo("\n".join(lines), file=stream)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="streammerge")
+def main() -> None:
+    """Merge homologous LLM checkpoints (a base and its fine-tuned or continually pre-trained variants)
+    within a memory budget, streaming row chunks from safetensors files.
+
+    \b
+    A first merge:
+      streammerge make-example demo
+      streammerge merge --base demo/base --model demo/chat --model demo/multilingual --out demo/merged
+    """
+
+
+@main.command()
+@_merge_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def merge(as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Merge --model folders onto --base with --method, writing --out.
+
+    \b
+    Example (WIDEN, the paper's settings, 4 GiB of RAM):
+      streammerge merge --base Qwen1.5-7B --model Qwen1.5-7B-Chat --model Sailor-7B \\
+          --method widen --param t=1.0 --param s=1.0 --max-ram 4GiB --out merged
+    """
+    try:
+        plan = api.plan_recipe(_recipe(kw))
+        d = plan.to_dict()
+        if not quiet and not as_json:
+            _print_plan_summary(d, sys.stderr)
+        out = execute(plan, show_progress=not quiet and not as_json)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "fingerprint": d["fingerprint"], "bytes_written": d["bytes_written"]}))
+    else:
+        click.echo(f"merged model written to {out}")
+
+
+@main.command("plan")
+@_merge_options
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan (every tensor) as JSON.")
+def plan_cmd(as_json: bool, **kw: Any) -> None:
+    """Show what a merge would do (shards, chunking, memory, bytes) without reading tensor data."""
+    try:
+        d = api.plan_recipe(_recipe(kw)).to_dict()
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        _print_plan_summary(d, sys.stdout)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def inspect(folder: Path, as_json: bool) -> None:
+    """Describe a model folder: tensors, dtypes, shapes, shards, parameters, tying, vocabulary."""
+    try:
+        info = api.inspect(folder)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    arch = ", ".join(info["architectures"]) or info["model_type"] or "unknown architecture"
+    click.echo(f"{info['folder']}: {arch}")
+    click.echo(f"  parameters  {info['parameters']:,} ({format_size(info['bytes'])})")
+    click.echo(f"  dtypes      " + ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
+    click.echo(f"  vocab       {info['vocab_size']} (embedding rows {info['embedding_rows']})")
+    click.echo(f"  tied        {info['tied_embeddings']}")
+    click.echo(f"  shards      {len(info['shards'])}: " + ", ".join(s["file"] for s in info["shards"]))
+    click.echo(f"  tensors     {len(info['tensors'])}")
+    for t in info["tensors"]:
+        click.echo(f"    {t['name']:<60} {t['dtype']:<5} {t['shape']}")
+
+
+@main.command()
+def methods() -> None:
+    """List merge methods with their parameters and defaults."""
+    for m in all_methods().values():
+        click.echo(f"{m.name}  (at least {m.min_models} models)")
+        click.echo(f"  {m.summary}")
+        click.echo(f"  reference: {m.reference}")
+        for p in m.params:
+            per = ", per model" if p.per_model else ""
+            click.echo(f"    {p.name} ({p.kind.__name__}{per}, default {p.default}): {p.help}")
+
+
+@main.command("make-example")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--shape", default="tiny", show_default=True,
+              type=click.Choice(["tiny", "tiny-untied", "tiny-llama", "qwen2-0.5b", "qwen2-1.5b", "qwen2.5-3b",
+                                 "qwen2-7b", "qwen1.5-14b"]),
+              help="Model dimensions; the qwen shapes are full size (gigabytes).")
+@click.option("--dtype", default="bf16", show_default=True, help="Stored dtype.")
+@click.option("--seed", default=0, show_default=True)
+def make_example(folder: Path, shape: str, dtype: str, seed: int) -> None:
+    """Write a synthetic base model and two variants (chat-like and continual-pretrain-like) to merge."""
+    from .examples import write_family
+
+    if folder.exists() and any(folder.iterdir()):
+        raise click.ClickException(f"{folder} exists and is not empty")
+    try:
+        paths = write_family(folder, shape, seed=seed, dtype=dtype)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, path in paths.items():
+        click.echo(f"{name:<13} {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The error types streammerge raises.
+
+Every failure a user can cause (bad input files, bad options, an impossible budget) raises a subclass of
+:class:`StreamMergeError` with a message that says what is wrong, where (file, tensor, rows) and what to do.
+The CLI turns these into exit status 1; anything else is a bug. Header validation has one named error per
+failure so tests (and callers) can tell them apart.
+"""
+
+from __future__ import annotations
+
+
+class StreamMergeError(Exception):
+    """Base class of every error caused by the user's input or options."""
+
+
+class InputError(StreamMergeError):
+    """A model folder or checkpoint cannot be used (missing, pickled, inconsistent)."""
+
+
+class IncompatibleModelsError(InputError):
+    """The models are not homologous: names, shapes, architectures or tying differ."""
+
+
+class MethodError(StreamMergeError):
+    """Unknown method or parameter, or a parameter value out of range."""
+
+
+class PlanError(StreamMergeError):
+    """The merge cannot be planned: budget too small, output folder in the way, ..."""
+
+
+class NonFiniteError(StreamMergeError):
+    """A merged chunk contains NaN or infinity."""
+
+
+class HeaderError(InputError):
+    """A safetensors file's header is malformed; subclasses name the exact defect."""
+
+
+class FileTooSmallError(HeaderError):
+    """The file is shorter than the 8-byte header-length prefix."""
+
+
+class HeaderTooLargeError(HeaderError):
+    """The declared header length exceeds the hard cap."""
+
+
+class HeaderLengthError(HeaderError):
+    """The declared header length runs past the end of the file."""
+
+
+class HeaderEncodingError(HeaderError):
+    """The header bytes are not valid UTF-8."""
+
+
+class HeaderNotJSONError(HeaderError):
+    """The header is not valid JSON (or uses NaN/Infinity, or does not start with '{')."""
+
+
+class HeaderNotObjectError(HeaderError):
+    """The header JSON is not an object."""
+
+
+class DuplicateKeyError(HeaderError):
+    """The header JSON repeats a key."""
+
+
+class MetadataError(HeaderError):
+    """``__metadata__`` is not a map of strings to strings."""
+
+
+class TensorEntryError(HeaderError):
+    """A tensor entry is not an object with exactly dtype, shape and data_offsets, or has an empty name."""
+
+
+class UnknownDtypeError(HeaderError):
+    """A tensor's dtype is not one safetensors defines."""
+
+
+class ShapeError(HeaderError):
+    """A tensor's shape is not a list of non-negative integers, or its size overflows."""
+
+
+class OffsetsError(HeaderError):
+    """A tensor's data_offsets are not two non-negative integers with begin <= end."""
+
+
+class SizeMismatchError(HeaderError):
+    """shape x dtype size does not equal the tensor's byte range."""
+
+
+class OffsetGapError(HeaderError):
+    """The tensors' byte ranges leave a gap (they must be contiguous from 0)."""
+
+
+class OffsetOverlapError(HeaderError):
+    """Two tensors' byte ranges overlap."""
+
+
+class TruncatedDataError(HeaderError):
+    """The tensor data runs past the end of the file."""
+
+
+class TrailingBytesError(HeaderError):
+    """The file has bytes after the last tensor."""

@@ -1,0 +1,84 @@
+"""The safetensors dtype table: names, element sizes, torch equivalents and the writer's sort order.
+
+``DTYPES`` lists every dtype the safetensors format defines, in the order of the reference
+implementation's ``Dtype`` enum; ``safetensors`` lays tensors out by that order (largest first, then by name),
+so the writer needs it to produce identical bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import StreamMergeError
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its name, size in bits, and the torch dtype (None if torch has none)."""
+
+    name: str
+    bits: int
+    torch: torch.dtype | None
+    rank: int  # position in the reference enum; the writer sorts by it, descending
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch is not None and self.torch.is_floating_point
+
+
+def _t(name: str) -> torch.dtype | None:
+    return getattr(torch, name, None)
+
+
+_ORDER: list[tuple[str, int, torch.dtype | None]] = [
+    ("BOOL", 8, torch.bool),
+    ("F4", 4, None),
+    ("F6_E2M3", 6, None),
+    ("F6_E3M2", 6, None),
+    ("U8", 8, torch.uint8),
+    ("I8", 8, torch.int8),
+    ("F8_E5M2", 8, _t("float8_e5m2")),
+    ("F8_E4M3", 8, _t("float8_e4m3fn")),
+    ("F8_E8M0", 8, _t("float8_e8m0fnu")),
+    ("I16", 16, torch.int16),
+    ("U16", 16, _t("uint16")),
+    ("F16", 16, torch.float16),
+    ("BF16", 16, torch.bfloat16),
+    ("I32", 32, torch.int32),
+    ("U32", 32, _t("uint32")),
+    ("F32", 32, torch.float32),
+    ("C64", 64, torch.complex64),
+    ("F64", 64, torch.float64),
+    ("I64", 64, torch.int64),
+    ("U64", 64, _t("uint64")),
+]
+
+DTYPES: dict[str, DType] = {name: DType(name, bits, td, i) for i, (name, bits, td) in enumerate(_ORDER)}
+_BY_TORCH: dict[torch.dtype, DType] = {d.torch: d for d in DTYPES.values() if d.torch is not None}
+
+# Names users may give for an output dtype.
+OUTPUT_DTYPE_ALIASES: dict[str, str] = {
+    "float32": "F32", "fp32": "F32", "f32": "F32",
+    "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+}
+
+
+def from_torch(dtype: torch.dtype) -> DType:
+    """The safetensors dtype of a torch dtype."""
+    try:
+        return _BY_TORCH[dtype]
+    except KeyError:
+        raise StreamMergeError(f"torch dtype {dtype} has no safetensors equivalent") from None
+
+
+def parse_output_dtype(text: str) -> DType:
+    """Parse a user's ``--dtype`` (float32/fp32, float16/fp16, bfloat16/bf16, or a safetensors name)."""
+    key = text.strip()
+    name = OUTPUT_DTYPE_ALIASES.get(key.lower(), key.upper())
+    if name not in ("F32", "F16", "BF16"):
+        choices = ", ".join(sorted({"float32", "float16", "bfloat16"}))
+        raise StreamMergeError(f"unsupported output dtype {text!r}: choose one of {choices}")
+    return DTYPES[name]

@@ -1,0 +1,44 @@
+"""Chunk-independent float64 reductions over rows.
+
+Summing rows in whatever chunks the budget allows would make the last bits of a sum depend on the chunk size.
+:class:`RowTileSum` fixes the reduction order instead: rows are grouped into aligned tiles of ``TILE`` rows
+(rows [0, 64), [64, 128), ...), each tile is reduced with one ``sum(dim=0)`` of the same shape, and tile partials
+are added in row order. Rows of a tile split across chunks are stashed until the tile is complete, so the
+result is bit-identical for every chunking.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE = 64
+
+
+class RowTileSum:
+    """Accumulates ``sum over rows`` of float64 tensors shaped (rows, *rest) in a fixed order."""
+
+    def __init__(self, rest_shape: tuple[int, ...]) -> None:
+        self.total = torch.zeros(rest_shape, dtype=torch.float64)
+        self._pending: torch.Tensor | None = None
+        self._next_row = 0
+
+    def add(self, r0: int, values: torch.Tensor) -> None:
+        """Add rows [r0, r0 + len(values)); chunks must arrive in row order."""
+        if r0 != self._next_row:
+            raise RuntimeError(f"rows must arrive in order: expected row {self._next_row}, got {r0}")
+        self._next_row += values.shape[0]
+        if self._pending is not None:
+            values = torch.cat([self._pending, values])
+            self._pending = None
+        full = values.shape[0] // TILE * TILE
+        for start in range(0, full, TILE):
+            self.total += values[start : start + TILE].sum(dim=0)
+        if full < values.shape[0]:
+            self._pending = values[full:].clone()
+
+    def finish(self) -> torch.Tensor:
+        """The total, after adding the final partial tile."""
+        if self._pending is not None:
+            self.total += self._pending.sum(dim=0)
+            self._pending = None
+        return self.total

@@ -1,0 +1,179 @@
+"""What a merge method is: declared parameters, per-tensor rules and a chunked pass structure.
+
+A method is pure tensor math. For each tensor the engine asks it for a :class:`TensorMerge`, feeds it row chunks
+(float32, base first, then the models in order) through zero or more *statistics passes* (``accumulate``), then
+one *emit pass* whose float32 result the engine casts and writes. Methods never see files, devices or output
+dtypes. They also tell the planner how many scratch bytes per element each pass needs, so the budget can size
+chunks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+from ..errors import MethodError
+
+
+class Rule(str, Enum):
+    """How a tensor is treated, decided by the planner from its name, shape and dtype."""
+
+    MATRIX = "matrix"  # 2-D weight; columns are the stored columns (nn.Linear's input features)
+    EMBEDDING = "embedding"  # 2-D embedding (V x H); columns are the stored rows (tokens / positions)
+    VECTOR = "vector"  # 0-D or 1-D (norm weights, biases): merged whole, in one chunk
+    TENSOR = "tensor"  # 3-D or more (e.g. stacked MoE experts): only methods that accept it
+    COPY_BASE = "copy_base"  # excluded, or not floating point: the base's value is kept
+    TIED_COPY = "tied_copy"  # a tied head stored in the file: a byte copy of the merged embedding
+
+
+MERGED_RULES = (Rule.MATRIX, Rule.EMBEDDING, Rule.VECTOR)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter a method accepts. ``per_model`` parameters take one value per model."""
+
+    name: str
+    kind: type  # float, int or bool
+    default: Any
+    help: str
+    per_model: bool = False
+    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None if the value is fine
+
+    def convert(self, raw: Any, method: str) -> Any:
+        if isinstance(raw, str):
+            text = raw.strip()
+            try:
+                if self.kind is bool:
+                    low = text.lower()
+                    if low not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(text)
+                    value: Any = low in ("true", "1", "yes")
+                else:
+                    value = self.kind(text)
+            except ValueError:
+                raise MethodError(
+                    f"{method}: parameter {self.name} must be {self.kind.__name__}, got {raw!r}"
+                ) from None
+        else:
+            value = raw
+            if self.kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+                value = float(raw)
+            if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
+                raise MethodError(f"{method}: parameter {self.name} must be {self.kind.__name__}, got {raw!r}")
+        if self.kind is float and value != value:
+            raise MethodError(f"{method}: parameter {self.name} must be a number, got NaN")
+        if self.check is not None:
+            complaint = self.check(value)
+            if complaint:
+                raise MethodError(f"{method}: parameter {self.name}={value!r} {complaint}")
+        return value
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """What a method knows about one tensor: its name, stored shape and rule."""
+
+    name: str
+    shape: tuple[int, ...]
+    rule: Rule
+
+
+class TensorMerge:
+    """The per-tensor state machine the engine drives. Subclasses override what their passes need.
+
+    Chunks arrive in row order; ``r0`` is the first stored row of the chunk. ``base`` is (rows, *shape[1:])
+    float32 and ``models`` a list of tensors of the same shape.
+    """
+
+    #: how many statistics passes precede the emit pass
+    stat_passes: int = 0
+
+    def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def end_pass(self, pass_index: int) -> None:
+        """Called after the last chunk of a statistics pass (the place to rank, select, solve)."""
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Method:
+    """A merge method: subclass, set the class attributes and register it with :func:`register`."""
+
+    name: str = ""
+    summary: str = ""
+    reference: str = ""
+    params: tuple[ParamSpec, ...] = ()
+    min_models: int = 1
+    max_models: int | None = None
+
+    def resolve_params(self, raw: Mapping[str, Any], n_models: int) -> dict[str, Any]:
+        """Validate user parameters (strings or values) into typed values; per-model ones become tuples."""
+        specs = {p.name: p for p in self.params}
+        for key in raw:
+            if key not in specs:
+                raise MethodError(unknown_name_message(f"{self.name} has no parameter", key, list(specs)))
+        out: dict[str, Any] = {}
+        for spec in self.params:
+            value = raw.get(spec.name, spec.default)
+            if spec.per_model:
+                items = _split_per_model(value)
+                if len(items) == 1:
+                    items = items * n_models
+                if len(items) != n_models:
+                    raise MethodError(
+                        f"{self.name}: parameter {spec.name} has {len(items)} values but there are {n_models} "
+                        "models: give one value per --model, in order, separated by commas, or one for all"
+                    )
+                out[spec.name] = tuple(spec.convert(v, self.name) for v in items)
+            else:
+                out[spec.name] = spec.convert(value, self.name)
+        return out
+
+    def check_models(self, n_models: int) -> None:
+        if n_models < self.min_models:
+            raise MethodError(f"{self.name} needs at least {self.min_models} models besides the base, got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise MethodError(f"{self.name} takes at most {self.max_models} models besides the base, got {n_models}")
+
+    def rule_error(self, task: TensorTask) -> str | None:
+        """Why this method cannot merge the tensor (None if it can)."""
+        return None
+
+    def stat_passes(self, rule: Rule) -> int:
+        """How many statistics passes a tensor with this rule needs (for the plan)."""
+        return 0
+
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int, pass_index: int) -> int:
+        """Bytes of method scratch per chunk element in a pass (``pass_index == stat_passes`` is emit)."""
+        return 8
+
+    def state_bytes(self, task: TensorTask, n_models: int) -> int:
+        """Bytes of per-tensor state kept across passes (accumulators, weights, stashed rows)."""
+        return 0
+
+    def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
+        raise NotImplementedError
+
+
+def _split_per_model(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v for v in value.split(",")]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def unknown_name_message(what: str, name: str, choices: Sequence[str]) -> str:
+    """``"<what> 'x'; did you mean 'y'? (choices: ...)"``"""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = ", ".join(choices) if choices else "none"
+    return f"{what} {name!r}{hint} (choices: {listed})"

@@ -1,0 +1,165 @@
+"""WIDEN: weight disentanglement merging (Yu et al., arXiv 2408.03092), the a.5 contract of shared/WIDEN.md.
+
+For a 2-D tensor, every column j (an input feature of a Linear weight; a token of an embedding, i.e. a stored row)
+of every model k gets a weight ``w_kj``. Pass 1 accumulates float64 column statistics ``ssb = Σ b²``,
+``ssm_k = Σ m_k²``, ``dot_k = Σ m_k·b`` in a fixed reduction order. From them: magnitude divergence
+``|√ssm − √ssb|`` and direction divergence ``1 − dot/√(ssm·ssb)``; each is ranked within its model (stable,
+NaN last) into float32 significances ``rank/n``; a softmax across models gives scores, replaced by ``s`` where
+``2·rank > t·(n−1)`` (above the model's average, decided exactly); ``w = ½(S_mag + S_dir)``. Pass 2 emits
+``B + Σ_k Δ_k·w_k`` in float32. 1-D tensors use raw ``|Δ|`` as significance (no ranks, no ½).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import register
+from ._tiles import RowTileSum
+from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+
+
+def _non_negative(x: float) -> str | None:
+    return None if 0 <= x < float("inf") else "must be a finite number >= 0"
+
+
+def weighted_delta_sum(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``base + ((Δ₁w₁ + Δ₂w₂) + ...)`` in float32, summed left to right (the official order)."""
+    acc = (models[0] - base).mul_(weights[0])
+    for m, w in zip(models[1:], weights[1:]):
+        acc.add_((m - base).mul_(w))
+    return acc.add_(base)
+
+
+def rank_significance(divergence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``divergence`` (N, n): float32 significance ``rank/n`` and the int64 rank of every column.
+
+    Stable ascending order, NaN after every number, ties broken by lower column index first.
+    """
+    n = divergence.shape[1]
+    order = torch.argsort(divergence, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, dtype=torch.int64).expand_as(order).contiguous())
+    sigma = rank.to(torch.float32) / n
+    return sigma, rank
+
+
+def column_weights(ssb: torch.Tensor, ssm: torch.Tensor, dot: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """WIDEN weights (N, n) float32 from float64 column statistics ssb (n,), ssm (N, n), dot (N, n)."""
+    n = ssb.shape[0]
+    mag = (ssm.sqrt() - ssb.sqrt()).abs()
+    direction = 1.0 - dot / (ssm * ssb).sqrt()  # a zero column gives 0/0 = NaN: ranked most changed
+    scores = []
+    for divergence in (mag, direction):
+        sigma, rank = rank_significance(divergence)
+        score = torch.softmax(sigma, dim=0)
+        above = (2 * rank).to(torch.float64) > t * (n - 1)
+        scores.append(torch.where(above, torch.tensor(s, dtype=torch.float32), score))
+    return (scores[0] + scores[1]) * 0.5
+
+
+class _MatrixMerge(TensorMerge):
+    """Linear rule (columns = stored columns) and embedding rule (columns = stored rows)."""
+
+    stat_passes = 1
+
+    def __init__(self, task: TensorTask, n_models: int, t: float, s: float) -> None:
+        self.task, self.n_models, self.t, self.s = task, n_models, t, s
+        rows, cols = task.shape
+        self.by_rows = task.rule is Rule.EMBEDDING
+        k = 1 + 2 * n_models  # [b², m_1², ..., m_N², m_1·b, ..., m_N·b]
+        if self.by_rows:
+            self._stats = torch.zeros((k, rows), dtype=torch.float64)
+        else:
+            self._tiles = RowTileSum((k, cols))
+        self.weights: torch.Tensor | None = None  # (N, n) float32
+
+    def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        b = base.to(torch.float64)
+        n = self.n_models
+        vals = torch.empty((b.shape[0], 1 + 2 * n, b.shape[1]), dtype=torch.float64)
+        torch.mul(b, b, out=vals[:, 0])
+        for i, m in enumerate(models):
+            md = m.to(torch.float64)
+            torch.mul(md, md, out=vals[:, 1 + i])
+            torch.mul(md, b, out=vals[:, 1 + n + i])
+        if self.by_rows:
+            # One token per stored row: its sums are complete inside the chunk (reduce over the hidden dim).
+            self._stats[:, r0 : r0 + b.shape[0]] = vals.sum(dim=2).T
+        else:
+            self._tiles.add(r0, vals)
+
+    def end_pass(self, pass_index: int) -> None:
+        stats = self._stats if self.by_rows else self._tiles.finish()
+        n = self.n_models
+        self.weights = column_weights(stats[0], stats[1 : 1 + n], stats[1 + n :], self.t, self.s)
+        self._stats = self._tiles = None  # free the accumulators
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert self.weights is not None, "emit before the statistics pass"
+        if self.by_rows:
+            ws = [w[r0 : r0 + base.shape[0], None] for w in self.weights]
+        else:
+            ws = [w[None, :] for w in self.weights]
+        return weighted_delta_sum(base, models, ws)
+
+
+class _VectorMerge(TensorMerge):
+    """1-D rule: significance is raw |Δ| per element; merged whole (the engine sends one chunk)."""
+
+    def __init__(self, t: float, s: float) -> None:
+        self.t, self.s = t, s
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        sig = torch.stack([(m - base).abs() for m in models])  # (N, L) float32
+        score = torch.softmax(sig, dim=0)
+        sig64 = sig.reshape(len(models), -1).to(torch.float64)
+        mean = sig64.mean(dim=1).reshape((-1,) + (1,) * base.dim())
+        above = sig.to(torch.float64) > self.t * mean
+        score = torch.where(above, torch.tensor(self.s, dtype=torch.float32), score)
+        return weighted_delta_sum(base, models, list(score))
+
+
+@register
+class Widen(Method):
+    name = "widen"
+    summary = (
+        "Weight disentanglement: ranks how much each model changed each column's magnitude and direction, "
+        "and fuses deltas with adaptive importance scores. Merges fine-tuned and continually pre-trained models."
+    )
+    reference = "Yu et al. 2024, arXiv:2408.03092 (shared/WIDEN.md a.5)"
+    params = (
+        ParamSpec("t", float, 1.0, "above-average ratio: a column counts fully where its rank exceeds t x the "
+                  "model's mean rank", check=_non_negative),
+        ParamSpec("s", float, 1.0, "score calibration: the weight given to above-average columns", check=_non_negative),
+    )
+    min_models = 2
+
+    def rule_error(self, task: TensorTask) -> str | None:
+        if task.rule is Rule.TENSOR:
+            return f"WIDEN has no rule for {len(task.shape)}-D tensors"
+        return None
+
+    def stat_passes(self, rule: Rule) -> int:
+        return 1 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 0
+
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int, pass_index: int) -> int:
+        if rule in (Rule.MATRIX, Rule.EMBEDDING) and pass_index == 0:
+            return 8 * (1 + 2 * n_models) + 16  # stacked float64 products + float64 base and model
+        return 12  # accumulator, one delta, the output
+
+    def state_bytes(self, task: TensorTask, n_models: int) -> int:
+        if task.rule not in (Rule.MATRIX, Rule.EMBEDDING):
+            return 0
+        rows, cols = task.shape
+        n = rows if task.rule is Rule.EMBEDDING else cols
+        stash = 0 if task.rule is Rule.EMBEDDING else 64 * cols * 8 * (1 + 2 * n_models) * 2
+        # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights
+        return 8 * (1 + 2 * n_models) * n + 64 * n_models * n + stash
+
+    def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
+        if task.rule is Rule.VECTOR:
+            return _VectorMerge(params["t"], params["s"])
+        return _MatrixMerge(task, n_models, params["t"], params["s"])

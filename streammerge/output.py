@@ -1,0 +1,123 @@
+"""The output folder: a work folder beside the destination, filled, then moved into place in one rename.
+
+The destination is never touched until the merged model is complete: shards, ``model.safetensors.index.json``,
+``config.json`` (with the output dtype), ``generation_config.json``, tokenizer files and a model card are
+assembled in ``<out>.streammerge-partial``, fsynced, and renamed to ``<out>``. An existing non-empty destination
+is an error unless ``force`` is set, in which case it is replaced only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import InputError, PlanError
+
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template*", "*.tiktoken", "spiece.model", "sentencepiece*.model", "preprocessor_config.json",
+)
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def work_folder_for(out: Path) -> Path:
+    return out.with_name(out.name + ".streammerge-partial")
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Refuse an output path that holds something, unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise PlanError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PlanError(f"output folder {out} exists and is not empty; choose another --out or pass --force to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise PlanError(f"the folder {parent} that should hold the output does not exist")
+
+
+def prepare_work_folder(out: Path) -> Path:
+    """A fresh, empty work folder beside ``out`` (a leftover one from a failed run is cleared)."""
+    work = work_folder_for(out)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_index(work: Path, weight_map: dict[str, str], total_size: int) -> None:
+    write_json(work / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+
+
+def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dtype: str | None) -> list[str]:
+    """config.json (dtype updated), generation_config.json, tokenizer files; returns the names copied."""
+    copied: list[str] = []
+    config_path = base / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if out_dtype in TORCH_DTYPE_NAMES:
+            for key in ("torch_dtype", "dtype"):
+                if key in config or key == "torch_dtype":
+                    config[key] = TORCH_DTYPE_NAMES[out_dtype]
+        write_json(work / "config.json", config)
+        copied.append("config.json")
+    if (base / "generation_config.json").is_file():
+        shutil.copyfile(base / "generation_config.json", work / "generation_config.json")
+        copied.append("generation_config.json")
+    source = tokenizer_from or base
+    if tokenizer_from is not None and not tokenizer_from.is_dir():
+        raise InputError(f"--tokenizer-from {tokenizer_from} is not a folder")
+    for pattern in TOKENIZER_PATTERNS:
+        for f in sorted(source.glob(pattern)):
+            if f.is_file() and not (work / f.name).exists():
+                shutil.copyfile(f, work / f.name)
+                copied.append(f.name)
+    return copied
+
+
+def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
+    params = ", ".join(f"{k}={v}" for k, v in plan_dict["params"].items()) or "none"
+    models = "\n".join(f"- `{m}`" for m in plan_dict["models"])
+    text = (
+        "---\ntags:\n- merge\n- streammerge\n---\n\n"
+        f"# Merged model\n\nMade with streammerge {__version__} using the **{plan_dict['method']}** method "
+        f"({params}).\n\n## Inputs\n\nBase: `{plan_dict['base']}`\n\nModels, in order:\n{models}\n\n"
+        f"Plan fingerprint: `{plan_dict['fingerprint']}`\n"
+    )
+    (work / "README.md").write_text(text, encoding="utf-8")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(work: Path, out: Path, force: bool) -> None:
+    """Move the complete work folder to ``out`` (replacing an old one only with ``force``)."""
+    for f in work.iterdir():
+        if f.suffix == ".json" or f.name == "README.md":
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(work)
+    old = None
+    if out.exists():
+        if any(out.iterdir()) and not force:
+            raise PlanError(f"output folder {out} appeared during the merge; the result is kept in {work}")
+        old = out.with_name(out.name + ".streammerge-old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+    os.rename(work, out)
+    _fsync_dir(out.parent if str(out.parent) else Path("."))
+    if old is not None:
+        shutil.rmtree(old)

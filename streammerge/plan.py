@@ -1,0 +1,301 @@
+"""The planner: recipe + checkpoint headers + method + budget → a Plan, before any tensor byte is read.
+
+Pure apart from reading headers (done by the caller). It checks the models are homologous, gives every tensor a
+rule, lays out the output shards and their exact headers, sizes row chunks so the predicted peak stays within
+the budget, counts the bytes to read and write, and fingerprints everything that determines the output bytes.
+An impossible request (budget, shapes, names, parameters) is refused here, before any output exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .budget import Budget
+from .errors import IncompatibleModelsError, PlanError
+from .formats.checkpoint import Checkpoint
+from .formats.dtypes import DTYPES, parse_output_dtype
+from .methods import Method, Rule, TensorTask, get_method
+from .methods._tiles import TILE
+from .methods.base import MERGED_RULES
+from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
+from .units import format_size
+from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is produced."""
+
+    name: str
+    shape: tuple[int, ...]
+    rule: Rule
+    out_dtype: str
+    shard: str
+    chunk_rows: int
+    stat_passes: int
+    row_bytes: int  # predicted working bytes per row of a chunk
+    state_bytes: int  # predicted per-tensor state kept across passes
+    source: str | None = None  # for TIED_COPY: the tensor whose merged bytes are copied
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """Row ranges [r0, r1) in order."""
+        step = max(1, self.chunk_rows)
+        return [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)] or [(0, 0)]
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.state_bytes + self.chunk_rows * self.row_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything execution needs, decided up front. ``to_dict`` is its JSON form."""
+
+    recipe: Recipe
+    method: Method
+    params: dict[str, Any]
+    budget: Budget
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardLayout, ...]
+    peak_ram: int
+    bytes_read: int
+    bytes_written: int
+    fingerprint: str
+    base: Checkpoint = field(repr=False)
+    models: tuple[Checkpoint, ...] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        rules: dict[str, int] = {}
+        for t in self.tensors:
+            rules[t.rule.value] = rules.get(t.rule.value, 0) + 1
+        return {
+            "streammerge": __version__,
+            "method": self.method.name,
+            "params": self.params,
+            "base": str(self.recipe.base),
+            "models": [str(m) for m in self.recipe.models],
+            "out": str(self.recipe.out),
+            "device": self.budget.device,
+            "budget": {"max_ram": self.budget.max_ram, "source": self.budget.source},
+            "predicted_peak_ram": self.peak_ram,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "fingerprint": self.fingerprint,
+            "rules": rules,
+            "shards": [
+                {"file": s.filename, "bytes": s.size, "tensors": len(s.offsets)} for s in self.shards
+            ],
+            "tensors": [
+                {
+                    "name": t.name, "shape": list(t.shape), "rule": t.rule.value, "dtype": t.out_dtype,
+                    "shard": t.shard, "chunk_rows": t.chunk_rows, "chunks": len(t.chunks()),
+                    "passes": t.stat_passes + 1, **({"source": t.source} if t.source else {}),
+                }
+                for t in self.tensors
+            ],
+        }
+
+
+def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget: Budget) -> Plan:
+    """Plan the merge of ``models`` onto ``base``; raises before anything is written if it cannot work."""
+    method = get_method(recipe.method)
+    method.check_models(len(models))
+    params = method.resolve_params(recipe.params, len(models))
+    out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
+    head = _check_homologous(base, models)
+    excludes = _compile_excludes(recipe.exclude)
+    embeddings = set(recipe.embeddings)
+    n = len(models)
+
+    tensors: list[TensorPlan] = []
+    problems: list[str] = []
+    out_tensors: list[OutTensor] = []
+    drafts: list[tuple[str, tuple[int, ...], Rule, str, str | None]] = []
+    for name, loc in base.tensors.items():
+        info = loc.info
+        source = None
+        if head is not None and name == head[0]:
+            rule, source = Rule.TIED_COPY, head[1]
+        elif any(rx.match(name) for rx in excludes) or not info.dtype.is_float:
+            rule = Rule.COPY_BASE
+        elif len(info.shape) <= 1:
+            rule = Rule.VECTOR
+        elif len(info.shape) == 2:
+            rule = Rule.EMBEDDING if name in embeddings else Rule.MATRIX
+        else:
+            rule = Rule.TENSOR
+        if rule not in (Rule.COPY_BASE, Rule.TIED_COPY):
+            why = method.rule_error(TensorTask(name, info.shape, rule))
+            if why:
+                problems.append(f"{name} {list(info.shape)}: {why}")
+            for k, m in enumerate(models):
+                if not m.tensors[name].info.dtype.is_float:
+                    problems.append(f"{name}: model {k + 1} stores it as {m.tensors[name].info.dtype.name}, not a float")
+        dtype = out_dtype if (out_dtype and info.dtype.is_float) else info.dtype.name
+        drafts.append((name, info.shape, rule, dtype, source))
+        out_tensors.append(OutTensor(name, dtype, info.shape))
+    if problems:
+        raise PlanError(
+            f"{method.name} cannot merge {len(problems)} tensor(s):\n  " + "\n  ".join(problems[:10])
+            + "\nexclude them (they keep the base value) with --exclude REGEX"
+        )
+
+    groups = split_into_shards(out_tensors, recipe.shard_size)
+    shards = tuple(layout_shard(shard_filename(i, len(groups)), g) for i, g in enumerate(groups))
+    shard_of = {t: s.filename for s in shards for t in s.offsets}
+
+    in_bytes = {name: [loc.info.dtype.bits // 8 for loc in _all_locs(base, models, name)] for name in base.tensors}
+    bytes_read = 0
+    widest: tuple[int, str] = (0, "")
+    for name, shape, rule, dtype, source in drafts:
+        e_out = DTYPES[dtype].bits // 8
+        row_numel = _row_numel(shape)
+        rows = shape[0] if shape else 1
+        task = TensorTask(name, shape, rule)
+        if rule is Rule.TIED_COPY:
+            passes, state, row_bytes = 0, 0, row_numel * 2 * e_out
+            bytes_read += rows * row_numel * e_out
+        elif rule is Rule.COPY_BASE:
+            passes, state = 0, 0
+            row_bytes = row_numel * (in_bytes[name][0] + 4 + e_out)
+            bytes_read += rows * row_numel * in_bytes[name][0]
+        else:
+            passes = method.stat_passes(rule)
+            state = method.state_bytes(task, n)
+            scratch = max(method.scratch_bytes_per_element(rule, n, p) for p in range(passes + 1))
+            row_bytes = row_numel * (sum(in_bytes[name]) + 4 * (n + 1) + e_out + scratch)
+            bytes_read += (passes + 1) * rows * row_numel * sum(in_bytes[name])
+        chunk = _chunk_rows(recipe, budget, rule, rows, row_bytes, state)
+        if chunk < 1:
+            need = state + row_bytes * (rows if rule is Rule.VECTOR else 1)
+            if need > widest[0]:
+                widest = (need, name)
+        tensors.append(TensorPlan(name, shape, rule, dtype, shard_of[name], max(chunk, 1), passes, row_bytes, state, source))
+    if widest[0]:
+        raise PlanError(
+            f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "
+            f"{format_size(widest[0])} ({widest[0]} bytes) for one row chunk; raise --max-ram to at least that"
+        )
+
+    peak = max((t.peak_bytes for t in tensors), default=0)
+    written = sum(s.size for s in shards)
+    fingerprint = _fingerprint(recipe, method, params, base, models, shards)
+    return Plan(recipe, method, params, budget, tuple(tensors), shards, peak, bytes_read, written, fingerprint,
+                base, tuple(models))
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def _all_locs(base: Checkpoint, models: list[Checkpoint], name: str) -> list:
+    return [base.tensors[name]] + [m.tensors[name] for m in models if name in m.tensors]
+
+
+def _chunk_rows(recipe: Recipe, budget: Budget, rule: Rule, rows: int, row_bytes: int, state: int) -> int:
+    """Rows per chunk: the most that fit the budget, a multiple of the reduction tile where possible."""
+    if rule is Rule.VECTOR:
+        return rows if state + rows * row_bytes <= budget.max_ram or recipe.chunk_rows else 0
+    if recipe.chunk_rows is not None:
+        return min(recipe.chunk_rows, max(rows, 1))
+    fit = (budget.max_ram - state) // max(row_bytes, 1)
+    if fit >= rows:
+        return max(rows, 1)
+    return fit // TILE * TILE if fit >= TILE else fit
+
+
+def _compile_excludes(patterns: tuple[str, ...]) -> list[re.Pattern[str]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise PlanError(f"--exclude {p!r} is not a valid regular expression: {exc}") from None
+    return out
+
+
+def _check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, str] | None:
+    """Raise unless every model matches the base; return (head, embedding) when a tied head is stored."""
+    head_name = next((h for h in HEAD_NAMES if h in base.tensors), HEAD_NAMES[0])
+    tied = base.tied(head_name)
+    for k, m in enumerate(models, 1):
+        who = f"model {k} ({m.folder})"
+        if base.model_type and m.model_type and base.model_type != m.model_type:
+            raise IncompatibleModelsError(
+                f"{who} is a {m.model_type!r} model but the base ({base.folder}) is {base.model_type!r}"
+            )
+        if base.architectures and m.architectures and base.architectures != m.architectures:
+            raise IncompatibleModelsError(
+                f"{who} has architectures {m.architectures} but the base has {base.architectures}"
+            )
+        if m.tied(head_name) != tied:
+            raise IncompatibleModelsError(
+                f"{who} {'ties' if m.tied(head_name) else 'does not tie'} its output head to the embedding but the "
+                f"base {'does' if tied else 'does not'}: merging them would need a policy; exclude or untie one"
+            )
+        skip = {head_name} if tied else set()
+        missing = sorted(set(base.tensors) - set(m.tensors) - skip)
+        extra = sorted(set(m.tensors) - set(base.tensors) - skip)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} of the base's tensors (e.g. {', '.join(missing[:3])})")
+            if extra:
+                parts.append(f"has {len(extra)} the base lacks (e.g. {', '.join(extra[:3])})")
+            raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous")
+        for name, loc in base.tensors.items():
+            other = m.tensors.get(name)
+            if other is None:
+                continue
+            if other.info.shape != loc.info.shape:
+                hint = ""
+                if name in TOKEN_EMBEDDINGS or name in HEAD_NAMES:
+                    hint = " (vocabulary sizes differ: resize the embeddings to one vocabulary first)"
+                raise IncompatibleModelsError(
+                    f"tensor {name}: shape {list(other.info.shape)} in {who} but {list(loc.info.shape)} in the base"
+                    + hint
+                )
+    if tied and head_name in base.tensors:
+        source = next((e for e in TOKEN_EMBEDDINGS if e in base.tensors), None)
+        if source is None:
+            raise IncompatibleModelsError(
+                f"{base.folder}: config ties {head_name} to the embedding, but no known token embedding is stored"
+            )
+        if base.tensors[source].info.shape != base.tensors[head_name].info.shape:
+            raise IncompatibleModelsError(f"{base.folder}: tied {head_name} and {source} have different shapes")
+        return head_name, source
+    return None
+
+
+def _fingerprint(recipe: Recipe, method: Method, params: dict[str, Any], base: Checkpoint,
+                 models: list[Checkpoint], shards: tuple[ShardLayout, ...]) -> str:
+    """sha256 over everything that determines the output bytes (not the chunking or the budget)."""
+
+    def inputs(c: Checkpoint) -> list[Any]:
+        out = []
+        for name, h in c.shards.items():
+            st = Path(h.path).stat()
+            desc = json.dumps([[t.name, t.dtype.name, list(t.shape), t.begin, t.end] for t in h.tensors.values()])
+            out.append([name, st.st_size, st.st_mtime_ns, hashlib.sha256(desc.encode()).hexdigest()])
+        return out
+
+    doc = {
+        "method": method.name, "params": params, "dtype": recipe.dtype, "exclude": list(recipe.exclude),
+        "embeddings": list(recipe.embeddings), "inputs": [inputs(base)] + [inputs(m) for m in models],
+        "shards": [hashlib.sha256(s.header).hexdigest() for s in shards],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+

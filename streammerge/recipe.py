@@ -1,0 +1,68 @@
+"""The recipe: everything a user asks for, as one data object, whatever built it (CLI flags, Python, YAML later).
+
+Nothing below the recipe cares where it came from. It names inputs and options; the plan turns it into work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Token-embedding tensor names per architecture family; their columns are tokens (stored rows).
+TOKEN_EMBEDDINGS: tuple[str, ...] = (
+    "model.embed_tokens.weight",  # Llama, Qwen2, Mistral, Gemma, Phi-3, ...
+    "transformer.wte.weight",  # GPT-2, GPT-J, Falcon-style
+    "gpt_neox.embed_in.weight",  # GPT-NeoX, Pythia
+    "transformer.word_embeddings.weight",  # BLOOM, Falcon
+    "model.decoder.embed_tokens.weight",  # OPT
+    "transformer.embedding.word_embeddings.weight",  # ChatGLM
+)
+#: Learned position embeddings get the same transposed rule: one column per position.
+POSITION_EMBEDDINGS: tuple[str, ...] = (
+    "transformer.wpe.weight",
+    "model.decoder.embed_positions.weight",
+)
+#: Output-head names that may be tied to the token embedding.
+HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight")
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A merge request.
+
+    ``params`` maps parameter names to values (strings from the CLI, or numbers/lists from Python); per-model
+    parameters take one value per model, in the order of ``models``.
+    """
+
+    base: Path
+    models: tuple[Path, ...]
+    out: Path
+    method: str = "widen"
+    params: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # output dtype; None = each tensor keeps the base's dtype
+    exclude: tuple[str, ...] = ()  # regexes (re.match): matching tensors keep the base value
+    embedding_names: tuple[str, ...] | None = None  # None = TOKEN_EMBEDDINGS + POSITION_EMBEDDINGS
+    tokenizer_from: Path | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_ram: str | int | None = None
+    chunk_rows: int | None = None  # force a chunk size (testing, debugging); None = from the budget
+    force: bool = False  # replace an existing output folder
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", Path(self.base))
+        object.__setattr__(self, "models", tuple(Path(m) for m in self.models))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.tokenizer_from is not None:
+            object.__setattr__(self, "tokenizer_from", Path(self.tokenizer_from))
+        if self.embedding_names is not None:
+            object.__setattr__(self, "embedding_names", tuple(self.embedding_names))
+
+    @property
+    def embeddings(self) -> tuple[str, ...]:
+        if self.embedding_names is not None:
+            return self.embedding_names
+        return TOKEN_EMBEDDINGS + POSITION_EMBEDDINGS

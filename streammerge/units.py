@@ -1,0 +1,41 @@
+"""Byte sizes as people write them: ``512MiB``, ``6GiB``, ``5GB``, ``1.5G``, ``1000000``."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import StreamMergeError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``text``: KB/MB/GB are powers of 1000, KiB/MiB/GiB (and bare K/M/G) powers of 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise StreamMergeError(f"size must be positive, got {text}")
+        return text
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise StreamMergeError(f"cannot read size {text!r}: write e.g. 512MiB, 6GiB or 5GB")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise StreamMergeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def format_size(n: float) -> str:
+    """``1536 -> '1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
