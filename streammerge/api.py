@@ -10,6 +10,7 @@ from typing import Any
 from .budget import make_budget
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
+from .errors import PlanError
 from .output import check_destination
 from .plan import Plan, make_plan
 from .recipe import TOKEN_EMBEDDINGS, Recipe
@@ -18,6 +19,10 @@ from .recipe import TOKEN_EMBEDDINGS, Recipe
 def plan_recipe(recipe: Recipe) -> Plan:
     """Read the inputs' headers and plan ``recipe`` (nothing is written)."""
     check_destination(recipe.out, recipe.force)
+    out = recipe.out.resolve()
+    for folder in (recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ())):
+        if folder.resolve() == out or out in folder.resolve().parents:
+            raise PlanError(f"--out {recipe.out} is the input folder {folder} or contains it; choose another output folder")
     base = load_checkpoint(recipe.base)
     models = [load_checkpoint(m) for m in recipe.models]
     return make_plan(recipe, base, models, make_budget(recipe.max_ram))

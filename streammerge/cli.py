@@ -59,6 +59,8 @@ def _merge_options(f: Any) -> Any:
         click.option("--embedding", "embeddings", multiple=True, metavar="NAME",
                      help="Tensor names to treat as embeddings (one column per stored row); repeatable. "
                           "Default: the usual token/position embedding names of each architecture."),
+        click.option("--seed", type=int, default=None,
+                     help="Seed for methods that draw random masks (dare_linear, dare_ties); default 0."),
         click.option("--tokenizer-from", type=click.Path(path_type=Path), default=None,
                      help="Copy tokenizer files from this folder instead of the base."),
         click.option("--shard-size", default=None, metavar="SIZE",
@@ -73,9 +75,14 @@ def _merge_options(f: Any) -> Any:
 
 
 def _recipe(kw: dict[str, Any]) -> Recipe:
+    params = _parse_params(kw["params"])
+    if kw["seed"] is not None:
+        if "seed" in params:
+            raise click.UsageError("give the seed once: --seed N or --param seed=N")
+        params["seed"] = str(kw["seed"])
     return Recipe(
         base=kw["base"], models=kw["models"], out=kw["out"], method=kw["method"],
-        params=_parse_params(kw["params"]), dtype=kw["dtype"], exclude=kw["exclude"],
+        params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=parse_size(kw["shard_size"]) if kw["shard_size"] else DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], chunk_rows=kw["chunk_rows"], force=kw["force"],
@@ -179,7 +186,11 @@ def inspect(folder: Path, as_json: bool) -> None:
 def methods() -> None:
     """List merge methods with their parameters and defaults."""
     for m in all_methods().values():
-        click.echo(f"{m.name}  (at least {m.min_models} models)")
+        if m.max_models == m.min_models:
+            count = f"exactly {m.min_models}"
+        else:
+            count = f"{m.min_models} or more"
+        click.echo(f"{m.name}  (models besides the base: {count}; passes: {m.passes})")
         click.echo(f"  {m.summary}")
         click.echo(f"  reference: {m.reference}")
         for p in m.params:

@@ -131,7 +131,9 @@ def execute(plan: Plan, show_progress: bool = True) -> Path:
             for f in run.files.values():
                 f.create()
                 stack.callback(f.abort)
-            for t in plan.tensors:
+            # tied heads copy their embedding's merged bytes, so they go after everything else
+            ordered = sorted(plan.tensors, key=lambda t: t.rule is Rule.TIED_COPY)
+            for t in ordered:
                 bar.set_postfix_str(t.name, refresh=False)
                 if t.rule is Rule.COPY_BASE:
                     run.copy_base(t)

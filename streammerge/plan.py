@@ -170,9 +170,9 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             row_bytes = row_numel * (in_bytes[name][0] + 4 + e_out)
             bytes_read += rows * row_numel * in_bytes[name][0]
         else:
-            passes = method.stat_passes(rule)
+            passes = method.stat_passes(rule, params)
             state = method.state_bytes(task, n)
-            scratch = max(method.scratch_bytes_per_element(rule, n, p) for p in range(passes + 1))
+            scratch = method.scratch_bytes_per_element(rule, n)
             row_bytes = row_numel * (sum(in_bytes[name]) + 4 * (n + 1) + e_out + scratch)
             bytes_read += (passes + 1) * rows * row_numel * sum(in_bytes[name])
         chunk = _chunk_rows(recipe, budget, rule, rows, row_bytes, state)

@@ -42,3 +42,25 @@ class RowTileSum:
             self.total += self._pending.sum(dim=0)
             self._pending = None
         return self.total
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View a chunk as (rows, elements per row); a 0-D tensor is one row of one element."""
+    return x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+
+
+class PairSums:
+    """Chunk-independent float64 sums over a whole tensor of products ``Σ a_i·b_i`` for several (a, b) pairs."""
+
+    def __init__(self, row_numel: int, pairs: int) -> None:
+        self._tiles = RowTileSum((pairs, row_numel))
+
+    def add(self, r0: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        first = as_rows(pairs[0][0])
+        vals = torch.empty((first.shape[0], len(pairs), first.shape[1]), dtype=torch.float64)
+        for i, (a, b) in enumerate(pairs):
+            torch.mul(as_rows(a).to(torch.float64), as_rows(b).to(torch.float64), out=vals[:, i])
+        self._tiles.add(r0, vals)
+
+    def finish(self) -> list[float]:
+        return [float(x) for x in self._tiles.finish().sum(dim=1)]

@@ -111,6 +111,7 @@ class Method:
     summary: str = ""
     reference: str = ""
     params: tuple[ParamSpec, ...] = ()
+    passes: str = "1 (element-wise)"  # how many passes over each tensor, for `streammerge methods`
     min_models: int = 1
     max_models: int | None = None
 
@@ -147,12 +148,12 @@ class Method:
         """Why this method cannot merge the tensor (None if it can)."""
         return None
 
-    def stat_passes(self, rule: Rule) -> int:
-        """How many statistics passes a tensor with this rule needs (for the plan)."""
+    def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
+        """How many statistics passes a tensor with this rule needs with these parameters (for the plan)."""
         return 0
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int, pass_index: int) -> int:
-        """Bytes of method scratch per chunk element in a pass (``pass_index == stat_passes`` is emit)."""
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
+        """Bytes of method scratch per chunk element, the most any of its passes needs."""
         return 8
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import register
-from ._tiles import RowTileSum
+from ._tiles import TILE, RowTileSum
 from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 
@@ -130,6 +130,7 @@ class Widen(Method):
         "and fuses deltas with adaptive importance scores. Merges fine-tuned and continually pre-trained models."
     )
     reference = "Yu et al. 2024, arXiv:2408.03092 (shared/WIDEN.md a.5)"
+    passes = "2 for 2-D tensors (float64 column statistics, then merge); 1 for 1-D"
     params = (
         ParamSpec("t", float, 1.0, "above-average ratio: a column counts fully where its rank exceeds t x the "
                   "model's mean rank", check=_non_negative),
@@ -142,20 +143,21 @@ class Widen(Method):
             return f"WIDEN has no rule for {len(task.shape)}-D tensors"
         return None
 
-    def stat_passes(self, rule: Rule) -> int:
+    def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
         return 1 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 0
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int, pass_index: int) -> int:
-        if rule in (Rule.MATRIX, Rule.EMBEDDING) and pass_index == 0:
-            return 8 * (1 + 2 * n_models) + 16  # stacked float64 products + float64 base and model
-        return 12  # accumulator, one delta, the output
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
+        if rule in (Rule.MATRIX, Rule.EMBEDDING):
+            return 8 * (1 + 2 * n_models) + 16  # statistics: stacked float64 products, float64 base and model
+        return 4 * n_models + 12  # 1-D rule: significances, scores, accumulator, one delta
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
         if task.rule not in (Rule.MATRIX, Rule.EMBEDDING):
             return 0
         rows, cols = task.shape
         n = rows if task.rule is Rule.EMBEDDING else cols
-        stash = 0 if task.rule is Rule.EMBEDDING else 64 * cols * 8 * (1 + 2 * n_models) * 2
+        # rows of an incomplete reduction tile, stashed and concatenated with the next chunk (two copies)
+        stash = 0 if task.rule is Rule.EMBEDDING else min(rows, TILE) * cols * 8 * (1 + 2 * n_models) * 2
         # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights
         return 8 * (1 + 2 * n_models) * n + 64 * n_models * n + stash
 

@@ -1,0 +1,167 @@
+"""The shared core of the delta-based baselines (task arithmetic, TIES, DARE, Breadcrumbs), mergekit's semantics.
+
+Per tensor: each model's delta ``Δ_k = M_k − B`` is sparsified (``magnitude``: keep the top ``density`` share of
+``|Δ|``; ``outliers``: Breadcrumbs, drop the top ``gamma`` share and keep the next ``density`` share; ``random``:
+DARE, keep each element with probability ``density`` from a counter-based generator, optionally rescaled by
+``1/density``), multiplied by its ``weight``; with sign consensus the elected sign is that of the summed weighted
+deltas (``>= 0`` counts as +) and only agreeing elements count; with ``normalize`` the sum is divided by the summed
+weights of the counted elements; the result is scaled by ``lambda`` and added to the base.
+
+Exact selections take two statistics passes (radix select, see ``_select``); everything else is element-wise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._rng import stream_key, uniform
+from ._select import TopK
+from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+
+
+def unit_interval(x: float) -> str | None:
+    return None if 0.0 <= x <= 1.0 else "must be between 0 and 1"
+
+
+def finite(x: float) -> str | None:
+    return None if abs(x) < float("inf") else "must be finite"
+
+
+WEIGHT = ParamSpec("weight", float, 1.0, "scale of each model's delta", per_model=True, check=finite)
+DENSITY = ParamSpec("density", float, 1.0, "share of each model's delta elements kept", per_model=True, check=unit_interval)
+GAMMA = ParamSpec("gamma", float, 0.01, "share of the largest |delta| elements removed (Breadcrumbs)", per_model=True,
+                  check=unit_interval)
+LAMBDA = ParamSpec("lambda", float, 1.0, "scale of the merged delta added to the base", check=finite)
+SEED = ParamSpec("seed", int, 0, "seed of the counter-based drop masks (same masks for any chunking or device)")
+
+
+def normalize_param(default: bool) -> ParamSpec:
+    return ParamSpec("normalize", bool, default, "divide by the summed weights of the models counted at each element")
+
+
+def rescale_param(default: bool) -> ParamSpec:
+    return ParamSpec("rescale", bool, default, "divide kept elements by density (DARE's rescaling)")
+
+
+class _DeltaTensorMerge(TensorMerge):
+    def __init__(self, method: DeltaMethod, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
+        self.m, self.task, self.p, self.n = method, task, params, n_models
+        numel = 1
+        for d in task.shape:
+            numel *= d
+        self.numel = numel
+        # one or two top-k selectors per model; keep = top(k_hi) & ~top(k_lo)
+        self.selectors: list[tuple[TopK, TopK | None]] = []
+        if method.sparsify == "magnitude":
+            for k in range(n_models):
+                d = params["density"][k]
+                keep = numel if d >= 1 else int(d * numel)
+                self.selectors.append((TopK(keep, numel), None))
+        elif method.sparsify == "outliers":
+            for k in range(n_models):
+                d, g = params["density"][k], params["gamma"][k]
+                if d >= 1:
+                    self.selectors.append((TopK(numel, numel), None))
+                    continue
+                target, top = int(d * numel), int(g * numel)
+                if numel - target - top < 0:
+                    top = numel - target
+                self.selectors.append((TopK(top + target, numel), TopK(top, numel)))
+        self.stat_passes = method.stat_passes(task.rule, params)
+        self.keys = [stream_key(params["seed"], k, task.name) for k in range(n_models)] if method.sparsify == "random" else []
+        self._flat_start = 0  # flat index of the next emitted chunk's first element (random masks)
+
+    def _selectors(self) -> list[TopK]:
+        return [s for pair in self.selectors for s in pair if s is not None]
+
+    def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        for (hi, lo), m in zip(self.selectors, models):
+            absd = (m - base).abs_()
+            for s in (hi, lo):
+                if s is not None:
+                    (s.pass_a if pass_index == 0 else s.pass_b)(absd)
+
+    def end_pass(self, pass_index: int) -> None:
+        for s in self._selectors():
+            (s.end_a if pass_index == 0 else s.end_b)()
+
+    def _sparse(self, k: int, delta: torch.Tensor) -> torch.Tensor:
+        if self.m.sparsify in ("magnitude", "outliers"):
+            hi, lo = self.selectors[k]
+            absd = delta.abs()
+            keep = hi.mask(absd)
+            if lo is not None:
+                keep &= ~lo.mask(absd)
+            return delta.mul_(keep)
+        if self.m.sparsify == "random":
+            density = self.p["density"][k]
+            if density >= 1:
+                return delta
+            u = uniform(self.keys[k], self._flat_start, delta.numel()).reshape(delta.shape)
+            delta.mul_(u >= 1.0 - density)  # dropped iff u < drop rate
+            if self.p["rescale"] and density > 0:
+                delta.div_(density)
+        return delta
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        weights = self.p["weight"]
+        deltas = [self._sparse(k, m - base).mul_(weights[k]) for k, m in enumerate(models)]
+        self._flat_start += base.numel()
+        normalize = self.p["normalize"]
+        if self.m.consensus:
+            total = deltas[0].clone()
+            for d in deltas[1:]:
+                total.add_(d)
+            elected = torch.where(total >= 0, 1.0, -1.0)
+            mixed = torch.zeros_like(base)
+            divisor = torch.zeros_like(base)
+            for w, d in zip(weights, deltas):
+                agree = d.sign() == elected
+                mixed.add_(d * agree)
+                if normalize:
+                    divisor.add_(agree.to(torch.float32) * w)
+            if normalize:
+                mixed.div_(torch.where(divisor == 0, 1.0, divisor))
+        else:
+            mixed = deltas[0]
+            for d in deltas[1:]:
+                mixed.add_(d)
+            if normalize:
+                divisor = sum(weights)
+                mixed.div_(1.0 if abs(divisor) < 1e-8 else divisor)
+        if self.p["lambda"] != 1:
+            mixed.mul_(self.p["lambda"])
+        return mixed.add_(base)
+
+
+class DeltaMethod(Method):
+    """Configure with ``sparsify`` (none/magnitude/outliers/random) and ``consensus``; see the module docstring."""
+
+    sparsify: str = "none"
+    consensus: bool = False
+
+    @property
+    def passes(self) -> str:  # type: ignore[override]
+        if self.sparsify in ("magnitude", "outliers"):
+            return "3 (two exact radix-select passes over |delta|, then merge); 1 when every density is 1"
+        return "1 (element-wise)"
+
+    def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
+        """Two radix-select passes, unless every model keeps everything (density 1)."""
+        if self.sparsify in ("magnitude", "outliers") and any(d < 1 for d in params["density"]):
+            return 2
+        return 0
+
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
+        # emit: every model's delta, the sum, the divisor, a mask; random masks add int64 counters and uniforms
+        extra = 24 if self.sparsify == "random" else (12 if self.sparsify != "none" else 0)
+        return 4 * n_models + 12 + extra
+
+    def state_bytes(self, task: TensorTask, n_models: int) -> int:
+        return 2 * n_models * 2 * 65536 * 8 if self.sparsify in ("magnitude", "outliers") else 0
+
+    def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
+        return _DeltaTensorMerge(self, task, params, n_models)

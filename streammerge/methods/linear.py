@@ -1,0 +1,47 @@
+"""Linear / average (Wortsman et al. 2022, model soups): ``Σ_k weight_k · M_k`` (÷ Σ weight_k with ``normalize``).
+The base is not part of the average; pass it as a --model too to include it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import MethodError
+from . import register
+from ._delta import WEIGHT
+from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+
+
+class _LinearMerge(TensorMerge):
+    def __init__(self, weights: tuple[float, ...], normalize: bool) -> None:
+        total = sum(weights)
+        self.weights = weights
+        self.divisor = total if normalize else 1.0
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        acc = models[0] * self.weights[0]
+        for w, m in zip(self.weights[1:], models[1:]):
+            acc.add_(m * w)
+        return acc.div_(self.divisor) if self.divisor != 1.0 else acc
+
+
+@register
+class Linear(Method):
+    name = "linear"
+    summary = "Weighted average of the models' weights (the base is not included unless also given as --model)."
+    reference = "Wortsman et al. 2022, Model soups, arXiv:2203.05482"
+    params = (WEIGHT, ParamSpec("normalize", bool, True, "divide by the sum of the weights"))
+
+    def resolve_params(self, raw: Mapping[str, Any], n_models: int) -> dict[str, Any]:
+        params = super().resolve_params(raw, n_models)
+        if params["normalize"] and abs(sum(params["weight"])) < 1e-8:
+            raise MethodError("linear: the weights sum to zero, so they cannot be normalized; pass --param normalize=false")
+        return params
+
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
+        return 8
+
+    def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
+        return _LinearMerge(params["weight"], params["normalize"])

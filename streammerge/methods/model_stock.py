@@ -1,0 +1,90 @@
+"""Model Stock (Jang et al. 2024), mergekit's non-filter-wise form: from the mean pairwise cosine of the models'
+deltas, ``r = N·cos / (1 + (N−1)·cos)``; the result is ``r·mean_k(M_k) + (1−r)·B``.
+
+A statistics pass gathers ``⟨Δ_i, Δ_j⟩`` for i ≤ j in float64 (chunk-independent). Where ``1 + (N−1)·cos`` is
+0 (deltas exactly opposed) the ratio is undefined: the merge stops with an error naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import MethodError
+from . import register
+from ._tiles import PairSums
+from .base import Method, Rule, TensorMerge, TensorTask
+
+COS_EPS = 1e-8
+
+
+def model_stock_ratio(n: int, gram: dict[tuple[int, int], float], name: str = "") -> float:
+    """``r`` from the Gram matrix of the deltas (``gram[i, j]`` for i <= j)."""
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            denom = max(math.sqrt(gram[i, i]) * math.sqrt(gram[j, j]), COS_EPS)
+            cos.append(max(-1.0, min(1.0, gram[i, j] / denom)))
+    c = sum(cos) / len(cos)
+    denom = 1.0 + (n - 1) * c
+    if abs(denom) < 1e-12:
+        raise MethodError(
+            f"model_stock: tensor {name}: the deltas are exactly opposed (mean cosine {c:.6g} = -1/(N-1)), so the "
+            "interpolation ratio is undefined; exclude the tensor with --exclude"
+        )
+    return n * c / denom
+
+
+class _ModelStockMerge(TensorMerge):
+    stat_passes = 1
+
+    def __init__(self, task: TensorTask, n_models: int) -> None:
+        row_numel = 1
+        for d in task.shape[1:]:
+            row_numel *= d
+        self.name, self.n = task.name, n_models
+        self.pairs = [(i, j) for i in range(n_models) for j in range(i, n_models)]
+        self.sums = PairSums(row_numel, len(self.pairs))
+        self.ratio = 0.0
+
+    def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        deltas = [m - base for m in models]
+        self.sums.add(r0, [(deltas[i], deltas[j]) for i, j in self.pairs])
+
+    def end_pass(self, pass_index: int) -> None:
+        self.ratio = model_stock_ratio(self.n, dict(zip(self.pairs, self.sums.finish())), self.name)
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        mean = models[0].clone()
+        for m in models[1:]:
+            mean.add_(m)
+        mean.div_(len(models))
+        return mean.mul_(self.ratio).add_(base * (1.0 - self.ratio))
+
+
+@register
+class ModelStock(Method):
+    name = "model_stock"
+    summary = "Interpolates between the base and the models' average by a ratio set from how aligned their deltas are."
+    reference = "Jang et al. 2024, Model Stock, arXiv:2403.19522 (mergekit, non-filter-wise)"
+    passes = "2 (float64 delta Gram matrix, then interpolate)"
+    params = ()
+    min_models = 2
+
+    def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
+        return 1
+
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
+        return 4 * n_models + 8 * (n_models * (n_models + 1) // 2) + 16
+
+    def state_bytes(self, task: TensorTask, n_models: int) -> int:
+        row_numel = 1
+        for d in task.shape[1:]:
+            row_numel *= d
+        return 2 * 64 * (n_models * (n_models + 1) // 2) * row_numel * 8
+
+    def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
+        return _ModelStockMerge(task, n_models)

@@ -1,0 +1,82 @@
+"""SLERP between the base and one model (mergekit's convention): spherical interpolation of whole tensors.
+
+A statistics pass gathers ``Σv₀², Σv₁², Σv₀v₁`` in float64 (chunk-independent); vectors are normalised when their
+norm exceeds 1e-8; where the normalised dot product exceeds 0.9995 in magnitude (nearly colinear) the result is
+the linear interpolation ``(1−t)v₀ + t·v₁``, else ``sin((1−t)θ)/sinθ·v₀ + sin(tθ)/sinθ·v₁`` with ``θ = arccos(dot)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import register
+from ._tiles import PairSums
+from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+
+DOT_THRESHOLD = 0.9995
+NORM_EPS = 1e-8
+
+
+def slerp_coefficients(t: float, ss0: float, ss1: float, dot: float) -> tuple[float, float]:
+    """(s₀, s₁) such that the result is s₀·v₀ + s₁·v₁, from the float64 sums."""
+    n0, n1 = math.sqrt(ss0), math.sqrt(ss1)
+    cos = dot / ((n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0))
+    if abs(cos) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    sin_theta = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+class _SlerpMerge(TensorMerge):
+    stat_passes = 1
+
+    def __init__(self, task: TensorTask, t: float) -> None:
+        row_numel = 1
+        for d in task.shape[1:]:
+            row_numel *= d
+        self.t = t
+        self.sums = PairSums(row_numel, 3)
+        self.coef = (1.0 - t, t)
+
+    def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        v1 = models[0]
+        self.sums.add(r0, [(base, base), (v1, v1), (base, v1)])
+
+    def end_pass(self, pass_index: int) -> None:
+        self.coef = slerp_coefficients(self.t, *self.sums.finish())
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        s0, s1 = self.coef
+        return (base * s0).add_(models[0] * s1)
+
+
+@register
+class Slerp(Method):
+    name = "slerp"
+    summary = "Spherical interpolation between the base (t=0) and one model (t=1), tensor by tensor."
+    reference = "Shoemake 1985; mergekit's slerp (base_model + one model)"
+    passes = "2 (float64 norms and dot product, then interpolate)"
+    params = (ParamSpec("t", float, 0.5, "interpolation factor: 0 gives the base, 1 the model",
+                        check=lambda x: None if 0.0 <= x <= 1.0 else "must be between 0 and 1"),)
+    min_models = 1
+    max_models = 1
+
+    def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
+        return 1
+
+    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
+        return 3 * 8 + 16
+
+    def state_bytes(self, task: TensorTask, n_models: int) -> int:
+        row_numel = 1
+        for d in task.shape[1:]:
+            row_numel *= d
+        return 2 * 64 * 3 * row_numel * 8
+
+    def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
+        return _SlerpMerge(task, params["t"])

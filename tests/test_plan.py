@@ -1,0 +1,84 @@
+"""The planner: budgets, chunk sizes, rules and refusals, all before any tensor byte is read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from streammerge import plan
+from streammerge.errors import PlanError
+from streammerge.examples import write_family
+from streammerge.methods._tiles import TILE, RowTileSum
+from streammerge.methods.base import Rule
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fam")
+    return write_family(root, "tiny-untied", dtype="bf16")
+
+
+def _plan(family, tmp_path, **kw):
+    return plan(family["base"], [family["chat"], family["multilingual"]], tmp_path / "out", **kw)
+
+
+def test_rules_shards_and_bytes(family, tmp_path):
+    p = _plan(family, tmp_path)
+    rules = {t.name: t.rule for t in p.tensors}
+    assert rules["model.embed_tokens.weight"] is Rule.EMBEDDING
+    assert rules["lm_head.weight"] is Rule.MATRIX
+    assert rules["model.norm.weight"] is Rule.VECTOR
+    assert rules["model.layers.0.mlp.up_proj.weight"] is Rule.MATRIX
+    inputs = sum(f.stat().st_size for f in family["base"].glob("*.safetensors"))
+    # every 2-D tensor is read twice (statistics + merge), 1-D once, by 3 models of the same size
+    assert 3 * inputs < p.bytes_read < 6 * inputs
+    assert p.bytes_written == sum(s.size for s in p.shards)
+    assert not (tmp_path / "out").exists()
+    json.dumps(p.to_dict())  # serialisable
+
+
+def test_budget_sets_chunk_rows_in_tiles_and_bounds_peak(family, tmp_path):
+    p = _plan(family, tmp_path, max_ram="1MiB")
+    assert any(t.chunk_rows < t.rows for t in p.tensors)
+    for t in p.tensors:
+        if t.rule in (Rule.MATRIX, Rule.EMBEDDING) and t.chunk_rows < t.rows:
+            assert t.chunk_rows % TILE == 0 or t.chunk_rows < TILE
+    assert p.peak_ram <= 2**20
+    big = _plan(family, tmp_path, max_ram="8GiB")
+    assert all(t.chunk_rows == t.rows for t in big.tensors)
+
+
+def test_budget_too_small_names_the_size_needed(family, tmp_path):
+    with pytest.raises(PlanError, match=r"too small: tensor .* needs at least .* raise --max-ram"):
+        _plan(family, tmp_path, max_ram="1KiB")
+
+
+def test_fingerprint_depends_on_options_not_budget(family, tmp_path):
+    a = _plan(family, tmp_path, max_ram="1MiB").fingerprint
+    assert a == _plan(family, tmp_path, max_ram="1GiB").fingerprint
+    assert a != _plan(family, tmp_path, params={"t": 0.5}).fingerprint
+    assert a != _plan(family, tmp_path, dtype="float32").fingerprint
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_tile_sum_is_independent_of_chunking_and_threads(threads):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(301, 3, 37, generator=g) * torch.rand(301, 1, 1, generator=g) * 100).double()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for step in (1, 7, 64, 128, 301):
+            acc = RowTileSum((3, 37))
+            for r0 in range(0, 301, step):
+                acc.add(r0, x[r0 : r0 + step])
+            results.append(acc.finish())
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+    assert torch.allclose(results[0], x.sum(0))
+    with pytest.raises(RuntimeError, match="in order"):
+        RowTileSum((3, 37)).add(5, x[:5])
