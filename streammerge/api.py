@@ -19,6 +19,8 @@ from .recipe import TOKEN_EMBEDDINGS, Recipe
 def plan_recipe(recipe: Recipe) -> Plan:
     """Read the inputs' headers and plan ``recipe`` (nothing is written)."""
     check_destination(recipe.out, recipe.force)
+    if recipe.tokenizer_from is not None and not recipe.tokenizer_from.is_dir():
+        raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} is not a folder")
     out = recipe.out.resolve()
     for folder in (recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ())):
         if folder.resolve() == out or out in folder.resolve().parents:

@@ -27,6 +27,6 @@ class Budget:
 def make_budget(max_ram: str | int | None = None) -> Budget:
     """``--max-ram`` if given, else half of the RAM psutil reports available now."""
     if max_ram is not None:
-        return Budget(parse_size(max_ram), "--max-ram")
+        return Budget(parse_size(max_ram, "--max-ram"), "--max-ram")
     available = psutil.virtual_memory().available
     return Budget(int(available * DEFAULT_RAM_FRACTION), f"{DEFAULT_RAM_FRACTION:.0%} of {format_size(available)} available")

@@ -84,7 +84,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         base=kw["base"], models=kw["models"], out=kw["out"], method=kw["method"],
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
-        shard_size=parse_size(kw["shard_size"]) if kw["shard_size"] else DEFAULT_SHARD_SIZE,
+        shard_size=parse_size(kw["shard_size"], "--shard-size") if kw["shard_size"] else DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], chunk_rows=kw["chunk_rows"], force=kw["force"],
     )
 

@@ -16,19 +16,21 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes in ``text``: KB/MB/GB are powers of 1000, KiB/MiB/GiB (and bare K/M/G) powers of 1024."""
+def parse_size(text: str | int, option: str = "size") -> int:
+    """Bytes in ``text``: KB/MB/GB are powers of 1000, KiB/MiB/GiB (and bare K/M/G) powers of 1024.
+
+    ``option`` names the flag in error messages (e.g. ``--max-ram``).
+    """
     if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise StreamMergeError(f"size must be positive, got {text}")
-        return text
-    m = _SIZE.match(str(text))
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise StreamMergeError(f"cannot read size {text!r}: write e.g. 512MiB, 6GiB or 5GB")
-    value = int(float(m.group(1)) * _UNITS[unit])
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise StreamMergeError(f"{option}: cannot read size {text!r}: write e.g. 512MiB, 6GiB or 5GB")
+        value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
-        raise StreamMergeError(f"size must be positive, got {text!r}")
+        raise StreamMergeError(f"{option}: size must be positive, got {text!r}")
     return value
 
 

@@ -1,0 +1,665 @@
+"""The ``streammerge`` command line, driven through click's CliRunner.
+
+* successful runs: merge (files produced, --json), plan, inspect, methods, --help, --dtype, --shard-size,
+  --tokenizer-from, --force;
+* bad inputs: each must exit with status 1 and a clear message naming the file / tensor / option at fault, and
+  must write nothing at all (no --out folder, no ``<out>.streammerge-partial`` left behind, inputs untouched);
+* bad usage (malformed --param) exits with status 2.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from streammerge.cli import main
+from streammerge.examples import SHAPES, tensor_shapes, write_family, write_model
+
+TINY = SHAPES["tiny"]
+OUTPUT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json", "README.md"}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def invoke(*args: str) -> Result:
+    """Run the CLI in-process; exceptions other than SystemExit are left in the result (never raised)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with (size, mtime_ns): equal snapshots mean nothing was written or touched."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model folder (single file or sharded), via the reference library."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                tensors[k] = st.get_tensor(k)
+    return tensors
+
+
+def rewrite_tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """Replace ``folder/model.safetensors`` with ``edit(its tensors)``."""
+    path = folder / "model.safetensors"
+    save_file(edit(load_file(path)), path)
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def fam(tmp_path: Path) -> dict[str, Path]:
+    """A tiny tied Qwen2-shaped family: base, chat, multilingual (bf16, one file each)."""
+    return write_family(tmp_path / "fam", "tiny", dtype="bf16")
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "merged"
+
+
+def merge_args(fam: dict[str, Path], out: Path, *extra: str, command: str = "merge") -> list[str]:
+    return [command, "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"],
+            "--out", out, *extra]
+
+
+def merge_ok(fam: dict[str, Path], out: Path, *extra: str) -> Result:
+    result = invoke(*merge_args(fam, out, "-q", *extra))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+# ------------------------------------------------------------------------------------------- successful runs
+
+
+def test_merge_writes_a_complete_model_folder(fam, out):
+    result = merge_ok(fam, out)
+    assert f"merged model written to {out}" in result.stdout
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert not out.with_name(out.name + ".streammerge-partial").exists()
+    merged, base = read_all(out), read_all(fam["base"])
+    assert set(merged) == set(base)
+    for name, t in merged.items():
+        assert t.shape == base[name].shape and t.dtype == base[name].dtype, name
+        assert torch.isfinite(t.float()).all(), name
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert json.loads((out / "config.json").read_text()) == json.loads((fam["base"] / "config.json").read_text())
+    assert (out / "generation_config.json").read_bytes() == (fam["base"] / "generation_config.json").read_bytes()
+    assert (out / "tokenizer_config.json").read_bytes() == (fam["base"] / "tokenizer_config.json").read_bytes()
+    assert "widen" in (out / "README.md").read_text()
+
+
+def test_merge_json_matches_plan_fingerprint(fam, out):
+    planned = invoke(*merge_args(fam, out, "--json", command="plan"))
+    assert planned.exit_code == 0, planned.output
+    result = invoke(*merge_args(fam, out, "--json"))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["out"] == str(out)
+    assert len(doc["fingerprint"]) == 64
+    assert doc["fingerprint"] == json.loads(planned.stdout)["fingerprint"]
+    assert doc["fingerprint"] in (out / "README.md").read_text()
+    assert doc["bytes_written"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def test_merge_without_quiet_prints_summary_on_stderr(fam, out):
+    result = invoke(*merge_args(fam, out))
+    assert result.exit_code == 0, result.output
+    assert "method      widen" in result.stderr
+    assert result.stdout.strip() == f"merged model written to {out}"
+
+
+def test_plan_prints_a_summary_and_writes_nothing(fam, out, tmp_path):
+    before = snapshot(tmp_path)
+    result = invoke(*merge_args(fam, out, command="plan"))
+    assert result.exit_code == 0, result.output
+    for field in ("method      widen", "base", "model 1", "model 2", "output", "peak RAM", "reads", "tensors"):
+        assert field in result.stdout
+    assert str(fam["chat"]) in result.stdout
+    assert snapshot(tmp_path) == before
+
+
+def test_plan_json_lists_every_tensor_with_chunking(fam, out, tmp_path):
+    before = snapshot(tmp_path)
+    result = invoke(*merge_args(fam, out, "--json", command="plan"))
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["method"] == "widen" and d["params"] == {"t": 1.0, "s": 1.0}
+    assert {t["name"] for t in d["tensors"]} == {n for n, _ in tensor_shapes(TINY)}
+    for t in d["tensors"]:
+        assert isinstance(t["chunk_rows"], int) and t["chunk_rows"] >= 1
+        assert t["chunks"] >= 1
+    rules = {t["name"]: t["rule"] for t in d["tensors"]}
+    assert rules["model.embed_tokens.weight"] == "embedding"
+    assert rules["model.layers.0.mlp.up_proj.weight"] == "matrix"
+    assert rules["model.norm.weight"] == "vector"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("chunking", [["--max-ram", "900KiB"], ["--chunk-rows", "5"]])
+def test_chunking_changes_the_plan_but_not_the_output(chunking, fam, out, tmp_path):
+    plan = invoke(*merge_args(fam, out, "--json", *chunking, command="plan"))
+    assert plan.exit_code == 0, plan.output
+    assert any(t["chunks"] > 1 for t in json.loads(plan.stdout)["tensors"])
+    merge_ok(fam, out, *chunking)
+    other = tmp_path / "merged-big-budget"
+    merge_ok(fam, other, "--max-ram", "1GiB")
+    assert (out / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
+
+
+def test_inspect_text(fam):
+    result = invoke("inspect", fam["base"])
+    assert result.exit_code == 0, result.output
+    assert "Qwen2ForCausalLM" in result.stdout
+    assert "vocab       257" in result.stdout
+    assert "tied        True" in result.stdout
+    assert "model.layers.1.mlp.down_proj.weight" in result.stdout
+
+
+def test_inspect_json(fam):
+    result = invoke("inspect", "--json", fam["base"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["model_type"] == "qwen2"
+    assert info["architectures"] == ["Qwen2ForCausalLM"]
+    assert info["tied_embeddings"] is True
+    assert info["vocab_size"] == info["embedding_rows"] == 257
+    assert info["dtypes"] == {"BF16": len(tensor_shapes(TINY))}
+    assert [s["file"] for s in info["shards"]] == ["model.safetensors"]
+    shapes = {t["name"]: tuple(t["shape"]) for t in info["tensors"]}
+    assert shapes == dict(tensor_shapes(TINY))
+    assert info["parameters"] == sum(torch.Size(s).numel() for s in shapes.values())
+    assert info["bytes"] == 2 * info["parameters"]
+
+
+def test_methods_lists_widen_and_its_parameters():
+    result = invoke("methods")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("widen") for line in lines)
+    assert any(line.strip().startswith("t (float") for line in lines)
+    assert any(line.strip().startswith("s (float") for line in lines)
+
+
+@pytest.mark.parametrize("command", [None, *sorted(main.commands)])
+def test_help_of_every_command(command):
+    result = invoke(*([command] if command else []), "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and "streammerge" in result.stdout
+
+
+def test_dtype_float32(fam, out):
+    merge_ok(fam, out, "--dtype", "float32")
+    with safe_open(out / "model.safetensors", "pt") as st:
+        keys = list(st.keys())
+        assert keys
+        for k in keys:
+            assert st.get_slice(k).get_dtype() == "F32", k
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_small_shard_size_writes_a_sharded_checkpoint(fam, out, tmp_path):
+    merge_ok(fam, out, "--shard-size", "100KB")
+    shards = sorted(out.glob("*.safetensors"))
+    n = len(shards)
+    assert n >= 2
+    assert [s.name for s in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    merged = read_all(out)
+    assert set(index["weight_map"]) == set(merged) == {name for name, _ in tensor_shapes(TINY)}
+    for shard in shards:
+        with safe_open(shard, "pt") as st:
+            for k in st.keys():
+                assert index["weight_map"][k] == shard.name
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    single = tmp_path / "single"
+    merge_ok(fam, single)
+    reference = read_all(single)
+    for name, t in merged.items():
+        assert torch.equal(t, reference[name]), name
+
+
+def test_tokenizer_from_copies_that_folders_tokenizer_files(fam, out, tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    write_json(tok / "tokenizer_config.json", {"from": "tok"})
+    write_json(tok / "tokenizer.json", {"model": {"type": "BPE"}})
+    write_json(tok / "special_tokens_map.json", {"eos_token": "</s>"})
+    (tok / "notes.txt").write_text("not a tokenizer file")
+    merge_ok(fam, out, "--tokenizer-from", tok)
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        assert (out / name).read_bytes() == (tok / name).read_bytes(), name
+    assert not (out / "notes.txt").exists()
+    assert (out / "config.json").exists()
+
+
+def test_exclude_keeps_the_base_value_bit_for_bit(fam, out):
+    merge_ok(fam, out, "--exclude", r"model\.layers\.0\.mlp\.", "--exclude", r"model\.norm")
+    merged, base = read_all(out), read_all(fam["base"])
+    kept = [n for n in merged if n.startswith("model.layers.0.mlp.") or n.startswith("model.norm")]
+    assert len(kept) == 4
+    for name in kept:
+        assert torch.equal(merged[name], base[name]), name
+    assert not torch.equal(merged["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_models_stored_in_other_dtypes_merge_into_the_base_dtype(fam, out):
+    shutil.rmtree(fam["chat"])
+    write_model(fam["chat"], TINY, delta=0.1, dtype="f32")
+    merge_ok(fam, out)
+    assert {t.dtype for t in read_all(out).values()} == {torch.bfloat16}
+
+
+def test_make_example(tmp_path):
+    result = invoke("make-example", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "demo").iterdir()} == {"base", "chat", "multilingual"}
+    again = invoke("make-example", tmp_path / "demo")
+    assert again.exit_code == 1 and "not empty" in again.stderr
+
+
+def test_force_replaces_a_non_empty_output(fam, out):
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = invoke(*merge_args(fam, out, "-q"))
+    assert result.exit_code == 1
+    assert "exists and is not empty" in result.output and "--force" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert not out.with_name(out.name + ".streammerge-partial").exists()
+
+    merge_ok(fam, out, "--force")
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert not out.with_name(out.name + ".streammerge-old").exists()
+    assert not out.with_name(out.name + ".streammerge-partial").exists()
+
+
+def test_an_existing_empty_output_folder_is_used(fam, out):
+    out.mkdir()
+    merge_ok(fam, out)
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+
+
+def test_malformed_param_is_a_usage_error(fam, out, tmp_path):
+    before = snapshot(tmp_path)
+    result = invoke(*merge_args(fam, out, "--param", "t"))
+    assert result.exit_code == 2
+    assert "NAME=VALUE" in result.output
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+#
+# Each case may spoil the family, then returns (extra CLI arguments, phrases the error message must contain). Extra
+# arguments that start with "--base" replace the usual --base/--model list; a repeated option (--out) overrides.
+
+Case = Callable[[dict[str, Path], Path], tuple[list, list[str]]]
+
+
+def _missing_base(fam, tmp):
+    missing = tmp / "no-such-model"
+    return ["--base", missing, "--model", fam["chat"], "--model", fam["multilingual"]], [str(missing), "does not exist"]
+
+
+def _base_is_a_file(fam, tmp):
+    f = fam["base"] / "model.safetensors"
+    return ["--base", f, "--model", fam["chat"], "--model", fam["multilingual"]], [str(f), "not a folder"]
+
+
+def _no_safetensors(fam, tmp):
+    for f in fam["chat"].glob("*.safetensors"):
+        f.unlink()
+    return [], [str(fam["chat"]), "model.safetensors"]
+
+
+def _truncated_file(fam, tmp):
+    path = fam["chat"] / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return [], [str(path)]
+
+
+def _header_garbage(fam, tmp):
+    path = fam["multilingual"] / "model.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    return [], [str(path), "JSON"]
+
+
+def _tiny_file(fam, tmp):
+    path = fam["base"] / "model.safetensors"
+    path.write_bytes(b"abc")
+    return [], [str(path), "too small"]
+
+
+def _index_weight_map(folder: Path) -> dict[str, str]:
+    return {name: "model.safetensors" for name in load_file(folder / "model.safetensors")}
+
+
+def _index_path_escape(fam, tmp):
+    shutil.copyfile(fam["chat"] / "model.safetensors", fam["chat"].parent / "x.safetensors")
+    wmap = {name: "../x.safetensors" for name in _index_weight_map(fam["chat"])}
+    write_json(fam["chat"] / "model.safetensors.index.json", {"metadata": {}, "weight_map": wmap})
+    return [], ["model.safetensors.index.json", "../x.safetensors", "plain file names"]
+
+
+def _index_missing_shard(fam, tmp):
+    wmap = {name: "model-00009-of-00009.safetensors" for name in _index_weight_map(fam["chat"])}
+    write_json(fam["chat"] / "model.safetensors.index.json", {"metadata": {}, "weight_map": wmap})
+    return [], ["model-00009-of-00009.safetensors", "does not exist"]
+
+
+def _index_names_absent_tensor(fam, tmp):
+    wmap = _index_weight_map(fam["chat"])
+    wmap["model.layers.7.mlp.up_proj.weight"] = "model.safetensors"
+    write_json(fam["chat"] / "model.safetensors.index.json", {"metadata": {}, "weight_map": wmap})
+    return [], ["model.safetensors.index.json", "model.layers.7.mlp.up_proj.weight", "not there"]
+
+
+def _index_not_json(fam, tmp):
+    (fam["chat"] / "model.safetensors.index.json").write_text("{not json")
+    return [], ["model.safetensors.index.json"]
+
+
+def _config_not_json(fam, tmp):
+    (fam["chat"] / "config.json").write_text("{oops")
+    return [], [str(fam["chat"] / "config.json")]
+
+
+def _renamed_tensor(fam, tmp):
+    def edit(ts):
+        ts["model.layers.0.mlp.up_proj.weight_renamed"] = ts.pop("model.layers.0.mlp.up_proj.weight")
+        return ts
+
+    rewrite_tensors(fam["chat"], edit)
+    return [], ["model 1", "model.layers.0.mlp.up_proj.weight", "not homologous"]
+
+
+def _vocab_mismatch(fam, tmp):
+    shutil.rmtree(fam["multilingual"])
+    write_model(fam["multilingual"], replace(TINY, vocab=300), delta=0.3)
+    return [], ["model.embed_tokens.weight", "300", "257", "vocabulary"]
+
+
+def _shape_mismatch(fam, tmp):
+    def edit(ts):
+        ts["model.layers.1.mlp.up_proj.weight"] = ts["model.layers.1.mlp.up_proj.weight"][:128].clone()
+        return ts
+
+    rewrite_tensors(fam["chat"], edit)
+    return [], ["model.layers.1.mlp.up_proj.weight", "[128, 64]", "[160, 64]", "model 1", str(fam["chat"])]
+
+
+def _architecture_mismatch(fam, tmp):
+    shutil.rmtree(fam["chat"])
+    write_model(fam["chat"], SHAPES["tiny-llama"], delta=0.1)
+    return [], ["'llama'", "'qwen2'", str(fam["chat"])]
+
+
+def _tied_vs_untied(fam, tmp):
+    shutil.rmtree(fam["chat"])
+    write_model(fam["chat"], SHAPES["tiny-untied"], delta=0.1)
+    return [], [str(fam["chat"]), "does not tie", "output head"]
+
+
+def _nan_in_a_model(fam, tmp):
+    def edit(ts):
+        ts["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
+        return ts
+
+    rewrite_tensors(fam["multilingual"], edit)
+    return [], ["model.layers.1.self_attn.o_proj.weight", "NaN", str(fam["multilingual"])]
+
+
+def _no_tensors(fam, tmp):
+    save_file({}, fam["chat"] / "model.safetensors")
+    return [], [str(fam["chat"]), "no tensors"]
+
+
+def _index_omits_a_tensor(fam, tmp):
+    wmap = _index_weight_map(fam["chat"])
+    del wmap["model.norm.weight"]
+    write_json(fam["chat"] / "model.safetensors.index.json", {"metadata": {}, "weight_map": wmap})
+    return [], [str(fam["chat"]), "model.norm.weight", "index does not list"]
+
+
+def _integer_tensor_in_a_model(fam, tmp):
+    def edit(ts):
+        ts["model.norm.weight"] = ts["model.norm.weight"].to(torch.int16)
+        return ts
+
+    rewrite_tensors(fam["chat"], edit)
+    return [], ["model.norm.weight", "model 1", "I16", "not a float", "--exclude"]
+
+
+def _three_d_tensor(fam, tmp):
+    for folder in fam.values():
+        rewrite_tensors(folder, lambda ts: {**ts, "model.experts.weight": torch.ones(2, 3, 4, dtype=torch.bfloat16)})
+    return [], ["model.experts.weight", "[2, 3, 4]", "3-D", "--exclude"]
+
+
+def _out_is_an_input(fam, tmp):
+    return ["--out", fam["chat"], "--force"], [str(fam["chat"]), "input folder"]
+
+
+def _one_model(fam, tmp):
+    return ["--base", fam["base"], "--model", fam["chat"]], ["at least 2"]
+
+
+def _unknown_method(fam, tmp):
+    return ["--method", "wided"], ["'wided'", "did you mean 'widen'"]
+
+
+def _unknown_param(fam, tmp):
+    return ["--param", "tt=1.0"], ["'tt'", "did you mean 't'"]
+
+
+def _param_not_a_number(fam, tmp):
+    return ["--param", "t=abc"], ["parameter t", "'abc'", "float"]
+
+
+def _param_negative(fam, tmp):
+    return ["--param", "t=-1"], ["parameter t", "-1", ">= 0"]
+
+
+def _param_nan(fam, tmp):
+    return ["--param", "s=nan"], ["parameter s", "NaN"]
+
+
+def _budget_too_small(fam, tmp):
+    return ["--max-ram", "1KiB"], ["--max-ram", "too small", "needs at least", "bytes"]
+
+
+def _budget_unreadable(fam, tmp):
+    return ["--max-ram", "lots"], ["--max-ram", "'lots'", "512MiB"]
+
+
+def _bad_exclude(fam, tmp):
+    return ["--exclude", "model.(layers"], ["--exclude", "model.(layers", "regular expression"]
+
+
+def _bad_dtype(fam, tmp):
+    return ["--dtype", "int8"], ["'int8'", "float32"]
+
+
+def _bad_shard_size(fam, tmp):
+    return ["--shard-size", "big"], ["--shard-size", "'big'"]
+
+
+def _out_is_a_file(fam, tmp):
+    (tmp / "merged").write_text("a file")
+    return [], [str(tmp / "merged"), "not a folder"]
+
+
+def _out_parent_missing(fam, tmp):
+    return ["--out", tmp / "nowhere" / "merged"], [str(tmp / "nowhere"), "does not exist"]
+
+
+def _tokenizer_from_missing(fam, tmp):
+    return ["--tokenizer-from", tmp / "no-tokenizer"], ["--tokenizer-from", str(tmp / "no-tokenizer")]
+
+
+BAD_INPUTS: dict[str, Case] = {
+    "missing-base": _missing_base,
+    "base-is-a-file": _base_is_a_file,
+    "no-safetensors": _no_safetensors,
+    "truncated-file": _truncated_file,
+    "header-not-json": _header_garbage,
+    "file-too-small": _tiny_file,
+    "index-path-escape": _index_path_escape,
+    "index-missing-shard": _index_missing_shard,
+    "index-names-absent-tensor": _index_names_absent_tensor,
+    "index-not-json": _index_not_json,
+    "config-not-json": _config_not_json,
+    "different-tensor-names": _renamed_tensor,
+    "vocab-mismatch": _vocab_mismatch,
+    "shape-mismatch": _shape_mismatch,
+    "architecture-mismatch": _architecture_mismatch,
+    "tied-vs-untied": _tied_vs_untied,
+    "nan-in-a-model": _nan_in_a_model,
+    "no-tensors": _no_tensors,
+    "index-omits-a-tensor": _index_omits_a_tensor,
+    "integer-tensor-in-a-model": _integer_tensor_in_a_model,
+    "3d-tensor": _three_d_tensor,
+    "one-model": _one_model,
+    "unknown-method": _unknown_method,
+    "unknown-param": _unknown_param,
+    "param-not-a-number": _param_not_a_number,
+    "param-negative": _param_negative,
+    "param-nan": _param_nan,
+    "budget-too-small": _budget_too_small,
+    "budget-unreadable": _budget_unreadable,
+    "bad-exclude": _bad_exclude,
+    "bad-dtype": _bad_dtype,
+    "bad-shard-size": _bad_shard_size,
+    "out-is-a-file": _out_is_a_file,
+    "out-parent-missing": _out_parent_missing,
+    "out-is-an-input": _out_is_an_input,
+    "tokenizer-from-missing": _tokenizer_from_missing,
+}
+# Failures only execution can find: plan reads headers, never tensor data.
+MERGE_ONLY = {"nan-in-a-model"}
+def _cases():
+    for name in BAD_INPUTS:
+        for command in ("merge", "plan"):
+            if command == "plan" and name in MERGE_ONLY:
+                continue
+            yield pytest.param(command, name, id=f"{command}-{name}")
+
+
+@pytest.mark.parametrize("command,case", list(_cases()))
+def test_bad_input_fails_cleanly_and_writes_nothing(command, case, fam, out, tmp_path):
+    extra, phrases = BAD_INPUTS[case](fam, tmp_path)
+    if extra[:1] == ["--base"]:
+        args = [command, *extra, "--out", out]
+    else:
+        args = merge_args(fam, out, *extra, command=command)
+    if command == "merge":
+        args.append("-q")
+    before = snapshot(tmp_path)
+    result = invoke(*args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"traceback instead of a message: {result.exc_info}"
+    )
+    assert result.exit_code == 1, result.output
+    message = result.stderr
+    assert message.startswith("Error: ")
+    for phrase in phrases:
+        assert phrase in message, f"{phrase!r} not in {message!r}"
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path) == before, "something was written or touched"
+    assert not list(tmp_path.rglob("*.streammerge-partial"))
+
+
+@pytest.mark.parametrize("case,which", [("missing-base", None), ("no-safetensors", "chat"),
+                                        ("truncated-file", "chat"), ("file-too-small", "base"),
+                                        ("index-path-escape", "chat"), ("index-names-absent-tensor", "chat")])
+def test_inspect_bad_folder(case, which, fam, tmp_path):
+    extra, phrases = BAD_INPUTS[case](fam, tmp_path)
+    result = invoke("inspect", extra[1] if which is None else fam[which])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    for phrase in phrases:
+        assert phrase in result.stderr, f"{phrase!r} not in {result.stderr!r}"
+
+
+class _Boom:
+    """Unpickling this creates the marker folder (stands in for arbitrary code in a malicious pickle)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture
+def opened_paths(monkeypatch) -> list[str]:
+    """Every path opened through open()/io.open()/os.open() while the test runs."""
+    seen: list[str] = []
+
+    def spy(real):
+        def wrapper(file, *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)):
+                seen.append(os.fsdecode(file))
+            return real(file, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(builtins, "open", spy(builtins.open))
+    monkeypatch.setattr(io, "open", spy(io.open))
+    monkeypatch.setattr(os, "open", spy(os.open))
+    return seen
+
+
+@pytest.mark.parametrize("command", ["merge", "plan", "inspect"])
+@pytest.mark.parametrize("filename", ["pytorch_model.bin", "model.pt"])
+def test_pickled_checkpoint_is_refused_and_never_opened(command, filename, fam, out, tmp_path, opened_paths):
+    marker = tmp_path / "UNPICKLED"
+    chat = fam["chat"]
+    for f in chat.glob("*.safetensors"):
+        f.unlink()
+    pkl = chat / filename
+    pkl.write_bytes(pickle.dumps({"model.embed_tokens.weight": _Boom(marker)}))
+    before = snapshot(tmp_path)
+    opened_paths.clear()
+    if command == "inspect":
+        result = invoke("inspect", chat)
+    else:
+        result = invoke(*merge_args(fam, out, *(["-q"] if command == "merge" else []), command=command))
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    for phrase in (str(chat), filename, "never unpickles", "convert"):
+        assert phrase in result.stderr, f"{phrase!r} not in {result.stderr!r}"
+    assert not marker.exists()
+    assert not [p for p in opened_paths if p.endswith(filename)], "the pickle file was opened"
+    assert snapshot(tmp_path) == before
