@@ -16,10 +16,12 @@ import click
 from . import api
 from ._version import __version__
 from .errors import StreamMergeError
-from .execute import execute
+from .execute import MANIFEST, MergeInterrupted, execute
 from .methods import all_methods
+from .output import work_folder_for
 from .recipe import DEFAULT_SHARD_SIZE, Recipe
 from .units import format_size, parse_size
+from .verify import verify_output
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
@@ -68,6 +70,10 @@ def _merge_options(f: Any) -> Any:
         click.option("--chunk-rows", type=click.IntRange(min=1), default=None, hidden=True,
                      help="Force the rows per chunk (testing)."),
         click.option("--force", is_flag=True, help="Replace the output folder if it exists and is not empty."),
+        click.option("--restart", is_flag=True,
+                     help="Discard an interrupted run's work folder for --out instead of continuing it."),
+        click.option("--no-journal", "no_journal", is_flag=True, hidden=True,
+                     help="Do not journal or fsync (not resumable; for measuring the journal's cost)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -85,7 +91,8 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=parse_size(kw["shard_size"], "--shard-size") if kw["shard_size"] else DEFAULT_SHARD_SIZE,
-        max_ram=kw["max_ram"], chunk_rows=kw["chunk_rows"], force=kw["force"],
+        max_ram=kw["max_ram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
+        journal=not kw["no_journal"],
     )
 
 
@@ -129,18 +136,69 @@ def merge(as_json: bool, quiet: bool, **kw: Any) -> None:
       streammerge merge --base Qwen1.5-7B --model Qwen1.5-7B-Chat --model Sailor-7B \\
           --method widen --param t=1.0 --param s=1.0 --max-ram 4GiB --out merged
     """
+    _run(_recipe(kw), as_json, quiet)
+
+
+def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
+    """Plan and execute; interruptions exit 130/143 with how to resume."""
     try:
-        plan = api.plan_recipe(_recipe(kw))
+        plan = api.plan_recipe(recipe)
         d = plan.to_dict()
         if not quiet and not as_json:
             _print_plan_summary(d, sys.stderr)
         out = execute(plan, show_progress=not quiet and not as_json)
+    except MergeInterrupted as exc:
+        click.echo(f"Interrupted: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"out": str(out), "fingerprint": d["fingerprint"], "bytes_written": d["bytes_written"]}))
     else:
         click.echo(f"merged model written to {out}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--max-ram", default=None, metavar="SIZE", help="RAM budget for the rest of the merge (may differ).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def resume(out: Path, max_ram: str | None, as_json: bool, quiet: bool) -> None:
+    """Continue an interrupted merge into OUT (same as rerunning the original merge command)."""
+    work = work_folder_for(out)
+    plan_file = work / "plan.json"
+    if not plan_file.is_file():
+        if (out / MANIFEST).is_file():
+            raise click.ClickException(f"{out} is already complete; nothing to resume")
+        raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
+    try:
+        stored = json.loads(plan_file.read_text(encoding="utf-8"))["recipe"]
+        recipe = Recipe.from_json(stored, max_ram=max_ram)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with merge --restart") from None
+    _run(recipe, as_json, quiet)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def verify(out: Path, as_json: bool) -> None:
+    """Check a merged folder: headers, index, and every chunk's checksum against the manifest."""
+    try:
+        problems, summary = verify_output(out)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({**summary, "ok": not problems, "problems": problems}, indent=2))
+    else:
+        for p in problems:
+            click.echo(f"MISMATCH {p}", err=True)
+        if not problems:
+            click.echo(f"OK: {summary['tensors']} tensors in {summary['files']} file(s) match the manifest")
+    if problems:
+        if not as_json:
+            click.echo(f"{len(problems)} problem(s) in {out}", err=True)
+        sys.exit(1)
 
 
 @main.command("plan")

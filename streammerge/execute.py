@@ -1,43 +1,132 @@
-"""The executor: runs a Plan chunk by chunk: read → float32 → method → finite check → cast → writer.
+"""The executor: runs a Plan chunk by chunk: read → float32 → method → finite check → cast → writer → journal.
 
 For each tensor: the statistics passes (if the method has any) read every row chunk of the base and the models
-and feed the method; the emit pass reads them again, asks the method for the float32 result, checks it is
-finite, casts it to the planned output dtype and writes it at its planned offset. Consumed input pages are
-released after each chunk, so resident memory follows the chunk size. Progress (bytes read, phase, rate) goes to
-stderr through tqdm.
+and feed the method, whose resulting state is journaled; the emit pass reads them again, asks the method for the
+float32 result, checks it is finite, casts it to the planned output dtype, writes it at its planned offset and
+journals the chunk once it is durable. Consumed input pages are released after each chunk, so resident memory
+follows the chunk size.
+
+A work folder that a previous run left (crash, Ctrl-C, full disk) is continued: the fingerprint must match, the
+journaled chunks are checked against the bytes on disk, and only what is missing is done (the budget, and so the
+chunking, may differ). SIGINT/SIGTERM stop at the next chunk boundary with everything durable journaled.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import shutil
-from collections.abc import Callable
-from contextlib import ExitStack
+import signal
+import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .errors import NonFiniteError
+from ._version import __version__
+from .errors import NonFiniteError, StreamMergeError
+from .faults import checkpoint
 from .formats.checkpoint import Located
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .formats.reader import ShardReader
-from .methods import Rule, TensorTask
-from .output import copy_side_files, prepare_work_folder, publish, write_index, write_model_card
-from .plan import Plan, TensorPlan
+from .journal import Journal, ResumeError, crc, write_json_atomic
+from .methods import Rule, TensorMerge, TensorTask
+from .output import copy_side_files, publish, work_folder_for, write_index, write_json, write_model_card
+from .plan import Plan, TensorPlan, describe_changes
+from .units import format_size
 from .writer import ShardFile
 
-ProgressFactory = Callable[..., tqdm]
+MANIFEST = "streammerge-manifest.json"
+
+
+class MergeInterrupted(StreamMergeError):
+    """SIGINT or SIGTERM stopped the merge at a chunk boundary; the work folder can be resumed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class DiskFullError(StreamMergeError):
+    """The disk filled up; the work folder can be resumed once space is freed."""
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag checked at chunk boundaries (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # a second Ctrl-C: stop now, the journal is still consistent
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
 
 
 class _Run:
-    """State of one execution: the reader, the shard writers and the progress bar."""
+    """One execution: reader, shard writers, journal, progress and the stop flag."""
 
-    def __init__(self, plan: Plan, work: Path, progress: tqdm) -> None:
+    def __init__(self, plan: Plan, work: Path, journal: Journal, progress: tqdm, stop: _StopSignals) -> None:
         self.plan = plan
+        self.work = work
+        self.model_dir = work / "model"
+        self.journal = journal
         self.reader = ShardReader()
-        self.files = {s.filename: ShardFile(s, work) for s in plan.shards}
+        self.files = {s.filename: ShardFile(s, self.model_dir) for s in plan.shards}
         self.progress = progress
+        self.stop = stop
+        self.index = {t.name: i for i, t in enumerate(plan.tensors)}
 
+    # ---- opening and checking what a previous run left ---------------------------------------------------
+    def open_shards(self) -> None:
+        need = sum(f.layout.size for f in self.files.values() if not f.path.exists())
+        free = shutil.disk_usage(self.model_dir).free
+        if need > free:
+            raise DiskFullError(
+                f"not enough disk space for the output: {format_size(need)} still to allocate, {format_size(free)} "
+                f"free where {self.model_dir} is; free space (or choose another --out) and run the command again"
+            )
+        for name, f in self.files.items():
+            if not f.open_existing():
+                for t in self.plan.tensors:  # a missing or damaged shard: its tensors start over
+                    if t.shard == name:
+                        self.journal.truncate(t.name, 0)
+                f.create()
+            self.journal.watch_fd(f.fd)
+        checkpoint("shards-open")
+
+    def verify_journaled(self) -> None:
+        """Check every journaled chunk's bytes against its checksum; forget from the first bad one on."""
+        for t in self.plan.tensors:
+            p = self.journal.get(t.name)
+            row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
+            for i, (r0, r1, checksum) in enumerate(p.chunks):
+                data = self.files[t.shard].read_at(t.name, r0 * row_bytes, (r1 - r0) * row_bytes)
+                if crc(data) != checksum:
+                    self.journal.truncate(t.name, i)
+                    break
+
+    # ---- reading and writing -------------------------------------------------------------------------------
     def locs(self, name: str) -> list[Located]:
         # A tied head may be absent from a model; it is never merged (TIED_COPY), so base-only is fine there.
         return [self.plan.base.tensors[name]] + [m.tensors[name] for m in self.plan.models if name in m.tensors]
@@ -56,102 +145,230 @@ class _Run:
             out.append(x)
         return out
 
-    def write(self, t: TensorPlan, r0: int, result: torch.Tensor) -> None:
+    def write(self, t: TensorPlan, r0: int, r1: int, data: memoryview | bytes, cursor: dict[str, Any]) -> None:
+        """Write rows [r0, r1) of ``t`` and journal them (durably, at the next group commit)."""
+        row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
+        try:
+            self.files[t.shard].write_at(t.name, r0 * row_bytes, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"disk full while writing {t.name} rows [{r0}, {r1}) to {self.model_dir}") from None
+            raise
+        self.journal.record_chunk(t.name, r0, r1, crc(data), cursor, len(data))
+        checkpoint("chunk-written")
+        if self.stop.signum is not None:
+            self.journal.commit()
+            name = signal.Signals(self.stop.signum).name
+            raise MergeInterrupted(f"stopped by {name}", 128 + self.stop.signum)
+
+    def cast(self, t: TensorPlan, r0: int, result: torch.Tensor) -> memoryview:
         dtype = DTYPES[t.out_dtype].torch
         assert dtype is not None
-        cast = result.to(dtype)
-        if cast.is_floating_point() and not torch.isfinite(cast).all():
-            raise NonFiniteError(
-                f"tensor {t.name} rows [{r0}, {r0 + result.shape[0] if result.dim() else 1}): the merged values "
-                + ("overflow " + t.out_dtype if torch.isfinite(result).all() else "contain NaN or infinity")
-            )
-        row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
-        data = cast.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.files[t.shard].write_at(t.name, r0 * row_bytes, memoryview(data))
+        out = result.to(dtype)
+        if out.is_floating_point() and not torch.isfinite(out).all():
+            rows = f"rows [{r0}, {r0 + (result.shape[0] if result.dim() else 1)})"
+            what = f"overflow {t.out_dtype}" if torch.isfinite(result).all() else "contain NaN or infinity"
+            raise NonFiniteError(f"tensor {t.name} {rows}: the merged values {what}")
+        return memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy())
 
-    def copy_base(self, t: TensorPlan) -> None:
+    def skip_done(self, t: TensorPlan, rows_done: int, passes: int) -> None:
+        """Advance the progress bar over work a previous run finished."""
+        if rows_done:
+            per_row = sum(loc.info.row_numel * loc.info.dtype.bits // 8 for loc in self.locs(t.name))
+            self.progress.update(rows_done * per_row * (passes + 1) if rows_done >= t.rows else rows_done * per_row)
+
+    # ---- the three kinds of tensor ---------------------------------------------------------------------------
+    def copy_base(self, t: TensorPlan, start: int) -> None:
         loc = self.plan.base.tensors[t.name]
         same = loc.info.dtype.name == t.out_dtype
-        for r0, r1 in t.chunks():
+        for r0, r1 in t.chunks(start):
             raw = self.reader.rows(loc, r0, r1)
             if same:  # raw bytes, bit for bit (integers, bools, or no dtype change)
-                row_bytes = loc.info.row_numel * loc.info.dtype.bits // 8
-                data = raw.contiguous().reshape(-1).view(torch.uint8).numpy()
-                self.files[t.shard].write_at(t.name, r0 * row_bytes, memoryview(data))
+                data = memoryview(raw.contiguous().reshape(-1).view(torch.uint8).numpy())
             else:
-                self.write(t, r0, raw.to(torch.float32))
+                data = self.cast(t, r0, raw.to(torch.float32))
+            self.write(t, r0, r1, data, {})
             self.reader.release(loc, r0, r1)
             self.progress.update(raw.numel() * loc.info.dtype.bits // 8)
 
-    def tied_copy(self, t: TensorPlan) -> None:
+    def tied_copy(self, t: TensorPlan, start: int) -> None:
         assert t.source is not None
-        src = next(p for p in self.plan.tensors if p.name == t.source)
+        src = self.plan.tensors[self.index[t.source]]
         row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
-        for r0, r1 in t.chunks():
+        for r0, r1 in t.chunks(start):
             data = self.files[src.shard].read_at(src.name, r0 * row_bytes, (r1 - r0) * row_bytes)
-            self.files[t.shard].write_at(t.name, r0 * row_bytes, data)
+            self.write(t, r0, r1, data, {})
             self.progress.update(len(data))
 
-    def merge(self, t: TensorPlan) -> None:
+    def merge(self, t: TensorPlan, start: int) -> None:
         n = len(self.plan.models)
-        merger = self.plan.method.start(TensorTask(t.name, t.shape, t.rule), self.plan.params, n)
+        merger: TensorMerge = self.plan.method.start(TensorTask(t.name, t.shape, t.rule), self.plan.params, n)
         locs = self.locs(t.name)
-        chunks = t.chunks()
-        for p in range(merger.stat_passes):
-            self.progress.set_description(f"statistics pass {p + 1}")
-            for r0, r1 in chunks:
-                base, *models = self.read(t, locs, r0, r1)
-                merger.accumulate(p, r0, base, models)
-            merger.end_pass(p)
+        state = self.journal.load_state(t.name) if merger.stat_passes else None
+        if state is not None:
+            merger.load_state_dict(state)
+        else:
+            for p in range(merger.stat_passes):
+                self.progress.set_description(f"statistics pass {p + 1}")
+                for r0, r1 in t.chunks():
+                    base, *models = self.read(t, locs, r0, r1)
+                    merger.accumulate(p, r0, base, models)
+                    checkpoint("stats-chunk")
+                merger.end_pass(p)
+            if merger.stat_passes:
+                self.journal.save_state(t.name, self.index[t.name], merger.state_dict())
+                checkpoint("stats-saved")
+        if start:
+            merger.restore_cursor(self.journal.get(t.name).cursor)
         self.progress.set_description("merge pass")
-        for r0, r1 in chunks:
+        for r0, r1 in t.chunks(start):
             base, *models = self.read(t, locs, r0, r1)
-            self.write(t, r0, merger.emit(r0, base, models))
+            self.write(t, r0, r1, self.cast(t, r0, merger.emit(r0, base, models)), merger.cursor())
+
+    def run_tensor(self, t: TensorPlan) -> None:
+        done = self.journal.get(t.name).rows_done
+        self.skip_done(t, done, t.stat_passes)
+        if done >= t.rows and self.journal.get(t.name).chunks:
+            return
+        self.progress.set_postfix_str(t.name, refresh=False)
+        if t.rule is Rule.COPY_BASE:
+            self.copy_base(t, done)
+        elif t.rule is Rule.TIED_COPY:
+            self.tied_copy(t, done)
+        else:
+            self.merge(t, done)
+        self.journal.commit()
+
+    # ---- finishing -------------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "streammerge": __version__,
+            "fingerprint": self.plan.fingerprint,
+            "method": self.plan.method.name,
+            "files": {s.filename: s.size for s in self.plan.shards},
+            "tensors": {
+                t.name: {"file": t.shard, "dtype": t.out_dtype, "shape": list(t.shape),
+                         "chunks": [list(c) for c in self.journal.get(t.name).chunks]}
+                for t in self.plan.tensors
+            },
+        }
+
+    def finish(self) -> None:
+        plan, recipe = self.plan, self.plan.recipe
+        self.journal.commit()
+        for f in self.files.values():
+            self.journal.unwatch_fd(f.fd)
+            f.finalize(sync=recipe.journal)
+        checkpoint("shards-finalized")
+        if len(plan.shards) > 1:
+            write_index(self.model_dir, {t.name: t.shard for t in plan.tensors},
+                        sum(s.size - len(s.header) for s in plan.shards))
+        out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
+        copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype)
+        write_json(self.model_dir / MANIFEST, self.manifest())
+        write_model_card(self.model_dir, plan.to_dict())
+        checkpoint("side-files-written")
+        publish(self.model_dir, recipe.out, recipe.force)
+        checkpoint("published")
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
-def _row_numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    return n
+def open_work_folder(plan: Plan) -> tuple[Path, Journal, bool]:
+    """The work folder for ``plan``: a previous run's (same fingerprint) to continue, or a fresh one.
+
+    Returns (folder, journal, resumed). A previous run with another fingerprint is refused unless
+    ``recipe.restart``.
+    """
+    recipe = plan.recipe
+    work = work_folder_for(recipe.out)
+    plan_file = work / "plan.json"
+    if work.exists() and plan_file.exists() and not recipe.restart:
+        try:
+            stored = json.loads(plan_file.read_text(encoding="utf-8"))
+        except ValueError:
+            stored = {}
+        if stored.get("fingerprint") != plan.fingerprint:
+            changes = describe_changes(stored.get("fingerprint_doc", {}), plan.fingerprint_doc)
+            raise ResumeError(
+                f"{work} holds an interrupted merge with different inputs or options; changed: "
+                + "; ".join(changes) + ". Rerun the original command to continue it, or add --restart to discard it"
+            )
+        if recipe.journal:
+            return work, Journal(work), True
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "model").mkdir(parents=True)
+    write_json_atomic(plan_file, {"fingerprint": plan.fingerprint, "fingerprint_doc": plan.fingerprint_doc,
+                                  "recipe": recipe.to_json(), "streammerge": __version__})
+    checkpoint("work-created")
+    return work, Journal(work, enabled=recipe.journal), False
 
 
 def execute(plan: Plan, show_progress: bool = True) -> Path:
-    """Run ``plan`` and publish the merged model folder; returns its path."""
+    """Run (or continue) ``plan`` and publish the merged model folder; returns its path."""
     recipe = plan.recipe
-    work = prepare_work_folder(recipe.out)
+    work, journal, resumed = open_work_folder(plan)
+    if resumed and show_progress:
+        done = sum(1 for t in plan.tensors if journal.get(t.name).rows_done >= t.rows and journal.get(t.name).chunks)
+        print(f"resuming the interrupted merge in {work}: {done} of {len(plan.tensors)} tensors already done",
+              file=sys.stderr)
     bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
                desc="starting", dynamic_ncols=True, leave=False)
-    run = _Run(plan, work, bar)
-    ok = False
-    try:
-        with ExitStack() as stack:
-            stack.callback(run.reader.close)
-            stack.callback(bar.close)
-            for f in run.files.values():
-                f.create()
-                stack.callback(f.abort)
+    with _StopSignals() as stop:
+        run = _Run(plan, work, journal, bar, stop)
+        try:
+            run.open_shards()
+            if resumed:
+                run.verify_journaled()
             # tied heads copy their embedding's merged bytes, so they go after everything else
-            ordered = sorted(plan.tensors, key=lambda t: t.rule is Rule.TIED_COPY)
-            for t in ordered:
-                bar.set_postfix_str(t.name, refresh=False)
-                if t.rule is Rule.COPY_BASE:
-                    run.copy_base(t)
-                elif t.rule is Rule.TIED_COPY:
-                    run.tied_copy(t)
-                else:
-                    run.merge(t)
+            for t in sorted(plan.tensors, key=lambda t: t.rule is Rule.TIED_COPY):
+                run.run_tensor(t)
+            run.finish()
+        except (StreamMergeError, OSError, KeyboardInterrupt) as exc:
+            _after_failure(run, exc)
+            raise _explain(exc, recipe.out, work, recipe.journal) from None
+        finally:
+            bar.close()
+            run.reader.close()
             for f in run.files.values():
-                f.finalize()
-        if len(plan.shards) > 1:
-            weight_map = {t.name: t.shard for t in plan.tensors}
-            write_index(work, weight_map, sum(s.size - len(s.header) for s in plan.shards))
-        out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
-        copy_side_files(work, recipe.base, recipe.tokenizer_from, out_dtype)
-        write_model_card(work, plan.to_dict())
-        publish(work, recipe.out, recipe.force)
-        ok = True
-    finally:
-        if not ok:
-            shutil.rmtree(work, ignore_errors=True)
+                f.abort()
     return recipe.out
+
+
+def _resumable(exc: BaseException) -> bool:
+    """Interruptions and I/O failures leave a resumable work folder; bad data does not (the inputs must change)."""
+    return isinstance(exc, (MergeInterrupted, KeyboardInterrupt, OSError, DiskFullError))
+
+
+def _after_failure(run: _Run, exc: BaseException) -> None:
+    """Keep what is durable after an interruption or I/O failure; discard the work after bad data."""
+    if run.plan.recipe.journal and _resumable(exc):
+        if not isinstance(exc, (OSError, DiskFullError)):
+            try:
+                run.journal.commit()
+            except OSError:
+                pass
+        return
+    for f in run.files.values():
+        f.abort()
+    shutil.rmtree(run.work, ignore_errors=True)
+
+
+def _explain(exc: BaseException, out: Path, work: Path, journaled: bool) -> StreamMergeError:
+    """The error the user sees, with how to continue."""
+    hint = (f"; the finished part is kept in {work}: run `streammerge resume {out}` (or the same command again) to "
+            "continue, or add --restart to start over") if journaled and work.exists() else ""
+    if isinstance(exc, MergeInterrupted):
+        return MergeInterrupted(f"merge interrupted ({exc}){hint}", exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        return MergeInterrupted(f"merge interrupted{hint}", 130)
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFullError(f"disk full while writing the merge{hint}")
+        return StreamMergeError(f"I/O error: {exc}{hint}")
+    if isinstance(exc, (DiskFullError, NonFiniteError)):
+        return type(exc)(f"{exc}{hint}")
+    return exc  # type: ignore[return-value]
+
+
+__all__ = ["DiskFullError", "MANIFEST", "MergeInterrupted", "execute", "open_work_folder"]

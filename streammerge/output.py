@@ -1,8 +1,8 @@
 """The output folder: a work folder beside the destination, filled, then moved into place in one rename.
 
 The destination is never touched until the merged model is complete: shards, ``model.safetensors.index.json``,
-``config.json`` (with the output dtype), ``generation_config.json``, tokenizer files and a model card are
-assembled in ``<out>.streammerge-partial``, fsynced, and renamed to ``<out>``. An existing non-empty destination
+``config.json`` (with the output dtype), ``generation_config.json``, tokenizer files, a manifest and a model card
+are assembled in ``<out>.streammerge-partial/model``, fsynced, and renamed to ``<out>``. An existing non-empty destination
 is an error unless ``force`` is set, in which case it is replaced only after the new one is complete.
 """
 
@@ -37,15 +37,6 @@ def check_destination(out: Path, force: bool) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise PlanError(f"the folder {parent} that should hold the output does not exist")
-
-
-def prepare_work_folder(out: Path) -> Path:
-    """A fresh, empty work folder beside ``out`` (a leftover one from a failed run is cleared)."""
-    work = work_folder_for(out)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    return work
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -102,22 +93,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(work: Path, out: Path, force: bool) -> None:
-    """Move the complete work folder to ``out`` (replacing an old one only with ``force``)."""
-    for f in work.iterdir():
+def publish(model: Path, out: Path, force: bool) -> None:
+    """Move the complete ``model`` folder to ``out`` in one rename (replacing an old one only with ``force``)."""
+    for f in model.iterdir():
         if f.suffix == ".json" or f.name == "README.md":
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(work)
+    _fsync_dir(model)
     old = None
     if out.exists():
         if any(out.iterdir()) and not force:
-            raise PlanError(f"output folder {out} appeared during the merge; the result is kept in {work}")
+            raise PlanError(f"output folder {out} appeared during the merge; the result is kept in {model}")
         old = out.with_name(out.name + ".streammerge-old")
         if old.exists():
             shutil.rmtree(old)
         os.rename(out, old)
-    os.rename(work, out)
+    os.rename(model, out)
     _fsync_dir(out.parent if str(out.parent) else Path("."))
     if old is not None:
         shutil.rmtree(old)

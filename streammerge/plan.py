@@ -47,10 +47,10 @@ class TensorPlan:
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
 
-    def chunks(self) -> list[tuple[int, int]]:
-        """Row ranges [r0, r1) in order."""
+    def chunks(self, start: int = 0) -> list[tuple[int, int]]:
+        """Row ranges [r0, r1) in order, from row ``start`` (a resumed run continues mid-tensor)."""
         step = max(1, self.chunk_rows)
-        return [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)] or [(0, 0)]
+        return [(r, min(r + step, self.rows)) for r in range(start, self.rows, step)] or ([(0, 0)] if not start else [])
 
     @property
     def peak_bytes(self) -> int:
@@ -71,6 +71,7 @@ class Plan:
     bytes_read: int
     bytes_written: int
     fingerprint: str
+    fingerprint_doc: dict[str, Any] = field(repr=False)
     base: Checkpoint = field(repr=False)
     models: tuple[Checkpoint, ...] = field(repr=False)
 
@@ -189,9 +190,10 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
     peak = max((t.peak_bytes for t in tensors), default=0)
     written = sum(s.size for s in shards)
-    fingerprint = _fingerprint(recipe, method, params, base, models, shards)
+    doc = fingerprint_document(recipe, method, params, base, models, shards)
+    fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
     return Plan(recipe, method, params, budget, tuple(tensors), shards, peak, bytes_read, written, fingerprint,
-                base, tuple(models))
+                doc, base, tuple(models))
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -280,22 +282,43 @@ def _check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, 
     return None
 
 
-def _fingerprint(recipe: Recipe, method: Method, params: dict[str, Any], base: Checkpoint,
-                 models: list[Checkpoint], shards: tuple[ShardLayout, ...]) -> str:
-    """sha256 over everything that determines the output bytes (not the chunking or the budget)."""
+def fingerprint_document(recipe: Recipe, method: Method, params: dict[str, Any], base: Checkpoint,
+                         models: list[Checkpoint], shards: tuple[ShardLayout, ...]) -> dict[str, Any]:
+    """Everything that determines the output bytes (not the chunking or the budget); the fingerprint hashes it."""
 
-    def inputs(c: Checkpoint) -> list[Any]:
-        out = []
+    def inputs(c: Checkpoint) -> dict[str, Any]:
+        out = {}
         for name, h in c.shards.items():
             st = Path(h.path).stat()
             desc = json.dumps([[t.name, t.dtype.name, list(t.shape), t.begin, t.end] for t in h.tensors.values()])
-            out.append([name, st.st_size, st.st_mtime_ns, hashlib.sha256(desc.encode()).hexdigest()])
-        return out
+            out[name] = [st.st_size, st.st_mtime_ns, hashlib.sha256(desc.encode()).hexdigest()]
+        return {"folder": str(c.folder.resolve()), "shards": out}
 
-    doc = {
-        "method": method.name, "params": params, "dtype": recipe.dtype, "exclude": list(recipe.exclude),
-        "embeddings": list(recipe.embeddings), "inputs": [inputs(base)] + [inputs(m) for m in models],
-        "shards": [hashlib.sha256(s.header).hexdigest() for s in shards],
+    return {
+        "method": method.name, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+        "dtype": recipe.dtype, "exclude": list(recipe.exclude), "embeddings": list(recipe.embeddings),
+        "inputs": [inputs(base)] + [inputs(m) for m in models],
+        "layout": hashlib.sha256(b"".join(s.header for s in shards)).hexdigest(),
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprint documents."""
+    changes = []
+    for key in ("method", "params", "dtype", "exclude", "embeddings"):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key)} -> {new.get(key)}")
+    old_in, new_in = old.get("inputs", []), new.get("inputs", [])
+    if len(old_in) != len(new_in):
+        changes.append(f"number of models: {len(old_in) - 1} -> {len(new_in) - 1}")
+    for i, (a, b) in enumerate(zip(old_in, new_in)):
+        who = "base" if i == 0 else f"model {i}"
+        if a.get("folder") != b.get("folder"):
+            changes.append(f"{who} folder: {a.get('folder')} -> {b.get('folder')}")
+            continue
+        for shard in sorted(set(a["shards"]) | set(b["shards"])):
+            if a["shards"].get(shard) != b["shards"].get(shard):
+                changes.append(f"{who} file {shard} changed (size, modification time or header)")
+    if old.get("layout") != new.get("layout") and not changes:
+        changes.append("output layout (shard size or dtypes)")
+    return changes or ["the plan fingerprint"]

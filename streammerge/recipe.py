@@ -50,6 +50,8 @@ class Recipe:
     max_ram: str | int | None = None
     chunk_rows: int | None = None  # force a chunk size (testing, debugging); None = from the budget
     force: bool = False  # replace an existing output folder
+    restart: bool = False  # discard an interrupted run's work folder instead of resuming it
+    journal: bool = True  # journal durable chunks (resumable); off only to measure its cost
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", Path(self.base))
@@ -60,6 +62,26 @@ class Recipe:
             object.__setattr__(self, "tokenizer_from", Path(self.tokenizer_from))
         if self.embedding_names is not None:
             object.__setattr__(self, "embedding_names", tuple(self.embedding_names))
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that define the result, with absolute paths (stored in the work folder for ``resume``)."""
+        return {
+            "base": str(self.base.resolve()), "models": [str(m.resolve()) for m in self.models],
+            "out": str(self.out.resolve()), "method": self.method,
+            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
+            "dtype": self.dtype, "exclude": list(self.exclude),
+            "embedding_names": None if self.embedding_names is None else list(self.embedding_names),
+            "tokenizer_from": None if self.tokenizer_from is None else str(self.tokenizer_from.resolve()),
+            "shard_size": self.shard_size, "force": self.force,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], **overrides: Any) -> Recipe:
+        fields = dict(d)
+        fields["models"] = tuple(fields["models"])
+        fields["exclude"] = tuple(fields.get("exclude") or ())
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
 
     @property
     def embeddings(self) -> tuple[str, ...]:

@@ -114,6 +114,26 @@ class ShardFile:
         self._fd = fd
         self.state = WriterState.CREATED
 
+    def open_existing(self) -> bool:
+        """Reopen the shard a previous run created, if its size and header are exactly as planned."""
+        self._require(WriterState.PLANNED, "open_existing")
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        header = self.layout.header
+        if os.fstat(fd).st_size != self.layout.size or os.pread(fd, len(header), 0) != header:
+            os.close(fd)
+            return False
+        self._fd = fd
+        self.state = WriterState.CREATED
+        return True
+
+    @property
+    def fd(self) -> int:
+        assert self._fd is not None, "shard not open"
+        return self._fd
+
     def write_at(self, name: str, byte_offset: int, data: memoryview | bytes) -> None:
         """Write ``data`` at ``byte_offset`` inside tensor ``name``'s range (bounds-checked)."""
         self._require(WriterState.CREATED, "write_at")
@@ -133,11 +153,12 @@ class ShardFile:
         assert self._fd is not None
         return os.pread(self._fd, length, begin + byte_offset)
 
-    def finalize(self) -> None:
-        """Flush the file to disk and close it."""
+    def finalize(self, sync: bool = True) -> None:
+        """Flush the file to disk (unless ``sync`` is off) and close it."""
         self._require(WriterState.CREATED, "finalize")
         assert self._fd is not None
-        os.fsync(self._fd)
+        if sync:
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
         self.state = WriterState.FINALIZED

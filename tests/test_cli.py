@@ -29,7 +29,8 @@ from streammerge.cli import main
 from streammerge.examples import SHAPES, tensor_shapes, write_family, write_model
 
 TINY = SHAPES["tiny"]
-OUTPUT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json", "README.md"}
+OUTPUT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json", "README.md",
+                "streammerge-manifest.json"}
 
 
 # --------------------------------------------------------------------------------------------------- helpers

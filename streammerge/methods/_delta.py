@@ -72,7 +72,8 @@ class _DeltaTensorMerge(TensorMerge):
                 self.selectors.append((TopK(top + target, numel), TopK(top, numel)))
         self.stat_passes = method.stat_passes(task.rule, params)
         self.keys = [stream_key(params["seed"], k, task.name) for k in range(n_models)] if method.sparsify == "random" else []
-        self._flat_start = 0  # flat index of the next emitted chunk's first element (random masks)
+        self.row_numel = numel // task.shape[0] if task.shape and task.shape[0] else 1
+        self._flat_start = 0  # flat index of the emitted chunk's first element (random masks)
 
     def _selectors(self) -> list[TopK]:
         return [s for pair in self.selectors for s in pair if s is not None]
@@ -106,10 +107,26 @@ class _DeltaTensorMerge(TensorMerge):
                 delta.div_(density)
         return delta
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sel = self._selectors()
+        return {"select": torch.tensor([s.export() for s in sel], dtype=torch.int64)} if sel else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for s, exported in zip(self._selectors(), state["select"].tolist()):
+            s.restore(exported)
+
+    def cursor(self) -> dict[str, Any]:
+        sel = self._selectors()
+        return {"seen": [s._seen_ties for s in sel]} if sel else {}
+
+    def restore_cursor(self, cursor: dict[str, Any]) -> None:
+        for s, seen in zip(self._selectors(), cursor.get("seen", [])):
+            s._seen_ties = seen
+
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]
+        self._flat_start = r0 * self.row_numel
         deltas = [self._sparse(k, m - base).mul_(weights[k]) for k, m in enumerate(models)]
-        self._flat_start += base.numel()
         normalize = self.p["normalize"]
         if self.m.consensus:
             total = deltas[0].clone()

@@ -73,6 +73,17 @@ class TopK:
         self.ties = need - above
         self._hist_lo = torch.zeros(0, dtype=torch.int64)
 
+    def export(self) -> list[int]:
+        """[k, tau_bits, ties] after pass B (tau_bits -1 when trivial), to journal."""
+        return [self.k, -1 if self.tau_bits is None else self.tau_bits, self.ties]
+
+    def restore(self, exported: list[int]) -> None:
+        k, tau, ties = exported
+        if k != self.k:
+            raise ValueError(f"journaled selection keeps {k} elements, this run {self.k}")
+        self.tau_bits = None if tau < 0 else tau
+        self.ties = ties
+
     def mask(self, absx: torch.Tensor) -> torch.Tensor:
         """Keep-mask for the next chunk in row order (same shape as ``absx``)."""
         if self.k == 0:

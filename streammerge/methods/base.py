@@ -103,6 +103,21 @@ class TensorMerge:
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    # Resume support: what the statistics passes produced, and where the emit pass stands.
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The result of the statistics passes (journaled so a resumed run skips them)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned, instead of running the statistics passes."""
+
+    def cursor(self) -> dict[str, Any]:
+        """Small JSON-able emit state after the last emitted chunk (for methods whose emit is not row-local)."""
+        return {}
+
+    def restore_cursor(self, cursor: dict[str, Any]) -> None:
+        """Continue emitting after the chunk whose :meth:`cursor` this is."""
+
 
 class Method:
     """A merge method: subclass, set the class attributes and register it with :func:`register`."""

@@ -57,6 +57,12 @@ class _ModelStockMerge(TensorMerge):
     def end_pass(self, pass_index: int) -> None:
         self.ratio = model_stock_ratio(self.n, dict(zip(self.pairs, self.sums.finish())), self.name)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"ratio": torch.tensor([self.ratio], dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ratio = float(state["ratio"][0])
+
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         mean = models[0].clone()
         for m in models[1:]:

@@ -50,6 +50,13 @@ class _SlerpMerge(TensorMerge):
     def end_pass(self, pass_index: int) -> None:
         self.coef = slerp_coefficients(self.t, *self.sums.finish())
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"coef": torch.tensor(self.coef, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        s0, s1 = state["coef"].tolist()
+        self.coef = (s0, s1)
+
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         s0, s1 = self.coef
         return (base * s0).add_(models[0] * s1)

@@ -97,6 +97,13 @@ class _MatrixMerge(TensorMerge):
         self.weights = column_weights(stats[0], stats[1 : 1 + n], stats[1 + n :], self.t, self.s)
         self._stats = self._tiles = None  # free the accumulators
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.weights} if self.weights is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.weights = state["weights"]
+        self._stats = self._tiles = None
+
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         assert self.weights is not None, "emit before the statistics pass"
         if self.by_rows:

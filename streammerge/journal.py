@@ -1,0 +1,187 @@
+"""The journal: what is durable in a work folder, so an interrupted merge continues where it stopped.
+
+Layout of ``<out>.streammerge-partial/``::
+
+    plan.json       the recipe and the fingerprint document of the run (written once, atomically)
+    journal.jsonl   one JSON line per durable fact, appended and fsynced in groups
+    state/          per-tensor statistics (safetensors files, never pickles)
+    model/          the output folder being filled; renamed to <out> when complete
+
+A chunk line ``{"t": name, "r0", "r1", "crc", "cur"}`` is appended only after the chunk's bytes were fsynced
+(group commit: the shard files are fdatasynced, then the pending lines are appended and the journal fsynced).
+Rows of a tensor are written in order, so what is done is a prefix ``[0, rows_done)``; ``cur`` is the method's
+emit cursor after the chunk (e.g. TIES's tie counters). A stats line ``{"s": name, "file"}`` records that the
+tensor's statistics state is durable. A torn last line (crash mid-append) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import StreamMergeError
+
+#: group-commit thresholds: pending bytes, or seconds since the last commit
+COMMIT_BYTES = 256 * 1024 * 1024
+COMMIT_SECONDS = 2.0
+
+
+class ResumeError(StreamMergeError):
+    """A work folder exists but cannot be continued (changed inputs or options, damaged journal)."""
+
+
+def crc(data: bytes | memoryview) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass
+class TensorProgress:
+    """What the journal says about one tensor."""
+
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (r0, r1, crc), a prefix of the rows
+    cursor: dict[str, Any] = field(default_factory=dict)
+    state_file: str | None = None
+
+    @property
+    def rows_done(self) -> int:
+        return self.chunks[-1][1] if self.chunks else 0
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+class Journal:
+    """Appends durable facts for one work folder and answers what is already done."""
+
+    def __init__(self, work: Path, enabled: bool = True) -> None:
+        self.work = work
+        self.enabled = enabled
+        self.path = work / "journal.jsonl"
+        self.progress: dict[str, TensorProgress] = {}
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._last_commit = time.monotonic()
+        self._sync_fds: list[int] = []
+        if self.path.exists():
+            self._load()
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        lines = self.path.read_bytes().split(b"\n")
+        for i, raw in enumerate(lines):
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                if i >= len(lines) - 2:  # a torn final line from a crash mid-append
+                    break
+                raise ResumeError(f"{self.path}: line {i + 1} is damaged; start over with --restart") from None
+            self._apply(entry)
+
+    def _apply(self, entry: dict[str, Any]) -> None:
+        if "t" in entry:
+            p = self.progress.setdefault(entry["t"], TensorProgress())
+            if entry["r0"] == p.rows_done:  # ignore anything that is not the next prefix chunk
+                p.chunks.append((entry["r0"], entry["r1"], entry["crc"]))
+                p.cursor = entry.get("cur", {})
+        elif "s" in entry:
+            self.progress.setdefault(entry["s"], TensorProgress()).state_file = entry["file"]
+
+    def get(self, name: str) -> TensorProgress:
+        return self.progress.get(name, TensorProgress())
+
+    def truncate(self, name: str, keep_chunks: int) -> None:
+        """Forget chunks of ``name`` from index ``keep_chunks`` on (their bytes did not verify)."""
+        p = self.progress.get(name)
+        if p is not None:
+            del p.chunks[keep_chunks:]
+            p.cursor = {} if not p.chunks else p.cursor
+            self._append({"t": name, "truncate": keep_chunks})
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def watch_fd(self, fd: int) -> None:
+        """A shard file descriptor to fdatasync before each commit."""
+        self._sync_fds.append(fd)
+
+    def unwatch_fd(self, fd: int) -> None:
+        if fd in self._sync_fds:
+            self._sync_fds.remove(fd)
+
+    def record_chunk(self, name: str, r0: int, r1: int, checksum: int, cursor: dict[str, Any], nbytes: int) -> None:
+        p = self.progress.setdefault(name, TensorProgress())
+        p.chunks.append((r0, r1, checksum))
+        p.cursor = cursor
+        if not self.enabled:
+            return
+        self._pending.append(json.dumps({"t": name, "r0": r0, "r1": r1, "crc": checksum, "cur": cursor}))
+        self._pending_bytes += nbytes
+        if self._pending_bytes >= COMMIT_BYTES or time.monotonic() - self._last_commit >= COMMIT_SECONDS:
+            self.commit()
+
+    def save_state(self, name: str, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Persist a tensor's statistics (durably) and journal it."""
+        if not self.enabled or not state:
+            return
+        folder = self.work / "state"
+        folder.mkdir(exist_ok=True)
+        fname = f"{index:06d}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / fname))
+        _fsync_path(folder / fname)
+        self.progress.setdefault(name, TensorProgress()).state_file = fname
+        self._pending.append(json.dumps({"s": name, "file": fname}))
+        self.commit()
+
+    def load_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        f = self.get(name).state_file
+        if f is None:
+            return None
+        try:
+            return load_file(str(self.work / "state" / f))
+        except Exception:  # a damaged state file: recompute the statistics
+            return None
+
+    def commit(self) -> None:
+        """Make the shard bytes durable, then the pending journal lines."""
+        if not self.enabled or not self._pending:
+            self._last_commit = time.monotonic()
+            return
+        for fd in self._sync_fds:
+            os.fdatasync(fd)
+        self._append_lines(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+        self._last_commit = time.monotonic()
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        if self.enabled:
+            self._append_lines([json.dumps(entry)])
+
+    def _append_lines(self, lines: list[str]) -> None:
+        with open(self.path, "ab") as f:
+            f.write(("\n".join(lines) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
