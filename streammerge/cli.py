@@ -136,7 +136,11 @@ def merge(as_json: bool, quiet: bool, **kw: Any) -> None:
       streammerge merge --base Qwen1.5-7B --model Qwen1.5-7B-Chat --model Sailor-7B \\
           --method widen --param t=1.0 --param s=1.0 --max-ram 4GiB --out merged
     """
-    _run(_recipe(kw), as_json, quiet)
+    try:
+        recipe = _recipe(kw)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    _run(recipe, as_json, quiet)
 
 
 def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:

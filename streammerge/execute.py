@@ -32,7 +32,7 @@ from .formats.checkpoint import Located
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .formats.reader import ShardReader
 from .journal import Journal, ResumeError, crc, write_json_atomic
-from .methods import Rule, TensorMerge, TensorTask
+from .methods import Rule, TensorMerge
 from .output import copy_side_files, publish, work_folder_for, write_index, write_json, write_model_card
 from .plan import Plan, TensorPlan, describe_changes
 from .units import format_size
@@ -74,6 +74,12 @@ class _StopSignals:
     def __exit__(self, *exc: object) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every element is finite: a float64 sum of float32 values cannot overflow, so it is finite iff
+    they all are (one fused reduction instead of a boolean tensor the size of the chunk)."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -139,7 +145,7 @@ class _Run:
             x = raw.to(torch.float32, copy=True)
             self.reader.release(loc, r0, r1)
             self.progress.update(raw.numel() * loc.info.dtype.bits // 8)
-            if not torch.isfinite(x).all():
+            if not _all_finite(x):
                 who = "the base" if k == 0 else f"model {k} ({self.plan.recipe.models[k - 1]})"
                 raise NonFiniteError(f"tensor {t.name} rows [{r0}, {r1}) of {who} contain NaN or infinity")
             out.append(x)
@@ -165,9 +171,9 @@ class _Run:
         dtype = DTYPES[t.out_dtype].torch
         assert dtype is not None
         out = result.to(dtype)
-        if out.is_floating_point() and not torch.isfinite(out).all():
+        if out.is_floating_point() and not _all_finite(out if dtype is torch.float16 else result):
             rows = f"rows [{r0}, {r0 + (result.shape[0] if result.dim() else 1)})"
-            what = f"overflow {t.out_dtype}" if torch.isfinite(result).all() else "contain NaN or infinity"
+            what = f"overflow {t.out_dtype}" if _all_finite(result) else "contain NaN or infinity"
             raise NonFiniteError(f"tensor {t.name} {rows}: the merged values {what}")
         return memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy())
 
@@ -202,16 +208,22 @@ class _Run:
 
     def merge(self, t: TensorPlan, start: int) -> None:
         n = len(self.plan.models)
-        merger: TensorMerge = self.plan.method.start(TensorTask(t.name, t.shape, t.rule), self.plan.params, n)
+        merger: TensorMerge = self.plan.method.start(t.task, self.plan.params, n)
         locs = self.locs(t.name)
         state = self.journal.load_state(t.name) if merger.stat_passes else None
+        # A tensor that fits the budget whole is one chunk: read it once for every pass.
+        resident: list[torch.Tensor] | None = None
         if state is not None:
             merger.load_state_dict(state)
         else:
             for p in range(merger.stat_passes):
                 self.progress.set_description(f"statistics pass {p + 1}")
                 for r0, r1 in t.chunks():
-                    base, *models = self.read(t, locs, r0, r1)
+                    if t.chunk_rows >= t.rows:
+                        resident = resident or self.read(t, locs, r0, r1)
+                        base, *models = resident
+                    else:
+                        base, *models = self.read(t, locs, r0, r1)
                     merger.accumulate(p, r0, base, models)
                     checkpoint("stats-chunk")
                 merger.end_pass(p)
@@ -222,7 +234,8 @@ class _Run:
             merger.restore_cursor(self.journal.get(t.name).cursor)
         self.progress.set_description("merge pass")
         for r0, r1 in t.chunks(start):
-            base, *models = self.read(t, locs, r0, r1)
+            base, *models = resident if resident is not None else self.read(t, locs, r0, r1)
+            resident = None
             self.write(t, r0, r1, self.cast(t, r0, merger.emit(r0, base, models)), merger.cursor())
 
     def run_tensor(self, t: TensorPlan) -> None:

@@ -28,6 +28,10 @@ from .units import format_size
 from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
 
 
+#: Share of --max-ram the planned buffers may fill; the rest absorbs allocator slack and small temporaries.
+BUDGET_USABLE = 0.85
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     """How one output tensor is produced."""
@@ -42,6 +46,11 @@ class TensorPlan:
     row_bytes: int  # predicted working bytes per row of a chunk
     state_bytes: int  # predicted per-tensor state kept across passes
     source: str | None = None  # for TIED_COPY: the tensor whose merged bytes are copied
+    exact_products: bool = False  # all inputs are 16-bit floats (see TensorTask)
+
+    @property
+    def task(self) -> TensorTask:
+        return TensorTask(self.name, self.shape, self.rule, self.exact_products)
 
     @property
     def rows(self) -> int:
@@ -162,7 +171,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         e_out = DTYPES[dtype].bits // 8
         row_numel = _row_numel(shape)
         rows = shape[0] if shape else 1
-        task = TensorTask(name, shape, rule)
+        task = TensorTask(name, shape, rule, exact_products=max(in_bytes[name]) <= 2)
         if rule is Rule.TIED_COPY:
             passes, state, row_bytes = 0, 0, row_numel * 2 * e_out
             bytes_read += rows * row_numel * e_out
@@ -175,17 +184,22 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             state = method.state_bytes(task, n)
             scratch = method.scratch_bytes_per_element(rule, n)
             row_bytes = row_numel * (sum(in_bytes[name]) + 4 * (n + 1) + e_out + scratch)
-            bytes_read += (passes + 1) * rows * row_numel * sum(in_bytes[name])
         chunk = _chunk_rows(recipe, budget, rule, rows, row_bytes, state)
+        if rule in MERGED_RULES or rule is Rule.TENSOR:
+            # a tensor that fits whole is read once for all its passes
+            reads = 1 if chunk >= rows else passes + 1
+            bytes_read += reads * rows * row_numel * sum(in_bytes[name])
         if chunk < 1:
             need = state + row_bytes * (rows if rule is Rule.VECTOR else 1)
             if need > widest[0]:
                 widest = (need, name)
-        tensors.append(TensorPlan(name, shape, rule, dtype, shard_of[name], max(chunk, 1), passes, row_bytes, state, source))
+        tensors.append(TensorPlan(name, shape, rule, dtype, shard_of[name], max(chunk, 1), passes, row_bytes, state,
+                                  source, task.exact_products))
     if widest[0]:
         raise PlanError(
             f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "
-            f"{format_size(widest[0])} ({widest[0]} bytes) for one row chunk; raise --max-ram to at least that"
+            f"{format_size(widest[0] / BUDGET_USABLE)} ({int(widest[0] / BUDGET_USABLE) + 1} bytes) for one row chunk; "
+            "raise --max-ram to at least that"
         )
 
     peak = max((t.peak_bytes for t in tensors), default=0)
@@ -209,11 +223,12 @@ def _all_locs(base: Checkpoint, models: list[Checkpoint], name: str) -> list:
 
 def _chunk_rows(recipe: Recipe, budget: Budget, rule: Rule, rows: int, row_bytes: int, state: int) -> int:
     """Rows per chunk: the most that fit the budget, a multiple of the reduction tile where possible."""
+    usable = int(budget.max_ram * BUDGET_USABLE)
     if rule is Rule.VECTOR:
-        return rows if state + rows * row_bytes <= budget.max_ram or recipe.chunk_rows else 0
+        return rows if state + rows * row_bytes <= usable or recipe.chunk_rows else 0
     if recipe.chunk_rows is not None:
         return min(recipe.chunk_rows, max(rows, 1))
-    fit = (budget.max_ram - state) // max(row_bytes, 1)
+    fit = (usable - state) // max(row_bytes, 1)
     if fit >= rows:
         return max(rows, 1)
     return fit // TILE * TILE if fit >= TILE else fit

@@ -31,9 +31,11 @@ def test_rules_shards_and_bytes(family, tmp_path):
     assert rules["lm_head.weight"] is Rule.MATRIX
     assert rules["model.norm.weight"] is Rule.VECTOR
     assert rules["model.layers.0.mlp.up_proj.weight"] is Rule.MATRIX
-    inputs = sum(f.stat().st_size for f in family["base"].glob("*.safetensors"))
-    # every 2-D tensor is read twice (statistics + merge), 1-D once, by 3 models of the same size
-    assert 3 * inputs < p.bytes_read < 6 * inputs
+    inputs = p.base.total_bytes  # tensor bytes of one model (all three are the same size)
+    # with room for whole tensors every input is read once; chunked, 2-D tensors are read twice (stats + merge)
+    assert p.bytes_read == 3 * inputs
+    chunked = _plan(family, tmp_path, max_ram="1MiB")
+    assert 3 * inputs < chunked.bytes_read < 6 * inputs
     assert p.bytes_written == sum(s.size for s in p.shards)
     assert not (tmp_path / "out").exists()
     json.dumps(p.to_dict())  # serialisable

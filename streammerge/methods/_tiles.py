@@ -15,7 +15,10 @@ TILE = 64
 
 
 class RowTileSum:
-    """Accumulates ``sum over rows`` of float64 tensors shaped (rows, *rest) in a fixed order."""
+    """Accumulates, in float64, ``sum over rows`` of tensors shaped (rows, *rest) in a fixed order.
+
+    Values may be float32 (each tile is then summed with float64 accumulation) or float64.
+    """
 
     def __init__(self, rest_shape: tuple[int, ...]) -> None:
         self.total = torch.zeros(rest_shape, dtype=torch.float64)
@@ -32,14 +35,14 @@ class RowTileSum:
             self._pending = None
         full = values.shape[0] // TILE * TILE
         for start in range(0, full, TILE):
-            self.total += values[start : start + TILE].sum(dim=0)
+            self.total += values[start : start + TILE].sum(dim=0, dtype=torch.float64)
         if full < values.shape[0]:
             self._pending = values[full:].clone()
 
     def finish(self) -> torch.Tensor:
         """The total, after adding the final partial tile."""
         if self._pending is not None:
-            self.total += self._pending.sum(dim=0)
+            self.total += self._pending.sum(dim=0, dtype=torch.float64)
             self._pending = None
         return self.total
 

@@ -82,6 +82,8 @@ class TensorTask:
     name: str
     shape: tuple[int, ...]
     rule: Rule
+    #: every input is a 16-bit float, so float32 products of two inputs are exact (unless they underflow)
+    exact_products: bool = False
 
 
 class TensorMerge:

@@ -77,19 +77,31 @@ class _MatrixMerge(TensorMerge):
         self.weights: torch.Tensor | None = None  # (N, n) float32
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
-        b = base.to(torch.float64)
+        # Work one aligned reduction tile at a time, so temporaries stay small whatever the chunk size.
+        rows = base.shape[0]
+        start = 0
+        while start < rows:
+            end = min(rows, ((r0 + start) // TILE + 1) * TILE - r0)
+            vals = self._products(base[start:end], [m[start:end] for m in models])
+            if self.by_rows:
+                # One token per stored row: its sums are complete inside the tile (reduce over the hidden dim).
+                self._stats[:, r0 + start : r0 + end] = vals.sum(dim=2, dtype=torch.float64).T
+            else:
+                self._tiles.add(r0 + start, vals)
+            start = end
+
+    def _products(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(rows, 1 + 2N, cols) products [b², m_k², m_k·b]; float32 when exact (16-bit inputs), else float64."""
+        dtype = torch.float32 if self.task.exact_products else torch.float64
+        b = base.to(dtype)
         n = self.n_models
-        vals = torch.empty((b.shape[0], 1 + 2 * n, b.shape[1]), dtype=torch.float64)
+        vals = torch.empty((b.shape[0], 1 + 2 * n, b.shape[1]), dtype=dtype)
         torch.mul(b, b, out=vals[:, 0])
         for i, m in enumerate(models):
-            md = m.to(torch.float64)
+            md = m.to(dtype)
             torch.mul(md, md, out=vals[:, 1 + i])
             torch.mul(md, b, out=vals[:, 1 + n + i])
-        if self.by_rows:
-            # One token per stored row: its sums are complete inside the chunk (reduce over the hidden dim).
-            self._stats[:, r0 : r0 + b.shape[0]] = vals.sum(dim=2).T
-        else:
-            self._tiles.add(r0, vals)
+        return vals
 
     def end_pass(self, pass_index: int) -> None:
         stats = self._stats if self.by_rows else self._tiles.finish()
@@ -154,19 +166,22 @@ class Widen(Method):
         return 1 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 0
 
     def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        if rule in (Rule.MATRIX, Rule.EMBEDDING):
-            return 8 * (1 + 2 * n_models) + 16  # statistics: stacked float64 products, float64 base and model
-        return 4 * n_models + 12  # 1-D rule: significances, scores, accumulator, one delta
+        # merge pass: accumulator, one delta (statistics work per 64-row tile: see state_bytes)
+        # 1-D rule: significances, scores, accumulator, one delta
+        return 8 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 4 * n_models + 12
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
         if task.rule not in (Rule.MATRIX, Rule.EMBEDDING):
             return 0
         rows, cols = task.shape
         n = rows if task.rule is Rule.EMBEDDING else cols
-        # rows of an incomplete reduction tile, stashed and concatenated with the next chunk (two copies)
-        stash = 0 if task.rule is Rule.EMBEDDING else min(rows, TILE) * cols * 8 * (1 + 2 * n_models) * 2
+        # one tile's products and the tile of base and model converted for them; for matrices also the rows of
+        # an incomplete tile, stashed and concatenated with the next chunk (two more copies of the products)
+        k = 1 + 2 * n_models
+        item = 4 if task.exact_products else 8
+        tiles = min(rows, TILE) * cols * item * (k * (1 if task.rule is Rule.EMBEDDING else 3) + 2)
         # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights
-        return 8 * (1 + 2 * n_models) * n + 64 * n_models * n + stash
+        return 8 * k * n + 64 * n_models * n + tiles
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         if task.rule is Rule.VECTOR:
