@@ -1,50 +1,65 @@
 """Chunk-independent float64 reductions over rows.
 
 Summing rows in whatever chunks the budget allows would make the last bits of a sum depend on the chunk size.
-:class:`RowTileSum` fixes the reduction order instead: rows are grouped into aligned tiles of ``TILE`` rows
-(rows [0, 64), [64, 128), ...), each tile is reduced with one ``sum(dim=0)`` of the same shape, and tile partials
-are added in row order. Rows of a tile split across chunks are stashed until the tile is complete, so the
-result is bit-identical for every chunking.
+Instead, rows are regrouped into aligned tiles of ``TILE`` rows (rows [0, 64), [64, 128), ...; the tensor's last
+tile may be shorter) by :class:`TileFeeder`, which stashes the rows of a tile split across chunks until it is
+complete. Every tile is reduced with the same operation on the same shape, and tile partials are added in row
+order, so a result is bit-identical for every chunking. Column sums use numpy's outer-axis reduction
+(sequential over rows, float64 accumulation), which is deterministic and does not depend on thread counts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 import torch
 
 TILE = 64
 
 
-class RowTileSum:
-    """Accumulates, in float64, ``sum over rows`` of tensors shaped (rows, *rest) in a fixed order.
+class TileFeeder:
+    """Regroups row chunks of several same-shaped tensors into aligned tiles of ``TILE`` rows."""
 
-    Values may be float32 (each tile is then summed with float64 accumulation) or float64.
-    """
-
-    def __init__(self, rest_shape: tuple[int, ...]) -> None:
-        self.total = torch.zeros(rest_shape, dtype=torch.float64)
-        self._pending: torch.Tensor | None = None
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._pending: list[torch.Tensor] | None = None
         self._next_row = 0
 
-    def add(self, r0: int, values: torch.Tensor) -> None:
-        """Add rows [r0, r0 + len(values)); chunks must arrive in row order."""
+    def feed(self, r0: int, parts: Sequence[torch.Tensor]) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Yield (first row, tiles) for every tile completed by rows [r0, r0 + len); chunks in row order."""
         if r0 != self._next_row:
             raise RuntimeError(f"rows must arrive in order: expected row {self._next_row}, got {r0}")
-        self._next_row += values.shape[0]
+        n = parts[0].shape[0]
+        self._next_row += n
+        parts = list(parts)
         if self._pending is not None:
-            values = torch.cat([self._pending, values])
+            # complete the stashed tile with just the rows it lacks
+            have = self._pending[0].shape[0]
+            take = min(TILE - have, n)
+            merged = [torch.cat([p, x[:take]]) for p, x in zip(self._pending, parts)]
             self._pending = None
-        full = values.shape[0] // TILE * TILE
+            if have + take < TILE and r0 + take < self.rows:
+                self._pending = merged
+                return
+            yield r0 - have, merged
+            parts = [x[take:] for x in parts]
+            r0 += take
+            n -= take
+        full = n // TILE * TILE
         for start in range(0, full, TILE):
-            self.total += values[start : start + TILE].sum(dim=0, dtype=torch.float64)
-        if full < values.shape[0]:
-            self._pending = values[full:].clone()
+            yield r0 + start, [p[start : start + TILE] for p in parts]
+        if full < n:
+            if r0 + n >= self.rows:  # the tensor's last, shorter tile
+                yield r0 + full, [p[full:] for p in parts]
+            else:
+                self._pending = [p[full:].clone() for p in parts]
 
-    def finish(self) -> torch.Tensor:
-        """The total, after adding the final partial tile."""
-        if self._pending is not None:
-            self.total += self._pending.sum(dim=0, dtype=torch.float64)
-            self._pending = None
-        return self.total
+
+def column_sums(values: torch.Tensor) -> np.ndarray:
+    """float64 sums over dim 0 of a (rows, ...) CPU tile, sequential in row order, flattened."""
+    arr = values.reshape(values.shape[0], -1).numpy()
+    return np.add.reduce(arr, axis=0, dtype=np.float64)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -53,17 +68,20 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class PairSums:
-    """Chunk-independent float64 sums over a whole tensor of products ``Σ a_i·b_i`` for several (a, b) pairs."""
+    """Chunk-independent float64 sums over a whole tensor of products ``Σ a·b`` for several pairs of inputs.
 
-    def __init__(self, row_numel: int, pairs: int) -> None:
-        self._tiles = RowTileSum((pairs, row_numel))
+    ``pairs`` are index pairs into the list of tensors passed to :meth:`add` (e.g. base, model 1, ...).
+    """
 
-    def add(self, r0: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        first = as_rows(pairs[0][0])
-        vals = torch.empty((first.shape[0], len(pairs), first.shape[1]), dtype=torch.float64)
-        for i, (a, b) in enumerate(pairs):
-            torch.mul(as_rows(a).to(torch.float64), as_rows(b).to(torch.float64), out=vals[:, i])
-        self._tiles.add(r0, vals)
+    def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]]) -> None:
+        self.pairs = list(pairs)
+        self._feeder = TileFeeder(max(rows, 1))
+        self._total = np.zeros(len(self.pairs) * row_numel, dtype=np.float64)
+
+    def add(self, r0: int, tensors: Sequence[torch.Tensor]) -> None:
+        for _, tile in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
+            vals = torch.stack([tile[i] * tile[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
+            self._total += column_sums(vals)
 
     def finish(self) -> list[float]:
-        return [float(x) for x in self._tiles.finish().sum(dim=1)]
+        return [float(x) for x in self._total.reshape(len(self.pairs), -1).sum(axis=1)]

@@ -47,12 +47,11 @@ class _ModelStockMerge(TensorMerge):
             row_numel *= d
         self.name, self.n = task.name, n_models
         self.pairs = [(i, j) for i in range(n_models) for j in range(i, n_models)]
-        self.sums = PairSums(row_numel, len(self.pairs))
+        self.sums = PairSums(task.shape[0] if task.shape else 1, row_numel, self.pairs)
         self.ratio = 0.0
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
-        deltas = [m - base for m in models]
-        self.sums.add(r0, [(deltas[i], deltas[j]) for i, j in self.pairs])
+        self.sums.add(r0, [m - base for m in models])
 
     def end_pass(self, pass_index: int) -> None:
         self.ratio = model_stock_ratio(self.n, dict(zip(self.pairs, self.sums.finish())), self.name)

@@ -40,12 +40,11 @@ class _SlerpMerge(TensorMerge):
         for d in task.shape[1:]:
             row_numel *= d
         self.t = t
-        self.sums = PairSums(row_numel, 3)
+        self.sums = PairSums(task.shape[0] if task.shape else 1, row_numel, [(0, 0), (1, 1), (0, 1)])
         self.coef = (1.0 - t, t)
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
-        v1 = models[0]
-        self.sums.add(r0, [(base, base), (v1, v1), (base, v1)])
+        self.sums.add(r0, [base, models[0]])
 
     def end_pass(self, pass_index: int) -> None:
         self.coef = slerp_coefficients(self.t, *self.sums.finish())

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import register
-from ._tiles import TILE, RowTileSum
+from ._tiles import TILE, TileFeeder, column_sums
 from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 
@@ -70,25 +71,23 @@ class _MatrixMerge(TensorMerge):
         rows, cols = task.shape
         self.by_rows = task.rule is Rule.EMBEDDING
         k = 1 + 2 * n_models  # [b², m_1², ..., m_N², m_1·b, ..., m_N·b]
+        self._feeder: TileFeeder | None = TileFeeder(rows)
         if self.by_rows:
-            self._stats = torch.zeros((k, rows), dtype=torch.float64)
+            self._stats: torch.Tensor | None = torch.zeros((k, rows), dtype=torch.float64)
         else:
-            self._tiles = RowTileSum((k, cols))
+            self._sums: np.ndarray | None = np.zeros(k * cols, dtype=np.float64)
         self.weights: torch.Tensor | None = None  # (N, n) float32
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
-        # Work one aligned reduction tile at a time, so temporaries stay small whatever the chunk size.
-        rows = base.shape[0]
-        start = 0
-        while start < rows:
-            end = min(rows, ((r0 + start) // TILE + 1) * TILE - r0)
-            vals = self._products(base[start:end], [m[start:end] for m in models])
+        # Work one aligned 64-row tile at a time: small temporaries, and a reduction order fixed by the tiles.
+        assert self._feeder is not None
+        for t0, (b, *ms) in self._feeder.feed(r0, [base, *models]):
+            vals = self._products(b, ms)  # (rows, 1 + 2N, cols)
             if self.by_rows:
-                # One token per stored row: its sums are complete inside the tile (reduce over the hidden dim).
-                self._stats[:, r0 + start : r0 + end] = vals.sum(dim=2, dtype=torch.float64).T
+                # one token per stored row: its sums are complete inside the tile (reduce over the hidden dim)
+                self._stats[:, t0 : t0 + b.shape[0]] = vals.to(torch.float64).sum(dim=2).T
             else:
-                self._tiles.add(r0 + start, vals)
-            start = end
+                self._sums += column_sums(vals)
 
     def _products(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         """(rows, 1 + 2N, cols) products [b², m_k², m_k·b]; float32 when exact (16-bit inputs), else float64."""
@@ -104,17 +103,20 @@ class _MatrixMerge(TensorMerge):
         return vals
 
     def end_pass(self, pass_index: int) -> None:
-        stats = self._stats if self.by_rows else self._tiles.finish()
+        if self.by_rows:
+            stats = self._stats
+        else:
+            stats = torch.from_numpy(self._sums).reshape(1 + 2 * self.n_models, -1)
         n = self.n_models
         self.weights = column_weights(stats[0], stats[1 : 1 + n], stats[1 + n :], self.t, self.s)
-        self._stats = self._tiles = None  # free the accumulators
+        self._stats = self._sums = self._feeder = None  # free the accumulators
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"weights": self.weights} if self.weights is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.weights = state["weights"]
-        self._stats = self._tiles = None
+        self._stats = self._sums = self._feeder = None
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         assert self.weights is not None, "emit before the statistics pass"
@@ -175,11 +177,12 @@ class Widen(Method):
             return 0
         rows, cols = task.shape
         n = rows if task.rule is Rule.EMBEDDING else cols
-        # one tile's products and the tile of base and model converted for them; for matrices also the rows of
-        # an incomplete tile, stashed and concatenated with the next chunk (two more copies of the products)
+        # one tile's products (and their float64 copy for embeddings), the tile of base and model converted for
+        # them, and the rows of an incomplete tile stashed until the next chunk completes it (two copies)
         k = 1 + 2 * n_models
         item = 4 if task.exact_products else 8
-        tiles = min(rows, TILE) * cols * item * (k * (1 if task.rule is Rule.EMBEDDING else 3) + 2)
+        per_row = k * item + (8 * k if task.rule is Rule.EMBEDDING else 0) + 2 * item + 2 * 4 * (n_models + 1)
+        tiles = min(rows, TILE) * cols * per_row
         # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights
         return 8 * k * n + 64 * n_models * n + tiles
 
