@@ -78,7 +78,10 @@ def test_tiled_column_sums_are_independent_of_chunking_and_threads(threads):
                 for t0, (tile,) in feeder.feed(r0, [x[r0 : r0 + step]]):
                     tiles.append((t0, tile.shape[0]))
                     total = total + column_sums(tile)
-            assert tiles == [(r, min(TILE, 301 - r)) for r in range(0, 301, TILE)]
+            # blocks start on tile boundaries, hold whole tiles (but the last), and cover every row once, in order
+            assert all(t0 % TILE == 0 for t0, _ in tiles)
+            assert [r for t0, n in tiles for r in range(t0, t0 + n)] == list(range(301))
+            assert all(n % TILE == 0 for t0, n in tiles if t0 + n < 301)
             results.append(total)
     finally:
         torch.set_num_threads(old)

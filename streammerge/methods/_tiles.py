@@ -3,9 +3,9 @@
 Summing rows in whatever chunks the budget allows would make the last bits of a sum depend on the chunk size.
 Instead, rows are regrouped into aligned tiles of ``TILE`` rows (rows [0, 64), [64, 128), ...; the tensor's last
 tile may be shorter) by :class:`TileFeeder`, which stashes the rows of a tile split across chunks until it is
-complete. Every tile is reduced with the same operation on the same shape, and tile partials are added in row
-order, so a result is bit-identical for every chunking. Column sums use numpy's outer-axis reduction
-(sequential over rows, float64 accumulation), which is deterministic and does not depend on thread counts.
+complete and hands out blocks of whole tiles. Every tile is reduced with the same operation on the same shape,
+and tile partials are added in row order, so a result is bit-identical for every chunking. Reductions use
+numpy (single-threaded, float64 accumulation), which is deterministic and does not depend on thread counts.
 """
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ import torch
 TILE = 64
 
 
+#: tiles handed out together, so per-operation overheads (thread wake-ups) are paid per block, not per tile
+BLOCK_TILES = 8
+
+
 class TileFeeder:
-    """Regroups row chunks of several same-shaped tensors into aligned tiles of ``TILE`` rows."""
+    """Regroups row chunks of several same-shaped tensors into blocks of whole aligned tiles.
+
+    A block starts on a tile boundary and holds up to ``BLOCK_TILES`` complete tiles (the tensor's last block may
+    end with a shorter tile); rows of a tile split across chunks are stashed until it is complete.
+    """
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
@@ -27,7 +35,7 @@ class TileFeeder:
         self._next_row = 0
 
     def feed(self, r0: int, parts: Sequence[torch.Tensor]) -> Iterator[tuple[int, list[torch.Tensor]]]:
-        """Yield (first row, tiles) for every tile completed by rows [r0, r0 + len); chunks in row order."""
+        """Yield (first row, blocks) for the tiles completed by rows [r0, r0 + len); chunks in row order."""
         if r0 != self._next_row:
             raise RuntimeError(f"rows must arrive in order: expected row {self._next_row}, got {r0}")
         n = parts[0].shape[0]
@@ -47,19 +55,28 @@ class TileFeeder:
             r0 += take
             n -= take
         full = n // TILE * TILE
-        for start in range(0, full, TILE):
-            yield r0 + start, [p[start : start + TILE] for p in parts]
-        if full < n:
-            if r0 + n >= self.rows:  # the tensor's last, shorter tile
-                yield r0 + full, [p[full:] for p in parts]
-            else:
-                self._pending = [p[full:].clone() for p in parts]
+        last = r0 + n >= self.rows
+        end = n if last else full  # the tensor's last, shorter tile goes with the final block
+        step = BLOCK_TILES * TILE
+        for start in range(0, end, step):
+            yield r0 + start, [p[start : min(start + step, end)] for p in parts]
+        if not last and full < n:
+            self._pending = [p[full:].clone() for p in parts]
 
 
 def column_sums(values: torch.Tensor) -> np.ndarray:
-    """float64 sums over dim 0 of a (rows, ...) CPU tile, sequential in row order, flattened."""
+    """float64 sums over dim 0 of a block of (rows, ...) CPU values, flattened: each aligned tile of ``TILE`` rows
+    is reduced sequentially in row order (numpy's outer-axis reduction), tile partials added in order."""
     arr = values.reshape(values.shape[0], -1).numpy()
-    return np.add.reduce(arr, axis=0, dtype=np.float64)
+    total = np.add.reduce(arr[:TILE], axis=0, dtype=np.float64)
+    for start in range(TILE, arr.shape[0], TILE):
+        total += np.add.reduce(arr[start : start + TILE], axis=0, dtype=np.float64)
+    return total
+
+
+def row_sums(values: torch.Tensor) -> np.ndarray:
+    """float64 sums over the last dim of CPU values (numpy's pairwise sum: fixed order for a given length)."""
+    return np.add.reduce(values.numpy(), axis=-1, dtype=np.float64)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +96,8 @@ class PairSums:
         self._total = np.zeros(len(self.pairs) * row_numel, dtype=np.float64)
 
     def add(self, r0: int, tensors: Sequence[torch.Tensor]) -> None:
-        for _, tile in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
-            vals = torch.stack([tile[i] * tile[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
+        for _, block in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
+            vals = torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
             self._total += column_sums(vals)
 
     def finish(self) -> list[float]:

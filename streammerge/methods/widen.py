@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import register
-from ._tiles import TILE, TileFeeder, column_sums
+from ._tiles import TILE, TileFeeder, column_sums, row_sums
 from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 
@@ -84,8 +84,8 @@ class _MatrixMerge(TensorMerge):
         for t0, (b, *ms) in self._feeder.feed(r0, [base, *models]):
             vals = self._products(b, ms)  # (rows, 1 + 2N, cols)
             if self.by_rows:
-                # one token per stored row: its sums are complete inside the tile (reduce over the hidden dim)
-                self._stats[:, t0 : t0 + b.shape[0]] = vals.to(torch.float64).sum(dim=2).T
+                # one token per stored row: its sums are complete inside the row (reduce over the hidden dim)
+                self._stats[:, t0 : t0 + b.shape[0]] = torch.from_numpy(row_sums(vals)).T
             else:
                 self._sums += column_sums(vals)
 
@@ -168,23 +168,21 @@ class Widen(Method):
         return 1 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 0
 
     def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        # merge pass: accumulator, one delta (statistics work per 64-row tile: see state_bytes)
-        # 1-D rule: significances, scores, accumulator, one delta
-        return 8 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 4 * n_models + 12
+        if rule in (Rule.MATRIX, Rule.EMBEDDING):
+            # statistics: a block's products (float32 or float64) and the block of base and model converted for
+            # them, counted per chunk element (a block is at most the chunk); the merge pass needs less (8)
+            return (1 + 2 * n_models) * 8 + 2 * 8
+        return 4 * n_models + 12  # 1-D rule: significances, scores, accumulator, one delta
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
         if task.rule not in (Rule.MATRIX, Rule.EMBEDDING):
             return 0
         rows, cols = task.shape
         n = rows if task.rule is Rule.EMBEDDING else cols
-        # one tile's products (and their float64 copy for embeddings), the tile of base and model converted for
-        # them, and the rows of an incomplete tile stashed until the next chunk completes it (two copies)
-        k = 1 + 2 * n_models
-        item = 4 if task.exact_products else 8
-        per_row = k * item + (8 * k if task.rule is Rule.EMBEDDING else 0) + 2 * item + 2 * 4 * (n_models + 1)
-        tiles = min(rows, TILE) * cols * per_row
+        # rows of an incomplete tile stashed until the next chunk completes it (stash + merged copy)
+        stash = min(rows, TILE) * cols * 2 * 4 * (n_models + 1)
         # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights
-        return 8 * k * n + 64 * n_models * n + tiles
+        return 8 * (1 + 2 * n_models) * n + 64 * n_models * n + stash
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         if task.rule is Rule.VECTOR:
