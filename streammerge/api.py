@@ -11,14 +11,16 @@ from .budget import make_budget
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
 from .errors import PlanError
-from .output import check_destination
+from .output import check_destination, work_folder_for
 from .plan import Plan, make_plan
 from .recipe import TOKEN_EMBEDDINGS, Recipe
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
     """Read the inputs' headers and plan ``recipe`` (nothing is written)."""
-    check_destination(recipe.out, recipe.force)
+    # an output published by an interrupted run (its work folder still there) is checked against the plan later
+    if not (work_folder_for(recipe.out).is_dir() and (recipe.out / "streammerge-manifest.json").is_file()):
+        check_destination(recipe.out, recipe.force)
     if recipe.tokenizer_from is not None and not recipe.tokenizer_from.is_dir():
         raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} is not a folder")
     out = recipe.out.resolve()

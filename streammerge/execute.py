@@ -77,9 +77,10 @@ class _StopSignals:
 
 
 def _all_finite(x: torch.Tensor) -> bool:
-    """Whether every element is finite: a float64 sum of float32 values cannot overflow, so it is finite iff
-    they all are (one fused reduction instead of a boolean tensor the size of the chunk)."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+    """Whether every element is finite. A NaN or infinity makes the sum non-finite, so a finite sum settles it
+    with one fast reduction; only a non-finite sum (which finite values can also give, by overflow) needs the
+    element-wise check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -126,9 +127,10 @@ class _Run:
         for t in self.plan.tensors:
             p = self.journal.get(t.name)
             row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
+            running = 0
             for i, (r0, r1, checksum) in enumerate(p.chunks):
-                data = self.files[t.shard].read_at(t.name, r0 * row_bytes, (r1 - r0) * row_bytes)
-                if crc(data) != checksum:
+                running = crc(self.files[t.shard].read_at(t.name, r0 * row_bytes, (r1 - r0) * row_bytes), running)
+                if running != checksum:
                     self.journal.truncate(t.name, i)
                     break
 
@@ -160,7 +162,8 @@ class _Run:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(f"disk full while writing {t.name} rows [{r0}, {r1}) to {self.model_dir}") from None
             raise
-        self.journal.record_chunk(t.name, r0, r1, crc(data), cursor, len(data))
+        running = crc(data, self.journal.get(t.name).crc)
+        self.journal.record_chunk(t.name, r0, r1, running, cursor, len(data))
         checkpoint("chunk-written")
         if self.stop.signum is not None:
             self.journal.commit()
@@ -261,7 +264,7 @@ class _Run:
             "files": {s.filename: s.size for s in self.plan.shards},
             "tensors": {
                 t.name: {"file": t.shard, "dtype": t.out_dtype, "shape": list(t.shape),
-                         "chunks": [list(c) for c in self.journal.get(t.name).chunks]}
+                         "crc32": self.journal.get(t.name).crc}
                 for t in self.plan.tensors
             },
         }
@@ -284,6 +287,17 @@ class _Run:
         publish(self.model_dir, recipe.out, recipe.force)
         checkpoint("published")
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def finished_output(plan: Plan) -> bool:
+    """Whether ``out`` already holds this plan's finished output (same fingerprint in its manifest)."""
+    manifest = plan.recipe.out / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == plan.fingerprint
+    except ValueError:
+        return False
 
 
 def open_work_folder(plan: Plan) -> tuple[Path, Journal, bool]:
@@ -320,6 +334,12 @@ def open_work_folder(plan: Plan) -> tuple[Path, Journal, bool]:
 def execute(plan: Plan, show_progress: bool = True) -> Path:
     """Run (or continue) ``plan`` and publish the merged model folder; returns its path."""
     recipe = plan.recipe
+    if finished_output(plan):
+        # a previous run published the output but stopped before removing its work folder
+        shutil.rmtree(work_folder_for(recipe.out), ignore_errors=True)
+        if show_progress:
+            print(f"{recipe.out} is already complete", file=sys.stderr)
+        return recipe.out
     work, journal, resumed = open_work_folder(plan)
     if resumed and show_progress:
         done = sum(1 for t in plan.tensors if journal.get(t.name).rows_done >= t.rows and journal.get(t.name).chunks)

@@ -9,9 +9,11 @@ Layout of ``<out>.streammerge-partial/``::
 
 A chunk line ``{"t": name, "r0", "r1", "crc", "cur"}`` is appended only after the chunk's bytes were fsynced
 (group commit: the shard files are fdatasynced, then the pending lines are appended and the journal fsynced).
-Rows of a tensor are written in order, so what is done is a prefix ``[0, rows_done)``; ``cur`` is the method's
-emit cursor after the chunk (e.g. TIES's tie counters). A stats line ``{"s": name, "file"}`` records that the
-tensor's statistics state is durable. A torn last line (crash mid-append) is ignored.
+Rows of a tensor are written in order, so what is done is a prefix ``[0, rows_done)``; ``crc`` is the running
+CRC-32 of the tensor's bytes up to ``r1`` (so the final value does not depend on the chunking), ``cur`` the
+method's emit cursor after the chunk (e.g. TIES's tie counters). ``{"t": name, "truncate": k}`` forgets chunks
+from index k on (their bytes did not verify). A stats line ``{"s": name, "file"}`` records that the tensor's
+statistics state is durable. A torn last line (crash mid-append) is cut off before anything is appended.
 """
 
 from __future__ import annotations
@@ -38,21 +40,39 @@ class ResumeError(StreamMergeError):
     """A work folder exists but cannot be continued (changed inputs or options, damaged journal)."""
 
 
-def crc(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+def crc(data: bytes | memoryview, running: int = 0) -> int:
+    """CRC-32 of ``data``, continuing ``running`` (the CRC of the bytes before it)."""
+    return zlib.crc32(data, running) & 0xFFFFFFFF
 
 
 @dataclass
 class TensorProgress:
     """What the journal says about one tensor."""
 
-    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (r0, r1, crc), a prefix of the rows
-    cursor: dict[str, Any] = field(default_factory=dict)
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (r0, r1, running crc), a prefix of the rows
+    cursors: list[dict[str, Any]] = field(default_factory=list)  # the emit cursor after each chunk
     state_file: str | None = None
 
     @property
     def rows_done(self) -> int:
         return self.chunks[-1][1] if self.chunks else 0
+
+    @property
+    def cursor(self) -> dict[str, Any]:
+        return self.cursors[-1] if self.cursors else {}
+
+    @property
+    def crc(self) -> int:
+        """Running CRC of the tensor's bytes written so far."""
+        return self.chunks[-1][2] if self.chunks else 0
+
+    def add(self, r0: int, r1: int, checksum: int, cursor: dict[str, Any]) -> None:
+        self.chunks.append((r0, r1, checksum))
+        self.cursors.append(cursor)
+
+    def keep(self, count: int) -> None:
+        del self.chunks[count:]
+        del self.cursors[count:]
 
 
 def _fsync_path(path: Path) -> None:
@@ -90,24 +110,29 @@ class Journal:
 
     # ---- reading -------------------------------------------------------------------------------------------
     def _load(self) -> None:
-        lines = self.path.read_bytes().split(b"\n")
-        for i, raw in enumerate(lines):
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a torn final line from a crash mid-append: cut it off before appending more
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+            data = data[:end]
+        for i, raw in enumerate(data.split(b"\n")):
             if not raw.strip():
                 continue
             try:
                 entry = json.loads(raw)
-            except ValueError:
-                if i >= len(lines) - 2:  # a torn final line from a crash mid-append
-                    break
+                self._apply(entry)
+            except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{self.path}: line {i + 1} is damaged; start over with --restart") from None
-            self._apply(entry)
 
     def _apply(self, entry: dict[str, Any]) -> None:
         if "t" in entry:
             p = self.progress.setdefault(entry["t"], TensorProgress())
-            if entry["r0"] == p.rows_done:  # ignore anything that is not the next prefix chunk
-                p.chunks.append((entry["r0"], entry["r1"], entry["crc"]))
-                p.cursor = entry.get("cur", {})
+            if "truncate" in entry:
+                p.keep(entry["truncate"])
+            elif entry["r0"] == p.rows_done:  # ignore anything that is not the next prefix chunk
+                p.add(entry["r0"], entry["r1"], entry["crc"], entry.get("cur", {}))
         elif "s" in entry:
             self.progress.setdefault(entry["s"], TensorProgress()).state_file = entry["file"]
 
@@ -117,9 +142,8 @@ class Journal:
     def truncate(self, name: str, keep_chunks: int) -> None:
         """Forget chunks of ``name`` from index ``keep_chunks`` on (their bytes did not verify)."""
         p = self.progress.get(name)
-        if p is not None:
-            del p.chunks[keep_chunks:]
-            p.cursor = {} if not p.chunks else p.cursor
+        if p is not None and len(p.chunks) > keep_chunks:
+            p.keep(keep_chunks)
             self._append({"t": name, "truncate": keep_chunks})
 
     # ---- writing -------------------------------------------------------------------------------------------
@@ -132,9 +156,7 @@ class Journal:
             self._sync_fds.remove(fd)
 
     def record_chunk(self, name: str, r0: int, r1: int, checksum: int, cursor: dict[str, Any], nbytes: int) -> None:
-        p = self.progress.setdefault(name, TensorProgress())
-        p.chunks.append((r0, r1, checksum))
-        p.cursor = cursor
+        self.progress.setdefault(name, TensorProgress()).add(r0, r1, checksum, cursor)
         if not self.enabled:
             return
         self._pending.append(json.dumps({"t": name, "r0": r0, "r1": r1, "crc": checksum, "cur": cursor}))

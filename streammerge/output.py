@@ -74,12 +74,13 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
 
 
 def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
+    # folder names, not paths: the card must not depend on how the command spelled them (or on resume)
     params = ", ".join(f"{k}={v}" for k, v in plan_dict["params"].items()) or "none"
-    models = "\n".join(f"- `{m}`" for m in plan_dict["models"])
+    models = "\n".join(f"- `{Path(m).resolve().name}`" for m in plan_dict["models"])
     text = (
         "---\ntags:\n- merge\n- streammerge\n---\n\n"
         f"# Merged model\n\nMade with streammerge {__version__} using the **{plan_dict['method']}** method "
-        f"({params}).\n\n## Inputs\n\nBase: `{plan_dict['base']}`\n\nModels, in order:\n{models}\n\n"
+        f"({params}).\n\n## Inputs\n\nBase: `{Path(plan_dict['base']).resolve().name}`\n\nModels, in order:\n{models}\n\n"
         f"Plan fingerprint: `{plan_dict['fingerprint']}`\n"
     )
     (work / "README.md").write_text(text, encoding="utf-8")
