@@ -139,15 +139,24 @@ class _Run:
         # A tied head may be absent from a model; it is never merged (TIED_COPY), so base-only is fine there.
         return [self.plan.base.tensors[name]] + [m.tensors[name] for m in self.plan.models if name in m.tensors]
 
-    def read(self, t: TensorPlan, locs: list[Located], r0: int, r1: int) -> list[torch.Tensor]:
-        """Rows [r0, r1) of every input as float32, then release the mapped pages."""
+    def prefetch(self, t: TensorPlan, r0: int, r1: int) -> None:
+        """Start the disk reading rows [r0, r1) of every input of ``t`` while the current chunk is computed."""
+        for loc in self.locs(t.name) if t.rule is not Rule.TIED_COPY else ():
+            self.reader.prefetch(loc, r0, r1)
+
+    def read(self, t: TensorPlan, locs: list[Located], r0: int, r1: int, check: bool = True) -> list[torch.Tensor]:
+        """Rows [r0, r1) of every input as float32, then release the mapped pages; the next chunk is prefetched.
+
+        ``check``: refuse NaN or infinity (done once per element: in the merge pass, which reads every row).
+        """
+        self.prefetch(t, r1, min(t.rows, r1 + (r1 - r0)))
         out = []
         for k, loc in enumerate(locs):
             raw = self.reader.rows(loc, r0, r1)
             x = raw.to(torch.float32, copy=True)
             self.reader.release(loc, r0, r1)
             self.progress.update(raw.numel() * loc.info.dtype.bits // 8)
-            if not _all_finite(x):
+            if check and not _all_finite(x):
                 who = "the base" if k == 0 else f"model {k} ({self.plan.recipe.models[k - 1]})"
                 raise NonFiniteError(f"tensor {t.name} rows [{r0}, {r1}) of {who} contain NaN or infinity")
             out.append(x)
@@ -191,6 +200,7 @@ class _Run:
         loc = self.plan.base.tensors[t.name]
         same = loc.info.dtype.name == t.out_dtype
         for r0, r1 in t.chunks(start):
+            self.reader.prefetch(loc, r1, min(t.rows, r1 + (r1 - r0)))
             raw = self.reader.rows(loc, r0, r1)
             if same:  # raw bytes, bit for bit (integers, bools, or no dtype change)
                 data = memoryview(raw.contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -226,7 +236,7 @@ class _Run:
                         resident = resident or self.read(t, locs, r0, r1)
                         base, *models = resident
                     else:
-                        base, *models = self.read(t, locs, r0, r1)
+                        base, *models = self.read(t, locs, r0, r1, check=False)
                     merger.accumulate(p, r0, base, models)
                     checkpoint("stats-chunk")
                 merger.end_pass(p)
@@ -354,7 +364,11 @@ def execute(plan: Plan, show_progress: bool = True) -> Path:
             if resumed:
                 run.verify_journaled()
             # tied heads copy their embedding's merged bytes, so they go after everything else
-            for t in sorted(plan.tensors, key=lambda t: t.rule is Rule.TIED_COPY):
+            order = sorted(plan.tensors, key=lambda t: t.rule is Rule.TIED_COPY)
+            for i, t in enumerate(order):
+                if i + 1 < len(order):  # the next tensor's first chunk loads while this one is merged
+                    nxt = order[i + 1]
+                    run.prefetch(nxt, 0, min(nxt.rows, nxt.chunk_rows))
                 run.run_tensor(t)
             run.finish()
         except (StreamMergeError, OSError, KeyboardInterrupt) as exc:

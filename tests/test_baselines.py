@@ -383,3 +383,14 @@ def test_linear_zero_sum_weights_allowed_without_normalize(fam):
 
 def test_per_model_helper_broadcasts_one_value():
     assert per_model("0.5", 3) == [0.5] * 3 and per_model([1, 2], 2) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.75, 0.999, 1.0])
+def test_keep_mask_equals_the_float_uniform_rule(density):
+    """The fast integer mask keeps exactly the elements whose uniform u satisfies u >= 1 - density."""
+    from streammerge.methods._rng import keep_mask, stream_key, uniform
+
+    key = stream_key(3, 1, "model.layers.0.mlp.up_proj.weight")
+    for start, count in [(0, 1000), (123_457, 70_000), (2**40, 513)]:
+        expected = uniform(key, start, count) >= 1.0 - density
+        assert torch.equal(keep_mask(key, start, count, density), expected)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._rng import stream_key, uniform
+from ._rng import keep_mask, stream_key
 from ._select import TopK
 from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
 
@@ -101,8 +101,8 @@ class _DeltaTensorMerge(TensorMerge):
             density = self.p["density"][k]
             if density >= 1:
                 return delta
-            u = uniform(self.keys[k], self._flat_start, delta.numel()).reshape(delta.shape)
-            delta.mul_(u >= 1.0 - density)  # dropped iff u < drop rate
+            # dropped iff u < drop rate (1 − density)
+            delta.mul_(keep_mask(self.keys[k], self._flat_start, delta.numel(), density).reshape(delta.shape))
             if self.p["rescale"] and density > 0:
                 delta.div_(density)
         return delta

@@ -8,6 +8,9 @@ wrap-around multiplication; logical right shifts are emulated with a mask.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -49,6 +52,38 @@ def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu"
     z = (z ^ _shr(z, 27)) * _signed(_M2)
     z = z ^ _shr(z, 31)
     return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+_BLOCK = 1 << 16  # elements per step: the temporaries stay in cache
+
+
+def keep_mask(key: int, start: int, count: int, density: float) -> torch.Tensor:
+    """DARE's keep mask for flat indices ``start .. start + count - 1``: kept iff ``u >= 1 − density``.
+
+    Same values as comparing :func:`uniform`, computed on uint64 in cache-sized blocks (numpy wraps on overflow
+    and shifts logically), and compared as integers: ``u = top53 / 2⁵³ >= p`` iff ``top53 >= ceil(p·2⁵³)``.
+    """
+    threshold = np.uint64(math.ceil((1.0 - density) * (1 << 53)))
+    out = np.empty(count, dtype=bool)
+    z = np.empty(min(count, _BLOCK), dtype=np.uint64)
+    tmp = np.empty_like(z)
+    steps = np.arange(1, len(z) + 1, dtype=np.uint64)
+    phi, m1, m2, k = np.uint64(_PHI), np.uint64(_M1), np.uint64(_M2), np.uint64(key)
+    for b0 in range(0, count, _BLOCK):
+        n = min(_BLOCK, count - b0)
+        zz, tt = z[:n], tmp[:n]
+        np.add(steps[:n], np.uint64(start + b0), out=zz)  # index + 1
+        np.multiply(zz, phi, out=zz)
+        np.add(zz, k, out=zz)
+        for shift, mult in ((30, m1), (27, m2)):
+            np.right_shift(zz, np.uint64(shift), out=tt)
+            np.bitwise_xor(zz, tt, out=zz)
+            np.multiply(zz, mult, out=zz)
+        np.right_shift(zz, np.uint64(31), out=tt)
+        np.bitwise_xor(zz, tt, out=zz)
+        np.right_shift(zz, np.uint64(11), out=zz)
+        np.greater_equal(zz, threshold, out=out[b0 : b0 + n])
+    return torch.from_numpy(out)
 
 
 def uniform_reference(key: int, index: int) -> float:

@@ -36,7 +36,7 @@ class TopK:
         self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
         self._bin = -1
         self._above_bin = 0  # elements whose high bits exceed the target bin
-        self._seen_ties = 0  # during emit: elements equal to tau met so far
+        self._seen_ties = 0  # during emit: elements equal to tau met so far (counting stops at ``ties``)
 
     @property
     def trivial(self) -> bool:
@@ -92,11 +92,9 @@ class TopK:
             return torch.ones(absx.shape, dtype=torch.bool)
         assert self.tau_bits is not None, "mask() before passes A and B"
         bits = _bits(absx)
-        eq = bits == self.tau_bits
         keep = bits > self.tau_bits
-        if self._seen_ties < self.ties:
-            flat_eq = eq.reshape(-1)
-            order = torch.cumsum(flat_eq, 0) + self._seen_ties  # 1-based tie number of each equal element
-            keep |= (flat_eq & (order <= self.ties)).reshape(eq.shape)
-        self._seen_ties += int(eq.sum())
+        if self._seen_ties < self.ties:  # once enough ties are kept, later equal elements are simply dropped
+            at = (bits == self.tau_bits).reshape(-1).nonzero().squeeze(1)  # flat positions, in index order
+            keep.view(-1)[at[: self.ties - self._seen_ties]] = True
+            self._seen_ties += len(at)
         return keep
