@@ -83,13 +83,6 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
-def _row_numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    return n
-
-
 class _Run:
     """One execution: reader, shard writers, journal, progress and the stop flag."""
 
@@ -126,7 +119,7 @@ class _Run:
         """Check every journaled chunk's bytes against its checksum; forget from the first bad one on."""
         for t in self.plan.tensors:
             p = self.journal.get(t.name)
-            row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
+            row_bytes = t.out_row_bytes
             running = 0
             for i, (r0, r1, checksum) in enumerate(p.chunks):
                 running = crc(self.files[t.shard].read_at(t.name, r0 * row_bytes, (r1 - r0) * row_bytes), running)
@@ -164,7 +157,7 @@ class _Run:
 
     def write(self, t: TensorPlan, r0: int, r1: int, data: memoryview | bytes, cursor: dict[str, Any]) -> None:
         """Write rows [r0, r1) of ``t`` and journal them (durably, at the next group commit)."""
-        row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
+        row_bytes = t.out_row_bytes
         try:
             self.files[t.shard].write_at(t.name, r0 * row_bytes, data)
         except OSError as exc:
@@ -213,7 +206,7 @@ class _Run:
     def tied_copy(self, t: TensorPlan, start: int) -> None:
         assert t.source is not None
         src = self.plan.tensors[self.index[t.source]]
-        row_bytes = _row_numel(t.shape) * DTYPES[t.out_dtype].bits // 8
+        row_bytes = t.out_row_bytes
         for r0, r1 in t.chunks(start):
             data = self.files[src.shard].read_at(src.name, r0 * row_bytes, (r1 - r0) * row_bytes)
             self.write(t, r0, r1, data, {})

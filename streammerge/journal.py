@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import StreamMergeError
+from .output import fsync_path
 
 #: group-commit thresholds: pending bytes, or seconds since the last commit
 COMMIT_BYTES = 256 * 1024 * 1024
@@ -75,14 +76,6 @@ class TensorProgress:
         del self.cursors[count:]
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -90,7 +83,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 class Journal:
@@ -172,7 +165,7 @@ class Journal:
         folder.mkdir(exist_ok=True)
         fname = f"{index:06d}.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / fname))
-        _fsync_path(folder / fname)
+        fsync_path(folder / fname)
         self.progress.setdefault(name, TensorProgress()).state_file = fname
         self._pending.append(json.dumps({"s": name, "file": fname}))
         self.commit()

@@ -86,7 +86,8 @@ def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
     (work / "README.md").write_text(text, encoding="utf-8")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder by path (a folder's fsync makes renames and new entries in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -100,7 +101,7 @@ def publish(model: Path, out: Path, force: bool) -> None:
         if f.suffix == ".json" or f.name == "README.md":
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(model)
+    fsync_path(model)
     old = None
     if out.exists():
         if any(out.iterdir()) and not force:
@@ -110,6 +111,6 @@ def publish(model: Path, out: Path, force: bool) -> None:
             shutil.rmtree(old)
         os.rename(out, old)
     os.rename(model, out)
-    _fsync_dir(out.parent if str(out.parent) else Path("."))
+    fsync_path(out.parent if str(out.parent) else Path("."))
     if old is not None:
         shutil.rmtree(old)

@@ -54,7 +54,12 @@ class TensorPlan:
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        return self.task.rows
+
+    @property
+    def out_row_bytes(self) -> int:
+        """Bytes of one output row."""
+        return self.task.row_numel * DTYPES[self.out_dtype].bits // 8
 
     def chunks(self, start: int = 0) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) in order, from row ``start`` (a resumed run continues mid-tensor)."""
@@ -169,9 +174,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     widest: tuple[int, str] = (0, "")
     for name, shape, rule, dtype, source in drafts:
         e_out = DTYPES[dtype].bits // 8
-        row_numel = _row_numel(shape)
-        rows = shape[0] if shape else 1
         task = TensorTask(name, shape, rule, exact_products=max(in_bytes[name]) <= 2)
+        row_numel, rows = task.row_numel, task.rows
         if rule is Rule.TIED_COPY:
             passes, state, row_bytes = 0, 0, row_numel * 2 * e_out
             bytes_read += rows * row_numel * e_out
@@ -208,13 +212,6 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
     return Plan(recipe, method, params, budget, tuple(tensors), shards, peak, bytes_read, written, fingerprint,
                 doc, base, tuple(models))
-
-
-def _row_numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    return n
 
 
 def _all_locs(base: Checkpoint, models: list[Checkpoint], name: str) -> list:

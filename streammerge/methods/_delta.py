@@ -49,10 +49,7 @@ def rescale_param(default: bool) -> ParamSpec:
 class _DeltaTensorMerge(TensorMerge):
     def __init__(self, method: DeltaMethod, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
         self.m, self.task, self.p, self.n = method, task, params, n_models
-        numel = 1
-        for d in task.shape:
-            numel *= d
-        self.numel = numel
+        numel = self.numel = task.numel
         # one or two top-k selectors per model; keep = top(k_hi) & ~top(k_lo)
         self.selectors: list[tuple[TopK, TopK | None]] = []
         if method.sparsify == "magnitude":
@@ -72,7 +69,7 @@ class _DeltaTensorMerge(TensorMerge):
                 self.selectors.append((TopK(top + target, numel), TopK(top, numel)))
         self.stat_passes = method.stat_passes(task.rule, params)
         self.keys = [stream_key(params["seed"], k, task.name) for k in range(n_models)] if method.sparsify == "random" else []
-        self.row_numel = numel // task.shape[0] if task.shape and task.shape[0] else 1
+        self.row_numel = task.row_numel
         self._flat_start = 0  # flat index of the emitted chunk's first element (random masks)
 
     def _selectors(self) -> list[TopK]:

@@ -10,6 +10,7 @@ chunks.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -84,6 +85,20 @@ class TensorTask:
     rule: Rule
     #: every input is a 16-bit float, so float32 products of two inputs are exact (unless they underflow)
     exact_products: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows along dim 0 (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row."""
+        return math.prod(self.shape[1:])
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 class TensorMerge:

@@ -42,12 +42,9 @@ class _ModelStockMerge(TensorMerge):
     stat_passes = 1
 
     def __init__(self, task: TensorTask, n_models: int) -> None:
-        row_numel = 1
-        for d in task.shape[1:]:
-            row_numel *= d
         self.name, self.n = task.name, n_models
         self.pairs = [(i, j) for i in range(n_models) for j in range(i, n_models)]
-        self.sums = PairSums(task.shape[0] if task.shape else 1, row_numel, self.pairs)
+        self.sums = PairSums(task.rows, task.row_numel, self.pairs)
         self.ratio = 0.0
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
@@ -83,13 +80,11 @@ class ModelStock(Method):
         return 1
 
     def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        return 4 * n_models + 8 * (n_models * (n_models + 1) // 2) + 16
+        # the deltas (float32 and their float64 copies) and one float64 product per pair
+        return 12 * n_models + 8 * (n_models * (n_models + 1) // 2)
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        row_numel = 1
-        for d in task.shape[1:]:
-            row_numel *= d
-        return 2 * 64 * (n_models * (n_models + 1) // 2) * row_numel * 8
+        return 2 * 64 * (n_models * (n_models + 1) // 2) * task.row_numel * 8
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _ModelStockMerge(task, n_models)

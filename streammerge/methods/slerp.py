@@ -36,11 +36,8 @@ class _SlerpMerge(TensorMerge):
     stat_passes = 1
 
     def __init__(self, task: TensorTask, t: float) -> None:
-        row_numel = 1
-        for d in task.shape[1:]:
-            row_numel *= d
         self.t = t
-        self.sums = PairSums(task.shape[0] if task.shape else 1, row_numel, [(0, 0), (1, 1), (0, 1)])
+        self.sums = PairSums(task.rows, task.row_numel, [(0, 0), (1, 1), (0, 1)])
         self.coef = (1.0 - t, t)
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
@@ -79,10 +76,7 @@ class Slerp(Method):
         return 3 * 8 + 16
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        row_numel = 1
-        for d in task.shape[1:]:
-            row_numel *= d
-        return 2 * 64 * 3 * row_numel * 8
+        return 2 * 64 * 3 * task.row_numel * 8
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _SlerpMerge(task, params["t"])
