@@ -111,9 +111,9 @@ def main() -> None:
     )
     print(md)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"{result['when']}-journal-{args.models.name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(md)
+    stem = f"{result['when']}-journal-{args.models.name}"
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / f"{stem}.md").write_text(md)
 
 
 if __name__ == "__main__":
