@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from helpers import assert_matches
 from reference_baselines import (
     DELTA_METHODS, METHODS, Tensors, dare_key, dare_uniforms, delta_tensor, descending_order, per_model,
     reference_merge, slerp_coefficients,
@@ -120,15 +121,6 @@ def fam_bf16(tmp_path_factory) -> Family:
 
 def load(out: Path) -> Tensors:
     return load_file(str(out / "model.safetensors"))
-
-
-def assert_matches(got: Tensors, expected: Tensors, atol: float = 1e-6) -> None:
-    assert sorted(got) == sorted(expected)
-    for name, e in expected.items():
-        g = got[name]
-        assert g.dtype == torch.float32 and g.shape == e.shape, name
-        err = (g - e).abs().max().item()
-        assert err <= atol, f"{name}: max |engine - reference| = {err:.3g}"
 
 
 def assert_nothing_written(out: Path) -> None:

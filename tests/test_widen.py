@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import assert_matches
 from reference_widen import widen_reference
 from streammerge.api import merge, plan
 from streammerge.errors import MethodError
@@ -127,15 +128,6 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def without(tensors: Tensors, name: str) -> Tensors:
     return {n: t for n, t in tensors.items() if n != name}
-
-
-def assert_matches(got: Tensors, expected: Tensors, atol: float = 1e-6) -> None:
-    assert sorted(got) == sorted(expected)
-    for name, e in expected.items():
-        g = got[name]
-        assert g.dtype == torch.float32 and g.shape == e.shape, name
-        err = (g - e).abs().max().item()
-        assert err <= atol, f"{name}: max |engine - reference| = {err:.3g}"
 
 
 # --------------------------------------------------------------------------------------------------------------
