@@ -168,7 +168,7 @@ class _Run:
         self.journal.record_chunk(t.name, r0, r1, running, cursor, len(data))
         checkpoint("chunk-written")
         if self.stop.signum is not None:
-            self.journal.commit()
+            self.journal.flush()
             name = signal.Signals(self.stop.signum).name
             raise MergeInterrupted(f"stopped by {name}", 128 + self.stop.signum)
 
@@ -274,7 +274,7 @@ class _Run:
 
     def finish(self) -> None:
         plan, recipe = self.plan, self.plan.recipe
-        self.journal.commit()
+        self.journal.flush()
         for f in self.files.values():
             self.journal.unwatch_fd(f.fd)
             f.finalize(sync=recipe.journal)
@@ -369,6 +369,7 @@ def execute(plan: Plan, show_progress: bool = True) -> Path:
             raise _explain(exc, recipe.out, work, recipe.journal) from None
         finally:
             bar.close()
+            journal.close()
             run.reader.close()
             for f in run.files.values():
                 f.abort()
@@ -385,10 +386,11 @@ def _after_failure(run: _Run, exc: BaseException) -> None:
     if run.plan.recipe.journal and _resumable(exc):
         if not isinstance(exc, (OSError, DiskFullError)):
             try:
-                run.journal.commit()
+                run.journal.flush()
             except OSError:
                 pass
         return
+    run.journal.close()
     for f in run.files.values():
         f.abort()
     shutil.rmtree(run.work, ignore_errors=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class Journal:
         self._pending_bytes = 0
         self._last_commit = time.monotonic()
         self._sync_fds: list[int] = []
+        self._worker: threading.Thread | None = None  # the commit in flight
+        self._error: BaseException | None = None
         if self.path.exists():
             self._load()
 
@@ -179,20 +182,56 @@ class Journal:
         except Exception:  # a damaged state file: recompute the statistics
             return None
 
-    def commit(self) -> None:
-        """Make the shard bytes durable, then the pending journal lines."""
-        if not self.enabled or not self._pending:
-            self._last_commit = time.monotonic()
-            return
-        for fd in self._sync_fds:
-            os.fdatasync(fd)
-        self._append_lines(self._pending)
-        self._pending = []
-        self._pending_bytes = 0
+    def commit(self, wait: bool = False) -> None:
+        """Make the shard bytes written so far durable, then the pending journal lines.
+
+        The fdatasyncs and the append run on a background thread (one commit in flight at a time) so the merge
+        goes on computing while the disk catches up; ``wait`` (or :meth:`flush`) blocks until it is done.
+        """
+        self._join()
         self._last_commit = time.monotonic()
+        if not self.enabled or not self._pending:
+            return
+        lines, fds = self._pending, list(self._sync_fds)
+        self._pending, self._pending_bytes = [], 0
+
+        def work() -> None:
+            try:
+                for fd in fds:
+                    os.fdatasync(fd)
+                self._append_lines(lines)
+            except BaseException as exc:  # reported by the next commit or flush
+                self._error = exc
+
+        if wait:
+            work()
+            self._join()
+        else:
+            self._worker = threading.Thread(target=work, name="streammerge-commit", daemon=True)
+            self._worker.start()
+
+    def flush(self) -> None:
+        """Commit everything pending and wait until it is durable."""
+        self.commit(wait=True)
+
+    def close(self) -> None:
+        """Wait for a commit in flight, dropping its error (for cleanup after another failure)."""
+        try:
+            self._join()
+        except BaseException:
+            pass
+
+    def _join(self) -> None:
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
 
     def _append(self, entry: dict[str, Any]) -> None:
         if self.enabled:
+            self._join()
             self._append_lines([json.dumps(entry)])
 
     def _append_lines(self, lines: list[str]) -> None:
