@@ -92,6 +92,34 @@ class CacheDropper:
             return False
 
 
+class MemoryCgroup:
+    """A cgroup-v1 memory group under this process's own, with a hard limit; removed after use."""
+
+    def __init__(self, limit: int) -> None:
+        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if line.split(":", 2)[1] == "memory")
+        self.path = Path("/sys/fs/cgroup/memory") / own.lstrip("/") / f"streammerge-bench-{os.getpid()}"
+        self.path.mkdir()
+        self.limit = limit
+        (self.path / "memory.limit_in_bytes").write_text(str(limit))
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """The command, made to join the group first (exec keeps the pid, so time -v measures it)."""
+        return ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+    def report(self) -> dict:
+        read = lambda name: int((self.path / name).read_text().split()[0])  # noqa: E731
+        oom = dict(line.split() for line in (self.path / "memory.oom_control").read_text().splitlines())
+        return {"limit": self.limit, "max_usage": read("memory.max_usage_in_bytes"),
+                "failcnt": read("memory.failcnt"), "oom_kills": int(oom.get("oom_kill", 0))}
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError as exc:
+            log(f"could not remove {self.path}: {exc}")
+
+
 def time_v(cmd: list[str], sample: bool = False, env: dict | None = None) -> dict:
     """Run ``cmd`` under ``/usr/bin/time -v``; parse its report; optionally sample the child's /proc status."""
     time_bin = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"
@@ -337,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streammerge", default=None, help="streammerge executable (default: next to this python)")
     ap.add_argument("--python", default=sys.executable, help="python for the interpreter baseline")
     ap.add_argument("--note", default="", help="free text stored with the results")
+    ap.add_argument("--cgroup-limit", default=None, metavar="SIZE",
+                    help="run each merge inside a memory cgroup (v1) with this hard limit, the way a laptop with "
+                         "little free RAM would (page cache included); needs root")
     args = ap.parse_args(argv)
 
     methods = [m for v in (args.methods or ["widen"]) for m in v.split(",") if m]
@@ -408,7 +439,16 @@ def main(argv: list[str] | None = None) -> int:
                 row["cache_dropped"] = dropper.drop()
                 row["loadavg_before"] = loadavg()
                 log(f"  merge {method} --max-ram {mr} (load {row['loadavg_before']})")
-                res = time_v([sm, "merge", *merge_args(method, mr), "-q", "--force"], sample=True)
+                cmd = [sm, "merge", *merge_args(method, mr), "-q", "--force"]
+                cgroup = MemoryCgroup(parse_size(args.cgroup_limit)) if args.cgroup_limit else None
+                try:
+                    res = time_v(cgroup.wrap(cmd) if cgroup else cmd, sample=True)
+                    if cgroup:
+                        row["cgroup"] = cgroup.report()
+                        log(f"  cgroup: {row['cgroup']}")
+                finally:
+                    if cgroup:
+                        cgroup.remove()
                 row["loadavg_after"] = loadavg()
                 row.update(res)
                 row["out_bytes_on_disk"] = tree_size(out)

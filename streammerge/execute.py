@@ -137,22 +137,15 @@ class _Run:
         for loc in self.locs(t.name) if t.rule is not Rule.TIED_COPY else ():
             self.reader.prefetch(loc, r0, r1)
 
-    def read(self, t: TensorPlan, locs: list[Located], r0: int, r1: int, check: bool = True) -> list[torch.Tensor]:
-        """Rows [r0, r1) of every input as float32, then release the mapped pages; the next chunk is prefetched.
-
-        ``check``: refuse NaN or infinity (done once per element: in the merge pass, which reads every row).
-        """
+    def read(self, t: TensorPlan, locs: list[Located], r0: int, r1: int) -> list[torch.Tensor]:
+        """Rows [r0, r1) of every input as float32, then release the mapped pages; the next chunk is prefetched."""
         self.prefetch(t, r1, min(t.rows, r1 + (r1 - r0)))
         out = []
-        for k, loc in enumerate(locs):
+        for loc in locs:
             raw = self.reader.rows(loc, r0, r1)
-            x = raw.to(torch.float32, copy=True)
+            out.append(raw.to(torch.float32, copy=True))
             self.reader.release(loc, r0, r1)
             self.progress.update(raw.numel() * loc.info.dtype.bits // 8)
-            if check and not _all_finite(x):
-                who = "the base" if k == 0 else f"model {k} ({self.plan.recipe.models[k - 1]})"
-                raise NonFiniteError(f"tensor {t.name} rows [{r0}, {r1}) of {who} contain NaN or infinity")
-            out.append(x)
         return out
 
     def write(self, t: TensorPlan, r0: int, r1: int, data: memoryview | bytes, cursor: dict[str, Any]) -> None:
@@ -172,12 +165,21 @@ class _Run:
             name = signal.Signals(self.stop.signum).name
             raise MergeInterrupted(f"stopped by {name}", 128 + self.stop.signum)
 
-    def cast(self, t: TensorPlan, r0: int, result: torch.Tensor) -> memoryview:
+    def cast(self, t: TensorPlan, r0: int, result: torch.Tensor, inputs: list[torch.Tensor] = ()) -> memoryview:
+        """The result in the output dtype, as bytes; refuses NaN, infinity and overflow.
+
+        Only the output is checked: every method carries a non-finite input element into a non-finite output
+        element (NaN·0 is NaN), so the inputs are examined only to name the culprit.
+        """
         dtype = DTYPES[t.out_dtype].torch
         assert dtype is not None
         out = result.to(dtype)
-        if out.is_floating_point() and not _all_finite(out if dtype is torch.float16 else result):
+        if out.is_floating_point() and not _all_finite(out):
             rows = f"rows [{r0}, {r0 + (result.shape[0] if result.dim() else 1)})"
+            for k, x in enumerate(inputs):
+                if not _all_finite(x):
+                    who = "the base" if k == 0 else f"model {k} ({self.plan.recipe.models[k - 1]})"
+                    raise NonFiniteError(f"tensor {t.name} {rows} of {who} contain NaN or infinity")
             what = f"overflow {t.out_dtype}" if _all_finite(result) else "contain NaN or infinity"
             raise NonFiniteError(f"tensor {t.name} {rows}: the merged values {what}")
         return memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -229,7 +231,7 @@ class _Run:
                         resident = resident or self.read(t, locs, r0, r1)
                         base, *models = resident
                     else:
-                        base, *models = self.read(t, locs, r0, r1, check=False)
+                        base, *models = self.read(t, locs, r0, r1)
                     merger.accumulate(p, r0, base, models)
                     checkpoint("stats-chunk")
                 merger.end_pass(p)
@@ -240,9 +242,10 @@ class _Run:
             merger.restore_cursor(self.journal.get(t.name).cursor)
         self.progress.set_description("merge pass")
         for r0, r1 in t.chunks(start):
-            base, *models = resident if resident is not None else self.read(t, locs, r0, r1)
+            inputs = resident if resident is not None else self.read(t, locs, r0, r1)
             resident = None
-            self.write(t, r0, r1, self.cast(t, r0, merger.emit(r0, base, models)), merger.cursor())
+            result = merger.emit(r0, inputs[0], inputs[1:])
+            self.write(t, r0, r1, self.cast(t, r0, result, inputs), merger.cursor())
 
     def run_tensor(self, t: TensorPlan) -> None:
         done = self.journal.get(t.name).rows_done

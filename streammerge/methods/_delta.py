@@ -123,7 +123,10 @@ class _DeltaTensorMerge(TensorMerge):
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]
         self._flat_start = r0 * self.row_numel
-        deltas = [self._sparse(k, m - base).mul_(weights[k]) for k, m in enumerate(models)]
+        deltas = [self._sparse(k, m - base) for k, m in enumerate(models)]
+        for d, w in zip(deltas, weights):
+            if w != 1.0:
+                d.mul_(w)
         normalize = self.p["normalize"]
         if self.m.consensus:
             total = deltas[0].clone()
