@@ -1,0 +1,56 @@
+"""The default budget respects memory cgroup limits (v1 and v2), walking up the hierarchy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streammerge.budget import cgroup_headroom, make_budget
+from streammerge.errors import StreamMergeError
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_v1_limit_in_an_ancestor_counts(tmp_path):
+    root = tmp_path / "cg"
+    _write(tmp_path / "self", "4:memory:/outer/inner\n0::/\n")
+    _write(root / "memory/outer/inner/memory.limit_in_bytes", str(1 << 62))  # unlimited here
+    _write(root / "memory/outer/inner/memory.usage_in_bytes", "100")
+    _write(root / "memory/outer/memory.limit_in_bytes", str(2 << 30))
+    _write(root / "memory/outer/memory.usage_in_bytes", str(512 << 20))
+    assert cgroup_headroom(tmp_path / "self", root) == (2 << 30) - (512 << 20)
+
+
+def test_v2_max_and_current(tmp_path):
+    root = tmp_path / "cg"
+    _write(tmp_path / "self", "0::/user.slice/app\n")
+    _write(root / "user.slice/app/memory.max", str(3 << 30))
+    _write(root / "user.slice/app/memory.current", str(1 << 30))
+    _write(root / "user.slice/memory.max", "max")
+    _write(root / "user.slice/memory.current", "5")
+    assert cgroup_headroom(tmp_path / "self", root) == 2 << 30
+
+
+def test_no_limits_or_no_cgroup_file(tmp_path):
+    root = tmp_path / "cg"
+    _write(tmp_path / "self", "0::/a\n")
+    _write(root / "a/memory.max", "max")
+    _write(root / "a/memory.current", "7")
+    assert cgroup_headroom(tmp_path / "self", root) is None
+    assert cgroup_headroom(tmp_path / "missing", root) is None
+
+
+def test_default_budget_uses_the_cgroup_headroom(monkeypatch):
+    monkeypatch.setattr("streammerge.budget.cgroup_headroom", lambda: 1 << 30)
+    b = make_budget(None)
+    assert b.max_ram == 1 << 29 and "cgroup" in b.source
+    assert make_budget("2GiB").max_ram == 2 << 30
+
+
+def test_max_ram_errors_name_the_option():
+    with pytest.raises(StreamMergeError, match="--max-ram"):
+        make_budget("lots")
