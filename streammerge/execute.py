@@ -225,7 +225,7 @@ class _Run:
             merger.load_state_dict(state)
         else:
             for p in range(merger.stat_passes):
-                self.progress.set_description(f"statistics pass {p + 1}")
+                self.progress.set_description(f"statistics pass {p + 1}", refresh=False)
                 for r0, r1 in t.chunks():
                     if t.chunk_rows >= t.rows:
                         resident = resident or self.read(t, locs, r0, r1)
@@ -240,7 +240,7 @@ class _Run:
                 checkpoint("stats-saved")
         if start:
             merger.restore_cursor(self.journal.get(t.name).cursor)
-        self.progress.set_description("merge pass")
+        self.progress.set_description("merge pass", refresh=False)
         for r0, r1 in t.chunks(start):
             inputs = resident if resident is not None else self.read(t, locs, r0, r1)
             resident = None
