@@ -52,7 +52,8 @@ def _merge_options(f: Any) -> Any:
                      help="Method parameter, repeatable (e.g. --param t=1.0 --param s=1.0). Per-model parameters "
                           "take one value per --model separated by commas, or one value for all."),
         click.option("--max-ram", default=None, metavar="SIZE",
-                     help="RAM for the merge's buffers, e.g. 512MiB or 6GiB (default: half of available RAM). "
+                     help="RAM for the merge's buffers, e.g. 512MiB or 6GiB (default: half of the available RAM, "
+                          "within any memory cgroup limit). "
                           "Sets the chunk size; the output does not depend on it."),
         click.option("--dtype", default=None, metavar="DTYPE",
                      help="Output dtype: bfloat16, float16 or float32 (default: each tensor keeps the base's dtype)."),
@@ -121,6 +122,9 @@ def main() -> None:
     A first merge:
       streammerge make-example demo
       streammerge merge --base demo/base --model demo/chat --model demo/multilingual --out demo/merged
+
+    An interrupted merge (Ctrl-C, crash, full disk) continues where it stopped: run the same command again, or
+    `streammerge resume OUT`. `streammerge methods` lists the methods and their parameters.
     """
 
 
