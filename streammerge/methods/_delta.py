@@ -132,16 +132,21 @@ class _DeltaTensorMerge(TensorMerge):
             total = deltas[0].clone()
             for d in deltas[1:]:
                 total.add_(d)
-            elected = torch.where(total >= 0, 1.0, -1.0)
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
+            positive = total >= 0  # the elected sign: + where the summed mass is >= 0
+            del total
+            divisor = None
             for w, d in zip(weights, deltas):
-                agree = d.sign() == elected
-                mixed.add_(d * agree)
+                agree = torch.where(positive, d > 0, d < 0)  # sign(d) equals the elected sign (never for 0 or NaN)
+                d.mul_(agree)  # multiplying (not selecting) keeps a NaN visible to the finite check
                 if normalize:
-                    divisor.add_(agree.to(torch.float32) * w)
+                    share = agree.to(torch.float32)
+                    divisor = share.mul_(w) if divisor is None else divisor.add_(share.mul_(w))
+            mixed = deltas[0]
+            for d in deltas[1:]:
+                mixed.add_(d)
             if normalize:
-                mixed.div_(torch.where(divisor == 0, 1.0, divisor))
+                assert divisor is not None
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
         else:
             mixed = deltas[0]
             for d in deltas[1:]:
