@@ -178,9 +178,11 @@ class DeltaMethod(Method):
         return 0
 
     def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        # emit: every model's delta, the sum, the divisor, a mask; random masks add int64 counters and uniforms
-        extra = 24 if self.sparsify == "random" else (12 if self.sparsify != "none" else 0)
-        return 4 * n_models + 12 + extra
+        # merge pass: every model's delta and the merged sum; sparsifying adds |delta| and its masks (two
+        # selections for outliers), sign consensus the summed mass, the elected sign, agreement masks and the
+        # divisor. The statistics passes need less (|delta|, its high bits and their int64 histogram input).
+        extra = {"none": 0, "magnitude": 16, "outliers": 24, "random": 24}[self.sparsify]
+        return 4 * n_models + 12 + extra + (16 if self.consensus else 0)
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
         return 2 * n_models * 2 * 65536 * 8 if self.sparsify in ("magnitude", "outliers") else 0
