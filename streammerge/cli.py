@@ -191,7 +191,7 @@ def resume(out: Path, max_ram: str | None, as_json: bool, quiet: bool) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def verify(out: Path, as_json: bool) -> None:
-    """Check a merged folder: headers, index, and every chunk's checksum against the manifest."""
+    """Check a merged folder: headers, index, and every tensor's CRC-32 against the manifest."""
     try:
         problems, summary = verify_output(out)
     except StreamMergeError as exc:

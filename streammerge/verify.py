@@ -1,7 +1,7 @@
 """``streammerge verify OUT``: check a finished output folder against the manifest written when it was finalized.
 
 Every shard header is re-parsed with the hardened parser, the tensors and the index must cover exactly the
-planned tensors with the planned dtypes and shapes, and every chunk's bytes must match the checksum recorded
+planned tensors with the planned dtypes and shapes, and every tensor's bytes must match the CRC-32 recorded
 when it was written. Problems are reported per tensor.
 """
 
