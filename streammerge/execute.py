@@ -1,10 +1,12 @@
 """The executor: runs a Plan chunk by chunk: read → float32 → method → finite check → cast → writer → journal.
 
-For each tensor: the statistics passes (if the method has any) read every row chunk of the base and the models
-and feed the method, whose resulting state is journaled; the emit pass reads them again, asks the method for the
-float32 result, checks it is finite, casts it to the planned output dtype, writes it at its planned offset and
-journals the chunk once it is durable. Consumed input pages are released after each chunk, so resident memory
-follows the chunk size.
+A reader thread reads row chunks of every input into reusable slots ahead of the compute, and a writer thread
+writes, checksums and journals finished chunks behind it (``pipeline``), so the disk and the CPU work together.
+For each tensor: the statistics passes (if the method has any) feed the method every chunk of the base and the
+models, whose resulting state is journaled; the emit pass asks the method for the float32 result, checks it is
+finite, casts it into an output buffer at the planned dtype, and hands it to the writer, which journals the chunk
+once it is durable. A tensor that fits the budget whole is read once for all its passes. The compute works in
+cache-sized blocks of rows inside a chunk, so its float32 temporaries stay small and are reused.
 
 A work folder that a previous run left (crash, Ctrl-C, full disk) is continued: the fingerprint must match, the
 journaled chunks are checked against the bytes on disk, and only what is missing is done (the budget, and so the
@@ -30,10 +32,11 @@ from .errors import NonFiniteError, StreamMergeError
 from .faults import checkpoint
 from .formats.checkpoint import Located
 from .formats.dtypes import DTYPES, parse_output_dtype
-from .formats.reader import ShardReader
+from .formats.reader import InputFiles
 from .journal import Journal, ResumeError, crc, write_json_atomic
 from .methods import Rule, TensorMerge
 from .output import copy_side_files, publish, work_folder_for, write_index, write_json, write_model_card
+from .pipeline import Prefetcher, ReadJob, Staged, WriteBehind
 from .plan import Plan, TensorPlan, describe_changes
 from .units import format_size
 from .writer import ShardFile
@@ -84,18 +87,21 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 
 class _Run:
-    """One execution: reader, shard writers, journal, progress and the stop flag."""
+    """One execution: input files, shard writers, journal, progress, the stop flag and the read/write threads."""
 
     def __init__(self, plan: Plan, work: Path, journal: Journal, progress: tqdm, stop: _StopSignals) -> None:
         self.plan = plan
         self.work = work
         self.model_dir = work / "model"
         self.journal = journal
-        self.reader = ShardReader()
+        self.inputs = InputFiles()
         self.files = {s.filename: ShardFile(s, self.model_dir) for s in plan.shards}
         self.progress = progress
         self.stop = stop
         self.index = {t.name: i for i, t in enumerate(plan.tensors)}
+        self.states: dict[str, dict[str, torch.Tensor]] = {}  # statistics a previous run saved
+        self.prefetch: Prefetcher | None = None
+        self.writer: WriteBehind | None = None
 
     # ---- opening and checking what a previous run left ---------------------------------------------------
     def open_shards(self) -> None:
@@ -127,54 +133,88 @@ class _Run:
                     self.journal.truncate(t.name, i)
                     break
 
-    # ---- reading and writing -------------------------------------------------------------------------------
-    def locs(self, name: str) -> list[Located]:
+    # ---- the schedule of reads, and the threads that overlap I/O with compute ------------------------------
+    def locs(self, t: TensorPlan) -> tuple[Located, ...]:
+        """The inputs read for ``t``: the base only for a copy, else the base and every model."""
+        base = self.plan.base.tensors[t.name]
+        if t.rule is Rule.COPY_BASE:
+            return (base,)
         # A tied head may be absent from a model; it is never merged (TIED_COPY), so base-only is fine there.
-        return [self.plan.base.tensors[name]] + [m.tensors[name] for m in self.plan.models if name in m.tensors]
+        return (base, *(m.tensors[t.name] for m in self.plan.models if t.name in m.tensors))
 
-    def prefetch(self, t: TensorPlan, r0: int, r1: int) -> None:
-        """Start the disk reading rows [r0, r1) of every input of ``t`` while the current chunk is computed."""
-        for loc in self.locs(t.name) if t.rule is not Rule.TIED_COPY else ():
-            self.reader.prefetch(loc, r0, r1)
+    def done(self, t: TensorPlan) -> bool:
+        p = self.journal.get(t.name)
+        return p.rows_done >= t.rows and bool(p.chunks)
 
-    def read(self, t: TensorPlan, locs: list[Located], r0: int, r1: int) -> list[torch.Tensor]:
-        """Rows [r0, r1) of every input as float32, then release the mapped pages; the next chunk is prefetched."""
-        self.prefetch(t, r1, min(t.rows, r1 + (r1 - r0)))
-        out = []
-        for loc in locs:
-            raw = self.reader.rows(loc, r0, r1)
-            out.append(raw.to(torch.float32, copy=True))
-            self.reader.release(loc, r0, r1)
-            self.progress.update(raw.numel() * loc.info.dtype.bits // 8)
-        return out
+    def schedule(self, order: list[TensorPlan]) -> list[ReadJob]:
+        """Every read the run will make, in the order the compute consumes them (see :meth:`merge`)."""
+        jobs: list[ReadJob] = []
+        for t in order:
+            if self.done(t) or t.rule is Rule.TIED_COPY:
+                continue
+            locs, start = self.locs(t), self.journal.get(t.name).rows_done
+            if t.rule is Rule.COPY_BASE:
+                jobs += [ReadJob((t.name, "copy", r0, r1), locs, r0, r1) for r0, r1 in t.chunks(start)]
+                continue
+            state = self.journal.load_state(t.name) if t.stat_passes else None
+            if state is not None:
+                self.states[t.name] = state
+            elif t.stat_passes and t.resident:
+                r0, r1 = t.chunks()[0]
+                jobs.append(ReadJob((t.name, "all", r0, r1), locs, r0, r1))
+                continue
+            elif t.stat_passes:
+                jobs += [ReadJob((t.name, p, r0, r1), locs, r0, r1) for p in range(t.stat_passes) for r0, r1 in t.chunks()]
+            jobs += [ReadJob((t.name, "emit", r0, r1), locs, r0, r1) for r0, r1 in t.chunks(start)]
+        return jobs
 
-    def write(self, t: TensorPlan, r0: int, r1: int, data: memoryview | bytes, cursor: dict[str, Any]) -> None:
-        """Write rows [r0, r1) of ``t`` and journal them (durably, at the next group commit)."""
-        row_bytes = t.out_row_bytes
-        try:
-            self.files[t.shard].write_at(t.name, r0 * row_bytes, data)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"disk full while writing {t.name} rows [{r0}, {r1}) to {self.model_dir}") from None
-            raise
-        running = crc(data, self.journal.get(t.name).crc)
-        self.journal.record_chunk(t.name, r0, r1, running, cursor, len(data))
-        checkpoint("chunk-written")
-        if self.stop.signum is not None:
-            self.journal.flush()
-            name = signal.Signals(self.stop.signum).name
-            raise MergeInterrupted(f"stopped by {name}", 128 + self.stop.signum)
+    def start_threads(self, order: list[TensorPlan]) -> None:
+        self.prefetch = Prefetcher(self.inputs, self.schedule(order), self.plan.slot_bytes)
+        self.writer = WriteBehind(self.plan.out_buffer_bytes)
 
-    def cast(self, t: TensorPlan, r0: int, result: torch.Tensor, inputs: list[torch.Tensor] = ()) -> memoryview:
-        """The result in the output dtype, as bytes; refuses NaN, infinity and overflow.
+    def stop_threads(self) -> None:
+        """Let the writer finish what was submitted (skipped after a failure) and stop both threads."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.prefetch is not None:
+            self.prefetch.close()
+
+    def take(self, key: tuple[Any, ...]) -> Staged:
+        """The next staged read, which must be ``key``."""
+        assert self.prefetch is not None
+        staged = self.prefetch.get(key)
+        self.progress.update(sum(x.numel() * x.element_size() for x in staged.inputs))
+        return staged
+
+    def ordered(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the writer thread, after every write submitted before (durable side effects and
+        failpoints stay in one deterministic sequence)."""
+        assert self.writer is not None
+        self.writer.submit(fn, *args)
+
+    # ---- computing and writing ---------------------------------------------------------------------------
+    @staticmethod
+    def floats(inputs: list[torch.Tensor], a: int, b: int) -> list[torch.Tensor]:
+        """Rows [a, b) of every staged input as new float32 tensors (methods may work in place on them)."""
+        return [(x[a:b] if x.dim() else x).to(torch.float32, copy=True) for x in inputs]
+
+    def out_view(self, t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> tuple[torch.Tensor, int]:
+        """Rows [r0, r1) of ``t``'s output as a typed view of ``buf``, and their byte count."""
+        nbytes = (r1 - r0) * t.out_row_bytes
+        dtype = DTYPES[t.out_dtype].torch
+        assert dtype is not None
+        shape = (r1 - r0, *t.shape[1:]) if t.shape else ()
+        return buf[:nbytes].view(dtype).reshape(shape), nbytes
+
+    def store(self, t: TensorPlan, dst: torch.Tensor, r0: int, result: torch.Tensor,
+              inputs: list[torch.Tensor] = ()) -> None:
+        """Cast ``result`` into ``dst`` (output rows from ``r0``); refuses NaN, infinity and overflow.
 
         Only the output is checked: every method carries a non-finite input element into a non-finite output
         element (NaN·0 is NaN), so the inputs are examined only to name the culprit.
         """
-        dtype = DTYPES[t.out_dtype].torch
-        assert dtype is not None
-        out = result.to(dtype)
-        if out.is_floating_point() and not _all_finite(out):
+        dst.copy_(result)
+        if dst.is_floating_point() and not _all_finite(dst):
             rows = f"rows [{r0}, {r0 + (result.shape[0] if result.dim() else 1)})"
             for k, x in enumerate(inputs):
                 if not _all_finite(x):
@@ -182,75 +222,117 @@ class _Run:
                     raise NonFiniteError(f"tensor {t.name} {rows} of {who} contain NaN or infinity")
             what = f"overflow {t.out_dtype}" if _all_finite(result) else "contain NaN or infinity"
             raise NonFiniteError(f"tensor {t.name} {rows}: the merged values {what}")
-        return memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy())
 
-    def skip_done(self, t: TensorPlan, rows_done: int, passes: int) -> None:
-        """Advance the progress bar over work a previous run finished."""
-        if rows_done:
-            per_row = sum(loc.info.row_numel * loc.info.dtype.bits // 8 for loc in self.locs(t.name))
-            self.progress.update(rows_done * per_row * (passes + 1) if rows_done >= t.rows else rows_done * per_row)
+    def submit_chunk(self, t: TensorPlan, r0: int, r1: int, slot: int, buf: torch.Tensor, nbytes: int,
+                     cursor: dict[str, Any]) -> None:
+        """Hand output rows [r0, r1) (the first ``nbytes`` of output buffer ``slot``) to the writer; stop here
+        if a signal asked for it."""
+        assert self.writer is not None
+        self.writer.submit(self._write, t, r0, r1, memoryview(buf[:nbytes].numpy()), cursor, buffer=slot)
+        if self.stop.signum is not None:
+            self.writer.drain()
+            self.journal.flush()
+            name = signal.Signals(self.stop.signum).name
+            raise MergeInterrupted(f"stopped by {name}", 128 + self.stop.signum)
+
+    def _write(self, t: TensorPlan, r0: int, r1: int, data: memoryview, cursor: dict[str, Any]) -> None:
+        """(writer thread) Write rows [r0, r1) of ``t`` and journal them (durably, at the next group commit)."""
+        try:
+            self.files[t.shard].write_at(t.name, r0 * t.out_row_bytes, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"disk full while writing {t.name} rows [{r0}, {r1}) to {self.model_dir}") from None
+            raise
+        running = crc(data, self.journal.get(t.name).crc)
+        self.journal.record_chunk(t.name, r0, r1, running, cursor, len(data))
+        checkpoint("chunk-written")
+
+    def skip_done(self, t: TensorPlan, rows_done: int) -> None:
+        """Advance the progress bar over reads a previous run made unnecessary."""
+        per_row = sum(loc.info.row_numel * loc.info.dtype.bits // 8 for loc in self.locs(t))
+        if t.rule is Rule.TIED_COPY:
+            per_row = t.out_row_bytes
+        reads = 1 if t.resident or not t.stat_passes else t.stat_passes + 1
+        if rows_done >= t.rows:
+            skipped = reads * t.rows * per_row
+        else:
+            skipped = rows_done * per_row + (t.stat_passes * t.rows * per_row if t.name in self.states else 0)
+        if skipped:
+            self.progress.update(skipped)
 
     # ---- the three kinds of tensor ---------------------------------------------------------------------------
     def copy_base(self, t: TensorPlan, start: int) -> None:
-        loc = self.plan.base.tensors[t.name]
-        same = loc.info.dtype.name == t.out_dtype
+        assert self.writer is not None and self.prefetch is not None
         for r0, r1 in t.chunks(start):
-            self.reader.prefetch(loc, r1, min(t.rows, r1 + (r1 - r0)))
-            raw = self.reader.rows(loc, r0, r1)
-            if same:  # raw bytes, bit for bit (integers, bools, or no dtype change)
-                data = memoryview(raw.contiguous().reshape(-1).view(torch.uint8).numpy())
+            staged = self.take((t.name, "copy", r0, r1))
+            raw = staged.inputs[0]
+            slot, buf = self.writer.buffer()
+            out, nbytes = self.out_view(t, buf, r0, r1)
+            if raw.dtype == out.dtype:  # raw bytes, bit for bit (integers, bools, or no dtype change)
+                buf[:nbytes].copy_(raw.reshape(-1).view(torch.uint8))
             else:
-                data = self.cast(t, r0, raw.to(torch.float32))
-            self.write(t, r0, r1, data, {})
-            self.reader.release(loc, r0, r1)
-            self.progress.update(raw.numel() * loc.info.dtype.bits // 8)
+                for b0, b1 in t.blocks(r0, r1, stats=False):
+                    a, b = b0 - r0, b1 - r0
+                    self.store(t, out[a:b] if out.dim() else out, b0, self.floats([raw], a, b)[0])
+            self.prefetch.release(staged)
+            self.submit_chunk(t, r0, r1, slot, buf, nbytes, {})
 
     def tied_copy(self, t: TensorPlan, start: int) -> None:
-        assert t.source is not None
+        assert t.source is not None and self.writer is not None
         src = self.plan.tensors[self.index[t.source]]
-        row_bytes = t.out_row_bytes
+        self.writer.drain()  # the merged embedding is on disk
         for r0, r1 in t.chunks(start):
-            data = self.files[src.shard].read_at(src.name, r0 * row_bytes, (r1 - r0) * row_bytes)
-            self.write(t, r0, r1, data, {})
-            self.progress.update(len(data))
+            slot, buf = self.writer.buffer()
+            nbytes = (r1 - r0) * t.out_row_bytes
+            self.files[src.shard].read_into(src.name, r0 * t.out_row_bytes, memoryview(buf[:nbytes].numpy()))
+            self.progress.update(nbytes)
+            self.submit_chunk(t, r0, r1, slot, buf, nbytes, {})
 
     def merge(self, t: TensorPlan, start: int) -> None:
-        n = len(self.plan.models)
-        merger: TensorMerge = self.plan.method.start(t.task, self.plan.params, n)
-        locs = self.locs(t.name)
-        state = self.journal.load_state(t.name) if merger.stat_passes else None
-        # A tensor that fits the budget whole is one chunk: read it once for every pass.
-        resident: list[torch.Tensor] | None = None
+        """Statistics passes (unless a previous run saved their result), then the merge pass, block by block."""
+        assert self.writer is not None and self.prefetch is not None
+        merger: TensorMerge = self.plan.method.start(t.task, self.plan.params, len(self.plan.models))
+        assert merger.stat_passes == t.stat_passes, (t.name, merger.stat_passes, t.stat_passes)
+        state = self.states.pop(t.name, None)
+        held: Staged | None = None  # a tensor read once for every pass
         if state is not None:
             merger.load_state_dict(state)
-        else:
-            for p in range(merger.stat_passes):
+        elif t.stat_passes:
+            if t.resident:
+                held = self.take((t.name, "all", *t.chunks()[0]))
+            for p in range(t.stat_passes):
                 self.progress.set_description(f"statistics pass {p + 1}", refresh=False)
                 for r0, r1 in t.chunks():
-                    if t.chunk_rows >= t.rows:
-                        resident = resident or self.read(t, locs, r0, r1)
-                        base, *models = resident
-                    else:
-                        base, *models = self.read(t, locs, r0, r1)
-                    merger.accumulate(p, r0, base, models)
-                    checkpoint("stats-chunk")
+                    staged = held or self.take((t.name, p, r0, r1))
+                    for b0, b1 in t.blocks(r0, r1, stats=True):
+                        base, *models = self.floats(staged.inputs, b0 - r0, b1 - r0)
+                        merger.accumulate(p, b0, base, models)
+                    if held is None:
+                        self.prefetch.release(staged)
+                    self.ordered(checkpoint, "stats-chunk")
                 merger.end_pass(p)
-            if merger.stat_passes:
-                self.journal.save_state(t.name, self.index[t.name], merger.state_dict())
-                checkpoint("stats-saved")
+            self.ordered(self.journal.save_state, t.name, self.index[t.name], merger.state_dict())
+            self.ordered(checkpoint, "stats-saved")
         if start:
             merger.restore_cursor(self.journal.get(t.name).cursor)
         self.progress.set_description("merge pass", refresh=False)
         for r0, r1 in t.chunks(start):
-            inputs = resident if resident is not None else self.read(t, locs, r0, r1)
-            resident = None
-            result = merger.emit(r0, inputs[0], inputs[1:])
-            self.write(t, r0, r1, self.cast(t, r0, result, inputs), merger.cursor())
+            staged = held or self.take((t.name, "emit", r0, r1))
+            held = None
+            slot, buf = self.writer.buffer()
+            out, nbytes = self.out_view(t, buf, r0, r1)
+            for b0, b1 in t.blocks(r0, r1, stats=False):
+                a, b = b0 - r0, b1 - r0
+                inputs = self.floats(staged.inputs, a, b)
+                result = merger.emit(b0, inputs[0], inputs[1:])
+                self.store(t, out[a:b] if out.dim() else out, b0, result, inputs)
+            self.prefetch.release(staged)
+            self.submit_chunk(t, r0, r1, slot, buf, nbytes, merger.cursor())
 
     def run_tensor(self, t: TensorPlan) -> None:
         done = self.journal.get(t.name).rows_done
-        self.skip_done(t, done, t.stat_passes)
-        if done >= t.rows and self.journal.get(t.name).chunks:
+        self.skip_done(t, done)
+        if self.done(t):
             return
         self.progress.set_postfix_str(t.name, refresh=False)
         if t.rule is Rule.COPY_BASE:
@@ -259,7 +341,7 @@ class _Run:
             self.tied_copy(t, done)
         else:
             self.merge(t, done)
-        self.journal.commit()
+        self.ordered(self.journal.commit)
 
     # ---- finishing -------------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -277,6 +359,8 @@ class _Run:
 
     def finish(self) -> None:
         plan, recipe = self.plan, self.plan.recipe
+        if self.writer is not None:
+            self.writer.drain()
         self.journal.flush()
         for f in self.files.values():
             self.journal.unwatch_fd(f.fd)
@@ -361,19 +445,19 @@ def execute(plan: Plan, show_progress: bool = True) -> Path:
                 run.verify_journaled()
             # tied heads copy their embedding's merged bytes, so they go after everything else
             order = sorted(plan.tensors, key=lambda t: t.rule is Rule.TIED_COPY)
-            for i, t in enumerate(order):
-                if i + 1 < len(order):  # the next tensor's first chunk loads while this one is merged
-                    nxt = order[i + 1]
-                    run.prefetch(nxt, 0, min(nxt.rows, nxt.chunk_rows))
+            run.start_threads(order)
+            for t in order:
                 run.run_tensor(t)
             run.finish()
         except (StreamMergeError, OSError, KeyboardInterrupt) as exc:
+            run.stop_threads()
             _after_failure(run, exc)
             raise _explain(exc, recipe.out, work, recipe.journal) from None
         finally:
+            run.stop_threads()
             bar.close()
             journal.close()
-            run.reader.close()
+            run.inputs.close()
             for f in run.files.values():
                 f.abort()
     return recipe.out

@@ -20,9 +20,11 @@ from .budget import Budget
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
+from .formats.reader import align
 from .methods import Method, Rule, TensorTask, get_method
 from .methods._tiles import TILE
 from .methods.base import MERGED_RULES
+from .pipeline import DEPTH
 from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
 from .units import format_size
 from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
@@ -30,6 +32,10 @@ from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_
 
 #: Share of --max-ram the planned buffers may fill; the rest absorbs allocator slack and small temporaries.
 BUDGET_USABLE = 0.85
+#: elements per compute block of a merge pass: the block's float32 temporaries stay in the CPU caches
+BLOCK_ELEMENTS = 1 << 18
+#: elements per compute block of a statistics pass (at least one reduction tile of rows)
+STAT_BLOCK_ELEMENTS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,10 @@ class TensorPlan:
     rule: Rule
     out_dtype: str
     shard: str
-    chunk_rows: int
+    chunk_rows: int  # rows read (and written) per chunk
     stat_passes: int
-    row_bytes: int  # predicted working bytes per row of a chunk
+    block_rows: int  # rows per compute block of the merge pass (cache-sized; the whole chunk for VECTOR)
+    stat_block_rows: int  # rows per compute block of the statistics passes (whole reduction tiles where possible)
     state_bytes: int  # predicted per-tensor state kept across passes
     source: str | None = None  # for TIED_COPY: the tensor whose merged bytes are copied
     exact_products: bool = False  # all inputs are 16-bit floats (see TensorTask)
@@ -61,14 +68,28 @@ class TensorPlan:
         """Bytes of one output row."""
         return self.task.row_numel * DTYPES[self.out_dtype].bits // 8
 
+    @property
+    def resident(self) -> bool:
+        """Read once for every pass: the whole tensor is one chunk."""
+        return self.chunk_rows >= self.rows
+
     def chunks(self, start: int = 0) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) in order, from row ``start`` (a resumed run continues mid-tensor)."""
         step = max(1, self.chunk_rows)
         return [(r, min(r + step, self.rows)) for r in range(start, self.rows, step)] or ([(0, 0)] if not start else [])
 
-    @property
-    def peak_bytes(self) -> int:
-        return self.state_bytes + self.chunk_rows * self.row_bytes
+    def blocks(self, r0: int, r1: int, stats: bool) -> list[tuple[int, int]]:
+        """Compute blocks [b0, b1) (absolute rows) of chunk [r0, r1); statistics blocks end on tile boundaries."""
+        if not stats:
+            step = max(1, self.block_rows)
+            return [(b, min(b + step, r1)) for b in range(r0, r1, step)] or [(r0, r1)]
+        step = max(1, self.stat_block_rows)
+        out, b = [], r0
+        while b < r1:
+            e = min(r1, (b // TILE * TILE + step) if step % TILE == 0 else b + step)
+            out.append((b, e))
+            b = e
+        return out or [(r0, r1)]
 
 
 @dataclass(frozen=True)
@@ -81,7 +102,10 @@ class Plan:
     budget: Budget
     tensors: tuple[TensorPlan, ...]
     shards: tuple[ShardLayout, ...]
-    peak_ram: int
+    peak_ram: int  # every planned buffer: DEPTH input slots + DEPTH output buffers + the largest scratch
+    slot_bytes: int  # one input slot: a chunk of every input, as stored
+    out_buffer_bytes: int  # one output buffer: a chunk of output bytes
+    scratch_bytes: int  # the largest per-tensor state + compute-block temporaries
     bytes_read: int
     bytes_written: int
     fingerprint: str
@@ -103,6 +127,10 @@ class Plan:
             "device": self.budget.device,
             "budget": {"max_ram": self.budget.max_ram, "source": self.budget.source},
             "predicted_peak_ram": self.peak_ram,
+            "buffers": {"input_slots": DEPTH, "slot_bytes": self.slot_bytes, "output_buffers": DEPTH,
+                        "output_buffer_bytes": self.out_buffer_bytes, "scratch_bytes": self.scratch_bytes},
+            "read_once": sum(1 for t in self.tensors if t.stat_passes and t.resident),
+            "read_per_pass": sum(1 for t in self.tensors if t.stat_passes and not t.resident),
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "fingerprint": self.fingerprint,
@@ -114,7 +142,8 @@ class Plan:
                 {
                     "name": t.name, "shape": list(t.shape), "rule": t.rule.value, "dtype": t.out_dtype,
                     "shard": t.shard, "chunk_rows": t.chunk_rows, "chunks": len(t.chunks()),
-                    "passes": t.stat_passes + 1, **({"source": t.source} if t.source else {}),
+                    "passes": t.stat_passes + 1, "reads": 1 if t.resident else t.stat_passes + 1,
+                    **({"source": t.source} if t.source else {}),
                 }
                 for t in self.tensors
             ],
@@ -170,35 +199,62 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     shard_of = {t: s.filename for s in shards for t in s.offsets}
 
     in_bytes = {name: [loc.info.dtype.bits // 8 for loc in _all_locs(base, models, name)] for name in base.tensors}
-    bytes_read = 0
-    widest: tuple[int, str] = (0, "")
+    usable = int(budget.max_ram * BUDGET_USABLE)
+    # Per tensor: bytes per element read (every input as stored) and written, compute-block sizes and the fixed
+    # bytes its compute needs (state + block temporaries). Blocks are capped to a quarter of the budget.
+    sizing = []
     for name, shape, rule, dtype, source in drafts:
-        e_out = DTYPES[dtype].bits // 8
         task = TensorTask(name, shape, rule, exact_products=max(in_bytes[name]) <= 2)
-        row_numel, rows = task.row_numel, task.rows
+        e_out = DTYPES[dtype].bits // 8
         if rule is Rule.TIED_COPY:
-            passes, state, row_bytes = 0, 0, row_numel * 2 * e_out
-            bytes_read += rows * row_numel * e_out
+            e_in, passes, state, per_elem = 0, 0, 0, 0
         elif rule is Rule.COPY_BASE:
-            passes, state = 0, 0
-            row_bytes = row_numel * (in_bytes[name][0] + 4 + e_out)
-            bytes_read += rows * row_numel * in_bytes[name][0]
+            e_in, passes, state, per_elem = in_bytes[name][0], 0, 0, 4 + e_out
         else:
+            e_in = sum(in_bytes[name])
             passes = method.stat_passes(rule, params)
             state = method.state_bytes(task, n)
-            scratch = method.scratch_bytes_per_element(rule, n)
-            row_bytes = row_numel * (sum(in_bytes[name]) + 4 * (n + 1) + e_out + scratch)
-        chunk = _chunk_rows(recipe, budget, rule, rows, row_bytes, state)
+            per_elem = 4 * (n + 1) + method.scratch_bytes_per_element(rule, n) + 4
+        sizing.append((task, e_in, e_out, passes, state, per_elem))
+    # compute blocks take at most a quarter of what the per-tensor state leaves
+    max_state = max((s[4] for s in sizing), default=0)
+    cap = max(1, (usable - max_state) // (4 * max((s[5] for s in sizing), default=1) or 1))
+    blocks, fixed = [], 0
+    for task, e_in, e_out, passes, state, per_elem in sizing:
+        rows, rn = max(task.rows, 1), max(task.row_numel, 1)
+        if task.rule is Rule.VECTOR:
+            emit_rows = stat_rows = rows  # merged whole
+        else:
+            emit_rows = max(1, min(BLOCK_ELEMENTS, cap) // rn)
+            stat_rows = max(1, cap // rn)
+            if stat_rows >= TILE:  # whole tiles, as many as make a block of about STAT_BLOCK_ELEMENTS
+                stat_rows = TILE * max(1, min(stat_rows, STAT_BLOCK_ELEMENTS // rn) // TILE)
+        block_elems = min(rows, max(emit_rows, stat_rows if passes else 0)) * rn
+        blocks.append((emit_rows, stat_rows))
+        fixed = max(fixed, state + per_elem * block_elems)
+    per_elem_buffers = DEPTH * (max((s[1] for s in sizing), default=0) + max((s[2] for s in sizing), default=0))
+    chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
+
+    bytes_read = 0
+    widest: tuple[int, str] = (0, "")
+    for (task, e_in, e_out, passes, state, per_elem), (emit_rows, stat_rows), (name, shape, rule, dtype, source) in zip(
+            sizing, blocks, drafts):
+        rows, rn = task.rows, task.row_numel
+        chunk = _chunk_rows(recipe, rule, rows, rn, chunk_elems)
         if rule in MERGED_RULES or rule is Rule.TENSOR:
-            # a tensor that fits whole is read once for all its passes
-            reads = 1 if chunk >= rows else passes + 1
-            bytes_read += reads * rows * row_numel * sum(in_bytes[name])
-        if chunk < 1:
-            need = state + row_bytes * (rows if rule is Rule.VECTOR else 1)
+            reads = 1 if chunk >= rows else passes + 1  # a tensor that fits whole is read once for all its passes
+            bytes_read += reads * rows * rn * e_in
+        elif rule is Rule.COPY_BASE:
+            bytes_read += rows * rn * e_in
+        else:
+            bytes_read += rows * rn * e_out
+        if chunk < 1:  # the least that works: one-row blocks and chunks (the whole tensor for a VECTOR)
+            least = rn * (rows if rule is Rule.VECTOR else 1)
+            need = max_state + max((s[5] for s in sizing), default=0) * least + per_elem_buffers * least
             if need > widest[0]:
                 widest = (need, name)
-        tensors.append(TensorPlan(name, shape, rule, dtype, shard_of[name], max(chunk, 1), passes, row_bytes, state,
-                                  source, task.exact_products))
+        tensors.append(TensorPlan(name, shape, rule, dtype, shard_of[name], max(chunk, 1), passes, emit_rows,
+                                  stat_rows, state, source, task.exact_products))
     if widest[0]:
         raise PlanError(
             f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "
@@ -206,29 +262,41 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             "raise --max-ram to at least that"
         )
 
-    peak = max((t.peak_bytes for t in tensors), default=0)
+    locs = {t.name: _all_locs(base, models, t.name) for t in tensors}
+    slot = max((_slot_bytes(t, locs[t.name]) for t in tensors), default=0)
+    out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
+    peak = DEPTH * (slot + out_buffer) + fixed
     written = sum(s.size for s in shards)
     doc = fingerprint_document(recipe, method, params, base, models, shards)
     fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-    return Plan(recipe, method, params, budget, tuple(tensors), shards, peak, bytes_read, written, fingerprint,
-                doc, base, tuple(models))
+    return Plan(recipe, method, params, budget, tuple(tensors), shards, peak, slot, out_buffer, fixed, bytes_read,
+                written, fingerprint, doc, base, tuple(models))
 
 
 def _all_locs(base: Checkpoint, models: list[Checkpoint], name: str) -> list:
     return [base.tensors[name]] + [m.tensors[name] for m in models if name in m.tensors]
 
 
-def _chunk_rows(recipe: Recipe, budget: Budget, rule: Rule, rows: int, row_bytes: int, state: int) -> int:
-    """Rows per chunk: the most that fit the budget, a multiple of the reduction tile where possible."""
-    usable = int(budget.max_ram * BUDGET_USABLE)
+def _chunk_rows(recipe: Recipe, rule: Rule, rows: int, row_numel: int, chunk_elems: int) -> int:
+    """Rows per chunk: the most that fit ``chunk_elems``, a multiple of the reduction tile where possible;
+    0 if not even one row (or, for a VECTOR, the whole tensor) fits."""
+    fit = chunk_elems // max(row_numel, 1)
     if rule is Rule.VECTOR:
-        return rows if state + rows * row_bytes <= usable or recipe.chunk_rows else 0
+        return rows if fit >= rows or recipe.chunk_rows else 0
     if recipe.chunk_rows is not None:
         return min(recipe.chunk_rows, max(rows, 1))
-    fit = (usable - state) // max(row_bytes, 1)
     if fit >= rows:
         return max(rows, 1)
     return fit // TILE * TILE if fit >= TILE else fit
+
+
+def _slot_bytes(t: TensorPlan, locs: list) -> int:
+    """Bytes of one input slot for a chunk of ``t`` (every input it reads, each aligned)."""
+    if t.rule is Rule.TIED_COPY:
+        return 0
+    if t.rule is Rule.COPY_BASE:
+        locs = locs[:1]
+    return sum(align(t.chunk_rows * loc.info.row_numel * loc.info.dtype.bits // 8) for loc in locs)
 
 
 def _compile_excludes(patterns: tuple[str, ...]) -> list[re.Pattern[str]]:

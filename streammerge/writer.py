@@ -153,6 +153,20 @@ class ShardFile:
         assert self._fd is not None
         return os.pread(self._fd, length, begin + byte_offset)
 
+    def read_into(self, name: str, byte_offset: int, view: memoryview) -> None:
+        """Read back ``len(view)`` bytes of a tensor already written into ``view`` (to copy a tied head)."""
+        self._require(WriterState.CREATED, "read_into")
+        begin, end = self.layout.offsets[name]
+        if byte_offset < 0 or begin + byte_offset + len(view) > end:
+            raise ValueError(f"read of {len(view)} bytes at {byte_offset} overflows tensor {name!r}")
+        assert self._fd is not None
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], begin + byte_offset + done)
+            if n <= 0:
+                raise OSError(f"{self.path} is shorter than planned")
+            done += n
+
     def finalize(self, sync: bool = True) -> None:
         """Flush the file to disk (unless ``sync`` is off) and close it."""
         self._require(WriterState.CREATED, "finalize")

@@ -34,7 +34,7 @@ def test_rules_shards_and_bytes(family, tmp_path):
     inputs = p.base.total_bytes  # tensor bytes of one model (all three are the same size)
     # with room for whole tensors every input is read once; chunked, 2-D tensors are read twice (stats + merge)
     assert p.bytes_read == 3 * inputs
-    chunked = _plan(family, tmp_path, max_ram="900KiB")
+    chunked = _plan(family, tmp_path, max_ram="450KiB")
     assert 3 * inputs < chunked.bytes_read < 6 * inputs
     assert p.bytes_written == sum(s.size for s in p.shards)
     assert not (tmp_path / "out").exists()
@@ -42,12 +42,12 @@ def test_rules_shards_and_bytes(family, tmp_path):
 
 
 def test_budget_sets_chunk_rows_in_tiles_and_bounds_peak(family, tmp_path):
-    p = _plan(family, tmp_path, max_ram="900KiB")
+    p = _plan(family, tmp_path, max_ram="450KiB")
     assert any(t.chunk_rows < t.rows for t in p.tensors)
     for t in p.tensors:
         if t.rule in (Rule.MATRIX, Rule.EMBEDDING) and t.chunk_rows < t.rows:
             assert t.chunk_rows % TILE == 0 or t.chunk_rows < TILE
-    assert p.peak_ram <= 900 * 1024
+    assert p.peak_ram <= 450 * 1024
     big = _plan(family, tmp_path, max_ram="8GiB")
     assert all(t.chunk_rows == t.rows for t in big.tensors)
 
@@ -58,7 +58,7 @@ def test_budget_too_small_names_the_size_needed(family, tmp_path):
 
 
 def test_fingerprint_depends_on_options_not_budget(family, tmp_path):
-    a = _plan(family, tmp_path, max_ram="900KiB").fingerprint
+    a = _plan(family, tmp_path, max_ram="450KiB").fingerprint
     assert a == _plan(family, tmp_path, max_ram="1GiB").fingerprint
     assert a != _plan(family, tmp_path, params={"t": 0.5}).fingerprint
     assert a != _plan(family, tmp_path, dtype="float32").fingerprint

@@ -1,8 +1,9 @@
-"""Row-chunk reads from memory-mapped shards: exact values for every dtype, bounded resident memory."""
+"""Row-chunk reads (pread into reusable buffers) and the read-ahead / write-behind threads of ``pipeline``."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 import psutil
 import pytest
@@ -11,7 +12,8 @@ from safetensors.torch import save_file
 
 from streammerge.errors import InputError
 from streammerge.formats.checkpoint import load_checkpoint
-from streammerge.formats.reader import ShardReader
+from streammerge.formats.reader import InputFiles
+from streammerge.pipeline import DEPTH, Prefetcher, ReadJob, WriteBehind
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32,
@@ -25,45 +27,171 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return (x.float() / 7).to(dtype) if dtype.is_floating_point else x.to(dtype)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rows_equal_slices_for_every_dtype(tmp_path, dtype):
     tensors = {"m": _tensor(dtype, (13, 5)), "v": _tensor(dtype, (11,)), "s": _tensor(dtype, ())}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     ckpt = load_checkpoint(tmp_path)
-    with ShardReader() as reader:
+    buf = torch.empty(1024, dtype=torch.uint8)
+    with InputFiles() as files:
         for r0, r1 in [(0, 13), (0, 1), (3, 10), (12, 13), (5, 5)]:
-            got = reader.rows(ckpt.tensors["m"], r0, r1)
-            assert got.dtype == dtype and got.shape == (r1 - r0, 5)
-            assert torch.equal(got.view(torch.uint8), tensors["m"][r0:r1].contiguous().view(torch.uint8))
-        assert torch.equal(reader.rows(ckpt.tensors["v"], 2, 9).view(torch.uint8), tensors["v"][2:9].view(torch.uint8))
-        assert reader.rows(ckpt.tensors["s"], 0, 1).shape == ()
+            assert _same(files.read_into(ckpt.tensors["m"], r0, r1, buf), tensors["m"][r0:r1])
+        assert _same(files.read(ckpt.tensors["v"], 2, 9), tensors["v"][2:9])
+        assert _same(files.read(ckpt.tensors["s"], 0, 1), tensors["s"])
         with pytest.raises(ValueError, match="outside tensor 'm'"):
-            reader.rows(ckpt.tensors["m"], 4, 14)
+            files.read(ckpt.tensors["m"], 4, 14)
+        with pytest.raises(ValueError, match="too small"):
+            files.read_into(ckpt.tensors["m"], 0, 13, torch.empty(8, dtype=torch.uint8))
 
 
-def test_release_keeps_resident_memory_bounded(tmp_path):
+def test_reading_a_large_tensor_keeps_resident_memory_at_the_buffer(tmp_path):
     rows, cols = 4096, 8192  # 128 MiB of float32
     save_file({"big": torch.ones(rows, cols)}, str(tmp_path / "model.safetensors"))
     loc = load_checkpoint(tmp_path).tensors["big"]
     proc = psutil.Process(os.getpid())
+    buf = torch.zeros(256 * cols * 4, dtype=torch.uint8)  # 8 MiB, touched before measuring
     before = proc.memory_info().rss
-    peak = 0
-    total = 0.0
-    with ShardReader() as reader:
-        for r0 in range(0, rows, 256):  # 8 MiB chunks
-            total += float(reader.rows(loc, r0, r0 + 256).sum())
-            reader.release(loc, r0, r0 + 256)
+    peak, total = 0, 0.0
+    with InputFiles() as files:
+        for r0 in range(0, rows, 256):
+            total += float(files.read_into(loc, r0, r0 + 256, buf).sum())
             peak = max(peak, proc.memory_info().rss - before)
     assert total == rows * cols
-    assert peak < 48 * 2**20, f"resident memory grew by {peak / 2**20:.0f} MiB reading a 128 MiB tensor"
+    assert peak < 24 * 2**20, f"resident memory grew by {peak / 2**20:.0f} MiB reading a 128 MiB tensor"
 
 
-def test_reader_refuses_dtypes_torch_lacks(tmp_path):
+def test_reader_refuses_dtypes_torch_lacks_and_truncated_files(tmp_path):
     import json
     import struct
 
     header = json.dumps({"x": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}).encode()
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
     loc = load_checkpoint(tmp_path).tensors["x"]
-    with ShardReader() as reader, pytest.raises(InputError, match="F4"):
-        reader.rows(loc, 0, 4)
+    with InputFiles() as files, pytest.raises(InputError, match="F4"):
+        files.read(loc, 0, 4)
+    save_file({"y": torch.ones(64, 16)}, str(tmp_path / "y.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "y.safetensors").rename(tmp_path / "model.safetensors")
+    loc = load_checkpoint(tmp_path).tensors["y"]
+    os.truncate(tmp_path / "model.safetensors", (tmp_path / "model.safetensors").stat().st_size - 100)
+    with InputFiles() as files, pytest.raises(InputError, match="ended early"):
+        files.read(loc, 0, 64)
+
+
+@pytest.fixture()
+def two_models(tmp_path):
+    a = {"w": torch.randn(40, 8), "b": torch.randn(8).to(torch.bfloat16)}
+    b = {"w": torch.randn(40, 8), "b": torch.randn(8).to(torch.bfloat16)}
+    for name, t in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        save_file(t, str(tmp_path / name / "model.safetensors"))
+    return [load_checkpoint(tmp_path / n) for n in "ab"], [a, b]
+
+
+def test_prefetcher_stages_the_schedule_in_order_in_reused_slots(two_models):
+    ckpts, tensors = two_models
+    w = tuple(c.tensors["w"] for c in ckpts)
+    jobs = [ReadJob(("w", r0), w, r0, min(40, r0 + 16)) for r0 in range(0, 40, 16)]
+    jobs.append(ReadJob(("b",), tuple(c.tensors["b"] for c in ckpts), 0, 8))
+    slots = set()
+    with InputFiles() as files:
+        pre = Prefetcher(files, jobs, slot_bytes=max(j.nbytes for j in jobs))
+        try:
+            for job in jobs:
+                staged = pre.get(job.key)
+                slots.add(staged.slot)
+                name = job.key[0]
+                for got, want in zip(staged.inputs, tensors):
+                    assert _same(got, want[name][job.r0 : job.r1])
+                pre.release(staged)
+            with pytest.raises(RuntimeError, match="exhausted"):
+                pre.get(("more",))
+        finally:
+            pre.close()
+    assert slots <= set(range(DEPTH))
+
+
+def test_prefetcher_checks_the_order_and_reports_read_errors(two_models, tmp_path):
+    ckpts, _ = two_models
+    w = tuple(c.tensors["w"] for c in ckpts)
+    with InputFiles() as files:
+        pre = Prefetcher(files, [ReadJob(("w", 0), w, 0, 8)], slot_bytes=4096)
+        try:
+            with pytest.raises(RuntimeError, match="out of step"):
+                pre.get(("w", 8))
+        finally:
+            pre.close()
+        os.truncate(ckpts[1].tensors["w"].shard, 200)
+        pre = Prefetcher(files, [ReadJob(("w", 0), w, 0, 40)], slot_bytes=4096)
+        try:
+            with pytest.raises(InputError, match="ended early"):
+                pre.get(("w", 0))
+        finally:
+            pre.close()
+
+
+def test_prefetcher_refuses_a_job_larger_than_its_slot(two_models):
+    ckpts, _ = two_models
+    with InputFiles() as files:
+        pre = Prefetcher(files, [ReadJob(("w",), (ckpts[0].tensors["w"],), 0, 40)], slot_bytes=100)
+        try:
+            with pytest.raises(RuntimeError, match="more than the planned slot"):
+                pre.get(("w",))
+        finally:
+            pre.close()
+
+
+def test_prefetcher_close_does_not_hang_while_the_reader_waits_for_a_slot(two_models):
+    ckpts, _ = two_models
+    w = (ckpts[0].tensors["w"],)
+    jobs = [ReadJob(("w", i), w, 0, 40) for i in range(10)]
+    with InputFiles() as files:
+        pre = Prefetcher(files, jobs, slot_bytes=4096)
+        held = [pre.get(("w", 0)), pre.get(("w", 1))]  # both slots held: the reader is blocked
+        done = threading.Event()
+        threading.Thread(target=lambda: (pre.close(), done.set()), daemon=True).start()
+        assert done.wait(10), "close() hung"
+        assert len(held) == DEPTH
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_write_behind_runs_calls_in_order_and_recycles_buffers(threaded):
+    wb = WriteBehind(64, threaded=threaded)
+    seen: list[tuple[int, bytes]] = []
+    try:
+        for i in range(20):
+            slot, buf = wb.buffer()
+            buf[:4].fill_(i)
+            wb.submit(lambda i=i, b=buf: seen.append((i, bytes(b[:4].numpy()))), buffer=slot)
+        wb.drain()
+    finally:
+        wb.close()
+    assert seen == [(i, bytes([i] * 4)) for i in range(20)]
+
+
+def test_write_behind_raises_the_first_failure_once_and_skips_the_rest():
+    wb = WriteBehind(16)
+    ran: list[int] = []
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        wb.submit(ran.append, 1)
+        wb.submit(fail)
+        wb.submit(ran.append, 3)
+        with pytest.raises(OSError, match="No space"):
+            wb.drain()
+        wb.drain()  # reported once
+        for _ in range(2 * DEPTH):  # buffers still come back: no deadlock after a failure
+            slot, _ = wb.buffer()
+            wb.submit(ran.append, 4, buffer=slot)
+        wb.drain()
+    finally:
+        wb.close()
+    assert ran == [1]
