@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._rng import keep_mask, stream_key
@@ -90,16 +91,22 @@ class _DeltaTensorMerge(TensorMerge):
         if self.m.sparsify in ("magnitude", "outliers"):
             hi, lo = self.selectors[k]
             absd = delta.abs()
-            keep = hi.mask(absd)
-            if lo is not None:
-                keep &= ~lo.mask(absd)
-            return delta.mul_(keep)
+            keep = hi.factor(absd)
+            if lo is not None:  # the top k_lo are inside the top k_hi, so keep_hi − keep_lo is 0 or 1
+                drop = lo.factor(absd)
+                if drop is not None:
+                    keep = drop.neg_().add_(1) if keep is None else keep.sub_(drop)
+                elif keep is not None:
+                    keep.zero_()
+                else:
+                    keep = torch.zeros_like(delta)
+            return delta if keep is None else delta.mul_(keep)
         if self.m.sparsify == "random":
             density = self.p["density"][k]
             if density >= 1:
                 return delta
             # dropped iff u < drop rate (1 − density)
-            delta.mul_(keep_mask(self.keys[k], self._flat_start, delta.numel(), density).reshape(delta.shape))
+            delta.mul_(keep_mask(self.keys[k], self._flat_start, delta.numel(), density, np.float32).reshape(delta.shape))
             if self.p["rescale"] and density > 0:
                 delta.div_(density)
         return delta
@@ -132,21 +139,27 @@ class _DeltaTensorMerge(TensorMerge):
             total = deltas[0].clone()
             for d in deltas[1:]:
                 total.add_(d)
-            positive = total >= 0  # the elected sign: + where the summed mass is >= 0
+            # the elected sign, +1 where the summed mass is >= 0 (−0 only where every delta is ±0, which no sign
+            # keeps; NaN makes the output NaN anyway). Float arithmetic throughout: boolean masks are slow on CPU.
+            elected = torch.ones_like(total).copysign_(total)
             del total
             divisor = None
             for w, d in zip(weights, deltas):
-                agree = torch.where(positive, d > 0, d < 0)  # sign(d) equals the elected sign (never for 0 or NaN)
-                d.mul_(agree)  # multiplying (not selecting) keeps a NaN visible to the finite check
+                agree = torch.mul(d, elected).sign_().clamp_(min=0)  # 1 where sign(d) is elected (not 0), NaN stays
+                d.mul_(agree)
                 if normalize:
-                    share = agree.to(torch.float32)
-                    divisor = share.mul_(w) if divisor is None else divisor.add_(share.mul_(w))
+                    share = agree.mul_(w) if w != 1.0 else agree
+                    divisor = share if divisor is None else divisor.add_(share)
+            del elected
             mixed = deltas[0]
             for d in deltas[1:]:
                 mixed.add_(d)
             if normalize:
                 assert divisor is not None
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+                if min(weights) > 0:  # a 0 divisor only where every term is ±0: any positive divisor keeps them
+                    mixed.div_(divisor.clamp_(min=min(weights) / 2))
+                else:
+                    mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
         else:
             mixed = deltas[0]
             for d in deltas[1:]:

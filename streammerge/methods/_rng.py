@@ -57,14 +57,15 @@ def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu"
 _BLOCK = 1 << 16  # elements per step: the temporaries stay in cache
 
 
-def keep_mask(key: int, start: int, count: int, density: float) -> torch.Tensor:
-    """DARE's keep mask for flat indices ``start .. start + count - 1``: kept iff ``u >= 1 − density``.
+def keep_mask(key: int, start: int, count: int, density: float, dtype: type = bool) -> torch.Tensor:
+    """DARE's keep mask for flat indices ``start .. start + count - 1``: kept iff ``u >= 1 − density``; as
+    ``dtype`` (bool, or a float type for a 0/1 factor to multiply by).
 
     Same values as comparing :func:`uniform`, computed on uint64 in cache-sized blocks (numpy wraps on overflow
     and shifts logically), and compared as integers: ``u = top53 / 2⁵³ >= p`` iff ``top53 >= ceil(p·2⁵³)``.
     """
     threshold = np.uint64(math.ceil((1.0 - density) * (1 << 53)))
-    out = np.empty(count, dtype=bool)
+    out = np.empty(count, dtype=dtype)
     z = np.empty(min(count, _BLOCK), dtype=np.uint64)
     tmp = np.empty_like(z)
     steps = np.arange(1, len(z) + 1, dtype=np.uint64)

@@ -14,6 +14,7 @@ Memory: two 65 536-bin int64 histograms per target, whatever the tensor size.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 BINS = 1 << 16
@@ -32,8 +33,8 @@ class TopK:
         self.numel = numel
         self.tau_bits: int | None = None  # threshold bit pattern, after pass B
         self.ties = 0  # how many elements equal to tau are kept
-        self._hist_hi = torch.zeros(BINS, dtype=torch.int64)
-        self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
+        self._hist_hi: torch.Tensor | None = None  # allocated by the first chunk (never for a trivial k)
+        self._hist_lo: torch.Tensor | None = None
         self._bin = -1
         self._above_bin = 0  # elements whose high bits exceed the target bin
         self._seen_ties = 0  # during emit: elements equal to tau met so far (counting stops at ``ties``)
@@ -45,11 +46,17 @@ class TopK:
 
     def pass_a(self, absx: torch.Tensor) -> None:
         if not self.trivial:
-            self._hist_hi += torch.bincount((_bits(absx) >> 16).reshape(-1), minlength=BINS)
+            counts = torch.bincount((_bits(absx) >> 16).reshape(-1), minlength=BINS)
+            if self._hist_hi is None:
+                self._hist_hi = counts
+            else:
+                self._hist_hi += counts
 
     def end_a(self) -> None:
         if self.trivial:
             return
+        if self._hist_hi is None:
+            self._hist_hi = torch.zeros(BINS, dtype=torch.int64)
         # counts of elements with high bits >= b, for every b (suffix sums)
         at_or_above = self._hist_hi.flip(0).cumsum(0).flip(0)
         self._bin = int((at_or_above >= self.k).nonzero().max())
@@ -58,13 +65,20 @@ class TopK:
 
     def pass_b(self, absx: torch.Tensor) -> None:
         if not self.trivial:
-            bits = _bits(absx).reshape(-1)
-            in_bin = bits[(bits >> 16) == self._bin]
-            self._hist_lo += torch.bincount(in_bin & 0xFFFF, minlength=BINS)
+            # low bits + 1 of the elements in the target bin land in bins 1..BINS; everything else in 0 or BINS + 1
+            # (integer arithmetic on every element is much faster than gathering the few in the bin)
+            key = (_bits(absx).reshape(-1) - ((self._bin << 16) - 1)).clamp_(0, BINS + 1)
+            counts = torch.bincount(key, minlength=BINS + 2)[1 : BINS + 1]
+            if self._hist_lo is None:
+                self._hist_lo = counts.clone()
+            else:
+                self._hist_lo += counts
 
     def end_b(self) -> None:
         if self.trivial:
             return
+        if self._hist_lo is None:
+            self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
         need = self.k - self._above_bin  # elements to take from the target bin, >= 1
         at_or_above = self._hist_lo.flip(0).cumsum(0).flip(0)
         lo = int((at_or_above >= need).nonzero().max())
@@ -84,17 +98,18 @@ class TopK:
         self.tau_bits = None if tau < 0 else tau
         self.ties = ties
 
-    def mask(self, absx: torch.Tensor) -> torch.Tensor:
-        """Keep-mask for the next chunk in row order (same shape as ``absx``)."""
-        if self.k == 0:
-            return torch.zeros(absx.shape, dtype=torch.bool)
+    def factor(self, absx: torch.Tensor) -> torch.Tensor | None:
+        """float32 keep factor (1 kept, 0 dropped) for the next chunk in row order, same shape as ``absx``; None
+        when every element is kept. A factor to multiply by: float arithmetic, no boolean masks (slow on CPU)."""
         if self.k == self.numel:
-            return torch.ones(absx.shape, dtype=torch.bool)
-        assert self.tau_bits is not None, "mask() before passes A and B"
+            return None
+        if self.k == 0:
+            return torch.zeros(absx.shape, dtype=torch.float32)
+        assert self.tau_bits is not None, "factor() before passes A and B"
         bits = _bits(absx)
-        keep = bits > self.tau_bits
+        keep = (bits - self.tau_bits).clamp_(0, 1)  # 1 iff bits > tau (NaN bits too: NaN stays visible)
         if self._seen_ties < self.ties:  # once enough ties are kept, later equal elements are simply dropped
-            at = (bits == self.tau_bits).reshape(-1).nonzero().squeeze(1)  # flat positions, in index order
-            keep.view(-1)[at[: self.ties - self._seen_ties]] = True
+            at = np.flatnonzero(bits.reshape(-1).numpy() == self.tau_bits)  # flat positions, in index order
+            keep.view(-1)[torch.from_numpy(at[: self.ties - self._seen_ties])] = 1
             self._seen_ties += len(at)
-        return keep
+        return keep.to(torch.float32)
