@@ -10,7 +10,9 @@ One run:
   (b) for each --method x --max-ram (x --repeat): drop caches, run ``streammerge merge ... -q --force`` under
       ``/usr/bin/time -v``; wall, user+sys CPU, peak RSS, plus RssAnon/RssFile sampled from /proc;
   (c) interpreter baseline: peak RSS of ``python -c "import streammerge.cli, torch"`` under ``/usr/bin/time -v``;
-  (d) bytes read/written from ``streammerge plan --json`` (``bytes_read`` counts every pass).
+  (d) bytes read/written from ``streammerge plan --json`` (``bytes_read`` counts every pass);
+  (e) with --mergekit: the same merge by ``mergekit-yaml`` (config from bench/mergekit_recipe.py), measured like (b)
+      in the same round, for each method mergekit has.
 Prints a Markdown table; writes bench/results/<UTC timestamp>-<shape>.{json,md} and bench/results/latest.md.
 See bench/README.md for the columns.
 """
@@ -29,8 +31,12 @@ import threading
 import time
 from pathlib import Path
 
+from mergekit_recipe import METHODS as MERGEKIT_METHODS
+from mergekit_recipe import mergekit_yaml, safetensors_dtype
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+MERGEKIT_AUTO = BENCH / ".mergekit-venv" / "bin" / "mergekit-yaml"
 BUF = 16 * 1024 * 1024
 UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
          "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
@@ -198,6 +204,7 @@ def time_v(cmd: list[str], sample: bool = False, env: dict | None = None) -> dic
         "cmd": cmd,
         "returncode": proc.returncode,
         "exit_status": num("Exit status", int),
+        "signal": int(sig.group(1)) if (sig := re.search(r"terminated by signal (\d+)", report)) else None,
         "wall_s": wall,
         "wall_outer_s": round(wall_outer, 3),
         "user_s": user,
@@ -233,6 +240,47 @@ def rm_out(out: Path) -> None:
             p.unlink()
     for p in out.parent.glob(out.name + ".*"):  # any other leftovers next to the output
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+
+def measure_merge(cmd: list[str], out: Path, dropper: CacheDropper, cgroup_limit: str | None, label: str) -> dict:
+    """Drop caches, run one merge that writes ``out`` under time -v (in a memory cgroup when a limit is given).
+
+    Returns the time -v fields plus ``ok``/``error``, load averages and the cgroup report; ``out`` is deleted
+    before and after.
+    """
+    rm_out(out)
+    row: dict = {"cache_dropped": dropper.drop(), "loadavg_before": loadavg()}
+    log(f"  {label} (load {row['loadavg_before']})")
+    cgroup = MemoryCgroup(parse_size(cgroup_limit)) if cgroup_limit else None
+    try:
+        res = time_v(cgroup.wrap(cmd) if cgroup else cmd, sample=True)
+        if cgroup:
+            row["cgroup"] = cgroup.report()
+            log(f"  cgroup: {row['cgroup']}")
+    finally:
+        if cgroup:
+            cgroup.remove()
+    row["loadavg_after"] = loadavg()
+    row.update(res)
+    row["out_bytes_on_disk"] = tree_size(out)
+    row["ok"] = res["returncode"] == 0 and out.is_dir()
+    if not row["ok"]:
+        row["error"] = (res["stderr_tail"] or res["stdout_tail"]).strip()[-2000:] or \
+            f"exit status {res['returncode']}"
+        log(f"  FAILED ({failure(row)}): {row['error'][-500:]}")
+    else:
+        log(f"  wall {res['wall_s']} s, cpu {res['cpu_s']} s, peak RSS {human(res['peak_rss'])}")
+    rm_out(out)
+    return row
+
+
+def failure(row: dict) -> str:
+    """Why a measured run failed, in a few words (a SIGKILL is usually the kernel's OOM killer)."""
+    if (row.get("cgroup") or {}).get("oom_kills"):
+        return "OOM-killed in the cgroup"
+    if row.get("signal"):
+        return f"killed by signal {row['signal']}" + (", OOM?" if row["signal"] == 9 else "")
+    return f"exit {row.get('returncode')}"
 
 
 # ----------------------------------------------------------------------------------------------- floor
@@ -324,6 +372,86 @@ def machine(python: str, streammerge_bin: str, work: Path) -> dict:
     return info
 
 
+# ----------------------------------------------------------------------------------------------- mergekit
+def find_mergekit(spec: str) -> tuple[str, str]:
+    """The mergekit-yaml executable named by --mergekit (``auto``: bench/.mergekit-venv) and mergekit's version."""
+    exe = MERGEKIT_AUTO if spec == "auto" else Path(shutil.which(spec) or spec)
+    how = "install it as bench/README.md says (section 'mergekit side by side')"
+    if not exe.exists():
+        raise SystemExit(f"--mergekit {spec}: {exe} not found; {how}")
+    py = exe.with_name("python")
+    if not py.exists():
+        return str(exe), "?"
+    r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"--mergekit {spec}: mergekit is not installed for {py}; {how}\n{r.stderr.strip()}")
+    return str(exe), r.stdout.strip()
+
+
+def method_params(params: list[str], method: str) -> dict[str, str]:
+    """The --param values for ``method``: NAME=VALUE applies to every method, METHOD:NAME=VALUE (winning) to one."""
+    res: dict[str, str] = {}
+    for p in sorted(params, key=lambda p: ":" in p.partition("=")[0]):  # unscoped first, so scoped ones win
+        name, sep, value = p.partition("=")
+        scope, colon, name = name.rpartition(":")
+        if not sep or not name:
+            raise SystemExit(f"--param {p!r}: write NAME=VALUE or METHOD:NAME=VALUE")
+        if not colon or scope == method:
+            res[name] = value
+    return res
+
+
+def mergekit_setup(spec: str, methods: list[str], plans: dict, base: Path, variants: list[Path], params: list[str],
+                   extra_args: list[str], mergekit_args: list[str]) -> dict:
+    """Executable, version, flags and one YAML config per method mergekit can run; why not for the others."""
+    exe, version = find_mergekit(spec)
+    dtype, others = None, []
+    for i, a in enumerate(extra_args):  # --dtype translates to out_dtype; nothing else does
+        if a.startswith("--dtype="):
+            dtype = a.split("=", 1)[1]
+        elif a == "--dtype" and i + 1 < len(extra_args):
+            dtype = extra_args[i + 1]
+        elif i == 0 or extra_args[i - 1] != "--dtype":
+            others.append(a)
+    tokenizer = any((base / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    mk = {"bin": exe, "version": version, "configs": {}, "skipped": {}, "runs": [],
+          "flags": ["--lazy-unpickle", "--quiet", *([] if tokenizer else ["--no-copy-tokenizer"]), *mergekit_args]}
+    for method in methods:
+        if method not in MERGEKIT_METHODS:
+            mk["skipped"][method] = "no mergekit equivalent"
+        elif others:
+            mk["skipped"][method] = f"--extra-arg {' '.join(others)} has no mergekit equivalent"
+        elif all("error" in plan for (m, _), plan in plans.items() if m == method):
+            mk["skipped"][method] = "streammerge plan failed"
+        else:
+            try:
+                mk["configs"][method] = mergekit_yaml(method, base, variants, method_params(params, method),
+                                                      dtype or safetensors_dtype(base))
+            except ValueError as exc:
+                mk["skipped"][method] = str(exc)
+    for method, why in mk["skipped"].items():
+        log(f"mergekit: not running {method}: {why}")
+    return mk
+
+
+def run_mergekit(mk: dict, method: str, work: Path, dropper: CacheDropper, cgroup_limit: str | None) -> dict:
+    """One mergekit-yaml merge, measured like a streammerge merge; its config and output are deleted after."""
+    config, out = work / f"mergekit-{method}.yml", work / "mergekit-out"
+    config.write_text(mk["configs"][method])
+    try:
+        return measure_merge([mk["bin"], str(config), str(out), *mk["flags"]], out, dropper, cgroup_limit,
+                             f"mergekit {method}")
+    finally:
+        config.unlink()
+
+
+def mergekit_run_for(mk: dict | None, row: dict) -> dict | None:
+    """The mergekit run of the same method and round as a streammerge row."""
+    return next((k for k in (mk or {}).get("runs", []) if (k["method"], k["round"]) == (row["method"], row["round"])),
+                None)
+
+
 # ----------------------------------------------------------------------------------------------- main
 def discover(models: Path, names: list[str] | None) -> tuple[Path, list[Path], str]:
     base = models / "base"
@@ -355,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge method; repeat (or comma-separate) for one table row each (default widen)")
     ap.add_argument("--max-ram", action="append", dest="max_rams",
                     help="--max-ram passed to streammerge; repeat (or comma-separate) for more rows (default 1GiB)")
-    ap.add_argument("--param", action="append", default=[], help="passed through as --param NAME=VALUE")
+    ap.add_argument("--param", action="append", default=[],
+                    help="passed through as --param NAME=VALUE; METHOD:NAME=VALUE for one method only")
     ap.add_argument("--extra-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for plan and merge, repeatable, e.g. --extra-arg=--exclude=model\\.layers")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each (method, max-ram); floor measured each round")
@@ -368,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cgroup-limit", default=None, metavar="SIZE",
                     help="run each merge inside a memory cgroup (v1) with this hard limit, the way a laptop with "
                          "little free RAM would (page cache included); needs root")
+    ap.add_argument("--mergekit", default=None, metavar="PATH",
+                    help="also run each method with this mergekit-yaml (auto: bench/.mergekit-venv/bin/mergekit-yaml) "
+                         "in the same round, for a side-by-side table")
+    ap.add_argument("--mergekit-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for mergekit-yaml, repeatable, e.g. --mergekit-arg=--out-shard-size=1B")
     args = ap.parse_args(argv)
 
     methods = [m for v in (args.methods or ["widen"]) for m in v.split(",") if m]
@@ -395,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             a += ["--model", str(v)]
         a += ["--method", method, "--max-ram", max_ram, "--out", str(out)]
-        for p in args.param:
-            a += ["--param", p]
+        for name, value in method_params(args.param, method).items():
+            a += ["--param", f"{name}={value}"]
         return a + list(args.extra_arg)
 
     # Plans (no tensor data read): bytes read/written, predicted buffers.
@@ -415,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                 plans[(method, mr)]["shards"] = len(d["shards"])
     out_bytes = next((p["bytes_written"] for p in plans.values() if "bytes_written" in p),
                      sum(p.stat().st_size for p in base.glob("*.safetensors")))
+    mk = mergekit_setup(args.mergekit, methods, plans, base, variants, args.param, args.extra_arg,
+                        args.mergekit_arg) if args.mergekit else None
 
     floors: list[dict] = []
     rows: list[dict] = []
@@ -435,32 +571,12 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(ok=False, error="plan failed: " + plan["error"])
                     rows.append(row)
                     continue
-                rm_out(out)
-                row["cache_dropped"] = dropper.drop()
-                row["loadavg_before"] = loadavg()
-                log(f"  merge {method} --max-ram {mr} (load {row['loadavg_before']})")
                 cmd = [sm, "merge", *merge_args(method, mr), "-q", "--force"]
-                cgroup = MemoryCgroup(parse_size(args.cgroup_limit)) if args.cgroup_limit else None
-                try:
-                    res = time_v(cgroup.wrap(cmd) if cgroup else cmd, sample=True)
-                    if cgroup:
-                        row["cgroup"] = cgroup.report()
-                        log(f"  cgroup: {row['cgroup']}")
-                finally:
-                    if cgroup:
-                        cgroup.remove()
-                row["loadavg_after"] = loadavg()
-                row.update(res)
-                row["out_bytes_on_disk"] = tree_size(out)
-                row["ok"] = res["returncode"] == 0 and out.is_dir()
-                if not row["ok"]:
-                    row["error"] = (res["stderr_tail"] or res["stdout_tail"]).strip()[-2000:] or \
-                        f"exit status {res['returncode']}"
-                    log(f"  FAILED (rc {res['returncode']}): {row['error'][-500:]}")
-                else:
-                    log(f"  wall {res['wall_s']} s, cpu {res['cpu_s']} s, peak RSS {human(res['peak_rss'])}")
-                rm_out(out)
+                row.update(measure_merge(cmd, out, dropper, args.cgroup_limit, f"merge {method} --max-ram {mr}"))
                 rows.append(row)
+            if mk and method in mk["configs"]:
+                mk["runs"].append({"round": rep + 1, "method": method, "floor_s": fl["floor_s"],
+                                   **run_mergekit(mk, method, work, dropper, args.cgroup_limit)})
 
     # Interpreter baseline (warm cache: this is about RSS, not time).
     log("interpreter baseline: python -c 'import streammerge.cli, torch' (cold cache, then warm)")
@@ -468,7 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     bl_cold = time_v([args.python, "-c", "import streammerge.cli, torch"])
     bl = time_v([args.python, "-c", "import streammerge.cli, torch; import time; time.sleep(0.3)"], sample=True)
     baseline = bl["peak_rss"]
+    for row in [*rows, *(mk or {}).get("runs", [])]:
+        if row.get("wall_s") and row.get("floor_s"):
+            row["wall_over_floor"] = round(row["wall_s"] / row["floor_s"], 2)
     for row in rows:
+        k = mergekit_run_for(mk, row)
+        if k and k.get("ok") and row.get("ok") and row.get("wall_s"):
+            row["mergekit_wall_s"] = k["wall_s"]
+            row["mergekit_over_streammerge"] = round(k["wall_s"] / row["wall_s"], 2)
         if row.get("peak_rss") is not None and baseline is not None:
             row["baseline_rss"] = baseline
             row["peak_minus_baseline"] = row["peak_rss"] - baseline
@@ -477,8 +600,6 @@ def main(argv: list[str] | None = None) -> int:
             # RssAnon is the memory the process really owns; RssFile is mapped file pages (reclaimable).
             b_anon = (bl.get("sampled") or {}).get("RssAnon")
             row["anon_peak_minus_baseline_anon"] = s["RssAnon"] - b_anon if s.get("n") and b_anon else None
-        if row.get("wall_s") and row.get("floor_s"):
-            row["wall_over_floor"] = round(row["wall_s"] / row["floor_s"], 2)
         if row.get("wall_s") and row.get("plan", {}).get("bytes_read"):
             row["read_MBps_effective"] = round(row["plan"]["bytes_read"] / row["wall_s"] / 1e6, 1)
 
@@ -490,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "baseline": {**{k: bl[k] for k in ("wall_s", "cpu_s", "peak_rss", "returncode")},
                      "rss_anon": (bl.get("sampled") or {}).get("RssAnon"),
                      "cold_wall_s": bl_cold["wall_s"], "cold_peak_rss": bl_cold["peak_rss"]},
-        "floors": floors, "runs": rows, "note": args.note, "argv": sys.argv,
+        "floors": floors, "runs": rows, "mergekit": mk, "note": args.note, "argv": sys.argv,
     }
     md = render_md(result)
     print(md)
@@ -541,6 +662,7 @@ def render_md(r: dict) -> str:
                  f"{human(row.get('peak_minus_baseline'))} | "
                  f"{'yes' if row.get('within_budget') else '**no**'} | {row['floor_s']:.2f} | "
                  f"{row.get('wall_over_floor', '-')} |")
+    L += render_mergekit(r)
     L.append("")
     L.append("Details per run:")
     L.append("")
@@ -564,20 +686,42 @@ def render_md(r: dict) -> str:
     for f in r["floors"]:
         L.append(f"| {f['round']} | {'yes' if f['cache_dropped'] else 'no'} | {human(f['read_bytes'])} | {f['read_s']} | "
                  f"{f['read_MBps']} | {human(f['write_bytes'])} | {f['write_s']} | {f['write_MBps']} | {f['floor_s']} |")
-    errs = [row for row in r["runs"] if not row.get("ok")]
+    errs = [(f"{row['method']} --max-ram {row['max_ram']} (round {row['round']}, exit {row.get('returncode')})",
+             row.get("error", "")) for row in r["runs"] if not row.get("ok")]
+    errs += [(f"mergekit {k['method']} (round {k['round']}, {failure(k)})", k.get("error", ""))
+             for k in (r.get("mergekit") or {}).get("runs", []) if not k.get("ok")]
     if errs:
         L.append("")
         L.append("Failures:")
-        for row in errs:
-            L.append("")
-            L.append(f"- {row['method']} --max-ram {row['max_ram']} (round {row['round']}, "
-                     f"exit {row.get('returncode')}):")
-            L.append("")
-            L.append("```")
-            L.append(row.get("error", "").strip())
-            L.append("```")
+        for title, error in errs:
+            L += ["", f"- {title}:", "", "```", error.strip(), "```"]
     L.append("")
     return "\n".join(L)
+
+
+def render_mergekit(r: dict) -> list[str]:
+    """The side-by-side table: each streammerge row next to mergekit's run of the same method and round."""
+    mk = r.get("mergekit")
+    if not mk:
+        return []
+    L = ["", f"mergekit side by side: mergekit {mk['version']} (`{mk['bin']}`, flags `{' '.join(mk['flags'])}`), same "
+             "inputs, float32 arithmetic as in streammerge (`dtype: float32`, config in the JSON), page cache handled "
+             "as for streammerge:", "",
+         "| method | max-ram | round | streammerge wall s | mergekit wall s | mergekit CPU s | mergekit peak RSS | "
+         "mergekit wall/floor | speedup (mergekit/streammerge) |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["runs"]:
+        k = mergekit_run_for(mk, row)
+        if k is None:
+            continue
+        sm_wall = f"{row['wall_s']:.2f}" if row.get("ok") else "FAILED"
+        mk_wall = f"{k['wall_s']:.2f}" if k.get("ok") else f"FAILED ({failure(k)}) after {k.get('wall_s')} s"
+        L.append(f"| {row['method']} | {row['max_ram']} | {row['round']} | {sm_wall} | {mk_wall} | "
+                 f"{k.get('cpu_s', '-')} | {human(k.get('peak_rss'))} | "
+                 f"{k.get('wall_over_floor', '-') if k.get('ok') else '-'} | {row.get('mergekit_over_streammerge', '-')} |")
+    if mk["skipped"]:
+        L += ["", *(f"- {method}: not run with mergekit ({why})" for method, why in mk["skipped"].items())]
+    return L
 
 
 if __name__ == "__main__":
