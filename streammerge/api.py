@@ -29,7 +29,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
             raise PlanError(f"--out {recipe.out} is the input folder {folder} or contains it; choose another output folder")
     base = load_checkpoint(recipe.base)
     models = [load_checkpoint(m) for m in recipe.models]
-    return make_plan(recipe, base, models, make_budget(recipe.max_ram))
+    return make_plan(recipe, base, models, make_budget(recipe.max_ram, recipe.device, recipe.max_vram))
 
 
 def plan(base: str | Path, models: Sequence[str | Path], out: str | Path, method: str = "widen",

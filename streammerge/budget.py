@@ -19,16 +19,25 @@ DEFAULT_RAM_FRACTION = 0.5
 _UNLIMITED = 1 << 60
 
 
+#: Share of the free GPU memory used when the user sets no --max-vram.
+DEFAULT_VRAM_FRACTION = 0.8
+
+
 @dataclass(frozen=True)
 class Budget:
-    """Bytes of RAM the merge's buffers may use (beyond the interpreter's own baseline) and where that came from."""
+    """Bytes of RAM the merge's buffers may use (beyond the interpreter's own baseline) and where that came from;
+    the device the arithmetic runs on and, for a GPU, the bytes of GPU memory its tensors may use."""
 
     max_ram: int
     source: str
     device: str = "cpu"
+    max_vram: int | None = None
+    vram_source: str = ""
+    device_source: str = ""  # why this device, e.g. "--device auto: no CUDA device"
 
     def describe(self) -> str:
-        return f"{format_size(self.max_ram)} RAM ({self.source}), device {self.device}"
+        vram = f", {format_size(self.max_vram)} GPU memory ({self.vram_source})" if self.max_vram else ""
+        return f"{format_size(self.max_ram)} RAM ({self.source}), device {self.device}{vram}"
 
 
 def _read_int(path: Path) -> int | None:
@@ -79,13 +88,37 @@ def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = 
     return best
 
 
-def make_budget(max_ram: str | int | None = None) -> Budget:
-    """``--max-ram`` if given, else half of the RAM available now (within any memory cgroup limit)."""
+def make_budget(max_ram: str | int | None = None, device: str | None = "cpu",
+                max_vram: str | int | None = None) -> Budget:
+    """``--max-ram`` if given, else half of the RAM available now (within any memory cgroup limit); the device
+    ``--device`` resolves to, and for a GPU ``--max-vram`` if given, else 80% of its free memory."""
+    import torch
+
+    from .device import free_vram, resolve_device
+
+    where_to = resolve_device(device)
+    spec = (device or "auto").strip().lower()
+    if spec == "auto":
+        why = ("--device auto: " + (f"CUDA device {torch.cuda.get_device_name(where_to)}" if where_to.type == "cuda"
+                                    else "no CUDA device"))
+    else:
+        why = f"--device {spec}"
     if max_ram is not None:
-        return Budget(parse_size(max_ram, "--max-ram"), "--max-ram")
-    available = psutil.virtual_memory().available
-    where = "available"
-    headroom = cgroup_headroom()
-    if headroom is not None and headroom < available:
-        available, where = headroom, "left under the memory cgroup limit"
-    return Budget(int(available * DEFAULT_RAM_FRACTION), f"{DEFAULT_RAM_FRACTION:.0%} of {format_size(available)} {where}")
+        ram, source = parse_size(max_ram, "--max-ram"), "--max-ram"
+    else:
+        available = psutil.virtual_memory().available
+        where = "available"
+        headroom = cgroup_headroom()
+        if headroom is not None and headroom < available:
+            available, where = headroom, "left under the memory cgroup limit"
+        ram, source = int(available * DEFAULT_RAM_FRACTION), f"{DEFAULT_RAM_FRACTION:.0%} of {format_size(available)} {where}"
+    if where_to.type != "cuda":
+        if max_vram is not None:
+            parse_size(max_vram, "--max-vram")  # still reject a malformed value
+        return Budget(ram, source, "cpu", device_source=why)
+    if max_vram is not None:
+        vram, vram_source = parse_size(max_vram, "--max-vram"), "--max-vram"
+    else:
+        free = free_vram(where_to)
+        vram, vram_source = int(free * DEFAULT_VRAM_FRACTION), f"{DEFAULT_VRAM_FRACTION:.0%} of {format_size(free)} free"
+    return Budget(ram, source, str(where_to), vram, vram_source, why)

@@ -55,6 +55,12 @@ def _merge_options(f: Any) -> Any:
                      help="RAM for the merge's buffers, e.g. 512MiB or 6GiB (default: half of the available RAM, "
                           "within any memory cgroup limit). "
                           "Sets the chunk size; the output does not depend on it."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     help="Where the arithmetic runs: auto uses a CUDA GPU when one is present, else the CPU. "
+                          "CPU and GPU results agree within float tolerance (not bit for bit)."),
+        click.option("--max-vram", default=None, metavar="SIZE",
+                     help="GPU memory for the merge's tensors with a CUDA device, e.g. 8GiB (default: 80% of the "
+                          "free GPU memory); sets the chunk size with --max-ram."),
         click.option("--dtype", default=None, metavar="DTYPE",
                      help="Output dtype: bfloat16, float16 or float32 (default: each tensor keeps the base's dtype)."),
         click.option("--exclude", multiple=True, metavar="REGEX",
@@ -92,7 +98,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=parse_size(kw["shard_size"], "--shard-size") if kw["shard_size"] else DEFAULT_SHARD_SIZE,
-        max_ram=kw["max_ram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
+        max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
         journal=not kw["no_journal"],
     )
 
@@ -103,9 +109,12 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         f"base        {d['base']}",
         *(f"model {i + 1:<5} {m}" for i, m in enumerate(d["models"])),
         f"output      {d['out']} ({len(d['shards'])} shard(s), {format_size(d['bytes_written'])})",
-        f"device      {d['device']}",
+        f"device      {d['device']}" + (f" ({d['device_source']})" if d.get("device_source") else ""),
         f"budget      {format_size(d['budget']['max_ram'])} ({d['budget']['source']})",
         f"peak RAM    {format_size(d['predicted_peak_ram'])} predicted for buffers (plus the interpreter)",
+        *([f"GPU memory  {format_size(d['budget']['max_vram'])} ({d['budget']['vram_source']}); "
+           f"{format_size(d['predicted_peak_vram'])} predicted for tensors"] if d.get("predicted_peak_vram") else []),
+        f"reads once  {d['read_once']} tensor(s) read once for every pass; {d['read_per_pass']} read once per pass",
         f"reads       {format_size(d['bytes_read'])}",
         f"tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
     ]
@@ -169,9 +178,10 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--max-ram", default=None, metavar="SIZE", help="RAM budget for the rest of the merge (may differ).")
+@click.option("--max-vram", default=None, metavar="SIZE", help="GPU memory for the rest of the merge (may differ).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def resume(out: Path, max_ram: str | None, as_json: bool, quiet: bool) -> None:
+def resume(out: Path, max_ram: str | None, max_vram: str | None, as_json: bool, quiet: bool) -> None:
     """Continue an interrupted merge into OUT (same as rerunning the original merge command)."""
     work = work_folder_for(out)
     plan_file = work / "plan.json"
@@ -181,7 +191,7 @@ def resume(out: Path, max_ram: str | None, as_json: bool, quiet: bool) -> None:
         raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
     try:
         stored = json.loads(plan_file.read_text(encoding="utf-8"))["recipe"]
-        recipe = Recipe.from_json(stored, max_ram=max_ram)
+        recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram)
     except (ValueError, KeyError, TypeError) as exc:
         raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with merge --restart") from None
     _run(recipe, as_json, quiet)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ._version import __version__
 from .errors import NonFiniteError, StreamMergeError
 from .faults import checkpoint
+from .device import make_compute
 from .formats.checkpoint import Located
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .formats.reader import InputFiles
@@ -102,6 +103,7 @@ class _Run:
         self.states: dict[str, dict[str, torch.Tensor]] = {}  # statistics a previous run saved
         self.prefetch: Prefetcher | None = None
         self.writer: WriteBehind | None = None
+        self.compute = make_compute(torch.device(plan.budget.device))
 
     # ---- opening and checking what a previous run left ---------------------------------------------------
     def open_shards(self) -> None:
@@ -169,8 +171,9 @@ class _Run:
         return jobs
 
     def start_threads(self, order: list[TensorPlan]) -> None:
-        self.prefetch = Prefetcher(self.inputs, self.schedule(order), self.plan.slot_bytes)
-        self.writer = WriteBehind(self.plan.out_buffer_bytes)
+        pin = self.compute.pin
+        self.prefetch = Prefetcher(self.inputs, self.schedule(order), self.plan.slot_bytes, pin=pin)
+        self.writer = WriteBehind(self.plan.out_buffer_bytes, pin=pin)
 
     def stop_threads(self) -> None:
         """Let the writer finish what was submitted (skipped after a failure) and stop both threads."""
@@ -288,26 +291,37 @@ class _Run:
             self.progress.update(nbytes)
             self.submit_chunk(t, r0, r1, slot, buf, nbytes, {})
 
+    def stage(self, key: tuple[Any, ...]) -> tuple[Staged | None, list[torch.Tensor]]:
+        """The inputs of read job ``key`` on the compute device. Returns (the staged job, or None once its slot is
+        back with the reader because the inputs were copied to the GPU, and the inputs)."""
+        assert self.prefetch is not None
+        staged = self.take(key)
+        inputs = self.compute.upload(staged.inputs)
+        if self.compute.copies:
+            self.prefetch.release(staged)
+            return None, inputs
+        return staged, inputs
+
     def merge(self, t: TensorPlan, start: int) -> None:
         """Statistics passes (unless a previous run saved their result), then the merge pass, block by block."""
         assert self.writer is not None and self.prefetch is not None
         merger: TensorMerge = self.plan.method.start(t.task, self.plan.params, len(self.plan.models))
         assert merger.stat_passes == t.stat_passes, (t.name, merger.stat_passes, t.stat_passes)
         state = self.states.pop(t.name, None)
-        held: Staged | None = None  # a tensor read once for every pass
+        held: tuple[Staged | None, list[torch.Tensor]] | None = None  # a tensor read once for every pass
         if state is not None:
             merger.load_state_dict(state)
         elif t.stat_passes:
             if t.resident:
-                held = self.take((t.name, "all", *t.chunks()[0]))
+                held = self.stage((t.name, "all", *t.chunks()[0]))
             for p in range(t.stat_passes):
                 self.progress.set_description(f"statistics pass {p + 1}", refresh=False)
                 for r0, r1 in t.chunks():
-                    staged = held or self.take((t.name, p, r0, r1))
+                    staged, inputs = held or self.stage((t.name, p, r0, r1))
                     for b0, b1 in t.blocks(r0, r1, stats=True):
-                        base, *models = self.floats(staged.inputs, b0 - r0, b1 - r0)
+                        base, *models = self.floats(inputs, b0 - r0, b1 - r0)
                         merger.accumulate(p, b0, base, models)
-                    if held is None:
+                    if held is None and staged is not None:
                         self.prefetch.release(staged)
                     self.ordered(checkpoint, "stats-chunk")
                 merger.end_pass(p)
@@ -317,16 +331,20 @@ class _Run:
             merger.restore_cursor(self.journal.get(t.name).cursor)
         self.progress.set_description("merge pass", refresh=False)
         for r0, r1 in t.chunks(start):
-            staged = held or self.take((t.name, "emit", r0, r1))
+            staged, inputs = held or self.stage((t.name, "emit", r0, r1))
             held = None
             slot, buf = self.writer.buffer()
-            out, nbytes = self.out_view(t, buf, r0, r1)
+            host, nbytes = self.out_view(t, buf, r0, r1)
+            out = self.compute.output_like(host)
             for b0, b1 in t.blocks(r0, r1, stats=False):
                 a, b = b0 - r0, b1 - r0
-                inputs = self.floats(staged.inputs, a, b)
-                result = merger.emit(b0, inputs[0], inputs[1:])
-                self.store(t, out[a:b] if out.dim() else out, b0, result, inputs)
-            self.prefetch.release(staged)
+                block = self.floats(inputs, a, b)
+                result = merger.emit(b0, block[0], block[1:])
+                self.store(t, out[a:b] if out.dim() else out, b0, result, block)
+            self.compute.download(out, host)
+            del inputs
+            if staged is not None:
+                self.prefetch.release(staged)
             self.submit_chunk(t, r0, r1, slot, buf, nbytes, merger.cursor())
 
     def run_tensor(self, t: TensorPlan) -> None:
@@ -449,7 +467,7 @@ def execute(plan: Plan, show_progress: bool = True) -> Path:
             for t in order:
                 run.run_tensor(t)
             run.finish()
-        except (StreamMergeError, OSError, KeyboardInterrupt) as exc:
+        except (StreamMergeError, OSError, KeyboardInterrupt, torch.OutOfMemoryError) as exc:
             run.stop_threads()
             _after_failure(run, exc)
             raise _explain(exc, recipe.out, work, recipe.journal) from None
@@ -465,7 +483,7 @@ def execute(plan: Plan, show_progress: bool = True) -> Path:
 
 def _resumable(exc: BaseException) -> bool:
     """Interruptions and I/O failures leave a resumable work folder; bad data does not (the inputs must change)."""
-    return isinstance(exc, (MergeInterrupted, KeyboardInterrupt, OSError, DiskFullError))
+    return isinstance(exc, (MergeInterrupted, KeyboardInterrupt, OSError, DiskFullError, torch.OutOfMemoryError))
 
 
 def _after_failure(run: _Run, exc: BaseException) -> None:
@@ -491,6 +509,9 @@ def _explain(exc: BaseException, out: Path, work: Path, journaled: bool) -> Stre
         return MergeInterrupted(f"merge interrupted ({exc}){hint}", exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         return MergeInterrupted(f"merge interrupted{hint}", 130)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return StreamMergeError(f"the GPU ran out of memory (other processes may be using it): lower --max-vram, "
+                                f"or use --device cpu{hint}")
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return DiskFullError(f"disk full while writing the merge{hint}")

@@ -167,7 +167,7 @@ class Journal:
         folder = self.work / "state"
         folder.mkdir(exist_ok=True)
         fname = f"{index:06d}.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / fname))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / fname))
         fsync_path(folder / fname)
         self.progress.setdefault(name, TensorProgress()).state_file = fname
         self._pending.append(json.dumps({"s": name, "file": fname}))

@@ -32,8 +32,12 @@ from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_
 
 #: Share of --max-ram the planned buffers may fill; the rest absorbs allocator slack and small temporaries.
 BUDGET_USABLE = 0.85
+#: Share of --max-vram the planned GPU tensors may fill (the caching allocator rounds and fragments).
+VRAM_USABLE = 0.85
 #: elements per compute block of a merge pass: the block's float32 temporaries stay in the CPU caches
 BLOCK_ELEMENTS = 1 << 18
+#: Share of --max-vram the planned GPU tensors may fill (the caching allocator rounds and fragments).
+VRAM_USABLE = 0.85
 #: elements per compute block of a statistics pass (at least one reduction tile of rows)
 STAT_BLOCK_ELEMENTS = 1 << 19
 
@@ -106,6 +110,7 @@ class Plan:
     slot_bytes: int  # one input slot: a chunk of every input, as stored
     out_buffer_bytes: int  # one output buffer: a chunk of output bytes
     scratch_bytes: int  # the largest per-tensor state + compute-block temporaries
+    peak_vram: int  # predicted GPU memory for tensors (0 on the CPU)
     bytes_read: int
     bytes_written: int
     fingerprint: str
@@ -125,8 +130,12 @@ class Plan:
             "models": [str(m) for m in self.recipe.models],
             "out": str(self.recipe.out),
             "device": self.budget.device,
-            "budget": {"max_ram": self.budget.max_ram, "source": self.budget.source},
+            "device_source": self.budget.device_source,
+            "budget": {"max_ram": self.budget.max_ram, "source": self.budget.source,
+                       **({"max_vram": self.budget.max_vram, "vram_source": self.budget.vram_source}
+                          if self.budget.max_vram else {})},
             "predicted_peak_ram": self.peak_ram,
+            **({"predicted_peak_vram": self.peak_vram} if self.peak_vram else {}),
             "buffers": {"input_slots": DEPTH, "slot_bytes": self.slot_bytes, "output_buffers": DEPTH,
                         "output_buffer_bytes": self.out_buffer_bytes, "scratch_bytes": self.scratch_bytes},
             "read_once": sum(1 for t in self.tensors if t.stat_passes and t.resident),
@@ -234,6 +243,20 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         fixed = max(fixed, state + per_elem * block_elems)
     per_elem_buffers = DEPTH * (max((s[1] for s in sizing), default=0) + max((s[2] for s in sizing), default=0))
     chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
+    on_gpu = budget.device.startswith("cuda")
+    peak_vram = 0
+    if on_gpu:
+        # a chunk on the GPU: its inputs as stored and as float32, the method's scratch, the result and its cast
+        merged = [s for s in sizing if s[0].rule not in (Rule.COPY_BASE, Rule.TIED_COPY)]
+        gpu_elem = max((s[5] + s[1] + s[2] for s in merged), default=1)
+        vram_usable = int((budget.max_vram or 0) * VRAM_USABLE) - max_state
+        least = max((s[0].numel if s[0].rule is Rule.VECTOR else s[0].row_numel for s in merged), default=0)
+        if vram_usable < gpu_elem * least:
+            need = (max_state + gpu_elem * least) / VRAM_USABLE
+            raise PlanError(f"--max-vram {format_size(budget.max_vram or 0)} is too small: one row chunk needs "
+                            f"{format_size(need)} of GPU memory; raise --max-vram, or use --device cpu")
+        chunk_elems = min(chunk_elems, vram_usable // gpu_elem)
+        peak_vram = max_state + gpu_elem * chunk_elems
 
     bytes_read = 0
     widest: tuple[int, str] = (0, "")
@@ -253,6 +276,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             need = max_state + max((s[5] for s in sizing), default=0) * least + per_elem_buffers * least
             if need > widest[0]:
                 widest = (need, name)
+        if on_gpu:  # one kernel per operation on the whole chunk (the GPU has no cache to stay within)
+            emit_rows = stat_rows = max(chunk, 1)
         tensors.append(TensorPlan(name, shape, rule, dtype, shard_of[name], max(chunk, 1), passes, emit_rows,
                                   stat_rows, state, source, task.exact_products))
     if widest[0]:
@@ -266,11 +291,14 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     slot = max((_slot_bytes(t, locs[t.name]) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
     peak = DEPTH * (slot + out_buffer) + fixed
+    if on_gpu:
+        peak_vram = min(peak_vram, max_state + max(
+            (gpu_elem * t.chunk_rows * t.task.row_numel for t in tensors if t.rule in MERGED_RULES), default=0))
     written = sum(s.size for s in shards)
-    doc = fingerprint_document(recipe, method, params, base, models, shards)
+    doc = fingerprint_document(recipe, method, params, base, models, shards, budget.device)
     fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-    return Plan(recipe, method, params, budget, tuple(tensors), shards, peak, slot, out_buffer, fixed, bytes_read,
-                written, fingerprint, doc, base, tuple(models))
+    return Plan(recipe, method, params, budget, tuple(tensors), shards, peak, slot, out_buffer, fixed, peak_vram,
+                bytes_read, written, fingerprint, doc, base, tuple(models))
 
 
 def _all_locs(base: Checkpoint, models: list[Checkpoint], name: str) -> list:
@@ -363,8 +391,9 @@ def _check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, 
 
 
 def fingerprint_document(recipe: Recipe, method: Method, params: dict[str, Any], base: Checkpoint,
-                         models: list[Checkpoint], shards: tuple[ShardLayout, ...]) -> dict[str, Any]:
-    """Everything that determines the output bytes (not the chunking or the budget); the fingerprint hashes it."""
+                         models: list[Checkpoint], shards: tuple[ShardLayout, ...], device: str = "cpu") -> dict[str, Any]:
+    """Everything that determines the output bytes (not the chunking or the budget); the fingerprint hashes it.
+    The kind of device is part of it: CPU and GPU results agree only within float tolerance."""
 
     def inputs(c: Checkpoint) -> dict[str, Any]:
         out = {}
@@ -379,13 +408,14 @@ def fingerprint_document(recipe: Recipe, method: Method, params: dict[str, Any],
         "dtype": recipe.dtype, "exclude": list(recipe.exclude), "embeddings": list(recipe.embeddings),
         "inputs": [inputs(base)] + [inputs(m) for m in models],
         "layout": hashlib.sha256(b"".join(s.header for s in shards)).hexdigest(),
+        "device": device.split(":")[0],
     }
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprint documents."""
     changes = []
-    for key in ("method", "params", "dtype", "exclude", "embeddings"):
+    for key in ("method", "params", "dtype", "exclude", "embeddings", "device"):
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)} -> {new.get(key)}")
     old_in, new_in = old.get("inputs", []), new.get("inputs", [])

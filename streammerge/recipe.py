@@ -48,6 +48,8 @@ class Recipe:
     tokenizer_from: Path | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
     max_ram: str | int | None = None
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
+    max_vram: str | int | None = None  # GPU memory for the merge's tensors; None = 80% of what is free
     chunk_rows: int | None = None  # force a chunk size (testing, debugging); None = from the budget
     force: bool = False  # replace an existing output folder
     restart: bool = False  # discard an interrupted run's work folder instead of resuming it
@@ -72,7 +74,7 @@ class Recipe:
             "dtype": self.dtype, "exclude": list(self.exclude),
             "embedding_names": None if self.embedding_names is None else list(self.embedding_names),
             "tokenizer_from": None if self.tokenizer_from is None else str(self.tokenizer_from.resolve()),
-            "shard_size": self.shard_size, "force": self.force,
+            "shard_size": self.shard_size, "force": self.force, "device": self.device,
         }
 
     @classmethod

@@ -87,6 +87,6 @@ def test_tiled_column_sums_are_independent_of_chunking_and_threads(threads):
         torch.set_num_threads(old)
     for r in results[1:]:
         assert (r == results[0]).all()
-    assert torch.allclose(torch.from_numpy(results[0]), x.double().sum(0).reshape(-1))
+    assert torch.allclose(results[0], x.double().sum(0).reshape(-1))
     with pytest.raises(RuntimeError, match="in order"):
         list(TileFeeder(301).feed(5, [x[:5]]))

@@ -106,7 +106,8 @@ class _DeltaTensorMerge(TensorMerge):
             if density >= 1:
                 return delta
             # dropped iff u < drop rate (1 − density)
-            delta.mul_(keep_mask(self.keys[k], self._flat_start, delta.numel(), density, np.float32).reshape(delta.shape))
+            keep = keep_mask(self.keys[k], self._flat_start, delta.numel(), density, np.float32)  # drawn on the CPU
+            delta.mul_(keep.reshape(delta.shape).to(delta.device, non_blocking=True))
             if self.p["rescale"] and density > 0:
                 delta.div_(density)
         return delta

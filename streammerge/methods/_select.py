@@ -57,6 +57,7 @@ class TopK:
             return
         if self._hist_hi is None:
             self._hist_hi = torch.zeros(BINS, dtype=torch.int64)
+        self._hist_hi = self._hist_hi.cpu()
         # counts of elements with high bits >= b, for every b (suffix sums)
         at_or_above = self._hist_hi.flip(0).cumsum(0).flip(0)
         self._bin = int((at_or_above >= self.k).nonzero().max())
@@ -79,6 +80,7 @@ class TopK:
             return
         if self._hist_lo is None:
             self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
+        self._hist_lo = self._hist_lo.cpu()
         need = self.k - self._above_bin  # elements to take from the target bin, >= 1
         at_or_above = self._hist_lo.flip(0).cumsum(0).flip(0)
         lo = int((at_or_above >= need).nonzero().max())
@@ -104,12 +106,16 @@ class TopK:
         if self.k == self.numel:
             return None
         if self.k == 0:
-            return torch.zeros(absx.shape, dtype=torch.float32)
+            return torch.zeros(absx.shape, dtype=torch.float32, device=absx.device)
         assert self.tau_bits is not None, "factor() before passes A and B"
         bits = _bits(absx)
         keep = (bits - self.tau_bits).clamp_(0, 1)  # 1 iff bits > tau (NaN bits too: NaN stays visible)
         if self._seen_ties < self.ties:  # once enough ties are kept, later equal elements are simply dropped
-            at = np.flatnonzero(bits.reshape(-1).numpy() == self.tau_bits)  # flat positions, in index order
-            keep.view(-1)[torch.from_numpy(at[: self.ties - self._seen_ties])] = 1
+            flat = bits.reshape(-1)
+            if flat.device.type == "cpu":  # flat positions of the ties, in index order
+                at = torch.from_numpy(np.flatnonzero(flat.numpy() == self.tau_bits))
+            else:
+                at = (flat == self.tau_bits).nonzero().squeeze(1)
+            keep.view(-1)[at[: self.ties - self._seen_ties]] = 1
             self._seen_ties += len(at)
         return keep.to(torch.float32)

@@ -4,8 +4,9 @@ Summing rows in whatever chunks the budget allows would make the last bits of a 
 Instead, rows are regrouped into aligned tiles of ``TILE`` rows (rows [0, 64), [64, 128), ...; the tensor's last
 tile may be shorter) by :class:`TileFeeder`, which stashes the rows of a tile split across chunks until it is
 complete and hands out blocks of whole tiles. Every tile is reduced with the same operation on the same shape,
-and tile partials are added in row order, so a result is bit-identical for every chunking. Reductions use
-numpy (single-threaded, float64 accumulation), which is deterministic and does not depend on thread counts.
+and tile partials are added in row order, so a result is bit-identical for every chunking. CPU reductions use
+numpy (single-threaded, float64 accumulation), which is deterministic and does not depend on thread counts; on a
+GPU, torch's fixed-shape reductions (deterministic for a given shape; within float tolerance of the CPU).
 """
 
 from __future__ import annotations
@@ -64,19 +65,28 @@ class TileFeeder:
             self._pending = [p[full:].clone() for p in parts]
 
 
-def column_sums(values: torch.Tensor) -> np.ndarray:
-    """float64 sums over dim 0 of a block of (rows, ...) CPU values, flattened: each aligned tile of ``TILE`` rows
-    is reduced sequentially in row order (numpy's outer-axis reduction), tile partials added in order."""
-    arr = values.reshape(values.shape[0], -1).numpy()
-    total = np.add.reduce(arr[:TILE], axis=0, dtype=np.float64)
-    for start in range(TILE, arr.shape[0], TILE):
-        total += np.add.reduce(arr[start : start + TILE], axis=0, dtype=np.float64)
-    return total
+def column_sums(values: torch.Tensor) -> torch.Tensor:
+    """float64 sums over dim 0 of a block of (rows, ...) values, flattened, on the values' device: each aligned tile
+    of ``TILE`` rows is reduced on its own (on the CPU sequentially in row order, numpy's outer-axis reduction; on a
+    GPU by one fixed-shape reduction), and tile partials are added in order."""
+    rows = values.reshape(values.shape[0], -1)
+    if rows.device.type == "cpu":
+        arr = rows.numpy()
+        total = np.add.reduce(arr[:TILE], axis=0, dtype=np.float64)
+        for start in range(TILE, arr.shape[0], TILE):
+            total += np.add.reduce(arr[start : start + TILE], axis=0, dtype=np.float64)
+        return torch.from_numpy(total)
+    out = torch.sum(rows[:TILE], dim=0, dtype=torch.float64)
+    for start in range(TILE, rows.shape[0], TILE):
+        out += torch.sum(rows[start : start + TILE], dim=0, dtype=torch.float64)
+    return out
 
 
-def row_sums(values: torch.Tensor) -> np.ndarray:
-    """float64 sums over the last dim of CPU values (numpy's pairwise sum: fixed order for a given length)."""
-    return np.add.reduce(values.numpy(), axis=-1, dtype=np.float64)
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    """float64 sums over the last dim (on the CPU numpy's pairwise sum: fixed order for a given length)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.add.reduce(values.numpy(), axis=-1, dtype=np.float64))
+    return torch.sum(values, dim=-1, dtype=torch.float64)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +103,18 @@ class PairSums:
     def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]]) -> None:
         self.pairs = list(pairs)
         self._feeder = TileFeeder(max(rows, 1))
-        self._total = np.zeros(len(self.pairs) * row_numel, dtype=np.float64)
+        self._size = len(self.pairs) * row_numel
+        self._total: torch.Tensor | None = None  # on the device of the first chunk
 
     def add(self, r0: int, tensors: Sequence[torch.Tensor]) -> None:
         for _, block in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
             vals = torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
-            self._total += column_sums(vals)
+            sums = column_sums(vals)
+            if self._total is None:
+                self._total = sums.clone()
+            else:
+                self._total += sums
 
     def finish(self) -> list[float]:
-        return [float(x) for x in self._total.reshape(len(self.pairs), -1).sum(axis=1)]
+        total = np.zeros(self._size) if self._total is None else self._total.cpu().numpy()
+        return [float(x) for x in total.reshape(len(self.pairs), -1).sum(axis=1)]  # numpy: the same on every device

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import register
@@ -42,7 +41,7 @@ def rank_significance(divergence: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     n = divergence.shape[1]
     order = torch.argsort(divergence, dim=1, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n, dtype=torch.int64).expand_as(order).contiguous())
+    rank.scatter_(1, order, torch.arange(n, dtype=torch.int64, device=order.device).expand_as(order).contiguous())
     sigma = rank.to(torch.float32) / n
     return sigma, rank
 
@@ -57,7 +56,7 @@ def column_weights(ssb: torch.Tensor, ssm: torch.Tensor, dot: torch.Tensor, t: f
         sigma, rank = rank_significance(divergence)
         score = torch.softmax(sigma, dim=0)
         above = (2 * rank).to(torch.float64) > t * (n - 1)
-        scores.append(torch.where(above, torch.tensor(s, dtype=torch.float32), score))
+        scores.append(torch.where(above, torch.full_like(score, s), score))
     return (scores[0] + scores[1]) * 0.5
 
 
@@ -72,29 +71,30 @@ class _MatrixMerge(TensorMerge):
         self.by_rows = task.rule is Rule.EMBEDDING
         k = 1 + 2 * n_models  # [b², m_1², ..., m_N², m_1·b, ..., m_N·b]
         self._feeder: TileFeeder | None = TileFeeder(rows)
-        if self.by_rows:
-            self._stats: torch.Tensor | None = torch.zeros((k, rows), dtype=torch.float64)
-        else:
-            self._sums: np.ndarray | None = np.zeros(k * cols, dtype=np.float64)
+        # float64 accumulators, made on the device of the first chunk: (1 + 2N, rows) by rows, (1 + 2N) x cols else
+        self._shape = (k, rows) if self.by_rows else (k * cols,)
+        self._stats: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None  # (N, n) float32
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         # Work one aligned 64-row tile at a time: small temporaries, and a reduction order fixed by the tiles.
         assert self._feeder is not None
+        if self._stats is None:
+            self._stats = torch.zeros(self._shape, dtype=torch.float64, device=base.device)
         for t0, (b, *ms) in self._feeder.feed(r0, [base, *models]):
             vals = self._products(b, ms)  # (rows, 1 + 2N, cols)
             if self.by_rows:
                 # one token per stored row: its sums are complete inside the row (reduce over the hidden dim)
-                self._stats[:, t0 : t0 + b.shape[0]] = torch.from_numpy(row_sums(vals)).T
+                self._stats[:, t0 : t0 + b.shape[0]] = row_sums(vals).T
             else:
-                self._sums += column_sums(vals)
+                self._stats += column_sums(vals)
 
     def _products(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         """(rows, 1 + 2N, cols) products [b², m_k², m_k·b]; float32 when exact (16-bit inputs), else float64."""
         dtype = torch.float32 if self.task.exact_products else torch.float64
         b = base.to(dtype)
         n = self.n_models
-        vals = torch.empty((b.shape[0], 1 + 2 * n, b.shape[1]), dtype=dtype)
+        vals = torch.empty((b.shape[0], 1 + 2 * n, b.shape[1]), dtype=dtype, device=b.device)
         torch.mul(b, b, out=vals[:, 0])
         for i, m in enumerate(models):
             md = m.to(dtype)
@@ -103,23 +103,23 @@ class _MatrixMerge(TensorMerge):
         return vals
 
     def end_pass(self, pass_index: int) -> None:
-        if self.by_rows:
-            stats = self._stats
-        else:
-            stats = torch.from_numpy(self._sums).reshape(1 + 2 * self.n_models, -1)
+        stats = self._stats if self._stats is not None else torch.zeros(self._shape, dtype=torch.float64)
+        stats = stats.reshape(1 + 2 * self.n_models, -1)
         n = self.n_models
         self.weights = column_weights(stats[0], stats[1 : 1 + n], stats[1 + n :], self.t, self.s)
-        self._stats = self._sums = self._feeder = None  # free the accumulators
+        self._stats = self._feeder = None  # free the accumulators
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"weights": self.weights} if self.weights is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.weights = state["weights"]
-        self._stats = self._sums = self._feeder = None
+        self._stats = self._feeder = None
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         assert self.weights is not None, "emit before the statistics pass"
+        if self.weights.device != base.device:  # journaled weights load on the CPU
+            self.weights = self.weights.to(base.device)
         if self.by_rows:
             ws = [w[r0 : r0 + base.shape[0], None] for w in self.weights]
         else:
@@ -139,7 +139,7 @@ class _VectorMerge(TensorMerge):
         sig64 = sig.reshape(len(models), -1).to(torch.float64)
         mean = sig64.mean(dim=1).reshape((-1,) + (1,) * base.dim())
         above = sig.to(torch.float64) > self.t * mean
-        score = torch.where(above, torch.tensor(self.s, dtype=torch.float32), score)
+        score = torch.where(above, torch.full_like(score, self.s), score)
         return weighted_delta_sum(base, models, list(score))
 
 
