@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -386,3 +387,6 @@ def test_keep_mask_equals_the_float_uniform_rule(density):
     for start, count in [(0, 1000), (123_457, 70_000), (2**40, 513)]:
         expected = uniform(key, start, count) >= 1.0 - density
         assert torch.equal(keep_mask(key, start, count, density), expected)
+        assert torch.equal(keep_mask(key, start, count, density, np.float32), expected.float())  # a 0/1 factor
+        if torch.cuda.is_available():  # the device path (torch int64 arithmetic) draws the same mask
+            assert torch.equal(keep_mask(key, start, count, density, bool, "cuda").cpu(), expected)

@@ -106,8 +106,8 @@ class _DeltaTensorMerge(TensorMerge):
             if density >= 1:
                 return delta
             # dropped iff u < drop rate (1 − density)
-            keep = keep_mask(self.keys[k], self._flat_start, delta.numel(), density, np.float32)  # drawn on the CPU
-            delta.mul_(keep.reshape(delta.shape).to(delta.device, non_blocking=True))
+            keep = keep_mask(self.keys[k], self._flat_start, delta.numel(), density, np.float32, delta.device)
+            delta.mul_(keep.reshape(delta.shape))
             if self.p["rescale"] and density > 0:
                 delta.div_(density)
         return delta

@@ -44,46 +44,56 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
-def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float64 uniforms in [0, 1) for flat element indices ``start .. start + count - 1``."""
+def _top53(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 ``top53(mix64(key + (i + 1)·φ))`` for flat element indices ``i = start .. start + count - 1``."""
     i = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
     z = i * _signed(_PHI) + _signed(key)
     z = (z ^ _shr(z, 30)) * _signed(_M1)
     z = (z ^ _shr(z, 27)) * _signed(_M2)
     z = z ^ _shr(z, 31)
-    return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+    return _shr(z, 11)
+
+
+def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float64 uniforms in [0, 1) for flat element indices ``start .. start + count - 1``."""
+    return _top53(key, start, count, device).to(torch.float64) * (1.0 / (1 << 53))
 
 
 _BLOCK = 1 << 16  # elements per step: the temporaries stay in cache
 
 
-def keep_mask(key: int, start: int, count: int, density: float, dtype: type = bool) -> torch.Tensor:
+def keep_mask(key: int, start: int, count: int, density: float, dtype: type = bool,
+              device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's keep mask for flat indices ``start .. start + count - 1``: kept iff ``u >= 1 − density``; as
-    ``dtype`` (bool, or a float type for a 0/1 factor to multiply by).
+    ``dtype`` (bool, or a float type for a 0/1 factor to multiply by), on ``device``.
 
-    Same values as comparing :func:`uniform`, computed on uint64 in cache-sized blocks (numpy wraps on overflow
-    and shifts logically), and compared as integers: ``u = top53 / 2⁵³ >= p`` iff ``top53 >= ceil(p·2⁵³)``.
+    Same values as comparing :func:`uniform`, compared as integers: ``u = top53 / 2⁵³ >= p`` iff
+    ``top53 >= ceil(p·2⁵³)``, i.e. ``z >= ceil(p·2⁵³)·2¹¹`` before the final shift. On the CPU it is computed on
+    uint64 in cache-sized blocks (numpy wraps on overflow and shifts logically); elsewhere with torch on the device.
     """
-    threshold = np.uint64(math.ceil((1.0 - density) * (1 << 53)))
-    out = np.empty(count, dtype=dtype)
+    threshold = math.ceil((1.0 - density) * (1 << 53))
+    if torch.device(device).type != "cpu":
+        keep = _top53(key, start, count, device) >= threshold
+        return keep if dtype is bool else keep.to(torch.float32 if dtype is np.float32 else torch.float64)
+    out = np.zeros(count, dtype=dtype)
+    if threshold >= 1 << 53:  # density 0: nothing is kept
+        return torch.from_numpy(out)
     z = np.empty(min(count, _BLOCK), dtype=np.uint64)
     tmp = np.empty_like(z)
-    steps = np.arange(1, len(z) + 1, dtype=np.uint64)
-    phi, m1, m2, k = np.uint64(_PHI), np.uint64(_M1), np.uint64(_M2), np.uint64(key)
+    # key + (i + 1)·φ = (key + (start + b0 + 1)·φ) + j·φ for the j-th element of a block starting at b0
+    steps = np.arange(len(z), dtype=np.uint64) * np.uint64(_PHI)
+    m1, m2, cut = np.uint64(_M1), np.uint64(_M2), np.uint64(threshold << 11)
     for b0 in range(0, count, _BLOCK):
         n = min(_BLOCK, count - b0)
         zz, tt = z[:n], tmp[:n]
-        np.add(steps[:n], np.uint64(start + b0), out=zz)  # index + 1
-        np.multiply(zz, phi, out=zz)
-        np.add(zz, k, out=zz)
+        np.add(steps[:n], np.uint64((key + (start + b0 + 1) * _PHI) & _MASK64), out=zz)
         for shift, mult in ((30, m1), (27, m2)):
             np.right_shift(zz, np.uint64(shift), out=tt)
             np.bitwise_xor(zz, tt, out=zz)
             np.multiply(zz, mult, out=zz)
         np.right_shift(zz, np.uint64(31), out=tt)
         np.bitwise_xor(zz, tt, out=zz)
-        np.right_shift(zz, np.uint64(11), out=zz)
-        np.greater_equal(zz, threshold, out=out[b0 : b0 + n])
+        np.greater_equal(zz, cut, out=out[b0 : b0 + n])
     return torch.from_numpy(out)
 
 
