@@ -16,6 +16,8 @@ import click
 from . import api
 from ._version import __version__
 from .errors import StreamMergeError
+from .device import gpu_memory_peak
+from .examples import SHAPES
 from .execute import MANIFEST, MergeInterrupted, execute
 from .methods import all_methods
 from .output import work_folder_for
@@ -169,10 +171,15 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
         sys.exit(exc.exit_code)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
+    gpu = gpu_memory_peak(plan.budget.device)
     if as_json:
-        click.echo(json.dumps({"out": str(out), "fingerprint": d["fingerprint"], "bytes_written": d["bytes_written"]}))
+        click.echo(json.dumps({"out": str(out), "fingerprint": d["fingerprint"], "bytes_written": d["bytes_written"],
+                               **({"device": plan.budget.device, "peak_vram": gpu} if gpu is not None else {})}))
     else:
         click.echo(f"merged model written to {out}")
+        if gpu is not None:
+            click.echo(f"peak GPU memory {format_size(gpu)} (torch's allocator; the CUDA context comes on top)",
+                       err=True)
 
 
 @main.command()
@@ -277,8 +284,7 @@ def methods() -> None:
 @main.command("make-example")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--shape", default="tiny", show_default=True,
-              type=click.Choice(["tiny", "tiny-untied", "tiny-llama", "qwen2-0.5b", "qwen2-1.5b", "qwen2.5-3b",
-                                 "qwen2-7b", "qwen1.5-14b"]),
+              type=click.Choice(list(SHAPES)),
               help="Model dimensions; the qwen shapes are full size (gigabytes).")
 @click.option("--dtype", default="bf16", show_default=True, help="Stored dtype.")
 @click.option("--seed", default=0, show_default=True)

@@ -44,6 +44,13 @@ def resolve_device(spec: str | None) -> torch.device:
     raise DeviceError(f"--device {spec}: choose auto, cpu, cuda or cuda:N")
 
 
+def gpu_memory_peak(device: str) -> int | None:
+    """Peak bytes torch's allocator reserved on a CUDA ``device`` in this process (None for the CPU)."""
+    if not device.startswith("cuda") or not cuda_available():
+        return None
+    return int(torch.cuda.max_memory_reserved(torch.device(device)))
+
+
 def free_vram(device: torch.device) -> int:
     """Bytes of memory free on a CUDA device now."""
     free, _ = torch.cuda.mem_get_info(device)

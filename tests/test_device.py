@@ -184,3 +184,13 @@ def test_gpu_memory_stays_within_max_vram(fam, tmp_path):
     assert p.peak_vram <= 600 * 1024 and any(t.chunk_rows < t.rows for t in p.tensors)
     _merge(fam, tmp_path / "out", "widen", device="cuda", max_vram="600KiB")
     assert torch.cuda.max_memory_allocated() - base <= 600 * 1024
+
+
+@gpu
+def test_merge_json_reports_the_peak_gpu_memory(fam, tmp_path):
+    r = CliRunner().invoke(main, ["merge", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model",
+                                  str(fam["multilingual"]), "--out", str(tmp_path / "out"), "--device", "cuda",
+                                  "--max-vram", "600KiB", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["device"].startswith("cuda") and 0 < d["peak_vram"]
