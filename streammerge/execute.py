@@ -80,6 +80,10 @@ class _StopSignals:
             signal.signal(s, old)
 
 
+#: stored dtypes whose values float32 holds exactly (a float64 model is rounded to float32 first, as the base is)
+_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def _all_finite(x: torch.Tensor) -> bool:
     """Whether every element is finite. A NaN or infinity makes the sum non-finite, so a finite sum settles it
     with one fast reduction; only a non-finite sum (which finite values can also give, by overflow) needs the
@@ -197,9 +201,13 @@ class _Run:
 
     # ---- computing and writing ---------------------------------------------------------------------------
     @staticmethod
-    def floats(inputs: list[torch.Tensor], a: int, b: int) -> list[torch.Tensor]:
-        """Rows [a, b) of every staged input as new float32 tensors (methods may work in place on them)."""
-        return [(x[a:b] if x.dim() else x).to(torch.float32, copy=True) for x in inputs]
+    def floats(inputs: list[torch.Tensor], a: int, b: int, raw_models: bool = False) -> list[torch.Tensor]:
+        """Rows [a, b) of every staged input as new float32 tensors (methods may work in place on them); with
+        ``raw_models``, the models' rows as stored (read-only views: the method upcasts them inside its own
+        float32 arithmetic, which saves a pass over memory)."""
+        rows = [x[a:b] if x.dim() else x for x in inputs]
+        return [x if raw_models and k and x.dtype in _EXACT_IN_FLOAT32 else x.to(torch.float32, copy=True)
+                for k, x in enumerate(rows)]
 
     def out_view(self, t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> tuple[torch.Tensor, int]:
         """Rows [r0, r1) of ``t``'s output as a typed view of ``buf``, and their byte count."""
@@ -319,7 +327,7 @@ class _Run:
                 for r0, r1 in t.chunks():
                     staged, inputs = held or self.stage((t.name, p, r0, r1))
                     for b0, b1 in t.blocks(r0, r1, stats=True):
-                        base, *models = self.floats(inputs, b0 - r0, b1 - r0)
+                        base, *models = self.floats(inputs, b0 - r0, b1 - r0, merger.raw_models)
                         merger.accumulate(p, b0, base, models)
                     if held is None and staged is not None:
                         self.prefetch.release(staged)
@@ -338,7 +346,7 @@ class _Run:
             out = self.compute.output_like(host)
             for b0, b1 in t.blocks(r0, r1, stats=False):
                 a, b = b0 - r0, b1 - r0
-                block = self.floats(inputs, a, b)
+                block = self.floats(inputs, a, b, merger.raw_models)
                 result = merger.emit(b0, block[0], block[1:])
                 self.store(t, out[a:b] if out.dim() else out, b0, result, block)
             self.compute.download(out, host)

@@ -48,6 +48,8 @@ def rescale_param(default: bool) -> ParamSpec:
 
 
 class _DeltaTensorMerge(TensorMerge):
+    raw_models = True  # models are only used as ``m - base`` (float32 base): upcast inside the subtraction
+
     def __init__(self, method: DeltaMethod, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
         self.m, self.task, self.p, self.n = method, task, params, n_models
         numel = self.numel = task.numel

@@ -110,6 +110,9 @@ class TensorMerge:
 
     #: how many statistics passes precede the emit pass
     stat_passes: int = 0
+    #: the models arrive as stored (e.g. bfloat16 views, read-only) instead of float32 copies: only for methods
+    #: whose every use of a model is an arithmetic op with a float32 tensor (``m - base``), which upcasts exactly
+    raw_models: bool = False
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         raise NotImplementedError
