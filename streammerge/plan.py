@@ -58,10 +58,11 @@ class TensorPlan:
     state_bytes: int  # predicted per-tensor state kept across passes
     source: str | None = None  # for TIED_COPY: the tensor whose merged bytes are copied
     exact_products: bool = False  # all inputs are 16-bit floats (see TensorTask)
+    on_gpu: bool = False  # merged on a GPU (see TensorTask)
 
     @property
     def task(self) -> TensorTask:
-        return TensorTask(self.name, self.shape, self.rule, self.exact_products)
+        return TensorTask(self.name, self.shape, self.rule, self.exact_products, self.on_gpu)
 
     @property
     def rows(self) -> int:
@@ -213,7 +214,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     # bytes its compute needs (state + block temporaries). Blocks are capped to a quarter of the budget.
     sizing = []
     for name, shape, rule, dtype, source in drafts:
-        task = TensorTask(name, shape, rule, exact_products=max(in_bytes[name]) <= 2)
+        task = TensorTask(name, shape, rule, exact_products=max(in_bytes[name]) <= 2,
+                          on_gpu=budget.device.startswith("cuda"))
         e_out = DTYPES[dtype].bits // 8
         if rule is Rule.TIED_COPY:
             e_in, passes, state, per_elem = 0, 0, 0, 0
@@ -279,7 +281,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         if on_gpu:  # one kernel per operation on the whole chunk (the GPU has no cache to stay within)
             emit_rows = stat_rows = max(chunk, 1)
         tensors.append(TensorPlan(name, shape, rule, dtype, shard_of[name], max(chunk, 1), passes, emit_rows,
-                                  stat_rows, state, source, task.exact_products))
+                                  stat_rows, state, source, task.exact_products, task.on_gpu))
     if widest[0]:
         raise PlanError(
             f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "

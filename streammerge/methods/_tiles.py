@@ -5,8 +5,12 @@ Instead, rows are regrouped into aligned tiles of ``TILE`` rows (rows [0, 64), [
 tile may be shorter) by :class:`TileFeeder`, which stashes the rows of a tile split across chunks until it is
 complete and hands out blocks of whole tiles. Every tile is reduced with the same operation on the same shape,
 and tile partials are added in row order, so a result is bit-identical for every chunking. CPU reductions use
-numpy (single-threaded, float64 accumulation), which is deterministic and does not depend on thread counts; on a
-GPU, torch's fixed-shape reductions (deterministic for a given shape; within float tolerance of the CPU).
+numpy (single-threaded, float64 accumulation), which is deterministic and does not depend on thread counts. On a
+GPU, a reduction kernel's order can depend on where an element lies in memory (its alignment decides which lanes
+take it), so two equal columns of products could sum to different last bits, and WIDEN's exact zero divergences
+(a row no model changed) would turn into noise that reorders rank ties. GPU sums therefore use :func:`tree_sum`,
+a fixed pairwise tree of elementwise adds: every output element is added in the same order wherever it lies.
+GPU and CPU sums agree within float tolerance, and equal inputs give bit-equal sums on both.
 """
 
 from __future__ import annotations
@@ -65,28 +69,62 @@ class TileFeeder:
             self._pending = [p[full:].clone() for p in parts]
 
 
-def column_sums(values: torch.Tensor) -> torch.Tensor:
-    """float64 sums over dim 0 of a block of (rows, ...) values, flattened, on the values' device: each aligned tile
-    of ``TILE`` rows is reduced on its own (on the CPU sequentially in row order, numpy's outer-axis reduction; on a
-    GPU by one fixed-shape reduction), and tile partials are added in order."""
+def add_column_sums(acc: torch.Tensor, values: torch.Tensor) -> None:
+    """Add to ``acc`` (float64, flat, on the values' device) the sums over dim 0 of a block of (rows, ...) values,
+    one aligned tile of ``TILE`` rows at a time in row order: ``((acc + tile_0) + tile_1) + ...``, so the result
+    does not depend on how the tiles were grouped into blocks. A tile is reduced on the CPU by numpy's outer-axis
+    reduction (sequential in row order), on a GPU by :func:`tree_sum`."""
     rows = values.reshape(values.shape[0], -1)
     if rows.device.type == "cpu":
-        arr = rows.numpy()
-        total = np.add.reduce(arr[:TILE], axis=0, dtype=np.float64)
-        for start in range(TILE, arr.shape[0], TILE):
-            total += np.add.reduce(arr[start : start + TILE], axis=0, dtype=np.float64)
-        return torch.from_numpy(total)
-    out = torch.sum(rows[:TILE], dim=0, dtype=torch.float64)
-    for start in range(TILE, rows.shape[0], TILE):
-        out += torch.sum(rows[start : start + TILE], dim=0, dtype=torch.float64)
-    return out
+        arr, out = rows.numpy(), acc.numpy()
+        for start in range(0, arr.shape[0], TILE):
+            out += np.add.reduce(arr[start : start + TILE], axis=0, dtype=np.float64)
+        return
+    add_tile_tree_sums(acc, rows)
+
+
+def add_tile_tree_sums(acc: torch.Tensor, rows: torch.Tensor) -> None:
+    """The device path of :func:`add_column_sums` for (rows, elements): each tile by :func:`tree_sum`."""
+    full = rows.shape[0] // TILE * TILE
+    if full:
+        tiles = tree_sum(rows[:full].reshape(full // TILE, TILE, -1), dim=1)  # (tiles, elements), one pass
+        for i in range(tiles.shape[0]):
+            acc += tiles[i]
+    if full < rows.shape[0]:  # the tensor's last, shorter tile
+        acc += tree_sum(rows[full:], dim=0)
 
 
 def row_sums(values: torch.Tensor) -> torch.Tensor:
     """float64 sums over the last dim (on the CPU numpy's pairwise sum: fixed order for a given length)."""
     if values.device.type == "cpu":
         return torch.from_numpy(np.add.reduce(values.numpy(), axis=-1, dtype=np.float64))
-    return torch.sum(values, dim=-1, dtype=torch.float64)
+    return tree_sum(values, dim=-1)
+
+
+def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """float64 sum over ``dim`` by a fixed pairwise tree of elementwise adds (halve, add the halves; an odd last
+    element joins the first). Every output element is summed in the same order, whatever its position in memory.
+    One float64 scratch of half of ``x``'s elements (float32 values widen exactly); later levels add in place."""
+    n = x.shape[dim]
+    if n <= 1:
+        if n == 0:
+            shape = list(x.shape)
+            del shape[dim]
+            return torch.zeros(shape, dtype=torch.float64, device=x.device)
+        return x.to(torch.float64, copy=True).squeeze(dim)
+    h = n // 2
+    acc = x.narrow(dim, 0, h).to(torch.float64, copy=True)
+    acc += x.narrow(dim, h, h)
+    if n % 2:
+        acc.narrow(dim, 0, 1).add_(x.narrow(dim, 2 * h, 1))
+    n = h
+    while n > 1:  # the halves never overlap, so each level can add in place
+        h = n // 2
+        acc.narrow(dim, 0, h).add_(acc.narrow(dim, h, h))
+        if n % 2:
+            acc.narrow(dim, 0, 1).add_(acc.narrow(dim, 2 * h, 1))
+        n = h
+    return acc.narrow(dim, 0, 1).squeeze(dim)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -94,11 +132,23 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
 
 
+def tile_products_bytes(n_products: int, rows: int, row_numel: int, product_bytes: int, on_gpu: bool) -> int:
+    """Memory for one whole tile's products (what a completed tile needs even when the chunk that completed it
+    is a single row), plus on a GPU :func:`tree_sum`'s float64 scratch for half of them."""
+    return n_products * min(rows, TILE) * row_numel * (product_bytes + (4 if on_gpu else 0))
+
+
 class PairSums:
     """Chunk-independent float64 sums over a whole tensor of products ``Σ a·b`` for several pairs of inputs.
 
     ``pairs`` are index pairs into the list of tensors passed to :meth:`add` (e.g. base, model 1, ...).
     """
+
+    @staticmethod
+    def state_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, on_gpu: bool) -> int:
+        """The most it holds at once beyond a chunk's own temporaries: an incomplete tile of every input stashed
+        (float64) with its merged copy, and one whole tile's float64 products (with a GPU's tree scratch)."""
+        return 2 * n_inputs * min(rows, TILE) * row_numel * 8 + tile_products_bytes(n_pairs, rows, row_numel, 8, on_gpu)
 
     def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]]) -> None:
         self.pairs = list(pairs)
@@ -109,11 +159,9 @@ class PairSums:
     def add(self, r0: int, tensors: Sequence[torch.Tensor]) -> None:
         for _, block in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
             vals = torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
-            sums = column_sums(vals)
             if self._total is None:
-                self._total = sums.clone()
-            else:
-                self._total += sums
+                self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
+            add_column_sums(self._total, vals)
 
     def finish(self) -> list[float]:
         total = np.zeros(self._size) if self._total is None else self._total.cpu().numpy()

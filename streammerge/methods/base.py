@@ -85,6 +85,8 @@ class TensorTask:
     rule: Rule
     #: every input is a 16-bit float, so float32 products of two inputs are exact (unless they underflow)
     exact_products: bool = False
+    #: merged on a GPU (what its memory estimates must count: the GPU sums keep a tree scratch)
+    on_gpu: bool = False
 
     @property
     def rows(self) -> int:

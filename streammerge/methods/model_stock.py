@@ -84,7 +84,7 @@ class ModelStock(Method):
         return 12 * n_models + 8 * (n_models * (n_models + 1) // 2)
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        return 2 * 64 * (n_models * (n_models + 1) // 2) * task.row_numel * 8
+        return PairSums.state_bytes(n_models, n_models * (n_models + 1) // 2, task.rows, task.row_numel, task.on_gpu)
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _ModelStockMerge(task, n_models)

@@ -76,7 +76,7 @@ class Slerp(Method):
         return 3 * 8 + 16
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        return 2 * 64 * 3 * task.row_numel * 8
+        return PairSums.state_bytes(2, 3, task.rows, task.row_numel, task.on_gpu)
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _SlerpMerge(task, params["t"])

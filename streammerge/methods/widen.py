@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import register
-from ._tiles import TILE, TileFeeder, column_sums, row_sums
+from ._tiles import TILE, TileFeeder, add_column_sums, row_sums, tile_products_bytes
 from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 
@@ -36,13 +36,18 @@ def weighted_delta_sum(base: torch.Tensor, models: Sequence[torch.Tensor], weigh
 def rank_significance(divergence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``divergence`` (N, n): float32 significance ``rank/n`` and the int64 rank of every column.
 
-    Stable ascending order, NaN after every number, ties broken by lower column index first.
+    Stable ascending order, NaN after every number, ties broken by lower column index first. NaN is placed by a
+    second stable sort on a NaN flag rather than left to the sort: a 0/0 NaN has its sign bit set, and CUDA's sort
+    puts such a NaN first where the CPU's puts it last.
     """
     n = divergence.shape[1]
-    order = torch.argsort(divergence, dim=1, stable=True)
+    nan = torch.isnan(divergence)
+    order = torch.argsort(divergence.masked_fill(nan, float("inf")), dim=1, stable=True)
+    order = order.gather(1, torch.argsort(nan.gather(1, order).to(torch.uint8), dim=1, stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, dtype=torch.int64, device=order.device).expand_as(order).contiguous())
-    sigma = rank.to(torch.float32) / n
+    # a tensor divisor: CUDA divides by a plain number via its reciprocal, which can differ from the CPU in the last bit
+    sigma = rank.to(torch.float32) / torch.tensor(float(n), device=rank.device)
     return sigma, rank
 
 
@@ -87,7 +92,7 @@ class _MatrixMerge(TensorMerge):
                 # one token per stored row: its sums are complete inside the row (reduce over the hidden dim)
                 self._stats[:, t0 : t0 + b.shape[0]] = row_sums(vals).T
             else:
-                self._stats += column_sums(vals)
+                add_column_sums(self._stats, vals)
 
     def _products(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         """(rows, 1 + 2N, cols) products [b², m_k², m_k·b]; float32 when exact (16-bit inputs), else float64."""
@@ -181,8 +186,9 @@ class Widen(Method):
         n = rows if task.rule is Rule.EMBEDDING else cols
         # rows of an incomplete tile stashed until the next chunk completes it (stash + merged copy)
         stash = min(rows, TILE) * cols * 2 * 4 * (n_models + 1)
-        # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights
-        return 8 * (1 + 2 * n_models) * n + 64 * n_models * n + stash
+        # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights + a completed tile's products
+        return (8 * (1 + 2 * n_models) * n + 96 * n_models * n + stash
+                + tile_products_bytes(1 + 2 * n_models, rows, cols, 4 if task.exact_products else 8, task.on_gpu))
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         if task.rule is Rule.VECTOR:
