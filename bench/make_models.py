@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/models/<shape>)")
     ap.add_argument("--force", action="store_true", help="regenerate even if complete")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="models written at once, one process each (the same bytes; default 1: little RAM and CPU)")
     args = ap.parse_args(argv)
 
     from streammerge.examples import write_family
@@ -61,7 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True)
 
     t0 = time.perf_counter()
-    paths = write_family(out, args.shape, seed=args.seed, dtype=args.dtype)
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        from streammerge.examples import DEFAULT_VARIANTS, SHAPES, write_model
+
+        jobs = [("base", 0.0), *DEFAULT_VARIANTS]
+        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
+            done = [pool.submit(write_model, out / name, SHAPES[args.shape], args.seed, delta, args.dtype)
+                    for name, delta in jobs]
+            paths = {name: f.result() for (name, _), f in zip(jobs, done)}
+    else:
+        paths = write_family(out, args.shape, seed=args.seed, dtype=args.dtype)
     elapsed = time.perf_counter() - t0
     sizes = {name: folder_size(p) for name, p in paths.items()}
     for name, p in paths.items():

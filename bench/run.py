@@ -274,6 +274,17 @@ def measure_merge(cmd: list[str], out: Path, dropper: CacheDropper, cgroup_limit
     return row
 
 
+def merge_report(stdout: str) -> dict:
+    """The JSON line ``merge --json`` prints last (out, fingerprint, bytes_written; device and peak_vram on a GPU)."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    return {}
+
+
 def failure(row: dict) -> str:
     """Why a measured run failed, in a few words (a SIGKILL is usually the kernel's OOM killer)."""
     if (row.get("cgroup") or {}).get("oom_kills"):
@@ -571,8 +582,11 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(ok=False, error="plan failed: " + plan["error"])
                     rows.append(row)
                     continue
-                cmd = [sm, "merge", *merge_args(method, mr), "-q", "--force"]
+                cmd = [sm, "merge", *merge_args(method, mr), "--json", "--force"]
                 row.update(measure_merge(cmd, out, dropper, args.cgroup_limit, f"merge {method} --max-ram {mr}"))
+                row["report"] = merge_report(row.get("stdout_tail") or "")
+                if row["report"].get("peak_vram") is not None:
+                    log(f"  device {row['report'].get('device')}, peak VRAM {human(row['report']['peak_vram'])}")
                 rows.append(row)
             if mk and method in mk["configs"]:
                 mk["runs"].append({"round": rep + 1, "method": method, "floor_s": fl["floor_s"],
@@ -646,22 +660,23 @@ def render_md(r: dict) -> str:
     if r.get("note"):
         L.append(f"- note: {r['note']}")
     L.append("")
+    gpu = any((row.get("report") or {}).get("peak_vram") is not None for row in r["runs"])
     L.append("| method | max-ram | wall s | CPU s | peak RSS | baseline RSS | peak−baseline | within budget | "
-             "floor s | wall/floor |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+             "floor s | wall/floor |" + (" device | peak VRAM |" if gpu else ""))
+    L.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else ""))
     for row in r["runs"]:
         if not row.get("ok"):
             L.append(f"| {row['method']} | {row['max_ram']} | FAILED | {row.get('cpu_s', '-')} | "
                      f"{human(row.get('peak_rss'))} | {human(row.get('baseline_rss'))} | "
                      f"{human(row.get('peak_minus_baseline'))} | "
                      f"{'-' if row.get('within_budget') is None else ('yes' if row['within_budget'] else '**no**')} | "
-                     f"{row.get('floor_s')} | - |")
+                     f"{row.get('floor_s')} | - |" + (" - | - |" if gpu else ""))
             continue
         L.append(f"| {row['method']} | {row['max_ram']} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} | "
                  f"{human(row['peak_rss'])} | {human(row.get('baseline_rss'))} | "
                  f"{human(row.get('peak_minus_baseline'))} | "
                  f"{'yes' if row.get('within_budget') else '**no**'} | {row['floor_s']:.2f} | "
-                 f"{row.get('wall_over_floor', '-')} |")
+                 f"{row.get('wall_over_floor', '-')} |" + (vram_cells(row) if gpu else ""))
     L += render_mergekit(r)
     L.append("")
     L.append("Details per run:")
@@ -697,6 +712,12 @@ def render_md(r: dict) -> str:
             L += ["", f"- {title}:", "", "```", error.strip(), "```"]
     L.append("")
     return "\n".join(L)
+
+
+def vram_cells(row: dict) -> str:
+    """Device and peak VRAM (torch's allocator, CUDA context not included) from the merge's JSON report."""
+    rep = row.get("report") or {}
+    return f" {rep.get('device', 'cpu')} | {human(rep.get('peak_vram')) if rep.get('peak_vram') is not None else '-'} |"
 
 
 def render_mergekit(r: dict) -> list[str]:

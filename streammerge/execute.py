@@ -329,6 +329,7 @@ class _Run:
                     for b0, b1 in t.blocks(r0, r1, stats=True):
                         base, *models = self.floats(inputs, b0 - r0, b1 - r0, merger.raw_models)
                         merger.accumulate(p, b0, base, models)
+                        del base, models  # before the next block's copies are made (not beside them)
                     if held is None and staged is not None:
                         self.prefetch.release(staged)
                     self.ordered(checkpoint, "stats-chunk")
@@ -349,8 +350,9 @@ class _Run:
                 block = self.floats(inputs, a, b, merger.raw_models)
                 result = merger.emit(b0, block[0], block[1:])
                 self.store(t, out[a:b] if out.dim() else out, b0, result, block)
+                del block, result  # before the next block's copies are made (not beside them)
             self.compute.download(out, host)
-            del inputs
+            del inputs, out  # before the next chunk is uploaded: a GPU holds one chunk's tensors at a time
             if staged is not None:
                 self.prefetch.release(staged)
             self.submit_chunk(t, r0, r1, slot, buf, nbytes, merger.cursor())
