@@ -4,7 +4,8 @@ Summing rows in whatever chunks the budget allows would make the last bits of a 
 Instead, rows are regrouped into aligned tiles of ``TILE`` rows (rows [0, 64), [64, 128), ...; the tensor's last
 tile may be shorter) by :class:`TileFeeder`, which stashes the rows of a tile split across chunks until it is
 complete and hands out blocks of whole tiles. Every tile is reduced with the same operation on the same shape,
-and tile partials are added in row order, so a result is bit-identical for every chunking. CPU reductions use
+and tile partials are added to the accumulator one by one in row order (however the tiles were grouped into
+blocks), so a result is bit-identical for every chunking. CPU reductions use
 numpy (single-threaded, float64 accumulation), which is deterministic and does not depend on thread counts. On a
 GPU, a reduction kernel's order can depend on where an element lies in memory (its alignment decides which lanes
 take it), so two equal columns of products could sum to different last bits, and WIDEN's exact zero divergences
