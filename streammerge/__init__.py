@@ -1,11 +1,30 @@
 """streammerge: merge homologous LLM checkpoints within a memory budget, streaming row chunks from disk.
 
 Python API: :func:`merge`, :func:`plan`, :func:`inspect`; the CLI is ``streammerge`` (see ``streammerge --help``).
+The API is imported on first use, so light entry points (``streammerge verify``, the header parser) do not load
+torch.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .api import inspect, merge, plan
 from .errors import StreamMergeError
-from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from .api import inspect, merge, plan
+    from .recipe import Recipe
+
+_LAZY = {"inspect": "api", "merge": "api", "plan": "api", "Recipe": "recipe"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Recipe", "StreamMergeError", "__version__", "inspect", "merge", "plan"]

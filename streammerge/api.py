@@ -3,23 +3,26 @@ knows every part. Each builds a :class:`Recipe`, reads headers, plans, and (for 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .budget import make_budget
+from .errors import PlanError
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
-from .errors import PlanError
+from .fsio import check_platform
+from .manifest import MANIFEST
 from .output import check_destination, work_folder_for
-from .plan import Plan, make_plan
+from .planner import Plan, make_plan
 from .recipe import TOKEN_EMBEDDINGS, Recipe
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
     """Read the inputs' headers and plan ``recipe`` (nothing is written)."""
+    check_platform()
     # an output published by an interrupted run (its work folder still there) is checked against the plan later
-    if not (work_folder_for(recipe.out).is_dir() and (recipe.out / "streammerge-manifest.json").is_file()):
+    if not (work_folder_for(recipe.out).is_dir() and (recipe.out / MANIFEST).is_file()):
         check_destination(recipe.out, recipe.force)
     if recipe.tokenizer_from is not None and not recipe.tokenizer_from.is_dir():
         raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} is not a folder")
@@ -40,13 +43,18 @@ def plan(base: str | Path, models: Sequence[str | Path], out: str | Path, method
 
 
 def merge(base: str | Path, models: Sequence[str | Path], out: str | Path, method: str = "widen",
-          params: dict[str, Any] | None = None, progress: bool = False, **options: Any) -> Path:
+          params: dict[str, Any] | None = None, progress: bool = False, handle_signals: bool = False,
+          notify: Callable[[str], None] | None = None, **options: Any) -> Path:
     """Merge ``models`` onto ``base`` into the folder ``out``; returns ``out``.
+
+    ``handle_signals`` installs SIGINT/SIGTERM handlers for the duration of the merge (a stop at the next block);
+    by default the caller's handlers stay and Ctrl-C arrives as ``KeyboardInterrupt`` (the work is kept either way).
+    ``notify`` receives notices about a continued run (default: ``ResumeNotice`` warnings).
 
     Example: ``merge("base", ["chat", "multilingual"], "merged", method="widen", params={"t": 1.0}, max_ram="2GiB")``
     """
     p = plan(base, models, out, method, params, **options)
-    return execute(p, show_progress=progress)
+    return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify)
 
 
 def inspect(folder: str | Path) -> dict[str, Any]:

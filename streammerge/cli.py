@@ -18,7 +18,9 @@ from ._version import __version__
 from .errors import StreamMergeError
 from .device import gpu_memory_peak
 from .examples import SHAPES
-from .execute import MANIFEST, MergeInterrupted, execute
+from .execute import execute
+from .manifest import MANIFEST
+from .stopping import MergeInterrupted
 from .methods import all_methods
 from .output import work_folder_for
 from .recipe import DEFAULT_SHARD_SIZE, Recipe
@@ -81,6 +83,9 @@ def _merge_options(f: Any) -> Any:
         click.option("--force", is_flag=True, help="Replace the output folder if it exists and is not empty."),
         click.option("--restart", is_flag=True,
                      help="Discard an interrupted run's work folder for --out instead of continuing it."),
+        click.option("--redo-changed", is_flag=True,
+                     help="Continue an interrupted run whose inputs or options changed: keep the work of the tensors "
+                          "the change does not affect and redo the others."),
         click.option("--no-journal", "no_journal", is_flag=True, hidden=True,
                      help="Do not journal or fsync (not resumable; for measuring the journal's cost)."),
     ]
@@ -101,6 +106,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=parse_size(kw["shard_size"], "--shard-size") if kw["shard_size"] else DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
+        redo_changed=kw["redo_changed"],
         journal=not kw["no_journal"],
     )
 
@@ -165,7 +171,8 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
         d = plan.to_dict()
         if not quiet and not as_json:
             _print_plan_summary(d, sys.stderr)
-        out = execute(plan, show_progress=not quiet and not as_json)
+        out = execute(plan, show_progress=not quiet and not as_json, handle_signals=True,
+                      notify=lambda message: click.echo(f"note: {message}", err=True))
     except MergeInterrupted as exc:
         click.echo(f"Interrupted: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -186,9 +193,13 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--max-ram", default=None, metavar="SIZE", help="RAM budget for the rest of the merge (may differ).")
 @click.option("--max-vram", default=None, metavar="SIZE", help="GPU memory for the rest of the merge (may differ).")
+@click.option("--redo-changed", is_flag=True,
+              help="The inputs changed since the run was interrupted: keep the work of the tensors the change does "
+                   "not affect and redo the others.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def resume(out: Path, max_ram: str | None, max_vram: str | None, as_json: bool, quiet: bool) -> None:
+def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: bool, as_json: bool,
+           quiet: bool) -> None:
     """Continue an interrupted merge into OUT (same as rerunning the original merge command)."""
     work = work_folder_for(out)
     plan_file = work / "plan.json"
@@ -198,7 +209,7 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, as_json: bool, 
         raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
     try:
         stored = json.loads(plan_file.read_text(encoding="utf-8"))["recipe"]
-        recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram)
+        recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram, redo_changed=redo_changed or None)
     except (ValueError, KeyError, TypeError) as exc:
         raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with merge --restart") from None
     _run(recipe, as_json, quiet)

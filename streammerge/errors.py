@@ -30,7 +30,12 @@ class PlanError(StreamMergeError):
 
 
 class NonFiniteError(StreamMergeError):
-    """A merged chunk contains NaN or infinity."""
+    """A merged chunk contains NaN or infinity, or overflows the output dtype."""
+
+    def __init__(self, message: str, tensor: str = "", overflow: bool = False) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+        self.overflow = overflow
 
 
 class HeaderError(InputError):

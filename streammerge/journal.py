@@ -12,26 +12,32 @@ A chunk line ``{"t": name, "r0", "r1", "crc", "cur"}`` is appended only after th
 Rows of a tensor are written in order, so what is done is a prefix ``[0, rows_done)``; ``crc`` is the running
 CRC-32 of the tensor's bytes up to ``r1`` (so the final value does not depend on the chunking), ``cur`` the
 method's emit cursor after the chunk (e.g. TIES's tie counters). ``{"t": name, "truncate": k}`` forgets chunks
-from index k on (their bytes did not verify). A stats line ``{"s": name, "file"}`` records that the tensor's
-statistics state is durable. A torn last line (crash mid-append) is cut off before anything is appended.
+from index k on (their bytes did not verify, or the tensor must be redone). A stats line ``{"s": name, "file",
+"crc", "bytes"}`` records that the tensor's statistics are durable in ``state/<file>`` with that CRC-32 and size
+(``"file": null`` forgets them). A torn last line (crash mid-append) is cut off before anything is appended.
+
+Order is what makes the journal honest: a chunk line is appended only after its bytes were synced, a stats line
+only after its file and the ``state/`` folder entry were synced, so every line that survives a power cut
+describes bytes that survived it too. All writes go through :mod:`streammerge.fsio`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
+from . import fsio
 from .errors import StreamMergeError
-from .output import fsync_path
+from .manifest import crc
 
 #: group-commit thresholds: pending bytes, or seconds since the last commit
 COMMIT_BYTES = 256 * 1024 * 1024
@@ -42,11 +48,6 @@ class ResumeError(StreamMergeError):
     """A work folder exists but cannot be continued (changed inputs or options, damaged journal)."""
 
 
-def crc(data: bytes | memoryview, running: int = 0) -> int:
-    """CRC-32 of ``data``, continuing ``running`` (the CRC of the bytes before it)."""
-    return zlib.crc32(data, running) & 0xFFFFFFFF
-
-
 @dataclass
 class TensorProgress:
     """What the journal says about one tensor."""
@@ -54,6 +55,8 @@ class TensorProgress:
     chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (r0, r1, running crc), a prefix of the rows
     cursors: list[dict[str, Any]] = field(default_factory=list)  # the emit cursor after each chunk
     state_file: str | None = None
+    state_crc: int | None = None
+    state_bytes: int | None = None
 
     @property
     def rows_done(self) -> int:
@@ -78,13 +81,8 @@ class TensorProgress:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    """Replace ``path`` with ``obj`` as JSON, atomically and durably."""
+    fsio.write_file_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode("utf-8"))
 
 
 class Journal:
@@ -109,9 +107,7 @@ class Journal:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data):  # a torn final line from a crash mid-append: cut it off before appending more
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
+            fsio.cut(self.path, end)
             data = data[:end]
         for i, raw in enumerate(data.split(b"\n")):
             if not raw.strip():
@@ -130,7 +126,8 @@ class Journal:
             elif entry["r0"] == p.rows_done:  # ignore anything that is not the next prefix chunk
                 p.add(entry["r0"], entry["r1"], entry["crc"], entry.get("cur", {}))
         elif "s" in entry:
-            self.progress.setdefault(entry["s"], TensorProgress()).state_file = entry["file"]
+            p = self.progress.setdefault(entry["s"], TensorProgress())
+            p.state_file, p.state_crc, p.state_bytes = entry["file"], entry.get("crc"), entry.get("bytes")
 
     def get(self, name: str) -> TensorProgress:
         return self.progress.get(name, TensorProgress())
@@ -141,6 +138,19 @@ class Journal:
         if p is not None and len(p.chunks) > keep_chunks:
             p.keep(keep_chunks)
             self._append({"t": name, "truncate": keep_chunks})
+
+    def reset(self, names: list[str]) -> None:
+        """Forget everything about ``names`` (chunks and statistics), durably: they will be redone."""
+        entries: list[dict[str, Any]] = []
+        for name in names:
+            p = self.progress.pop(name, None)
+            if p is not None and p.chunks:
+                entries.append({"t": name, "truncate": 0})
+            if p is not None and p.state_file:
+                entries.append({"s": name, "file": None})
+        if entries and self.enabled:
+            self._join()
+            self._append_lines([json.dumps(e) for e in entries])
 
     # ---- writing -------------------------------------------------------------------------------------------
     def watch_fd(self, fd: int) -> None:
@@ -161,26 +171,42 @@ class Journal:
             self.commit()
 
     def save_state(self, name: str, index: int, state: dict[str, torch.Tensor]) -> None:
-        """Persist a tensor's statistics (durably) and journal it."""
+        """Persist a tensor's statistics durably (file, then its folder entry), then journal them with their CRC."""
         if not self.enabled or not state:
             return
         folder = self.work / "state"
-        folder.mkdir(exist_ok=True)
+        if not folder.is_dir():
+            fsio.make_dirs(folder)
         fname = f"{index:06d}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / fname))
-        fsync_path(folder / fname)
-        self.progress.setdefault(name, TensorProgress()).state_file = fname
-        self._pending.append(json.dumps({"s": name, "file": fname}))
+        data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+        fsio.write_file(folder / fname, data, sync_folder=True)
+        p = self.progress.setdefault(name, TensorProgress())
+        p.state_file, p.state_crc, p.state_bytes = fname, crc(data), len(data)
+        self._pending.append(json.dumps({"s": name, "file": fname, "crc": p.state_crc, "bytes": len(data)}))
         self.commit()
 
-    def load_state(self, name: str) -> dict[str, torch.Tensor] | None:
-        f = self.get(name).state_file
-        if f is None:
-            return None
+    def load_state(self, name: str) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """(the statistics journaled for ``name``, None) if they load and match their CRC; (None, why not) if they
+        were journaled but cannot be used; (None, None) if there are none."""
+        p = self.get(name)
+        if p.state_file is None:
+            return None, None
+        path = self.work / "state" / p.state_file
         try:
-            return load_file(str(self.work / "state" / f))
-        except Exception:  # a damaged state file: recompute the statistics
-            return None
+            data = path.read_bytes()
+        except OSError as exc:
+            return None, f"{path} cannot be read ({exc.strerror or exc})"
+        if p.state_bytes is not None and len(data) != p.state_bytes:
+            return None, f"{path} has {len(data)} bytes, {p.state_bytes} were written"
+        if p.state_crc is not None and crc(data) != p.state_crc:
+            return None, f"{path} does not match the checksum written with it (damaged)"
+        try:
+            state = load_safetensors(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            return None, f"{path} is not a readable safetensors file ({exc})"
+        if not state:
+            return None, f"{path} holds no statistics"
+        return state, None
 
     def commit(self, wait: bool = False) -> None:
         """Make the shard bytes written so far durable, then the pending journal lines.
@@ -197,8 +223,7 @@ class Journal:
 
         def work() -> None:
             try:
-                for fd in fds:
-                    os.fdatasync(fd)
+                self._sync_data(fds)
                 self._append_lines(lines)
             except BaseException as exc:  # reported by the next commit or flush
                 self._error = exc
@@ -234,8 +259,11 @@ class Journal:
             self._join()
             self._append_lines([json.dumps(entry)])
 
+    @staticmethod
+    def _sync_data(fds: list[int]) -> None:
+        """Make the shard bytes written so far durable (before the lines that describe them are appended)."""
+        for fd in fds:
+            fsio.sync_data(fd)
+
     def _append_lines(self, lines: list[str]) -> None:
-        with open(self.path, "ab") as f:
-            f.write(("\n".join(lines) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+        fsio.append(self.path, ("\n".join(lines) + "\n").encode())

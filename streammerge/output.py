@@ -2,18 +2,19 @@
 
 The destination is never touched until the merged model is complete: shards, ``model.safetensors.index.json``,
 ``config.json`` (with the output dtype), ``generation_config.json``, tokenizer files, a manifest and a model card
-are assembled in ``<out>.streammerge-partial/model``, fsynced, and renamed to ``<out>``. An existing non-empty destination
-is an error unless ``force`` is set, in which case it is replaced only after the new one is complete.
+are assembled in ``<out>.streammerge-partial/model``, each file fsynced as it is written (tokenizer models and
+merges files too), the folder fsynced, and renamed to ``<out>``; then the folder holding ``<out>`` is fsynced. An
+existing non-empty destination is an error unless ``force`` is set, in which case it is replaced only after the
+new one is complete. Writes go through :mod:`streammerge.fsio`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from . import fsio
 from ._version import __version__
 from .errors import InputError, PlanError
 
@@ -40,7 +41,8 @@ def check_destination(out: Path, force: bool) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write ``obj`` as JSON to a new file ``path``, fsynced."""
+    fsio.write_file(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def write_index(work: Path, weight_map: dict[str, str], total_size: int) -> None:
@@ -60,7 +62,7 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
         write_json(work / "config.json", config)
         copied.append("config.json")
     if (base / "generation_config.json").is_file():
-        shutil.copyfile(base / "generation_config.json", work / "generation_config.json")
+        fsio.copy_file(base / "generation_config.json", work / "generation_config.json")
         copied.append("generation_config.json")
     source = tokenizer_from or base
     if tokenizer_from is not None and not tokenizer_from.is_dir():
@@ -68,7 +70,7 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
     for pattern in TOKENIZER_PATTERNS:
         for f in sorted(source.glob(pattern)):
             if f.is_file() and not (work / f.name).exists():
-                shutil.copyfile(f, work / f.name)
+                fsio.copy_file(f, work / f.name)
                 copied.append(f.name)
     return copied
 
@@ -83,34 +85,21 @@ def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
         f"({params}).\n\n## Inputs\n\nBase: `{Path(plan_dict['base']).resolve().name}`\n\nModels, in order:\n{models}\n\n"
         f"Plan fingerprint: `{plan_dict['fingerprint']}`\n"
     )
-    (work / "README.md").write_text(text, encoding="utf-8")
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or folder by path (a folder's fsync makes renames and new entries in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsio.write_file(work / "README.md", text.encode("utf-8"))
 
 
 def publish(model: Path, out: Path, force: bool) -> None:
-    """Move the complete ``model`` folder to ``out`` in one rename (replacing an old one only with ``force``)."""
-    for f in model.iterdir():
-        if f.suffix == ".json" or f.name == "README.md":
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_path(model)
+    """Move the complete ``model`` folder (every file already fsynced) to ``out`` in one rename, replacing an old
+    one only with ``force``, and make the rename durable."""
+    fsio.sync_dir(model)
+    parent = fsio.parent_of(out)
     old = None
     if out.exists():
         if any(out.iterdir()) and not force:
             raise PlanError(f"output folder {out} appeared during the merge; the result is kept in {model}")
         old = out.with_name(out.name + ".streammerge-old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out, old)
-    os.rename(model, out)
-    fsync_path(out.parent if str(out.parent) else Path("."))
+        fsio.remove_tree(old)
+        fsio.rename(out, old)
+    fsio.rename(model, out, sync_folders=[parent])
     if old is not None:
-        shutil.rmtree(old)
+        fsio.remove_tree(old)

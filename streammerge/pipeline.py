@@ -1,17 +1,18 @@
 """Overlap of reading, computing and writing: a reader thread ahead of the compute, a writer thread behind it.
 
-The executor lays out its reads as a schedule of :class:`ReadJob` up front. :class:`Prefetcher` works through it
-on a background thread, reading each job's rows of every input into one of a fixed number of reusable *slots*
-(plain ``pread``, which releases the GIL), so the next chunk loads while the current one is computed. The compute
-takes staged jobs in schedule order and gives their slots back; a slot can also be kept across passes (a tensor
-read once for all of them).
+:class:`Prefetcher` works through the reads of the tensors' schedules on a background thread, reading each read's
+byte ranges (as its sources name them) into one of ``depth`` reusable *slots* (plain ``pread``, which releases the
+GIL), so the next chunk loads while the current one is computed. The compute takes staged reads in schedule order
+(each is checked to be the very read it asks for) and gives their slots back; a slot can be kept across steps (a
+tensor read once for every pass).
 
 :class:`WriteBehind` runs the durable side effects (shard writes, checksums, journal lines, failpoints) on one
 background thread in submission order, so the disk writes while the next chunk is computed. Output chunks are
-formed in a fixed number of reusable buffers that the writer hands back once written.
+formed in ``depth`` reusable buffers that the writer hands back once written.
 
 Every buffer is allocated once, at the size the plan counted, and reused: resident memory is fixed by the plan,
-and the allocator never has to fault fresh pages in for each chunk.
+and the allocator never has to fault fresh pages in for each chunk. Waits poll a ``check`` callback, so a stop
+request is honoured within a fraction of a second even while the disk is slow.
 """
 
 from __future__ import annotations
@@ -20,37 +21,36 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from .formats.checkpoint import Located
-from .formats.reader import InputFiles, align, row_range_bytes
+from .formats.reader import InputFiles
+from .schedule import Read
+from .sources.base import align
 
-#: slots and output buffers: one being worked on, one being filled (read ahead or written behind)
-DEPTH = 2
+#: seconds between stop checks while waiting for the reader or the writer
+POLL_SECONDS = 0.1
+
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class ReadJob:
-    """Rows [r0, r1) of every input in ``locs``; ``key`` names the job so the consumer can check the order."""
-
-    key: tuple[Any, ...]
-    locs: tuple[Located, ...]
-    r0: int
-    r1: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(align(row_range_bytes(loc, self.r0, self.r1)[1]) for loc in self.locs)
+def wait_for(q: queue.Queue[T], check: Callable[[], None] | None) -> T:
+    """``q.get()``, calling ``check`` (which may raise) every :data:`POLL_SECONDS` while waiting."""
+    while True:
+        try:
+            return q.get(timeout=POLL_SECONDS if check is not None else None)
+        except queue.Empty:
+            assert check is not None
+            check()
 
 
 @dataclass
 class Staged:
-    """A job whose rows are in memory: one typed view per input, inside slot ``slot``."""
+    """A read whose bytes are in memory: per source, its parts (typed views inside slot ``slot``)."""
 
-    job: ReadJob
-    inputs: list[torch.Tensor]
+    read: Read
+    parts: list[tuple[torch.Tensor, ...]]
     slot: int
 
 
@@ -58,87 +58,102 @@ def _buffer(nbytes: int, pin: bool) -> torch.Tensor:
     return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
 
 
-class Prefetcher:
-    """Reads a schedule of jobs into ``DEPTH`` reusable slots of ``slot_bytes`` on a background thread."""
+def read_layout(read: Read) -> list[tuple[int, int]]:
+    """(offset in the slot, length) of every byte range of ``read``, sources in order, each aligned."""
+    out, at = [], 0
+    for source in read.sources:
+        for rng in source.ranges(read.r0, read.r1):
+            out.append((at, rng.length))
+            at += align(rng.length)
+    return out
 
-    def __init__(self, files: InputFiles, jobs: Sequence[ReadJob], slot_bytes: int, pin: bool = False,
-                 on_read: Callable[[int], None] | None = None) -> None:
+
+class Prefetcher:
+    """Reads ``reads`` into ``depth`` reusable slots of ``slot_bytes`` on a background thread."""
+
+    def __init__(self, files: InputFiles, reads: Sequence[Read], slot_bytes: int, depth: int,
+                 pin: bool = False) -> None:
         self.files = files
-        self.jobs = list(jobs)
+        self.reads = list(reads)
         self.slot_bytes = slot_bytes
         self.pin = pin
-        self._slots: list[torch.Tensor | None] = [None] * DEPTH
+        self._slots: list[torch.Tensor | None] = [None] * depth
         self._free: queue.Queue[int | None] = queue.Queue()
-        for i in range(DEPTH):
+        for i in range(depth):
             self._free.put(i)
         self._ready: queue.Queue[Staged | BaseException | None] = queue.Queue()
         self._closed = False
-        self._next = 0
         self._thread = threading.Thread(target=self._run, name="streammerge-reader", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            for job in self.jobs:
+            for read in self.reads:
                 slot = self._free.get()
                 if slot is None or self._closed:
                     return
-                self._ready.put(self._read(job, slot))
+                self._ready.put(self._read(read, slot))
             self._ready.put(None)
         except BaseException as exc:  # handed to the consumer, raised there
             self._ready.put(exc)
 
-    def _read(self, job: ReadJob, slot: int) -> Staged:
-        need = job.nbytes
+    def _read(self, read: Read, slot: int) -> Staged:
+        layout = read_layout(read)
+        need = sum(align(n) for _, n in layout)
         if need > self.slot_bytes:
-            raise RuntimeError(f"read job {job.key} needs {need} bytes, more than the planned slot ({self.slot_bytes})")
+            raise RuntimeError(f"read of {read.tensor} rows [{read.r0}, {read.r1}) needs {need} bytes, more than "
+                               f"the planned slot ({self.slot_bytes})")
         buf = self._slots[slot]
         if buf is None:
             buf = self._slots[slot] = _buffer(self.slot_bytes, self.pin)
-        views, at = [], 0
-        for loc in job.locs:
-            views.append(self.files.read_into(loc, job.r0, job.r1, buf[at:]))
-            at += align(row_range_bytes(loc, job.r0, job.r1)[1])
-        return Staged(job, views, slot)
+        parts, k = [], 0
+        for source in read.sources:
+            buffers = []
+            for rng in source.ranges(read.r0, read.r1):
+                at, length = layout[k]
+                buffers.append(self.files.read_range(rng, buf[at : at + length]))
+                k += 1
+            parts.append(source.parts(buffers, read.r0, read.r1))
+        return Staged(read, parts, slot)
 
-    def get(self, key: tuple[Any, ...]) -> Staged:
-        """The next staged job, which must be ``key`` (the schedule and the consumer walk the same order)."""
-        item = self._ready.get()
+    def get(self, read: Read, check: Callable[[], None] | None = None) -> Staged:
+        """The next staged read, which must be ``read`` itself (the schedule and the consumer walk one list)."""
+        item = wait_for(self._ready, check)
         if isinstance(item, BaseException):
             self._closed = True
             raise item
         if item is None:
-            raise RuntimeError(f"read schedule exhausted, but {key} was asked for")
-        if item.job.key != key:
-            raise RuntimeError(f"read schedule out of step: staged {item.job.key}, asked for {key}")
-        self._next += 1
+            raise RuntimeError(f"read schedule exhausted, but {read.tensor} rows [{read.r0}, {read.r1}) was asked for")
+        if item.read is not read:
+            raise RuntimeError(f"read schedule out of step: staged {item.read.tensor} rows [{item.read.r0}, "
+                               f"{item.read.r1}), asked for {read.tensor} rows [{read.r0}, {read.r1})")
         return item
 
     def release(self, staged: Staged) -> None:
-        """Give a staged job's slot back for the reader to refill (its views must no longer be used)."""
-        staged.inputs = []
+        """Give a staged read's slot back for the reader to refill (its views must no longer be used)."""
+        staged.parts = []
         self._free.put(staged.slot)
 
     def close(self) -> None:
         self._closed = True
         self._free.put(None)
         self._thread.join()
-        self._slots = [None] * DEPTH
+        self._slots = [None] * len(self._slots)
 
 
 class WriteBehind:
-    """Runs submitted calls in order on a background thread; owns ``DEPTH`` reusable output buffers.
+    """Runs submitted calls in order on a background thread; owns ``depth`` reusable output buffers.
 
     The first failure is kept and raised to the submitter at its next call; later calls are skipped (their
     buffers still come back), so a failed disk never deadlocks the compute.
     """
 
-    def __init__(self, buffer_bytes: int, pin: bool = False, threaded: bool = True) -> None:
+    def __init__(self, buffer_bytes: int, depth: int, pin: bool = False, threaded: bool = True) -> None:
         self.buffer_bytes = buffer_bytes
         self.pin = pin
-        self._buffers: list[torch.Tensor | None] = [None] * DEPTH
+        self._buffers: list[torch.Tensor | None] = [None] * depth
         self._free: queue.Queue[int] = queue.Queue()
-        for i in range(DEPTH):
+        for i in range(depth):
             self._free.put(i)
         self._jobs: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], int | None] | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -173,10 +188,10 @@ class WriteBehind:
             self._reported = True
             raise self._error
 
-    def buffer(self) -> tuple[int, torch.Tensor]:
+    def buffer(self, check: Callable[[], None] | None = None) -> tuple[int, torch.Tensor]:
         """A free output buffer (index, uint8 tensor of ``buffer_bytes``), waiting for the writer if needed."""
         self._raise()
-        i = self._free.get()
+        i = wait_for(self._free, check)
         buf = self._buffers[i]
         if buf is None:
             buf = self._buffers[i] = _buffer(self.buffer_bytes, self.pin)
@@ -202,4 +217,4 @@ class WriteBehind:
         if self._thread is not None and self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
-        self._buffers = [None] * DEPTH
+        self._buffers = [None] * len(self._buffers)

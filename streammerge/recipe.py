@@ -53,6 +53,7 @@ class Recipe:
     chunk_rows: int | None = None  # force a chunk size (testing, debugging); None = from the budget
     force: bool = False  # replace an existing output folder
     restart: bool = False  # discard an interrupted run's work folder instead of resuming it
+    redo_changed: bool = False  # continue an interrupted run whose inputs or options changed, redoing what changed
     journal: bool = True  # journal durable chunks (resumable); off only to measure its cost
 
     def __post_init__(self) -> None:

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HeaderError, InputError
-from .execute import MANIFEST
 from .formats.checkpoint import INDEX_FILE
 from .formats.safetensors_header import read_header
-from .journal import crc
+from .manifest import MANIFEST, crc
 
 
 def verify_output(folder: str | Path) -> tuple[list[str], dict[str, Any]]:

@@ -4,8 +4,8 @@
 absolute offset, in the order ``safetensors`` itself uses (dtype size class descending, then name), so a filled
 shard is byte-identical to ``safetensors.torch.save_file`` of the same tensors with ``{"format": "pt"}`` metadata.
 ``split_into_shards`` is the pure shard splitter. ``ShardFile`` is the writer's state machine:
-planned → created (header written, file sized) → filled by ``write_at`` → finalized (flushed, fsynced, closed);
-out-of-order calls are refused.
+planned → created (header written, file sized and its blocks reserved) → filled by ``write_at`` → finalized
+(fsynced, closed); out-of-order calls are refused. Writes go through :mod:`streammerge.fsio`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from . import fsio
 from .formats.dtypes import DTYPES
 
 SHARD_METADATA = {"format": "pt"}
@@ -102,14 +103,15 @@ class ShardFile:
         self._fd: int | None = None
 
     def create(self) -> None:
-        """Create the file with its final header and size (tensor bytes start as zeros, sparse)."""
+        """Create the file with its final header and size; its blocks are reserved (``posix_fallocate``) so a full
+        disk shows up here, not in the middle of the merge."""
         self._require(WriterState.PLANNED, "create")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = fsio.open_file(self.path, create=True, truncate=True)
         try:
-            os.ftruncate(fd, self.layout.size)
+            fsio.size_file(fd, self.layout.size)
             _pwrite_all(fd, self.layout.header, 0)
         except BaseException:
-            os.close(fd)
+            fsio.close(fd)
             raise
         self._fd = fd
         self.state = WriterState.CREATED
@@ -118,12 +120,12 @@ class ShardFile:
         """Reopen the shard a previous run created, if its size and header are exactly as planned."""
         self._require(WriterState.PLANNED, "open_existing")
         try:
-            fd = os.open(self.path, os.O_RDWR)
+            fd = fsio.open_file(self.path)
         except FileNotFoundError:
             return False
         header = self.layout.header
         if os.fstat(fd).st_size != self.layout.size or os.pread(fd, len(header), 0) != header:
-            os.close(fd)
+            fsio.close(fd)
             return False
         self._fd = fd
         self.state = WriterState.CREATED
@@ -145,13 +147,10 @@ class ShardFile:
         _pwrite_all(self._fd, data, at)
 
     def read_at(self, name: str, byte_offset: int, length: int) -> bytes:
-        """Read back bytes of a tensor already written (used to copy a tied head)."""
-        self._require(WriterState.CREATED, "read_at")
-        begin, end = self.layout.offsets[name]
-        if byte_offset < 0 or begin + byte_offset + length > end:
-            raise ValueError(f"read of {length} bytes at {byte_offset} overflows tensor {name!r}")
-        assert self._fd is not None
-        return os.pread(self._fd, length, begin + byte_offset)
+        """Read back bytes of a tensor already written (to verify journaled chunks)."""
+        buf = bytearray(length)
+        self.read_into(name, byte_offset, memoryview(buf))
+        return bytes(buf)
 
     def read_into(self, name: str, byte_offset: int, view: memoryview) -> None:
         """Read back ``len(view)`` bytes of a tensor already written into ``view`` (to copy a tied head)."""
@@ -160,27 +159,23 @@ class ShardFile:
         if byte_offset < 0 or begin + byte_offset + len(view) > end:
             raise ValueError(f"read of {len(view)} bytes at {byte_offset} overflows tensor {name!r}")
         assert self._fd is not None
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], begin + byte_offset + done)
-            if n <= 0:
-                raise OSError(f"{self.path} is shorter than planned")
-            done += n
+        if fsio.pread_into(self._fd, view, begin + byte_offset) != len(view):
+            raise OSError(f"{self.path} is shorter than planned")
 
     def finalize(self, sync: bool = True) -> None:
         """Flush the file to disk (unless ``sync`` is off) and close it."""
         self._require(WriterState.CREATED, "finalize")
         assert self._fd is not None
         if sync:
-            os.fsync(self._fd)
-        os.close(self._fd)
+            fsio.sync_file(self._fd)
+        fsio.close(self._fd)
         self._fd = None
         self.state = WriterState.FINALIZED
 
     def abort(self) -> None:
         """Close without finalizing (after an error)."""
         if self._fd is not None:
-            os.close(self._fd)
+            fsio.close(self._fd)
             self._fd = None
 
     def _require(self, state: WriterState, call: str) -> None:
@@ -189,8 +184,5 @@ class ShardFile:
 
 
 def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    """Every shard write (a seam for tests that simulate a full disk)."""
+    fsio.pwrite_all(fd, data, offset)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,9 +337,13 @@ def test_model_stock_opposed_deltas_refused(tmp_path):
     m2[Q] = 2 * base[Q] - m1[Q]  # Δ2 = −Δ1 on one tensor only: mean cosine −1 = −1/(N−1)
     fam = Family(tmp_path, base, [m1, m2])
     out = fam.out()
-    with pytest.raises(MethodError, match=Q.replace(".", r"\.")):
+    with pytest.raises(MethodError, match=Q.replace(".", r"\.") + ".*--exclude") as info:
         fam.run("model_stock", out=out)
-    assert_nothing_written(out)
+    assert "kept in" in str(info.value) and "--redo-changed" in str(info.value)
+    assert not out.exists() and out.with_name(out.name + ".streammerge-partial").is_dir()  # the work is kept
+    fam.run("model_stock", out=out, exclude=[re.escape(Q)], redo_changed=True)  # the advice finishes it
+    fresh = fam.run("model_stock", exclude=[re.escape(Q)])
+    assert (out / "model.safetensors").read_bytes() == (fresh / "model.safetensors").read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------------------

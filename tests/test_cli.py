@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import re
 import os
 import pickle
 import shutil
@@ -546,7 +547,6 @@ BAD_INPUTS: dict[str, Case] = {
     "shape-mismatch": _shape_mismatch,
     "architecture-mismatch": _architecture_mismatch,
     "tied-vs-untied": _tied_vs_untied,
-    "nan-in-a-model": _nan_in_a_model,
     "no-tensors": _no_tensors,
     "index-omits-a-tensor": _index_omits_a_tensor,
     "integer-tensor-in-a-model": _integer_tensor_in_a_model,
@@ -567,13 +567,11 @@ BAD_INPUTS: dict[str, Case] = {
     "out-is-an-input": _out_is_an_input,
     "tokenizer-from-missing": _tokenizer_from_missing,
 }
-# Failures only execution can find: plan reads headers, never tensor data.
-MERGE_ONLY = {"nan-in-a-model"}
+
+
 def _cases():
     for name in BAD_INPUTS:
         for command in ("merge", "plan"):
-            if command == "plan" and name in MERGE_ONLY:
-                continue
             yield pytest.param(command, name, id=f"{command}-{name}")
 
 
@@ -599,6 +597,35 @@ def test_bad_input_fails_cleanly_and_writes_nothing(command, case, fam, out, tmp
     assert "Traceback" not in result.output
     assert snapshot(tmp_path) == before, "something was written or touched"
     assert not list(tmp_path.rglob("*.streammerge-partial"))
+
+
+def test_nan_in_a_model_stops_keeps_the_work_and_its_advice_continues_it(fam, out, tmp_path):
+    """Bad data found mid-merge (only execution reads tensor data): a clear message naming the tensor, rows and
+    model; nothing published; the work kept; and the advice (exclude the tensor, --redo-changed) finishes the merge
+    without redoing the tensors already merged."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+    extra, phrases = _nan_in_a_model(fam, tmp_path)
+    result = invoke(*merge_args(fam, out, "-q"))
+    assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
+    message = result.stderr
+    for phrase in [*phrases, "rows [", "already merged are kept", "--redo-changed", "--exclude '^"]:
+        assert phrase in message, f"{phrase!r} not in {message!r}"
+    assert not out.exists()
+    work = out.with_name(out.name + ".streammerge-partial")
+    assert (work / "journal.jsonl").is_file()
+    kept = int(message.split(" tensor(s) already merged")[0].rsplit(" ", 1)[1])
+    assert kept > 0
+    exclude = message.split("--exclude '")[1].split("'")[0]
+    assert exclude == "^" + re.escape(name) + "$"
+
+    result = invoke(*merge_args(fam, out, "--exclude", exclude, "--redo-changed"))
+    assert result.exit_code == 0, result.output
+    resumed = next(line for line in result.stderr.splitlines() if line.startswith("resuming the interrupted merge"))
+    assert int(resumed.split(": ")[1].split()[0]) == kept, resumed
+    fresh = tmp_path / "fresh"
+    merge_ok(fam, fresh, "--exclude", exclude)
+    assert (out / "model.safetensors").read_bytes() == (fresh / "model.safetensors").read_bytes()
+    assert torch.equal(read_all(out)[name], load_file(fam["base"] / "model.safetensors")[name])
 
 
 @pytest.mark.parametrize("case,which", [("missing-base", None), ("no-safetensors", "chat"),

@@ -17,12 +17,12 @@ from streammerge import api
 from streammerge.budget import Budget, make_budget
 from streammerge.errors import PlanError
 from streammerge.formats.checkpoint import load_checkpoint
-from streammerge.plan import make_plan
+from streammerge.planner import make_plan
 from streammerge.recipe import Recipe
 from streammerge.cli import main
 from streammerge.device import CpuCompute, DeviceError, resolve_device
 from streammerge.examples import write_family
-from streammerge.plan import describe_changes
+from streammerge.fingerprint import describe_changes
 
 CUDA = torch.cuda.is_available()
 #: method -> parameters, covering every kind of pass (statistics, selections, random masks, embeddings)
@@ -81,8 +81,8 @@ def test_a_malformed_max_vram_is_refused_even_on_the_cpu():
 def test_the_kind_of_device_is_part_of_the_fingerprint(fam, tmp_path):
     p = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", device="cpu")
     doc = dict(p.fingerprint_doc)
-    assert doc["device"] == "cpu"
-    assert describe_changes(doc, {**doc, "device": "cuda"}) == ["device: cpu -> cuda"]
+    assert doc["engine"]["device"] == "cpu"
+    assert describe_changes(doc, {**doc, "engine": {**doc["engine"], "device": "cuda"}}) == ["device: cpu -> cuda"]
 
 
 def test_plan_summary_says_which_tensors_are_read_once(fam, tmp_path):

@@ -10,7 +10,8 @@ import torch
 from streammerge import plan
 from streammerge.errors import PlanError
 from streammerge.examples import write_family
-from streammerge.methods._tiles import TILE, TileFeeder, add_column_sums
+from streammerge.methods._tiles import TileFeeder, add_column_sums
+from streammerge.planner import TILE_ROWS as TILE
 from streammerge.methods.base import Rule
 
 
@@ -75,11 +76,11 @@ def test_tiled_column_sums_are_independent_of_chunking_and_threads(threads, dtyp
     try:
         results = []
         for step in (1, 7, 64, 100, 128, 1301):
-            feeder, total, tiles = TileFeeder(1301), torch.zeros(3 * 37, dtype=torch.float64), []
+            feeder, total, tiles = TileFeeder(1301, TILE), torch.zeros(3 * 37, dtype=torch.float64), []
             for r0 in range(0, 1301, step):
                 for t0, (tile,) in feeder.feed(r0, [x[r0 : r0 + step]]):
                     tiles.append((t0, tile.shape[0]))
-                    add_column_sums(total, tile)
+                    add_column_sums(total, tile, TILE)
             # blocks start on tile boundaries, hold whole tiles (but the last), and cover every row once, in order
             assert all(t0 % TILE == 0 for t0, _ in tiles)
             assert [r for t0, n in tiles for r in range(t0, t0 + n)] == list(range(1301))
@@ -91,4 +92,4 @@ def test_tiled_column_sums_are_independent_of_chunking_and_threads(threads, dtyp
         assert (r == results[0]).all()
     assert torch.allclose(results[0], x.double().sum(0).reshape(-1))
     with pytest.raises(RuntimeError, match="in order"):
-        list(TileFeeder(301).feed(5, [x[:5]]))
+        list(TileFeeder(301, TILE).feed(5, [x[:5]]))

@@ -13,7 +13,11 @@ from safetensors.torch import save_file
 from streammerge.errors import InputError
 from streammerge.formats.checkpoint import load_checkpoint
 from streammerge.formats.reader import InputFiles
-from streammerge.pipeline import DEPTH, Prefetcher, ReadJob, WriteBehind
+from streammerge.pipeline import Prefetcher, WriteBehind
+from streammerge.schedule import Read
+from streammerge.sources import StoredSource
+
+DEPTH = 2
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32,
@@ -93,24 +97,27 @@ def two_models(tmp_path):
     return [load_checkpoint(tmp_path / n) for n in "ab"], [a, b]
 
 
+def _read(name: str, locs, r0: int, r1: int) -> Read:
+    return Read(name, r0, r1, tuple(StoredSource(loc) for loc in locs))
+
+
 def test_prefetcher_stages_the_schedule_in_order_in_reused_slots(two_models):
     ckpts, tensors = two_models
     w = tuple(c.tensors["w"] for c in ckpts)
-    jobs = [ReadJob(("w", r0), w, r0, min(40, r0 + 16)) for r0 in range(0, 40, 16)]
-    jobs.append(ReadJob(("b",), tuple(c.tensors["b"] for c in ckpts), 0, 8))
+    reads = [_read("w", w, r0, min(40, r0 + 16)) for r0 in range(0, 40, 16)]
+    reads.append(_read("b", tuple(c.tensors["b"] for c in ckpts), 0, 8))
     slots = set()
     with InputFiles() as files:
-        pre = Prefetcher(files, jobs, slot_bytes=max(j.nbytes for j in jobs))
+        pre = Prefetcher(files, reads, slot_bytes=max(r.nbytes for r in reads) + 128, depth=DEPTH)
         try:
-            for job in jobs:
-                staged = pre.get(job.key)
+            for read in reads:
+                staged = pre.get(read)
                 slots.add(staged.slot)
-                name = job.key[0]
-                for got, want in zip(staged.inputs, tensors):
-                    assert _same(got, want[name][job.r0 : job.r1])
+                for (got,), want in zip(staged.parts, tensors):
+                    assert _same(got, want[read.tensor][read.r0 : read.r1])
                 pre.release(staged)
             with pytest.raises(RuntimeError, match="exhausted"):
-                pre.get(("more",))
+                pre.get(reads[0])
         finally:
             pre.close()
     assert slots <= set(range(DEPTH))
@@ -120,28 +127,31 @@ def test_prefetcher_checks_the_order_and_reports_read_errors(two_models, tmp_pat
     ckpts, _ = two_models
     w = tuple(c.tensors["w"] for c in ckpts)
     with InputFiles() as files:
-        pre = Prefetcher(files, [ReadJob(("w", 0), w, 0, 8)], slot_bytes=4096)
+        first = _read("w", w, 0, 8)
+        pre = Prefetcher(files, [first], slot_bytes=4096, depth=DEPTH)
         try:
             with pytest.raises(RuntimeError, match="out of step"):
-                pre.get(("w", 8))
+                pre.get(_read("w", w, 0, 8))  # an equal read is not the same read
         finally:
             pre.close()
         os.truncate(ckpts[1].tensors["w"].shard, 200)
-        pre = Prefetcher(files, [ReadJob(("w", 0), w, 0, 40)], slot_bytes=4096)
+        whole = _read("w", w, 0, 40)
+        pre = Prefetcher(files, [whole], slot_bytes=4096, depth=DEPTH)
         try:
             with pytest.raises(InputError, match="ended early"):
-                pre.get(("w", 0))
+                pre.get(whole)
         finally:
             pre.close()
 
 
-def test_prefetcher_refuses_a_job_larger_than_its_slot(two_models):
+def test_prefetcher_refuses_a_read_larger_than_its_slot(two_models):
     ckpts, _ = two_models
+    read = _read("w", (ckpts[0].tensors["w"],), 0, 40)
     with InputFiles() as files:
-        pre = Prefetcher(files, [ReadJob(("w",), (ckpts[0].tensors["w"],), 0, 40)], slot_bytes=100)
+        pre = Prefetcher(files, [read], slot_bytes=100, depth=DEPTH)
         try:
             with pytest.raises(RuntimeError, match="more than the planned slot"):
-                pre.get(("w",))
+                pre.get(read)
         finally:
             pre.close()
 
@@ -149,19 +159,54 @@ def test_prefetcher_refuses_a_job_larger_than_its_slot(two_models):
 def test_prefetcher_close_does_not_hang_while_the_reader_waits_for_a_slot(two_models):
     ckpts, _ = two_models
     w = (ckpts[0].tensors["w"],)
-    jobs = [ReadJob(("w", i), w, 0, 40) for i in range(10)]
+    reads = [_read("w", w, 0, 40) for _ in range(10)]
     with InputFiles() as files:
-        pre = Prefetcher(files, jobs, slot_bytes=4096)
-        held = [pre.get(("w", 0)), pre.get(("w", 1))]  # both slots held: the reader is blocked
+        pre = Prefetcher(files, reads, slot_bytes=4096, depth=DEPTH)
+        held = [pre.get(reads[0]), pre.get(reads[1])]  # both slots held: the reader is blocked
         done = threading.Event()
         threading.Thread(target=lambda: (pre.close(), done.set()), daemon=True).start()
         assert done.wait(10), "close() hung"
         assert len(held) == DEPTH
 
 
+def test_waits_for_the_reader_and_the_writer_honour_a_stop_request(two_models):
+    """A stop request is noticed while waiting for a slow read or a busy writer (not after it)."""
+    ckpts, _ = two_models
+    reads = [_read("w", (ckpts[0].tensors["w"],), 0, 40) for _ in range(3)]
+
+    class Stop(Exception):
+        pass
+
+    calls = [0]
+
+    def check() -> None:
+        calls[0] += 1
+        if calls[0] >= 3:
+            raise Stop
+
+    with InputFiles() as files:
+        pre = Prefetcher(files, reads, slot_bytes=4096, depth=DEPTH)
+        try:
+            held = [pre.get(reads[0]), pre.get(reads[1])]  # both slots held: the third read cannot come
+            with pytest.raises(Stop):
+                pre.get(reads[2], check)
+            assert calls[0] == 3 and len(held) == DEPTH
+        finally:
+            pre.close()
+    wb = WriteBehind(16, depth=DEPTH)
+    try:
+        taken = [wb.buffer(), wb.buffer()]  # every buffer is out: the next one waits
+        calls[0] = 0
+        with pytest.raises(Stop):
+            wb.buffer(check)
+        assert len(taken) == DEPTH
+    finally:
+        wb.close()
+
+
 @pytest.mark.parametrize("threaded", [True, False])
 def test_write_behind_runs_calls_in_order_and_recycles_buffers(threaded):
-    wb = WriteBehind(64, threaded=threaded)
+    wb = WriteBehind(64, depth=DEPTH, threaded=threaded)
     seen: list[tuple[int, bytes]] = []
     try:
         for i in range(20):
@@ -175,7 +220,7 @@ def test_write_behind_runs_calls_in_order_and_recycles_buffers(threaded):
 
 
 def test_write_behind_raises_the_first_failure_once_and_skips_the_rest():
-    wb = WriteBehind(16)
+    wb = WriteBehind(16, depth=DEPTH)
     ran: list[int] = []
 
     def fail() -> None:

@@ -40,7 +40,8 @@ import pytest
 import streammerge.writer
 from streammerge import api
 from streammerge.examples import write_family
-from streammerge.execute import MANIFEST, DiskFullError, MergeInterrupted
+from streammerge.execute import DiskFullError, MergeInterrupted
+from streammerge.manifest import MANIFEST
 from streammerge.errors import StreamMergeError
 from streammerge.verify import verify_output
 
@@ -622,7 +623,7 @@ def test_second_ctrl_c_mid_write_is_resumable(one_thread, monkeypatch, fam, refs
 def test_not_enough_free_space_is_refused_before_any_shard(one_thread, monkeypatch, fam, refs, tmp_path):
     out = tmp_path / "out"
     tiny = shutil._ntuple_diskusage(10**6, 10**6 - 4096, 4096)  # type: ignore[attr-defined]
-    monkeypatch.setattr("streammerge.execute.shutil.disk_usage", lambda path: tiny)
+    monkeypatch.setattr("streammerge.workfolder.shutil.disk_usage", lambda path: tiny)
     with pytest.raises(DiskFullError, match="not enough disk space") as info:
         _api_merge(fam, out)
     assert "model" in str(info.value)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streammerge.methods._tiles import TILE, TileFeeder, add_column_sums, add_tile_tree_sums, tree_sum
+from streammerge.methods._tiles import TileFeeder, add_column_sums, add_tile_tree_sums, tree_sum
+from streammerge.planner import TILE_ROWS as TILE
 
 
 @pytest.mark.parametrize("shape,dim", [((7, 5, 13), -1), ((1, 3), 0), ((64, 10), 0), ((130, 3, 9), 0),
@@ -54,13 +55,13 @@ def test_the_device_tile_sums_do_not_depend_on_the_chunking(rows):
     # float64 values: their float64 sums round, so any change of order would show in the last bits
     x = torch.randn(rows, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(rows)) * 1e3
     cpu = torch.zeros(11, dtype=torch.float64)
-    add_column_sums(cpu, x)  # numpy, sequential within each tile
+    add_column_sums(cpu, x, TILE)  # numpy, sequential within each tile
     results = []
     for chunk in (rows, 1, 7, TILE, 100, 512):
-        feeder, total = TileFeeder(rows), torch.zeros(11, dtype=torch.float64)
+        feeder, total = TileFeeder(rows, TILE), torch.zeros(11, dtype=torch.float64)
         for r0 in range(0, rows, chunk):
             for _, (block,) in feeder.feed(r0, [x[r0 : r0 + chunk]]):
-                add_tile_tree_sums(total, block)
+                add_tile_tree_sums(total, block, TILE)
         results.append(total)
     assert torch.allclose(results[0], cpu, rtol=1e-12, atol=1e-9)
     for chunk, r in zip((rows, 1, 7, TILE, 100, 512), results):

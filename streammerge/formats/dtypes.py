@@ -8,10 +8,22 @@ so the writer needs it to produce identical bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StreamMergeError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@cache
+def _torch_dtype(attr: str | None) -> Any:
+    if attr is None:
+        return None
+    import torch  # noqa: PLC0415 (torch is loaded on first use: header checks and ``verify`` do without it)
+
+    return getattr(torch, attr, None)
 
 
 @dataclass(frozen=True)
@@ -20,43 +32,43 @@ class DType:
 
     name: str
     bits: int
-    torch: torch.dtype | None
+    torch_name: str | None  # the torch attribute, e.g. "bfloat16"
     rank: int  # position in the reference enum; the writer sorts by it, descending
 
     @property
+    def torch(self) -> torch.dtype | None:
+        return _torch_dtype(self.torch_name)
+
+    @property
     def is_float(self) -> bool:
-        return self.torch is not None and self.torch.is_floating_point
+        """A floating-point dtype torch can hold (F4 and F6 cannot: they are packed quantized codes)."""
+        return self.name.startswith(("F", "BF")) and self.torch_name is not None
 
 
-def _t(name: str) -> torch.dtype | None:
-    return getattr(torch, name, None)
-
-
-_ORDER: list[tuple[str, int, torch.dtype | None]] = [
-    ("BOOL", 8, torch.bool),
+_ORDER: list[tuple[str, int, str | None]] = [
+    ("BOOL", 8, "bool"),
     ("F4", 4, None),
     ("F6_E2M3", 6, None),
     ("F6_E3M2", 6, None),
-    ("U8", 8, torch.uint8),
-    ("I8", 8, torch.int8),
-    ("F8_E5M2", 8, _t("float8_e5m2")),
-    ("F8_E4M3", 8, _t("float8_e4m3fn")),
-    ("F8_E8M0", 8, _t("float8_e8m0fnu")),
-    ("I16", 16, torch.int16),
-    ("U16", 16, _t("uint16")),
-    ("F16", 16, torch.float16),
-    ("BF16", 16, torch.bfloat16),
-    ("I32", 32, torch.int32),
-    ("U32", 32, _t("uint32")),
-    ("F32", 32, torch.float32),
-    ("C64", 64, torch.complex64),
-    ("F64", 64, torch.float64),
-    ("I64", 64, torch.int64),
-    ("U64", 64, _t("uint64")),
+    ("U8", 8, "uint8"),
+    ("I8", 8, "int8"),
+    ("F8_E5M2", 8, "float8_e5m2"),
+    ("F8_E4M3", 8, "float8_e4m3fn"),
+    ("F8_E8M0", 8, "float8_e8m0fnu"),
+    ("I16", 16, "int16"),
+    ("U16", 16, "uint16"),
+    ("F16", 16, "float16"),
+    ("BF16", 16, "bfloat16"),
+    ("I32", 32, "int32"),
+    ("U32", 32, "uint32"),
+    ("F32", 32, "float32"),
+    ("C64", 64, "complex64"),
+    ("F64", 64, "float64"),
+    ("I64", 64, "int64"),
+    ("U64", 64, "uint64"),
 ]
 
 DTYPES: dict[str, DType] = {name: DType(name, bits, td, i) for i, (name, bits, td) in enumerate(_ORDER)}
-_BY_TORCH: dict[torch.dtype, DType] = {d.torch: d for d in DTYPES.values() if d.torch is not None}
 
 # Names users may give for an output dtype.
 OUTPUT_DTYPE_ALIASES: dict[str, str] = {
@@ -68,10 +80,10 @@ OUTPUT_DTYPE_ALIASES: dict[str, str] = {
 
 def from_torch(dtype: torch.dtype) -> DType:
     """The safetensors dtype of a torch dtype."""
-    try:
-        return _BY_TORCH[dtype]
-    except KeyError:
-        raise StreamMergeError(f"torch dtype {dtype} has no safetensors equivalent") from None
+    for d in DTYPES.values():
+        if d.torch is not None and d.torch == dtype:
+            return d
+    raise StreamMergeError(f"torch dtype {dtype} has no safetensors equivalent")
 
 
 def parse_output_dtype(text: str) -> DType:

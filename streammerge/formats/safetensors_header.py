@@ -13,11 +13,11 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from math import prod
 from pathlib import Path
 from typing import Any
 
 from .. import errors as E
+from ..shapes import RowLayout
 from .dtypes import DTYPES, DType
 
 #: Largest header accepted (the reference implementation's cap).
@@ -27,7 +27,7 @@ MAX_ELEMENTS = 1 << 53
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(RowLayout):
     """Where one tensor lives in its file. ``begin``/``end`` are absolute file offsets."""
 
     name: str
@@ -41,17 +41,9 @@ class TensorInfo:
         return self.end - self.begin
 
     @property
-    def numel(self) -> int:
-        return prod(self.shape)
-
-    @property
-    def rows(self) -> int:
-        """Rows along dim 0 (1 for a scalar)."""
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return prod(self.shape[1:]) if self.shape else 1
+    def row_bytes(self) -> int:
+        """Bytes of one stored row."""
+        return self.row_numel * self.dtype.bits // 8
 
 
 @dataclass(frozen=True)

@@ -124,11 +124,11 @@ class _DeltaTensorMerge(TensorMerge):
 
     def cursor(self) -> dict[str, Any]:
         sel = self._selectors()
-        return {"seen": [s._seen_ties for s in sel]} if sel else {}
+        return {"seen": [s.seen_ties for s in sel]} if sel else {}
 
     def restore_cursor(self, cursor: dict[str, Any]) -> None:
         for s, seen in zip(self._selectors(), cursor.get("seen", [])):
-            s._seen_ties = seen
+            s.seen_ties = seen
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]

@@ -37,7 +37,7 @@ class TopK:
         self._hist_lo: torch.Tensor | None = None
         self._bin = -1
         self._above_bin = 0  # elements whose high bits exceed the target bin
-        self._seen_ties = 0  # during emit: elements equal to tau met so far (counting stops at ``ties``)
+        self.seen_ties = 0  # emit cursor: elements equal to tau met so far (counting stops at ``ties``)
 
     @property
     def trivial(self) -> bool:
@@ -110,12 +110,12 @@ class TopK:
         assert self.tau_bits is not None, "factor() before passes A and B"
         bits = _bits(absx)
         keep = (bits - self.tau_bits).clamp_(0, 1)  # 1 iff bits > tau (NaN bits too: NaN stays visible)
-        if self._seen_ties < self.ties:  # once enough ties are kept, later equal elements are simply dropped
+        if self.seen_ties < self.ties:  # once enough ties are kept, later equal elements are simply dropped
             flat = bits.reshape(-1)
             if flat.device.type == "cpu":  # flat positions of the ties, in index order
                 at = torch.from_numpy(np.flatnonzero(flat.numpy() == self.tau_bits))
             else:
                 at = (flat == self.tau_bits).nonzero().squeeze(1)
-            keep.view(-1)[at[: self.ties - self._seen_ties]] = 1
-            self._seen_ties += len(at)
+            keep.view(-1)[at[: self.ties - self.seen_ties]] = 1
+            self.seen_ties += len(at)
         return keep.to(torch.float32)

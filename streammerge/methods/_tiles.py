@@ -1,8 +1,8 @@
 """Chunk-independent float64 reductions over rows.
 
 Summing rows in whatever chunks the budget allows would make the last bits of a sum depend on the chunk size.
-Instead, rows are regrouped into aligned tiles of ``TILE`` rows (rows [0, 64), [64, 128), ...; the tensor's last
-tile may be shorter) by :class:`TileFeeder`, which stashes the rows of a tile split across chunks until it is
+Instead, rows are regrouped into aligned tiles of ``tile`` rows (the plan's ``tile``, 64: rows [0, 64), [64, 128),
+...; the tensor's last tile may be shorter) by :class:`TileFeeder`, which stashes the rows of a tile split across chunks until it is
 complete and hands out blocks of whole tiles. Every tile is reduced with the same operation on the same shape,
 and tile partials are added to the accumulator one by one in row order (however the tiles were grouped into
 blocks), so a result is bit-identical for every chunking. CPU reductions use
@@ -21,9 +21,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-TILE = 64
-
-
 #: tiles handed out together, so per-operation overheads (thread wake-ups) are paid per block, not per tile
 BLOCK_TILES = 8
 
@@ -35,8 +32,9 @@ class TileFeeder:
     end with a shorter tile); rows of a tile split across chunks are stashed until it is complete.
     """
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, tile: int) -> None:
         self.rows = rows
+        self.tile = tile
         self._pending: list[torch.Tensor] | None = None
         self._next_row = 0
 
@@ -50,45 +48,45 @@ class TileFeeder:
         if self._pending is not None:
             # complete the stashed tile with just the rows it lacks
             have = self._pending[0].shape[0]
-            take = min(TILE - have, n)
+            take = min(self.tile - have, n)
             merged = [torch.cat([p, x[:take]]) for p, x in zip(self._pending, parts)]
             self._pending = None
-            if have + take < TILE and r0 + take < self.rows:
+            if have + take < self.tile and r0 + take < self.rows:
                 self._pending = merged
                 return
             yield r0 - have, merged
             parts = [x[take:] for x in parts]
             r0 += take
             n -= take
-        full = n // TILE * TILE
+        full = n // self.tile * self.tile
         last = r0 + n >= self.rows
         end = n if last else full  # the tensor's last, shorter tile goes with the final block
-        step = BLOCK_TILES * TILE
+        step = BLOCK_TILES * self.tile
         for start in range(0, end, step):
             yield r0 + start, [p[start : min(start + step, end)] for p in parts]
         if not last and full < n:
             self._pending = [p[full:].clone() for p in parts]
 
 
-def add_column_sums(acc: torch.Tensor, values: torch.Tensor) -> None:
+def add_column_sums(acc: torch.Tensor, values: torch.Tensor, tile: int) -> None:
     """Add to ``acc`` (float64, flat, on the values' device) the sums over dim 0 of a block of (rows, ...) values,
-    one aligned tile of ``TILE`` rows at a time in row order: ``((acc + tile_0) + tile_1) + ...``, so the result
+    one aligned tile of ``tile`` rows at a time in row order: ``((acc + tile_0) + tile_1) + ...``, so the result
     does not depend on how the tiles were grouped into blocks. A tile is reduced on the CPU by numpy's outer-axis
     reduction (sequential in row order), on a GPU by :func:`tree_sum`."""
     rows = values.reshape(values.shape[0], -1)
     if rows.device.type == "cpu":
         arr, out = rows.numpy(), acc.numpy()
-        for start in range(0, arr.shape[0], TILE):
-            out += np.add.reduce(arr[start : start + TILE], axis=0, dtype=np.float64)
+        for start in range(0, arr.shape[0], tile):
+            out += np.add.reduce(arr[start : start + tile], axis=0, dtype=np.float64)
         return
-    add_tile_tree_sums(acc, rows)
+    add_tile_tree_sums(acc, rows, tile)
 
 
-def add_tile_tree_sums(acc: torch.Tensor, rows: torch.Tensor) -> None:
+def add_tile_tree_sums(acc: torch.Tensor, rows: torch.Tensor, tile: int) -> None:
     """The device path of :func:`add_column_sums` for (rows, elements): each tile by :func:`tree_sum`."""
-    full = rows.shape[0] // TILE * TILE
+    full = rows.shape[0] // tile * tile
     if full:
-        tiles = tree_sum(rows[:full].reshape(full // TILE, TILE, -1), dim=1)  # (tiles, elements), one pass
+        tiles = tree_sum(rows[:full].reshape(full // tile, tile, -1), dim=1)  # (tiles, elements), one pass
         for i in range(tiles.shape[0]):
             acc += tiles[i]
     if full < rows.shape[0]:  # the tensor's last, shorter tile
@@ -133,10 +131,11 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
 
 
-def tile_products_bytes(n_products: int, rows: int, row_numel: int, product_bytes: int, on_gpu: bool) -> int:
+def tile_products_bytes(n_products: int, rows: int, row_numel: int, product_bytes: int, on_gpu: bool,
+                        tile: int) -> int:
     """Memory for one whole tile's products (what a completed tile needs even when the chunk that completed it
     is a single row), plus on a GPU :func:`tree_sum`'s float64 scratch for half of them."""
-    return n_products * min(rows, TILE) * row_numel * (product_bytes + (4 if on_gpu else 0))
+    return n_products * min(rows, tile) * row_numel * (product_bytes + (4 if on_gpu else 0))
 
 
 class PairSums:
@@ -146,14 +145,16 @@ class PairSums:
     """
 
     @staticmethod
-    def state_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, on_gpu: bool) -> int:
+    def state_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, on_gpu: bool, tile: int) -> int:
         """The most it holds at once beyond a chunk's own temporaries: an incomplete tile of every input stashed
         (float64) with its merged copy, and one whole tile's float64 products (with a GPU's tree scratch)."""
-        return 2 * n_inputs * min(rows, TILE) * row_numel * 8 + tile_products_bytes(n_pairs, rows, row_numel, 8, on_gpu)
+        return (2 * n_inputs * min(rows, tile) * row_numel * 8
+                + tile_products_bytes(n_pairs, rows, row_numel, 8, on_gpu, tile))
 
-    def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]], tile: int) -> None:
         self.pairs = list(pairs)
-        self._feeder = TileFeeder(max(rows, 1))
+        self.tile = tile
+        self._feeder = TileFeeder(max(rows, 1), tile)
         self._size = len(self.pairs) * row_numel
         self._total: torch.Tensor | None = None  # on the device of the first chunk
 
@@ -162,7 +163,7 @@ class PairSums:
             vals = torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
             if self._total is None:
                 self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
-            add_column_sums(self._total, vals)
+            add_column_sums(self._total, vals, self.tile)
 
     def finish(self) -> list[float]:
         total = np.zeros(self._size) if self._total is None else self._total.cpu().numpy()

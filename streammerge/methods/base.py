@@ -10,7 +10,6 @@ chunks.
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodError
+from ..shapes import RowLayout
 
 
 class Rule(str, Enum):
@@ -29,7 +29,12 @@ class Rule(str, Enum):
     VECTOR = "vector"  # 0-D or 1-D (norm weights, biases): merged whole, in one chunk
     TENSOR = "tensor"  # 3-D or more (e.g. stacked MoE experts): only methods that accept it
     COPY_BASE = "copy_base"  # excluded, or not floating point: the base's value is kept
-    TIED_COPY = "tied_copy"  # a tied head stored in the file: a byte copy of the merged embedding
+    TIED_COPY = "tied_copy"  # a tied head stored in the file: a copy of the merged embedding
+
+    @property
+    def merged(self) -> bool:
+        """Whether the method computes the tensor (rather than a copy)."""
+        return self not in (Rule.COPY_BASE, Rule.TIED_COPY)
 
 
 MERGED_RULES = (Rule.MATRIX, Rule.EMBEDDING, Rule.VECTOR)
@@ -77,30 +82,18 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class TensorTask:
-    """What a method knows about one tensor: its name, stored shape and rule."""
+class TensorTask(RowLayout):
+    """What a method knows about one tensor: its name, stored shape, rule and the plan's reduction tile."""
 
     name: str
     shape: tuple[int, ...]
     rule: Rule
+    #: rows per reduction tile: statistics are summed one aligned tile at a time, so sums do not depend on chunking
+    tile: int
     #: every input is a 16-bit float, so float32 products of two inputs are exact (unless they underflow)
     exact_products: bool = False
     #: merged on a GPU (what its memory estimates must count: the GPU sums keep a tree scratch)
     on_gpu: bool = False
-
-    @property
-    def rows(self) -> int:
-        """Rows along dim 0 (1 for a scalar)."""
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        """Elements per row."""
-        return math.prod(self.shape[1:])
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 class TensorMerge:

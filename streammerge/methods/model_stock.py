@@ -44,7 +44,7 @@ class _ModelStockMerge(TensorMerge):
     def __init__(self, task: TensorTask, n_models: int) -> None:
         self.name, self.n = task.name, n_models
         self.pairs = [(i, j) for i in range(n_models) for j in range(i, n_models)]
-        self.sums = PairSums(task.rows, task.row_numel, self.pairs)
+        self.sums = PairSums(task.rows, task.row_numel, self.pairs, task.tile)
         self.ratio = 0.0
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
@@ -84,7 +84,8 @@ class ModelStock(Method):
         return 12 * n_models + 8 * (n_models * (n_models + 1) // 2)
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        return PairSums.state_bytes(n_models, n_models * (n_models + 1) // 2, task.rows, task.row_numel, task.on_gpu)
+        return PairSums.state_bytes(n_models, n_models * (n_models + 1) // 2, task.rows, task.row_numel, task.on_gpu,
+                                    task.tile)
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _ModelStockMerge(task, n_models)

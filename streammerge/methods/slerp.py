@@ -37,7 +37,7 @@ class _SlerpMerge(TensorMerge):
 
     def __init__(self, task: TensorTask, t: float) -> None:
         self.t = t
-        self.sums = PairSums(task.rows, task.row_numel, [(0, 0), (1, 1), (0, 1)])
+        self.sums = PairSums(task.rows, task.row_numel, [(0, 0), (1, 1), (0, 1)], task.tile)
         self.coef = (1.0 - t, t)
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
@@ -76,7 +76,7 @@ class Slerp(Method):
         return 3 * 8 + 16
 
     def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        return PairSums.state_bytes(2, 3, task.rows, task.row_numel, task.on_gpu)
+        return PairSums.state_bytes(2, 3, task.rows, task.row_numel, task.on_gpu, task.tile)
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _SlerpMerge(task, params["t"])

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import register
-from ._tiles import TILE, TileFeeder, add_column_sums, row_sums, tile_products_bytes
+from ._tiles import TileFeeder, add_column_sums, row_sums, tile_products_bytes
 from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 
@@ -75,7 +75,7 @@ class _MatrixMerge(TensorMerge):
         rows, cols = task.shape
         self.by_rows = task.rule is Rule.EMBEDDING
         k = 1 + 2 * n_models  # [b², m_1², ..., m_N², m_1·b, ..., m_N·b]
-        self._feeder: TileFeeder | None = TileFeeder(rows)
+        self._feeder: TileFeeder | None = TileFeeder(rows, task.tile)
         # float64 accumulators, made on the device of the first chunk: (1 + 2N, rows) by rows, (1 + 2N) x cols else
         self._shape = (k, rows) if self.by_rows else (k * cols,)
         self._stats: torch.Tensor | None = None
@@ -92,7 +92,7 @@ class _MatrixMerge(TensorMerge):
                 # one token per stored row: its sums are complete inside the row (reduce over the hidden dim)
                 self._stats[:, t0 : t0 + b.shape[0]] = row_sums(vals).T
             else:
-                add_column_sums(self._stats, vals)
+                add_column_sums(self._stats, vals, self.task.tile)
 
     def _products(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         """(rows, 1 + 2N, cols) products [b², m_k², m_k·b]; float32 when exact (16-bit inputs), else float64."""
@@ -185,10 +185,11 @@ class Widen(Method):
         rows, cols = task.shape
         n = rows if task.rule is Rule.EMBEDDING else cols
         # rows of an incomplete tile stashed until the next chunk completes it (stash + merged copy)
-        stash = min(rows, TILE) * cols * 2 * 4 * (n_models + 1)
+        stash = min(rows, task.tile) * cols * 2 * 4 * (n_models + 1)
         # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights + a completed tile's products
         return (8 * (1 + 2 * n_models) * n + 96 * n_models * n + stash
-                + tile_products_bytes(1 + 2 * n_models, rows, cols, 4 if task.exact_products else 8, task.on_gpu))
+                + tile_products_bytes(1 + 2 * n_models, rows, cols, 4 if task.exact_products else 8, task.on_gpu,
+                                      task.tile))
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         if task.rule is Rule.VECTOR:

@@ -1,0 +1,116 @@
+"""Fingerprints: what determines the output bytes, per tensor and for the whole run.
+
+A tensor's fingerprint hashes everything that decides its bytes: its name, shape, rule, kind and output dtype,
+the method and its parameters, the identity of every input it reads (the shard's path, size and modification
+time and the tensor's header entry), its place in the output layout (the shard's header) and, for a tied head,
+its embedding's fingerprint. The chunk size and the budget are not in it: they never change the bytes.
+
+The engine that computes them is fingerprinted as a whole: the streammerge and torch versions, the kind of device
+(CPU and GPU agree only within float tolerance) and the reduction tile. An interrupted run continues only with
+the same engine; within it, tensors whose fingerprint is unchanged keep their journaled work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .classify import TensorClass
+from .formats.checkpoint import Checkpoint
+from .recipe import Recipe
+from .writer import ShardLayout
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of ``obj``'s canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def engine_document(device: str, tile: int) -> dict[str, Any]:
+    """What computes the bytes: streammerge and torch versions, device kind, reduction tile."""
+    return {"streammerge": __version__, "torch": torch.__version__, "device": device.split(":")[0], "tile": tile}
+
+
+def tensor_fingerprints(classes: list[TensorClass], method: str, params: dict[str, Any], n_models: int,
+                        shards: tuple[ShardLayout, ...], tile: int) -> dict[str, str]:
+    """Per tensor, the hash of everything that decides its bytes (see the module docstring)."""
+    header_of = {name: (s.filename, hashlib.sha256(s.header).hexdigest()) for s in shards for name in s.offsets}
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+    fps: dict[str, str] = {}
+    for c in sorted(classes, key=lambda c: c.copy_of is not None):  # tied heads need their embedding's first
+        doc = {
+            "name": c.name, "shape": list(c.shape), "rule": c.rule.value, "kind": c.kind.value, "dtype": c.out_dtype,
+            "inputs": [s.identity() for s in c.sources], "shard": header_of[c.name], "tile": tile,
+        }
+        if c.copy_of is not None:
+            doc["copy_of"] = fps[c.copy_of]
+        elif c.rule.value != "copy_base":
+            doc.update(method=method, params=plain, models=n_models)
+        fps[c.name] = digest(doc)
+    return fps
+
+
+def fingerprint_document(recipe: Recipe, method: str, params: dict[str, Any], base: Checkpoint,
+                         models: list[Checkpoint], engine: dict[str, Any], tensors: dict[str, str]) -> dict[str, Any]:
+    """The run's fingerprint document: the engine and every tensor's fingerprint (which decide the bytes), plus
+    the options and input files in readable form, so a changed resume can say what changed."""
+
+    def inputs(c: Checkpoint) -> dict[str, Any]:
+        out = {}
+        for name, h in c.shards.items():
+            st = h.path.stat()
+            desc = json.dumps([[t.name, t.dtype.name, list(t.shape), t.begin, t.end] for t in h.tensors.values()])
+            out[name] = [st.st_size, st.st_mtime_ns, hashlib.sha256(desc.encode()).hexdigest()]
+        return {"folder": str(c.folder.resolve()), "shards": out}
+
+    return {
+        "engine": engine, "method": method, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+        "dtype": recipe.dtype, "exclude": list(recipe.exclude), "embeddings": list(recipe.embeddings),
+        "shard_size": recipe.shard_size, "inputs": [inputs(base)] + [inputs(m) for m in models], "tensors": tensors,
+    }
+
+
+def run_fingerprint(doc: dict[str, Any]) -> str:
+    """The run's fingerprint: the engine and every tensor's fingerprint."""
+    return digest({"engine": doc["engine"], "tensors": doc["tensors"]})
+
+
+_ENGINE_LABELS = {"streammerge": "streammerge version", "torch": "torch version", "device": "device", "tile": "tile"}
+
+
+def engine_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How the engine of two fingerprint documents differs (a run from an older document without one: everything)."""
+    a, b = old.get("engine"), new["engine"]
+    if not isinstance(a, dict):
+        return ["the work folder was made by an older streammerge"]
+    return [f"{label}: {a.get(k)} -> {b.get(k)}" for k, label in _ENGINE_LABELS.items() if a.get(k) != b.get(k)]
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprint documents."""
+    changes = engine_changes(old, new) if isinstance(old.get("engine"), dict) else []
+    for key in ("method", "params", "dtype", "exclude", "embeddings", "shard_size"):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key)} -> {new.get(key)}")
+    old_in, new_in = old.get("inputs", []), new.get("inputs", [])
+    if len(old_in) != len(new_in):
+        changes.append(f"number of models: {len(old_in) - 1} -> {len(new_in) - 1}")
+    for i, (a, b) in enumerate(zip(old_in, new_in)):
+        who = "base" if i == 0 else f"model {i}"
+        if a.get("folder") != b.get("folder"):
+            changes.append(f"{who} folder: {a.get('folder')} -> {b.get('folder')}")
+            continue
+        for shard in sorted(set(a["shards"]) | set(b["shards"])):
+            if a["shards"].get(shard) != b["shards"].get(shard):
+                changes.append(f"{who} file {shard} changed (size, modification time or header)")
+    return changes or ["the plan fingerprint"]
+
+
+def changed_tensors(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Tensors of ``new`` whose fingerprint differs from (or is missing in) ``old``, in ``new``'s order."""
+    before = old.get("tensors") if isinstance(old.get("tensors"), dict) else {}
+    return [name for name, fp in new["tensors"].items() if before.get(name) != fp]

@@ -1,0 +1,331 @@
+"""The planner: recipe + checkpoint headers + method + budget → a Plan, before any tensor byte is read.
+
+Pure apart from reading headers (done by the caller). ``classify`` decides every tensor's rule, dtype policy and
+input sources; the planner lays out the output shards and their exact headers, sizes row chunks and compute
+blocks so the predicted peak stays within the budget, counts the bytes to read and write, and fingerprints what
+determines the output bytes. An impossible request (budget, shapes, names, parameters, quantized inputs) is refused
+here, before any output exists. Everything after reads the plan's decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from ._version import __version__
+from .budget import Budget
+from .classify import Kind, TensorClass, classify
+from .errors import PlanError
+from .fingerprint import engine_document, fingerprint_document, run_fingerprint, tensor_fingerprints
+from .formats.checkpoint import Checkpoint
+from .formats.dtypes import DTYPES, parse_output_dtype
+from .methods import Method, Rule, TensorTask, get_method
+from .methods.base import MERGED_RULES
+from .recipe import Recipe
+from .shapes import RowLayout
+from .sources import InputSource
+from .sources.base import align
+from .units import format_size
+from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
+
+#: Share of --max-ram the planned buffers may fill; the rest absorbs allocator slack and small temporaries.
+BUDGET_USABLE = 0.85
+#: Share of --max-vram the planned GPU tensors may fill (the caching allocator rounds and fragments).
+VRAM_USABLE = 0.85
+#: elements per compute block of a merge pass: the block's float32 temporaries stay in the CPU caches
+BLOCK_ELEMENTS = 1 << 18
+#: elements per compute block of a statistics pass (at least one reduction tile of rows)
+STAT_BLOCK_ELEMENTS = 1 << 19
+#: input slots and output buffers: one being worked on, one being filled (read ahead or written behind)
+BUFFER_DEPTH = 2
+#: rows per reduction tile: float64 statistics are summed one aligned tile at a time (chunk-independent sums)
+TILE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class TensorPlan(RowLayout):
+    """How one output tensor is produced: the classification's decisions plus its sizes."""
+
+    name: str
+    shape: tuple[int, ...]
+    rule: Rule
+    kind: Kind
+    out_dtype: str
+    shard: str
+    sources: tuple[InputSource, ...]  # base first, then each model (see classify); none for a tied head
+    chunk_rows: int  # rows read (and written) per chunk
+    stat_passes: int
+    block_rows: int  # rows per compute block of the merge pass (cache-sized; the whole chunk for VECTOR)
+    stat_block_rows: int  # rows per compute block of the statistics passes (whole reduction tiles where possible)
+    state_bytes: int  # predicted per-tensor state kept across passes
+    tile: int  # rows per reduction tile
+    fingerprint: str  # hash of everything that decides this tensor's bytes
+    copy_of: str | None = None  # for TIED_COPY: the tensor whose merged bytes are copied
+    exact_products: bool = False  # all inputs are 16-bit floats (see TensorTask)
+    on_gpu: bool = False  # merged on a GPU (see TensorTask)
+
+    @property
+    def task(self) -> TensorTask:
+        return TensorTask(self.name, self.shape, self.rule, self.tile, self.exact_products, self.on_gpu)
+
+    @property
+    def out_row_bytes(self) -> int:
+        """Bytes of one output row."""
+        return self.row_numel * DTYPES[self.out_dtype].bits // 8
+
+    @property
+    def resident(self) -> bool:
+        """Read once for every pass: the whole tensor is one chunk."""
+        return self.chunk_rows >= self.rows
+
+    @property
+    def raw_copy(self) -> bool:
+        """A copy of the base whose bytes are written as stored (integers, bools, or no dtype change)."""
+        return self.rule is Rule.COPY_BASE and self.sources[0].stored_dtype == self.out_dtype
+
+    @property
+    def read_bytes_per_row(self) -> int:
+        """Bytes read per row of every input (one pass)."""
+        return sum(s.read_bytes_per_row for s in self.sources)
+
+    @property
+    def planned_read_bytes(self) -> int:
+        """Bytes the whole tensor reads: once per pass (statistics and merge), or once if it fits the budget whole; a
+        tied head reads its embedding's output."""
+        if self.rule is Rule.TIED_COPY:
+            return self.rows * self.out_row_bytes
+        reads = 1 if self.resident or not self.stat_passes else self.stat_passes + 1
+        return reads * self.rows * self.read_bytes_per_row
+
+    def chunks(self, start: int = 0) -> list[tuple[int, int]]:
+        """Row ranges [r0, r1) in order, from row ``start`` (a resumed run continues mid-tensor)."""
+        step = max(1, self.chunk_rows)
+        return [(r, min(r + step, self.rows)) for r in range(start, self.rows, step)] or ([(0, 0)] if not start else [])
+
+    def blocks(self, r0: int, r1: int, stats: bool) -> list[tuple[int, int]]:
+        """Compute blocks [b0, b1) (absolute rows) of chunk [r0, r1); statistics blocks end on tile boundaries."""
+        if not stats:
+            step = max(1, self.block_rows)
+            return [(b, min(b + step, r1)) for b in range(r0, r1, step)] or [(r0, r1)]
+        step = max(1, self.stat_block_rows)
+        out, b = [], r0
+        while b < r1:
+            e = min(r1, (b // self.tile * self.tile + step) if step % self.tile == 0 else b + step)
+            out.append((b, e))
+            b = e
+        return out or [(r0, r1)]
+
+
+@dataclass(frozen=True)
+class TensorSizing:
+    """What one tensor costs before chunk sizes are chosen."""
+
+    cls: TensorClass
+    task: TensorTask
+    in_bytes: int  # bytes read per element (every input as stored)
+    out_bytes: int  # bytes written per element
+    passes: int  # statistics passes before the merge pass
+    state: int  # bytes of per-tensor state kept across passes
+    per_elem: int  # compute scratch per element of a block (float32 inputs, method scratch, result)
+
+    @property
+    def least_elements(self) -> int:
+        """Elements of the smallest chunk that works: one row, or the whole tensor for a VECTOR."""
+        return self.task.numel if self.task.rule is Rule.VECTOR else self.task.row_numel
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything execution needs, decided up front. ``to_dict`` is its JSON form."""
+
+    recipe: Recipe
+    method: Method
+    params: dict[str, Any]
+    budget: Budget
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardLayout, ...]
+    depth: int  # input slots and output buffers
+    tile: int  # rows per reduction tile
+    peak_ram: int  # every planned buffer: depth input slots + depth output buffers + the largest scratch
+    slot_bytes: int  # one input slot: a chunk of every input, as stored
+    out_buffer_bytes: int  # one output buffer: a chunk of output bytes
+    scratch_bytes: int  # the largest per-tensor state + compute-block temporaries
+    peak_vram: int  # predicted GPU memory for tensors (0 on the CPU)
+    bytes_read: int
+    bytes_written: int
+    fingerprint: str
+    fingerprint_doc: dict[str, Any] = field(repr=False)
+    base: Checkpoint = field(repr=False)
+    models: tuple[Checkpoint, ...] = field(repr=False)
+
+    @cached_property
+    def _by_name(self) -> dict[str, TensorPlan]:
+        return {t.name: t for t in self.tensors}
+
+    def tensor(self, name: str) -> TensorPlan:
+        return self._by_name[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        rules: dict[str, int] = {}
+        for t in self.tensors:
+            rules[t.rule.value] = rules.get(t.rule.value, 0) + 1
+        return {
+            "streammerge": __version__,
+            "method": self.method.name,
+            "params": self.params,
+            "base": str(self.recipe.base),
+            "models": [str(m) for m in self.recipe.models],
+            "out": str(self.recipe.out),
+            "device": self.budget.device,
+            "device_source": self.budget.device_source,
+            "budget": {"max_ram": self.budget.max_ram, "source": self.budget.source,
+                       **({"max_vram": self.budget.max_vram, "vram_source": self.budget.vram_source}
+                          if self.budget.max_vram else {})},
+            "predicted_peak_ram": self.peak_ram,
+            **({"predicted_peak_vram": self.peak_vram} if self.peak_vram else {}),
+            "buffers": {"input_slots": self.depth, "slot_bytes": self.slot_bytes, "output_buffers": self.depth,
+                        "output_buffer_bytes": self.out_buffer_bytes, "scratch_bytes": self.scratch_bytes},
+            "tile": self.tile,
+            "read_once": sum(1 for t in self.tensors if t.stat_passes and t.resident),
+            "read_per_pass": sum(1 for t in self.tensors if t.stat_passes and not t.resident),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "fingerprint": self.fingerprint,
+            "engine": self.fingerprint_doc["engine"],
+            "rules": rules,
+            "shards": [
+                {"file": s.filename, "bytes": s.size, "tensors": len(s.offsets)} for s in self.shards
+            ],
+            "tensors": [
+                {
+                    "name": t.name, "shape": list(t.shape), "rule": t.rule.value, "kind": t.kind.value,
+                    "dtype": t.out_dtype, "shard": t.shard, "chunk_rows": t.chunk_rows, "chunks": len(t.chunks()),
+                    "passes": t.stat_passes + 1, "reads": 1 if t.resident else t.stat_passes + 1,
+                    "inputs": [s.describe() for s in t.sources], "fingerprint": t.fingerprint,
+                    **({"copy_of": t.copy_of} if t.copy_of else {}),
+                }
+                for t in self.tensors
+            ],
+        }
+
+
+def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget: Budget) -> Plan:
+    """Plan the merge of ``models`` onto ``base``; raises before anything is written if it cannot work."""
+    method = get_method(recipe.method)
+    method.check_models(len(models))
+    params = method.resolve_params(recipe.params, len(models))
+    out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
+    tile, depth = TILE_ROWS, BUFFER_DEPTH
+    classes = classify(recipe, method, base, models, out_dtype, tile)
+
+    groups = split_into_shards([OutTensor(c.name, c.out_dtype, c.shape) for c in classes], recipe.shard_size)
+    shards = tuple(layout_shard(shard_filename(i, len(groups)), g) for i, g in enumerate(groups))
+    shard_of = {t: s.filename for s in shards for t in s.offsets}
+    fps = tensor_fingerprints(classes, method.name, params, len(models), shards, tile)
+    doc = fingerprint_document(recipe, method.name, params, base, models, engine_document(budget.device, tile), fps)
+
+    on_gpu = budget.device.startswith("cuda")
+    out_dtypes = {c.name: c.out_dtype for c in classes}
+    sizing = [_size(c, method, params, len(models), tile, on_gpu, out_dtypes) for c in classes]
+    usable = int(budget.max_ram * BUDGET_USABLE)
+    max_state = max((s.state for s in sizing), default=0)
+    max_per_elem = max((s.per_elem for s in sizing), default=1) or 1
+    # compute blocks take at most a quarter of what the largest per-tensor state leaves
+    cap = max(1, (usable - max_state) // (4 * max_per_elem))
+    blocks = [_block_rows(s, cap, tile) for s in sizing]
+    fixed = max((s.state + s.per_elem * _block_elements(s, b) for s, b in zip(sizing, blocks)), default=0)
+    per_elem_buffers = depth * (max((s.in_bytes for s in sizing), default=0) + max((s.out_bytes for s in sizing), default=0))
+    chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
+    gpu_elem, peak_vram = 0, 0
+    if on_gpu:
+        # a chunk on the GPU: its inputs as stored and as float32, the method's scratch, the result and its cast
+        merged = [s for s in sizing if s.task.rule not in (Rule.COPY_BASE, Rule.TIED_COPY)]
+        gpu_elem = max((s.per_elem + s.in_bytes + s.out_bytes for s in merged), default=1)
+        vram_usable = int((budget.max_vram or 0) * VRAM_USABLE) - max_state
+        least = max((s.least_elements for s in merged), default=0)
+        if vram_usable < gpu_elem * least:
+            need = (max_state + gpu_elem * least) / VRAM_USABLE
+            raise PlanError(f"--max-vram {format_size(budget.max_vram or 0)} is too small: one row chunk needs "
+                            f"{format_size(need)} of GPU memory; raise --max-vram, or use --device cpu")
+        chunk_elems = min(chunk_elems, vram_usable // gpu_elem)
+
+    tensors: list[TensorPlan] = []
+    widest: tuple[int, str] = (0, "")
+    for s, (emit_rows, stat_rows) in zip(sizing, blocks):
+        c, task = s.cls, s.task
+        chunk = _chunk_rows(recipe, c.rule, task.rows, task.row_numel, chunk_elems, tile)
+        if chunk < 1:  # the least that works: one-row blocks and chunks (the whole tensor for a VECTOR)
+            need = max_state + max_per_elem * s.least_elements + per_elem_buffers * s.least_elements
+            if need > widest[0]:
+                widest = (need, c.name)
+        if on_gpu:  # one kernel per operation on the whole chunk (the GPU has no cache to stay within)
+            emit_rows = stat_rows = max(chunk, 1)
+        tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
+                                  max(chunk, 1), s.passes, emit_rows, stat_rows, s.state, tile, fps[c.name],
+                                  c.copy_of, task.exact_products, task.on_gpu))
+    if widest[0]:
+        raise PlanError(
+            f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "
+            f"{format_size(widest[0] / BUDGET_USABLE)} ({int(widest[0] / BUDGET_USABLE) + 1} bytes) for one row chunk; "
+            "raise --max-ram to at least that"
+        )
+
+    slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
+    out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
+    peak = depth * (slot + out_buffer) + fixed
+    if on_gpu:
+        peak_vram = max_state + max(
+            (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule in MERGED_RULES), default=0)
+    return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
+                peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
+                run_fingerprint(doc), doc, base, tuple(models))
+
+
+def _size(c: TensorClass, method: Method, params: dict[str, Any], n: int, tile: int, on_gpu: bool,
+          out_dtypes: dict[str, str]) -> TensorSizing:
+    """Bytes per element read and written, passes, state and scratch of one tensor."""
+    exact = bool(c.sources) and max(s.stored_element_bytes for s in c.sources) <= 2
+    task = TensorTask(c.name, c.shape, c.rule, tile, exact_products=exact, on_gpu=on_gpu)
+    e_out = DTYPES[c.out_dtype].bits // 8
+    if c.rule is Rule.TIED_COPY:
+        # a head stored in another dtype than its embedding: the embedding's output rows are read into a
+        # temporary and converted through float32
+        source = out_dtypes[c.copy_of or ""]
+        scratch = 0 if source == c.out_dtype else DTYPES[source].bits // 8 + 4
+        return TensorSizing(c, task, 0, e_out, 0, 0, scratch)
+    in_bytes = sum(s.stored_element_bytes for s in c.sources)
+    if c.rule is Rule.COPY_BASE:
+        return TensorSizing(c, task, in_bytes, e_out, 0, 0, 4 + e_out)
+    return TensorSizing(c, task, in_bytes, e_out, method.stat_passes(c.rule, params), method.state_bytes(task, n),
+                        4 * (n + 1) + method.scratch_bytes_per_element(c.rule, n) + 4)
+
+
+def _block_rows(s: TensorSizing, cap: int, tile: int) -> tuple[int, int]:
+    """(merge-pass, statistics-pass) rows per compute block: cache-sized, statistics in whole tiles."""
+    rows, rn = max(s.task.rows, 1), max(s.task.row_numel, 1)
+    if s.task.rule is Rule.VECTOR:
+        return rows, rows  # merged whole
+    emit_rows = max(1, min(BLOCK_ELEMENTS, cap) // rn)
+    stat_rows = max(1, cap // rn)
+    if stat_rows >= tile:  # whole tiles, as many as make a block of about STAT_BLOCK_ELEMENTS
+        stat_rows = tile * max(1, min(stat_rows, STAT_BLOCK_ELEMENTS // rn) // tile)
+    return emit_rows, stat_rows
+
+
+def _block_elements(s: TensorSizing, blocks: tuple[int, int]) -> int:
+    emit_rows, stat_rows = blocks
+    return min(max(s.task.rows, 1), max(emit_rows, stat_rows if s.passes else 0)) * max(s.task.row_numel, 1)
+
+
+def _chunk_rows(recipe: Recipe, rule: Rule, rows: int, row_numel: int, chunk_elems: int, tile: int) -> int:
+    """Rows per chunk: the most that fit ``chunk_elems``, a multiple of the reduction tile where possible;
+    0 if not even one row (or, for a VECTOR, the whole tensor) fits."""
+    fit = chunk_elems // max(row_numel, 1)
+    if rule is Rule.VECTOR:
+        return rows if fit >= rows or recipe.chunk_rows else 0
+    if recipe.chunk_rows is not None:
+        return min(recipe.chunk_rows, max(rows, 1))
+    if fit >= rows:
+        return max(rows, 1)
+    return fit // tile * tile if fit >= tile else fit

@@ -1,0 +1,248 @@
+"""The work folder of one merge, ``<out>.streammerge-partial/``: created or continued, filled, published.
+
+Opening it decides what a previous run left is worth. A folder from the same plan is continued as it is. One made
+by another engine (streammerge or torch version, kind of device) is refused by name. One whose inputs or options
+changed keeps the work of every tensor whose fingerprint is unchanged; the changed tensors' journaled work is
+forgotten (durably, before the new fingerprints are stored) and redone, but only when the user says so
+(``redo_changed``), because that work would be lost. ``--restart`` discards everything.
+
+Then the output shards are opened (a missing or damaged one is recreated and its tensors start over), the
+journaled chunks are checked against the bytes on disk, and each tensor gets its job: its schedule, and the
+statistics and emit cursor a previous run saved (statistics that no longer load are reported and recomputed).
+Finishing writes the index, the side files, the manifest and the model card, syncs everything and renames the
+folder into place. All writes go through :mod:`streammerge.fsio`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import fsio
+from ._version import __version__
+from .errors import StreamMergeError
+from .faults import checkpoint
+from .fingerprint import changed_tensors, describe_changes, engine_changes
+from .formats.dtypes import parse_output_dtype
+from .journal import Journal, ResumeError, write_json_atomic
+from .manifest import MANIFEST, crc
+from .methods import Rule
+from .output import copy_side_files, publish, work_folder_for, write_index, write_json, write_model_card
+from .planner import Plan, TensorPlan
+from .runner import TensorJob
+from .schedule import make_schedule
+from .units import format_size
+from .writer import ShardFile
+
+Notify = Callable[[str], None]
+
+
+class DiskFullError(StreamMergeError):
+    """The disk filled up; the work folder can be resumed once space is freed."""
+
+
+def finished_output(plan: Plan) -> bool:
+    """Whether ``out`` already holds this plan's finished output (same fingerprint in its manifest)."""
+    manifest = plan.recipe.out / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == plan.fingerprint
+    except ValueError:
+        return False
+
+
+class WorkFolder:
+    """One merge's work folder: its journal and output shards. Use :meth:`open`."""
+
+    def __init__(self, plan: Plan, path: Path, journal: Journal, resumed: bool) -> None:
+        self.plan = plan
+        self.path = path
+        self.model_dir = path / "model"
+        self.journal = journal
+        self.resumed = resumed
+        self.files = {s.filename: ShardFile(s, self.model_dir) for s in plan.shards}
+
+    # ---- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, plan: Plan, notify: Notify) -> WorkFolder:
+        """Continue the interrupted run for ``plan.recipe.out`` if there is one it may continue, else start fresh."""
+        recipe = plan.recipe
+        work = work_folder_for(recipe.out)
+        plan_file = work / "plan.json"
+        if plan_file.is_file() and not recipe.restart and recipe.journal:
+            try:
+                stored = json.loads(plan_file.read_text(encoding="utf-8"))
+                old = stored["fingerprint_doc"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ResumeError(f"{plan_file} is damaged, so the interrupted merge in {work} cannot be continued; "
+                                  "add --restart to discard it") from None
+            journal = Journal(work)
+            if stored.get("fingerprint") != plan.fingerprint:
+                cls._accept_changes(plan, work, journal, old, notify)
+            return cls(plan, work, journal, resumed=True)
+        if work.exists():
+            fsio.remove_tree(work)
+        fsio.make_dirs(work / "model")
+        write_json_atomic(plan_file, cls._plan_record(plan))
+        checkpoint("work-created")
+        return cls(plan, work, Journal(work, enabled=recipe.journal), resumed=False)
+
+    @staticmethod
+    def _plan_record(plan: Plan) -> dict[str, Any]:
+        return {"fingerprint": plan.fingerprint, "fingerprint_doc": plan.fingerprint_doc,
+                "recipe": plan.recipe.to_json(), "streammerge": __version__}
+
+    @classmethod
+    def _accept_changes(cls, plan: Plan, work: Path, journal: Journal, old: dict[str, Any], notify: Notify) -> None:
+        """Forget the work of tensors whose fingerprint changed (refused unless ``redo_changed``), then store the
+        new fingerprints; an engine change is always refused."""
+        new = plan.fingerprint_doc
+        engine = engine_changes(old, new)
+        if engine:
+            raise ResumeError(
+                f"{work} holds an interrupted merge made by another engine ({'; '.join(engine)}), whose work this "
+                "one cannot continue byte for byte. Add --restart to discard it and start over, or finish it with "
+                "the streammerge, torch and device it was made with"
+            )
+        changed = changed_tensors(old, new)
+        lost = [n for n in changed if journal.get(n).chunks or journal.get(n).state_file]
+        what = "; ".join(describe_changes(old, new))
+        if lost and not plan.recipe.redo_changed:
+            kept = sum(1 for t in plan.tensors if t.name not in changed and journal.get(t.name).chunks)
+            raise ResumeError(
+                f"{work} holds an interrupted merge with different inputs or options; changed: {what}. "
+                f"{len(lost)} tensor(s) with work done are affected, {kept} are not. Rerun the original command to "
+                "continue it, add --redo-changed to keep the unaffected work and redo the rest, or add --restart to "
+                "discard it all"
+            )
+        journal.reset(changed)  # durable before the new fingerprints are: a crash in between resets again
+        write_json_atomic(work / "plan.json", cls._plan_record(plan))
+        if lost:
+            notify(f"changed since the interrupted run: {what}; redoing {len(lost)} tensor(s), keeping the rest")
+
+    def open_shards(self) -> None:
+        """Open the shards a previous run created (if intact) or create them at full size, durably."""
+        need = sum(f.layout.size for f in self.files.values() if not f.path.exists())
+        free = shutil.disk_usage(self.model_dir).free
+        if need > free:
+            raise DiskFullError(
+                f"not enough disk space for the output: {format_size(need)} still to allocate, {format_size(free)} "
+                f"free where {self.model_dir} is; free space (or choose another --out) and run the command again"
+            )
+        created = False
+        for name, f in self.files.items():
+            if not f.open_existing():
+                self.journal.reset([t.name for t in self.plan.tensors if t.shard == name])  # it starts over
+                try:
+                    f.create()
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise DiskFullError(f"disk full: not enough space to create {f.path} "
+                                            f"({format_size(f.layout.size)})") from None
+                    raise
+                created = True
+            self.journal.watch_fd(f.fd)
+        if created:
+            fsio.sync_dir(self.model_dir)  # the shards exist before any journal line can describe their bytes
+        checkpoint("shards-open")
+
+    def verify_journaled(self) -> None:
+        """Check every journaled chunk's bytes against its checksum; forget from the first bad one on."""
+        for t in self.plan.tensors:
+            p = self.journal.get(t.name)
+            running = 0
+            for i, (r0, r1, checksum) in enumerate(p.chunks):
+                data = self.files[t.shard].read_at(t.name, r0 * t.out_row_bytes, (r1 - r0) * t.out_row_bytes)
+                running = crc(data, running)
+                if running != checksum:
+                    self.journal.truncate(t.name, i)
+                    break
+
+    def jobs(self, notify: Notify) -> list[TensorJob]:
+        """Every tensor's job, tied heads last (they copy their embedding's merged bytes)."""
+        out = []
+        for t in sorted(self.plan.tensors, key=lambda t: t.rule is Rule.TIED_COPY):
+            p = self.journal.get(t.name)
+            complete = p.rows_done >= t.rows and bool(p.chunks)
+            state = None
+            if t.stat_passes and not complete:
+                state, problem = self.journal.load_state(t.name)
+                if problem:
+                    notify(f"the saved statistics of {t.name} cannot be used ({problem}); computing them again")
+            out.append(TensorJob(t, make_schedule(t, p.rows_done, complete, state is not None), state, p.cursor))
+        return out
+
+    def done_count(self) -> int:
+        return sum(1 for t in self.plan.tensors
+                   if self.journal.get(t.name).rows_done >= t.rows and self.journal.get(t.name).chunks)
+
+    # ---- filling (on the writer thread) ----------------------------------------------------------------------
+    def write_chunk(self, t: TensorPlan, r0: int, r1: int, data: memoryview, cursor: dict[str, Any]) -> None:
+        """Write rows [r0, r1) of ``t`` and journal them (durably, at the next group commit)."""
+        try:
+            self.files[t.shard].write_at(t.name, r0 * t.out_row_bytes, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"disk full while writing {t.name} rows [{r0}, {r1}) to {self.model_dir}") from None
+            raise
+        running = crc(data, self.journal.get(t.name).crc)
+        self.journal.record_chunk(t.name, r0, r1, running, cursor, len(data))
+        checkpoint("chunk-written")
+
+    def save_state(self, t: TensorPlan, state: dict[str, torch.Tensor]) -> None:
+        self.journal.save_state(t.name, self.plan.tensors.index(t), state)
+
+    def read_output(self, name: str, byte_offset: int, view: memoryview) -> None:
+        self.files[self.plan.tensor(name).shard].read_into(name, byte_offset, view)
+
+    # ---- finishing -------------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "streammerge": __version__,
+            "fingerprint": self.plan.fingerprint,
+            "method": self.plan.method.name,
+            "files": {s.filename: s.size for s in self.plan.shards},
+            "tensors": {
+                t.name: {"file": t.shard, "dtype": t.out_dtype, "shape": list(t.shape),
+                         "crc32": self.journal.get(t.name).crc}
+                for t in self.plan.tensors
+            },
+        }
+
+    def finish(self) -> None:
+        """Close the shards durably, write the side files and publish; then remove the work folder."""
+        plan, recipe = self.plan, self.plan.recipe
+        self.journal.flush()
+        for f in self.files.values():
+            self.journal.unwatch_fd(f.fd)
+            f.finalize(sync=recipe.journal)
+        checkpoint("shards-finalized")
+        if len(plan.shards) > 1:
+            write_index(self.model_dir, {t.name: t.shard for t in plan.tensors},
+                        sum(s.size - len(s.header) for s in plan.shards))
+        out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
+        copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype)
+        write_json(self.model_dir / MANIFEST, self.manifest())
+        write_model_card(self.model_dir, plan.to_dict())
+        checkpoint("side-files-written")
+        publish(self.model_dir, recipe.out, recipe.force)
+        checkpoint("published")
+        fsio.remove_tree(self.path)
+
+    def close(self) -> None:
+        """Release descriptors (after success or failure); the folder stays as the journal left it."""
+        self.journal.close()
+        for f in self.files.values():
+            f.abort()
+
+    def discard(self) -> None:
+        """Delete the folder (a run without a journal cannot be resumed)."""
+        self.close()
+        fsio.remove_tree(self.path)
