@@ -59,6 +59,7 @@ class TensorPlan(RowLayout):
     block_rows: int  # rows per compute block of the merge pass (cache-sized; the whole chunk for VECTOR)
     stat_block_rows: int  # rows per compute block of the statistics passes (whole reduction tiles where possible)
     state_bytes: int  # predicted per-tensor state kept across passes
+    scratch_bytes: int  # predicted compute memory on the CPU: the state plus one block's temporaries
     tile: int  # rows per reduction tile
     fingerprint: str  # hash of everything that decides this tensor's bytes
     copy_of: str | None = None  # for TIED_COPY: the tensor whose merged bytes are copied
@@ -202,6 +203,7 @@ class Plan:
                     "name": t.name, "shape": list(t.shape), "rule": t.rule.value, "kind": t.kind.value,
                     "dtype": t.out_dtype, "shard": t.shard, "chunk_rows": t.chunk_rows, "chunks": len(t.chunks()),
                     "passes": t.stat_passes + 1, "reads": 1 if t.resident else t.stat_passes + 1,
+                    "scratch_bytes": t.scratch_bytes,
                     "inputs": [s.describe() for s in t.sources], "fingerprint": t.fingerprint,
                     **({"copy_of": t.copy_of} if t.copy_of else {}),
                 }
@@ -234,7 +236,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     # compute blocks take at most a quarter of what the largest per-tensor state leaves
     cap = max(1, (usable - max_state) // (4 * max_per_elem))
     blocks = [_block_rows(s, cap, tile) for s in sizing]
-    fixed = max((s.state + s.per_elem * _block_elements(s, b) for s, b in zip(sizing, blocks)), default=0)
+    scratch = [s.state + s.per_elem * _block_elements(s, b) for s, b in zip(sizing, blocks)]
+    fixed = max(scratch, default=0)
     per_elem_buffers = depth * (max((s.in_bytes for s in sizing), default=0) + max((s.out_bytes for s in sizing), default=0))
     chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
     gpu_elem, peak_vram = 0, 0
@@ -252,7 +255,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
     tensors: list[TensorPlan] = []
     widest: tuple[int, str] = (0, "")
-    for s, (emit_rows, stat_rows) in zip(sizing, blocks):
+    for s, (emit_rows, stat_rows), tensor_scratch in zip(sizing, blocks, scratch):
         c, task = s.cls, s.task
         chunk = _chunk_rows(recipe, c.rule, task.rows, task.row_numel, chunk_elems, tile)
         if chunk < 1:  # the least that works: one-row blocks and chunks (the whole tensor for a VECTOR)
@@ -262,7 +265,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         if on_gpu:  # one kernel per operation on the whole chunk (the GPU has no cache to stay within)
             emit_rows = stat_rows = max(chunk, 1)
         tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
-                                  max(chunk, 1), s.passes, emit_rows, stat_rows, s.state, tile, fps[c.name],
+                                  max(chunk, 1), s.passes, emit_rows, stat_rows, s.state, tensor_scratch, tile,
+                                  fps[c.name],
                                   c.copy_of, task.exact_products, task.on_gpu))
     if widest[0]:
         raise PlanError(
