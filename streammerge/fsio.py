@@ -108,6 +108,13 @@ class RealBackend:
     def fsync(self, fd: int) -> None:
         self.sync_file(fd)
 
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.sync_file(fd)
+        finally:
+            os.close(fd)
+
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
 
@@ -183,11 +190,7 @@ def sync_file(fd: int) -> None:
 
 def sync_dir(path: Path) -> None:
     """Make the entries of folder ``path`` (new files, renames, removals) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        backend.fsync(fd)
-    finally:
-        os.close(fd)
+    backend.sync_dir(str(path))
 
 
 def write_file(path: Path, data: bytes, sync_folder: bool = False) -> None:

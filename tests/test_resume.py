@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -179,6 +180,8 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -758,3 +761,79 @@ def test_damaged_middle_chunks_of_ties_tensors_are_redone(cli, fam, refs, tmp_pa
     r = cli.run("resume", out, "-q")
     assert r.code == 0, str(r)
     assert_same_output(out, ref.out)
+
+
+# ------------------------------------------------------------- 7. saved statistics that do not load, mid-tensor
+
+
+@pytest.fixture
+def interrupt_at() -> Iterator[Any]:
+    """``interrupt_at(n)``: the nth journaled chunk of the next in-process merge raises KeyboardInterrupt (on the
+    writer thread, as a second Ctrl-C would), leaving chunks journaled mid-tensor."""
+    from streammerge import faults
+
+    def arm(n: int) -> None:
+        seen = [0]
+
+        def hook(event: str) -> None:
+            if event == "chunk-written":
+                seen[0] += 1
+                if seen[0] == n:
+                    faults.set_hook(None)
+                    raise KeyboardInterrupt
+
+        faults.set_hook(hook)
+
+    yield arm
+    faults.set_hook(None)
+
+
+def _damage_state(out: Path, how: str, plan: Any) -> bool:
+    """Damage every saved statistics file of the work folder; returns whether one belonged to a tensor not yet
+    complete (whose statistics the resumed run needs)."""
+    from streammerge.journal import Journal
+
+    journal = Journal(partial(out))
+    needed = any(journal.get(t.name).state_file and journal.get(t.name).rows_done < t.rows for t in plan.tensors)
+    journal.close()
+    files = sorted((partial(out) / "state").glob("*.safetensors"))
+    for f in files:
+        data = f.read_bytes()
+        if how == "empty":  # what a power cut can leave of a file whose data was never synced
+            f.write_bytes(b"")
+        elif how == "missing":
+            f.unlink()
+        elif how == "flipped":
+            f.write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
+        elif how == "truncated":
+            f.write_bytes(data[: len(data) // 2])
+    return needed
+
+
+@pytest.mark.parametrize("method", ["widen", "ties"])
+def test_half_written_tensor_whose_statistics_do_not_load_resumes_to_the_same_bytes(
+        method, interrupt_at, one_thread, fam, refs, tmp_path):
+    """The whole kind of the old silent corruption: a tensor half written in chunks, its saved statistics damaged
+    (as a power cut leaves an unsynced file) or lost, resumed with any budget, including one where the tensor
+    fits whole and is read once for every pass. The statistics are recomputed, with a notice, and every byte
+    equals an uninterrupted run."""
+    ref = refs[method]
+    params = {"density": 0.5} if method == "ties" else {}
+    chunks = ref.events.count("chunk-written")
+    damages = ["empty", "missing", "flipped", "truncated"]
+    continuations: list[dict[str, Any]] = [{"max_ram": "1GiB"}, {"chunk_rows": 7}, {"max_ram": METHODS[method][1]}]
+    failures = []
+    for i, stop in enumerate(range(3, chunks - 1, max(1, chunks // 7))):
+        out, how, cont = tmp_path / f"out{i}", damages[i % 4], continuations[i % 3]
+        interrupt_at(stop)
+        with pytest.raises(MergeInterrupted):
+            api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, params, chunk_rows=CHUNK_ROWS)
+        needed = _damage_state(out, how, api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, params, **cont)
+        notices = [str(w.message) for w in caught if "cannot be used" in str(w.message)]
+        if needed and len(notices) != 1:
+            failures.append(f"stop {stop}, {how}: not one notice that the statistics are recomputed: {notices}")
+        failures += [f"stop {stop}, state {how}, continued with {cont}: {p}" for p in output_problems(out, ref.out)]
+    assert not failures, "\n".join(failures)
