@@ -29,7 +29,7 @@ import streammerge.execute as execute  # noqa: E402
 from streammerge import api  # noqa: E402
 from streammerge.errors import StreamMergeError  # noqa: E402
 from streammerge.examples import Shape, write_family  # noqa: E402
-from streammerge.plan import VRAM_USABLE  # noqa: E402
+from streammerge.planner import VRAM_USABLE  # noqa: E402
 
 METHODS: dict[str, dict[str, str]] = {
     "widen": {}, "task_arithmetic": {"weight": "0.7,0.4"}, "ties": {"density": "0.5"},
@@ -45,18 +45,19 @@ FAMILIES: dict[str, tuple[str | Shape, list[str | None]]] = {
 def measure(root: Path) -> list[dict]:
     """Plan and merge every (family, method, budget); the per-tensor GPU peaks of each run."""
     per_tensor: list[dict] = []
-    run_tensor = execute._Run.run_tensor
+    run_tensor = execute.run_tensor
 
-    def recorded(self, t):  # type: ignore[no-untyped-def]
+    def recorded(plan, job, io):  # type: ignore[no-untyped-def]
+        t = job.tensor
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        run_tensor(self, t)
+        run_tensor(plan, job, io)
         torch.cuda.synchronize()
         per_tensor.append({"name": t.name, "rule": t.rule.name, "rows": t.rows, "chunk_rows": t.chunk_rows,
                            "state_bytes": t.state_bytes, "peak": torch.cuda.max_memory_allocated() - before})
 
-    execute._Run.run_tensor = recorded
+    execute.run_tensor = recorded
     rows = []
     try:
         for fam_name, (shape, budgets) in FAMILIES.items():
@@ -83,7 +84,7 @@ def measure(root: Path) -> list[dict]:
                           f"{worst['peak']:>11,} ratio {row['ratio']:.3f} ({worst['name']}, chunk "
                           f"{worst['chunk_rows']}/{worst['rows']})", flush=True)
     finally:
-        execute._Run.run_tensor = run_tensor
+        execute.run_tensor = run_tensor
     return rows
 
 

@@ -20,7 +20,7 @@ from .errors import PlanError
 from .fingerprint import engine_document, fingerprint_document, run_fingerprint, tensor_fingerprints
 from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
-from .methods import Method, Rule, TensorTask, get_method
+from .methods import Footprint, Method, Rule, TensorTask, get_method
 from .methods.base import MERGED_RULES
 from .recipe import Recipe
 from .shapes import RowLayout
@@ -127,8 +127,20 @@ class TensorSizing:
     in_bytes: int  # bytes read per element (every input as stored)
     out_bytes: int  # bytes written per element
     passes: int  # statistics passes before the merge pass
-    state: int  # bytes of per-tensor state kept across passes
-    per_elem: int  # compute scratch per element of a block (float32 inputs, method scratch, result)
+    copies: int  # bytes per block element of the runner's float32 copies of the inputs
+    footprint: Footprint  # the method's own memory (see methods.base.Footprint)
+
+    @property
+    def state(self) -> int:
+        """Per-tensor state at its largest, whole tiles assumed (for sizing compute blocks)."""
+        fp = self.footprint
+        return max(fp.stats_state, fp.emit_state, fp.end_of_pass)
+
+    @property
+    def per_elem(self) -> int:
+        """Compute memory per block element in the costlier pass."""
+        fp = self.footprint
+        return self.copies + max(fp.emit_per_element, fp.stats_per_element if self.passes else 0)
 
     @property
     def least_elements(self) -> int:
@@ -236,38 +248,51 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     # compute blocks take at most a quarter of what the largest per-tensor state leaves
     cap = max(1, (usable - max_state) // (4 * max_per_elem))
     blocks = [_block_rows(s, cap, tile) for s in sizing]
-    scratch = [s.state + s.per_elem * _block_elements(s, b) for s, b in zip(sizing, blocks)]
-    fixed = max(scratch, default=0)
     per_elem_buffers = depth * (max((s.in_bytes for s in sizing), default=0) + max((s.out_bytes for s in sizing), default=0))
-    chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
-    gpu_elem, peak_vram = 0, 0
+    merged = [s for s in sizing if s.task.rule.merged]
+    # a chunk on the GPU: its inputs as stored and as float32, the method's scratch, the result and its cast
+    gpu_elem = max((s.footprint.gpu_per_element + s.in_bytes + s.out_bytes for s in merged), default=1) or 1
+    gpu_state = max((s.footprint.gpu_state for s in merged), default=0)
+    vram_chunk = None
     if on_gpu:
-        # a chunk on the GPU: its inputs as stored and as float32, the method's scratch, the result and its cast
-        merged = [s for s in sizing if s.task.rule not in (Rule.COPY_BASE, Rule.TIED_COPY)]
-        gpu_elem = max((s.per_elem + s.in_bytes + s.out_bytes for s in merged), default=1)
-        vram_usable = int((budget.max_vram or 0) * VRAM_USABLE) - max_state
+        vram_usable = int((budget.max_vram or 0) * VRAM_USABLE) - gpu_state
         least = max((s.least_elements for s in merged), default=0)
         if vram_usable < gpu_elem * least:
-            need = (max_state + gpu_elem * least) / VRAM_USABLE
+            need = (gpu_state + gpu_elem * least) / VRAM_USABLE
             raise PlanError(f"--max-vram {format_size(budget.max_vram or 0)} is too small: one row chunk needs "
                             f"{format_size(need)} of GPU memory; raise --max-vram, or use --device cpu")
-        chunk_elems = min(chunk_elems, vram_usable // gpu_elem)
+        vram_chunk = vram_usable // gpu_elem
+    # A statistics block or chunk that is not whole tiles needs the partial-tile reserve; whether chunks are
+    # depends on the memory left, which depends on the reserves: settle it in a few rounds (reserves only grow).
+    partial = [bool(s.passes) and _partial(stat_rows, s.task.rows, tile) for s, (_, stat_rows) in zip(sizing, blocks)]
+    for _ in range(4):
+        scratch = [_scratch(s, b, p) for s, b, p in zip(sizing, blocks, partial)]
+        fixed = max(scratch, default=0)
+        chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
+        if vram_chunk is not None:
+            chunk_elems = min(chunk_elems, vram_chunk)
+        chunks = [_chunk_rows(recipe, s.task.rule, s.task.rows, s.task.row_numel, chunk_elems, tile) for s in sizing]
+        grown = [p or (bool(s.passes) and _partial(max(c, 1), s.task.rows, tile))
+                 for s, p, c in zip(sizing, partial, chunks)]
+        if grown == partial:
+            break
+        partial = grown
 
     tensors: list[TensorPlan] = []
     widest: tuple[int, str] = (0, "")
-    for s, (emit_rows, stat_rows), tensor_scratch in zip(sizing, blocks, scratch):
-        c, task = s.cls, s.task
-        chunk = _chunk_rows(recipe, c.rule, task.rows, task.row_numel, chunk_elems, tile)
+    for s, (emit_rows, stat_rows), tensor_scratch, chunk, p in zip(sizing, blocks, scratch, chunks, partial):
+        c, task, fp = s.cls, s.task, s.footprint
         if chunk < 1:  # the least that works: one-row blocks and chunks (the whole tensor for a VECTOR)
             need = max_state + max_per_elem * s.least_elements + per_elem_buffers * s.least_elements
             if need > widest[0]:
                 widest = (need, c.name)
         if on_gpu:  # one kernel per operation on the whole chunk (the GPU has no cache to stay within)
             emit_rows = stat_rows = max(chunk, 1)
+        state = fp.gpu_state if on_gpu else max(fp.stats_state + (fp.partial_tile if p else 0), fp.emit_state,
+                                                fp.end_of_pass)
         tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
-                                  max(chunk, 1), s.passes, emit_rows, stat_rows, s.state, tensor_scratch, tile,
-                                  fps[c.name],
-                                  c.copy_of, task.exact_products, task.on_gpu))
+                                  max(chunk, 1), s.passes, emit_rows, stat_rows, state, tensor_scratch, tile,
+                                  fps[c.name], c.copy_of, task.exact_products, task.on_gpu))
     if widest[0]:
         raise PlanError(
             f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "
@@ -278,8 +303,9 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
     peak = depth * (slot + out_buffer) + fixed
+    peak_vram = 0
     if on_gpu:
-        peak_vram = max_state + max(
+        peak_vram = gpu_state + max(
             (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule in MERGED_RULES), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
@@ -288,7 +314,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
 def _size(c: TensorClass, method: Method, params: dict[str, Any], n: int, tile: int, on_gpu: bool,
           out_dtypes: dict[str, str]) -> TensorSizing:
-    """Bytes per element read and written, passes, state and scratch of one tensor."""
+    """Bytes per element read and written, passes, and the memory footprint of one tensor."""
     exact = bool(c.sources) and max(s.stored_element_bytes for s in c.sources) <= 2
     task = TensorTask(c.name, c.shape, c.rule, tile, exact_products=exact, on_gpu=on_gpu)
     e_out = DTYPES[c.out_dtype].bits // 8
@@ -297,12 +323,32 @@ def _size(c: TensorClass, method: Method, params: dict[str, Any], n: int, tile: 
         # temporary and converted through float32
         source = out_dtypes[c.copy_of or ""]
         scratch = 0 if source == c.out_dtype else DTYPES[source].bits // 8 + 4
-        return TensorSizing(c, task, 0, e_out, 0, 0, scratch)
+        return TensorSizing(c, task, 0, e_out, 0, 0, Footprint(emit_per_element=scratch))
     in_bytes = sum(s.stored_element_bytes for s in c.sources)
     if c.rule is Rule.COPY_BASE:
-        return TensorSizing(c, task, in_bytes, e_out, 0, 0, 4 + e_out)
-    return TensorSizing(c, task, in_bytes, e_out, method.stat_passes(c.rule, params), method.state_bytes(task, n),
-                        4 * (n + 1) + method.scratch_bytes_per_element(c.rule, n) + 4)
+        return TensorSizing(c, task, in_bytes, e_out, 0, 0, Footprint(emit_per_element=4 + e_out))
+    # the runner's float32 copies of the inputs: the base always, a model unless the method takes it as stored
+    copies = 4 + sum(0 if method.raw_models and src.raw_exact else 4 for src in c.sources[1:])
+    return TensorSizing(c, task, in_bytes, e_out, method.stat_passes(c.rule, params), copies,
+                        method.footprint(task, n, params))
+
+
+def _partial(rows_per_step: int, rows: int, tile: int) -> bool:
+    """Whether steps of ``rows_per_step`` rows leave tiles incomplete (a stash) in a tensor of ``rows`` rows."""
+    return rows_per_step < rows and rows_per_step % tile != 0
+
+
+def _scratch(s: TensorSizing, blocks: tuple[int, int], partial: bool) -> int:
+    """The most compute memory ``s`` needs on the CPU: the larger of its statistics blocks (with the partial-tile
+    reserve when blocks or chunks are not whole tiles), its merge blocks, and the end of a statistics pass."""
+    fp, rows, rn = s.footprint, max(s.task.rows, 1), max(s.task.row_numel, 1)
+    emit_rows, stat_rows = blocks
+    emit = fp.emit_state + (s.copies + fp.emit_per_element) * min(rows, emit_rows) * rn
+    if not s.passes:
+        return emit
+    stats = (fp.stats_state + (s.copies + fp.stats_per_element) * min(rows, stat_rows) * rn
+             + (fp.partial_tile if partial else 0))
+    return max(emit, stats, fp.end_of_pass)
 
 
 def _block_rows(s: TensorSizing, cap: int, tile: int) -> tuple[int, int]:
@@ -315,11 +361,6 @@ def _block_rows(s: TensorSizing, cap: int, tile: int) -> tuple[int, int]:
     if stat_rows >= tile:  # whole tiles, as many as make a block of about STAT_BLOCK_ELEMENTS
         stat_rows = tile * max(1, min(stat_rows, STAT_BLOCK_ELEMENTS // rn) // tile)
     return emit_rows, stat_rows
-
-
-def _block_elements(s: TensorSizing, blocks: tuple[int, int]) -> int:
-    emit_rows, stat_rows = blocks
-    return min(max(s.task.rows, 1), max(emit_rows, stat_rows if s.passes else 0)) * max(s.task.row_numel, 1)
 
 
 def _chunk_rows(recipe: Recipe, rule: Rule, rows: int, row_numel: int, chunk_elems: int, tile: int) -> int:

@@ -108,7 +108,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
             parts = held[step.read]
         if step.op is Op.STATS:
             assert merger is not None
-            _stats(t, merger, step, schedule.read_of(step), parts, io)
+            _stats(plan, t, merger, step, schedule.read_of(step), parts, io)
         elif step.op is Op.END_PASS:
             assert merger is not None
             merger.end_pass(step.pass_index)
@@ -137,11 +137,11 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
 
 
 # ---- the steps ------------------------------------------------------------------------------------------------
-def _stats(t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts, io: TensorIO) -> None:
+def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts, io: TensorIO) -> None:
     io.phase(t, f"statistics pass {step.pass_index + 1}")
     for b0, b1 in t.blocks(step.r0, step.r1, stats=True):
         io.check_stop()
-        base, *models = _rows(t.sources, parts, b0 - read.r0, b1 - read.r0, merger.raw_models)
+        base, *models = _rows(t.sources, parts, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         merger.accumulate(step.pass_index, b0, base, models)
         del base, models  # before the next block's copies are made (not beside them)
     io.checkpoint("stats-chunk")
@@ -155,7 +155,7 @@ def _emit(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read
     out = io.compute.output_like(host)
     for b0, b1 in t.blocks(step.r0, step.r1, stats=False):
         io.check_stop()
-        block = _rows(t.sources, parts, b0 - read.r0, b1 - read.r0, merger.raw_models)
+        block = _rows(t.sources, parts, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         result = merger.emit(b0, block[0], block[1:])
         _store(plan, t, out[b0 - step.r0 : b1 - step.r0] if out.dim() else out, b0, result, block)
         del block, result  # before the next block's copies are made (not beside them)

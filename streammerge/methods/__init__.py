@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from ..errors import MethodError
-from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask, unknown_name_message
+from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask, unknown_name_message
 
 _REGISTRY: dict[str, Method] = {}
 _loaded = False
@@ -48,4 +48,4 @@ def get_method(name: str) -> Method:
     return methods[key]
 
 
-__all__ = ["Method", "ParamSpec", "Rule", "TensorMerge", "TensorTask", "all_methods", "get_method", "register"]
+__all__ = ["Footprint", "Method", "ParamSpec", "Rule", "TensorMerge", "TensorTask", "all_methods", "get_method", "register"]

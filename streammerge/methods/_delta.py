@@ -19,8 +19,12 @@ import numpy as np
 import torch
 
 from ._rng import keep_mask, stream_key
-from ._select import TopK
-from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+from ._select import BINS, TopK
+from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
+
+
+#: bytes of one radix-select histogram (int64 counts)
+HISTOGRAM_BYTES = BINS * 8
 
 
 def unit_interval(x: float) -> str | None:
@@ -48,7 +52,6 @@ def rescale_param(default: bool) -> ParamSpec:
 
 
 class _DeltaTensorMerge(TensorMerge):
-    raw_models = True  # models are only used as ``m - base`` (float32 base): upcast inside the subtraction
 
     def __init__(self, method: DeltaMethod, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
         self.m, self.task, self.p, self.n = method, task, params, n_models
@@ -70,7 +73,6 @@ class _DeltaTensorMerge(TensorMerge):
                 if numel - target - top < 0:
                     top = numel - target
                 self.selectors.append((TopK(top + target, numel), TopK(top, numel)))
-        self.stat_passes = method.stat_passes(task.rule, params)
         self.keys = [stream_key(params["seed"], k, task.name) for k in range(n_models)] if method.sparsify == "random" else []
         self.row_numel = task.row_numel
         self._flat_start = 0  # flat index of the emitted chunk's first element (random masks)
@@ -180,6 +182,7 @@ class DeltaMethod(Method):
 
     sparsify: str = "none"
     consensus: bool = False
+    raw_models = True  # models are only used as ``m - base`` (float32 base): upcast inside the subtraction
 
     @property
     def passes(self) -> str:  # type: ignore[override]
@@ -193,15 +196,28 @@ class DeltaMethod(Method):
             return 2
         return 0
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        # merge pass: every model's delta and the merged sum; sparsifying adds |delta| and its masks (two
-        # selections for outliers), sign consensus the summed mass, the elected sign, agreement masks and the
-        # divisor. The statistics passes need less (|delta|, its high bits and their int64 histogram input).
-        extra = {"none": 0, "magnitude": 16, "outliers": 24, "random": 24}[self.sparsify]
-        return 4 * n_models + 12 + extra + (16 if self.consensus else 0)
-
-    def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        return 2 * n_models * 2 * 65536 * 8 if self.sparsify in ("magnitude", "outliers") else 0
+    def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
+        """Measured on the CPU (bench/ram_probe.py). Merge pass: every model's delta, and the float32 upcast that
+        ``m - base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the
+        drop factor too (12); sign election the elected sign and two agreement factors (8 in all, alive with the
+        selection's gone). Statistics passes: the base, the previous |delta|, the upcast and the new |delta| (12
+        beyond the base's copy). State: one 65 536-bin int64 histogram per selection, two more while a pass ends;
+        DARE's mask generator keeps three 65 536-element uint64 work arrays."""
+        n = n_models
+        selections = {"magnitude": n, "outliers": 2 * n}.get(self.sparsify, 0)
+        extra = {"none": 0, "magnitude": 8, "outliers": 12, "random": 0}[self.sparsify]
+        if self.consensus:
+            extra = max(extra, 8)
+        gpu_extra = {"none": 0, "magnitude": 16, "outliers": 24, "random": 24}[self.sparsify]
+        return Footprint(
+            stats_per_element=12 if selections else 0,
+            emit_per_element=4 * n + 4 + extra,
+            stats_state=selections * HISTOGRAM_BYTES,
+            end_of_pass=(selections + 2) * HISTOGRAM_BYTES if selections else 0,
+            emit_state=3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0,
+            gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4,
+            gpu_state=2 * n * 2 * HISTOGRAM_BYTES if selections else 0,
+        )
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _DeltaTensorMerge(self, task, params, n_models)

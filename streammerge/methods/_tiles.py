@@ -145,11 +145,26 @@ class PairSums:
     """
 
     @staticmethod
-    def state_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, on_gpu: bool, tile: int) -> int:
-        """The most it holds at once beyond a chunk's own temporaries: an incomplete tile of every input stashed
-        (float64) with its merged copy, and one whole tile's float64 products (with a GPU's tree scratch)."""
-        return (2 * n_inputs * min(rows, tile) * row_numel * 8
-                + tile_products_bytes(n_pairs, rows, row_numel, 8, on_gpu, tile))
+    def per_element(n_inputs: int, n_pairs: int) -> int:
+        """Bytes per block element while adding: float64 copies of the inputs, the products and their stacked copy."""
+        return 8 * (n_inputs + 2 * n_pairs)
+
+    @staticmethod
+    def accumulator_bytes(n_pairs: int, row_numel: int) -> int:
+        return 8 * n_pairs * row_numel
+
+    @staticmethod
+    def partial_tile_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, tile: int) -> int:
+        """What blocks that are not whole tiles add: an incomplete tile of every input stashed (float64), and one
+        whole tile's products with their stacked copy."""
+        return (n_inputs + 2 * n_pairs) * min(rows, tile) * row_numel * 8
+
+    @staticmethod
+    def gpu_state_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, tile: int) -> int:
+        """On a GPU (measured on an H100): the stash with its merged copy, and one tile's products with the tree
+        scratch."""
+        return 2 * n_inputs * min(rows, tile) * row_numel * 8 + tile_products_bytes(n_pairs, rows, row_numel, 8, True,
+                                                                                     tile)
 
     def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]], tile: int) -> None:
         self.pairs = list(pairs)

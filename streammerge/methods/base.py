@@ -96,18 +96,37 @@ class TensorTask(RowLayout):
     on_gpu: bool = False
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """The memory a method's work on one tensor needs, in bytes, beyond the runner's float32 copies of the inputs
+    (which the planner counts itself). CPU figures are measured with ``bench/ram_probe.py``, GPU figures with
+    ``bench/vram_probe.py``.
+
+    Per element of a compute block: what a statistics block and a merge block allocate. Per tensor: what is held
+    while the statistics passes run (accumulators, histograms), while the merge pass runs (weights, work arrays),
+    and at the end of a statistics pass (ranking, scans; the accumulators included). ``partial_tile``: what a
+    statistics block or chunk that is not whole reduction tiles adds (the stashed rows of an incomplete tile and
+    one whole tile's products). On a GPU a chunk is one block and the caching allocator keeps whole-chunk
+    temporaries, so it has its own figures: per chunk element (the runner's copies included) and per tensor.
+    """
+
+    stats_per_element: int = 0
+    emit_per_element: int = 0
+    stats_state: int = 0
+    emit_state: int = 0
+    end_of_pass: int = 0
+    partial_tile: int = 0
+    gpu_per_element: int = 0
+    gpu_state: int = 0
+
+
 class TensorMerge:
-    """The per-tensor state machine the engine drives. Subclasses override what their passes need.
+    """The per-tensor state machine the engine drives. Subclasses override what their passes need; how many
+    statistics passes run is the method's :meth:`Method.stat_passes` decision, made once in the plan.
 
     Chunks arrive in row order; ``r0`` is the first stored row of the chunk. ``base`` is (rows, *shape[1:])
     float32 and ``models`` a list of tensors of the same shape.
     """
-
-    #: how many statistics passes precede the emit pass
-    stat_passes: int = 0
-    #: the models arrive as stored (e.g. bfloat16 views, read-only) instead of float32 copies: only for methods
-    #: whose every use of a model is an arithmetic op with a float32 tensor (``m - base``), which upcasts exactly
-    raw_models: bool = False
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         raise NotImplementedError
@@ -144,6 +163,9 @@ class Method:
     passes: str = "1 (element-wise)"  # how many passes over each tensor, for `streammerge methods`
     min_models: int = 1
     max_models: int | None = None
+    #: the models arrive as stored (e.g. bfloat16 views, read-only) instead of float32 copies: only for methods
+    #: whose every use of a model is an arithmetic op with a float32 tensor (``m - base``), which upcasts exactly
+    raw_models: bool = False
 
     def resolve_params(self, raw: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Validate user parameters (strings or values) into typed values; per-model ones become tuples."""
@@ -182,13 +204,10 @@ class Method:
         """How many statistics passes a tensor with this rule needs with these parameters (for the plan)."""
         return 0
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        """Bytes of method scratch per chunk element, the most any of its passes needs."""
-        return 8
-
-    def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        """Bytes of per-tensor state kept across passes (accumulators, weights, stashed rows)."""
-        return 0
+    def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
+        """The memory this method's work on ``task`` needs (see :class:`Footprint`); the planner sizes chunks and
+        compute blocks from it. The default: an element-wise merge with one accumulator and one temporary."""
+        return Footprint(emit_per_element=8, gpu_per_element=4 * (n_models + 1) + 12)
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         raise NotImplementedError

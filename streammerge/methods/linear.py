@@ -11,7 +11,7 @@ import torch
 from ..errors import MethodError
 from . import register
 from ._delta import WEIGHT
-from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+from .base import Footprint, Method, ParamSpec, TensorMerge, TensorTask
 
 
 class _LinearMerge(TensorMerge):
@@ -40,8 +40,9 @@ class Linear(Method):
             raise MethodError("linear: the weights sum to zero, so they cannot be normalized; pass --param normalize=false")
         return params
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        return 8
+    def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
+        # the accumulator and one model·weight before it is added
+        return Footprint(emit_per_element=8, gpu_per_element=4 * n_models + 16)
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _LinearMerge(params["weight"], params["normalize"])

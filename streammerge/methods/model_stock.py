@@ -16,7 +16,7 @@ import torch
 from ..errors import MethodError
 from . import register
 from ._tiles import PairSums
-from .base import Method, Rule, TensorMerge, TensorTask
+from .base import Footprint, Method, Rule, TensorMerge, TensorTask
 
 COS_EPS = 1e-8
 
@@ -39,8 +39,6 @@ def model_stock_ratio(n: int, gram: dict[tuple[int, int], float], name: str = ""
 
 
 class _ModelStockMerge(TensorMerge):
-    stat_passes = 1
-
     def __init__(self, task: TensorTask, n_models: int) -> None:
         self.name, self.n = task.name, n_models
         self.pairs = [(i, j) for i in range(n_models) for j in range(i, n_models)]
@@ -79,13 +77,18 @@ class ModelStock(Method):
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
         return 1
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        # the deltas (float32 and their float64 copies) and one float64 product per pair
-        return 12 * n_models + 8 * (n_models * (n_models + 1) // 2)
-
-    def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        return PairSums.state_bytes(n_models, n_models * (n_models + 1) // 2, task.rows, task.row_numel, task.on_gpu,
-                                    task.tile)
+    def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
+        n, rows, rn, tile = n_models, task.rows, task.row_numel, task.tile
+        pairs = n * (n + 1) // 2
+        return Footprint(
+            stats_per_element=4 * n + PairSums.per_element(n, pairs),  # the float32 deltas, then PairSums' work
+            emit_per_element=8,  # the mean, and base·(1 − r) before it is added
+            stats_state=PairSums.accumulator_bytes(pairs, rn),
+            end_of_pass=PairSums.accumulator_bytes(pairs, rn),
+            partial_tile=PairSums.partial_tile_bytes(n, pairs, rows, rn, tile),
+            gpu_per_element=16 * n + 8 * pairs + 8,
+            gpu_state=PairSums.gpu_state_bytes(n, pairs, rows, rn, tile),
+        )
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _ModelStockMerge(task, n_models)

@@ -15,7 +15,7 @@ import torch
 
 from . import register
 from ._tiles import PairSums
-from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -33,8 +33,6 @@ def slerp_coefficients(t: float, ss0: float, ss1: float, dot: float) -> tuple[fl
 
 
 class _SlerpMerge(TensorMerge):
-    stat_passes = 1
-
     def __init__(self, task: TensorTask, t: float) -> None:
         self.t = t
         self.sums = PairSums(task.rows, task.row_numel, [(0, 0), (1, 1), (0, 1)], task.tile)
@@ -72,11 +70,17 @@ class Slerp(Method):
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
         return 1
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        return 3 * 8 + 16
-
-    def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        return PairSums.state_bytes(2, 3, task.rows, task.row_numel, task.on_gpu, task.tile)
+    def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
+        rows, rn, tile = task.rows, task.row_numel, task.tile
+        return Footprint(
+            stats_per_element=PairSums.per_element(2, 3),
+            emit_per_element=8,  # base·s0, and model·s1 before it is added
+            stats_state=PairSums.accumulator_bytes(3, rn),
+            end_of_pass=PairSums.accumulator_bytes(3, rn),
+            partial_tile=PairSums.partial_tile_bytes(2, 3, rows, rn, tile),
+            gpu_per_element=52,
+            gpu_state=PairSums.gpu_state_bytes(2, 3, rows, rn, tile),
+        )
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         return _SlerpMerge(task, params["t"])

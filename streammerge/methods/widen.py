@@ -18,7 +18,7 @@ import torch
 
 from . import register
 from ._tiles import TileFeeder, add_column_sums, row_sums, tile_products_bytes
-from .base import Method, ParamSpec, Rule, TensorMerge, TensorTask
+from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 
 def _non_negative(x: float) -> str | None:
@@ -67,8 +67,6 @@ def column_weights(ssb: torch.Tensor, ssm: torch.Tensor, dot: torch.Tensor, t: f
 
 class _MatrixMerge(TensorMerge):
     """Linear rule (columns = stored columns) and embedding rule (columns = stored rows)."""
-
-    stat_passes = 1
 
     def __init__(self, task: TensorTask, n_models: int, t: float, s: float) -> None:
         self.task, self.n_models, self.t, self.s = task, n_models, t, s
@@ -172,24 +170,33 @@ class Widen(Method):
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
         return 1 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 0
 
-    def scratch_bytes_per_element(self, rule: Rule, n_models: int) -> int:
-        if rule in (Rule.MATRIX, Rule.EMBEDDING):
-            # statistics: a block's products (float32 or float64) and the block of base and model converted for
-            # them, counted per chunk element (a block is at most the chunk); the merge pass needs less (8)
-            return (1 + 2 * n_models) * 8 + 2 * 8
-        return 4 * n_models + 12  # 1-D rule: significances, scores, accumulator, one delta
-
-    def state_bytes(self, task: TensorTask, n_models: int) -> int:
-        if task.rule not in (Rule.MATRIX, Rule.EMBEDDING):
-            return 0
+    def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
+        """Measured on the CPU (bench/ram_probe.py). Statistics: a block's (1 + 2N) products, float32 when every
+        input is 16-bit (exact), else float64 with the float64 copies of base and model they are made from. Merge
+        pass: the accumulator and one delta. State: float64 column sums while the pass runs; with the ranking stage
+        (divergences, sorts, ranks, scores: about 80 bytes per model and column) when it ends; the float32 weights
+        during the merge. A block that is not whole tiles stashes the rows of its incomplete tile (float32) until
+        the tile completes, then makes that whole tile's products."""
+        n = n_models
+        if task.rule not in (Rule.MATRIX, Rule.EMBEDDING):  # 1-D: significances, scores, float64 tests, result
+            return Footprint(emit_per_element=24 * n + 8, gpu_per_element=8 * n + 20)
         rows, cols = task.shape
-        n = rows if task.rule is Rule.EMBEDDING else cols
-        # rows of an incomplete tile stashed until the next chunk completes it (stash + merged copy)
-        stash = min(rows, task.tile) * cols * 2 * 4 * (n_models + 1)
-        # accumulators + ranking stage (divergences, argsort, ranks, scores) + weights + a completed tile's products
-        return (8 * (1 + 2 * n_models) * n + 96 * n_models * n + stash
-                + tile_products_bytes(1 + 2 * n_models, rows, cols, 4 if task.exact_products else 8, task.on_gpu,
-                                      task.tile))
+        columns = rows if task.rule is Rule.EMBEDDING else cols
+        product = 4 if task.exact_products else 8
+        sums = 8 * (1 + 2 * n) * columns
+        tile_rows = min(rows, task.tile)
+        return Footprint(
+            stats_per_element=(1 + 2 * n) * product + (0 if task.exact_products else 16),
+            emit_per_element=8,
+            stats_state=sums,
+            end_of_pass=sums + 80 * n * columns,
+            emit_state=4 * n * columns,
+            partial_tile=(n + 1) * tile_rows * cols * 4 + tile_products_bytes(1 + 2 * n, rows, cols, product, False,
+                                                                              task.tile),
+            gpu_per_element=20 * n + 32,
+            gpu_state=(sums + 96 * n * columns + tile_rows * cols * 2 * 4 * (n + 1)
+                       + tile_products_bytes(1 + 2 * n, rows, cols, product, True, task.tile)),
+        )
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         if task.rule is Rule.VECTOR:

@@ -65,6 +65,11 @@ class InputSource(RowLayout, ABC):
         return None
 
     @property
+    def raw_exact(self) -> bool:
+        """Whether :meth:`raw` yields rows (float32 arithmetic with them is exact)."""
+        return False
+
+    @property
     def stored_element_bytes(self) -> int:
         """Bytes per element of what is read (for a product exact in float32 and for budgets)."""
         return max(1, self.read_bytes_per_row // max(self.row_numel, 1))

@@ -64,6 +64,10 @@ class StoredSource(InputSource):
         return self.loc.info.dtype.name
 
     @property
+    def raw_exact(self) -> bool:
+        return self.loc.info.dtype.torch in EXACT_IN_FLOAT32
+
+    @property
     def stored_element_bytes(self) -> int:
         return max(1, self.loc.info.dtype.bits // 8)
 

@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""CPU memory per tensor and per run: the real peak RSS against what the plan predicted, for every method.
+
+    python bench/ram_probe.py [--budgets 40MiB,128MiB,1GiB] [--methods ties,widen] [--results bench/results]
+
+For one synthetic family (``mid``: one Qwen2-0.5B-wide layer with an untied 32000-token vocabulary, 138 MiB per
+model in bf16, written once to ``bench/work/ram-probe/models``), every method is planned and merged on the CPU
+under several ``--max-ram`` budgets: a small one (every 2-D tensor in row chunks, compute blocks shrunk), a medium
+one (the layer's tensors whole, the embedding and head chunked) and one where every tensor fits whole. Each
+(method, budget) runs in a fresh subprocess, so runs cannot leave memory behind for each other. In it:
+
+- **whole run**: the highest RSS (``VmHWM``) during ``streammerge.api.merge`` minus the interpreter's RSS right
+  after ``import torch, streammerge`` (as ``bench/run.py`` counts it), against ``Plan.peak_ram``; also minus the
+  RSS just before the merge (after a warm-up merge), which leaves out code pages and Python objects.
+- **per tensor**: ``streammerge.execute.run_tensor`` is wrapped; before each tensor freed heap memory is given
+  back (``malloc_trim``), the peak is reset (``5`` into ``/proc/self/clear_refs``) and ``VmRSS`` read; after it,
+  ``VmHWM`` − that ``VmRSS`` is the tensor's compute memory, against its ``TensorPlan.scratch_bytes`` (state kept
+  across passes + one compute block's temporaries: what the methods' per-element figures decide).
+
+Stable numbers need the buffers and the allocator out of the way:
+
+- The reader's input slots and the writer's output buffers (allocated lazily on first use, and only the touched
+  pages become resident) are allocated at their planned size and written once when the run starts, before the
+  first tensor. The reader then only refills resident slots. So the whole-run figure counts every planned buffer
+  in full (as ``peak_ram`` does) and no tensor is charged for a buffer.
+- glibc runs with a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``) and trim threshold, and one arena
+  (``MALLOC_ARENA_MAX=1``): every allocation of 64 KiB or more (every block temporary) is its own mapping, unmapped
+  when freed, so RSS follows the live tensors. With glibc's defaults the mmap threshold rises to 32 MiB after the
+  first large free, freed blocks then stay in the heap and are reused, and a tensor's peak hides in memory an
+  earlier tensor left resident (or shows an earlier tensor's leftovers). ``--glibc-defaults`` runs without these
+  settings (the whole-run figure as users get it; the per-tensor figures are then unreliable).
+- ``torch.set_num_threads(1)`` (and ``OMP_NUM_THREADS=1``): this is a shared 2-core machine, and one intra-op
+  thread keeps kernels from adding per-thread buffers that depend on the core count.
+- A warm-up merge of the ``tiny`` family with the same method first, so the code pages of the kernels used are
+  already resident (``VmHWM`` counts file-backed pages too); the JSON keeps each tensor's ``RssFile`` change.
+
+Tensors whose predicted compute-block part (``scratch_bytes − state_bytes``, what the per-element figures decide)
+is under ``--min-block`` (1 MiB: norms and biases, whose figures are page and Python-object noise) are listed in the
+JSON but left out of the worst ratios. Writes ``<UTC timestamp>-ram-probe.{json,md}`` under --results; the exit status
+is 1 if a merge failed or a run's peak over the baseline exceeded its --max-ram. About 2.5 minutes on 2 cores for
+10 methods x 3 budgets (the family is written once, in a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS: dict[str, dict[str, str]] = {
+    "widen": {}, "linear": {}, "task_arithmetic": {"weight": "0.7,0.4"}, "ties": {"density": "0.5"},
+    "dare_linear": {"density": "0.6", "seed": "3"}, "dare_ties": {"density": "0.6", "seed": "3"},
+    "breadcrumbs": {"density": "0.6", "gamma": "0.05"}, "breadcrumbs_ties": {"density": "0.6", "gamma": "0.05"},
+    "slerp": {}, "model_stock": {},
+}
+BUDGETS = ["40MiB", "128MiB", "1GiB"]
+#: (hidden, intermediate, layers, heads, kv_heads, vocab, tied): vram_probe's "mid" family
+MID = (896, 4864, 1, 14, 2, 32000, False)
+#: the allocator settings of the measured subprocesses (see the module docstring)
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+#: per-tensor ratios outside this band mean a declared figure is off by more than 25%
+BAND = (0.75, 1.25)
+
+
+# ---- the measured subprocess -----------------------------------------------------------------------------------
+def status() -> dict[str, int]:
+    """Memory fields of /proc/self/status, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def child(spec: dict) -> dict:
+    """One (method, budget) in this process: warm up, then merge with every tensor measured."""
+    import ctypes
+
+    import torch
+
+    import streammerge.execute as execute
+    import streammerge.pipeline as pipeline
+    from streammerge import api
+
+    torch.set_num_threads(1)
+    libc = ctypes.CDLL("libc.so.6")
+    baseline = status()  # the interpreter with torch and streammerge imported
+    method, params, budget = spec["method"], spec["params"], spec["budget"]
+    work = Path(spec["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    for folder in ("warmup", "out"):  # a finished output of an earlier run would be kept, not merged again
+        shutil.rmtree(work / folder, ignore_errors=True)
+
+    def models_of(fam: str) -> tuple[Path, list[Path]]:
+        root = Path(spec["families"][fam])
+        return root / "base", [root / "chat"] if method == "slerp" else [root / "chat", root / "multilingual"]
+
+    base, models = models_of("tiny")
+    api.merge(base, models, work / "warmup", method, params, max_ram="64MiB", device="cpu", force=True)
+
+    def touched(nbytes: int) -> torch.Tensor:
+        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        buf.fill_(0)  # make every page resident now, not when a later tensor first writes it
+        return buf
+
+    class Prefetcher(pipeline.Prefetcher):
+        """Allocates (and touches) every slot before its first read."""
+
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            import threading
+            self.allocated = threading.Event()
+            super().__init__(*args, **kwargs)
+
+        def _run(self) -> None:
+            try:
+                for i in range(len(self._slots)):
+                    self._slots[i] = touched(self.slot_bytes)
+            finally:
+                self.allocated.set()
+            super()._run()
+
+    start = execute.LocalIO.start
+
+    def start_touched(self, jobs):  # type: ignore[no-untyped-def]
+        start(self, jobs)
+        self.prefetch.allocated.wait()
+        for i in range(len(self.writer._buffers)):
+            self.writer._buffers[i] = touched(self.writer.buffer_bytes)
+
+    tensors: list[dict] = []
+    hwm = [0]  # the highest VmHWM of the merge, across the resets
+    run_tensor = execute.run_tensor
+
+    def measured(plan, job, io):  # type: ignore[no-untyped-def]
+        hwm[0] = max(hwm[0], status()["VmHWM"])  # what happened since the last reading (between tensors)
+        libc.malloc_trim(0)
+        reset_peak()
+        before = status()
+        t0 = time.perf_counter()
+        result = run_tensor(plan, job, io)
+        wall = time.perf_counter() - t0
+        after = status()
+        hwm[0] = max(hwm[0], after["VmHWM"])
+        t = job.tensor
+        peak = after["VmHWM"] - before["VmRSS"]
+        tensors.append({
+            "name": t.name, "rule": t.rule.value, "shape": list(t.shape), "rows": t.rows, "row_numel": t.row_numel,
+            "chunk_rows": t.chunk_rows, "block_rows": t.block_rows, "stat_block_rows": t.stat_block_rows,
+            "stat_passes": t.stat_passes, "resident": t.resident, "state_bytes": t.state_bytes,
+            "scratch_bytes": t.scratch_bytes, "measured": peak,
+            "ratio": round(peak / t.scratch_bytes, 3) if t.scratch_bytes else None,
+            "rss_file_change": after["RssFile"] - before["RssFile"],
+            "left_resident": after["VmRSS"] - before["VmRSS"], "wall_s": round(wall, 3),
+        })
+        return result
+
+    base, models = models_of("mid")
+    out = work / "out"
+    plan = api.plan(base, models, out, method, params, max_ram=budget, device="cpu", force=True)
+    execute.Prefetcher, execute.LocalIO.start, execute.run_tensor = Prefetcher, start_touched, measured
+    libc.malloc_trim(0)
+    pre = status()
+    reset_peak()
+    t0 = time.perf_counter()
+    try:
+        execute.execute(plan, show_progress=False)
+    finally:
+        execute.Prefetcher, execute.LocalIO.start, execute.run_tensor = pipeline.Prefetcher, start, run_tensor
+    wall = time.perf_counter() - t0
+    hwm[0] = max(hwm[0], status()["VmHWM"])
+    return {
+        "method": method, "params": params, "max_ram": budget, "max_ram_bytes": plan.budget.max_ram,
+        "wall_s": round(wall, 2), "torch_threads": torch.get_num_threads(),
+        "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+        "plan": {"peak_ram": plan.peak_ram, "slot_bytes": plan.slot_bytes, "out_buffer_bytes": plan.out_buffer_bytes,
+                 "depth": plan.depth, "scratch_bytes": plan.scratch_bytes},
+        "baseline_rss": baseline["VmRSS"], "pre_merge_rss": pre["VmRSS"], "peak_rss": hwm[0],
+        "run_over_baseline": hwm[0] - baseline["VmRSS"], "run_over_pre_merge": hwm[0] - pre["VmRSS"],
+        "tensors": tensors,
+    }
+
+
+# ---- the driver ------------------------------------------------------------------------------------------------
+def families(root: Path) -> dict[str, str]:
+    """Write (once) the tiny warm-up family and the measured mid family; a marker says a folder is complete."""
+    from streammerge.examples import Shape, write_family
+
+    out = {}
+    for name, shape in (("tiny", "tiny-untied"), ("mid", Shape(*MID[:6], tied=MID[6]))):
+        folder = root / name
+        key = repr(shape)
+        marker = folder / ".complete"
+        if not (marker.is_file() and marker.read_text() == key):
+            shutil.rmtree(folder, ignore_errors=True)
+            write_family(folder, shape, dtype="bf16")
+            marker.write_text(key)
+        out[name] = str(folder)
+    return out
+
+
+def run_child(spec: dict, glibc_defaults: bool) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    for k in MALLOC_ENV:
+        env.pop(k, None)
+    if not glibc_defaults:
+        env.update(MALLOC_ENV)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        return {"method": spec["method"], "params": spec["params"], "max_ram": spec["budget"],
+                "error": (proc.stderr or proc.stdout).strip()[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def counted(t: dict, min_block: int) -> bool:
+    """Whether a tensor's prediction is big enough to compare: its compute-block part is at least ``min_block``."""
+    return t["scratch_bytes"] - t["state_bytes"] >= min_block
+
+
+def summarize(row: dict, min_block: int) -> None:
+    """Add the worst (highest and lowest) per-tensor ratios among tensors with a meaningful prediction."""
+    big = [t for t in row["tensors"] if counted(t, min_block)]
+    if big:
+        hi = max(big, key=lambda t: t["measured"] / t["scratch_bytes"])
+        lo = min(big, key=lambda t: t["measured"] / t["scratch_bytes"])
+        row["worst_high"] = {k: hi[k] for k in ("name", "ratio", "measured", "scratch_bytes", "chunk_rows", "rows")}
+        row["worst_low"] = {k: lo[k] for k in ("name", "ratio", "measured", "scratch_bytes", "chunk_rows", "rows")}
+    row["run_ratio"] = round(row["run_over_baseline"] / row["plan"]["peak_ram"], 3)
+    row["run_ratio_pre_merge"] = round(row["run_over_pre_merge"] / row["plan"]["peak_ram"], 3)
+    row["within_max_ram"] = row["run_over_baseline"] <= row["max_ram_bytes"]
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def short(name: str) -> str:
+    return name.removeprefix("model.").removeprefix("layers.0.").removesuffix(".weight")
+
+
+def render(result: dict) -> str:
+    band = f"[{BAND[0]}, {BAND[1]}]"
+    L = [f"# CPU memory per tensor and per run vs the plan ({result['started_utc']})", "",
+         f"- machine: {result['machine']}; python {result['python']}, torch {result['torch']}, git {result['git']}",
+         f"- family: `mid` {result['family']} (bf16, {mib(result['family_bytes'])} MiB per model); each (method, "
+         f"budget) in a fresh subprocess, torch threads 1, allocator: {result['allocator']}",
+         f"- **run**: peak RSS of the merge − RSS after `import torch, streammerge` (`run/plan`: over `peak_ram`; "
+         f"`pre`: over the RSS just before the merge, after a warm-up merge of the tiny family). Every planned "
+         f"buffer is made resident at the start, so the run figure counts them in full.",
+         f"- **per tensor**: peak RSS while `run_tensor` ran − RSS before it (after `malloc_trim`), over the "
+         f"tensor's `scratch_bytes`; highest and lowest ratio among tensors whose compute-block part "
+         f"(`scratch_bytes − state_bytes`) is ≥ {mib(result['min_block'])} MiB. Outside {band}: the declared figures "
+         f"are off by more than 25%.",
+         *([f"- note: {result['note']}"] if result.get("note") else []), "",
+         "| method | --max-ram | peak_ram MiB | run MiB | within --max-ram | run/plan | pre/plan | "
+         "max tensor ratio (tensor, chunk/rows) | predicted → measured MiB | min tensor ratio (tensor) | wall s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            L.append(f"| {r['method']} | {r['max_ram']} | - | - | - | - | - | failed: {r['error'][-120:]!r} | | | |")
+            continue
+        hi, lo = r.get("worst_high"), r.get("worst_low")
+        flag = (lambda x: f"**{x}**" if not BAND[0] <= x <= BAND[1] else f"{x}")
+        hi_s = f"{flag(hi['ratio'])} ({short(hi['name'])}, {hi['chunk_rows']}/{hi['rows']})" if hi else "-"
+        pm = f"{mib(hi['scratch_bytes'])} → {mib(hi['measured'])}" if hi else "-"
+        lo_s = f"{flag(lo['ratio'])} ({short(lo['name'])})" if lo else "-"
+        within = "yes" if r["within_max_ram"] else "**no**"
+        L.append(f"| {r['method']} | {r['max_ram']} | {mib(r['plan']['peak_ram'])} | {mib(r['run_over_baseline'])} | "
+                 f"{within} | {r['run_ratio']} | {r['run_ratio_pre_merge']} | {hi_s} | {pm} | {lo_s} | {r['wall_s']} |")
+    L += ["", "Every compared tensor: measured/predicted (`-`: compute-block part under "
+          f"{mib(result['min_block'])} MiB).", ""]
+    names: list[str] = []
+    for r in result["rows"]:
+        for t in r.get("tensors", []):
+            if counted(t, result["min_block"]) and short(t["name"]) not in names:
+                names.append(short(t["name"]))
+    L += ["| method | --max-ram | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in result["rows"]:
+        if "error" in r:
+            continue
+        by = {short(t["name"]): t for t in r["tensors"]}
+        cells = []
+        for n in names:
+            t = by.get(n)
+            cells.append("-" if t is None or not counted(t, result["min_block"]) else f"{t['ratio']}")
+        L.append(f"| {r['method']} | {r['max_ram']} | " + " | ".join(cells) + " |")
+    return "\n".join(L) + "\n"
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "streammerge"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        return head + (" (uncommitted changes in streammerge/)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "ram-probe",
+                    help="models (kept for the next run) and scratch output")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated --max-ram values")
+    ap.add_argument("--min-block", type=int, default=1 << 20,
+                    help="tensors whose predicted compute-block part is below this many bytes are left out of the "
+                         "worst ratios")
+    ap.add_argument("--note", default="", help="a remark stored in the report")
+    ap.add_argument("--glibc-defaults", action="store_true", help="run without the allocator settings")
+    ap.add_argument("--render", type=Path, help="only re-render the Markdown of an earlier JSON result")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.render:
+        result = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(render(result))
+        return 0
+    if not Path("/proc/self/clear_refs").exists():
+        print("ram_probe: needs Linux (/proc/self/clear_refs)", file=sys.stderr)
+        return 2
+    import torch
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"ram_probe: unknown method(s) {unknown}; choose from {list(METHODS)}", file=sys.stderr)
+        return 2
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    fams = families(args.work / "models")
+    family_bytes = sum(p.stat().st_size for p in (Path(fams["mid"]) / "base").glob("*.safetensors"))
+    rows = []
+    for method in methods:
+        for budget in budgets:
+            spec = {"method": method, "params": METHODS[method], "budget": budget, "families": fams,
+                    "work": str(args.work / "scratch")}
+            row = run_child(spec, args.glibc_defaults)
+            if "error" not in row:
+                summarize(row, args.min_block)
+                hi = row.get("worst_high") or {}
+                print(f"{method:16} {budget:7} plan {mib(row['plan']['peak_ram']):>6} MiB run "
+                      f"{mib(row['run_over_baseline']):>6} MiB ({row['run_ratio']:.2f}, pre {row['run_ratio_pre_merge']:.2f})"
+                      f"  tensor max {hi.get('ratio', '-')} ({short(hi.get('name', '-'))}) min "
+                      f"{(row.get('worst_low') or {}).get('ratio', '-')}  {row['wall_s']} s", flush=True)
+            else:
+                print(f"{method:16} {budget:7} FAILED\n{row['error']}", flush=True)
+            rows.append(row)
+    shutil.rmtree(args.work / "scratch", ignore_errors=True)
+    result = {
+        "started_utc": started, "git": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+        "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+                   f"load {os.getloadavg()[0]:.2f}",
+        "family": f"Shape{MID}", "family_bytes": family_bytes, "min_block": args.min_block, "note": args.note,
+        "allocator": "glibc defaults" if args.glibc_defaults else
+                     ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
+        "rows": rows,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"{started}-ram-probe"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(result))
+    print(render(result))
+    return 1 if any("error" in r or not r["within_max_ram"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
