@@ -282,6 +282,23 @@ def test_models_stored_in_other_dtypes_merge_into_the_base_dtype(fam, out):
     assert {t.dtype for t in read_all(out).values()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_a_tied_head_stored_in_another_dtype_is_the_merged_embedding_cast(dtype, fam, out):
+    """Tied checkpoints that also store the head, in float32 beside a bfloat16 embedding: the head is the merged
+    embedding, cast to the head's dtype (decided in the plan; this used to crash after the whole merge)."""
+    for folder in fam.values():
+        rewrite_tensors(folder, lambda ts: {**ts, "lm_head.weight": ts["model.embed_tokens.weight"].float()})
+    plan = json.loads(invoke(*merge_args(fam, out, "--json", command="plan")).output)
+    head = next(t for t in plan["tensors"] if t["name"] == "lm_head.weight")
+    assert head["rule"] == "tied_copy" and head["copy_of"] == "model.embed_tokens.weight" and head["dtype"] == "F32"
+    merge_ok(fam, out, *(["--dtype", dtype] if dtype else []))
+    got = read_all(out)
+    embed, lm_head = got["model.embed_tokens.weight"], got["lm_head.weight"]
+    assert embed.dtype == torch.bfloat16
+    assert lm_head.dtype == (torch.bfloat16 if dtype else torch.float32)
+    assert torch.equal(lm_head, embed.to(lm_head.dtype))
+
+
 def test_make_example(tmp_path):
     result = invoke("make-example", tmp_path / "demo")
     assert result.exit_code == 0, result.output
@@ -463,6 +480,35 @@ def _integer_tensor_in_a_model(fam, tmp):
     return [], ["model.norm.weight", "model 1", "I16", "not a float", "--exclude"]
 
 
+def _fp8_weights_with_block_scales(fam, tmp):
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def edit(ts):  # DeepSeek-V3 / Qwen3-FP8 style: F8_E4M3 codes and 128x128 block scales
+        w = ts[name].float()
+        ts[name] = w.to(torch.float8_e4m3fn)
+        ts[name + "_scale_inv"] = torch.ones(-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+        return ts
+
+    rewrite_tensors(fam["multilingual"], edit)
+    return [], ["model 2", str(fam["multilingual"]), "quantized", name, "F8_E4M3", "unquantized"]
+
+
+def _quantization_config(fam, tmp):
+    config = json.loads((fam["base"] / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    write_json(fam["base"] / "config.json", config)
+    return [], ["the base", "quantization_config", "'fp8'", "unquantized"]
+
+
+def _bitsandbytes_companions(fam, tmp):
+    def edit(ts):
+        ts["model.layers.1.self_attn.q_proj.weight.absmax"] = torch.ones(16)
+        return ts
+
+    rewrite_tensors(fam["chat"], edit)
+    return [], ["model 1", "quantized", "q_proj.weight.absmax", "companion"]
+
+
 def _three_d_tensor(fam, tmp):
     for folder in fam.values():
         rewrite_tensors(folder, lambda ts: {**ts, "model.experts.weight": torch.ones(2, 3, 4, dtype=torch.bfloat16)})
@@ -550,6 +596,9 @@ BAD_INPUTS: dict[str, Case] = {
     "no-tensors": _no_tensors,
     "index-omits-a-tensor": _index_omits_a_tensor,
     "integer-tensor-in-a-model": _integer_tensor_in_a_model,
+    "fp8-weights-with-block-scales": _fp8_weights_with_block_scales,
+    "quantization-config": _quantization_config,
+    "bitsandbytes-companions": _bitsandbytes_companions,
     "3d-tensor": _three_d_tensor,
     "one-model": _one_model,
     "unknown-method": _unknown_method,

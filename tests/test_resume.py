@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -837,3 +838,133 @@ def test_half_written_tensor_whose_statistics_do_not_load_resumes_to_the_same_by
             failures.append(f"stop {stop}, {how}: not one notice that the statistics are recomputed: {notices}")
         failures += [f"stop {stop}, state {how}, continued with {cont}: {p}" for p in output_problems(out, ref.out)]
     assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------- 8. engine changes, option changes, stopping
+
+
+def _interrupted(fam: dict[str, Path], out: Path, interrupt_at: Any, method: str = "widen", **options: Any) -> None:
+    interrupt_at(20)
+    with pytest.raises(MergeInterrupted):
+        api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, chunk_rows=CHUNK_ROWS, **options)
+
+
+@pytest.mark.parametrize("what, patch, label", [
+    ("streammerge", ("streammerge.fingerprint.__version__", "9.9.9"), "streammerge version: "),
+    ("torch", ("torch.__version__", "3.0.0"), "torch version: "),
+])
+def test_a_resume_after_an_upgrade_is_refused_by_name(what, patch, label, interrupt_at, one_thread, fam, refs,
+                                                       monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    _interrupted(fam, out, interrupt_at)
+    before = _work_snapshot(out)
+    monkeypatch.setattr(*patch)
+    with pytest.raises(StreamMergeError) as info:
+        _api_merge(fam, out)
+    message = str(info.value)
+    assert label in message and patch[1] in message and "--restart" in message, message
+    assert _work_snapshot(out) == before and not out.exists()
+    api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", chunk_rows=CHUNK_ROWS, restart=True)
+    monkeypatch.undo()
+    assert (out / SHARD).read_bytes() == (refs["widen"].out / SHARD).read_bytes()
+
+
+def test_a_changed_option_keeps_the_unaffected_work_only_when_asked(interrupt_at, one_thread, fam, refs, tmp_path):
+    """An --exclude added after an interruption changes one finished tensor: refused by default (its work would be
+    lost), naming the change and the flags; with redo_changed only that tensor is redone, and the bytes equal a
+    fresh merge with the new option."""
+    from streammerge.journal import Journal
+
+    out = tmp_path / "out"
+    _interrupted(fam, out, interrupt_at)
+    journal = Journal(partial(out))
+    plan = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", "widen")
+    name = next(t.name for t in plan.tensors if journal.get(t.name).rows_done == t.rows)  # a finished tensor
+    journal.close()
+    before = _work_snapshot(out)
+    exclude = ["^" + re.escape(name) + "$"]
+    with pytest.raises(StreamMergeError) as info:
+        _api_merge_opts(fam, out, exclude=exclude)
+    message = str(info.value)
+    assert "exclude: [] -> [" in message and "1 tensor(s) with work done are affected" in message, message
+    assert "--redo-changed" in message and "--restart" in message
+    assert _work_snapshot(out) == before
+    notes: list[str] = []
+    _api_merge_opts(fam, out, exclude=exclude, redo_changed=True, notify=notes.append)
+    assert any("redoing 1 tensor(s)" in n for n in notes), notes
+    fresh = _api_merge_opts(fam, tmp_path / "fresh", exclude=exclude)
+    assert (out / SHARD).read_bytes() == (fresh / SHARD).read_bytes()
+    assert (out / SHARD).read_bytes() != (refs["widen"].out / SHARD).read_bytes()
+
+
+def _api_merge_opts(fam: dict[str, Path], out: Path, **options: Any) -> Path:
+    return api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", chunk_rows=CHUNK_ROWS, **options)
+
+
+@pytest.fixture
+def big_embedding(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A family whose token embedding is large next to the rest (a long statistics pass)."""
+    from streammerge.examples import Shape
+
+    root = tmp_path_factory.mktemp("bigvocab")
+    return {k: p.resolve() for k, p in write_family(root, Shape(512, 128, 1, 4, 2, 16384, tied=True), dtype="bf16").items()}
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_inside_a_long_statistics_pass_stops_at_the_next_block(signum, code, big_embedding, one_thread,
+                                                                          monkeypatch, tmp_path):
+    """The embedding is read whole (one chunk) and its statistics pass runs in many blocks; a signal arriving in
+    the middle stops the merge at the next block, not at the end of the pass or the tensor."""
+    from streammerge.methods import widen
+
+    fam, out = big_embedding, tmp_path / "out"
+    real = widen._MatrixMerge.accumulate
+    calls = {"embedding": 0, "after": 0}
+
+    def accumulate(self, pass_index, r0, base, models):  # type: ignore[no-untyped-def]
+        if self.task.rule.value == "embedding":
+            calls["embedding"] += 1
+            if calls["embedding"] == 3:
+                os.kill(os.getpid(), signum)
+            elif calls["embedding"] > 3:
+                calls["after"] += 1
+        return real(self, pass_index, r0, base, models)
+
+    monkeypatch.setattr(widen._MatrixMerge, "accumulate", accumulate)
+    p = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", max_ram="1GiB")
+    emb = p.tensor("model.embed_tokens.weight")
+    assert emb.resident and len(emb.blocks(0, emb.rows, stats=True)) >= 10
+    before = signal.getsignal(signum)
+    with pytest.raises(MergeInterrupted) as info:
+        api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", max_ram="1GiB", handle_signals=True)
+    assert info.value.exit_code == code and "resume" in str(info.value)
+    assert calls["after"] == 0, f"{calls['after']} more blocks ran after the signal"
+    assert signal.getsignal(signum) == before, "the caller's handler is back"
+    monkeypatch.undo()
+    api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen")  # and it resumes
+    fresh = api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "fresh", "widen")
+    assert (out / SHARD).read_bytes() == (fresh / SHARD).read_bytes()
+
+
+@pytest.mark.parametrize("handle", [False, True])
+def test_the_python_api_installs_signal_handlers_only_when_asked(handle, fam, one_thread, monkeypatch, tmp_path):
+    from streammerge import execute
+
+    def mine(signum, frame):  # type: ignore[no-untyped-def]
+        pass
+
+    seen = []
+    real = execute.run_tensor
+
+    def run_tensor(plan, job, io):  # type: ignore[no-untyped-def]
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        return real(plan, job, io)
+
+    monkeypatch.setattr(execute, "run_tensor", run_tensor)
+    old = signal.signal(signal.SIGINT, mine)
+    try:
+        api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", "linear", handle_signals=handle)
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert seen and all((sigint is mine) != handle for sigint, _ in seen)
