@@ -32,22 +32,23 @@ import time
 from pathlib import Path
 
 from mergekit_recipe import METHODS as MERGEKIT_METHODS
+from streammerge.errors import StreamMergeError
+from streammerge.units import parse_size as _parse_size
 from mergekit_recipe import mergekit_yaml, safetensors_dtype
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 MERGEKIT_AUTO = BENCH / ".mergekit-venv" / "bin" / "mergekit-yaml"
 BUF = 16 * 1024 * 1024
-UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-         "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def parse_size(text: str) -> int:
-    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise SystemExit(f"cannot read size {text!r}")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    """Bytes in ``text`` as streammerge reads them (its own parser: the same units, the same answers)."""
+    try:
+        return _parse_size(text, "size")
+    except StreamMergeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def human(n: float | None) -> str:

@@ -193,16 +193,22 @@ def sync_dir(path: Path) -> None:
     backend.sync_dir(str(path))
 
 
-def write_file(path: Path, data: bytes, sync_folder: bool = False) -> None:
-    """Create (or replace the contents of) ``path`` with ``data`` and fsync it; with ``sync_folder`` its entry too."""
-    fd = open_file(path, create=True, truncate=True)
+def _write_synced(path: Path, data: bytes, truncate: bool, sync_folder: bool) -> None:
+    """Write ``data`` at the start of an emptied ``path`` (``truncate``) or at its end, fsync it, and with
+    ``sync_folder`` its folder entry too."""
+    fd = open_file(path, create=True, truncate=truncate)
     try:
-        pwrite_all(fd, data, 0)
+        pwrite_all(fd, data, 0 if truncate else os.fstat(fd).st_size)
         sync_file(fd)
     finally:
         close(fd)
     if sync_folder:
         sync_dir(path.parent)
+
+
+def write_file(path: Path, data: bytes, sync_folder: bool = False) -> None:
+    """Create (or replace the contents of) ``path`` with ``data`` and fsync it; with ``sync_folder`` its entry too."""
+    _write_synced(path, data, truncate=True, sync_folder=sync_folder)
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
@@ -216,15 +222,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
 
 def append(path: Path, data: bytes) -> None:
     """Append ``data`` to ``path`` and fsync it; a new file's folder entry is synced too."""
-    new = not path.exists()
-    fd = open_file(path, create=True)
-    try:
-        pwrite_all(fd, data, os.fstat(fd).st_size)
-        sync_file(fd)
-    finally:
-        close(fd)
-    if new:
-        sync_dir(path.parent)
+    _write_synced(path, data, truncate=False, sync_folder=not path.exists())
 
 
 def cut(path: Path, size: int) -> None:
