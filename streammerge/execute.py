@@ -67,10 +67,11 @@ class LocalIO:
         staged = self.prefetch.get(read, self.stop.check)
         self.bar.update(read.nbytes)
         if read.compute and self.compute.copies:  # copied to the device: the slot goes back to the reader at once
-            flat = self.compute.upload([x for part in staged.parts for x in part])
+            parts = staged.parts
+            flat = self.compute.upload([x for part in parts for x in part])
             self.prefetch.release(staged)
             out, at = [], 0
-            for part in staged.parts or ():
+            for part in parts:
                 out.append(tuple(flat[at : at + len(part)]))
                 at += len(part)
             return out

@@ -124,9 +124,13 @@ class StandInAccelerator(CpuCompute):
     """Behaves like the CUDA path: inputs are copied away (so their slot goes back to the reader at once), the
     result is formed in a separate tensor and copied into the host buffer afterwards."""
 
-    copies = True
+    uploads = 0
+
+    def __init__(self) -> None:
+        super().__init__(copies=True)  # a class attribute would be overwritten by the dataclass __init__
 
     def upload(self, inputs):
+        StandInAccelerator.uploads += 1
         return [x.clone() for x in inputs]
 
     def output_like(self, host):
@@ -141,7 +145,9 @@ def test_the_accelerator_staging_path_gives_the_same_bytes(fam, tmp_path, monkey
     want = _merge(fam, tmp_path / "cpu", method, device="cpu", chunk_rows=16)
     monkeypatch.setattr(streammerge.execute, "make_compute", lambda device: StandInAccelerator())
     for rows in (16, None):  # chunked (stats read per pass) and whole tensors (read once, kept for every pass)
+        StandInAccelerator.uploads = 0
         got = _merge(fam, tmp_path / f"staged-{rows}", method, device="cpu", chunk_rows=rows)
+        assert StandInAccelerator.uploads > 0, "the staging path was not taken"
         assert sorted(got) == sorted(want)
         for name in want:
             assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
