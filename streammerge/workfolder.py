@@ -138,8 +138,10 @@ class WorkFolder:
             )
         created = False
         for name, f in self.files.items():
-            if not f.open_existing():
-                self.journal.reset([t.name for t in self.plan.tensors if t.shard == name])  # it starts over
+            if not f.open_existing():  # missing or damaged: its tensors' chunks start over (statistics are kept)
+                for t in self.plan.tensors:
+                    if t.shard == name:
+                        self.journal.truncate(t.name, 0)
                 try:
                     f.create()
                 except OSError as exc:
