@@ -329,3 +329,24 @@ def test_unknown_parameter_suggests_t(tmp_path):
     with pytest.raises(MethodError, match="did you mean 't'"):
         job.run({"tt": 1})
     assert not (tmp_path / "out1").exists()
+
+
+def test_weights_do_not_depend_on_the_number_of_threads():
+    """WIDEN's weights are bit-identical whatever torch's thread count (a resumed run may run on another machine)."""
+    from streammerge.methods.widen import column_weights
+
+    g = torch.Generator().manual_seed(0)
+    n = 150_001
+    ssb = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    ssm = ssb + torch.rand(2, n, generator=g, dtype=torch.float64) * 1e-3
+    dot = (ssb * ssm).sqrt() * (1 - torch.rand(2, n, generator=g, dtype=torch.float64) * 1e-4)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results.append(column_weights(ssb, ssm, dot, 1.0, 1.0))
+    finally:
+        torch.set_num_threads(before)
+    for r in results[1:]:
+        assert torch.equal(r, results[0])

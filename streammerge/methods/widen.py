@@ -33,6 +33,18 @@ def weighted_delta_sum(base: torch.Tensor, models: Sequence[torch.Tensor], weigh
     return acc.add_(base)
 
 
+def softmax_across_models(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 0 (the models) of ``x`` (N, ...): ``exp(x − max) / Σ exp(x − max)``, the sum added in model
+    order. Element-wise operations only, so every element's bits are the same whatever the thread count
+    (``torch.softmax`` on the CPU computes a column vectorised or scalar depending on where the threads' chunks
+    end, which changes the last bit with ``OMP_NUM_THREADS``)."""
+    e = torch.exp(x - x.amax(dim=0, keepdim=True))
+    total = e[0].clone()
+    for k in range(1, e.shape[0]):
+        total += e[k]
+    return e / total
+
+
 def rank_significance(divergence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``divergence`` (N, n): float32 significance ``rank/n`` and the int64 rank of every column.
 
@@ -59,7 +71,7 @@ def column_weights(ssb: torch.Tensor, ssm: torch.Tensor, dot: torch.Tensor, t: f
     scores = []
     for divergence in (mag, direction):
         sigma, rank = rank_significance(divergence)
-        score = torch.softmax(sigma, dim=0)
+        score = softmax_across_models(sigma)
         above = (2 * rank).to(torch.float64) > t * (n - 1)
         scores.append(torch.where(above, torch.full_like(score, s), score))
     return (scores[0] + scores[1]) * 0.5
@@ -138,9 +150,10 @@ class _VectorMerge(TensorMerge):
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         sig = torch.stack([(m - base).abs() for m in models])  # (N, L) float32
-        score = torch.softmax(sig, dim=0)
+        score = softmax_across_models(sig)
         sig64 = sig.reshape(len(models), -1).to(torch.float64)
-        mean = sig64.mean(dim=1).reshape((-1,) + (1,) * base.dim())
+        # a fixed summation order (numpy's pairwise sum on the CPU), not a parallel reduction that varies with threads
+        mean = (row_sums(sig64) / sig64.shape[1]).reshape((-1,) + (1,) * base.dim())
         above = sig.to(torch.float64) > self.t * mean
         score = torch.where(above, torch.full_like(score, self.s), score)
         return weighted_delta_sum(base, models, list(score))
