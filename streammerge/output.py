@@ -69,7 +69,7 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
         raise InputError(f"--tokenizer-from {tokenizer_from} is not a folder")
     for pattern in TOKENIZER_PATTERNS:
         for f in sorted(source.glob(pattern)):
-            if f.is_file() and not (work / f.name).exists():
+            if f.is_file() and f.name not in copied:  # a name several patterns match is copied once
                 fsio.copy_file(f, work / f.name)
                 copied.append(f.name)
     return copied

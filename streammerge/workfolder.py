@@ -226,6 +226,10 @@ class WorkFolder:
             self.journal.unwatch_fd(f.fd)
             f.finalize(sync=recipe.journal)
         checkpoint("shards-finalized")
+        shards = {s.filename for s in plan.shards}
+        for f in self.model_dir.iterdir():  # side files an interrupted finish left (torn, or from other options)
+            if f.name not in shards:
+                fsio.remove_tree(f)
         if len(plan.shards) > 1:
             write_index(self.model_dir, {t.name: t.shard for t in plan.tensors},
                         sum(s.size - len(s.header) for s in plan.shards))

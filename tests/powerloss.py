@@ -127,7 +127,7 @@ class Node:
     pending: list[tuple[Any, ...]] = field(default_factory=list)  # unsynced writes/truncations, in order
     entries: dict[str, Node] = field(default_factory=dict)  # folder: names the running system sees
     durable_entries: dict[str, Node] = field(default_factory=dict)  # folder: names as of its last fsync
-    synced: bool = False  # a file: fsynced at least once
+    promised: bytes = b""  # a file: contents a crash cannot take (synced while its name was durable too)
 
 
 def _resize(buf: bytearray, size: int) -> None:
@@ -189,10 +189,13 @@ class Disk:
                 node.pending.append(("grow", op[2]))
             elif kind == "sync":
                 node = fds[op[1]]
-                node.durable, node.pending, node.synced = bytes(node.data), [], True
+                node.durable, node.pending = bytes(node.data), []
+                if self._durably_named(node):
+                    node.promised = node.durable
             elif kind == "syncdir":
                 node = self._lookup(op[1])
                 node.durable_entries = dict(node.entries)
+                self._promise_reachable(self.root)
             elif kind == "rename":
                 sp, sn = self._parent(op[1])
                 dp, dn = self._parent(op[2])
@@ -206,6 +209,23 @@ class Disk:
             else:
                 raise AssertionError(f"unknown operation {kind}")
         self.root.durable_entries = dict(self.root.entries)  # the recorded folder itself existed before
+        self._promise_reachable(self.root)
+
+    def _durably_named(self, target: Node, folder: Node | None = None) -> bool:
+        """Whether ``target`` can be reached from the root through folder entries that are all durable."""
+        folder = folder or self.root
+        for node in folder.durable_entries.values():
+            if node is target or (node.is_dir and self._durably_named(target, node)):
+                return True
+        return False
+
+    def _promise_reachable(self, folder: Node) -> None:
+        """Files reachable through durable entries now keep their synced contents."""
+        for node in folder.durable_entries.values():
+            if node.is_dir:
+                self._promise_reachable(node)
+            else:
+                node.promised = node.durable
 
     def _lookup(self, path: str) -> Node:
         node = self.root

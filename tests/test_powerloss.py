@@ -73,14 +73,17 @@ def record(fam: dict[str, Path], root: Path, method: str, monkeypatch: pytest.Mo
 
 
 def crash_points(ops: list[tuple[Any, ...]], n: int) -> list[int]:
-    """Prefix lengths to cut at: around every rename (plan.json, the publish), folder operations (create, remove,
-    folder sync) spread over the run, then evenly spaced others: about ``n`` in all, with the very start and end."""
+    """Prefix lengths to cut at: after every operation of the finishing phase (side files, manifest, publish,
+    clean-up), around every rename, folder operations spread over the run, and evenly spaced cuts just before a
+    sync (the write done, its sync not): about ``n`` during the merge, with the very start and end."""
     structural = [i + 1 for i, op in enumerate(ops) if op[0] in ("mkdir", "rename", "unlink", "syncdir")]
     renames = [i + 1 for i, op in enumerate(ops) if op[0] == "rename"]  # plan.json, then the publish
+    side = next(i for i, op in enumerate(ops)
+                if op[0] == "open" and "/model/" in op[2] and not op[2].endswith(".safetensors"))
     points = {0, len(ops), *renames, *(k - 1 for k in renames), *(k + 1 for k in renames),
-              *structural[:: max(1, len(structural) // (n // 3))]}
-    step = max(1, len(ops) // max(1, n - len(points)))
-    points.update(range(step // 2, len(ops), step))
+              *structural[:: max(1, len(structural) // (n // 3))], *range(side, len(ops))}
+    syncs = [i for i, op in enumerate(ops[:side]) if op[0] == "sync"]  # cut = ops[:i]: the sync did not happen
+    points.update(syncs[:: max(1, len(syncs) // (n // 2))])
     return sorted(points)
 
 
@@ -125,10 +128,10 @@ def check_crash(ops: list[tuple[Any, ...]], k: int, variant: str, seed: int, fam
     out, work = root / "out", root / "out.streammerge-partial"
     problems: list[str] = []
     synced = disk.file("out.streammerge-partial/journal.jsonl")
-    if synced is not None and synced.synced:
+    if synced is not None and synced.promised:
         kept = (work / "journal.jsonl").read_bytes() if (work / "journal.jsonl").is_file() else b""
-        if not kept.startswith(synced.durable):
-            problems.append(f"synced journal lines were lost ({len(kept)} of {len(synced.durable)} bytes survived)")
+        if not kept.startswith(synced.promised):
+            problems.append(f"synced journal lines were lost ({len(kept)} of {len(synced.promised)} bytes survived)")
     if out.exists():  # published: the work folder's journal no longer describes anything
         problems += [f"published before complete: {p}" for p in same_folder(out, ref)]
     elif (work / "journal.jsonl").is_file():
@@ -167,7 +170,7 @@ def run_harness(fam: dict[str, Path], method: str, tmp: Path, monkeypatch: pytes
 @pytest.mark.parametrize("method", list(METHODS))
 def test_power_loss_at_any_point_keeps_promises_and_resumes_to_the_same_bytes(method, fam, tmp_path, monkeypatch):
     n, failures = run_harness(fam, method, tmp_path, monkeypatch)
-    assert n >= 20, f"only {n} crash points"
+    assert n >= 50, f"only {n} crash points"
     assert not failures, "\n".join(failures[:30])
 
 
