@@ -196,9 +196,11 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
 @click.option("--redo-changed", is_flag=True,
               help="The inputs changed since the run was interrupted: keep the work of the tensors the change does "
                    "not affect and redo the others.")
+@click.option("--restart", is_flag=True,
+              help="Discard the interrupted run's work and merge again from the start, with the same options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: bool, as_json: bool,
+def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: bool, restart: bool, as_json: bool,
            quiet: bool) -> None:
     """Continue an interrupted merge into OUT (same as rerunning the original merge command)."""
     work = work_folder_for(out)
@@ -209,9 +211,11 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: b
         raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
     try:
         stored = json.loads(plan_file.read_text(encoding="utf-8"))["recipe"]
-        recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram, redo_changed=redo_changed or None)
+        recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram, redo_changed=redo_changed or None,
+                                  restart=restart or None)
     except (ValueError, KeyError, TypeError) as exc:
-        raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with merge --restart") from None
+        raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with the original merge command "
+                                   "and --restart") from None
     _run(recipe, as_json, quiet)
 
 

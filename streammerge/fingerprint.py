@@ -95,7 +95,8 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     changes = engine_changes(old, new) if isinstance(old.get("engine"), dict) else []
     for key in ("method", "params", "dtype", "exclude", "embeddings", "shard_size"):
         if old.get(key) != new.get(key):
-            changes.append(f"{key}: {old.get(key)} -> {new.get(key)}")
+            a, b = (json.dumps(d.get(key), sort_keys=True) for d in (old, new))
+            changes.append(f"{key}: {a} -> {b}")
     old_in, new_in = old.get("inputs", []), new.get("inputs", [])
     if len(old_in) != len(new_in):
         changes.append(f"number of models: {len(old_in) - 1} -> {len(new_in) - 1}")

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .formats.reader import InputFiles
+from .formats.reader import InputFiles, ReadCancelled
 from .schedule import Read
 from .sources.base import align
 
@@ -94,6 +94,8 @@ class Prefetcher:
                     return
                 self._ready.put(self._read(read, slot))
             self._ready.put(None)
+        except ReadCancelled:  # closing: nobody waits for this read
+            return
         except BaseException as exc:  # handed to the consumer, raised there
             self._ready.put(exc)
 
@@ -111,7 +113,7 @@ class Prefetcher:
             buffers = []
             for rng in source.ranges(read.r0, read.r1):
                 at, length = layout[k]
-                buffers.append(self.files.read_range(rng, buf[at : at + length]))
+                buffers.append(self.files.read_range(rng, buf[at : at + length], lambda: self._closed))
                 k += 1
             parts.append(source.parts(buffers, read.r0, read.r1))
         return Staged(read, parts, slot)

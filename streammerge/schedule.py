@@ -1,6 +1,6 @@
 """One schedule per tensor: the list of reads and steps that produces it, from the plan and the journal.
 
-``make_schedule`` is pure. From a :class:`~streammerge.plan.TensorPlan`, how many of its rows a previous run
+``make_schedule`` is pure. From a :class:`~streammerge.planner.TensorPlan`, how many of its rows a previous run
 journaled and whether that run's saved statistics load, it decides everything about the tensor's execution once:
 
 - the **reads**, each covering rows [r0, r1) of the tensor's sources, in the order the reader thread performs them;

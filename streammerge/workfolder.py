@@ -113,19 +113,23 @@ class WorkFolder:
             )
         changed = changed_tensors(old, new)
         lost = [n for n in changed if journal.get(n).chunks or journal.get(n).state_file]
-        what = "; ".join(describe_changes(old, new))
+        kept = sum(1 for t in plan.tensors if t.name not in changed and journal.get(t.name).chunks)
+        changes = describe_changes(old, new)
+        what = "; ".join(changes)
         if lost and not plan.recipe.redo_changed:
-            kept = sum(1 for t in plan.tensors if t.name not in changed and journal.get(t.name).chunks)
+            inputs_changed = old.get("inputs") != new.get("inputs")
+            original = ("" if inputs_changed else
+                        "rerun the original command to continue it as it was, ")
             raise ResumeError(
                 f"{work} holds an interrupted merge with different inputs or options; changed: {what}. "
-                f"{len(lost)} tensor(s) with work done are affected, {kept} are not. Rerun the original command to "
-                "continue it, add --redo-changed to keep the unaffected work and redo the rest, or add --restart to "
-                "discard it all"
+                f"{len(lost)} tensor(s) with work done are affected, {kept} are not. To continue: {original}add "
+                "--redo-changed to keep the unaffected work and redo the rest, or add --restart to discard it all"
             )
         journal.reset(changed)  # durable before the new fingerprints are: a crash in between resets again
         write_json_atomic(work / "plan.json", cls._plan_record(plan))
         if lost:
-            notify(f"changed since the interrupted run: {what}; redoing {len(lost)} tensor(s), keeping the rest")
+            notify(f"changed since the interrupted run: {what}; redoing {len(lost)} tensor(s) with work done, "
+                   f"keeping {kept}")
 
     def open_shards(self) -> None:
         """Open the shards a previous run created (if intact) or create them at full size, durably."""

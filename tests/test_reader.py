@@ -240,3 +240,33 @@ def test_write_behind_raises_the_first_failure_once_and_skips_the_rest():
     finally:
         wb.close()
     assert ran == [1]
+
+
+def test_closing_abandons_a_large_read_between_pieces(tmp_path, monkeypatch):
+    """A stop does not wait for a whole large read: the reader checks between pieces and gives up."""
+    import streammerge.formats.reader as reader
+
+    monkeypatch.setattr(reader, "READ_PIECE", 4096)
+    save_file({"big": torch.ones(512, 256)}, str(tmp_path / "model.safetensors"))  # 512 KiB: 128 pieces
+    loc = load_checkpoint(tmp_path).tensors["big"]
+    read = _read("big", (loc,), 0, 512)
+    pieces = []
+    real = reader.pread_into
+    started = threading.Event()
+    holder: dict[str, Prefetcher] = {}
+
+    def slow(fd, view, offset):  # type: ignore[no-untyped-def]
+        pieces.append(offset)
+        if len(pieces) == 3:
+            started.wait(10)
+            holder["pre"]._closed = True  # as close() does, in the middle of the read
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(reader, "pread_into", slow)
+    with InputFiles() as files:
+        pre = holder["pre"] = Prefetcher(files, [read], slot_bytes=1 << 20, depth=DEPTH)
+        started.set()
+        pre._thread.join(10)
+        assert not pre._thread.is_alive()
+        pre.close()
+    assert len(pieces) == 3, f"{len(pieces)} pieces read after the close"

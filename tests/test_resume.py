@@ -968,3 +968,26 @@ def test_the_python_api_installs_signal_handlers_only_when_asked(handle, fam, on
     finally:
         signal.signal(signal.SIGINT, old)
     assert seen and all((sigint is mine) != handle for sigint, _ in seen)
+
+
+def test_resume_restart_starts_the_interrupted_merge_over_with_its_options(cli, fam, refs, tmp_path):
+    out = tmp_path / "out"
+    _kill_mid_merge(cli, fam, out, refs)
+    r = cli.run("resume", out, "--restart", "-q")
+    assert r.code == 0, str(r)
+    assert_same_output(out, refs["widen"].out)
+
+
+def test_a_changed_input_is_refused_without_advising_the_original_command(cli, fam, refs, tmp_path):
+    fam2 = {k: tmp_path / "fam" / k for k in fam}
+    shutil.copytree(fam["base"].parent, tmp_path / "fam")
+    out = tmp_path / "out"
+    _kill_mid_merge(cli, fam2, out, refs)
+    st = (fam2["chat"] / SHARD).stat()
+    os.utime(fam2["chat"] / SHARD, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    r = cli.run("resume", out, "-q")
+    assert r.code == 1 and "original command" not in r.stderr and "--redo-changed" in r.stderr, str(r)
+    r = cli.run("resume", out, "--redo-changed", "-q")
+    assert r.code == 0, str(r)
+    # only the modification time changed: the same tensors (the fingerprint in the manifest names the new input)
+    assert (out / SHARD).read_bytes() == (refs["widen"].out / SHARD).read_bytes()

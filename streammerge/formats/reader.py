@@ -10,6 +10,7 @@ a tensor is the input source's decision (``streammerge.sources``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,13 @@ from ..fsio import pread_into
 from ..sources.base import ByteRange
 from ..sources.stored import StoredSource
 from .checkpoint import Located
+
+#: bytes per positioned read: a stop request waits for one piece at most (a fraction of a second on any disk)
+READ_PIECE = 16 << 20
+
+
+class ReadCancelled(Exception):
+    """A read was abandoned between pieces because its consumer is shutting down."""
 
 
 class InputFiles:
@@ -39,14 +47,21 @@ class InputFiles:
             self._fds[path] = fd
         return fd
 
-    def read_range(self, rng: ByteRange, buffer: torch.Tensor) -> torch.Tensor:
-        """Read ``rng`` into the start of the uint8 ``buffer``; returns the filled ``buffer[:length]``."""
+    def read_range(self, rng: ByteRange, buffer: torch.Tensor,
+                   cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Read ``rng`` into the start of the uint8 ``buffer``; returns the filled ``buffer[:length]``. The read goes
+        in pieces of :data:`READ_PIECE` bytes; ``cancelled()`` is asked between them (:class:`ReadCancelled`)."""
         if rng.length > buffer.numel():
             raise ValueError(f"buffer of {buffer.numel()} bytes is too small for {rng.length} bytes of {rng.path}")
         out = buffer[: rng.length]
-        if rng.length and pread_into(self._fd(rng.path), memoryview(out.numpy()), rng.offset) != rng.length:
-            raise InputError(f"{rng.path} ended early (at byte {rng.offset + rng.length} or before): the file "
-                             "changed or is truncated")
+        view = memoryview(out.numpy())
+        for at in range(0, rng.length, READ_PIECE):
+            if at and cancelled is not None and cancelled():
+                raise ReadCancelled(str(rng.path))
+            piece = view[at : at + READ_PIECE]
+            if pread_into(self._fd(rng.path), piece, rng.offset + at) != len(piece):
+                raise InputError(f"{rng.path} ended early (at byte {rng.offset + rng.length} or before): the file "
+                                 "changed or is truncated")
         return out
 
     def read_into(self, loc: Located, r0: int, r1: int, buffer: torch.Tensor) -> torch.Tensor:
