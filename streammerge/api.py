@@ -4,57 +4,138 @@ knows every part. Each builds a :class:`Recipe`, reads headers, plans, and (for 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from .budget import make_budget
-from .errors import PlanError
+from .errors import InputError, PlanError, Problems
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
+from .formats.dtypes import parse_output_dtype
 from .fsio import check_platform
 from .manifest import MANIFEST
-from .output import check_destination, work_folder_for
+from .methods import get_method
+from .output import TOKENIZER_PATTERNS, check_destination, check_output_name, tokenizer_files, work_folder_for
 from .planner import Plan, make_plan
+from .pythonic import pythonic_errors
 from .recipe import TOKEN_EMBEDDINGS, Recipe
+from .workfolder import finished_output
 
 
-def plan_recipe(recipe: Recipe) -> Plan:
-    """Read the inputs' headers and plan ``recipe`` (nothing is written)."""
+def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
+    """Read the inputs' headers and plan ``recipe``; nothing is written. Every independent check runs, and all the
+    problems found are raised together (:class:`~streammerge.errors.ProblemsError` when there are several).
+
+    ``dry_run`` (``streammerge plan``): the output folder is not required to be free (or given at all); a merge
+    would refuse what a dry run only describes.
+    """
     check_platform()
-    # an output published by an interrupted run (its work folder still there) is checked against the plan later
-    if not (work_folder_for(recipe.out).is_dir() and (recipe.out / MANIFEST).is_file()):
-        check_destination(recipe.out, recipe.force)
-    if recipe.tokenizer_from is not None and not recipe.tokenizer_from.is_dir():
-        raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} is not a folder")
+    problems = Problems()
+    out = recipe.out
+    # an output holding a finished merge is checked after planning: the same merge again is simply complete
+    deferred = dry_run or out is None or (_names_a_folder(out) and (out / MANIFEST).is_file())
+    if not deferred:
+        with problems.check():
+            check_destination(out, recipe.force)
+    with problems.check():
+        _check_folders(recipe)
+    checkpoints: list[Checkpoint | None] = []
+    for folder in (recipe.base, *recipe.models):
+        with problems.check():
+            checkpoints.append(load_checkpoint(folder))
+            continue
+        checkpoints.append(None)
+    with problems.check():
+        method = get_method(recipe.method)
+        method.check_models(len(recipe.models))
+        method.resolve_params(recipe.params, len(recipe.models))
+    if recipe.dtype:
+        with problems.check():
+            parse_output_dtype(recipe.dtype)
+    with problems.check():
+        budget = make_budget(recipe.max_ram, recipe.device, recipe.max_vram)
+    if checkpoints[0] is not None and not (checkpoints[0].folder / "config.json").is_file() \
+            and not recipe.allow_incomplete_output:
+        problems.errors.append(InputError(
+            f"the base {recipe.base} has no config.json, so the merged model could not be loaded (transformers needs "
+            "it); add one, or pass --allow-incomplete-output to write the weights anyway"))
+    problems.raise_all()
+    base, *models = checkpoints
+    assert base is not None and all(m is not None for m in models)
+    p = make_plan(recipe, base, models, budget)  # type: ignore[arg-type]
+    if not dry_run and out is not None and deferred and not finished_output(p) \
+            and not work_folder_for(out).is_dir():
+        check_destination(out, recipe.force)
+    return p
+
+
+def _names_a_folder(out: Path) -> bool:
+    try:
+        check_output_name(out)
+    except PlanError:
+        return False
+    return True
+
+
+def _check_folders(recipe: Recipe) -> None:
+    """The input folders: distinct, apart from the output, and a --tokenizer-from that holds a tokenizer."""
+    if recipe.tokenizer_from is not None:
+        if not recipe.tokenizer_from.is_dir():
+            raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} is not a folder")
+        if not tokenizer_files(recipe.tokenizer_from):
+            raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} holds no tokenizer files "
+                            f"({', '.join(TOKENIZER_PATTERNS[:3])}, ...)")
+    seen: dict[Path, str] = {}
+    for i, folder in enumerate((recipe.base, *recipe.models)):
+        who = "the base" if i == 0 else f"model {i}"
+        real = folder.resolve()
+        if real in seen and i > 0 and seen[real] != "the base":
+            raise PlanError(f"{who} ({folder}) is the same folder as {seen[real]}: give each model once")
+        seen.setdefault(real, who)
+    if recipe.out is None or not _names_a_folder(recipe.out):
+        return
     out = recipe.out.resolve()
     for folder in (recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ())):
         if folder.resolve() == out or out in folder.resolve().parents:
             raise PlanError(f"--out {recipe.out} is the input folder {folder} or contains it; choose another output folder")
-    base = load_checkpoint(recipe.base)
-    models = [load_checkpoint(m) for m in recipe.models]
-    return make_plan(recipe, base, models, make_budget(recipe.max_ram, recipe.device, recipe.max_vram))
 
 
-def plan(base: str | Path, models: Sequence[str | Path], out: str | Path, method: str = "widen",
-         params: dict[str, Any] | None = None, **options: Any) -> Plan:
-    """Plan a merge without running it. ``options`` are :class:`Recipe` fields (dtype, max_ram, exclude, ...)."""
-    return plan_recipe(Recipe(base=Path(base), models=tuple(Path(m) for m in models), out=Path(out),
-                              method=method, params=dict(params or {}), **options))
+def plan(base: str | Path, models: str | Path | Sequence[str | Path], out: str | Path | None = None,
+         method: str = "widen", params: dict[str, Any] | None = None, **options: Any) -> Plan:
+    """Plan a merge without running it; nothing is written and ``out`` may be left out or hold anything (a merge
+    checks it). ``models``: one folder or a list of them; ``options`` are :class:`Recipe` fields (dtype, max_ram,
+    exclude, force, ...). Raises :class:`~streammerge.errors.StreamMergeError` naming every problem found."""
+    recipe = _recipe(base, models, out, method, params, options)
+    with pythonic_errors():
+        return plan_recipe(recipe, dry_run=True)
 
 
-def merge(base: str | Path, models: Sequence[str | Path], out: str | Path, method: str = "widen",
+def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str | Path, method: str = "widen",
           params: dict[str, Any] | None = None, progress: bool = False, handle_signals: bool = False,
           notify: Callable[[str], None] | None = None, **options: Any) -> Path:
-    """Merge ``models`` onto ``base`` into the folder ``out``; returns ``out``.
+    """Merge ``models`` (one folder or a list) onto ``base`` into the folder ``out``; returns ``out``.
 
     ``handle_signals`` installs SIGINT/SIGTERM handlers for the duration of the merge (a stop at the next block);
     by default the caller's handlers stay and Ctrl-C arrives as ``KeyboardInterrupt`` (the work is kept either way).
-    ``notify`` receives notices about a continued run (default: ``ResumeNotice`` warnings).
+    ``notify`` receives notices that do not stop the merge (default: ``MergeNotice`` warnings).
 
     Example: ``merge("base", ["chat", "multilingual"], "merged", method="widen", params={"t": 1.0}, max_ram="2GiB")``
     """
-    p = plan(base, models, out, method, params, **options)
-    return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify)
+    recipe = _recipe(base, models, out, method, params, options)
+    with pythonic_errors():
+        p = plan_recipe(recipe)
+        return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify)
+
+
+def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any] | None,
+            options: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe(base=Path(base), models=models, out=None if out is None else Path(out), method=method,
+                      params=dict(params or {}), **options)
+    except TypeError as exc:  # an unknown keyword: name the Recipe fields
+        names = ", ".join(f.name for f in fields(Recipe) if f.name not in ("base", "models", "out", "method", "params"))
+        raise TypeError(f"{exc}; the options are: {names}") from None
 
 
 def inspect(folder: str | Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class Budget:
     max_vram: int | None = None
     vram_source: str = ""
     device_source: str = ""  # why this device, e.g. "--device auto: no CUDA device"
+    note: str = ""  # what the user should know (a --max-ram above the RAM available was capped)
 
     def describe(self) -> str:
         vram = f", {format_size(self.max_vram)} GPU memory ({self.vram_source})" if self.max_vram else ""
@@ -103,22 +104,27 @@ def make_budget(max_ram: str | int | None = None, device: str | None = "cpu",
                                     else "no CUDA device"))
     else:
         why = f"--device {spec}"
+    available = psutil.virtual_memory().available
+    where = "available"
+    headroom = cgroup_headroom()
+    if headroom is not None and headroom < available:
+        available, where = headroom, "left under the memory cgroup limit"
+    note = ""
     if max_ram is not None:
         ram, source = parse_size(max_ram, "--max-ram"), "--max-ram"
+        if ram > available:
+            note = (f"--max-ram {format_size(ram)} is more than the {format_size(available)} of RAM {where}; "
+                    f"using {format_size(available)}")
+            ram, source = available, f"--max-ram, capped to the RAM {where}"
     else:
-        available = psutil.virtual_memory().available
-        where = "available"
-        headroom = cgroup_headroom()
-        if headroom is not None and headroom < available:
-            available, where = headroom, "left under the memory cgroup limit"
         ram, source = int(available * DEFAULT_RAM_FRACTION), f"{DEFAULT_RAM_FRACTION:.0%} of {format_size(available)} {where}"
     if where_to.type != "cuda":
         if max_vram is not None:
             parse_size(max_vram, "--max-vram")  # still reject a malformed value
-        return Budget(ram, source, "cpu", device_source=why)
+        return Budget(ram, source, "cpu", device_source=why, note=note)
     if max_vram is not None:
         vram, vram_source = parse_size(max_vram, "--max-vram"), "--max-vram"
     else:
         free = free_vram(where_to)
         vram, vram_source = int(free * DEFAULT_VRAM_FRACTION), f"{DEFAULT_VRAM_FRACTION:.0%} of {format_size(free)} free"
-    return Budget(ram, source, str(where_to), vram, vram_source, why)
+    return Budget(ram, source, str(where_to), vram, vram_source, why, note)

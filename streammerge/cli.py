@@ -26,6 +26,7 @@ from .output import work_folder_for
 from .recipe import DEFAULT_SHARD_SIZE, Recipe
 from .units import format_size, parse_size
 from .verify import verify_output
+from .workfolder import describe_destination
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
@@ -41,15 +42,16 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
     return params
 
 
-def _merge_options(f: Any) -> Any:
+def _merge_options(f: Any, out_required: bool = True) -> Any:
     """The options shared by ``merge`` and ``plan``."""
     options = [
         click.option("--base", "base", required=True, type=click.Path(path_type=Path),
                      help="Base model folder (the common ancestor the others were trained from)."),
         click.option("--model", "models", multiple=True, required=True, type=click.Path(path_type=Path),
                      help="A model folder to merge; repeat for each (order matters for per-model parameters)."),
-        click.option("--out", "out", required=True, type=click.Path(path_type=Path),
-                     help="Output folder; it appears only when the merge is complete."),
+        click.option("--out", "out", required=out_required, type=click.Path(path_type=Path),
+                     help="Output folder; it appears only when the merge is complete." if out_required else
+                     "Output folder of the merge to describe (optional: the plan says what a merge would do with it)."),
         click.option("--method", default="widen", show_default=True,
                      help="Merge method; `streammerge methods` lists them with their parameters."),
         click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
@@ -86,6 +88,9 @@ def _merge_options(f: Any) -> Any:
         click.option("--redo-changed", is_flag=True,
                      help="Continue an interrupted run whose inputs or options changed: keep the work of the tensors "
                           "the change does not affect and redo the others."),
+        click.option("--allow-incomplete-output", is_flag=True,
+                     help="Write the merge even when the output could not be loaded by transformers (a base without "
+                          "config.json)."),
         click.option("--no-journal", "no_journal", is_flag=True, hidden=True,
                      help="Do not journal or fsync (not resumable; for measuring the journal's cost)."),
     ]
@@ -106,7 +111,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=parse_size(kw["shard_size"], "--shard-size") if kw["shard_size"] else DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
-        redo_changed=kw["redo_changed"],
+        redo_changed=kw["redo_changed"], allow_incomplete_output=kw["allow_incomplete_output"],
         journal=not kw["no_journal"],
     )
 
@@ -116,7 +121,8 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})",
         f"base        {d['base']}",
         *(f"model {i + 1:<5} {m}" for i, m in enumerate(d["models"])),
-        f"output      {d['out']} ({len(d['shards'])} shard(s), {format_size(d['bytes_written'])})",
+        f"output      {d['out'] or '(no --out)'} ({len(d['shards'])} shard(s), {format_size(d['bytes_written'])})",
+        *([f"destination {d['destination']}"] if d.get("destination") else []),
         f"device      {d['device']}" + (f" ({d['device_source']})" if d.get("device_source") else ""),
         f"budget      {format_size(d['budget']['max_ram'])} ({d['budget']['source']})",
         f"peak RAM    {format_size(d['predicted_peak_ram'])} predicted for buffers (plus the interpreter)",
@@ -125,6 +131,7 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         f"reads once  {d['read_once']} tensor(s) read once for every pass; {d['read_per_pass']} read once per pass",
         f"reads       {format_size(d['bytes_read'])}",
         f"tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
+        *(f"note        {note}" for note in d.get("notes", ()) if d.get("destination")),
     ]
     click.echo("\n".join(lines), file=stream)
 
@@ -242,12 +249,14 @@ def verify(out: Path, as_json: bool) -> None:
 
 
 @main.command("plan")
-@_merge_options
+@(lambda f: _merge_options(f, out_required=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan (every tensor) as JSON.")
 def plan_cmd(as_json: bool, **kw: Any) -> None:
-    """Show what a merge would do (shards, chunking, memory, bytes) without reading tensor data."""
+    """Show what a merge would do (shards, chunking, memory, bytes, and what it would do with --out) without
+    reading tensor data or writing anything."""
     try:
-        d = api.plan_recipe(_recipe(kw)).to_dict()
+        p = api.plan_recipe(_recipe(kw), dry_run=True)
+        d = {**p.to_dict(), "destination": describe_destination(p)}
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -318,4 +327,6 @@ def make_example(folder: Path, shape: str, dtype: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ._entry import main as entry
+
+    entry()

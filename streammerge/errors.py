@@ -8,6 +8,9 @@ failure so tests (and callers) can tell them apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class StreamMergeError(Exception):
     """Base class of every error caused by the user's input or options."""
@@ -108,3 +111,32 @@ class TruncatedDataError(HeaderError):
 
 class TrailingBytesError(HeaderError):
     """The file has bytes after the last tensor."""
+
+
+class ProblemsError(StreamMergeError):
+    """Several independent problems, reported together so they can be fixed in one go."""
+
+    def __init__(self, errors: list[StreamMergeError]) -> None:
+        super().__init__(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+        self.errors = errors
+
+
+class Problems:
+    """Collects the errors of independent checks: ``with problems.check(): ...`` for each, then :meth:`raise_all`."""
+
+    def __init__(self) -> None:
+        self.errors: list[StreamMergeError] = []
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except StreamMergeError as exc:
+            self.errors.append(exc)
+
+    def raise_all(self) -> None:
+        """Raise the one error as it is, several as a :class:`ProblemsError`; nothing if all checks passed."""
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ProblemsError(self.errors)

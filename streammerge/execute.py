@@ -28,7 +28,7 @@ from .device import make_compute
 from .errors import NonFiniteError, StreamMergeError
 from .faults import checkpoint
 from .formats.reader import InputFiles
-from .output import work_folder_for
+from .output import check_destination, work_folder_for
 from .pipeline import Prefetcher, Staged, WriteBehind
 from .planner import Plan, TensorPlan
 from .runner import Parts, TensorJob, run_tensor
@@ -37,12 +37,13 @@ from .stopping import MergeInterrupted, StopFlag
 from .workfolder import DiskFullError, WorkFolder, finished_output
 
 
-class ResumeNotice(UserWarning):
-    """Something about continuing an interrupted run the caller should know (work redone, statistics recomputed)."""
+class MergeNotice(UserWarning):
+    """Something the caller should know that does not stop the merge (a capped budget, work redone after a change,
+    statistics recomputed)."""
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, ResumeNotice, stacklevel=3)
+    warnings.warn(message, MergeNotice, stacklevel=3)
 
 
 class LocalIO:
@@ -141,7 +142,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
 
     ``handle_signals`` installs SIGINT/SIGTERM handlers for the run (stop at the next block, exit codes 130/143);
     without it Ctrl-C arrives as ``KeyboardInterrupt``, also resumable. ``notify`` receives what a caller should
-    know about continuing a run (default: a :class:`ResumeNotice` warning).
+    know about continuing a run (default: a :class:`MergeNotice` warning).
 
     Raises :class:`MergeInterrupted`, :class:`DiskFullError`, :class:`NonFiniteError` or another
     :class:`StreamMergeError`, each saying how to continue; the work folder is kept for ``resume``.
@@ -149,12 +150,18 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     recipe = plan.recipe
     notify = notify or _warn
     fsio.check_platform()
+    if recipe.out is None:
+        raise StreamMergeError("a merge needs an output folder (--out)")
+    for note in plan.notes:
+        notify(note)
     if finished_output(plan):
         # a previous run published the output but stopped before removing its work folder
         fsio.remove_tree(work_folder_for(recipe.out))
         if show_progress:
             print(f"{recipe.out} is already complete", file=sys.stderr)
         return recipe.out
+    if not work_folder_for(recipe.out).is_dir():  # nothing to continue: the output must be free (or --force)
+        check_destination(recipe.out, recipe.force)
     work = WorkFolder.open(plan, notify)
     if work.resumed and show_progress:
         print(f"resuming the interrupted merge in {work.path}: {work.done_count()} of {len(plan.tensors)} tensors "
@@ -229,4 +236,4 @@ def _explain(exc: BaseException, work: WorkFolder) -> StreamMergeError:
                      "or options change)")
 
 
-__all__ = ["DiskFullError", "MergeInterrupted", "ResumeNotice", "execute"]
+__all__ = ["DiskFullError", "MergeInterrupted", "MergeNotice", "execute"]

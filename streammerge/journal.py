@@ -88,8 +88,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class Journal:
     """Appends durable facts for one work folder and answers what is already done."""
 
-    def __init__(self, work: Path, enabled: bool = True) -> None:
+    def __init__(self, work: Path, enabled: bool = True, read_only: bool = False) -> None:
         self.work = work
+        self.read_only = read_only  # only look (``streammerge plan``): a torn last line is skipped, not cut
         self.enabled = enabled
         self.path = work / "journal.jsonl"
         self.progress: dict[str, TensorProgress] = {}
@@ -107,7 +108,8 @@ class Journal:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data):  # a torn final line from a crash mid-append: cut it off before appending more
-            fsio.cut(self.path, end)
+            if not self.read_only:
+                fsio.cut(self.path, end)
             data = data[:end]
         for i, raw in enumerate(data.split(b"\n")):
             if not raw.strip():

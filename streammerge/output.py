@@ -11,6 +11,7 @@ new one is complete. Writes go through :mod:`streammerge.fsio`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,31 @@ def work_folder_for(out: Path) -> Path:
     return out.with_name(out.name + ".streammerge-partial")
 
 
+def check_output_name(out: Path) -> None:
+    """Refuse an output path that does not name a folder (``.``, ``..``, an empty string)."""
+    if str(out) in ("", ".") or out.name in ("", ".", ".."):
+        raise PlanError(f"--out {str(out)!r} does not name a folder to create: give the path of the merged model's "
+                        "folder, e.g. --out merged")
+
+
 def check_destination(out: Path, force: bool) -> None:
-    """Refuse an output path that holds something, unless ``force``."""
+    """Refuse an output path that cannot name a new folder, a place that cannot be written, or a folder that holds
+    something (unless ``force``)."""
+    check_output_name(out)
     if out.exists() and not out.is_dir():
         raise PlanError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PlanError(f"output folder {out} exists and is not empty; choose another --out or pass --force to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = fsio.parent_of(out)
     if not parent.is_dir():
         raise PlanError(f"the folder {parent} that should hold the output does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PlanError(f"cannot write in {parent} (permission denied); choose another --out")
+    fs = os.statvfs(parent)
+    if fs.f_flag & os.ST_RDONLY:
+        raise PlanError(f"{parent} is on a read-only file system; choose another --out")
+    if fs.f_blocks == 0:
+        raise PlanError(f"{parent} is on a virtual file system (like /proc), not a disk; choose another --out")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -67,12 +84,20 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
     source = tokenizer_from or base
     if tokenizer_from is not None and not tokenizer_from.is_dir():
         raise InputError(f"--tokenizer-from {tokenizer_from} is not a folder")
-    for pattern in TOKENIZER_PATTERNS:
-        for f in sorted(source.glob(pattern)):
-            if f.is_file() and f.name not in copied:  # a name several patterns match is copied once
-                fsio.copy_file(f, work / f.name)
-                copied.append(f.name)
+    for f in tokenizer_files(source):
+        fsio.copy_file(f, work / f.name)
+        copied.append(f.name)
     return copied
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files in ``folder`` (each once, in pattern order)."""
+    found: dict[str, Path] = {}
+    for pattern in TOKENIZER_PATTERNS:
+        for f in sorted(folder.glob(pattern)):
+            if f.is_file():
+                found.setdefault(f.name, f)
+    return list(found.values())
 
 
 def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:

@@ -168,6 +168,7 @@ class Plan:
     bytes_read: int
     bytes_written: int
     fingerprint: str
+    notes: tuple[str, ...]  # what the user should know before merging (warnings that do not stop it)
     fingerprint_doc: dict[str, Any] = field(repr=False)
     base: Checkpoint = field(repr=False)
     models: tuple[Checkpoint, ...] = field(repr=False)
@@ -179,6 +180,12 @@ class Plan:
     def tensor(self, name: str) -> TensorPlan:
         return self._by_name[name]
 
+    def __repr__(self) -> str:
+        return (f"Plan(method={self.method.name!r}, base={str(self.recipe.base)!r}, "
+                f"models={[str(m) for m in self.recipe.models]!r}, out={None if self.recipe.out is None else str(self.recipe.out)!r}, "
+                f"tensors={len(self.tensors)}, shards={len(self.shards)}, bytes_written={self.bytes_written}, "
+                f"peak_ram={self.peak_ram}, device={self.budget.device!r}, fingerprint={self.fingerprint[:12]!r})")
+
     def to_dict(self) -> dict[str, Any]:
         rules: dict[str, int] = {}
         for t in self.tensors:
@@ -189,7 +196,7 @@ class Plan:
             "params": self.params,
             "base": str(self.recipe.base),
             "models": [str(m) for m in self.recipe.models],
-            "out": str(self.recipe.out),
+            "out": None if self.recipe.out is None else str(self.recipe.out),
             "device": self.budget.device,
             "device_source": self.budget.device_source,
             "budget": {"max_ram": self.budget.max_ram, "source": self.budget.source,
@@ -206,6 +213,7 @@ class Plan:
             "bytes_written": self.bytes_written,
             "fingerprint": self.fingerprint,
             "engine": self.fingerprint_doc["engine"],
+            "notes": list(self.notes),
             "rules": rules,
             "shards": [
                 {"file": s.filename, "bytes": s.size, "tensors": len(s.offsets)} for s in self.shards
@@ -309,7 +317,17 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule in MERGED_RULES), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
-                run_fingerprint(doc), doc, base, tuple(models))
+                run_fingerprint(doc), _notes(recipe, budget), doc, base, tuple(models))
+
+
+def _notes(recipe: Recipe, budget: Budget) -> tuple[str, ...]:
+    notes = [budget.note] if budget.note else []
+    base = recipe.base.resolve()
+    for k, m in enumerate(recipe.models, 1):
+        if m.resolve() == base:
+            notes.append(f"model {k} ({m}) is the base itself: its changes are all zero (for linear, this adds the base "
+                         "to the average; for the other methods it only dilutes the others)")
+    return tuple(notes)
 
 
 def _size(c: TensorClass, method: Method, params: dict[str, Any], n: int, tile: int, on_gpu: bool,

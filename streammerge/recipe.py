@@ -38,8 +38,8 @@ class Recipe:
     """
 
     base: Path
-    models: tuple[Path, ...]
-    out: Path
+    models: tuple[Path, ...]  # a single path is one model
+    out: Path | None  # None only to plan without an output (``streammerge plan`` without --out)
     method: str = "widen"
     params: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None  # output dtype; None = each tensor keeps the base's dtype
@@ -55,11 +55,14 @@ class Recipe:
     restart: bool = False  # discard an interrupted run's work folder instead of resuming it
     redo_changed: bool = False  # continue an interrupted run whose inputs or options changed, redoing what changed
     journal: bool = True  # journal durable chunks (resumable); off only to measure its cost
+    allow_incomplete_output: bool = False  # write an output transformers cannot load (no config.json) anyway
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", Path(self.base))
-        object.__setattr__(self, "models", tuple(Path(m) for m in self.models))
-        object.__setattr__(self, "out", Path(self.out))
+        models = (self.models,) if isinstance(self.models, (str, Path)) else self.models
+        object.__setattr__(self, "models", tuple(Path(m) for m in models))
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.tokenizer_from is not None:
             object.__setattr__(self, "tokenizer_from", Path(self.tokenizer_from))
@@ -70,12 +73,13 @@ class Recipe:
         """The fields that define the result, with absolute paths (stored in the work folder for ``resume``)."""
         return {
             "base": str(self.base.resolve()), "models": [str(m.resolve()) for m in self.models],
-            "out": str(self.out.resolve()), "method": self.method,
+            "out": None if self.out is None else str(self.out.resolve()), "method": self.method,
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
             "dtype": self.dtype, "exclude": list(self.exclude),
             "embedding_names": None if self.embedding_names is None else list(self.embedding_names),
             "tokenizer_from": None if self.tokenizer_from is None else str(self.tokenizer_from.resolve()),
             "shard_size": self.shard_size, "force": self.force, "device": self.device,
+            "allow_incomplete_output": self.allow_incomplete_output,
         }
 
     @classmethod

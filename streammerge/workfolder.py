@@ -16,8 +16,11 @@ folder into place. All writes go through :mod:`streammerge.fsio`.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,14 +29,15 @@ import torch
 
 from . import fsio
 from ._version import __version__
-from .errors import StreamMergeError
+from .errors import PlanError, StreamMergeError
 from .faults import checkpoint
 from .fingerprint import changed_tensors, describe_changes, engine_changes
 from .formats.dtypes import parse_output_dtype
 from .journal import Journal, ResumeError, write_json_atomic
 from .manifest import MANIFEST, crc
 from .methods import Rule
-from .output import copy_side_files, publish, work_folder_for, write_index, write_json, write_model_card
+from .output import (check_destination, check_output_name, copy_side_files, publish, work_folder_for, write_index, write_json,
+                     write_model_card)
 from .planner import Plan, TensorPlan
 from .runner import TensorJob
 from .schedule import make_schedule
@@ -43,8 +47,54 @@ from .writer import ShardFile
 Notify = Callable[[str], None]
 
 
+#: the file in a work folder naming the process that holds its lock
+OWNER = "owner"
+
+
 class DiskFullError(StreamMergeError):
     """The disk filled up; the work folder can be resumed once space is freed."""
+
+
+class BusyError(StreamMergeError):
+    """Another merge is writing the same output."""
+
+
+def _lock(work: Path, out: Path) -> int:
+    """Create ``work`` if needed and hold an exclusive lock on it (released when the returned descriptor closes, or
+    when the process dies); refuse if another process holds it."""
+    try:
+        fsio.make_dirs(work)
+    except OSError as exc:
+        raise PlanError(f"cannot create the work folder {work}: {exc.strerror or exc}; choose another --out") from None
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        try:
+            owner = (work / OWNER).read_text(encoding="utf-8").strip()
+        except OSError:
+            owner = "a process"
+        raise BusyError(f"another merge ({owner}) is writing {out}; wait for it to finish, or stop it first") from None
+    return fd
+
+
+def _claim(work: Path) -> None:
+    """Name this process as the lock's holder (after every refusal could have happened: a refusal touches nothing)."""
+    fsio.write_file(work / OWNER, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+
+
+def _check_space(plan: Plan, where: Path) -> None:
+    """Refuse, before anything is created, an output that does not fit the free disk space."""
+    need = sum(s.size for s in plan.shards)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise DiskFullError(
+            f"not enough disk space for the output: {format_size(need)} needed, {format_size(free)} free where "
+            f"{plan.recipe.out} would be; free space (or choose another --out) and run the command again"
+        )
 
 
 def finished_output(plan: Plan) -> bool:
@@ -58,11 +108,46 @@ def finished_output(plan: Plan) -> bool:
         return False
 
 
+def describe_destination(plan: Plan) -> str:
+    """What a merge of ``plan`` would do with its output folder (for ``streammerge plan``); reads, never writes."""
+    out = plan.recipe.out
+    if out is None:
+        return "not given (--out): a merge needs one"
+    try:
+        check_output_name(out)
+        if not (work_folder_for(out).is_dir() or (out / MANIFEST).is_file()):
+            check_destination(out, plan.recipe.force)
+    except PlanError as exc:
+        return f"a merge would refuse it: {exc}"
+    if finished_output(plan):
+        return f"{out} already holds this merge: a merge has nothing to do"
+    work = work_folder_for(out)
+    try:
+        stored = json.loads((work / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = None
+    if isinstance(stored, dict) and plan.recipe.journal and not plan.recipe.restart:
+        journal = Journal(work, read_only=True)
+        done = sum(1 for t in plan.tensors if journal.get(t.name).chunks and journal.get(t.name).rows_done >= t.rows)
+        if stored.get("fingerprint") == plan.fingerprint:
+            return f"{work} holds an interrupted run of this merge ({done} of {len(plan.tensors)} tensors done): a " \
+                   "merge continues it"
+        old = stored.get("fingerprint_doc", {})
+        changes = "; ".join(engine_changes(old, plan.fingerprint_doc) or describe_changes(old, plan.fingerprint_doc))
+        return f"{work} holds an interrupted run with other inputs or options ({changes}; {done} tensors done): a " \
+               "merge refuses to overwrite it without --redo-changed or --restart"
+    if out.is_dir() and any(out.iterdir()):
+        return f"{out} exists and is not empty: a merge " + ("replaces it when complete (--force)" if plan.recipe.force
+                                                             else "refuses it without --force")
+    return f"{out} will be created when the merge is complete"
+
+
 class WorkFolder:
     """One merge's work folder: its journal and output shards. Use :meth:`open`."""
 
-    def __init__(self, plan: Plan, path: Path, journal: Journal, resumed: bool) -> None:
+    def __init__(self, plan: Plan, path: Path, journal: Journal, resumed: bool, lock: int) -> None:
         self.plan = plan
+        self.lock = lock
         self.path = path
         self.model_dir = path / "model"
         self.journal = journal
@@ -72,27 +157,38 @@ class WorkFolder:
     # ---- opening -------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, plan: Plan, notify: Notify) -> WorkFolder:
-        """Continue the interrupted run for ``plan.recipe.out`` if there is one it may continue, else start fresh."""
+        """Continue the interrupted run for ``plan.recipe.out`` if there is one it may continue, else start fresh.
+        The folder is locked for this process; nothing is created if the output cannot fit the disk."""
         recipe = plan.recipe
         work = work_folder_for(recipe.out)
         plan_file = work / "plan.json"
-        if plan_file.is_file() and not recipe.restart and recipe.journal:
-            try:
-                stored = json.loads(plan_file.read_text(encoding="utf-8"))
-                old = stored["fingerprint_doc"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise ResumeError(f"{plan_file} is damaged, so the interrupted merge in {work} cannot be continued; "
-                                  "add --restart to discard it") from None
-            journal = Journal(work)
-            if stored.get("fingerprint") != plan.fingerprint:
-                cls._accept_changes(plan, work, journal, old, notify)
-            return cls(plan, work, journal, resumed=True)
-        if work.exists():
-            fsio.remove_tree(work)
-        fsio.make_dirs(work / "model")
-        write_json_atomic(plan_file, cls._plan_record(plan))
-        checkpoint("work-created")
-        return cls(plan, work, Journal(work, enabled=recipe.journal), resumed=False)
+        if not work.exists():
+            _check_space(plan, work)
+        lock = _lock(work, recipe.out)
+        try:
+            if plan_file.is_file() and not recipe.restart and recipe.journal:
+                try:
+                    stored = json.loads(plan_file.read_text(encoding="utf-8"))
+                    old = stored["fingerprint_doc"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    raise ResumeError(f"{plan_file} is damaged, so the interrupted merge in {work} cannot be "
+                                      "continued; add --restart to discard it") from None
+                journal = Journal(work)
+                if stored.get("fingerprint") != plan.fingerprint:
+                    cls._accept_changes(plan, work, journal, old, notify)
+                _claim(work)
+                return cls(plan, work, journal, True, lock)
+            for child in work.iterdir():  # a discarded or half-created run: start from an empty folder
+                if child.name != OWNER:
+                    fsio.remove_tree(child)
+            fsio.make_dirs(work / "model")
+            _claim(work)
+            write_json_atomic(plan_file, cls._plan_record(plan))
+            checkpoint("work-created")
+            return cls(plan, work, Journal(work, enabled=recipe.journal), False, lock)
+        except BaseException:
+            os.close(lock)
+            raise
 
     @staticmethod
     def _plan_record(plan: Plan) -> dict[str, Any]:
@@ -247,10 +343,13 @@ class WorkFolder:
         fsio.remove_tree(self.path)
 
     def close(self) -> None:
-        """Release descriptors (after success or failure); the folder stays as the journal left it."""
+        """Release descriptors and the lock (after success or failure); the folder stays as the journal left it."""
         self.journal.close()
         for f in self.files.values():
             f.abort()
+        if self.lock >= 0:
+            os.close(self.lock)
+            self.lock = -1
 
     def discard(self) -> None:
         """Delete the folder (a run without a journal cannot be resumed)."""

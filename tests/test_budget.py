@@ -48,7 +48,9 @@ def test_default_budget_uses_the_cgroup_headroom(monkeypatch):
     monkeypatch.setattr("streammerge.budget.cgroup_headroom", lambda: 1 << 30)
     b = make_budget(None)
     assert b.max_ram == 1 << 29 and "cgroup" in b.source
-    assert make_budget("2GiB").max_ram == 2 << 30
+    assert make_budget("512MiB").max_ram == 512 << 20 and not make_budget("512MiB").note
+    capped = make_budget("2GiB")  # more than the machine can give: capped, with a note
+    assert capped.max_ram == 1 << 30 and "2.0 GiB is more than the 1.0 GiB" in capped.note
 
 
 def test_max_ram_errors_name_the_option():

@@ -380,8 +380,20 @@ def _tiny_file(fam, tmp):
     return [], [str(path), "too small"]
 
 
+SHARD_1 = "model-00001-of-00001.safetensors"
+
+
 def _index_weight_map(folder: Path) -> dict[str, str]:
-    return {name: "model.safetensors" for name in load_file(folder / "model.safetensors")}
+    """Turn a single-file model into a one-shard indexed one (the caller writes the index); its weight map."""
+    (folder / "model.safetensors").rename(folder / SHARD_1)
+    return {name: SHARD_1 for name in load_file(folder / SHARD_1)}
+
+
+def _single_file_and_index(fam, tmp):
+    shutil.copyfile(fam["chat"] / "model.safetensors", fam["chat"] / SHARD_1)
+    wmap = {name: SHARD_1 for name in load_file(fam["chat"] / SHARD_1)}
+    write_json(fam["chat"] / "model.safetensors.index.json", {"metadata": {}, "weight_map": wmap})
+    return [], [str(fam["chat"]), "both model.safetensors and model.safetensors.index.json", "transformers loads"]
 
 
 def _index_path_escape(fam, tmp):
@@ -399,12 +411,13 @@ def _index_missing_shard(fam, tmp):
 
 def _index_names_absent_tensor(fam, tmp):
     wmap = _index_weight_map(fam["chat"])
-    wmap["model.layers.7.mlp.up_proj.weight"] = "model.safetensors"
+    wmap["model.layers.7.mlp.up_proj.weight"] = SHARD_1
     write_json(fam["chat"] / "model.safetensors.index.json", {"metadata": {}, "weight_map": wmap})
     return [], ["model.safetensors.index.json", "model.layers.7.mlp.up_proj.weight", "not there"]
 
 
 def _index_not_json(fam, tmp):
+    _index_weight_map(fam["chat"])
     (fam["chat"] / "model.safetensors.index.json").write_text("{not json")
     return [], ["model.safetensors.index.json"]
 
@@ -572,6 +585,18 @@ def _out_parent_missing(fam, tmp):
     return ["--out", tmp / "nowhere" / "merged"], [str(tmp / "nowhere"), "does not exist"]
 
 
+def _out_is_dot(fam, tmp):
+    return ["--out", "."], ["'.'", "does not name a folder"]
+
+
+def _out_is_empty(fam, tmp):
+    return ["--out", ""], ["--out", "does not name a folder"]
+
+
+def _out_on_a_virtual_file_system(fam, tmp):
+    return ["--out", "/proc/streammerge-out"], ["/proc", "virtual file system"]
+
+
 def _tokenizer_from_missing(fam, tmp):
     return ["--tokenizer-from", tmp / "no-tokenizer"], ["--tokenizer-from", str(tmp / "no-tokenizer")]
 
@@ -587,6 +612,7 @@ BAD_INPUTS: dict[str, Case] = {
     "index-missing-shard": _index_missing_shard,
     "index-names-absent-tensor": _index_names_absent_tensor,
     "index-not-json": _index_not_json,
+    "single-file-and-index": _single_file_and_index,
     "config-not-json": _config_not_json,
     "different-tensor-names": _renamed_tensor,
     "vocab-mismatch": _vocab_mismatch,
@@ -613,6 +639,9 @@ BAD_INPUTS: dict[str, Case] = {
     "bad-shard-size": _bad_shard_size,
     "out-is-a-file": _out_is_a_file,
     "out-parent-missing": _out_parent_missing,
+    "out-is-dot": _out_is_dot,
+    "out-is-empty": _out_is_empty,
+    "out-on-a-virtual-file-system": _out_on_a_virtual_file_system,
     "out-is-an-input": _out_is_an_input,
     "tokenizer-from-missing": _tokenizer_from_missing,
 }
@@ -624,9 +653,21 @@ def _cases():
             yield pytest.param(command, name, id=f"{command}-{name}")
 
 
+#: a plan is a dry run: it describes what a merge would do with these outputs instead of failing
+PLAN_DESCRIBES = {"out-is-a-file", "out-parent-missing", "out-is-dot", "out-is-empty", "out-on-a-virtual-file-system"}
+
+
 @pytest.mark.parametrize("command,case", list(_cases()))
 def test_bad_input_fails_cleanly_and_writes_nothing(command, case, fam, out, tmp_path):
     extra, phrases = BAD_INPUTS[case](fam, tmp_path)
+    if command == "plan" and case in PLAN_DESCRIBES:
+        before = snapshot(tmp_path)
+        result = invoke(*merge_args(fam, out, *extra, command="plan"))
+        assert result.exit_code == 0, result.output
+        line = next(s for s in result.stdout.splitlines() if s.startswith("destination"))
+        assert "a merge would refuse it" in line and all(p in line for p in phrases), line
+        assert snapshot(tmp_path) == before
+        return
     if extra[:1] == ["--base"]:
         args = [command, *extra, "--out", out]
     else:
@@ -646,6 +687,26 @@ def test_bad_input_fails_cleanly_and_writes_nothing(command, case, fam, out, tmp
     assert "Traceback" not in result.output
     assert snapshot(tmp_path) == before, "something was written or touched"
     assert not list(tmp_path.rglob("*.streammerge-partial"))
+
+
+def test_a_second_merge_into_the_same_output_is_refused_while_the_first_runs(fam, out, tmp_path):
+    """The work folder is locked by the merge writing it (here: held by this test, as another process would)."""
+    import fcntl
+
+    work = out.with_name(out.name + ".streammerge-partial")
+    work.mkdir()
+    (work / "owner").write_text("pid 4242 on elsewhere")
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = snapshot(tmp_path)
+        result = invoke(*merge_args(fam, out, "-q"))
+        assert result.exit_code == 1 and "another merge (pid 4242 on elsewhere) is writing" in result.stderr
+        assert str(out) in result.stderr and snapshot(tmp_path) == before
+    finally:
+        os.close(fd)
+    merge_ok(fam, out)  # once the holder is gone, the merge goes ahead
+    assert not work.exists()
 
 
 def test_nan_in_a_model_stops_keeps_the_work_and_its_advice_continues_it(fam, out, tmp_path):
@@ -740,3 +801,103 @@ def test_pickled_checkpoint_is_refused_and_never_opened(command, filename, fam, 
     assert not marker.exists()
     assert not [p for p in opened_paths if p.endswith(filename)], "the pickle file was opened"
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6])
+def test_ctrl_c_during_start_up_exits_130_with_one_line(delay, fam, out):
+    """Interrupted while torch is imported or the merge is being planned: one line, status 130, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "streammerge", *map(str, merge_args(fam, out, "-q"))]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the merge finished before the interrupt arrived (a fast machine)")
+    assert p.returncode == 130, (p.returncode, stderr)
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(("Interrupted", "Error: merge interrupted")), stderr
+
+
+def test_the_console_entry_point_runs_help_and_version():
+    import subprocess
+    import sys
+
+    for args, expect in ((["--version"], "streammerge, version"), (["--help"], "Usage: streammerge")):
+        r = subprocess.run([sys.executable, "-m", "streammerge", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and expect in r.stdout, r
+    r = subprocess.run([sys.executable, "-m", "streammerge", "nonsense"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "No such command" in r.stderr
+
+
+# ------------------------------------------------------------------------- what a careful tool says up front
+
+
+def test_every_independent_problem_is_reported_at_once(fam, out, tmp_path):
+    out.mkdir()
+    (out / "something").write_text("x")
+    result = invoke(*merge_args(fam, out, "--param", "t=lots", "--dtype", "int4", "--tokenizer-from",
+                                tmp_path / "nothing", "-q"))
+    assert result.exit_code == 1
+    message = result.stderr
+    assert "4 problems" in message, message
+    for phrase in ("not empty", "parameter t", "int4", "--tokenizer-from"):
+        assert phrase in message, (phrase, message)
+
+
+def test_plan_needs_no_out_and_says_what_a_merge_would_do(fam, out):
+    result = invoke("plan", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"])
+    assert result.exit_code == 0, result.output
+    assert "destination not given (--out): a merge needs one" in result.stdout
+    merge_ok(fam, out)
+    result = invoke(*merge_args(fam, out, command="plan"))
+    assert result.exit_code == 0 and "already holds this merge: a merge has nothing to do" in result.stdout
+    result = invoke(*merge_args(fam, out, "--param", "t=0.5", command="plan"))
+    assert result.exit_code == 0 and "refuses it without --force" in result.stdout, result.stdout
+
+
+def test_the_quick_start_can_be_run_twice(fam, out):
+    merge_ok(fam, out)
+    before = snapshot(out)
+    result = invoke(*merge_args(fam, out))
+    assert result.exit_code == 0 and "already complete" in result.stderr, result.output
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("how", ["twice", "symlink"])
+def test_the_same_model_twice_is_refused(how, fam, out, tmp_path):
+    second = fam["chat"]
+    if how == "symlink":
+        second = tmp_path / "chat-link"
+        second.symlink_to(fam["chat"])
+    result = invoke("merge", "--base", fam["base"], "--model", fam["chat"], "--model", second, "--out", out, "-q")
+    assert result.exit_code == 1 and "model 2" in result.stderr and "same folder as model 1" in result.stderr
+    assert not out.exists()
+
+
+def test_the_base_given_as_a_model_and_a_budget_above_the_machine_are_noted(fam, out):
+    args = ["--base", fam["base"], "--model", fam["chat"], "--model", fam["base"], "--max-ram", "1000TiB"]
+    plan = invoke("plan", *args)
+    assert plan.exit_code == 0
+    assert "note        model 2" in plan.stdout and "is the base itself" in plan.stdout
+    assert "note        --max-ram 1000.0 TiB is more than" in plan.stdout
+    result = invoke("merge", *args, "--out", out, "-q")
+    assert result.exit_code == 0 and "note: model 2" in result.stderr and "note: --max-ram" in result.stderr
+
+
+def test_a_tokenizer_folder_without_a_tokenizer_is_refused(fam, out, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke(*merge_args(fam, out, "--tokenizer-from", tmp_path / "empty", "-q"))
+    assert result.exit_code == 1 and "holds no tokenizer files" in result.stderr and not out.exists()
+
+
+def test_a_base_without_config_json_needs_allow_incomplete_output(fam, out):
+    (fam["base"] / "config.json").unlink()
+    result = invoke(*merge_args(fam, out, "-q"))
+    assert result.exit_code == 1 and "no config.json" in result.stderr and "--allow-incomplete-output" in result.stderr
+    assert not out.exists()
+    merge_ok(fam, out, "--allow-incomplete-output")
+    assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()

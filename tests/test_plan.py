@@ -55,7 +55,7 @@ def test_budget_sets_chunk_rows_in_tiles_and_bounds_peak(family, tmp_path):
 
 
 def test_budget_too_small_names_the_size_needed(family, tmp_path):
-    with pytest.raises(PlanError, match=r"too small: tensor .* needs at least .* raise --max-ram"):
+    with pytest.raises(PlanError, match=r"max_ram .* too small: tensor .* needs at least .* raise max_ram"):
         _plan(family, tmp_path, max_ram="1KiB")
 
 

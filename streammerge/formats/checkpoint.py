@@ -120,6 +120,11 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         raise InputError(f"model folder {root} does not exist")
     if not root.is_dir():
         raise InputError(f"{root} is not a folder (pass the model folder, not a file)")
+    if (root / INDEX_FILE).is_file() and (root / SINGLE_FILE).is_file():
+        raise InputError(
+            f"{root} holds both {SINGLE_FILE} and {INDEX_FILE}, which may be two different models; transformers "
+            f"loads {SINGLE_FILE} and ignores the index. Move away the one that is not this model"
+        )
     if (root / INDEX_FILE).is_file():
         wmap = _shard_names_from_index(root)
         shard_names = list(dict.fromkeys(wmap.values()))

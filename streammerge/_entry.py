@@ -1,0 +1,32 @@
+"""The ``streammerge`` console command: the click CLI, with every interrupt ending in one line and exit status 130,
+also during start-up (importing torch takes seconds) and while a command is being set up."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        import click
+
+        from .cli import main as cli
+
+        try:
+            code = cli.main(args=argv, prog_name="streammerge", standalone_mode=False)
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+        except click.Abort:  # click's name for Ctrl-C (and end of input) inside a command
+            raise KeyboardInterrupt from None
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        code = 130
+    # the command is over: a Ctrl-C now (during interpreter shutdown) must not turn its result into a crash
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

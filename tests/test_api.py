@@ -1,0 +1,76 @@
+"""The Python API as a user meets it: the README's example, argument forms, errors that name Python arguments."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import streammerge
+from streammerge.errors import PlanError, ProblemsError
+from streammerge.examples import write_family
+from streammerge.pythonic import pythonize
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_family(tmp_path_factory.mktemp("family"), "tiny", dtype="bf16")
+
+
+def test_the_readme_example_runs_as_written(fam, tmp_path, monkeypatch):
+    monkeypatch.chdir(fam["base"].parent)
+    out = tmp_path / "merged"
+    streammerge.merge("base", ["chat", "multilingual"], out, method="widen", params={"t": 1.0, "s": 1.0},
+                      max_ram="2GiB")
+    p = streammerge.plan("base", ["chat", "multilingual"], out)  # after the merge, to the same folder
+    assert p.to_dict()["out"] == str(out)
+    assert repr(p).startswith("Plan(method='widen'") and len(repr(p)) < 400  # a summary, not headers
+
+
+def test_a_single_model_may_be_given_as_a_path(fam, tmp_path):
+    for models in (str(fam["chat"]), fam["chat"]):
+        p = streammerge.plan(fam["base"], models, method="slerp")
+        assert [str(m) for m in p.recipe.models] == [str(fam["chat"])]
+
+
+def test_errors_name_the_python_arguments(fam, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PlanError) as info:
+        streammerge.merge(fam["base"], [fam["chat"], fam["multilingual"]], out)
+    message = str(info.value)
+    assert "force=True" in message and "--force" not in message and "--out" not in message, message
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_several_problems_come_together_with_their_type(fam, tmp_path):
+    with pytest.raises(ProblemsError) as info:
+        streammerge.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", method="ties",
+                          params={"density": 2}, dtype="int4", max_ram="lots")
+    assert len(info.value.errors) == 3
+    assert "density" in str(info.value) and "int4" in str(info.value) and "max_ram" in str(info.value)
+
+
+def test_an_unknown_option_lists_the_known_ones(fam, tmp_path):
+    with pytest.raises(TypeError, match="max_ram"):
+        streammerge.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", max_ramm="1GiB")
+
+
+@pytest.mark.parametrize("cli, python", [
+    ("pass --force to replace it", "pass force=True to replace it"),
+    ("run `streammerge resume /x/out` (or the same command again) to continue, or add --restart to start over",
+     "run the same merge(...) call again to continue, or add restart=True to start over"),
+    ("with --exclude '^a\\.b$', then", "with exclude=['^a\\.b$'], then"),
+    ("raise --max-ram to at least that", "raise max_ram to at least that"),
+    ("or use --device cpu", "or use device='cpu'"),
+])
+def test_command_line_terms_become_python_terms(cli, python):
+    assert pythonize(cli) == python
+
+
+def test_plan_writes_nothing(fam, tmp_path):
+    before = sorted(os.listdir(tmp_path))
+    streammerge.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == before
