@@ -16,12 +16,14 @@ Everything after this reads these decisions; nothing decides them again.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from .errors import IncompatibleModelsError, PlanError
-from .formats.checkpoint import Checkpoint
+from .formats.checkpoint import Checkpoint, Located
 from .methods import Method, Rule, TensorTask
 from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
 from .sources import InputSource, StoredSource
@@ -33,6 +35,8 @@ _COMPANION = re.compile(
     r"(\.weight_scale(_inv)?|\.input_scale|\.[kvq]_scale|\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map|"
     r"\.qweight|\.qzeros|\.SCB|\.weight_format)$|\.quant_state\."
 )
+
+_DIGITS = re.compile(r"(\d+)")
 
 
 class Kind(str, Enum):
@@ -58,7 +62,7 @@ class TensorClass:
 
 def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Checkpoint], out_dtype: str | None,
              tile: int) -> list[TensorClass]:
-    """Every output tensor's rule, kind and sources, in the base's order; raises (naming every problem) if some
+    """Every output tensor's rule, kind and sources, in :func:`in_natural_order`; raises (naming every problem) if some
     tensor cannot be merged as asked."""
     refuse_quantized([base, *models])
     head = check_homologous(base, models)
@@ -66,7 +70,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     embeddings = set(recipe.embeddings)
     out: list[TensorClass] = []
     problems: list[str] = []
-    for name, loc in base.tensors.items():
+    for name, loc in in_natural_order(base):
         info = loc.info
         kind = Kind.FLOAT if info.dtype.is_float else (Kind.BOOL if info.dtype.name == "BOOL" else Kind.INTEGER)
         dtype = out_dtype if (out_dtype and kind is Kind.FLOAT) else info.dtype.name
@@ -90,12 +94,28 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
                 problems.append(f"{name}: model {k} stores it as {m.tensors[name].info.dtype.name}, not a float")
         sources = (StoredSource(loc), *(StoredSource(m.tensors[name]) for m in models))
         out.append(TensorClass(name, info.shape, rule, kind, dtype, sources))
+    messages = unmatched_excludes(recipe.exclude, excludes, list(base.tensors))
     if problems:
-        raise PlanError(
+        messages.append(
             f"{method.name} cannot merge {len(problems)} tensor(s):\n  " + "\n  ".join(problems[:10])
             + "\nexclude them (they keep the base value) with --exclude REGEX"
         )
+    if messages:
+        raise PlanError("\n".join(messages))
     return out
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key putting ``layers.2`` before ``layers.10`` (digit runs compare as numbers)."""
+    return tuple(int(part) if k % 2 else part for k, part in enumerate(_DIGITS.split(name)))
+
+
+def in_natural_order(ckpt: Checkpoint) -> list[tuple[str, Located]]:
+    """The order tensors are merged and written in: the checkpoint's shards in order, and within a shard by name
+    with layer numbers sorted as numbers (``embed_tokens``, ``layers.0`` … ``layers.27``, ``norm``), which is how
+    the progress display walks through the model and how the output shards are filled."""
+    shard_order = {path: k for k, path in enumerate(dict.fromkeys(loc.shard for loc in ckpt.tensors.values()))}
+    return sorted(ckpt.tensors.items(), key=lambda item: (shard_order[item[1].shard], natural_key(item[0])))
 
 
 def quantization_evidence(ckpt: Checkpoint) -> str | None:
@@ -140,6 +160,25 @@ def _compile_excludes(patterns: tuple[str, ...]) -> list[re.Pattern[str]]:
     return out
 
 
+def unmatched_excludes(patterns: tuple[str, ...], compiled: list[re.Pattern[str]], names: list[str]) -> list[str]:
+    """A problem for each ``--exclude`` pattern that matches no tensor name, with the nearest pattern that would:
+    patterns match at the start of the name (``re.match``), so a part in the middle needs ``.*``."""
+    out = []
+    for text, rx in zip(patterns, compiled):
+        if any(rx.match(n) for n in names):
+            continue
+        inside = next((n for n in names if rx.search(n)), None)
+        if inside is not None:
+            hint = (f"patterns match from the start of the name, and {text!r} only occurs inside names such as "
+                    f"{inside}: write --exclude '.*{text}'")
+        else:
+            near = difflib.get_close_matches(text, names, n=1, cutoff=0.5)
+            hint = f"did you mean --exclude '{re.escape(near[0])}'?" if near else \
+                f"tensor names look like {names[0]} (streammerge inspect FOLDER lists them)" if names else ""
+        out.append(f"--exclude {text!r} matches no tensor of the base" + (f": {hint}" if hint else ""))
+    return out
+
+
 def check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, str] | None:
     """Raise unless every model matches the base; return (head, embedding) when a tied head is stored."""
     head_name = next((h for h in HEAD_NAMES if h in base.tensors), HEAD_NAMES[0])
@@ -157,7 +196,11 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, s
         if m.tied(head_name) != tied:
             raise IncompatibleModelsError(
                 f"{who} {'ties' if m.tied(head_name) else 'does not tie'} its output head to the embedding but the "
-                f"base {'does' if tied else 'does not'}: merging them would need a policy; exclude or untie one"
+                f"base {'does' if tied else 'does not'}. streammerge cannot yet merge tied with untied checkpoints, "
+                "and --exclude does not change that. What works: save each tied checkpoint untied and merge those "
+                "copies (with transformers: load it, set model.config.tie_word_embeddings = False, set "
+                "model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone()), "
+                "then model.save_pretrained(NEW_FOLDER)); or leave out the models that tie differently from the base"
             )
         skip = {head_name} if tied else set()
         missing = sorted(set(base.tensors) - set(m.tensors) - skip)
@@ -167,7 +210,8 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, s
             if missing:
                 parts.append(f"lacks {len(missing)} of the base's tensors (e.g. {', '.join(missing[:3])})")
             if extra:
-                parts.append(f"has {len(extra)} the base lacks (e.g. {', '.join(extra[:3])})")
+                parts.append(f"has {len(extra)} tensor{'s' if len(extra) != 1 else ''} the base lacks "
+                             f"(e.g. {', '.join(extra[:3])})")
             raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous")
         for name, loc in base.tensors.items():
             other = m.tensors.get(name)

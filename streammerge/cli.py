@@ -70,7 +70,9 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
         click.option("--dtype", default=None, metavar="DTYPE",
                      help="Output dtype: bfloat16, float16 or float32 (default: each tensor keeps the base's dtype)."),
         click.option("--exclude", multiple=True, metavar="REGEX",
-                     help="Tensors whose names match (re.match) keep the base's value; repeatable."),
+                     help="Tensors whose names match REGEX from the start (Python re.match: write '.*mlp' for a part in "
+                          "the middle) keep the base's value; repeatable. A pattern that matches no tensor is an "
+                          "error."),
         click.option("--embedding", "embeddings", multiple=True, metavar="NAME",
                      help="Tensor names to treat as embeddings (one column per stored row); repeatable. "
                           "Default: the usual token/position embedding names of each architecture."),

@@ -28,7 +28,11 @@ def parse_size(text: str | int, option: str = "size") -> int:
         unit = m.group(2).lower() if m else ""
         if not m or unit not in _UNITS:
             raise StreamMergeError(f"{option}: cannot read size {text!r}: write e.g. 512MiB, 6GiB or 5GB")
-        value = int(float(m.group(1)) * _UNITS[unit])
+        number = float(m.group(1))
+        if not unit and number != int(number):
+            raise StreamMergeError(f"{option}: {text!r} has no unit, so it reads as bytes and a byte count is whole: "
+                                   "write the unit, e.g. 512MiB or 0.5GiB")
+        value = int(number * _UNITS[unit])
     if value <= 0:
         raise StreamMergeError(f"{option}: size must be positive, got {text!r}")
     return value

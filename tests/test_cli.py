@@ -460,7 +460,8 @@ def _architecture_mismatch(fam, tmp):
 def _tied_vs_untied(fam, tmp):
     shutil.rmtree(fam["chat"])
     write_model(fam["chat"], SHAPES["tiny-untied"], delta=0.1)
-    return [], [str(fam["chat"]), "does not tie", "output head"]
+    return [], [str(fam["chat"]), "does not tie", "output head", "--exclude does not change that",
+                "tie_word_embeddings = False", "save_pretrained"]
 
 
 def _nan_in_a_model(fam, tmp):
@@ -568,6 +569,19 @@ def _bad_exclude(fam, tmp):
     return ["--exclude", "model.(layers"], ["--exclude", "model.(layers", "regular expression"]
 
 
+def _exclude_matching_inside_names(fam, tmp):
+    return ["--exclude", "mlp"], ["--exclude 'mlp' matches no tensor", "from the start", "'.*mlp'"]
+
+
+def _exclude_with_a_typo(fam, tmp):
+    return ["--exclude", "model.embed_token.weight"], [
+        "--exclude 'model.embed_token.weight' matches no tensor", "did you mean", "model\\.embed_tokens\\.weight"]
+
+
+def _budget_without_a_unit(fam, tmp):
+    return ["--max-ram", "0.5"], ["--max-ram", "'0.5' has no unit", "512MiB"]
+
+
 def _bad_dtype(fam, tmp):
     return ["--dtype", "int8"], ["'int8'", "float32"]
 
@@ -635,6 +649,9 @@ BAD_INPUTS: dict[str, Case] = {
     "budget-too-small": _budget_too_small,
     "budget-unreadable": _budget_unreadable,
     "bad-exclude": _bad_exclude,
+    "exclude-matching-inside-names": _exclude_matching_inside_names,
+    "exclude-with-a-typo": _exclude_with_a_typo,
+    "budget-without-a-unit": _budget_without_a_unit,
     "bad-dtype": _bad_dtype,
     "bad-shard-size": _bad_shard_size,
     "out-is-a-file": _out_is_a_file,
@@ -901,3 +918,38 @@ def test_a_base_without_config_json_needs_allow_incomplete_output(fam, out):
     assert not out.exists()
     merge_ok(fam, out, "--allow-incomplete-output")
     assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()
+
+
+def untie(folder: Path) -> None:
+    """What the tie-mismatch advice says to do with transformers, done on the files: store the head as a copy of the
+    embedding and clear the config's tie flag."""
+    rewrite_tensors(folder, lambda ts: {**ts, "lm_head.weight": ts["model.embed_tokens.weight"].clone()})
+    config = json.loads((folder / "config.json").read_text())
+    write_json(folder / "config.json", {**config, "tie_word_embeddings": False})
+
+
+def test_the_tie_mismatch_advice_works(fam, out):
+    shutil.rmtree(fam["chat"])
+    write_model(fam["chat"], SHAPES["tiny-untied"], delta=0.1)
+    refused = invoke(*merge_args(fam, out, "-q"))
+    assert refused.exit_code == 1 and "save each tied checkpoint untied" in refused.stderr
+    untie(fam["base"])
+    untie(fam["multilingual"])
+    merge_ok(fam, out)
+    merged = read_all(out)
+    assert "lm_head.weight" in merged
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_counts_are_worded_in_the_singular_and_plural(n, fam, out):
+    def edit(ts):
+        ts.update({f"extra.{k}.weight": torch.zeros(2) for k in range(n)})
+        return ts
+
+    rewrite_tensors(fam["chat"], edit)
+    result = invoke(*merge_args(fam, out, "-q"))
+    assert f"has {n} tensor{'s' if n > 1 else ''} the base lacks" in result.stderr
+    slerp = invoke("merge", "--base", fam["base"], "--model", fam["multilingual"], "--model", fam["base"],
+                   "--method", "slerp", "--out", out, "-q")
+    assert "slerp takes at most 1 model besides the base, got 2" in slerp.stderr

@@ -192,9 +192,11 @@ class Method:
 
     def check_models(self, n_models: int) -> None:
         if n_models < self.min_models:
-            raise MethodError(f"{self.name} needs at least {self.min_models} models besides the base, got {n_models}")
+            raise MethodError(f"{self.name} needs at least {self.min_models} model{'s' if self.min_models != 1 else ''} besides "
+                             f"the base, got {n_models}")
         if self.max_models is not None and n_models > self.max_models:
-            raise MethodError(f"{self.name} takes at most {self.max_models} models besides the base, got {n_models}")
+            raise MethodError(f"{self.name} takes at most {self.max_models} model{'s' if self.max_models != 1 else ''} besides "
+                             f"the base, got {n_models}")
 
     def rule_error(self, task: TensorTask) -> str | None:
         """Why this method cannot merge the tensor (None if it can)."""
