@@ -260,9 +260,9 @@ def render(result: dict) -> str:
          f"- machine: {result['machine']}; python {result['python']}, torch {result['torch']}, git {result['git']}",
          f"- family: `mid` {result['family']} (bf16, {mib(result['family_bytes'])} MiB per model); each (method, "
          f"budget) in a fresh subprocess, torch threads 1, allocator: {result['allocator']}",
-         f"- **run**: peak RSS of the merge − RSS after `import torch, streammerge` (`run/plan`: over `peak_ram`; "
-         f"`pre`: over the RSS just before the merge, after a warm-up merge of the tiny family). Every planned "
-         f"buffer is made resident at the start, so the run figure counts them in full.",
+         "- **run**: peak RSS of the merge − RSS after `import torch, streammerge` (`run/plan`: over `peak_ram`; "
+         "`pre`: over the RSS just before the merge, after a warm-up merge of the tiny family). Every planned "
+         "buffer is made resident at the start, so the run figure counts them in full.",
          f"- **per tensor**: peak RSS while `run_tensor` ran − RSS before it (after `malloc_trim`), over the "
          f"tensor's `scratch_bytes`; highest and lowest ratio among tensors whose compute-block part "
          f"(`scratch_bytes − state_bytes`) is ≥ {mib(result['min_block'])} MiB. Outside {band}: the declared figures "

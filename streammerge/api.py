@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import make_budget
+from .classify import in_natural_order
 from .errors import InputError, PlanError, Problems
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
@@ -106,9 +107,8 @@ def plan(base: str | Path, models: str | Path | Sequence[str | Path], out: str |
     """Plan a merge without running it; nothing is written and ``out`` may be left out or hold anything (a merge
     checks it). ``models``: one folder or a list of them; ``options`` are :class:`Recipe` fields (dtype, max_ram,
     exclude, force, ...). Raises :class:`~streammerge.errors.StreamMergeError` naming every problem found."""
-    recipe = _recipe(base, models, out, method, params, options)
     with pythonic_errors():
-        return plan_recipe(recipe, dry_run=True)
+        return plan_recipe(_recipe(base, models, out, method, params, options), dry_run=True)
 
 
 def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str | Path, method: str = "widen",
@@ -122,9 +122,8 @@ def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str 
 
     Example: ``merge("base", ["chat", "multilingual"], "merged", method="widen", params={"t": 1.0}, max_ram="2GiB")``
     """
-    recipe = _recipe(base, models, out, method, params, options)
     with pythonic_errors():
-        p = plan_recipe(recipe)
+        p = plan_recipe(_recipe(base, models, out, method, params, options))
         return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify)
 
 
@@ -158,6 +157,6 @@ def inspect(folder: str | Path) -> dict[str, Any]:
         "shards": [{"file": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.shards.items()],
         "tensors": [
             {"name": n, "dtype": loc.info.dtype.name, "shape": list(loc.info.shape), "shard": loc.shard.name}
-            for n, loc in ckpt.tensors.items()
+            for n, loc in in_natural_order(ckpt)
         ],
     }

@@ -7,6 +7,8 @@ scope plans for the limit it will actually meet.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,21 +91,32 @@ def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = 
     return best
 
 
+def gpu_driver_present() -> bool:
+    """Whether this machine may have a CUDA (or ROCm) GPU, from the driver's files, without importing torch: Linux
+    with an NVIDIA or AMD GPU driver loaded. macOS and machines without those files have none torch could use."""
+    if sys.platform != "linux":
+        return False
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+
+
 def make_budget(max_ram: str | int | None = None, device: str | None = "cpu",
                 max_vram: str | int | None = None) -> Budget:
     """``--max-ram`` if given, else half of the RAM available now (within any memory cgroup limit); the device
     ``--device`` resolves to, and for a GPU ``--max-vram`` if given, else 80% of its free memory."""
-    import torch
-
-    from .device import free_vram, resolve_device
-
-    where_to = resolve_device(device)
     spec = (device or "auto").strip().lower()
-    if spec == "auto":
-        why = ("--device auto: " + (f"CUDA device {torch.cuda.get_device_name(where_to)}" if where_to.type == "cuda"
-                                    else "no CUDA device"))
-    else:
+    if spec == "cpu" or (spec == "auto" and not gpu_driver_present()):
+        where_to, why = "cpu", "--device cpu" if spec == "cpu" else "--device auto: no CUDA device"
+    else:  # asking torch takes seconds: only where a GPU may be
+        import torch
+
+        from .device import resolve_device
+
+        resolved = resolve_device(device)
+        where_to = str(resolved)
         why = f"--device {spec}"
+        if spec == "auto":
+            why = "--device auto: " + (f"CUDA device {torch.cuda.get_device_name(resolved)}"
+                                       if resolved.type == "cuda" else "no CUDA device")
     available = psutil.virtual_memory().available
     where = "available"
     headroom = cgroup_headroom()
@@ -118,13 +131,15 @@ def make_budget(max_ram: str | int | None = None, device: str | None = "cpu",
             ram, source = available, f"--max-ram, capped to the RAM {where}"
     else:
         ram, source = int(available * DEFAULT_RAM_FRACTION), f"{DEFAULT_RAM_FRACTION:.0%} of {format_size(available)} {where}"
-    if where_to.type != "cuda":
+    if not where_to.startswith("cuda"):
         if max_vram is not None:
             parse_size(max_vram, "--max-vram")  # still reject a malformed value
         return Budget(ram, source, "cpu", device_source=why, note=note)
     if max_vram is not None:
         vram, vram_source = parse_size(max_vram, "--max-vram"), "--max-vram"
     else:
+        from .device import free_vram
+
         free = free_vram(where_to)
         vram, vram_source = int(free * DEFAULT_VRAM_FRACTION), f"{DEFAULT_VRAM_FRACTION:.0%} of {format_size(free)} free"
-    return Budget(ram, source, str(where_to), vram, vram_source, why, note)
+    return Budget(ram, source, where_to, vram, vram_source, why, note)

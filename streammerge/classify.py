@@ -113,7 +113,7 @@ def natural_key(name: str) -> tuple[Any, ...]:
 def in_natural_order(ckpt: Checkpoint) -> list[tuple[str, Located]]:
     """The order tensors are merged and written in: the checkpoint's shards in order, and within a shard by name
     with layer numbers sorted as numbers (``embed_tokens``, ``layers.0`` … ``layers.27``, ``norm``), which is how
-    the progress display walks through the model and how the output shards are filled."""
+    the progress display walks through the model and how tensors are grouped into output shards."""
     shard_order = {path: k for k, path in enumerate(dict.fromkeys(loc.shard for loc in ckpt.tensors.values()))}
     return sorted(ckpt.tensors.items(), key=lambda item: (shard_order[item[1].shard], natural_key(item[0])))
 

@@ -16,15 +16,15 @@ import click
 from . import api
 from ._version import __version__
 from .errors import StreamMergeError
-from .device import gpu_memory_peak
-from .examples import SHAPES
+from .examples import SHAPES, model_bytes, write_example
 from .execute import execute
 from .manifest import MANIFEST
-from .stopping import MergeInterrupted
 from .methods import all_methods
 from .output import work_folder_for
+from .progress import RunSummary
 from .recipe import DEFAULT_SHARD_SIZE, Recipe
-from .units import format_size, parse_size
+from .stopping import MergeInterrupted
+from .units import format_size
 from .verify import verify_output
 from .workfolder import describe_destination
 
@@ -111,7 +111,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         base=kw["base"], models=kw["models"], out=kw["out"], method=kw["method"],
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
-        shard_size=parse_size(kw["shard_size"], "--shard-size") if kw["shard_size"] else DEFAULT_SHARD_SIZE,
+        shard_size=kw["shard_size"] or DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
         redo_changed=kw["redo_changed"], allow_incomplete_output=kw["allow_incomplete_output"],
         journal=not kw["no_journal"],
@@ -132,7 +132,7 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
            f"{format_size(d['predicted_peak_vram'])} predicted for tensors"] if d.get("predicted_peak_vram") else []),
         f"reads once  {d['read_once']} tensor(s) read once for every pass; {d['read_per_pass']} read once per pass",
         f"reads       {format_size(d['bytes_read'])}",
-        f"tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
+        "tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
         *(f"note        {note}" for note in d.get("notes", ()) if d.get("destination")),
     ]
     click.echo("\n".join(lines), file=stream)
@@ -174,28 +174,31 @@ def merge(as_json: bool, quiet: bool, **kw: Any) -> None:
 
 
 def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
-    """Plan and execute; interruptions exit 130/143 with how to resume."""
+    """Plan and execute; interruptions exit 130/143 with how to resume. Ends with the run's summary line (stderr)
+    and where the model is (stdout), or one JSON object."""
+    summaries: list[RunSummary] = []
     try:
         plan = api.plan_recipe(recipe)
         d = plan.to_dict()
         if not quiet and not as_json:
             _print_plan_summary(d, sys.stderr)
         out = execute(plan, show_progress=not quiet and not as_json, handle_signals=True,
-                      notify=lambda message: click.echo(f"note: {message}", err=True))
+                      notify=lambda message: click.echo(f"note: {message}", err=True), report=summaries.append)
     except MergeInterrupted as exc:
         click.echo(f"Interrupted: {exc}", err=True)
         sys.exit(exc.exit_code)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
-    gpu = gpu_memory_peak(plan.budget.device)
+    summary = summaries[0] if summaries else None
     if as_json:
         click.echo(json.dumps({"out": str(out), "fingerprint": d["fingerprint"], "bytes_written": d["bytes_written"],
-                               **({"device": plan.budget.device, "peak_vram": gpu} if gpu is not None else {})}))
-    else:
-        click.echo(f"merged model written to {out}")
-        if gpu is not None:
-            click.echo(f"peak GPU memory {format_size(gpu)} (torch's allocator; the CUDA context comes on top)",
-                       err=True)
+                               "device": plan.budget.device, "summary": summary and summary.to_dict(),
+                               **({"peak_vram": summary.peak_vram} if summary and summary.peak_vram is not None
+                                  else {})}))
+        return
+    if summary is not None and not quiet:
+        click.echo(summary.line(), err=True)
+    click.echo(f"merged model written to {out}")
 
 
 @main.command()
@@ -282,7 +285,7 @@ def inspect(folder: Path, as_json: bool) -> None:
     arch = ", ".join(info["architectures"]) or info["model_type"] or "unknown architecture"
     click.echo(f"{info['folder']}: {arch}")
     click.echo(f"  parameters  {info['parameters']:,} ({format_size(info['bytes'])})")
-    click.echo(f"  dtypes      " + ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
+    click.echo("  dtypes      " + ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
     click.echo(f"  vocab       {info['vocab_size']} (embedding rows {info['embedding_rows']})")
     click.echo(f"  tied        {info['tied_embeddings']}")
     click.echo(f"  shards      {len(info['shards'])}: " + ", ".join(s["file"] for s in info["shards"]))
@@ -307,23 +310,32 @@ def methods() -> None:
             click.echo(f"    {p.name} ({p.kind.__name__}{per}, default {p.default}): {p.help}")
 
 
+def _shape_sizes() -> str:
+    return ", ".join(f"{name} {format_size(3 * model_bytes(shape))}" for name, shape in SHAPES.items())
+
+
 @main.command("make-example")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--shape", default="tiny", show_default=True,
-              type=click.Choice(list(SHAPES)),
-              help="Model dimensions; the qwen shapes are full size (gigabytes).")
-@click.option("--dtype", default="bf16", show_default=True, help="Stored dtype.")
-@click.option("--seed", default=0, show_default=True)
-def make_example(folder: Path, shape: str, dtype: str, seed: int) -> None:
-    """Write a synthetic base model and two variants (chat-like and continual-pretrain-like) to merge."""
-    from .examples import write_family
-
-    if folder.exists() and any(folder.iterdir()):
-        raise click.ClickException(f"{folder} exists and is not empty")
+@click.option("--shape", default="tiny", show_default=True, type=click.Choice(list(SHAPES)),
+              help="Model dimensions. Size on disk of the three models in bfloat16 (float32 doubles it): "
+                   + _shape_sizes() + ".")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]),
+              help="dtype the tensors are stored in.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the generated weights: the same seed gives the same bytes.")
+@click.option("--force", is_flag=True, help="Replace FOLDER if it holds something else (once the new example is "
+                                            "complete).")
+def make_example(folder: Path, shape: str, dtype: str, seed: int, force: bool) -> None:
+    """Write a synthetic base model and two variants (chat-like and continual-pretrain-like) to merge, into
+    FOLDER/base, FOLDER/chat and FOLDER/multilingual. Nothing appears until the example is complete; running it
+    again with the same options leaves the example as it is."""
     try:
-        paths = write_family(folder, shape, seed=seed, dtype=dtype)
+        paths, written = write_example(folder, shape, seed=seed, dtype=dtype, force=force)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
+    if not written:
+        click.echo(f"{folder} already holds this example", err=True)
     for name, path in paths.items():
         click.echo(f"{name:<13} {path}")
 

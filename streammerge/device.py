@@ -7,10 +7,9 @@ there, and the cast output is copied back on the same side stream into the pinne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-
+from ._torch import torch
 from .errors import StreamMergeError
 
 
@@ -51,9 +50,9 @@ def gpu_memory_peak(device: str) -> int | None:
     return int(torch.cuda.max_memory_reserved(torch.device(device)))
 
 
-def free_vram(device: torch.device) -> int:
+def free_vram(device: torch.device | str) -> int:
     """Bytes of memory free on a CUDA device now."""
-    free, _ = torch.cuda.mem_get_info(device)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
     return int(free)
 
 
@@ -61,7 +60,7 @@ def free_vram(device: torch.device) -> int:
 class CpuCompute:
     """Chunks are computed where the reader put them."""
 
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     pin: bool = False  # whether staging buffers are pinned
     copies: bool = False  # whether inputs are copied away (so their slot can be refilled at once)
 

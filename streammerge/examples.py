@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from . import fsio
+from ._torch import torch
+from .errors import PlanError
 from .formats.dtypes import DTYPES, parse_output_dtype
-from .output import write_index
+from .output import publish, work_folder_for, write_index
 from .writer import OutTensor, ShardFile, layout_shard, shard_filename, split_into_shards
 
 
@@ -150,6 +152,54 @@ def write_model(folder: Path, shape: Shape, seed: int = 0, delta: float = 0.0, d
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512, "note": "synthetic"}) + "\n")
     return folder
+
+
+#: the file that marks a folder written by ``make-example`` (what was asked for, so a rerun can say it is there)
+EXAMPLE_MARKER = "streammerge-example.json"
+
+
+def model_bytes(shape: Shape, dtype: str = "bf16") -> int:
+    """Bytes of tensor data in one model of ``shape`` stored as ``dtype``."""
+    itemsize = parse_output_dtype(dtype).bits // 8
+    return sum(math.prod(s) for _, s in tensor_shapes(shape)) * itemsize
+
+
+def write_example(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype: str = "bf16",
+                  force: bool = False) -> tuple[dict[str, Path], bool]:
+    """Write an example family (base, chat, multilingual) into ``folder`` the way merges are written: into
+    ``FOLDER.streammerge-partial`` first, then published in one rename, so an interrupted or failed run leaves
+    nothing behind. Returns (the models' paths, whether they were written); a folder that already holds this
+    very example (same shape, dtype and seed) is left as it is, so the quick start can be run again.
+
+    Raises :class:`~streammerge.errors.PlanError` for a path that cannot hold the example, or a folder that holds
+    something else (unless ``force``, which replaces it once the new example is complete)."""
+    folder = Path(folder)
+    asked = {"shape": shape, "dtype": parse_output_dtype(dtype).name, "seed": seed}
+    names = ("base", *(name for name, _ in DEFAULT_VARIANTS))
+    if str(folder) in ("", ".") or folder.name in ("", ".", ".."):
+        raise PlanError(f"{str(folder)!r} does not name a folder to create: give a new folder, e.g. demo")
+    if folder.exists() and not folder.is_dir():
+        raise PlanError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        try:
+            marker = json.loads((folder / EXAMPLE_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = None
+        if marker == asked and all((folder / n / "config.json").is_file() for n in names):
+            return {n: folder / n for n in names}, False
+        what = "another example" if isinstance(marker, dict) else "other files"
+        raise PlanError(f"{folder} exists and holds {what}; choose another folder or pass --force to replace it")
+    work = work_folder_for(folder)
+    fsio.make_dirs(fsio.parent_of(folder))
+    fsio.remove_tree(work)  # what an earlier, interrupted run left
+    try:
+        write_family(work, shape, seed=seed, dtype=dtype)
+        fsio.write_file(work / EXAMPLE_MARKER, (json.dumps(asked, indent=2) + "\n").encode(), sync_folder=True)
+        publish(work, folder, force=True)
+    except BaseException:
+        fsio.remove_tree(work)
+        raise
+    return {n: folder / n for n in names}, True
 
 
 def write_family(root: str | Path, shape: str | Shape = "tiny", seed: int = 0, dtype: str = "bf16",

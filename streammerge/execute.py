@@ -20,17 +20,16 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from . import fsio
-from .device import make_compute
+from ._torch import load_torch, torch
+from .device import gpu_memory_peak, make_compute
 from .errors import NonFiniteError, StreamMergeError
 from .faults import checkpoint
 from .formats.reader import InputFiles
 from .output import check_destination, work_folder_for
 from .pipeline import Prefetcher, Staged, WriteBehind
 from .planner import Plan, TensorPlan
+from .progress import Progress, RunSummary
 from .runner import Parts, TensorJob, run_tensor
 from .schedule import Read
 from .stopping import MergeInterrupted, StopFlag
@@ -49,8 +48,8 @@ def _warn(message: str) -> None:
 class LocalIO:
     """The runner's I/O on one machine: staged reads from the reader thread, writes through the writer thread."""
 
-    def __init__(self, plan: Plan, work: WorkFolder, stop: StopFlag, bar: tqdm) -> None:
-        self.plan, self.work, self.stop, self.bar = plan, work, stop, bar
+    def __init__(self, plan: Plan, work: WorkFolder, stop: StopFlag, shown: Progress) -> None:
+        self.plan, self.work, self.stop, self.shown = plan, work, stop, shown
         self.compute = make_compute(torch.device(plan.budget.device))
         self.inputs = InputFiles()
         self.prefetch: Prefetcher | None = None
@@ -59,14 +58,18 @@ class LocalIO:
 
     def start(self, jobs: list[TensorJob]) -> None:
         reads = [r for job in jobs for r in job.schedule.reads]
-        self.prefetch = Prefetcher(self.inputs, reads, self.plan.slot_bytes, self.plan.depth, pin=self.compute.pin)
+        self.prefetch = Prefetcher(self.inputs, reads, self.plan.slot_bytes, self.plan.depth, pin=self.compute.pin,
+                                   checksum=self.work.journal.enabled)  # input checksums serve only a resume
         self.writer = WriteBehind(self.plan.out_buffer_bytes, self.plan.depth, pin=self.compute.pin)
 
     # ---- TensorIO ------------------------------------------------------------------------------------------
     def take(self, read: Read) -> Parts:
         assert self.prefetch is not None
         staged = self.prefetch.get(read, self.stop.check)
-        self.bar.update(read.nbytes)
+        if staged.sums is not None:  # journaled ahead of the work done with these rows
+            assert self.writer is not None
+            self.writer.submit(self.work.record_inputs, read.tensor, staged.sums)
+        self.shown.read(read.nbytes)
         if read.compute and self.compute.copies:  # copied to the device: the slot goes back to the reader at once
             parts = staged.parts
             flat = self.compute.upload([x for part in parts for x in part])
@@ -91,6 +94,7 @@ class LocalIO:
 
     def write(self, t: TensorPlan, r0: int, r1: int, buffer: int, data: torch.Tensor, cursor: dict) -> None:
         assert self.writer is not None
+        self.shown.wrote(data.numel() * data.element_size())
         self.writer.submit(self.work.write_chunk, t, r0, r1, memoryview(data.numpy()), cursor, buffer=buffer)
 
     def read_output(self, name: str, byte_offset: int, view: memoryview) -> None:
@@ -107,12 +111,10 @@ class LocalIO:
         self.writer.submit(checkpoint, event)  # in order with the writes before it
 
     def phase(self, t: TensorPlan, text: str) -> None:
-        self.bar.set_description(text, refresh=False)
-        self.bar.set_postfix_str(t.name, refresh=False)
+        self.shown.step(t.name, text)
 
     def progress(self, nbytes: int) -> None:
-        if nbytes:
-            self.bar.update(nbytes)
+        self.shown.read(nbytes)
 
     def check_stop(self) -> None:
         self.stop.check()
@@ -137,12 +139,15 @@ class LocalIO:
 
 
 def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False,
-            notify: Callable[[str], None] | None = None) -> Path:
+            notify: Callable[[str], None] | None = None,
+            report: Callable[[RunSummary], None] | None = None) -> Path:
     """Run (or continue) ``plan`` and publish the merged model folder; returns its path.
 
     ``handle_signals`` installs SIGINT/SIGTERM handlers for the run (stop at the next block, exit codes 130/143);
     without it Ctrl-C arrives as ``KeyboardInterrupt``, also resumable. ``notify`` receives what a caller should
-    know about continuing a run (default: a :class:`MergeNotice` warning).
+    know about continuing a run (default: a :class:`MergeNotice` warning). ``report`` receives the
+    :class:`~streammerge.progress.RunSummary` of a run that merged (default: its one-line summary on stderr when
+    ``show_progress``).
 
     Raises :class:`MergeInterrupted`, :class:`DiskFullError`, :class:`NonFiniteError` or another
     :class:`StreamMergeError`, each saying how to continue; the work folder is kept for ``resume``.
@@ -162,24 +167,27 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
         return recipe.out
     if not work_folder_for(recipe.out).is_dir():  # nothing to continue: the output must be free (or --force)
         check_destination(recipe.out, recipe.force)
+    load_torch()  # the seconds this takes pass before anything is written
+    shown = Progress(plan.bytes_read, show_progress)
     work = WorkFolder.open(plan, notify)
-    if work.resumed and show_progress:
-        print(f"resuming the interrupted merge in {work.path}: {work.done_count()} of {len(plan.tensors)} tensors "
-              "already done", file=sys.stderr)
-    bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
-               desc="starting", dynamic_ncols=True, leave=False)
     with StopFlag(handle_signals) as stop:
-        io = LocalIO(plan, work, stop, bar)
+        io = LocalIO(plan, work, stop, shown)
         try:
             work.open_shards()
             if work.resumed:
+                shown.say(f"resuming the interrupted merge in {work.path}: {work.done_count()} of "
+                          f"{len(plan.tensors)} tensors already done (checking their bytes)")
                 work.verify_journaled()
             jobs = work.jobs(notify)
+            shown.begin(len(jobs), resumed=sum(1 for j in jobs if not j.schedule.steps),
+                        done_bytes=sum(j.schedule.skipped_bytes for j in jobs))
             io.start(jobs)
-            for job in jobs:
+            for index, job in enumerate(jobs):
+                shown.tensor(index)
                 run_tensor(plan, job, io)
                 io.commit()
             io.drain()
+            shown.finishing()
             work.finish()
         except (StreamMergeError, OSError, KeyboardInterrupt, torch.OutOfMemoryError) as exc:
             io.close()
@@ -187,8 +195,13 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             raise _explain(exc, work) from None
         finally:
             io.close()
-            bar.close()
+            shown.close()
             work.close()
+    summary = shown.summary(recipe.out, gpu_memory_peak(plan.budget.device))
+    if report is not None:
+        report(summary)
+    elif show_progress:
+        print(summary.line(), file=sys.stderr)
     return recipe.out
 
 
@@ -236,4 +249,4 @@ def _explain(exc: BaseException, work: WorkFolder) -> StreamMergeError:
                      "or options change)")
 
 
-__all__ = ["DiskFullError", "MergeInterrupted", "MergeNotice", "execute"]
+__all__ = ["DiskFullError", "MergeInterrupted", "MergeNotice", "RunSummary", "execute"]

@@ -1,9 +1,12 @@
 """Fingerprints: what determines the output bytes, per tensor and for the whole run.
 
 A tensor's fingerprint hashes everything that decides its bytes: its name, shape, rule, kind and output dtype,
-the method and its parameters, the identity of every input it reads (the shard's path, size and modification
-time and the tensor's header entry), its place in the output layout (the shard's header) and, for a tied head,
-its embedding's fingerprint. The chunk size and the budget are not in it: they never change the bytes.
+the method and its parameters, the identity of every input it reads (the shard's path and size and the tensor's
+header entry), its place in the output layout (the shard's header) and, for a tied head, its embedding's
+fingerprint. The chunk size and the budget are not in it: they never change the bytes. Nor is a shard's
+modification time: the run's document keeps it (with each shard's size and header hash), so the run's fingerprint
+changes on a ``touch`` while the tensors' do not, and :func:`touched_inputs` names the shards that were only
+touched (whose bytes the journal's input checksums then vouch for, see :mod:`streammerge.inputsums`).
 
 The engine that computes them is fingerprinted as a whole: the streammerge and torch versions, the kind of device
 (CPU and GPU agree only within float tolerance) and the reduction tile. An interrupted run continues only with
@@ -13,10 +16,12 @@ the same engine; within it, tensors whose fingerprint is unchanged keep their jo
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from ._version import __version__
 from .classify import TensorClass
@@ -32,7 +37,19 @@ def digest(obj: Any) -> str:
 
 def engine_document(device: str, tile: int) -> dict[str, Any]:
     """What computes the bytes: streammerge and torch versions, device kind, reduction tile."""
-    return {"streammerge": __version__, "torch": torch.__version__, "device": device.split(":")[0], "tile": tile}
+    return {"streammerge": __version__, "torch": torch_version(), "device": device.split(":")[0], "tile": tile}
+
+
+def torch_version() -> str:
+    """The installed torch's version from its package metadata (the string ``torch.__version__`` gives, without
+    the seconds importing torch takes); the same source whether or not torch is imported, so a plan and its merge
+    agree."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a torch not installed as a package (a source checkout)
+        import torch
+
+        return str(torch.__version__)
 
 
 def tensor_fingerprints(classes: list[TensorClass], method: str, params: dict[str, Any], n_models: int,
@@ -75,8 +92,39 @@ def fingerprint_document(recipe: Recipe, method: str, params: dict[str, Any], ba
 
 
 def run_fingerprint(doc: dict[str, Any]) -> str:
-    """The run's fingerprint: the engine and every tensor's fingerprint."""
-    return digest({"engine": doc["engine"], "tensors": doc["tensors"]})
+    """The run's fingerprint: the engine, every tensor's fingerprint and the input files' identities (size,
+    modification time, header), so a published output is not taken for this run's after an input was touched."""
+    return digest({"engine": doc["engine"], "tensors": doc["tensors"], "inputs": doc["inputs"]})
+
+
+@dataclass(frozen=True)
+class Touched:
+    """An input shard whose size and header are unchanged but whose modification time changed."""
+
+    who: str  # "base" or "model K"
+    shard: str  # its file name in the model folder
+    path: Path  # its resolved path
+
+    def __str__(self) -> str:
+        return f"{self.who} file {self.shard}"
+
+
+def _who(i: int) -> str:
+    return "base" if i == 0 else f"model {i}"
+
+
+def touched_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[Touched]:
+    """The input shards of ``new`` that ``old`` knew with the same folder, size and header hash but another
+    modification time: their bytes may or may not have changed (a ``touch``, a copy, an edit in place)."""
+    out = []
+    for i, (a, b) in enumerate(zip(old.get("inputs", []), new.get("inputs", []))):
+        if a.get("folder") != b.get("folder"):
+            continue
+        for shard, now in b["shards"].items():
+            before = a["shards"].get(shard)
+            if before is not None and before != now and (before[0], before[2]) == (now[0], now[2]):
+                out.append(Touched(_who(i), shard, Path(b["folder"]) / shard))
+    return out
 
 
 _ENGINE_LABELS = {"streammerge": "streammerge version", "torch": "torch version", "device": "device", "tile": "tile"}
@@ -90,8 +138,9 @@ def engine_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{label}: {a.get(k)} -> {b.get(k)}" for k, label in _ENGINE_LABELS.items() if a.get(k) != b.get(k)]
 
 
-def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprint documents."""
+def describe_changes(old: dict[str, Any], new: dict[str, Any], touched: Sequence[str] = ()) -> list[str]:
+    """Human-readable differences between two fingerprint documents. A shard whose modification time alone changed
+    is not one (see :func:`touched_inputs`); ``touched`` lists what checking such shards found."""
     changes = engine_changes(old, new) if isinstance(old.get("engine"), dict) else []
     for key in ("method", "params", "dtype", "exclude", "embeddings", "shard_size"):
         if old.get(key) != new.get(key):
@@ -101,14 +150,15 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if len(old_in) != len(new_in):
         changes.append(f"number of models: {len(old_in) - 1} -> {len(new_in) - 1}")
     for i, (a, b) in enumerate(zip(old_in, new_in)):
-        who = "base" if i == 0 else f"model {i}"
+        who = _who(i)
         if a.get("folder") != b.get("folder"):
             changes.append(f"{who} folder: {a.get('folder')} -> {b.get('folder')}")
             continue
         for shard in sorted(set(a["shards"]) | set(b["shards"])):
-            if a["shards"].get(shard) != b["shards"].get(shard):
-                changes.append(f"{who} file {shard} changed (size, modification time or header)")
-    return changes or ["the plan fingerprint"]
+            before, now = a["shards"].get(shard), b["shards"].get(shard)
+            if before is None or now is None or (before[0], before[2]) != (now[0], now[2]):
+                changes.append(f"{who} file {shard} changed (size or header)")
+    return changes + list(touched) or ["the plan fingerprint"]
 
 
 def changed_tensors(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

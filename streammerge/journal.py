@@ -14,11 +14,15 @@ CRC-32 of the tensor's bytes up to ``r1`` (so the final value does not depend on
 method's emit cursor after the chunk (e.g. TIES's tie counters). ``{"t": name, "truncate": k}`` forgets chunks
 from index k on (their bytes did not verify, or the tensor must be redone). A stats line ``{"s": name, "file",
 "crc", "bytes"}`` records that the tensor's statistics are durable in ``state/<file>`` with that CRC-32 and size
-(``"file": null`` forgets them). A torn last line (crash mid-append) is cut off before anything is appended.
+(``"file": null`` forgets them). An input line ``{"i": name, "rows", "crc"}`` records the CRC-32s of the input
+bytes of rows [0, rows) the tensor's work used (per source, per byte range; :mod:`streammerge.inputsums`); the
+last one counts, ``"crc": null`` forgets it, and a journal without any (an older one) has none recorded. A torn
+last line (crash mid-append) is cut off before anything is appended.
 
 Order is what makes the journal honest: a chunk line is appended only after its bytes were synced, a stats line
 only after its file and the ``state/`` folder entry were synced, so every line that survives a power cut
-describes bytes that survived it too. All writes go through :mod:`streammerge.fsio`.
+describes bytes that survived it too; an input line is queued before the work done with those rows. All writes go
+through :mod:`streammerge.fsio`.
 """
 
 from __future__ import annotations
@@ -30,13 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from . import fsio
+from ._torch import torch
 from .errors import StreamMergeError
+from .inputsums import InputSums
 from .manifest import crc
 
 #: group-commit thresholds: pending bytes, or seconds since the last commit
@@ -57,6 +60,7 @@ class TensorProgress:
     state_file: str | None = None
     state_crc: int | None = None
     state_bytes: int | None = None
+    inputs: InputSums | None = None  # checksums of the input bytes its work used
 
     @property
     def rows_done(self) -> int:
@@ -130,6 +134,9 @@ class Journal:
         elif "s" in entry:
             p = self.progress.setdefault(entry["s"], TensorProgress())
             p.state_file, p.state_crc, p.state_bytes = entry["file"], entry.get("crc"), entry.get("bytes")
+        elif "i" in entry:
+            p = self.progress.setdefault(entry["i"], TensorProgress())
+            p.inputs = None if entry["crc"] is None else InputSums.from_json(entry)
 
     def get(self, name: str) -> TensorProgress:
         return self.progress.get(name, TensorProgress())
@@ -150,6 +157,8 @@ class Journal:
                 entries.append({"t": name, "truncate": 0})
             if p is not None and p.state_file:
                 entries.append({"s": name, "file": None})
+            if p is not None and p.inputs is not None:
+                entries.append({"i": name, "crc": None})
         if entries and self.enabled:
             self._join()
             self._append_lines([json.dumps(e) for e in entries])
@@ -172,6 +181,12 @@ class Journal:
         if self._pending_bytes >= COMMIT_BYTES or time.monotonic() - self._last_commit >= COMMIT_SECONDS:
             self.commit()
 
+    def record_inputs(self, name: str, sums: InputSums) -> None:
+        """Journal the checksums of the input bytes ``name``'s work uses (durable at the next commit)."""
+        self.progress.setdefault(name, TensorProgress()).inputs = sums
+        if self.enabled:
+            self._pending.append(json.dumps({"i": name, **sums.to_json()}))
+
     def save_state(self, name: str, index: int, state: dict[str, torch.Tensor]) -> None:
         """Persist a tensor's statistics durably (file, then its folder entry), then journal them with their CRC."""
         if not self.enabled or not state:
@@ -180,6 +195,8 @@ class Journal:
         if not folder.is_dir():
             fsio.make_dirs(folder)
         fname = f"{index:06d}.safetensors"
+        from safetensors.torch import save as save_safetensors  # imports torch: only where tensors are saved
+
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
         fsio.write_file(folder / fname, data, sync_folder=True)
         p = self.progress.setdefault(name, TensorProgress())
@@ -203,6 +220,8 @@ class Journal:
         if p.state_crc is not None and crc(data) != p.state_crc:
             return None, f"{path} does not match the checksum written with it (damaged)"
         try:
+            from safetensors.torch import load as load_safetensors
+
             state = load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
             return None, f"{path} is not a readable safetensors file ({exc})"

@@ -4,7 +4,8 @@
 byte ranges (as its sources name them) into one of ``depth`` reusable *slots* (plain ``pread``, which releases the
 GIL), so the next chunk loads while the current one is computed. The compute takes staged reads in schedule order
 (each is checked to be the very read it asks for) and gives their slots back; a slot can be kept across steps (a
-tensor read once for every pass).
+tensor read once for every pass). The reader also checksums the bytes of the reads the schedule flags, as they
+arrive (:class:`~streammerge.inputsums.Sweep`); a staged read carries the result for the journal.
 
 :class:`WriteBehind` runs the durable side effects (shard writes, checksums, journal lines, failpoints) on one
 background thread in submission order, so the disk writes while the next chunk is computed. Output chunks are
@@ -23,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
+from ._torch import torch
 from .formats.reader import InputFiles, ReadCancelled
+from .inputsums import InputSums, Sweep
 from .schedule import Read
 from .sources.base import align
 
@@ -47,11 +48,13 @@ def wait_for(q: queue.Queue[T], check: Callable[[], None] | None) -> T:
 
 @dataclass
 class Staged:
-    """A read whose bytes are in memory: per source, its parts (typed views inside slot ``slot``)."""
+    """A read whose bytes are in memory: per source, its parts (typed views inside slot ``slot``); ``sums``: the
+    checksums of its tensor's input rows [0, read.r1), for a checksum read (see :mod:`streammerge.inputsums`)."""
 
     read: Read
     parts: list[tuple[torch.Tensor, ...]]
     slot: int
+    sums: InputSums | None = None
 
 
 def _buffer(nbytes: int, pin: bool) -> torch.Tensor:
@@ -69,10 +72,11 @@ def read_layout(read: Read) -> list[tuple[int, int]]:
 
 
 class Prefetcher:
-    """Reads ``reads`` into ``depth`` reusable slots of ``slot_bytes`` on a background thread."""
+    """Reads ``reads`` into ``depth`` reusable slots of ``slot_bytes`` on a background thread (and, with
+    ``checksum``, checksums the reads flagged so)."""
 
     def __init__(self, files: InputFiles, reads: Sequence[Read], slot_bytes: int, depth: int,
-                 pin: bool = False) -> None:
+                 pin: bool = False, checksum: bool = True) -> None:
         self.files = files
         self.reads = list(reads)
         self.slot_bytes = slot_bytes
@@ -83,6 +87,7 @@ class Prefetcher:
             self._free.put(i)
         self._ready: queue.Queue[Staged | BaseException | None] = queue.Queue()
         self._closed = False
+        self._sweep = Sweep() if checksum else None
         self._thread = threading.Thread(target=self._run, name="streammerge-reader", daemon=True)
         self._thread.start()
 
@@ -108,15 +113,16 @@ class Prefetcher:
         buf = self._slots[slot]
         if buf is None:
             buf = self._slots[slot] = _buffer(self.slot_bytes, self.pin)
-        parts, k = [], 0
+        parts, pieces, k = [], [], 0
         for source in read.sources:
-            buffers = []
-            for rng in source.ranges(read.r0, read.r1):
+            buffers, ranges = [], source.ranges(read.r0, read.r1)
+            for rng in ranges:
                 at, length = layout[k]
                 buffers.append(self.files.read_range(rng, buf[at : at + length], lambda: self._closed))
                 k += 1
             parts.append(source.parts(buffers, read.r0, read.r1))
-        return Staged(read, parts, slot)
+            pieces.append(list(zip(ranges, buffers)))
+        return Staged(read, parts, slot, self._sweep.add(read, pieces) if self._sweep is not None else None)
 
     def get(self, read: Read, check: Callable[[], None] | None = None) -> Staged:
         """The next staged read, which must be ``read`` itself (the schedule and the consumer walk one list)."""

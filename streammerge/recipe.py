@@ -5,9 +5,12 @@ Nothing below the recipe cares where it came from. It names inputs and options; 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .units import parse_size
 
 #: Token-embedding tensor names per architecture family; their columns are tokens (stored rows).
 TOKEN_EMBEDDINGS: tuple[str, ...] = (
@@ -29,6 +32,11 @@ HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight")
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
 
+def _strings(value: str | Sequence[str]) -> tuple[str, ...]:
+    """A tuple of strings from one string or a sequence of them (a string is not split into characters)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A merge request.
@@ -46,7 +54,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()  # regexes (re.match): matching tensors keep the base value
     embedding_names: tuple[str, ...] | None = None  # None = TOKEN_EMBEDDINGS + POSITION_EMBEDDINGS
     tokenizer_from: Path | None = None
-    shard_size: int = DEFAULT_SHARD_SIZE
+    shard_size: int | str = DEFAULT_SHARD_SIZE  # bytes, or a size such as "2GB" (parsed here)
     max_ram: str | int | None = None
     device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
     max_vram: str | int | None = None  # GPU memory for the merge's tensors; None = 80% of what is free
@@ -63,11 +71,12 @@ class Recipe:
         object.__setattr__(self, "models", tuple(Path(m) for m in models))
         if self.out is not None:
             object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", _strings(self.exclude))  # one pattern may be given as a string
         if self.tokenizer_from is not None:
             object.__setattr__(self, "tokenizer_from", Path(self.tokenizer_from))
         if self.embedding_names is not None:
-            object.__setattr__(self, "embedding_names", tuple(self.embedding_names))
+            object.__setattr__(self, "embedding_names", _strings(self.embedding_names))
+        object.__setattr__(self, "shard_size", parse_size(self.shard_size, "--shard-size"))
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the result, with absolute paths (stored in the work folder for ``resume``)."""

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
-
+from ._torch import torch
 from .errors import NonFiniteError
 from .formats.dtypes import DTYPES
 from .methods import TensorMerge
@@ -27,7 +26,7 @@ from .planner import Plan, TensorPlan
 from .schedule import Op, Read, Step, TensorSchedule
 from .sources import InputSource
 
-Parts = list[tuple[torch.Tensor, ...]]  # per source, its staged tensors (on the compute device)
+Parts = list[tuple["torch.Tensor", ...]]  # per source, its staged tensors (on the compute device)
 
 
 class Compute(Protocol):
@@ -68,7 +67,7 @@ class TensorIO(Protocol):
         """What the runner is doing now (progress display)."""
 
     def progress(self, nbytes: int) -> None:
-        """``nbytes`` of the plan's reads are done (or were skipped)."""
+        """``nbytes`` of the plan's reads are done (work an earlier run did is counted by the executor)."""
 
     def check_stop(self) -> None:
         """Raise if the run should stop now (a signal arrived)."""
@@ -93,7 +92,6 @@ class TensorResult:
 def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
     """Execute ``job``'s schedule; raises :class:`NonFiniteError` on NaN, infinity or overflow in the output."""
     t, schedule = job.tensor, job.schedule
-    io.progress(schedule.skipped_bytes)
     if not schedule.steps:
         return TensorResult(t.name, 0)
     merger = plan.method.start(t.task, plan.params, len(plan.models)) if t.rule.merged else None
@@ -138,7 +136,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
 
 # ---- the steps ------------------------------------------------------------------------------------------------
 def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts, io: TensorIO) -> None:
-    io.phase(t, f"statistics pass {step.pass_index + 1}")
+    io.phase(t, f"statistics {step.pass_index + 1}/{t.stat_passes}")
     for b0, b1 in t.blocks(step.r0, step.r1, stats=True):
         io.check_stop()
         base, *models = _rows(t.sources, parts, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
@@ -149,7 +147,7 @@ def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Rea
 
 def _emit(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts,
           io: TensorIO) -> None:
-    io.phase(t, "merge pass")
+    io.phase(t, "merge")
     buffer, raw = io.output_buffer()
     host, nbytes = _out_view(t, raw, step.r0, step.r1)
     out = io.compute.output_like(host)

@@ -4,6 +4,9 @@
 journaled and whether that run's saved statistics load, it decides everything about the tensor's execution once:
 
 - the **reads**, each covering rows [r0, r1) of the tensor's sources, in the order the reader thread performs them;
+  those flagged ``checksum`` form the tensor's one sweep from row 0 in this run (its first statistics pass; for a
+  tensor without statistics passes, its emit or copy if that starts at row 0): the reader checksums their bytes
+  (:mod:`streammerge.inputsums`). A run that restores saved statistics or starts mid-tensor flags none;
 - the **steps** the runner executes in order: restore saved statistics, or feed statistics passes chunk by chunk
   and save their result; restore the emit cursor; emit (or copy) each chunk from the resume row on.
 
@@ -39,13 +42,15 @@ class Op(str, Enum):
 @dataclass(frozen=True)
 class Read:
     """Rows [r0, r1) of every source of tensor ``tensor``, read into one slot; ``compute``: the rows go to the
-    compute device (a merge), else they stay in host memory (a copy)."""
+    compute device (a merge), else they stay in host memory (a copy); ``checksum``: part of the tensor's sweep from
+    row 0, whose input bytes the reader checksums."""
 
     tensor: str
     r0: int
     r1: int
     sources: tuple[InputSource, ...]
     compute: bool = True
+    checksum: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -89,29 +94,31 @@ def make_schedule(t: TensorPlan, rows_done: int, complete: bool, state_loaded: b
     reads: list[Read] = []
     steps: list[Step] = []
 
-    def read(r0: int, r1: int) -> int:
-        reads.append(Read(t.name, r0, r1, t.sources, compute=t.rule.merged))
+    def read(r0: int, r1: int, checksum: bool) -> int:
+        reads.append(Read(t.name, r0, r1, t.sources, compute=t.rule.merged, checksum=checksum))
         return len(reads) - 1
 
+    sweep = rows_done == 0 and not (t.stat_passes and state_loaded)  # the emit or copy reads from row 0
     if t.rule is Rule.TIED_COPY:
         steps += [Step(Op.TIED_COPY, r0, r1) for r0, r1 in t.chunks(rows_done)]
     elif t.rule is Rule.COPY_BASE:
-        steps += [Step(Op.COPY, r0, r1, read=read(r0, r1)) for r0, r1 in t.chunks(rows_done)]
+        steps += [Step(Op.COPY, r0, r1, read=read(r0, r1, sweep)) for r0, r1 in t.chunks(rows_done)]
     else:
         whole: int | None = None  # a read of the whole tensor, kept for every pass
         if t.stat_passes and state_loaded:
             steps.append(Step(Op.LOAD_STATE))
         elif t.stat_passes:
             if t.resident:
-                whole = read(0, t.rows)
+                whole = read(0, t.rows, True)
             for p in range(t.stat_passes):
-                steps += [Step(Op.STATS, r0, r1, p, read=read(r0, r1) if whole is None else whole)
+                steps += [Step(Op.STATS, r0, r1, p, read=read(r0, r1, p == 0) if whole is None else whole)
                           for r0, r1 in t.chunks()]
                 steps.append(Step(Op.END_PASS, pass_index=p))
             steps.append(Step(Op.SAVE_STATE))
+            sweep = False  # the first statistics pass was the sweep
         if rows_done:
             steps.append(Step(Op.RESTORE_CURSOR, rows_done))
-        steps += [Step(Op.EMIT, r0, r1, read=read(r0, r1) if whole is None else whole)
+        steps += [Step(Op.EMIT, r0, r1, read=read(r0, r1, sweep) if whole is None else whole)
                   for r0, r1 in t.chunks(rows_done)]
     steps = _mark_releases(steps, len(reads))
     scheduled = sum(r.nbytes for r in reads) + sum((s.r1 - s.r0) * t.out_row_bytes for s in steps

@@ -4,7 +4,10 @@ Opening it decides what a previous run left is worth. A folder from the same pla
 by another engine (streammerge or torch version, kind of device) is refused by name. One whose inputs or options
 changed keeps the work of every tensor whose fingerprint is unchanged; the changed tensors' journaled work is
 forgotten (durably, before the new fingerprints are stored) and redone, but only when the user says so
-(``redo_changed``), because that work would be lost. ``--restart`` discards everything.
+(``redo_changed``), because that work would be lost. ``--restart`` discards everything. An input shard that was
+only touched (same size and header, another modification time) changes no fingerprint: the bytes the journaled
+work used from it are re-read and checked against the journal's input checksums (:mod:`streammerge.inputsums`),
+and the tensors whose bytes differ or were not recorded count as changed.
 
 Then the output shards are opened (a missing or damaged one is recreated and its tensors start over), the
 journaled chunks are checked against the bytes on disk, and each tensor gets its job: its schedule, and the
@@ -25,19 +28,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import fsio
+from ._torch import torch
 from ._version import __version__
 from .errors import PlanError, StreamMergeError
 from .faults import checkpoint
-from .fingerprint import changed_tensors, describe_changes, engine_changes
+from .fingerprint import changed_tensors, describe_changes, engine_changes, touched_inputs
 from .formats.dtypes import parse_output_dtype
+from .inputsums import InputSums, TouchCheck, check_touched
 from .journal import Journal, ResumeError, write_json_atomic
 from .manifest import MANIFEST, crc
 from .methods import Rule
-from .output import (check_destination, check_output_name, copy_side_files, publish, work_folder_for, write_index, write_json,
-                     write_model_card)
+from .output import (
+    check_destination,
+    check_output_name,
+    copy_side_files,
+    publish,
+    work_folder_for,
+    write_index,
+    write_json,
+    write_model_card,
+)
 from .planner import Plan, TensorPlan
 from .runner import TensorJob
 from .schedule import make_schedule
@@ -133,13 +144,30 @@ def describe_destination(plan: Plan) -> str:
             return f"{work} holds an interrupted run of this merge ({done} of {len(plan.tensors)} tensors done): a " \
                    "merge continues it"
         old = stored.get("fingerprint_doc", {})
-        changes = "; ".join(engine_changes(old, plan.fingerprint_doc) or describe_changes(old, plan.fingerprint_doc))
+        touched = touched_inputs(old, plan.fingerprint_doc)
+        if touched and not changed_tensors(old, plan.fingerprint_doc) and not engine_changes(old, plan.fingerprint_doc):
+            return f"{work} holds an interrupted run of this merge ({done} of {len(plan.tensors)} tensors done); " \
+                   f"{', '.join(map(str, touched))} was modified since (same size and header): a merge re-reads " \
+                   "the bytes the work done used from it and continues if they match (else it asks for --redo-changed)"
+        checked = [f"{t} modified (same size and header; a merge checks the bytes the work done used)" for t in touched]
+        changes = "; ".join(engine_changes(old, plan.fingerprint_doc)
+                            or describe_changes(old, plan.fingerprint_doc, checked))
         return f"{work} holds an interrupted run with other inputs or options ({changes}; {done} tensors done): a " \
                "merge refuses to overwrite it without --redo-changed or --restart"
     if out.is_dir() and any(out.iterdir()):
         return f"{out} exists and is not empty: a merge " + ("replaces it when complete (--force)" if plan.recipe.force
                                                              else "refuses it without --force")
     return f"{out} will be created when the merge is complete"
+
+
+def _touch_change(c: TouchCheck) -> str:
+    """A touched input file whose check failed, as a change."""
+    why = []
+    if c.differ:
+        why.append(f"the bytes {len(c.differ)} tensor(s) with work done used from it differ")
+    if c.unrecorded:
+        why.append(f"{len(c.unrecorded)} tensor(s) with work done have no checksum of the bytes they used from it")
+    return f"{c.file} changed (same size and header, new modification time; {' and '.join(why)})"
 
 
 class WorkFolder:
@@ -208,9 +236,13 @@ class WorkFolder:
                 "the streammerge, torch and device it was made with"
             )
         changed = changed_tensors(old, new)
+        checks = check_touched(plan, journal, touched_inputs(old, new), set(changed))
+        failed = {n for c in checks for n in c.differ + c.unrecorded}
+        failed |= {t.name for t in plan.tensors if t.copy_of in failed}  # a tied head copies a redone embedding
+        changed += [t.name for t in plan.tensors if t.name in failed and t.name not in changed]
         lost = [n for n in changed if journal.get(n).chunks or journal.get(n).state_file]
         kept = sum(1 for t in plan.tensors if t.name not in changed and journal.get(t.name).chunks)
-        changes = describe_changes(old, new)
+        changes = describe_changes(old, new, [_touch_change(c) for c in checks if c.differ or c.unrecorded])
         what = "; ".join(changes)
         if lost and not plan.recipe.redo_changed:
             inputs_changed = old.get("inputs") != new.get("inputs")
@@ -223,9 +255,18 @@ class WorkFolder:
             )
         journal.reset(changed)  # durable before the new fingerprints are: a crash in between resets again
         write_json_atomic(work / "plan.json", cls._plan_record(plan))
+        for c in checks:
+            if c.kept:
+                notify(f"{c.file} was modified since the interrupted run (same size and header): re-read the bytes "
+                       f"{len(c.kept)} tensor(s) with work done used from it; they match their checksums, so that "
+                       "work is kept")
         if lost:
             notify(f"changed since the interrupted run: {what}; redoing {len(lost)} tensor(s) with work done, "
                    f"keeping {kept}")
+
+    def record_inputs(self, name: str, sums: InputSums) -> None:
+        """Journal the checksums of the input bytes tensor ``name``'s work uses (on the writer thread)."""
+        self.journal.record_inputs(name, sums)
 
     def open_shards(self) -> None:
         """Open the shards a previous run created (if intact) or create them at full size, durably."""

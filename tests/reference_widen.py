@@ -1,4 +1,4 @@
-"""A dense, whole-tensor reference of WIDEN written from the contract in shared/WIDEN.md (a.1, a.2, a.4, a.5).
+"""A dense, whole-tensor reference of WIDEN written from the contract in docs/widen.md.
 
 Independent of ``streammerge.methods``: nothing is imported from the engine. Every tensor is held whole in
 memory; the result is float32.

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import streammerge
-from streammerge.errors import PlanError, ProblemsError
+from streammerge import api
+from streammerge.errors import PlanError, ProblemsError, StreamMergeError
 from streammerge.examples import write_family
 from streammerge.pythonic import pythonize
 
@@ -74,3 +75,13 @@ def test_plan_writes_nothing(fam, tmp_path):
     before = sorted(os.listdir(tmp_path))
     streammerge.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_one_pattern_and_sizes_may_be_given_as_strings(tmp_path):
+    fam = write_family(tmp_path / "fam", "tiny")
+    p = api.plan(fam["base"], fam["chat"], method="task_arithmetic", exclude="model.norm", shard_size="100KB",
+                 embedding_names="x")
+    assert p.recipe.exclude == ("model.norm",) and p.recipe.embedding_names == ("x",)
+    assert p.recipe.shard_size == 100_000 and len(p.shards) > 1
+    with pytest.raises(StreamMergeError, match="shard_size"):
+        api.plan(fam["base"], fam["chat"], method="task_arithmetic", shard_size="big")

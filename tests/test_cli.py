@@ -16,6 +16,8 @@ import re
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from click.testing import CliRunner, Result
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from streammerge.budget import gpu_driver_present
 from streammerge.cli import main
 from streammerge.examples import SHAPES, tensor_shapes, write_family, write_model
 
@@ -299,12 +302,52 @@ def test_a_tied_head_stored_in_another_dtype_is_the_merged_embedding_cast(dtype,
     assert torch.equal(lm_head, embed.to(lm_head.dtype))
 
 
-def test_make_example(tmp_path):
-    result = invoke("make-example", tmp_path / "demo")
+def test_make_example_can_be_rerun_and_replaced_only_with_force(tmp_path):
+    demo = tmp_path / "demo"
+    result = invoke("make-example", demo)
     assert result.exit_code == 0, result.output
-    assert {p.name for p in (tmp_path / "demo").iterdir()} == {"base", "chat", "multilingual"}
-    again = invoke("make-example", tmp_path / "demo")
-    assert again.exit_code == 1 and "not empty" in again.stderr
+    assert {p.name for p in demo.iterdir()} == {"base", "chat", "multilingual", "streammerge-example.json"}
+    before, weights = snapshot(tmp_path), (demo / "base" / "model.safetensors").read_bytes()
+    again = invoke("make-example", demo)  # the quick start run twice
+    assert again.exit_code == 0 and "already holds this example" in again.stderr and str(demo / "base") in again.stdout
+    assert snapshot(tmp_path) == before
+    other = invoke("make-example", demo, "--seed", "1")
+    assert other.exit_code == 1 and "holds another example" in other.stderr and "--force" in other.stderr
+    assert snapshot(tmp_path) == before
+    replaced = invoke("make-example", demo, "--seed", "1", "--force")
+    assert replaced.exit_code == 0, replaced.output
+    assert (demo / "base" / "model.safetensors").read_bytes() != weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert json.loads((demo / "streammerge-example.json").read_text())["seed"] == 1
+
+
+def test_make_example_refuses_a_bad_dtype_before_writing_anything(tmp_path):
+    result = invoke("make-example", tmp_path / "demo", "--dtype", "int8")
+    assert result.exit_code == 2 and "'int8' is not one of" in result.stderr and "bfloat16" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_make_example_leaves_nothing(tmp_path, monkeypatch):
+    import streammerge.examples as examples
+
+    written = []
+
+    def write_then_stop(folder, *args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(folder)
+        return write_model(folder, *args, **kwargs)
+
+    monkeypatch.setattr(examples, "write_model", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        examples.write_example(tmp_path / "demo")
+    assert written and not list(tmp_path.iterdir()), "neither the example nor its work folder may be left"
+
+
+def test_make_example_help_lists_dtypes_and_sizes_on_disk():
+    text = invoke("make-example", "--help").stdout
+    assert "bfloat16|float16|float32" in text and "qwen2-7b 42.6 GiB" in " ".join(text.split())
+    assert "Seed of the generated weights" in text and "--force" in text
 
 
 def test_force_replaces_a_non_empty_output(fam, out):
@@ -953,3 +996,22 @@ def test_counts_are_worded_in_the_singular_and_plural(n, fam, out):
     slerp = invoke("merge", "--base", fam["base"], "--model", fam["multilingual"], "--model", fam["base"],
                    "--method", "slerp", "--out", out, "-q")
     assert "slerp takes at most 1 model besides the base, got 2" in slerp.stderr
+
+
+FAST_COMMANDS = [["--help"], ["--version"], ["methods"], ["merge", "--help"], ["inspect", "{base}"],
+                 ["plan", "--base", "{base}", "--model", "{chat}", "--model", "{multilingual}"], ["verify", "{out}"]]
+
+
+@pytest.mark.parametrize("command", FAST_COMMANDS, ids=lambda c: " ".join(c))
+def test_fast_commands_do_not_import_torch(command, fam, out):
+    """Importing torch takes seconds; commands that compute no tensor leave it alone (``-X importtime`` lists
+    every module a process imports)."""
+    if command[0] == "plan" and gpu_driver_present():
+        pytest.skip("with a GPU driver, --device auto asks torch about the GPU (its memory sets the plan)")
+    merge_ok(fam, out)
+    args = [a.format(out=out, **fam) for a in command]
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "streammerge", *args], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "streammerge.cli" in imported and "torch" not in imported

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from streammerge.errors import InputError
 from streammerge.formats.checkpoint import load_checkpoint
 from streammerge.formats.reader import InputFiles
+from streammerge.manifest import crc
 from streammerge.pipeline import Prefetcher, WriteBehind
 from streammerge.schedule import Read
 from streammerge.sources import StoredSource
@@ -121,6 +122,32 @@ def test_prefetcher_stages_the_schedule_in_order_in_reused_slots(two_models):
         finally:
             pre.close()
     assert slots <= set(range(DEPTH))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 40])
+def test_prefetcher_checksums_a_sweep_from_row_0_whatever_the_chunking(two_models, chunk):
+    """Checksum reads carry the CRC-32 of each source's rows [0, r1), equal to a CRC of the tensor's bytes as stored;
+    a later pass (not flagged) and a sweep that does not start at row 0 carry nothing."""
+    ckpts, tensors = two_models
+    w = tuple(StoredSource(c.tensors["w"]) for c in ckpts)
+    sweep = [Read("w", r0, min(40, r0 + chunk), w, checksum=True) for r0 in range(0, 40, chunk)]
+    again = [Read("w", r0, min(40, r0 + chunk), w) for r0 in range(0, 40, chunk)]
+    mid = [Read("w", r0, min(40, r0 + chunk), w, checksum=True) for r0 in range(chunk, 40, chunk)]
+    reads = sweep + again + mid
+    want = [crc(t["w"].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) for t in tensors]
+    with InputFiles() as files:
+        pre = Prefetcher(files, reads, slot_bytes=max(r.nbytes for r in reads) + 128, depth=DEPTH)
+        try:
+            sums = []
+            for read in reads:
+                staged = pre.get(read)
+                sums.append(staged.sums)
+                pre.release(staged)
+        finally:
+            pre.close()
+    assert [s.rows for s in sums[: len(sweep)]] == [r.r1 for r in sweep]
+    assert sums[len(sweep) - 1].crcs == tuple((c,) for c in want)
+    assert all(s is None for s in sums[len(sweep):])
 
 
 def test_prefetcher_checks_the_order_and_reports_read_errors(two_models, tmp_path):

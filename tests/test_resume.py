@@ -534,20 +534,130 @@ def test_changed_input_is_refused_until_restart(cli, fam, refs, tmp_path):
     assert (out / SHARD).read_bytes() != (refs["widen"].out / SHARD).read_bytes(), "the change must matter"
 
 
-def test_touched_input_is_refused(cli, fam, refs, tmp_path):
-    fam2 = {k: tmp_path / "fam" / k for k in fam}
+def _copied_family(fam: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
     shutil.copytree(fam["base"].parent, tmp_path / "fam")
-    out = tmp_path / "out"
-    _kill_mid_merge(cli, fam2, out, refs)
-    st = (fam2["base"] / SHARD).stat()
-    os.utime(fam2["base"] / SHARD, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    r = cli.run(*merge_args(fam2, out))
-    assert r.code == 1 and "base file model.safetensors changed" in r.stderr and "--restart" in r.stderr, str(r)
-    assert "original command" not in r.stderr and "--redo-changed" in r.stderr, "advice that would fail again"
-    r = cli.run("resume", out, "--redo-changed", "-q")
+    return {k: tmp_path / "fam" / k for k in fam}
+
+
+def _touch(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _tensors_with_work(out: Path) -> tuple[list[str], int]:
+    """(tensors with journaled chunks or statistics, how many of them are complete) of an interrupted run."""
+    from streammerge.journal import Journal
+
+    journal = Journal(partial(out), read_only=True)
+    _, h = header(partial(out) / "model" / SHARD)
+    rows = {name: t["shape"][0] if t["shape"] else 1 for name, t in h.items() if name != "__metadata__"}
+    work = [n for n, p in journal.progress.items() if p.chunks or p.state_file]
+    return work, sum(1 for n in work if journal.get(n).chunks and journal.get(n).rows_done >= rows[n])
+
+
+def _resumed_count(stderr: str) -> int:
+    line = next(s for s in stderr.splitlines() if s.startswith("resuming the interrupted merge"))
+    return int(line.split(": ")[1].split()[0])
+
+
+@pytest.mark.parametrize("method", ["widen", "task_arithmetic", "ties"])
+def test_touched_input_is_reverified_and_the_merge_continues(method, cli, fam, refs, tmp_path):
+    """Only the base's modification time changed: the bytes the journaled work used are re-read, match their
+    journaled checksums, and the merge continues without --redo-changed, keeping that work, to the same bytes."""
+    ref = refs[method]
+    fam2, out = _copied_family(fam, tmp_path), tmp_path / "out"
+    r = cli.run(*merge_args(fam2, out, method), kill_at=kill_points(ref.events, "chunk-written", "middle"))
+    assert r.code == -signal.SIGKILL, str(r)
+    work, done = _tensors_with_work(out)
+    assert done > 0
+    _touch(fam2["base"] / SHARD)
+    r = cli.run(*merge_args(fam2, out, method, quiet=False), log=True)
     assert r.code == 0, str(r)
-    # only the modification time changed: the same tensors (the manifest's fingerprint names the new input)
-    assert (out / SHARD).read_bytes() == (refs["widen"].out / SHARD).read_bytes()
+    assert _resumed_count(r.stderr) == done, r.stderr
+    assert f"base file model.safetensors was modified since the interrupted run (same size and header): re-read " \
+           f"the bytes {len(work)} tensor(s) with work done used from it; they match" in r.stderr, r.stderr
+    assert r.events.count("chunk-written") < ref.events.count("chunk-written"), "the journaled work is kept"
+    # the same tensors (the manifest's fingerprint names the new input)
+    assert (out / SHARD).read_bytes() == (ref.out / SHARD).read_bytes()
+    r = cli.run("verify", out)
+    assert r.code == 0 and r.stdout.startswith("OK"), str(r)
+
+
+def _rewrite_rows(shard: Path, name: str) -> None:
+    """Overwrite the first rows of tensor ``name`` in place with other values: same size and header."""
+    b, e, row = tensor_range(shard, name)
+    with open(shard, "r+b") as f:
+        f.seek(b)
+        f.write(bytes(min(row * 4, e - b)))
+    _touch(shard)
+
+
+def test_same_size_content_change_is_caught_by_the_checksum(cli, fam, refs, tmp_path):
+    """Same size, same header, other bytes and a new modification time. In a tensor not started yet: nothing to
+    redo, the merge continues and reads the new bytes. In a tensor whose work was journaled: the checksum catches
+    it, the merge is refused (naming the file, with advice that works) without touching the work, and with
+    --redo-changed the bytes equal a fresh merge of the changed inputs."""
+    fam2, first, second = _copied_family(fam, tmp_path), tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        _kill_mid_merge(cli, fam2, out, refs)
+    work, _ = _tensors_with_work(second)
+    _, h = header(fam2["chat"] / SHARD)
+    later = next(n for n in reversed(list(h)) if n not in work and n != "__metadata__" and h[n]["shape"])
+    before = _work_snapshot(second)
+
+    _rewrite_rows(fam2["chat"] / SHARD, later)
+    r = cli.run(*merge_args(fam2, first))
+    assert r.code == 0 and "model.safetensors was modified" in r.stderr, str(r)
+    fresh = tmp_path / "fresh"
+    assert cli.run(*merge_args(fam2, fresh)).code == 0
+    assert (first / SHARD).read_bytes() == (fresh / SHARD).read_bytes()
+    assert (first / SHARD).read_bytes() != (refs["widen"].out / SHARD).read_bytes(), "the change must matter"
+
+    _rewrite_rows(fam2["chat"] / SHARD, work[0])
+    for again in (merge_args(fam2, second), ["resume", second, "-q"]):
+        r = cli.run(*again)
+        assert r.code == 1, str(r)
+        assert "model 1 file model.safetensors changed (same size and header, new modification time; the bytes 1 " \
+               "tensor(s) with work done used from it differ)" in r.stderr, r.stderr
+        assert "original command" not in r.stderr and "--redo-changed" in r.stderr and "--restart" in r.stderr
+        assert _work_snapshot(second) == before, "the refusal must not touch the interrupted work"
+        assert not second.exists()
+    r = cli.run("resume", second, "--redo-changed", "-q")
+    assert r.code == 0, str(r)
+    assert "redoing 1 tensor(s) with work done" in r.stderr, r.stderr
+    shutil.rmtree(fresh)
+    assert cli.run(*merge_args(fam2, fresh)).code == 0
+    assert (second / SHARD).read_bytes() == (fresh / SHARD).read_bytes()
+    assert (second / SHARD).read_bytes() != (first / SHARD).read_bytes(), "the second change must matter"
+
+
+def test_a_journal_without_input_checksums_resumes(cli, fam, refs, tmp_path):
+    """A journal from before input checksums: continued as it is; after a touch, the tensors with work done that
+    read the touched file cannot be verified, so they count as changed (refused, then redone with --redo-changed)."""
+    fam2 = _copied_family(fam, tmp_path)
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    for out in outs:
+        _kill_mid_merge(cli, fam2, out, refs)
+        journal = partial(out) / "journal.jsonl"
+        lines = journal.read_text().splitlines(keepends=True)
+        journal.write_text("".join(line for line in lines if not line.startswith('{"i"')))
+        assert '"i"' not in journal.read_text()
+    _, done = _tensors_with_work(outs[0])
+    r = cli.run(*merge_args(fam2, outs[0], quiet=False))
+    assert r.code == 0, str(r)
+    assert _resumed_count(r.stderr) == done > 0 and "note:" not in r.stderr, r.stderr
+    assert (outs[0] / SHARD).read_bytes() == (refs["widen"].out / SHARD).read_bytes()
+
+    work, _ = _tensors_with_work(outs[1])
+    _touch(fam2["base"] / SHARD)
+    r = cli.run(*merge_args(fam2, outs[1]))
+    assert r.code == 1, str(r)
+    assert f"base file model.safetensors changed (same size and header, new modification time; {len(work)} " \
+           "tensor(s) with work done have no checksum of the bytes they used from it)" in r.stderr, r.stderr
+    r = cli.run(*merge_args(fam2, outs[1], "widen", CHUNK_ROWS, "--redo-changed"))
+    assert r.code == 0, str(r)
+    assert f"redoing {len(work)} tensor(s) with work done" in r.stderr, r.stderr
+    assert (outs[1] / SHARD).read_bytes() == (refs["widen"].out / SHARD).read_bytes()
 
 
 def test_changed_option_is_refused_and_the_work_is_kept(cli, fam, refs, tmp_path):
@@ -855,7 +965,7 @@ def _interrupted(fam: dict[str, Path], out: Path, interrupt_at: Any, method: str
 
 @pytest.mark.parametrize("what, patch, label", [
     ("streammerge", ("streammerge.fingerprint.__version__", "9.9.9"), "streammerge version: "),
-    ("torch", ("torch.__version__", "3.0.0"), "torch version: "),
+    ("torch", ("streammerge.fingerprint.torch_version", lambda: "3.0.0"), "torch version: "),
 ])
 def test_a_resume_after_an_upgrade_is_refused_by_name(what, patch, label, interrupt_at, one_thread, fam, refs,
                                                        monkeypatch, tmp_path):
@@ -866,7 +976,8 @@ def test_a_resume_after_an_upgrade_is_refused_by_name(what, patch, label, interr
     with pytest.raises(StreamMergeError) as info:
         _api_merge(fam, out)
     message = str(info.value)
-    assert label in message and patch[1] in message and "restart=True" in message, message
+    version = patch[1]() if callable(patch[1]) else patch[1]
+    assert label in message and version in message and "restart=True" in message, message
     assert _work_snapshot(out) == before and not out.exists()
     api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", chunk_rows=CHUNK_ROWS, restart=True)
     monkeypatch.undo()

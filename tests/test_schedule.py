@@ -146,6 +146,13 @@ def test_every_schedule_reads_exactly_what_each_step_uses(rule, rows, chunk, pas
         assert s.steps[restores[0]].r0 == rows_done
     else:
         assert not restores
+    # the checksum reads sweep rows [0, rows) once, in order, first of the tensor's reads; or there are none
+    sweep = [(r.r0, r.r1) for r in s.reads if r.checksum]
+    if rule is not Rule.TIED_COPY and (stats_run or (rows_done == 0 and Op.LOAD_STATE not in ops)):
+        assert [a for a, _ in sweep] == [0] + [b for _, b in sweep[:-1]] and sweep[-1][1] == rows, sweep
+        assert all(r.checksum for r in s.reads[: len(sweep)]), "the sweep is the first reads"
+    else:
+        assert not sweep, "a run that restores statistics or starts mid-tensor cannot vouch for all rows"
     # every planned byte is read now or accounted as skipped
     scheduled = sum(r.nbytes for r in s.reads) + sum((st.r1 - st.r0) * t.out_row_bytes for st in s.steps
                                                      if st.op is Op.TIED_COPY)

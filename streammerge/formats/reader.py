@@ -13,8 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from .._torch import torch
 from ..errors import InputError
 from ..fsio import pread_into
 from ..sources.base import ByteRange

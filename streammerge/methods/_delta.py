@@ -16,12 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
+from .._torch import torch
 from ._rng import keep_mask, stream_key
 from ._select import BINS, TopK
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
-
 
 #: bytes of one radix-select histogram (int64 counts)
 HISTOGRAM_BYTES = BINS * 8

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
+
+from .._torch import torch
 
 _MASK64 = (1 << 64) - 1
 _PHI = 0x9E3779B97F4A7C15

@@ -15,7 +15,8 @@ Memory: two 65 536-bin int64 histograms per target, whatever the tensor size.
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from .._torch import torch
 
 BINS = 1 << 16
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import torch
+
+from .._torch import torch
 
 #: tiles handed out together, so per-operation overheads (thread wake-ups) are paid per block, not per tile
 BLOCK_TILES = 8

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MethodError
 from ..shapes import RowLayout
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MethodError
 from . import register
 from ._delta import WEIGHT

@@ -11,8 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from . import register
 from ._tiles import PairSums
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask

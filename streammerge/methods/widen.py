@@ -1,4 +1,4 @@
-"""WIDEN: weight disentanglement merging (Yu et al., arXiv 2408.03092), the a.5 contract of shared/WIDEN.md.
+"""WIDEN: weight disentanglement merging (Yu et al., arXiv 2408.03092), as specified in docs/widen.md.
 
 For a 2-D tensor, every column j (an input feature of a Linear weight; a token of an embedding, i.e. a stored row)
 of every model k gets a weight ``w_kj``. Pass 1 accumulates float64 column statistics ``ssb = Σ b²``,
@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from . import register
 from ._tiles import TileFeeder, add_column_sums, row_sums, tile_products_bytes
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
@@ -166,11 +165,11 @@ class Widen(Method):
         "Weight disentanglement: ranks how much each model changed each column's magnitude and direction, "
         "and fuses deltas with adaptive importance scores. Merges fine-tuned and continually pre-trained models."
     )
-    reference = "Yu et al. 2024, arXiv:2408.03092 (shared/WIDEN.md a.5)"
+    reference = "Yu et al. 2024, arXiv:2408.03092 (docs/widen.md)"
     passes = "2 for 2-D tensors (float64 column statistics, then merge); 1 for 1-D"
     params = (
-        ParamSpec("t", float, 1.0, "above-average ratio: a column counts fully where its rank exceeds t x the "
-                  "model's mean rank", check=_non_negative),
+        ParamSpec("t", float, 1.0, "above-average ratio: a column's score becomes s where its rank exceeds t x "
+                  "the model's mean rank", check=_non_negative),
         ParamSpec("s", float, 1.0, "score calibration: the weight given to above-average columns", check=_non_negative),
     )
     min_models = 2

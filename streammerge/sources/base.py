@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..shapes import RowLayout
 
 #: each part of a chunk starts at a multiple of this inside a shared slot (typed views need alignment)

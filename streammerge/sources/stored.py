@@ -7,20 +7,24 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import InputError
 from ..formats.checkpoint import Located
+from ..formats.dtypes import DTYPES
 from .base import ByteRange, InputSource
 
 #: stored dtypes whose values float32 holds exactly (float64 is rounded to float32 first, like every input)
-EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
+EXACT_IN_FLOAT32 = ("BF16", "F16", "F32")
+
+
+@lru_cache(maxsize=1)
+def _exact_torch_dtypes() -> tuple[torch.dtype, ...]:
+    return tuple(DTYPES[name].torch for name in EXACT_IN_FLOAT32)  # type: ignore[misc]
 
 
 @lru_cache(maxsize=4096)
-def _file_identity(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+def _file_size(path: str) -> int:
+    return os.stat(path).st_size
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class StoredSource(InputSource):
 
     def raw(self, parts: tuple[torch.Tensor, ...], a: int, b: int) -> torch.Tensor | None:
         x = parts[0]
-        return (x[a:b] if x.dim() else x) if x.dtype in EXACT_IN_FLOAT32 else None
+        return (x[a:b] if x.dim() else x) if x.dtype in _exact_torch_dtypes() else None
 
     @property
     def read_bytes_per_row(self) -> int:
@@ -65,7 +69,7 @@ class StoredSource(InputSource):
 
     @property
     def raw_exact(self) -> bool:
-        return self.loc.info.dtype.torch in EXACT_IN_FLOAT32
+        return self.loc.info.dtype.name in EXACT_IN_FLOAT32
 
     @property
     def stored_element_bytes(self) -> int:
@@ -73,8 +77,9 @@ class StoredSource(InputSource):
 
     def identity(self) -> list[Any]:
         info = self.loc.info
-        size, mtime = _file_identity(str(self.loc.shard))
-        return [str(self.loc.shard.resolve()), size, mtime, info.dtype.name, list(info.shape), info.begin, info.end]
+        # not the modification time: a touched shard is the run's business (streammerge.fingerprint.touched_inputs)
+        size = _file_size(str(self.loc.shard))
+        return [str(self.loc.shard.resolve()), size, info.dtype.name, list(info.shape), info.begin, info.end]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "file": self.loc.shard.name, "dtype": self.loc.info.dtype.name}
