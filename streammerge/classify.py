@@ -77,7 +77,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         if head is not None and name == head[0]:
             out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype, (), head[1]))
             continue
-        if any(rx.match(name) for rx in excludes) or kind is not Kind.FLOAT:
+        if any(rx.match(name) for rx in excludes) or kind is not Kind.FLOAT or info.numel == 0:
+            # excluded, not a float, or empty (shape [0] or [0, n]: nothing to merge, the shape passes through)
             out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype, (StoredSource(loc),)))
             continue
         if len(info.shape) <= 1:

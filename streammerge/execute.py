@@ -191,7 +191,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             work.finish()
         except (StreamMergeError, OSError, KeyboardInterrupt, torch.OutOfMemoryError) as exc:
             io.close()
-            _keep(work)
+            _keep(work, exc.tensor if isinstance(exc, NonFiniteError) else None)
             raise _explain(exc, work) from None
         finally:
             io.close()
@@ -205,15 +205,19 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     return recipe.out
 
 
-def _keep(work: WorkFolder) -> None:
-    """After a failure: make what is journaled durable (a resumable folder), or delete a run without a journal."""
+def _keep(work: WorkFolder, moot: str | None = None) -> None:
+    """After a failure: make what is journaled durable (a resumable folder), or delete a run without a journal or
+    without any work journaled besides that of tensor ``moot`` (one with bad input values): nothing to resume, so
+    nothing is left behind."""
     if not work.plan.recipe.journal:
         work.discard()
         return
     try:
         work.journal.flush()
     except OSError:  # a full or failing disk: what was committed before stays
-        pass
+        return
+    if not work.has_work(besides=moot):
+        work.discard()
 
 
 def _explain(exc: BaseException, work: WorkFolder) -> StreamMergeError:
@@ -236,15 +240,19 @@ def _explain(exc: BaseException, work: WorkFolder) -> StreamMergeError:
     if isinstance(exc, DiskFullError):
         return DiskFullError(f"{exc}{cont}")
     assert isinstance(exc, StreamMergeError)
-    if not kept:
-        return exc
-    done = f"{work.done_count()} tensor(s) already merged are kept in {work.path}"
     if isinstance(exc, NonFiniteError) and exc.tensor:
         fix = ("write a wider output dtype (--dtype bfloat16 or float32), " if exc.overflow else "fix that input, ")
         exclude = "'^" + re.escape(exc.tensor) + "$'"
+        if not kept:
+            return NonFiniteError(f"{exc}. Nothing was written: {fix}or keep the base's value for this tensor with "
+                                  f"--exclude {exclude}", exc.tensor, exc.overflow)
+        done = f"{work.done_count()} tensor(s) already merged are kept in {work.path}"
         return NonFiniteError(
             f"{exc}. {done}: {fix}or keep the base's value for this tensor with --exclude {exclude}, then run the "
             "command again with --redo-changed (only what the change affects is redone)", exc.tensor, exc.overflow)
+    if not kept:
+        return exc
+    done = f"{work.done_count()} tensor(s) already merged are kept in {work.path}"
     return type(exc)(f"{exc}. {done}: fix the cause and run the command again (add --redo-changed if the inputs "
                      "or options change)")
 

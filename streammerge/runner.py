@@ -239,7 +239,7 @@ def _store(plan: Plan, t: TensorPlan, dst: torch.Tensor, r0: int, result: torch.
     rows = f"rows [{r0}, {r0 + (result.shape[0] if result.dim() else 1)})"
     for k, x in enumerate(inputs):
         if not _all_finite(x):
-            who = "the base" if k == 0 else f"model {k} ({plan.recipe.models[k - 1]})"
+            who = f"the base ({plan.recipe.base})" if k == 0 else f"model {k} ({plan.recipe.models[k - 1]})"
             raise NonFiniteError(f"tensor {t.name} {rows} of {who} contain NaN or infinity", t.name)
     if _all_finite(result):
         raise NonFiniteError(f"tensor {t.name} {rows}: the merged values overflow {t.out_dtype}", t.name,

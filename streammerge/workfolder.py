@@ -322,6 +322,12 @@ class WorkFolder:
             out.append(TensorJob(t, make_schedule(t, p.rows_done, complete, state is not None), state, p.cursor))
         return out
 
+    def has_work(self, besides: str | None = None) -> bool:
+        """Whether the journal holds any work (a chunk or saved statistics) that a resume would keep, not counting
+        tensor ``besides`` (one whose input must change before it can be merged)."""
+        return any(self.journal.get(t.name).chunks or self.journal.get(t.name).state_file
+                   for t in self.plan.tensors if t.name != besides)
+
     def done_count(self) -> int:
         return sum(1 for t in self.plan.tensors
                    if self.journal.get(t.name).rows_done >= t.rows and self.journal.get(t.name).chunks)

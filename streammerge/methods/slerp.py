@@ -22,6 +22,8 @@ NORM_EPS = 1e-8
 
 def slerp_coefficients(t: float, ss0: float, ss1: float, dot: float) -> tuple[float, float]:
     """(s₀, s₁) such that the result is s₀·v₀ + s₁·v₁, from the float64 sums."""
+    if not all(math.isfinite(x) for x in (ss0, ss1, dot)):  # a NaN or infinity in an input: the merged values are
+        return math.nan, math.nan  # NaN, and the output check names the input and rows that hold it
     n0, n1 = math.sqrt(ss0), math.sqrt(ss1)
     cos = dot / ((n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0))
     if abs(cos) > DOT_THRESHOLD:

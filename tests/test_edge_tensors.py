@@ -1,0 +1,93 @@
+"""Tensors at the edges, for every method: empty tensors pass through with their shape, and a NaN or infinity in
+any input stops the merge with one clean error naming the tensor, the input and the rows, leaving nothing behind
+when nothing was merged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from streammerge.cli import main
+from streammerge.examples import write_family
+from streammerge.methods import all_methods
+
+METHODS = sorted(all_methods())
+#: a parameter that makes the method do real work (not a pass-through of every delta)
+PARAMS = {"ties": ["--param", "density=0.5"], "dare_ties": ["--param", "density=0.5"],
+          "dare_linear": ["--param", "density=0.5"], "breadcrumbs": ["--param", "density=0.5"],
+          "breadcrumbs_ties": ["--param", "density=0.5"]}
+TARGET = "model.layers.1.self_attn.o_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> dict[str, Path]:
+    return write_family(tmp_path_factory.mktemp("fam"), "tiny")
+
+
+def _family(clean: dict[str, Path], tmp: Path, edit) -> dict[str, Path]:
+    """A copy of the clean family with ``edit(name, tensors)`` applied to each model's tensors."""
+    out = {}
+    for name, folder in clean.items():
+        (tmp / name).mkdir()
+        for f in folder.iterdir():
+            (tmp / name / f.name).write_bytes(f.read_bytes())
+        tensors = load_file(folder / "model.safetensors")
+        save_file(edit(name, tensors), tmp / name / "model.safetensors", metadata={"format": "pt"})
+        out[name] = tmp / name
+    return out
+
+
+def _merge(fam: dict[str, Path], out: Path, method: str):
+    models = [fam["chat"]] if all_methods()[method].max_models == 1 else [fam["chat"], fam["multilingual"]]
+    args = ["merge", "--base", fam["base"], *(a for m in models for a in ("--model", m)), "--out", out,
+            "--method", method, *PARAMS.get(method, []), "-q"]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 8)], ids=["[0]", "[0,8]"])
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_tensors_pass_through_with_their_shape(method, shape, clean, tmp_path):
+    fam = _family(clean, tmp_path, lambda name, ts: {**ts, "model.empty": torch.zeros(shape, dtype=torch.bfloat16)})
+    r = _merge(fam, tmp_path / "out", method)
+    assert r.exit_code == 0, r.output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged["model.empty"].shape == shape and merged["model.empty"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("where", ["base", "chat"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_input_is_one_clean_error_for_every_method(method, value, where, clean, tmp_path):
+    def poison(name, ts):
+        if name == where:
+            ts[TARGET][3, 5] = value
+        return ts
+
+    fam = _family(clean, tmp_path, poison)
+    out = tmp_path / "out"
+    r = _merge(fam, out, method)
+    if method == "linear" and where == "base":  # linear averages the models only: the base's values are unused
+        assert r.exit_code == 0, r.output
+        assert torch.isfinite(load_file(out / "model.safetensors")[TARGET].float()).all()
+        return
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info
+    message = r.stderr.strip()
+    assert message.startswith("Error: ") and len(message.splitlines()) == 1, message
+    who = "the base" if where == "base" else "model 1"
+    assert f"tensor {TARGET} rows [" in message and who in message and str(fam[where]) in message, message
+    assert "NaN or infinity" in message and "--exclude" in message, message
+    # the tensors merged before the bad one are kept for a resume; with nothing merged, nothing is left
+    partial = out.with_name(out.name + ".streammerge-partial")
+    assert not out.exists()
+    if partial.exists():
+        assert "already merged are kept" in message
+        journal = (partial / "journal.jsonl").read_text() if (partial / "journal.jsonl").exists() else ""
+        assert journal or any(partial.rglob("*")), "a kept work folder must hold work"
+    else:
+        assert "Nothing was written" in message
