@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint, Located
 from .methods import Method, Rule, TensorTask
-from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
+from .recipe import DERIVED_BUFFERS, HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
 from .sources import InputSource, StoredSource
 
 #: safetensors dtypes that only hold quantized codes
@@ -65,8 +66,13 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     """Every output tensor's rule, kind and sources, in :func:`in_natural_order`; raises (naming every problem) if some
     tensor cannot be merged as asked."""
     refuse_quantized([base, *models])
-    head = check_homologous(base, models)
     excludes = _compile_excludes(recipe.exclude)
+
+    def from_base(name: str) -> bool:
+        """The output keeps the base's value (excluded, or a derived buffer): the models need not have it."""
+        return is_derived_buffer(name) or any(rx.match(name) for rx in excludes)
+
+    head = check_homologous(base, models, from_base)
     embeddings = set(recipe.embeddings)
     out: list[TensorClass] = []
     problems: list[str] = []
@@ -77,8 +83,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         if head is not None and name == head[0]:
             out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype, (), head[1]))
             continue
-        if any(rx.match(name) for rx in excludes) or kind is not Kind.FLOAT or info.numel == 0:
-            # excluded, not a float, or empty (shape [0] or [0, n]: nothing to merge, the shape passes through)
+        if from_base(name) or kind is not Kind.FLOAT or info.numel == 0:
+            # excluded, a derived buffer, not a float, or empty (shape [0] or [0, n]: the shape passes through)
             out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype, (StoredSource(loc),)))
             continue
         if len(info.shape) <= 1:
@@ -95,7 +101,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
                 problems.append(f"{name}: model {k} stores it as {m.tensors[name].info.dtype.name}, not a float")
         sources = (StoredSource(loc), *(StoredSource(m.tensors[name]) for m in models))
         out.append(TensorClass(name, info.shape, rule, kind, dtype, sources))
-    messages = unmatched_excludes(recipe.exclude, excludes, list(base.tensors))
+    names = list(dict.fromkeys(name for ckpt in (base, *models) for name in ckpt.tensors))
+    messages = unmatched_excludes(recipe.exclude, excludes, names)
     if problems:
         messages.append(
             f"{method.name} cannot merge {len(problems)} tensor(s):\n  " + "\n  ".join(problems[:10])
@@ -176,12 +183,20 @@ def unmatched_excludes(patterns: tuple[str, ...], compiled: list[re.Pattern[str]
             near = difflib.get_close_matches(text, names, n=1, cutoff=0.5)
             hint = f"did you mean --exclude '{re.escape(near[0])}'?" if near else \
                 f"tensor names look like {names[0]} (streammerge inspect FOLDER lists them)" if names else ""
-        out.append(f"--exclude {text!r} matches no tensor of the base" + (f": {hint}" if hint else ""))
+        out.append(f"--exclude {text!r} matches no tensor" + (f": {hint}" if hint else ""))
     return out
 
 
-def check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, str] | None:
-    """Raise unless every model matches the base; return (head, embedding) when a tied head is stored."""
+def is_derived_buffer(name: str) -> bool:
+    """Whether ``name`` is a non-trainable buffer computed at load time (see ``DERIVED_BUFFERS``)."""
+    return any(re.fullmatch(p, name) for p in DERIVED_BUFFERS)
+
+
+def check_homologous(base: Checkpoint, models: list[Checkpoint],
+                     from_base: Callable[[str], bool] = lambda name: False) -> tuple[str, str] | None:
+    """Raise unless every model matches the base; return (head, embedding) when a tied head is stored. Tensors
+    for which ``from_base`` is true keep the base's value: a model may lack them, hold them with another shape, or
+    hold them when the base does not (then the output does not have them either)."""
     head_name = next((h for h in HEAD_NAMES if h in base.tensors), HEAD_NAMES[0])
     tied = base.tied(head_name)
     for k, m in enumerate(models, 1):
@@ -204,8 +219,8 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, s
                 "then model.save_pretrained(NEW_FOLDER)); or leave out the models that tie differently from the base"
             )
         skip = {head_name} if tied else set()
-        missing = sorted(set(base.tensors) - set(m.tensors) - skip)
-        extra = sorted(set(m.tensors) - set(base.tensors) - skip)
+        missing = sorted(n for n in set(base.tensors) - set(m.tensors) - skip if not from_base(n))
+        extra = sorted(n for n in set(m.tensors) - set(base.tensors) - skip if not from_base(n))
         if missing or extra:
             parts = []
             if missing:
@@ -216,7 +231,7 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint]) -> tuple[str, s
             raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous")
         for name, loc in base.tensors.items():
             other = m.tensors.get(name)
-            if other is None:
+            if other is None or from_base(name):
                 continue
             if other.info.shape != loc.info.shape:
                 hint = ""

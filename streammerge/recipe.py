@@ -28,6 +28,10 @@ POSITION_EMBEDDINGS: tuple[str, ...] = (
 )
 #: Output-head names that may be tied to the token embedding.
 HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight")
+#: Non-trainable buffers some transformers versions save and others do not (computed from the config at load
+#: time): rotary inverse frequencies, GPT-2's causal-mask buffers. They come from the base; models need not have
+#: them (regexes, matched with ``re.fullmatch``).
+DERIVED_BUFFERS: tuple[str, ...] = (r".*rotary_emb\.inv_freq", r"(.*\.)?h\.\d+\.attn\.(masked_)?bias")
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 

@@ -91,3 +91,36 @@ def test_a_non_finite_input_is_one_clean_error_for_every_method(method, value, w
         assert journal or any(partial.rglob("*")), "a kept work folder must hold work"
     else:
         assert "Nothing was written" in message
+
+
+INV_FREQ = "model.layers.0.self_attn.rotary_emb.inv_freq"
+
+
+@pytest.mark.parametrize("holders", [("base",), ("base", "chat"), ("chat",), ("chat", "multilingual")],
+                         ids=lambda h: "+".join(h))
+def test_derived_buffers_come_from_the_base_whoever_saved_them(holders, clean, tmp_path):
+    """Older transformers saved rotary ``inv_freq`` buffers, newer ones do not: the output has the base's (or none
+    when the base has none), and no model needs to have it."""
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    fam = _family(clean, tmp_path, lambda name, ts: {**ts, **({INV_FREQ: inv * (2 if name != "base" else 1)}
+                                                             if name in holders else {})})
+    r = _merge(fam, tmp_path / "out", "ties")
+    assert r.exit_code == 0, r.output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    if "base" in holders:
+        assert torch.equal(merged[INV_FREQ], inv)
+    else:
+        assert INV_FREQ not in merged
+
+
+def test_excluded_tensors_need_not_be_in_the_models(clean, tmp_path):
+    name = "model.layers.0.mlp.up_proj.weight"
+    fam = _family(clean, tmp_path, lambda who, ts: {k: v for k, v in ts.items() if who == "base" or k != name})
+    refused = _merge(fam, tmp_path / "refused", "widen")
+    assert refused.exit_code == 1 and "lacks 1 of the base's tensors" in refused.stderr
+    args = ["merge", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--out",
+            tmp_path / "out", "--exclude", name.replace(".", r"\."), "-q"]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[name],
+                       load_file(fam["base"] / "model.safetensors")[name])
