@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import StreamMergeError
+from .stopping import MergeInterrupted
 
 if TYPE_CHECKING:
     from .api import inspect, merge, plan
@@ -27,4 +28,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Recipe", "StreamMergeError", "__version__", "inspect", "merge", "plan"]
+__all__ = ["MergeInterrupted", "Recipe", "StreamMergeError", "__version__", "inspect", "merge", "plan"]

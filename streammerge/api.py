@@ -3,6 +3,8 @@ knows every part. Each builds a :class:`Recipe`, reads headers, plans, and (for 
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -98,8 +100,12 @@ def _check_folders(recipe: Recipe) -> None:
         return
     out = recipe.out.resolve()
     for folder in (recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ())):
-        if folder.resolve() == out or out in folder.resolve().parents:
+        real = folder.resolve()
+        if real == out or out in real.parents:
             raise PlanError(f"--out {recipe.out} is the input folder {folder} or contains it; choose another output folder")
+        if real in out.parents:  # a model nested in an input would be taken for part of it (and copied with it)
+            raise PlanError(f"--out {recipe.out} is inside the input folder {folder}; choose an output folder outside "
+                            "every input")
 
 
 def plan(base: str | Path, models: str | Path | Sequence[str | Path], out: str | Path | None = None,
@@ -127,14 +133,22 @@ def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str 
         return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify)
 
 
+#: Recipe fields that are not keyword options of ``plan``/``merge`` (positional, or for tests and benchmarks)
+_NOT_OPTIONS = ("base", "models", "out", "method", "params", "chunk_rows", "journal")
+
+
 def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any] | None,
             options: dict[str, Any]) -> Recipe:
     try:
         return Recipe(base=Path(base), models=models, out=None if out is None else Path(out), method=method,
                       params=dict(params or {}), **options)
-    except TypeError as exc:  # an unknown keyword: name the Recipe fields
-        names = ", ".join(f.name for f in fields(Recipe) if f.name not in ("base", "models", "out", "method", "params"))
-        raise TypeError(f"{exc}; the options are: {names}") from None
+    except TypeError as exc:  # an unknown keyword: name the ones there are, with the nearest
+        given = re.search(r"keyword argument '(\w+)'", str(exc))
+        public = ["method", "params", *(f.name for f in fields(Recipe) if f.name not in _NOT_OPTIONS)]
+        near = difflib.get_close_matches(given.group(1), public, n=1) if given else []
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise TypeError(f"unexpected keyword argument {given.group(1) if given else '?'!r}: {hint}the arguments "
+                        f"besides base, models and out are: {', '.join(public)}") from None
 
 
 def inspect(folder: str | Path) -> dict[str, Any]:

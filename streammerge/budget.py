@@ -134,6 +134,7 @@ def make_budget(max_ram: str | int | None = None, device: str | None = "cpu",
     if not where_to.startswith("cuda"):
         if max_vram is not None:
             parse_size(max_vram, "--max-vram")  # still reject a malformed value
+            note = "; ".join(filter(None, [note, f"--max-vram is not used: the merge runs on the CPU ({why})"]))
         return Budget(ram, source, "cpu", device_source=why, note=note)
     if max_vram is not None:
         vram, vram_source = parse_size(max_vram, "--max-vram"), "--max-vram"

@@ -59,6 +59,7 @@ class TensorClass:
     out_dtype: str
     sources: tuple[InputSource, ...]  # base first, then each model; the base only for a copy; none for a tied head
     copy_of: str | None = None  # for TIED_COPY: the tensor whose merged output bytes become this one
+    kept_because: str | None = None  # for COPY_BASE: "--exclude", "derived buffer", "empty" or "not a float"
 
 
 def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Checkpoint], out_dtype: str | None,
@@ -68,11 +69,12 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     refuse_quantized([base, *models])
     excludes = _compile_excludes(recipe.exclude)
 
-    def from_base(name: str) -> bool:
-        """The output keeps the base's value (excluded, or a derived buffer): the models need not have it."""
-        return is_derived_buffer(name) or any(rx.match(name) for rx in excludes)
+    def from_base(name: str) -> str | None:
+        """Why the output keeps the base's value whatever the models hold (they need not have it), or None."""
+        return "--exclude" if any(rx.match(name) for rx in excludes) else \
+            "derived buffer" if is_derived_buffer(name) else None
 
-    head = check_homologous(base, models, from_base)
+    head = check_homologous(base, models, lambda name: from_base(name) is not None)
     embeddings = set(recipe.embeddings)
     out: list[TensorClass] = []
     problems: list[str] = []
@@ -83,9 +85,9 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         if head is not None and name == head[0]:
             out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype, (), head[1]))
             continue
-        if from_base(name) or kind is not Kind.FLOAT or info.numel == 0:
-            # excluded, a derived buffer, not a float, or empty (shape [0] or [0, n]: the shape passes through)
-            out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype, (StoredSource(loc),)))
+        why = from_base(name) or ("not a float" if kind is not Kind.FLOAT else "empty" if info.numel == 0 else None)
+        if why:  # empty: shape [0] or [0, n], which passes through
+            out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype, (StoredSource(loc),), None, why))
             continue
         if len(info.shape) <= 1:
             rule = Rule.VECTOR
@@ -103,6 +105,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         out.append(TensorClass(name, info.shape, rule, kind, dtype, sources))
     names = list(dict.fromkeys(name for ckpt in (base, *models) for name in ckpt.tensors))
     messages = unmatched_excludes(recipe.exclude, excludes, names)
+    messages += bad_embedding_names(recipe.embedding_names or (), base)
     if problems:
         messages.append(
             f"{method.name} cannot merge {len(problems)} tensor(s):\n  " + "\n  ".join(problems[:10])
@@ -164,7 +167,9 @@ def _compile_excludes(patterns: tuple[str, ...]) -> list[re.Pattern[str]]:
         try:
             out.append(re.compile(p))
         except re.error as exc:
-            raise PlanError(f"--exclude {p!r} is not a valid regular expression: {exc}") from None
+            glob = (f"; patterns are regular expressions, not shell globs: write {p.replace('*', '.*')!r}"
+                    if "*" in p else "")
+            raise PlanError(f"--exclude {p!r} is not a valid regular expression: {exc}{glob}") from None
     return out
 
 
@@ -184,6 +189,25 @@ def unmatched_excludes(patterns: tuple[str, ...], compiled: list[re.Pattern[str]
             hint = f"did you mean --exclude '{re.escape(near[0])}'?" if near else \
                 f"tensor names look like {names[0]} (streammerge inspect FOLDER lists them)" if names else ""
         out.append(f"--exclude {text!r} matches no tensor" + (f": {hint}" if hint else ""))
+    return out
+
+
+def bad_embedding_names(given: tuple[str, ...], base: Checkpoint) -> list[str]:
+    """A problem for each ``--embedding`` name that is not a 2-D tensor of the base, with the nearest name that is
+    (a name that matches nothing would silently turn the real embedding into an ordinary matrix)."""
+    out = []
+    matrices = [n for n, loc in base.tensors.items() if len(loc.info.shape) == 2]
+    for name in given:
+        loc = base.tensors.get(name)
+        if loc is not None and len(loc.info.shape) == 2:
+            continue
+        if loc is not None:
+            out.append(f"--embedding {name!r} is a {len(loc.info.shape)}-D tensor; embeddings are 2-D (one row per "
+                       "token or position)")
+            continue
+        near = difflib.get_close_matches(name, matrices, n=1, cutoff=0.5)
+        out.append(f"--embedding {name!r} is not a tensor of the base" + (f": did you mean {near[0]!r}?" if near else
+                   " (streammerge inspect FOLDER lists them)"))
     return out
 
 

@@ -75,7 +75,8 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
                           "error."),
         click.option("--embedding", "embeddings", multiple=True, metavar="NAME",
                      help="Tensor names to treat as embeddings (one column per stored row); repeatable. "
-                          "Default: the usual token/position embedding names of each architecture."),
+                          "Default: the usual token/position embedding names of each architecture; giving any "
+                          "replaces that list. Each must be a 2-D tensor of the base."),
         click.option("--seed", type=int, default=None,
                      help="Seed for methods that draw random masks (dare_linear, dare_ties); default 0."),
         click.option("--tokenizer-from", type=click.Path(path_type=Path), default=None,
@@ -118,6 +119,11 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
     )
 
 
+def _some(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more; --json lists all)" if len(names) > shown
+                                       else "")
+
+
 def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
     lines = [
         f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})",
@@ -133,6 +139,7 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         f"reads once  {d['read_once']} tensor(s) read once for every pass; {d['read_per_pass']} read once per pass",
         f"reads       {format_size(d['bytes_read'])}",
         "tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
+        *(f"base value  {len(names)} ({why}): {_some(names)}" for why, names in d.get("kept_from_base", {}).items()),
         *(f"note        {note}" for note in d.get("notes", ()) if d.get("destination")),
     ]
     click.echo("\n".join(lines), file=stream)
@@ -196,15 +203,20 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
                                **({"peak_vram": summary.peak_vram} if summary and summary.peak_vram is not None
                                   else {})}))
         return
-    if summary is not None and not quiet:
+    if summary is None:  # a finished output of the same merge was there
+        click.echo(f"{out} is already complete: nothing to do")
+        return
+    if not quiet:
         click.echo(summary.line(), err=True)
     click.echo(f"merged model written to {out}")
 
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--max-ram", default=None, metavar="SIZE", help="RAM budget for the rest of the merge (may differ).")
-@click.option("--max-vram", default=None, metavar="SIZE", help="GPU memory for the rest of the merge (may differ).")
+@click.option("--max-ram", default=None, metavar="SIZE",
+              help="RAM budget for the rest of the merge (default: the interrupted run's --max-ram, if it had one).")
+@click.option("--max-vram", default=None, metavar="SIZE",
+              help="GPU memory for the rest of the merge (default: the interrupted run's --max-vram, if it had one).")
 @click.option("--redo-changed", is_flag=True,
               help="The inputs changed since the run was interrupted: keep the work of the tensors the change does "
                    "not affect and redo the others.")
@@ -219,7 +231,8 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: b
     plan_file = work / "plan.json"
     if not plan_file.is_file():
         if (out / MANIFEST).is_file():
-            raise click.ClickException(f"{out} is already complete; nothing to resume")
+            click.echo(f"{out} is already complete: nothing to resume")
+            return
         raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
     try:
         stored = json.loads(plan_file.read_text(encoding="utf-8"))["recipe"]
@@ -324,8 +337,9 @@ def _shape_sizes() -> str:
               help="dtype the tensors are stored in.")
 @click.option("--seed", default=0, show_default=True,
               help="Seed of the generated weights: the same seed gives the same bytes.")
-@click.option("--force", is_flag=True, help="Replace FOLDER if it holds something else (once the new example is "
-                                            "complete).")
+@click.option("--force", is_flag=True, help="Write the example into FOLDER even if it holds something else: once "
+                                            "the new example is complete, its base, chat and multilingual replace "
+                                            "FOLDER's; other entries (e.g. FOLDER/merged) are kept.")
 def make_example(folder: Path, shape: str, dtype: str, seed: int, force: bool) -> None:
     """Write a synthetic base model and two variants (chat-like and continual-pretrain-like) to merge, into
     FOLDER/base, FOLDER/chat and FOLDER/multilingual. Nothing appears until the example is complete; running it

@@ -172,7 +172,8 @@ def write_example(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype:
     very example (same shape, dtype and seed) is left as it is, so the quick start can be run again.
 
     Raises :class:`~streammerge.errors.PlanError` for a path that cannot hold the example, or a folder that holds
-    something else (unless ``force``, which replaces it once the new example is complete)."""
+    something else (unless ``force``: once the new example is complete, its ``base``, ``chat``, ``multilingual``
+    and marker replace the folder's; anything else there, like a merge written beside it, is kept)."""
     folder = Path(folder)
     asked = {"shape": shape, "dtype": parse_output_dtype(dtype).name, "seed": seed}
     names = ("base", *(name for name, _ in DEFAULT_VARIANTS))
@@ -195,11 +196,28 @@ def write_example(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype:
     try:
         write_family(work, shape, seed=seed, dtype=dtype)
         fsio.write_file(work / EXAMPLE_MARKER, (json.dumps(asked, indent=2) + "\n").encode(), sync_folder=True)
-        publish(work, folder, force=True)
+        if folder.is_dir() and any(folder.iterdir()):
+            _replace_entries(work, folder, [*names, EXAMPLE_MARKER])
+        else:
+            publish(work, folder, force=True)
     except BaseException:
         fsio.remove_tree(work)
         raise
     return {n: folder / n for n in names}, True
+
+
+def _replace_entries(new: Path, folder: Path, entries: list[str]) -> None:
+    """Put ``new``'s ``entries`` in place of ``folder``'s, one rename each, leaving the folder's other entries (a
+    merge written beside the example, say) where they are; then delete ``new``."""
+    for name in entries:
+        old = folder / name
+        trash = folder / f"{name}.streammerge-old"
+        fsio.remove_tree(trash)
+        if old.exists() or old.is_symlink():
+            fsio.rename(old, trash)
+        fsio.rename(new / name, old, sync_folders=[folder])
+        fsio.remove_tree(trash)
+    fsio.remove_tree(new)
 
 
 def write_family(root: str | Path, shape: str | Shape = "tiny", seed: int = 0, dtype: str = "bf16",

@@ -162,7 +162,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     if finished_output(plan):
         # a previous run published the output but stopped before removing its work folder
         fsio.remove_tree(work_folder_for(recipe.out))
-        if show_progress:
+        if show_progress and report is None:
             print(f"{recipe.out} is already complete", file=sys.stderr)
         return recipe.out
     if not work_folder_for(recipe.out).is_dir():  # nothing to continue: the output must be free (or --force)

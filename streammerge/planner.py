@@ -65,6 +65,7 @@ class TensorPlan(RowLayout):
     copy_of: str | None = None  # for TIED_COPY: the tensor whose merged bytes are copied
     exact_products: bool = False  # all inputs are 16-bit floats (see TensorTask)
     on_gpu: bool = False  # merged on a GPU (see TensorTask)
+    kept_because: str | None = None  # for COPY_BASE: why the base's value is kept (see TensorClass)
 
     @property
     def task(self) -> TensorTask:
@@ -215,6 +216,7 @@ class Plan:
             "engine": self.fingerprint_doc["engine"],
             "notes": list(self.notes),
             "rules": rules,
+            "kept_from_base": _kept_from_base(self.tensors),
             "shards": [
                 {"file": s.filename, "bytes": s.size, "tensors": len(s.offsets)} for s in self.shards
             ],
@@ -226,6 +228,7 @@ class Plan:
                     "scratch_bytes": t.scratch_bytes,
                     "inputs": [s.describe() for s in t.sources], "fingerprint": t.fingerprint,
                     **({"copy_of": t.copy_of} if t.copy_of else {}),
+                    **({"kept_because": t.kept_because} if t.kept_because else {}),
                 }
                 for t in self.tensors
             ],
@@ -300,7 +303,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
                                                 fp.end_of_pass)
         tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
                                   max(chunk, 1), s.passes, emit_rows, stat_rows, state, tensor_scratch, tile,
-                                  fps[c.name], c.copy_of, task.exact_products, task.on_gpu))
+                                  fps[c.name], c.copy_of, task.exact_products, task.on_gpu, c.kept_because))
     if widest[0]:
         raise PlanError(
             f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "
@@ -392,3 +395,12 @@ def _chunk_rows(recipe: Recipe, rule: Rule, rows: int, row_numel: int, chunk_ele
     if fit >= rows:
         return max(rows, 1)
     return fit // tile * tile if fit >= tile else fit
+
+
+def _kept_from_base(tensors: tuple[TensorPlan, ...] | list[TensorPlan]) -> dict[str, list[str]]:
+    """The tensors that keep the base's value, by reason (``--exclude``, derived buffer, empty, not a float)."""
+    out: dict[str, list[str]] = {}
+    for t in tensors:
+        if t.kept_because:
+            out.setdefault(t.kept_because, []).append(t.name)
+    return out

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import StreamMergeError
+from .stopping import MergeInterrupted
 
 #: (pattern, replacement), applied in order
 _REWRITES: list[tuple[re.Pattern[str], str]] = [
@@ -46,10 +47,11 @@ def pythonize(message: str) -> str:
 
 @contextmanager
 def pythonic_errors() -> Iterator[None]:
-    """Rewrite the message of any :class:`StreamMergeError` raised inside (same exception, same type)."""
+    """Rewrite the message of any :class:`StreamMergeError` or :class:`MergeInterrupted` raised inside (same
+    exception, same type)."""
     try:
         yield
-    except StreamMergeError as exc:
+    except (StreamMergeError, MergeInterrupted) as exc:
         if exc.args and isinstance(exc.args[0], str):
             exc.args = (pythonize(exc.args[0]), *exc.args[1:])
         raise

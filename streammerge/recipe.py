@@ -83,7 +83,8 @@ class Recipe:
         object.__setattr__(self, "shard_size", parse_size(self.shard_size, "--shard-size"))
 
     def to_json(self) -> dict[str, Any]:
-        """The fields that define the result, with absolute paths (stored in the work folder for ``resume``)."""
+        """The fields that define the result, with absolute paths, and the budget asked for (stored in the work
+        folder: ``resume`` continues with them unless told otherwise)."""
         return {
             "base": str(self.base.resolve()), "models": [str(m.resolve()) for m in self.models],
             "out": None if self.out is None else str(self.out.resolve()), "method": self.method,
@@ -92,7 +93,8 @@ class Recipe:
             "embedding_names": None if self.embedding_names is None else list(self.embedding_names),
             "tokenizer_from": None if self.tokenizer_from is None else str(self.tokenizer_from.resolve()),
             "shard_size": self.shard_size, "force": self.force, "device": self.device,
-            "allow_incomplete_output": self.allow_incomplete_output,
+            "allow_incomplete_output": self.allow_incomplete_output, "max_ram": self.max_ram,
+            "max_vram": self.max_vram,
         }
 
     @classmethod

@@ -12,11 +12,10 @@ import signal
 import threading
 from typing import Any
 
-from .errors import StreamMergeError
 
-
-class MergeInterrupted(StreamMergeError):
-    """A signal or a stop request stopped the merge; the work folder can be resumed."""
+class MergeInterrupted(KeyboardInterrupt):
+    """A signal, Ctrl-C or a stop request stopped the merge; its message says whether work was kept to resume.
+    A :class:`KeyboardInterrupt`, so ``except KeyboardInterrupt`` catches it and ``except Exception`` does not."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)

@@ -1,4 +1,5 @@
-"""Byte sizes as people write them: ``512MiB``, ``6GiB``, ``5GB``, ``1.5G``, ``1000000``."""
+"""Byte sizes as people write them: ``512MiB``, ``6GiB``, ``5GB``, ``1.5G``, ``4096B`` (a unit is required in text;
+an ``int`` is bytes)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def parse_size(text: str | int, option: str = "size") -> int:
         if not m or unit not in _UNITS:
             raise StreamMergeError(f"{option}: cannot read size {text!r}: write e.g. 512MiB, 6GiB or 5GB")
         number = float(m.group(1))
-        if not unit and number != int(number):
-            raise StreamMergeError(f"{option}: {text!r} has no unit, so it reads as bytes and a byte count is whole: "
-                                   "write the unit, e.g. 512MiB or 0.5GiB")
+        if not unit:  # "4" could mean bytes, MiB or GiB: say which (an int from Python is bytes)
+            raise StreamMergeError(f"{option}: {text!r} has no unit: write it, e.g. {m.group(1)}GiB, {m.group(1)}GB "
+                                   f"or {m.group(1)}MiB, or {m.group(1)}B for bytes")
         value = int(number * _UNITS[unit])
     if value <= 0:
         raise StreamMergeError(f"{option}: size must be positive, got {text!r}")

@@ -21,6 +21,8 @@ def verify_output(folder: str | Path) -> tuple[list[str], dict[str, Any]]:
     """(problems, summary) for the output folder; no problems means every byte checked out."""
     root = Path(folder)
     path = root / MANIFEST
+    if not root.is_dir():
+        raise InputError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
     if not path.is_file():
         raise InputError(f"{root} has no {MANIFEST}: not a finished streammerge output")
     try:

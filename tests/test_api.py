@@ -54,9 +54,21 @@ def test_several_problems_come_together_with_their_type(fam, tmp_path):
     assert "density" in str(info.value) and "int4" in str(info.value) and "max_ram" in str(info.value)
 
 
-def test_an_unknown_option_lists_the_known_ones(fam, tmp_path):
-    with pytest.raises(TypeError, match="max_ram"):
-        streammerge.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", max_ramm="1GiB")
+@pytest.mark.parametrize("typo, near", [("max_ramm", "max_ram"), ("methd", "method")])
+def test_an_unknown_option_names_the_nearest_and_lists_the_known_ones(typo, near, fam, tmp_path):
+    with pytest.raises(TypeError) as info:
+        streammerge.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", **{typo: "1GiB"})
+    message = str(info.value)
+    assert f"unexpected keyword argument '{typo}': did you mean '{near}'?" in message
+    assert "method, params, dtype, exclude" in message and "chunk_rows" not in message and "journal" not in message
+
+
+def test_parameters_take_any_number_type_and_0_or_1_for_a_flag(fam, tmp_path):
+    import numpy as np
+
+    p = streammerge.plan(fam["base"], [fam["chat"], fam["multilingual"]], method="ties",
+                         params={"density": np.float32(0.5), "weight": [1, np.float64(0.5)], "normalize": 0})
+    assert p.params["density"] == (0.5, 0.5) and p.params["weight"] == (1.0, 0.5) and p.params["normalize"] is False
 
 
 @pytest.mark.parametrize("cli, python", [
@@ -80,8 +92,34 @@ def test_plan_writes_nothing(fam, tmp_path):
 def test_one_pattern_and_sizes_may_be_given_as_strings(tmp_path):
     fam = write_family(tmp_path / "fam", "tiny")
     p = api.plan(fam["base"], fam["chat"], method="task_arithmetic", exclude="model.norm", shard_size="100KB",
-                 embedding_names="x")
-    assert p.recipe.exclude == ("model.norm",) and p.recipe.embedding_names == ("x",)
+                 embedding_names="model.embed_tokens.weight")
+    assert p.recipe.exclude == ("model.norm",) and p.recipe.embedding_names == ("model.embed_tokens.weight",)
     assert p.recipe.shard_size == 100_000 and len(p.shards) > 1
     with pytest.raises(StreamMergeError, match="shard_size"):
         api.plan(fam["base"], fam["chat"], method="task_arithmetic", shard_size="big")
+
+
+def test_ctrl_c_in_a_python_merge_is_a_keyboard_interrupt_that_says_how_to_continue(tmp_path, monkeypatch):
+    """``except Exception`` must not swallow Ctrl-C; ``except KeyboardInterrupt`` catches it, with the advice."""
+    from streammerge import execute as execute_module
+
+    fam = write_family(tmp_path / "fam", "tiny")
+    real, calls = execute_module.run_tensor, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(execute_module, "run_tensor", interrupted)
+    caught = None
+    try:
+        api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out")
+    except Exception as exc:  # noqa: BLE001 (what the test guards against)
+        pytest.fail(f"Ctrl-C arrived as an Exception: {exc!r}")
+    except KeyboardInterrupt as exc:
+        caught = exc
+    assert caught is not None and "merge(...) call again" in str(caught) and "--" not in str(caught)
+    monkeypatch.undo()
+    assert api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out") == tmp_path / "out"

@@ -1,7 +1,8 @@
-"""The default budget respects memory cgroup limits (v1 and v2), walking up the hierarchy."""
+"""The default budget respects memory cgroup limits (v1 and v2), walking up the hierarchy; sizes need a unit."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,20 @@ def test_default_budget_uses_the_cgroup_headroom(monkeypatch):
 def test_max_ram_errors_name_the_option():
     with pytest.raises(StreamMergeError, match="--max-ram"):
         make_budget("lots")
+
+
+@pytest.mark.parametrize("text, expected", [("512MiB", 512 * 2**20), ("5GB", 5 * 10**9), ("1.5G", 3 * 2**29),
+                                            ("4096B", 4096), (" 2 gib ", 2 * 2**30), (4096, 4096)])
+def test_sizes_are_read_with_their_unit(text, expected):
+    from streammerge.units import parse_size
+
+    assert parse_size(text, "--max-ram") == expected
+
+
+@pytest.mark.parametrize("text", ["4", "0.5", "1000000"])
+def test_a_size_without_a_unit_is_refused_with_the_choices(text):
+    from streammerge.units import parse_size
+
+    with pytest.raises(StreamMergeError, match=rf"--shard-size: '{re.escape(text)}' has no unit: write it, e\.g\. "
+                                               rf"{re.escape(text)}GiB"):
+        parse_size(text, "--shard-size")

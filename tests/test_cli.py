@@ -314,10 +314,15 @@ def test_make_example_can_be_rerun_and_replaced_only_with_force(tmp_path):
     other = invoke("make-example", demo, "--seed", "1")
     assert other.exit_code == 1 and "holds another example" in other.stderr and "--force" in other.stderr
     assert snapshot(tmp_path) == before
+    (demo / "merged").mkdir()  # the quick start's merge, written beside the example
+    (demo / "merged" / "model.safetensors").write_bytes(b"mine")
     replaced = invoke("make-example", demo, "--seed", "1", "--force")
     assert replaced.exit_code == 0, replaced.output
     assert (demo / "base" / "model.safetensors").read_bytes() != weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert sorted(p.name for p in demo.iterdir()) == ["base", "chat", "merged", "multilingual",
+                                                      "streammerge-example.json"]
+    assert (demo / "merged" / "model.safetensors").read_bytes() == b"mine", "--force keeps what is not the example"
     assert json.loads((demo / "streammerge-example.json").read_text())["seed"] == 1
 
 
@@ -616,13 +621,27 @@ def _exclude_matching_inside_names(fam, tmp):
     return ["--exclude", "mlp"], ["--exclude 'mlp' matches no tensor", "from the start", "'.*mlp'"]
 
 
+def _exclude_written_as_a_glob(fam, tmp):
+    return ["--exclude", "*mlp*"], ["--exclude '*mlp*' is not a valid regular expression", "not shell globs",
+                                    "write '.*mlp.*'"]
+
+
 def _exclude_with_a_typo(fam, tmp):
     return ["--exclude", "model.embed_token.weight"], [
         "--exclude 'model.embed_token.weight' matches no tensor", "did you mean", "model\\.embed_tokens\\.weight"]
 
 
+def _embedding_with_a_typo(fam, tmp):
+    return ["--embedding", "model.embed_token.weight"], [
+        "--embedding 'model.embed_token.weight' is not a tensor of the base", "did you mean 'model.embed_tokens.weight'"]
+
+
+def _embedding_not_2d(fam, tmp):
+    return ["--embedding", "model.norm.weight"], ["--embedding 'model.norm.weight' is a 1-D tensor"]
+
+
 def _budget_without_a_unit(fam, tmp):
-    return ["--max-ram", "0.5"], ["--max-ram", "'0.5' has no unit", "512MiB"]
+    return ["--max-ram", "0.5"], ["--max-ram", "'0.5' has no unit", "0.5GiB", "0.5B for bytes"]
 
 
 def _bad_dtype(fam, tmp):
@@ -652,6 +671,10 @@ def _out_is_empty(fam, tmp):
 
 def _out_on_a_virtual_file_system(fam, tmp):
     return ["--out", "/proc/streammerge-out"], ["/proc", "virtual file system"]
+
+
+def _out_inside_an_input(fam, tmp):
+    return ["--out", fam["base"] / "merged"], ["is inside the input folder", str(fam["base"])]
 
 
 def _tokenizer_from_missing(fam, tmp):
@@ -694,7 +717,10 @@ BAD_INPUTS: dict[str, Case] = {
     "bad-exclude": _bad_exclude,
     "exclude-matching-inside-names": _exclude_matching_inside_names,
     "exclude-with-a-typo": _exclude_with_a_typo,
+    "exclude-written-as-a-glob": _exclude_written_as_a_glob,
     "budget-without-a-unit": _budget_without_a_unit,
+    "embedding-with-a-typo": _embedding_with_a_typo,
+    "embedding-not-2d": _embedding_not_2d,
     "bad-dtype": _bad_dtype,
     "bad-shard-size": _bad_shard_size,
     "out-is-a-file": _out_is_a_file,
@@ -703,6 +729,7 @@ BAD_INPUTS: dict[str, Case] = {
     "out-is-empty": _out_is_empty,
     "out-on-a-virtual-file-system": _out_on_a_virtual_file_system,
     "out-is-an-input": _out_is_an_input,
+    "out-inside-an-input": _out_inside_an_input,
     "tokenizer-from-missing": _tokenizer_from_missing,
 }
 
@@ -923,7 +950,8 @@ def test_the_quick_start_can_be_run_twice(fam, out):
     merge_ok(fam, out)
     before = snapshot(out)
     result = invoke(*merge_args(fam, out))
-    assert result.exit_code == 0 and "already complete" in result.stderr, result.output
+    assert result.exit_code == 0 and "already complete: nothing to do" in result.stdout, result.output
+    assert "written" not in result.output, "a run that wrote nothing must not say it wrote"
     assert snapshot(out) == before
 
 
@@ -1015,3 +1043,55 @@ def test_fast_commands_do_not_import_torch(command, fam, out):
     assert r.returncode == 0, r.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
     assert "streammerge.cli" in imported and "torch" not in imported
+
+
+def test_resume_keeps_the_interrupted_runs_budget_unless_given(fam, out, monkeypatch):
+    from streammerge import execute as execute_module
+
+    real, calls = execute_module.run_tensor, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(execute_module, "run_tensor", interrupted)
+    stopped = invoke(*merge_args(fam, out, "--max-ram", "700KiB", "--device", "cpu", "-q"))
+    assert stopped.exit_code == 130, stopped.output
+    monkeypatch.undo()
+    resumed = invoke("resume", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert "budget      700.0 KiB (--max-ram)" in resumed.stderr, resumed.stderr
+
+
+@pytest.mark.parametrize("args, phrases", [
+    (["--method", "della"], ["mergekit's 'della' method is not in streammerge yet", "widen"]),
+    (["--method", "ties", "--seed", "3"], ["ties draws no random masks, so it takes no seed"]),
+    (["--method", "linear", "--max-vram", "1GiB", "--device", "cpu"], ["note: --max-vram is not used"]),
+])
+def test_what_a_mergekit_user_tries_is_answered_plainly(args, phrases, fam, out):
+    result = invoke(*merge_args(fam, out, *args, "-q"))
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+
+
+def test_a_hub_id_and_a_missing_output_are_named_as_such(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hub = invoke("inspect", "Qwen/Qwen2-0.5B")
+    assert hub.exit_code == 1 and "download it first" in hub.stderr and "huggingface-cli download Qwen/Qwen2-0.5B" \
+        in hub.stderr
+    missing = invoke("verify", tmp_path / "nothing")
+    assert missing.exit_code == 1 and f"{tmp_path / 'nothing'} does not exist" in missing.stderr
+    assert "linear" in invoke("methods").stdout and "weight of each model in the average" in invoke("methods").stdout
+
+
+def test_the_plan_names_the_tensors_that_keep_the_base_value_and_why(fam):
+    r = invoke("plan", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--exclude",
+               r"model\.layers\.1\.")
+    line = next(s for s in r.stdout.splitlines() if s.startswith("base value"))
+    assert line.startswith("base value  12 (--exclude): model.layers.1.input_layernorm.weight, ") and "8 more" in line
+    d = json.loads(invoke("plan", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"],
+                          "--exclude", r"model\.layers\.1\.", "--json").stdout)
+    assert len(d["kept_from_base"]["--exclude"]) == 12
+    assert all(t.get("kept_because") == "--exclude" for t in d["tensors"] if t["name"].startswith("model.layers.1."))

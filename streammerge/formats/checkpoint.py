@@ -117,7 +117,10 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     """Read a model folder's config, index and shard headers (no tensor data)."""
     root = Path(folder)
     if not root.exists():
-        raise InputError(f"model folder {root} does not exist")
+        hub = "" if root.is_absolute() or str(folder).startswith(".") or len(root.parts) != 2 else (
+            f"; streammerge reads local folders: to merge the Hub model {str(folder)!r}, download it first, e.g. "
+            f"`huggingface-cli download {folder} --local-dir {root.name}`, and pass that folder")
+        raise InputError(f"model folder {root} does not exist{hub}")
     if not root.is_dir():
         raise InputError(f"{root} is not a folder (pass the model folder, not a file)")
     if (root / INDEX_FILE).is_file() and (root / SINGLE_FILE).is_file():

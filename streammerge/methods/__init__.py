@@ -39,10 +39,18 @@ def all_methods() -> dict[str, Method]:
     return dict(sorted(_REGISTRY.items()))
 
 
+#: mergekit's method names that streammerge does not have (yet): named as such rather than as a typo
+MERGEKIT_NOT_YET = ("della", "della_linear", "passthrough", "nuslerp", "multislerp", "sce", "karcher", "nearswap",
+                    "arcee_fusion", "ram", "core_space", "task_arithmetic_sce")
+
+
 def get_method(name: str) -> Method:
     """The method called ``name``; an unknown name gets a "did you mean" error."""
     methods = all_methods()
     key = name.strip().lower().replace("-", "_")
+    if key in MERGEKIT_NOT_YET:
+        raise MethodError(f"mergekit's {key!r} method is not in streammerge yet; the methods here: "
+                          f"{', '.join(methods)} (`streammerge methods` describes them)")
     if key not in methods:
         raise MethodError(unknown_name_message("unknown merge method", name, list(methods)))
     return methods[key]

@@ -9,6 +9,7 @@ chunks.
 
 from __future__ import annotations
 
+import numbers
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,8 +68,13 @@ class ParamSpec:
                 ) from None
         else:
             value = raw
-            if self.kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+            # numbers of any type (numpy's too), and 0/1 for a flag, as the command line takes "1" and "0"
+            if self.kind is float and isinstance(raw, numbers.Real) and not isinstance(raw, bool):
                 value = float(raw)
+            elif self.kind is int and isinstance(raw, numbers.Integral) and not isinstance(raw, bool):
+                value = int(raw)
+            elif self.kind is bool and isinstance(raw, numbers.Integral) and raw in (0, 1):
+                value = bool(raw)
             if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
                 raise MethodError(f"{method}: parameter {self.name} must be {self.kind.__name__}, got {raw!r}")
         if self.kind is float and value != value:
@@ -170,6 +176,9 @@ class Method:
         """Validate user parameters (strings or values) into typed values; per-model ones become tuples."""
         specs = {p.name: p for p in self.params}
         for key in raw:
+            if key == "seed" and key not in specs:
+                raise MethodError(f"{self.name} draws no random masks, so it takes no seed (--seed is for the methods "
+                                  "that list a seed parameter in `streammerge methods`)")
             if key not in specs:
                 raise MethodError(unknown_name_message(f"{self.name} has no parameter", key, list(specs)))
         out: dict[str, Any] = {}

@@ -3,6 +3,7 @@ The base is not part of the average; pass it as a --model too to include it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,8 @@ class Linear(Method):
     name = "linear"
     summary = "Weighted average of the models' weights (the base is not included unless also given as --model)."
     reference = "Wortsman et al. 2022, Model soups, arXiv:2203.05482"
-    params = (WEIGHT, ParamSpec("normalize", bool, True, "divide by the sum of the weights"))
+    params = (replace(WEIGHT, help="weight of each model in the average"),
+              ParamSpec("normalize", bool, True, "divide by the sum of the weights"))
 
     def resolve_params(self, raw: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         params = super().resolve_params(raw, n_models)
