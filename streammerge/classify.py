@@ -62,8 +62,18 @@ class TensorClass:
     kept_because: str | None = None  # for COPY_BASE: "--exclude", "derived buffer", "empty" or "not a float"
 
 
+@dataclass(frozen=True)
+class Classification:
+    """The output's tensors (:class:`TensorClass`, in order), the changes the output's config.json needs (e.g.
+    ``tie_word_embeddings: false`` when the output stores a head the base ties), and notes for the user."""
+
+    tensors: list[TensorClass]
+    config_updates: dict[str, Any]
+    notes: tuple[str, ...]
+
+
 def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Checkpoint], out_dtype: str | None,
-             tile: int) -> list[TensorClass]:
+             tile: int) -> Classification:
     """Every output tensor's rule, kind and sources, in :func:`in_natural_order`; raises (naming every problem) if some
     tensor cannot be merged as asked."""
     refuse_quantized([base, *models])
@@ -82,9 +92,11 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         info = loc.info
         kind = Kind.FLOAT if info.dtype.is_float else (Kind.BOOL if info.dtype.name == "BOOL" else Kind.INTEGER)
         dtype = out_dtype if (out_dtype and kind is Kind.FLOAT) else info.dtype.name
-        if head is not None and name == head[0]:
-            out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype, (), head[1]))
+        if name == head.name and head.mode == "tied":
+            out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype, (), head.embedding))
             continue
+        if name == head.name and head.mode == "mixed":
+            continue  # merged from every input's effective head, below
         why = from_base(name) or ("not a float" if kind is not Kind.FLOAT else "empty" if info.numel == 0 else None)
         if why:  # empty: shape [0] or [0, n], which passes through
             out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype, (StoredSource(loc),), None, why))
@@ -103,6 +115,18 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
                 problems.append(f"{name}: model {k} stores it as {m.tensors[name].info.dtype.name}, not a float")
         sources = (StoredSource(loc), *(StoredSource(m.tensors[name]) for m in models))
         out.append(TensorClass(name, info.shape, rule, kind, dtype, sources))
+    if head.mode == "mixed":
+        stored = base.tensors.get(head.name) or head.sources[0]
+        dtype, shape = out_dtype or stored.info.dtype.name, head.sources[0].info.shape
+        if from_base(head.name):  # the base's effective head: its own, or its embedding
+            out.append(TensorClass(head.name, shape, Rule.COPY_BASE, Kind.FLOAT, dtype, (StoredSource(head.sources[0]),),
+                                   None, from_base(head.name)))
+        else:
+            sources = tuple(StoredSource(loc) for loc in head.sources)
+            out.append(TensorClass(head.name, shape, Rule.MATRIX, Kind.FLOAT, dtype, sources))
+            why = method.rule_error(TensorTask(head.name, shape, Rule.MATRIX, tile))
+            if why:
+                problems.append(f"{head.name}: {why}")
     names = list(dict.fromkeys(name for ckpt in (base, *models) for name in ckpt.tensors))
     messages = unmatched_excludes(recipe.exclude, excludes, names)
     messages += bad_embedding_names(recipe.embedding_names or (), base)
@@ -113,7 +137,13 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         )
     if messages:
         raise PlanError("\n".join(messages))
-    return out
+    if head.mode != "mixed":
+        return Classification(out, {}, ())
+    tied = [("the base" if k == 0 else f"model {k}") for k, c in enumerate((base, *models)) if c.tied(head.name)]
+    note = (f"{', '.join(tied)} tie{'s' if len(tied) == 1 else ''} {head.name} to {head.embedding} and the other "
+            f"inputs do not: {head.name} is merged from each input's own head, or its embedding where tied, and the "
+            "output stores it (untied)")
+    return Classification(out, {"tie_word_embeddings": False}, (note,))
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
@@ -216,13 +246,38 @@ def is_derived_buffer(name: str) -> bool:
     return any(re.fullmatch(p, name) for p in DERIVED_BUFFERS)
 
 
+@dataclass(frozen=True)
+class HeadPlan:
+    """How the output head (``lm_head.weight``) is made, from how each input ties it to the token embedding.
+
+    ``mode``: ``"tied"`` (every input ties it: the output ties it too, and a stored head is a copy of the merged
+    embedding), ``"untied"`` (every input stores its own head: an ordinary matrix), or ``"mixed"``: a tied model's
+    head *is* its embedding, so the head is merged from each input's effective head (``sources``, base first:
+    its own head, or its embedding when tied) and the output stores it, untied. As in mergekit's handling of
+    tied and untied inputs (arcee-ai/mergekit#464)."""
+
+    name: str
+    mode: str
+    embedding: str | None  # the token embedding's name (None if none is stored)
+    sources: tuple[Located, ...] = ()  # for "mixed"
+
+
+def _effective_head(ckpt: Checkpoint, head: str, embedding: str | None) -> Located | None:
+    if not ckpt.tied(head) and head in ckpt.tensors:
+        return ckpt.tensors[head]
+    return ckpt.tensors.get(embedding) if embedding else None
+
+
 def check_homologous(base: Checkpoint, models: list[Checkpoint],
-                     from_base: Callable[[str], bool] = lambda name: False) -> tuple[str, str] | None:
-    """Raise unless every model matches the base; return (head, embedding) when a tied head is stored. Tensors
+                     from_base: Callable[[str], bool] = lambda name: False) -> HeadPlan:
+    """Raise unless every model matches the base; say how the output head is made (:class:`HeadPlan`). Tensors
     for which ``from_base`` is true keep the base's value: a model may lack them, hold them with another shape, or
     hold them when the base does not (then the output does not have them either)."""
-    head_name = next((h for h in HEAD_NAMES if h in base.tensors), HEAD_NAMES[0])
-    tied = base.tied(head_name)
+    inputs = (base, *models)
+    head_name = next((h for h in HEAD_NAMES if any(h in c.tensors for c in inputs)), HEAD_NAMES[0])
+    embedding = next((e for e in TOKEN_EMBEDDINGS if e in base.tensors), None)
+    ties = {c.tied(head_name) for c in inputs}
+    mode = "mixed" if len(ties) > 1 else "tied" if ties == {True} else "untied"
     for k, m in enumerate(models, 1):
         who = f"model {k} ({m.folder})"
         if base.model_type and m.model_type and base.model_type != m.model_type:
@@ -233,16 +288,7 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
             raise IncompatibleModelsError(
                 f"{who} has architectures {m.architectures} but the base has {base.architectures}"
             )
-        if m.tied(head_name) != tied:
-            raise IncompatibleModelsError(
-                f"{who} {'ties' if m.tied(head_name) else 'does not tie'} its output head to the embedding but the "
-                f"base {'does' if tied else 'does not'}. streammerge cannot yet merge tied with untied checkpoints, "
-                "and --exclude does not change that. What works: save each tied checkpoint untied and merge those "
-                "copies (with transformers: load it, set model.config.tie_word_embeddings = False, set "
-                "model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone()), "
-                "then model.save_pretrained(NEW_FOLDER)); or leave out the models that tie differently from the base"
-            )
-        skip = {head_name} if tied else set()
+        skip = {head_name} if mode != "untied" else set()
         missing = sorted(n for n in set(base.tensors) - set(m.tensors) - skip if not from_base(n))
         extra = sorted(n for n in set(m.tensors) - set(base.tensors) - skip if not from_base(n))
         if missing or extra:
@@ -252,10 +298,11 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
             if extra:
                 parts.append(f"has {len(extra)} tensor{'s' if len(extra) != 1 else ''} the base lacks "
                              f"(e.g. {', '.join(extra[:3])})")
-            raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous")
+            raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous; "
+                                          "--exclude REGEX keeps the base's value of tensors some models lack")
         for name, loc in base.tensors.items():
             other = m.tensors.get(name)
-            if other is None or from_base(name):
+            if other is None or from_base(name) or name in skip:
                 continue
             if other.info.shape != loc.info.shape:
                 hint = ""
@@ -265,13 +312,28 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
                     f"tensor {name}: shape {list(other.info.shape)} in {who} but {list(loc.info.shape)} in the base"
                     + hint
                 )
-    if tied and head_name in base.tensors:
-        source = next((e for e in TOKEN_EMBEDDINGS if e in base.tensors), None)
-        if source is None:
+    if mode == "mixed":
+        if embedding is None:
+            raise IncompatibleModelsError(f"some inputs tie {head_name} to the token embedding and some do not, but "
+                                          f"the base ({base.folder}) stores no known token embedding")
+        sources = []
+        for k, c in enumerate(inputs):
+            loc = _effective_head(c, head_name, embedding)
+            who = "the base" if k == 0 else f"model {k}"
+            if loc is None:
+                raise IncompatibleModelsError(f"{who} ({c.folder}) stores neither {head_name} nor {embedding}")
+            if loc.info.shape != base.tensors[embedding].info.shape:
+                raise IncompatibleModelsError(
+                    f"{who} ({c.folder}): its output head is {list(loc.info.shape)} but the base's embedding is "
+                    f"{list(base.tensors[embedding].info.shape)} (vocabulary sizes differ: resize the embeddings to "
+                    "one vocabulary first)")
+            sources.append(loc)
+        return HeadPlan(head_name, mode, embedding, tuple(sources))
+    if mode == "tied" and head_name in base.tensors:
+        if embedding is None:
             raise IncompatibleModelsError(
                 f"{base.folder}: config ties {head_name} to the embedding, but no known token embedding is stored"
             )
-        if base.tensors[source].info.shape != base.tensors[head_name].info.shape:
-            raise IncompatibleModelsError(f"{base.folder}: tied {head_name} and {source} have different shapes")
-        return head_name, source
-    return None
+        if base.tensors[embedding].info.shape != base.tensors[head_name].info.shape:
+            raise IncompatibleModelsError(f"{base.folder}: tied {head_name} and {embedding} have different shapes")
+    return HeadPlan(head_name, mode, embedding)

@@ -66,8 +66,10 @@ def write_index(work: Path, weight_map: dict[str, str], total_size: int) -> None
     write_json(work / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
 
-def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dtype: str | None) -> list[str]:
-    """config.json (dtype updated), generation_config.json, tokenizer files; returns the names copied."""
+def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dtype: str | None,
+                    config_updates: dict[str, Any] | None = None) -> list[str]:
+    """config.json (dtype and ``config_updates`` applied, also inside a nested ``text_config`` that has the key),
+    generation_config.json, tokenizer files; returns the names copied."""
     copied: list[str] = []
     config_path = base / "config.json"
     if config_path.is_file():
@@ -76,6 +78,10 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
             for key in ("torch_dtype", "dtype"):
                 if key in config or key == "torch_dtype":
                     config[key] = TORCH_DTYPE_NAMES[out_dtype]
+        for key, value in (config_updates or {}).items():
+            config[key] = value
+            if isinstance(config.get("text_config"), dict) and key in config["text_config"]:
+                config["text_config"][key] = value
         write_json(work / "config.json", config)
         copied.append("config.json")
     if (base / "generation_config.json").is_file():

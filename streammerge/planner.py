@@ -173,6 +173,7 @@ class Plan:
     fingerprint_doc: dict[str, Any] = field(repr=False)
     base: Checkpoint = field(repr=False)
     models: tuple[Checkpoint, ...] = field(repr=False)
+    config_updates: dict[str, Any] = field(default_factory=dict, repr=False)  # for the output's config.json
 
     @cached_property
     def _by_name(self) -> dict[str, TensorPlan]:
@@ -242,7 +243,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     params = method.resolve_params(recipe.params, len(models))
     out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
     tile, depth = TILE_ROWS, BUFFER_DEPTH
-    classes = classify(recipe, method, base, models, out_dtype, tile)
+    classification = classify(recipe, method, base, models, out_dtype, tile)
+    classes = classification.tensors
 
     groups = split_into_shards([OutTensor(c.name, c.out_dtype, c.shape) for c in classes], recipe.shard_size)
     shards = tuple(layout_shard(shard_filename(i, len(groups)), g) for i, g in enumerate(groups))
@@ -320,7 +322,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule in MERGED_RULES), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
-                run_fingerprint(doc), _notes(recipe, budget), doc, base, tuple(models))
+                run_fingerprint(doc), _notes(recipe, budget) + classification.notes, doc, base, tuple(models),
+                classification.config_updates)
 
 
 def _notes(recipe: Recipe, budget: Budget) -> tuple[str, ...]:

@@ -381,7 +381,7 @@ class WorkFolder:
             write_index(self.model_dir, {t.name: t.shard for t in plan.tensors},
                         sum(s.size - len(s.header) for s in plan.shards))
         out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
-        copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype)
+        copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype, plan.config_updates)
         write_json(self.model_dir / MANIFEST, self.manifest())
         write_model_card(self.model_dir, plan.to_dict())
         checkpoint("side-files-written")

@@ -505,13 +505,6 @@ def _architecture_mismatch(fam, tmp):
     return [], ["'llama'", "'qwen2'", str(fam["chat"])]
 
 
-def _tied_vs_untied(fam, tmp):
-    shutil.rmtree(fam["chat"])
-    write_model(fam["chat"], SHAPES["tiny-untied"], delta=0.1)
-    return [], [str(fam["chat"]), "does not tie", "output head", "--exclude does not change that",
-                "tie_word_embeddings = False", "save_pretrained"]
-
-
 def _nan_in_a_model(fam, tmp):
     def edit(ts):
         ts["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
@@ -698,7 +691,6 @@ BAD_INPUTS: dict[str, Case] = {
     "vocab-mismatch": _vocab_mismatch,
     "shape-mismatch": _shape_mismatch,
     "architecture-mismatch": _architecture_mismatch,
-    "tied-vs-untied": _tied_vs_untied,
     "no-tensors": _no_tensors,
     "index-omits-a-tensor": _index_omits_a_tensor,
     "integer-tensor-in-a-model": _integer_tensor_in_a_model,
@@ -991,25 +983,30 @@ def test_a_base_without_config_json_needs_allow_incomplete_output(fam, out):
     assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()
 
 
-def untie(folder: Path) -> None:
-    """What the tie-mismatch advice says to do with transformers, done on the files: store the head as a copy of the
-    embedding and clear the config's tie flag."""
-    rewrite_tensors(folder, lambda ts: {**ts, "lm_head.weight": ts["model.embed_tokens.weight"].clone()})
-    config = json.loads((folder / "config.json").read_text())
-    write_json(folder / "config.json", {**config, "tie_word_embeddings": False})
+@pytest.mark.parametrize("method", ["task_arithmetic", "widen"])
+def test_tied_and_untied_inputs_merge_each_models_effective_head(method, fam, out):
+    """A tied base and a tied variant with a variant saved untied (its own lm_head): the head is merged from each
+    input's effective head (a tied model's head is its embedding), against a dense reference, and the output is
+    untied (config and a stored head)."""
+    from reference_widen import merge_matrix
 
-
-def test_the_tie_mismatch_advice_works(fam, out):
     shutil.rmtree(fam["chat"])
     write_model(fam["chat"], SHAPES["tiny-untied"], delta=0.1)
-    refused = invoke(*merge_args(fam, out, "-q"))
-    assert refused.exit_code == 1 and "save each tied checkpoint untied" in refused.stderr
-    untie(fam["base"])
-    untie(fam["multilingual"])
-    merge_ok(fam, out)
-    merged = read_all(out)
-    assert "lm_head.weight" in merged
+    result = invoke(*merge_args(fam, out, "--method", method))
+    assert result.exit_code == 0, result.output
+    assert "note: the base, model 2 tie lm_head.weight to model.embed_tokens.weight" in result.stderr
+    merged, base, chat, multi = (read_all(p) for p in (out, fam["base"], fam["chat"], fam["multilingual"]))
+    heads = [base["model.embed_tokens.weight"], chat["lm_head.weight"], multi["model.embed_tokens.weight"]]
+    b, *models = (h.float() for h in heads)
+    want = b + sum(m - b for m in models) if method == "task_arithmetic" else merge_matrix(b, models, 1.0, 1.0)
+    got = merged["lm_head.weight"]
+    assert got.dtype == base["model.embed_tokens.weight"].dtype
+    assert torch.equal(got, want.to(got.dtype)), (got.float() - want).abs().max()
+    assert not torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    excluded = invoke(*merge_args(fam, out.with_name("excluded"), "--method", method, "--exclude", "lm_head", "-q"))
+    assert excluded.exit_code == 0, excluded.output  # the base's effective head: its embedding
+    assert torch.equal(read_all(out.with_name("excluded"))["lm_head.weight"], base["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("n", [1, 2])
