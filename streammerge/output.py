@@ -18,10 +18,12 @@ from typing import Any
 from . import fsio
 from ._version import __version__
 from .errors import InputError, PlanError
+from .remote_code import code_files
 
 TOKENIZER_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "chat_template*", "*.tiktoken", "spiece.model", "sentencepiece*.model", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json",
 )
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -69,7 +71,8 @@ def write_index(work: Path, weight_map: dict[str, str], total_size: int) -> None
 def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dtype: str | None,
                     config_updates: dict[str, Any] | None = None) -> list[str]:
     """config.json (dtype and ``config_updates`` applied, also inside a nested ``text_config`` that has the key),
-    generation_config.json, tokenizer files; returns the names copied."""
+    generation_config.json, tokenizer and processor files, and the Python files a remote-code model's ``auto_map``
+    names (copied, never run); returns the names copied."""
     copied: list[str] = []
     config_path = base / "config.json"
     if config_path.is_file():
@@ -93,6 +96,12 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
     for f in tokenizer_files(source):
         fsio.copy_file(f, work / f.name)
         copied.append(f.name)
+    # remote code: the model's modules from the base, the tokenizer's from where the tokenizer comes from
+    tokenizer_code = sorted(p for p in source.glob("tokenization_*.py") if p.is_file())
+    for f in [*code_files(base, ("config.json",)), *code_files(source, ("tokenizer_config.json",)), *tokenizer_code]:
+        if f.name not in copied:
+            fsio.copy_file(f, work / f.name)
+            copied.append(f.name)
     return copied
 
 

@@ -124,3 +124,36 @@ def test_excluded_tensors_need_not_be_in_the_models(clean, tmp_path):
     assert r.exit_code == 0, r.output
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[name],
                        load_file(fam["base"] / "model.safetensors")[name])
+
+
+def test_a_remote_code_models_files_are_copied_and_never_run(clean, tmp_path):
+    """``auto_map`` modules (and what they import relatively) are copied byte for byte from the base, the
+    tokenizer's from the tokenizer folder; modules of another repository or with odd names are not; nothing is
+    imported: each module would leave a file behind if it ran."""
+    ran = tmp_path / "ran"
+    code = {name: f"open({str(ran / name)!r}, 'w').write('ran')\n" for name in
+            ("configuration_tiny.py", "modeling_tiny.py", "tiny_layers.py", "tokenization_tiny.py", "unrelated.py",
+             "tokenization_tiny_fast.py")}
+    code["modeling_tiny.py"] += "from .tiny_layers import Block\n"
+    auto_map = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+                "AutoModel": "other/repo--modeling_other.Model", "AutoBackbone": "../escape.Model"}
+
+    fam = _family(clean, tmp_path, lambda name, ts: ts)
+    ran.mkdir()
+    for folder in fam.values():
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+        tok = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {**tok, "auto_map": {"AutoTokenizer": ["tokenization_tiny.TinyTokenizer", None]}}))
+        for name, text in code.items():
+            (folder / name).write_text(text)
+    r = _merge(fam, tmp_path / "out", "widen")
+    assert r.exit_code == 0, r.output
+    copied = {p.name for p in (tmp_path / "out").glob("*.py")}
+    assert copied == {"configuration_tiny.py", "modeling_tiny.py", "tiny_layers.py", "tokenization_tiny.py",
+                      "tokenization_tiny_fast.py"}  # tokenizer code is copied even when no auto_map names it
+    for name in copied:
+        assert (tmp_path / "out" / name).read_bytes() == (fam["base"] / name).read_bytes()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"] == auto_map
+    assert not list(ran.iterdir()), "a checkpoint's code ran"
