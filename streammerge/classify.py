@@ -26,7 +26,7 @@ from typing import Any
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint, Located
 from .methods import Method, Rule, TensorTask
-from .recipe import DERIVED_BUFFERS, HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
+from .recipe import DERIVED_BUFFERS, HEAD_NAMES, TOKEN_EMBEDDINGS, VISION_PREFIXES, Recipe
 from .sources import InputSource, StoredSource
 
 #: safetensors dtypes that only hold quantized codes
@@ -82,7 +82,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     def from_base(name: str) -> str | None:
         """Why the output keeps the base's value whatever the models hold (they need not have it), or None."""
         return "--exclude" if any(rx.match(name) for rx in excludes) else \
-            "derived buffer" if is_derived_buffer(name) else None
+            "derived buffer" if is_derived_buffer(name) else \
+            "--keep-vision" if recipe.keep_vision and name.startswith(VISION_PREFIXES) else None
 
     head = check_homologous(base, models, lambda name: from_base(name) is not None)
     embeddings = set(recipe.embeddings)
@@ -137,13 +138,21 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         )
     if messages:
         raise PlanError("\n".join(messages))
+    notes = _vision_notes(recipe, base)
+    unnamed = [c.name for c in out if c.rule is Rule.MATRIX and c.shape[0] == base.vocab_size
+               and c.name not in HEAD_NAMES and not c.name.startswith(VISION_PREFIXES)]
+    if method.embedding_rule and unnamed and not any(c.rule is Rule.EMBEDDING for c in out):
+        notes.append(f"WARNING: {method.name} merges token embeddings by their own rule (one column per token), but "
+                     "no tensor of the base has a known token-embedding name, so it is merged as an ordinary matrix; "
+                     f"if {unnamed[0]} (one row per token of the {base.vocab_size}-token vocabulary) is the "
+                     f"embedding, say so with --embedding {unnamed[0]}")
     if head.mode != "mixed":
-        return Classification(out, {}, ())
+        return Classification(out, {}, tuple(notes))
     tied = [("the base" if k == 0 else f"model {k}") for k, c in enumerate((base, *models)) if c.tied(head.name)]
     note = (f"{', '.join(tied)} tie{'s' if len(tied) == 1 else ''} {head.name} to {head.embedding} and the other "
             f"inputs do not: {head.name} is merged from each input's own head, or its embedding where tied, and the "
             "output stores it (untied)")
-    return Classification(out, {"tie_word_embeddings": False}, (note,))
+    return Classification(out, {"tie_word_embeddings": False}, (*notes, note))
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
@@ -220,6 +229,16 @@ def unmatched_excludes(patterns: tuple[str, ...], compiled: list[re.Pattern[str]
                 f"tensor names look like {names[0]} (streammerge inspect FOLDER lists them)" if names else ""
         out.append(f"--exclude {text!r} matches no tensor" + (f": {hint}" if hint else ""))
     return out
+
+
+def _vision_notes(recipe: Recipe, base: Checkpoint) -> list[str]:
+    """What the user should know about a vision tower: that it is merged, or kept from the base."""
+    vision = [n for n in base.tensors if n.startswith(VISION_PREFIXES)]
+    if not vision:
+        return []
+    if recipe.keep_vision:
+        return [f"--keep-vision: the {len(vision)} tensors of the vision tower keep the base's values"]
+    return [f"the {len(vision)} tensors of the vision tower are merged like the rest; --keep-vision keeps the base's"]
 
 
 def bad_embedding_names(given: tuple[str, ...], base: Checkpoint) -> list[str]:

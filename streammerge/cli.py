@@ -77,6 +77,9 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
                      help="Tensor names to treat as embeddings (one column per stored row); repeatable. "
                           "Default: the usual token/position embedding names of each architecture; giving any "
                           "replaces that list. Each must be a 2-D tensor of the base."),
+        click.option("--keep-vision", is_flag=True,
+                     help="For a vision-language model: the vision tower and projector keep the base's values "
+                          "(default: merged like the rest)."),
         click.option("--seed", type=int, default=None,
                      help="Seed for methods that draw random masks (dare_linear, dare_ties); default 0."),
         click.option("--tokenizer-from", type=click.Path(path_type=Path), default=None,
@@ -115,6 +118,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         shard_size=kw["shard_size"] or DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
         redo_changed=kw["redo_changed"], allow_incomplete_output=kw["allow_incomplete_output"],
+        keep_vision=kw["keep_vision"],
         journal=not kw["no_journal"],
     )
 

@@ -87,6 +87,7 @@ def fingerprint_document(recipe: Recipe, method: str, params: dict[str, Any], ba
     return {
         "engine": engine, "method": method, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
         "dtype": recipe.dtype, "exclude": list(recipe.exclude), "embeddings": list(recipe.embeddings),
+        "keep_vision": recipe.keep_vision,
         "shard_size": recipe.shard_size, "inputs": [inputs(base)] + [inputs(m) for m in models], "tensors": tensors,
     }
 
@@ -142,7 +143,7 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], touched: Sequence
     """Human-readable differences between two fingerprint documents. A shard whose modification time alone changed
     is not one (see :func:`touched_inputs`); ``touched`` lists what checking such shards found."""
     changes = engine_changes(old, new) if isinstance(old.get("engine"), dict) else []
-    for key in ("method", "params", "dtype", "exclude", "embeddings", "shard_size"):
+    for key in ("method", "params", "dtype", "exclude", "embeddings", "keep_vision", "shard_size"):
         if old.get(key) != new.get(key):
             a, b = (json.dumps(d.get(key), sort_keys=True) for d in (old, new))
             changes.append(f"{key}: {a} -> {b}")

@@ -20,6 +20,9 @@ TOKEN_EMBEDDINGS: tuple[str, ...] = (
     "transformer.word_embeddings.weight",  # BLOOM, Falcon
     "model.decoder.embed_tokens.weight",  # OPT
     "transformer.embedding.word_embeddings.weight",  # ChatGLM
+    # vision-language models: the text model's embedding
+    "model.language_model.embed_tokens.weight",  # Qwen2-VL/2.5-VL, LLaVA, Gemma 3 as saved by transformers >= 4.52
+    "language_model.model.embed_tokens.weight",  # LLaVA, Gemma 3, Mllama as saved before 4.52
 )
 #: Learned position embeddings get the same transposed rule: one column per position.
 POSITION_EMBEDDINGS: tuple[str, ...] = (
@@ -27,7 +30,13 @@ POSITION_EMBEDDINGS: tuple[str, ...] = (
     "model.decoder.embed_positions.weight",
 )
 #: Output-head names that may be tied to the token embedding.
-HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight")
+HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight", "language_model.lm_head.weight")
+#: Name prefixes of the vision tower and projector of vision-language models (``--keep-vision`` keeps the base's).
+VISION_PREFIXES: tuple[str, ...] = (
+    "visual.", "model.visual.",  # Qwen2-VL, Qwen2.5-VL
+    "vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",  # LLaVA, Gemma 3
+    "vision_model.", "model.vision_model.",  # Mllama, Idefics
+)
 #: Non-trainable buffers some transformers versions save and others do not (computed from the config at load
 #: time): rotary inverse frequencies, GPT-2's causal-mask buffers. They come from the base; models need not have
 #: them (regexes, matched with ``re.fullmatch``).
@@ -68,6 +77,7 @@ class Recipe:
     redo_changed: bool = False  # continue an interrupted run whose inputs or options changed, redoing what changed
     journal: bool = True  # journal durable chunks (resumable); off only to measure its cost
     allow_incomplete_output: bool = False  # write an output transformers cannot load (no config.json) anyway
+    keep_vision: bool = False  # a vision-language model's vision tower keeps the base's values (VISION_PREFIXES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", Path(self.base))
@@ -93,7 +103,8 @@ class Recipe:
             "embedding_names": None if self.embedding_names is None else list(self.embedding_names),
             "tokenizer_from": None if self.tokenizer_from is None else str(self.tokenizer_from.resolve()),
             "shard_size": self.shard_size, "force": self.force, "device": self.device,
-            "allow_incomplete_output": self.allow_incomplete_output, "max_ram": self.max_ram,
+            "allow_incomplete_output": self.allow_incomplete_output, "keep_vision": self.keep_vision,
+            "max_ram": self.max_ram,
             "max_vram": self.max_vram,
         }
 

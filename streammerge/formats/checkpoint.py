@@ -62,10 +62,13 @@ class Checkpoint:
     def tied(self, head_name: str = "lm_head.weight") -> bool:
         """Whether the output head is tied to the input embedding.
 
-        ``tie_word_embeddings`` in config.json decides when present; otherwise a checkpoint without a head
-        tensor counts as tied.
+        ``tie_word_embeddings`` in config.json (or its ``text_config``) decides when present; otherwise a checkpoint
+        without a head tensor counts as tied.
         """
         flag = self.config.get("tie_word_embeddings")
+        text = self.config.get("text_config")
+        if not isinstance(flag, bool) and isinstance(text, dict):  # vision-language models keep it with the text model
+            flag = text.get("tie_word_embeddings")
         if isinstance(flag, bool):
             return flag
         return head_name not in self.tensors

@@ -171,6 +171,8 @@ class Method:
     #: the models arrive as stored (e.g. bfloat16 views, read-only) instead of float32 copies: only for methods
     #: whose every use of a model is an arithmetic op with a float32 tensor (``m - base``), which upcasts exactly
     raw_models: bool = False
+    #: token embeddings (Rule.EMBEDDING) are merged by their own rule, not as an ordinary matrix
+    embedding_rule: bool = False
 
     def resolve_params(self, raw: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Validate user parameters (strings or values) into typed values; per-model ones become tuples."""

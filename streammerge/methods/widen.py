@@ -173,6 +173,7 @@ class Widen(Method):
         ParamSpec("s", float, 1.0, "score calibration: the weight given to above-average columns", check=_non_negative),
     )
     min_models = 2
+    embedding_rule = True
 
     def rule_error(self, task: TensorTask) -> str | None:
         if task.rule is Rule.TENSOR:
