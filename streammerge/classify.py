@@ -26,7 +26,8 @@ from typing import Any
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint, Located
 from .methods import Method, Rule, TensorTask
-from .recipe import DERIVED_BUFFERS, HEAD_NAMES, TOKEN_EMBEDDINGS, VISION_PREFIXES, Recipe
+from .recipe import (CONV1D_MODEL_TYPES, CONV1D_WEIGHTS, DERIVED_BUFFERS, HEAD_NAMES, TOKEN_EMBEDDINGS, VISION_PREFIXES,
+                     Recipe)
 from .sources import InputSource, StoredSource
 
 #: safetensors dtypes that only hold quantized codes
@@ -87,6 +88,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
 
     head = check_homologous(base, models, lambda name: from_base(name) is not None)
     embeddings = set(recipe.embeddings)
+    conv1d = base.model_type in CONV1D_MODEL_TYPES  # decided from the architecture, shown in the plan
     out: list[TensorClass] = []
     problems: list[str] = []
     for name, loc in in_natural_order(base):
@@ -105,7 +107,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         if len(info.shape) <= 1:
             rule = Rule.VECTOR
         elif len(info.shape) == 2:
-            rule = Rule.EMBEDDING if name in embeddings else Rule.MATRIX
+            rule = Rule.EMBEDDING if name in embeddings else Rule.CONV1D if conv1d and re.fullmatch(
+                CONV1D_WEIGHTS, name) else Rule.MATRIX
         else:
             rule = Rule.TENSOR
         why = method.rule_error(TensorTask(name, info.shape, rule, tile))

@@ -16,6 +16,7 @@ from .units import parse_size
 TOKEN_EMBEDDINGS: tuple[str, ...] = (
     "model.embed_tokens.weight",  # Llama, Qwen2, Mistral, Gemma, Phi-3, ...
     "transformer.wte.weight",  # GPT-2, GPT-J, Falcon-style
+    "wte.weight",  # GPT-2 as stored on the Hub (no "transformer." prefix)
     "gpt_neox.embed_in.weight",  # GPT-NeoX, Pythia
     "transformer.word_embeddings.weight",  # BLOOM, Falcon
     "model.decoder.embed_tokens.weight",  # OPT
@@ -26,11 +27,15 @@ TOKEN_EMBEDDINGS: tuple[str, ...] = (
 )
 #: Learned position embeddings get the same transposed rule: one column per position.
 POSITION_EMBEDDINGS: tuple[str, ...] = (
-    "transformer.wpe.weight",
+    "transformer.wpe.weight", "wpe.weight",
     "model.decoder.embed_positions.weight",
 )
 #: Output-head names that may be tied to the token embedding.
 HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight", "language_model.lm_head.weight")
+#: Architectures whose projection weights are transformers' ``Conv1D`` (stored (in, out), the transpose of
+#: ``nn.Linear``), and the names of those weights (regexes, ``re.fullmatch``).
+CONV1D_MODEL_TYPES: tuple[str, ...] = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+CONV1D_WEIGHTS: str = r"(.*\.)?h\.\d+\.(attn\.(c_attn|q_attn|c_proj)|mlp\.(c_fc|c_proj))\.weight"
 #: Name prefixes of the vision tower and projector of vision-language models (``--keep-vision`` keeps the base's).
 VISION_PREFIXES: tuple[str, ...] = (
     "visual.", "model.visual.",  # Qwen2-VL, Qwen2.5-VL

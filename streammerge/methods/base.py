@@ -26,10 +26,21 @@ class Rule(str, Enum):
 
     MATRIX = "matrix"  # 2-D weight; columns are the stored columns (nn.Linear's input features)
     EMBEDDING = "embedding"  # 2-D embedding (V x H); columns are the stored rows (tokens / positions)
+    CONV1D = "conv1d"  # 2-D weight stored (in, out), GPT-2's Conv1D: columns (input features) are the stored rows
     VECTOR = "vector"  # 0-D or 1-D (norm weights, biases): merged whole, in one chunk
     TENSOR = "tensor"  # 3-D or more (e.g. stacked MoE experts): only methods that accept it
     COPY_BASE = "copy_base"  # excluded, or not floating point: the base's value is kept
     TIED_COPY = "tied_copy"  # a tied head stored in the file: a copy of the merged embedding
+
+    @property
+    def two_d(self) -> bool:
+        """A 2-D weight with a column rule (matrix, embedding or Conv1D)."""
+        return self in (Rule.MATRIX, Rule.EMBEDDING, Rule.CONV1D)
+
+    @property
+    def columns_are_rows(self) -> bool:
+        """Whether the rule's columns (input features, tokens) are the stored rows, not the stored columns."""
+        return self in (Rule.EMBEDDING, Rule.CONV1D)
 
     @property
     def merged(self) -> bool:
@@ -37,7 +48,7 @@ class Rule(str, Enum):
         return self not in (Rule.COPY_BASE, Rule.TIED_COPY)
 
 
-MERGED_RULES = (Rule.MATRIX, Rule.EMBEDDING, Rule.VECTOR)
+MERGED_RULES = (Rule.MATRIX, Rule.EMBEDDING, Rule.CONV1D, Rule.VECTOR)
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,12 @@ def column_weights(ssb: torch.Tensor, ssm: torch.Tensor, dot: torch.Tensor, t: f
 
 
 class _MatrixMerge(TensorMerge):
-    """Linear rule (columns = stored columns) and embedding rule (columns = stored rows)."""
+    """Linear rule (columns = stored columns); embedding and Conv1D rules (columns = stored rows)."""
 
     def __init__(self, task: TensorTask, n_models: int, t: float, s: float) -> None:
         self.task, self.n_models, self.t, self.s = task, n_models, t, s
         rows, cols = task.shape
-        self.by_rows = task.rule is Rule.EMBEDDING
+        self.by_rows = task.rule.columns_are_rows
         k = 1 + 2 * n_models  # [b², m_1², ..., m_N², m_1·b, ..., m_N·b]
         self._feeder: TileFeeder | None = TileFeeder(rows, task.tile)
         # float64 accumulators, made on the device of the first chunk: (1 + 2N, rows) by rows, (1 + 2N) x cols else
@@ -181,7 +181,7 @@ class Widen(Method):
         return None
 
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
-        return 1 if rule in (Rule.MATRIX, Rule.EMBEDDING) else 0
+        return 1 if rule.two_d else 0
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """Measured on the CPU (bench/ram_probe.py). Statistics: a block's (1 + 2N) products, float32 when every
@@ -191,10 +191,10 @@ class Widen(Method):
         during the merge. A block that is not whole tiles stashes the rows of its incomplete tile (float32) until
         the tile completes, then makes that whole tile's products."""
         n = n_models
-        if task.rule not in (Rule.MATRIX, Rule.EMBEDDING):  # 1-D: significances, scores, float64 tests, result
+        if not task.rule.two_d:  # 1-D: significances, scores, float64 tests, result
             return Footprint(emit_per_element=24 * n + 8, gpu_per_element=8 * n + 20)
         rows, cols = task.shape
-        columns = rows if task.rule is Rule.EMBEDDING else cols
+        columns = rows if task.rule.columns_are_rows else cols
         product = 4 if task.exact_products else 8
         sums = 8 * (1 + 2 * n) * columns
         tile_rows = min(rows, task.tile)
