@@ -288,12 +288,17 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
 
 
 @main.command()
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="FOLDER [MODEL ...]")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def inspect(folder: Path, as_json: bool) -> None:
-    """Describe a model folder: tensors, dtypes, shapes, shards, parameters, tying, vocabulary."""
+def inspect(folders: tuple[Path, ...], as_json: bool) -> None:
+    """Describe a model folder: tensors, dtypes, shapes, shards, parameters, tying, vocabulary. Given a base and
+    models (inspect BASE MODEL ...), say whether they can be merged: every difference from the base, with what
+    streammerge does about it or the option that resolves it."""
+    if len(folders) > 1:
+        _compatibility(folders, as_json)
+        return
     try:
-        info = api.inspect(folder)
+        info = api.inspect(folders[0])
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -309,6 +314,26 @@ def inspect(folder: Path, as_json: bool) -> None:
     click.echo(f"  tensors     {len(info['tensors'])}")
     for t in info["tensors"]:
         click.echo(f"    {t['name']:<60} {t['dtype']:<5} {t['shape']}")
+
+
+def _compatibility(folders: tuple[Path, ...], as_json: bool) -> None:
+    from .compatibility import compare, to_dict, verdict
+    from .formats.checkpoint import load_checkpoint
+
+    try:
+        base, *models = (load_checkpoint(f) for f in folders)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    differences = compare(base, models)
+    if as_json:
+        click.echo(json.dumps({"base": str(folders[0]), "models": [str(f) for f in folders[1:]],
+                               **to_dict(differences)}, indent=2))
+    else:
+        click.echo(f"base {folders[0]} and {len(models)} model(s): {verdict(differences)}")
+        for d in differences:
+            click.echo(f"  [{d.status}] {d.who}: {d.what}\n      -> {d.action}")
+    if any(d.status == "blocks" for d in differences):
+        sys.exit(1)
 
 
 @main.command()

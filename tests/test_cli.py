@@ -1092,3 +1092,32 @@ def test_the_plan_names_the_tensors_that_keep_the_base_value_and_why(fam):
                           "--exclude", r"model\.layers\.1\.", "--json").stdout)
     assert len(d["kept_from_base"]["--exclude"]) == 12
     assert all(t.get("kept_because") == "--exclude" for t in d["tensors"] if t["name"].startswith("model.layers.1."))
+
+
+def test_inspect_of_a_base_and_models_gives_a_compatibility_verdict(fam, tmp_path):
+    ok = invoke("inspect", fam["base"], fam["chat"], fam["multilingual"])
+    assert ok.exit_code == 0 and "can be merged as they are" in ok.stdout
+
+    def edit(ts):
+        del ts["model.layers.1.mlp.up_proj.weight"]
+        ts["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+        return ts
+
+    rewrite_tensors(fam["chat"], edit)
+    shutil.rmtree(fam["multilingual"])
+    write_model(fam["multilingual"], SHAPES["tiny-untied"], delta=0.3)
+    r = invoke("inspect", fam["base"], fam["chat"], fam["multilingual"])
+    assert r.exit_code == 0 and "can be merged with the options below" in r.stdout, r.stdout
+    assert "[needs an option] model 1" in r.stdout and "lacks model.layers.1.mlp.up_proj.weight" in r.stdout
+    assert r"--exclude 'model\.layers\.1\.mlp\.up_proj\.weight$'" in r.stdout
+    assert "[fine] model 1" in r.stdout and "(derived buffers)" in r.stdout
+    assert "[note] model 2" in r.stdout and "does not tie lm_head.weight" in r.stdout
+    # the option it names works
+    merged = invoke(*merge_args(fam, tmp_path / "out", "--exclude", r"model\.layers\.1\.mlp\.up_proj\.weight$", "-q"))
+    assert merged.exit_code == 0, merged.output
+    shutil.rmtree(fam["multilingual"])
+    write_model(fam["multilingual"], replace(TINY, vocab=300), delta=0.3)
+    blocked = invoke("inspect", fam["base"], fam["chat"], fam["multilingual"], "--json")
+    d = json.loads(blocked.stdout)
+    assert blocked.exit_code == 1 and d["verdict"] == "cannot be merged as they are"
+    assert any(x["status"] == "blocks" and "vocab_size 300" in x["what"] for x in d["differences"])

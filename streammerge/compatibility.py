@@ -1,0 +1,104 @@
+"""Can these checkpoints be merged? A verdict for ``streammerge inspect BASE MODEL ...`` before any merge: every
+difference between each model and the base (architecture, tensors, shapes, vocabulary, tying, dtypes,
+quantization), each with what streammerge does about it or the option that resolves it. Reads headers and
+configs only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .classify import is_derived_buffer, quantization_evidence
+from .formats.checkpoint import Checkpoint
+from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS
+
+#: how a difference stands: merged as is, merged with a note, needs an option, or cannot be merged
+FINE, NOTE, NEEDS_OPTION, BLOCKS = "fine", "note", "needs an option", "blocks"
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One way ``who`` differs from the base: ``what`` it is, ``status`` (one of the four above) and ``action``
+    (what streammerge does, or the option that resolves it)."""
+
+    who: str
+    what: str
+    status: str
+    action: str
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _regex_for(names: list[str]) -> str:
+    """An --exclude pattern for ``names`` (one exact name, or each exact name joined)."""
+    return "'" + "|".join(re.escape(n) + "$" for n in names[:3]) + ("|...'" if len(names) > 3 else "'")
+
+
+def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
+    """Every difference between each of ``models`` and ``base`` (an empty list: they merge as they are)."""
+    out: list[Difference] = []
+    head = next((h for h in HEAD_NAMES if any(h in c.tensors for c in (base, *models))), HEAD_NAMES[0])
+    for k, ckpt in enumerate([base, *models]):
+        evidence = quantization_evidence(ckpt)
+        if evidence:
+            out.append(Difference("the base" if k == 0 else f"model {k}", f"quantized: {evidence}", BLOCKS,
+                                  "merge the unquantized release, or dequantize and save it as bfloat16 first"))
+    for k, m in enumerate(models, 1):
+        who = f"model {k} ({m.folder})"
+        if base.model_type and m.model_type and base.model_type != m.model_type:
+            out.append(Difference(who, f"model_type {m.model_type!r}, the base's is {base.model_type!r}", BLOCKS,
+                                  "merge checkpoints of one architecture"))
+        if base.vocab_size and m.vocab_size and base.vocab_size != m.vocab_size:
+            out.append(Difference(who, f"vocab_size {m.vocab_size}, the base's is {base.vocab_size}", BLOCKS,
+                                  "resize the embeddings to one vocabulary first"))
+        if m.tied(head) != base.tied(head):
+            out.append(Difference(who, f"{'ties' if m.tied(head) else 'does not tie'} {head} to the embedding, the "
+                                  f"base {'does' if base.tied(head) else 'does not'}", NOTE,
+                                  "the head is merged from each input's effective head; the output is untied"))
+        skip = {head}
+        missing = [n for n in base.tensors if n not in m.tensors and n not in skip]
+        extra = [n for n in m.tensors if n not in base.tensors and n not in skip]
+        for names, what in ((missing, "lacks"), (extra, "has tensors the base lacks:")):
+            derived = [n for n in names if is_derived_buffer(n)]
+            other = [n for n in names if not is_derived_buffer(n)]
+            if derived:
+                out.append(Difference(who, f"{what} {_some(derived)} (derived buffers)", FINE,
+                                      "taken from the base (recomputed at load time)"))
+            if other:
+                out.append(Difference(who, f"{what} {_some(other)}", NEEDS_OPTION,
+                                      f"--exclude {_regex_for(other)} keeps the base's value"))
+        shapes = [n for n, loc in base.tensors.items()
+                  if n in m.tensors and n not in skip and m.tensors[n].info.shape != loc.info.shape]
+        if shapes:
+            n = shapes[0]
+            vocab = n in TOKEN_EMBEDDINGS or n in HEAD_NAMES
+            out.append(Difference(
+                who, f"different shapes: {n} {list(m.tensors[n].info.shape)} vs {list(base.tensors[n].info.shape)}"
+                + (f" and {len(shapes) - 1} more" if len(shapes) > 1 else ""),
+                BLOCKS if vocab else NEEDS_OPTION,
+                "resize the embeddings to one vocabulary first" if vocab else
+                f"--exclude {_regex_for(shapes)} keeps the base's value"))
+        dtypes = sorted({f"{m.tensors[n].info.dtype.name} vs {loc.info.dtype.name}" for n, loc in base.tensors.items()
+                         if n in m.tensors and m.tensors[n].info.dtype != loc.info.dtype})
+        if dtypes:
+            out.append(Difference(who, f"stored dtypes differ ({', '.join(dtypes)})", FINE,
+                                  "every input is read as float32; the output takes the base's dtype (or --dtype)"))
+    return out
+
+
+def verdict(differences: list[Difference]) -> str:
+    """One line: whether the checkpoints merge as they are, with options, or not at all."""
+    statuses = {d.status for d in differences}
+    if BLOCKS in statuses:
+        return "cannot be merged as they are"
+    if NEEDS_OPTION in statuses:
+        return "can be merged with the options below"
+    return "can be merged as they are"
+
+
+def to_dict(differences: list[Difference]) -> dict[str, Any]:
+    return {"verdict": verdict(differences), "differences": [asdict(d) for d in differences]}
