@@ -157,3 +157,23 @@ def test_a_remote_code_models_files_are_copied_and_never_run(clean, tmp_path):
         assert (tmp_path / "out" / name).read_bytes() == (fam["base"] / name).read_bytes()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"] == auto_map
     assert not list(ran.iterdir()), "a checkpoint's code ran"
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties"])
+def test_element_wise_methods_merge_3d_tensors(method, clean, tmp_path):
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, 8, generator=g).to(torch.bfloat16)
+    values = {"base": base, "chat": (base.float() + 0.01 * torch.randn(4, 6, 8, generator=g)).to(torch.bfloat16),
+              "multilingual": (base.float() + 0.02 * torch.randn(4, 6, 8, generator=g)).to(torch.bfloat16)}
+    fam = _family(clean, tmp_path, lambda name, ts: {**ts, experts: values[name]})
+    r = _merge(fam, tmp_path / "out", method)
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "out" / "model.safetensors")[experts]
+    b, m1, m2 = (values[n].float() for n in ("base", "chat", "multilingual"))
+    if method == "task_arithmetic":
+        assert torch.equal(got, (b + (m1 - b) + (m2 - b)).to(torch.bfloat16))
+    elif method == "linear":
+        assert torch.equal(got, ((m1 + m2) / 2).to(torch.bfloat16))
+    else:
+        assert got.shape == (4, 6, 8) and torch.isfinite(got.float()).all()
