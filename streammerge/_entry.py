@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
             code = exc.exit_code
         except click.Abort:  # click's name for Ctrl-C (and end of input) inside a command
             raise KeyboardInterrupt from None
+        except SystemExit as exc:  # a command's own exit status (an interrupted merge: 130 or 143)
+            code = exc.code
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)
         code = 130

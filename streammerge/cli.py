@@ -140,7 +140,9 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         f"peak RAM    {format_size(d['predicted_peak_ram'])} predicted for buffers (plus the interpreter)",
         *([f"GPU memory  {format_size(d['budget']['max_vram'])} ({d['budget']['vram_source']}); "
            f"{format_size(d['predicted_peak_vram'])} predicted for tensors"] if d.get("predicted_peak_vram") else []),
-        f"reads once  {d['read_once']} tensor(s) read once for every pass; {d['read_per_pass']} read once per pass",
+        ("reads once  every tensor: no statistics passes" if not d["read_once"] + d["read_per_pass"] else
+         f"reads once  {d['read_once']} tensor(s) with statistics passes are read once (they fit the budget whole); "
+         f"{d['read_per_pass']} are read again for each pass"),
         f"reads       {format_size(d['bytes_read'])}",
         "tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
         *(f"base value  {len(names)} ({why}): {_some(names)}" for why, names in d.get("kept_from_base", {}).items()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ._torch import torch
 from .errors import PlanError
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .output import publish, work_folder_for, write_index
+from .workfolder import lock_work_folder
 from .writer import OutTensor, ShardFile, layout_shard, shard_filename, split_into_shards
 
 
@@ -188,12 +190,17 @@ def write_example(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype:
             marker = None
         if marker == asked and all((folder / n / "config.json").is_file() for n in names):
             return {n: folder / n for n in names}, False
-        what = "another example" if isinstance(marker, dict) else "other files"
-        raise PlanError(f"{folder} exists and holds {what}; choose another folder or pass --force to replace it")
+        if isinstance(marker, dict):
+            raise PlanError(f"{folder} holds another example ({marker}); choose another folder, or pass --force to "
+                            "replace its base, chat and multilingual (other entries are kept)")
+        raise PlanError(f"{folder} holds other files; choose another folder, or pass --force to write the example's "
+                        "base, chat and multilingual there (replacing those, keeping the rest)")
     work = work_folder_for(folder)
     fsio.make_dirs(fsio.parent_of(folder))
-    fsio.remove_tree(work)  # what an earlier, interrupted run left
+    lock = lock_work_folder(work, folder, "make-example")  # one writer at a time
     try:
+        for entry in list(work.iterdir()):  # what an earlier, interrupted run left
+            fsio.remove_tree(entry)
         write_family(work, shape, seed=seed, dtype=dtype)
         fsio.write_file(work / EXAMPLE_MARKER, (json.dumps(asked, indent=2) + "\n").encode(), sync_folder=True)
         if folder.is_dir() and any(folder.iterdir()):
@@ -203,6 +210,8 @@ def write_example(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype:
     except BaseException:
         fsio.remove_tree(work)
         raise
+    finally:
+        os.close(lock)
     return {n: folder / n for n in names}, True
 
 

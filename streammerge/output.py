@@ -119,11 +119,15 @@ def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
     # folder names, not paths: the card must not depend on how the command spelled them (or on resume)
     params = ", ".join(f"{k}={v}" for k, v in plan_dict["params"].items()) or "none"
     models = "\n".join(f"- `{Path(m).resolve().name}`" for m in plan_dict["models"])
+    options = "".join(f"- `--{k.replace('_', '-')}`" + (f" `{v}`" if not isinstance(v, bool) else "") + "\n"
+                      for k, values in plan_dict.get("options", {}).items()
+                      for v in (values if isinstance(values, list) else [values]))
     text = (
         "---\ntags:\n- merge\n- streammerge\n---\n\n"
         f"# Merged model\n\nMade with streammerge {__version__} using the **{plan_dict['method']}** method "
         f"({params}).\n\n## Inputs\n\nBase: `{Path(plan_dict['base']).resolve().name}`\n\nModels, in order:\n{models}\n\n"
-        f"Plan fingerprint: `{plan_dict['fingerprint']}`\n"
+        + (f"## Options\n\n{options}\n" if options else "")
+        + f"Plan fingerprint: `{plan_dict['fingerprint']}`\n"
     )
     fsio.write_file(work / "README.md", text.encode("utf-8"))
 

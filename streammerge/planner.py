@@ -20,6 +20,7 @@ from .errors import PlanError
 from .fingerprint import engine_document, fingerprint_document, run_fingerprint, tensor_fingerprints
 from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
+from .manifest import MANIFEST
 from .methods import Footprint, Method, Rule, TensorTask, get_method
 from .methods.base import MERGED_RULES
 from .recipe import Recipe
@@ -175,6 +176,14 @@ class Plan:
     models: tuple[Checkpoint, ...] = field(repr=False)
     config_updates: dict[str, Any] = field(default_factory=dict, repr=False)  # for the output's config.json
 
+    def options(self) -> dict[str, Any]:
+        """The options besides the method that shape the output (only those given)."""
+        r = self.recipe
+        given = {"dtype": r.dtype, "exclude": list(r.exclude), "embedding": list(r.embedding_names or ()),
+                 "keep_vision": r.keep_vision, "tokenizer_from": r.tokenizer_from.resolve().name if r.tokenizer_from
+                 else None}
+        return {k: v for k, v in given.items() if v}
+
     @cached_property
     def _by_name(self) -> dict[str, TensorPlan]:
         return {t.name: t for t in self.tensors}
@@ -196,6 +205,7 @@ class Plan:
             "streammerge": __version__,
             "method": self.method.name,
             "params": self.params,
+            "options": self.options(),
             "base": str(self.recipe.base),
             "models": [str(m) for m in self.recipe.models],
             "out": None if self.recipe.out is None else str(self.recipe.out),
@@ -328,6 +338,13 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
 def _notes(recipe: Recipe, budget: Budget) -> tuple[str, ...]:
     notes = [budget.note] if budget.note else []
+    out = recipe.out
+    if recipe.force and out is not None and out.is_dir() and not (out / MANIFEST).is_file():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            notes.append(f"--force: {out} is not a streammerge output, and everything in it ({len(entries)} entries: "
+                         f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) is deleted when the merge "
+                         "completes")
     base = recipe.base.resolve()
     for k, m in enumerate(recipe.models, 1):
         if m.resolve() == base:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import StreamMergeError
 from .units import parse_size
 
 #: Token-embedding tensor names per architecture family; their columns are tokens (stored rows).
@@ -96,6 +97,9 @@ class Recipe:
         if self.embedding_names is not None:
             object.__setattr__(self, "embedding_names", _strings(self.embedding_names))
         object.__setattr__(self, "shard_size", parse_size(self.shard_size, "--shard-size"))
+        if self.restart and self.redo_changed:
+            raise StreamMergeError("--restart discards the interrupted run's work and --redo-changed keeps what the "
+                                   "change does not affect: give one of them")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the result, with absolute paths, and the budget asked for (stored in the work

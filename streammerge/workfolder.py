@@ -70,9 +70,9 @@ class BusyError(StreamMergeError):
     """Another merge is writing the same output."""
 
 
-def _lock(work: Path, out: Path) -> int:
+def lock_work_folder(work: Path, out: Path, what: str = "merge") -> int:
     """Create ``work`` if needed and hold an exclusive lock on it (released when the returned descriptor closes, or
-    when the process dies); refuse if another process holds it."""
+    when the process dies); refuse if another process holds it (``what`` names what that process is doing)."""
     try:
         fsio.make_dirs(work)
     except OSError as exc:
@@ -82,12 +82,31 @@ def _lock(work: Path, out: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        try:
-            owner = (work / OWNER).read_text(encoding="utf-8").strip()
-        except OSError:
-            owner = "a process"
-        raise BusyError(f"another merge ({owner}) is writing {out}; wait for it to finish, or stop it first") from None
+        raise BusyError(f"another {what} ({_owner(work)}) is writing {out}; wait for it to finish, or stop it "
+                        "first") from None
     return fd
+
+
+def _owner(work: Path) -> str:
+    try:
+        return (work / OWNER).read_text(encoding="utf-8").strip() or "a process"
+    except OSError:
+        return "a process"
+
+
+def writer_of(work: Path) -> str | None:
+    """Who holds the lock of the work folder ``work`` now (a running merge), or None; takes no lasting lock."""
+    try:
+        fd = os.open(work, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _owner(work)
+    finally:
+        os.close(fd)  # closing releases a lock this call took
+    return None
 
 
 def _claim(work: Path) -> None:
@@ -133,6 +152,9 @@ def describe_destination(plan: Plan) -> str:
     if finished_output(plan):
         return f"{out} already holds this merge: a merge has nothing to do"
     work = work_folder_for(out)
+    writer = writer_of(work) if work.is_dir() else None
+    if writer:
+        return f"a merge ({writer}) is writing {work} now: another merge into {out} is refused until it ends"
     try:
         stored = json.loads((work / "plan.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -192,7 +214,7 @@ class WorkFolder:
         plan_file = work / "plan.json"
         if not work.exists():
             _check_space(plan, work)
-        lock = _lock(work, recipe.out)
+        lock = lock_work_folder(work, recipe.out)
         try:
             if plan_file.is_file() and not recipe.restart and recipe.journal:
                 try:
@@ -357,6 +379,8 @@ class WorkFolder:
             "streammerge": __version__,
             "fingerprint": self.plan.fingerprint,
             "method": self.plan.method.name,
+            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.plan.params.items()},
+            "options": self.plan.options(),
             "files": {s.filename: s.size for s in self.plan.shards},
             "tensors": {
                 t.name: {"file": t.shard, "dtype": t.out_dtype, "shape": list(t.shape),

@@ -637,6 +637,10 @@ def _budget_without_a_unit(fam, tmp):
     return ["--max-ram", "0.5"], ["--max-ram", "'0.5' has no unit", "0.5GiB", "0.5B for bytes"]
 
 
+def _restart_and_redo_changed(fam, tmp):
+    return ["--restart", "--redo-changed"], ["--restart discards", "--redo-changed keeps", "give one of them"]
+
+
 def _bad_dtype(fam, tmp):
     return ["--dtype", "int8"], ["'int8'", "float32"]
 
@@ -713,6 +717,7 @@ BAD_INPUTS: dict[str, Case] = {
     "budget-without-a-unit": _budget_without_a_unit,
     "embedding-with-a-typo": _embedding_with_a_typo,
     "embedding-not-2d": _embedding_not_2d,
+    "restart-and-redo-changed": _restart_and_redo_changed,
     "bad-dtype": _bad_dtype,
     "bad-shard-size": _bad_shard_size,
     "out-is-a-file": _out_is_a_file,
@@ -1076,8 +1081,8 @@ def test_what_a_mergekit_user_tries_is_answered_plainly(args, phrases, fam, out)
 def test_a_hub_id_and_a_missing_output_are_named_as_such(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     hub = invoke("inspect", "Qwen/Qwen2-0.5B")
-    assert hub.exit_code == 1 and "download it first" in hub.stderr and "huggingface-cli download Qwen/Qwen2-0.5B" \
-        in hub.stderr
+    assert hub.exit_code == 1 and "download it first" in hub.stderr
+    assert "`hf download Qwen/Qwen2-0.5B --local-dir Qwen2-0.5B`" in hub.stderr
     missing = invoke("verify", tmp_path / "nothing")
     assert missing.exit_code == 1 and f"{tmp_path / 'nothing'} does not exist" in missing.stderr
     assert "linear" in invoke("methods").stdout and "weight of each model in the average" in invoke("methods").stdout
@@ -1121,3 +1126,52 @@ def test_inspect_of_a_base_and_models_gives_a_compatibility_verdict(fam, tmp_pat
     d = json.loads(blocked.stdout)
     assert blocked.exit_code == 1 and d["verdict"] == "cannot be merged as they are"
     assert any(x["status"] == "blocks" and "vocab_size 300" in x["what"] for x in d["differences"])
+
+
+def test_a_second_make_example_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    import fcntl
+
+    work = tmp_path / "demo.streammerge-partial"
+    work.mkdir()
+    (work / "base").mkdir()  # the first one's work in progress
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = invoke("make-example", tmp_path / "demo")
+    finally:
+        os.close(fd)
+    assert result.exit_code == 1 and "another make-example" in result.stderr and "is writing" in result.stderr
+    assert (work / "base").is_dir() and not (tmp_path / "demo").exists(), "the other run's work must be left alone"
+
+
+def test_plan_says_when_a_merge_is_writing_the_output_now(fam, out):
+    import fcntl
+
+    work = out.with_name(out.name + ".streammerge-partial")
+    work.mkdir()
+    (work / "owner").write_text("pid 4242 on elsewhere")
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = invoke(*merge_args(fam, out, command="plan"))
+    finally:
+        os.close(fd)
+    line = next(s for s in r.stdout.splitlines() if s.startswith("destination"))
+    assert "a merge (pid 4242 on elsewhere) is writing" in line and "refused until it ends" in line
+
+
+def test_the_model_card_and_manifest_record_the_options(fam, out):
+    merge_ok(fam, out, "--dtype", "float32", "--exclude", r"model\.norm")
+    card = (out / "README.md").read_text()
+    assert "## Options" in card and "- `--dtype` `float32`" in card and "- `--exclude` `model\\.norm`" in card
+    manifest = json.loads((out / "streammerge-manifest.json").read_text())
+    assert manifest["params"] == {"t": 1.0, "s": 1.0}
+    assert manifest["options"] == {"dtype": "float32", "exclude": [r"model\.norm"]}
+
+
+def test_force_over_a_folder_that_is_not_a_merge_says_what_it_deletes(fam, out):
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = invoke(*merge_args(fam, out, "--force", "-q"))
+    assert r.exit_code == 0 and "note: --force:" in r.stderr and "is not a streammerge output" in r.stderr
+    assert "notes.txt" in r.stderr

@@ -89,7 +89,7 @@ def test_plan_summary_says_which_tensors_are_read_once(fam, tmp_path):
     args = ["plan", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model", str(fam["multilingual"]),
             "--out", str(tmp_path / "out"), "--device", "cpu"]
     text = CliRunner().invoke(main, args).output
-    assert "device      cpu" in text and "read once for every pass" in text
+    assert "device      cpu" in text and "with statistics passes are read once" in text
     d = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
     assert d["read_once"] > 0 and d["read_per_pass"] == 0  # the tiny family fits whole
     chunked = json.loads(CliRunner().invoke(main, [*args, "--json", "--max-ram", "600KiB"]).output)

@@ -122,7 +122,8 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     if not root.exists():
         hub = "" if root.is_absolute() or str(folder).startswith(".") or len(root.parts) != 2 else (
             f"; streammerge reads local folders: to merge the Hub model {str(folder)!r}, download it first, e.g. "
-            f"`huggingface-cli download {folder} --local-dir {root.name}`, and pass that folder")
+            f"`hf download {folder} --local-dir {root.name}` (huggingface_hub before 0.34: `huggingface-cli download`), "
+            "and pass that folder")
         raise InputError(f"model folder {root} does not exist{hub}")
     if not root.is_dir():
         raise InputError(f"{root} is not a folder (pass the model folder, not a file)")
