@@ -23,7 +23,7 @@ from .output import TOKENIZER_PATTERNS, check_destination, check_output_name, to
 from .planner import Plan, make_plan
 from .pythonic import pythonic_errors
 from .recipe import TOKEN_EMBEDDINGS, Recipe
-from .workfolder import finished_output
+from .workfolder import check_output_free, finished_output
 
 
 def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
@@ -69,7 +69,7 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
     p = make_plan(recipe, base, models, budget)  # type: ignore[arg-type]
     if not dry_run and out is not None and deferred and not finished_output(p) \
             and not work_folder_for(out).is_dir():
-        check_destination(out, recipe.force)
+        check_output_free(p)
     return p
 
 

@@ -26,8 +26,15 @@ from typing import Any
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint, Located
 from .methods import Method, Rule, TensorTask
-from .recipe import (CONV1D_MODEL_TYPES, CONV1D_WEIGHTS, DERIVED_BUFFERS, HEAD_NAMES, TOKEN_EMBEDDINGS, VISION_PREFIXES,
-                     Recipe)
+from .recipe import (
+    CONV1D_MODEL_TYPES,
+    CONV1D_WEIGHTS,
+    DERIVED_BUFFERS,
+    HEAD_NAMES,
+    TOKEN_EMBEDDINGS,
+    VISION_PREFIXES,
+    Recipe,
+)
 from .sources import InputSource, StoredSource
 
 #: safetensors dtypes that only hold quantized codes

@@ -26,14 +26,14 @@ from .device import gpu_memory_peak, make_compute
 from .errors import NonFiniteError, StreamMergeError
 from .faults import checkpoint
 from .formats.reader import InputFiles
-from .output import check_destination, work_folder_for
+from .output import work_folder_for
 from .pipeline import Prefetcher, Staged, WriteBehind
 from .planner import Plan, TensorPlan
 from .progress import Progress, RunSummary
 from .runner import Parts, TensorJob, run_tensor
 from .schedule import Read
 from .stopping import MergeInterrupted, StopFlag
-from .workfolder import DiskFullError, WorkFolder, finished_output
+from .workfolder import DiskFullError, WorkFolder, check_output_free, finished_output
 
 
 class MergeNotice(UserWarning):
@@ -166,7 +166,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             print(f"{recipe.out} is already complete", file=sys.stderr)
         return recipe.out
     if not work_folder_for(recipe.out).is_dir():  # nothing to continue: the output must be free (or --force)
-        check_destination(recipe.out, recipe.force)
+        check_output_free(plan)
     load_torch()  # the seconds this takes pass before anything is written
     shown = Progress(plan.bytes_read, show_progress)
     work = WorkFolder.open(plan, notify)

@@ -127,6 +127,34 @@ def _check_space(plan: Plan, where: Path) -> None:
         )
 
 
+def touched_since_finished(plan: Plan) -> list[str]:
+    """The input files modified (same size and header) since ``out`` was merged from them with these options;
+    empty when ``out`` holds another merge or none, or this very one."""
+    try:
+        manifest = json.loads((plan.recipe.out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return []
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") == plan.fingerprint:
+        return []
+    tensors = manifest.get("tensors") if isinstance(manifest.get("tensors"), dict) else {}
+    same = (manifest.get("engine") == plan.fingerprint_doc["engine"] and set(tensors) == {t.name for t in plan.tensors}
+            and manifest.get("method") == plan.method.name and manifest.get("options") == plan.options()
+            and manifest.get("params") == {k: list(v) if isinstance(v, tuple) else v for k, v in plan.params.items()})
+    touched = touched_inputs({"inputs": manifest.get("inputs", [])}, plan.fingerprint_doc) if same else []
+    return [f"{t.who} file {t.path}" for t in touched]
+
+
+def check_output_free(plan: Plan) -> None:
+    """Refuse an output folder a merge of ``plan`` cannot be written to (see ``check_destination``), saying so when
+    it holds this very merge made before an input was touched."""
+    touched = [] if plan.recipe.force else touched_since_finished(plan)
+    if touched:
+        raise PlanError(f"{plan.recipe.out} holds this merge, made before {'; '.join(touched)} was modified (same size "
+                        "and header: a touch or a copy). If its bytes did not change, the output is up to date and "
+                        "there is nothing to do; to merge again from the inputs as they are now, add --force")
+    check_destination(plan.recipe.out, plan.recipe.force)
+
+
 def finished_output(plan: Plan) -> bool:
     """Whether ``out`` already holds this plan's finished output (same fingerprint in its manifest)."""
     manifest = plan.recipe.out / MANIFEST
@@ -151,6 +179,10 @@ def describe_destination(plan: Plan) -> str:
         return f"a merge would refuse it: {exc}"
     if finished_output(plan):
         return f"{out} already holds this merge: a merge has nothing to do"
+    touched = touched_since_finished(plan)
+    if touched and not plan.recipe.force:
+        return f"{out} holds this merge, made before {'; '.join(touched)} was modified (same size and header): a " \
+               "merge refuses to redo it without --force"
     work = work_folder_for(out)
     writer = writer_of(work) if work.is_dir() else None
     if writer:
@@ -381,6 +413,9 @@ class WorkFolder:
             "method": self.plan.method.name,
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.plan.params.items()},
             "options": self.plan.options(),
+            # what made it: a later run can tell "the inputs were only touched" from "other inputs or options"
+            "engine": self.plan.fingerprint_doc["engine"],
+            "inputs": self.plan.fingerprint_doc["inputs"],
             "files": {s.filename: s.size for s in self.plan.shards},
             "tensors": {
                 t.name: {"file": t.shard, "dtype": t.out_dtype, "shape": list(t.shape),

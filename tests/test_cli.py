@@ -1175,3 +1175,18 @@ def test_force_over_a_folder_that_is_not_a_merge_says_what_it_deletes(fam, out):
     r = invoke(*merge_args(fam, out, "--force", "-q"))
     assert r.exit_code == 0 and "note: --force:" in r.stderr and "is not a streammerge output" in r.stderr
     assert "notes.txt" in r.stderr
+
+
+def test_a_finished_merge_whose_input_was_only_touched_says_so(fam, out):
+    merge_ok(fam, out)
+    shard = fam["chat"] / "model.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    plan = invoke(*merge_args(fam, out, command="plan"))
+    assert "was modified (same size and header)" in plan.stdout, plan.stdout
+    again = invoke(*merge_args(fam, out, "-q"))
+    assert again.exit_code == 1 and f"model 1 file {shard.resolve()} was modified" in again.stderr, again.stderr
+    assert "nothing to do" in again.stderr and "--force" in again.stderr
+    before = (out / "model.safetensors").read_bytes()
+    merge_ok(fam, out, "--force")
+    assert (out / "model.safetensors").read_bytes() == before  # the same bytes: only the time changed

@@ -9,8 +9,8 @@ chunks.
 
 from __future__ import annotations
 
-import numbers
 import difflib
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum

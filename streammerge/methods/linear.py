@@ -3,8 +3,8 @@ The base is not part of the average; pass it as a --model too to include it."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .._torch import torch
