@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import make_budget
-from .classify import in_natural_order
+from .classify import in_natural_order, name_problems
 from .errors import InputError, PlanError, Problems
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
@@ -58,6 +58,9 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
             parse_output_dtype(recipe.dtype)
     with problems.check():
         budget = make_budget(recipe.max_ram, recipe.device, recipe.max_vram)
+    if all(c is not None for c in checkpoints):
+        with problems.check():
+            problems.errors += [PlanError(m) for m in name_problems(recipe, checkpoints[0], checkpoints[1:])]
     if checkpoints[0] is not None and not (checkpoints[0].folder / "config.json").is_file() \
             and not recipe.allow_incomplete_output:
         problems.errors.append(InputError(
@@ -114,7 +117,7 @@ def plan(base: str | Path, models: str | Path | Sequence[str | Path], out: str |
     checks it). ``models``: one folder or a list of them; ``options`` are :class:`Recipe` fields (dtype, max_ram,
     exclude, force, ...). Raises :class:`~streammerge.errors.StreamMergeError` naming every problem found."""
     with pythonic_errors():
-        return plan_recipe(_recipe(base, models, out, method, params, options), dry_run=True)
+        return plan_recipe(_recipe(base, models, out, method, params, options, ()), dry_run=True)
 
 
 def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str | Path, method: str = "widen",
@@ -129,7 +132,7 @@ def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str 
     Example: ``merge("base", ["chat", "multilingual"], "merged", method="widen", params={"t": 1.0}, max_ram="2GiB")``
     """
     with pythonic_errors():
-        p = plan_recipe(_recipe(base, models, out, method, params, options))
+        p = plan_recipe(_recipe(base, models, out, method, params, options, ("progress", "handle_signals", "notify")))
         return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify)
 
 
@@ -138,13 +141,14 @@ _NOT_OPTIONS = ("base", "models", "out", "method", "params", "chunk_rows", "jour
 
 
 def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any] | None,
-            options: dict[str, Any]) -> Recipe:
+            options: dict[str, Any], own: tuple[str, ...]) -> Recipe:
+    """The recipe of a ``plan``/``merge`` call; ``own``: the calling function's other keyword arguments."""
     try:
         return Recipe(base=Path(base), models=models, out=None if out is None else Path(out), method=method,
                       params=dict(params or {}), **options)
     except TypeError as exc:  # an unknown keyword: name the ones there are, with the nearest
         given = re.search(r"keyword argument '(\w+)'", str(exc))
-        public = ["method", "params", *(f.name for f in fields(Recipe) if f.name not in _NOT_OPTIONS)]
+        public = ["method", "params", *own, *(f.name for f in fields(Recipe) if f.name not in _NOT_OPTIONS)]
         near = difflib.get_close_matches(given.group(1), public, n=1) if given else []
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise TypeError(f"unexpected keyword argument {given.group(1) if given else '?'!r}: {hint}the arguments "

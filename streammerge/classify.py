@@ -138,9 +138,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
             why = method.rule_error(TensorTask(head.name, shape, Rule.MATRIX, tile))
             if why:
                 problems.append(f"{head.name}: {why}")
-    names = list(dict.fromkeys(name for ckpt in (base, *models) for name in ckpt.tensors))
-    messages = unmatched_excludes(recipe.exclude, excludes, names)
-    messages += bad_embedding_names(recipe.embedding_names or (), base)
+    messages = name_problems(recipe, base, models)
     if problems:
         messages.append(
             f"{method.name} cannot merge {len(problems)} tensor(s):\n  " + "\n  ".join(problems[:10])
@@ -210,6 +208,21 @@ def refuse_quantized(checkpoints: list[Checkpoint]) -> None:
             )
 
 
+def name_problems(recipe: Recipe, base: Checkpoint, models: list[Checkpoint]) -> list[str]:
+    """What is wrong with the tensor names the user gave (``--exclude`` patterns that match nothing, ``--embedding``
+    names that are not 2-D tensors of the base, patterns that are not regular expressions). Checked
+    with the other independent problems before planning, and again by :func:`classify`."""
+    names = list(dict.fromkeys(name for ckpt in (base, *models) for name in ckpt.tensors))
+    out, valid = [], []
+    for p in recipe.exclude:
+        try:
+            valid.append((p, _compile_excludes((p,))[0]))
+        except PlanError as exc:
+            out.append(str(exc))
+    return (out + unmatched_excludes(tuple(p for p, _ in valid), [rx for _, rx in valid], names)
+            + bad_embedding_names(recipe.embedding_names or (), base))
+
+
 def _compile_excludes(patterns: tuple[str, ...]) -> list[re.Pattern[str]]:
     out = []
     for p in patterns:
@@ -231,8 +244,10 @@ def unmatched_excludes(patterns: tuple[str, ...], compiled: list[re.Pattern[str]
             continue
         inside = next((n for n in names if rx.search(n)), None)
         if inside is not None:
+            # anchored at its end too where it ends in a letter or digit, so "layers.1" does not catch layers.10
+            suggestion = ".*" + re.sub(r"(?<!\\)\.", r"\\.", text) + (r"\b" if text[-1:].isalnum() else "")
             hint = (f"patterns match from the start of the name, and {text!r} only occurs inside names such as "
-                    f"{inside}: write --exclude '.*{text}'")
+                    f"{inside}: write --exclude '{suggestion}'")
         else:
             near = difflib.get_close_matches(text, names, n=1, cutoff=0.5)
             hint = f"did you mean --exclude '{re.escape(near[0])}'?" if near else \

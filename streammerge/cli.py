@@ -128,6 +128,15 @@ def _some(names: list[str], shown: int = 4) -> str:
                                        else "")
 
 
+def _chunking_line(tensors: list[dict[str, Any]]) -> str:
+    chunked = [t for t in tensors if t["chunks"] > 1]
+    if not chunked:
+        return "chunks      every tensor in one chunk"
+    most = max(chunked, key=lambda t: t["chunks"])
+    return (f"chunks      {len(chunked)} tensor(s) in row chunks (the most: {most['name']}, {most['chunks']} chunks of "
+            f"{most['chunk_rows']} rows), the rest in one chunk each")
+
+
 def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
     lines = [
         f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})",
@@ -143,6 +152,7 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         ("reads once  every tensor: no statistics passes" if not d["read_once"] + d["read_per_pass"] else
          f"reads once  {d['read_once']} tensor(s) with statistics passes are read once (they fit the budget whole); "
          f"{d['read_per_pass']} are read again for each pass"),
+        _chunking_line(d["tensors"]),
         f"reads       {format_size(d['bytes_read'])}",
         "tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
         *(f"base value  {len(names)} ({why}): {_some(names)}" for why, names in d.get("kept_from_base", {}).items()),
@@ -204,7 +214,8 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
         raise click.ClickException(str(exc)) from None
     summary = summaries[0] if summaries else None
     if as_json:
-        click.echo(json.dumps({"out": str(out), "fingerprint": d["fingerprint"], "bytes_written": d["bytes_written"],
+        click.echo(json.dumps({"out": str(out), "already_complete": summary is None, "fingerprint": d["fingerprint"],
+                               "bytes_written": d["bytes_written"],
                                "device": plan.budget.device, "summary": summary and summary.to_dict(),
                                **({"peak_vram": summary.peak_vram} if summary and summary.peak_vram is not None
                                   else {})}))
@@ -237,7 +248,8 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: b
     plan_file = work / "plan.json"
     if not plan_file.is_file():
         if (out / MANIFEST).is_file():
-            click.echo(f"{out} is already complete: nothing to resume")
+            click.echo(json.dumps({"out": str(out), "already_complete": True, "summary": None}) if as_json else
+                       f"{out} is already complete: nothing to resume")
             return
         raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
     try:

@@ -19,7 +19,7 @@ from . import fsio
 from ._torch import torch
 from .errors import PlanError
 from .formats.dtypes import DTYPES, parse_output_dtype
-from .output import publish, work_folder_for, write_index
+from .output import check_can_create_in, publish, work_folder_for, write_index
 from .workfolder import lock_work_folder
 from .writer import OutTensor, ShardFile, layout_shard, shard_filename, split_into_shards
 
@@ -196,7 +196,12 @@ def write_example(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype:
         raise PlanError(f"{folder} holds other files; choose another folder, or pass --force to write the example's "
                         "base, chat and multilingual there (replacing those, keeping the rest)")
     work = work_folder_for(folder)
-    fsio.make_dirs(fsio.parent_of(folder))
+    parent = fsio.parent_of(folder)
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    check_can_create_in(existing, "the example", "choose another folder")
+    fsio.make_dirs(parent)
     lock = lock_work_folder(work, folder, "make-example")  # one writer at a time
     try:
         for entry in list(work.iterdir()):  # what an earlier, interrupted run left

@@ -177,7 +177,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             if work.resumed:
                 shown.say(f"resuming the interrupted merge in {work.path}: {work.done_count()} of "
                           f"{len(plan.tensors)} tensors already done (checking their bytes)")
-                work.verify_journaled()
+                work.verify_journaled(notify)
             jobs = work.jobs(notify)
             shown.begin(len(jobs), resumed=sum(1 for j in jobs if not j.schedule.steps),
                         done_bytes=sum(j.schedule.skipped_bytes for j in jobs))

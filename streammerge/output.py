@@ -47,16 +47,21 @@ def check_destination(out: Path, force: bool) -> None:
         raise PlanError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PlanError(f"output folder {out} exists and is not empty; choose another --out or pass --force to replace it")
-    parent = fsio.parent_of(out)
+    check_can_create_in(fsio.parent_of(out), "the output", "choose another --out")
+
+
+def check_can_create_in(parent: Path, what: str, advice: str) -> None:
+    """Refuse a folder ``parent`` in which ``what`` cannot be created: missing, on a read-only or virtual file
+    system, or not writable (``advice`` ends each message)."""
     if not parent.is_dir():
-        raise PlanError(f"the folder {parent} that should hold the output does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PlanError(f"cannot write in {parent} (permission denied); choose another --out")
+        raise PlanError(f"the folder {parent} that should hold {what} does not exist")
     fs = os.statvfs(parent)
     if fs.f_flag & os.ST_RDONLY:
-        raise PlanError(f"{parent} is on a read-only file system; choose another --out")
+        raise PlanError(f"{parent} is on a read-only file system; {advice}")
     if fs.f_blocks == 0:
-        raise PlanError(f"{parent} is on a virtual file system (like /proc), not a disk; choose another --out")
+        raise PlanError(f"{parent} is on a virtual file system (like /proc), not a disk; {advice}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PlanError(f"cannot write in {parent} (permission denied); {advice}")
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -268,9 +268,6 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     usable = int(budget.max_ram * BUDGET_USABLE)
     max_state = max((s.state for s in sizing), default=0)
     max_per_elem = max((s.per_elem for s in sizing), default=1) or 1
-    # compute blocks take at most a quarter of what the largest per-tensor state leaves
-    cap = max(1, (usable - max_state) // (4 * max_per_elem))
-    blocks = [_block_rows(s, cap, tile) for s in sizing]
     per_elem_buffers = depth * (max((s.in_bytes for s in sizing), default=0) + max((s.out_bytes for s in sizing), default=0))
     merged = [s for s in sizing if s.task.rule.merged]
     # a chunk on the GPU: its inputs as stored and as float32, the method's scratch, the result and its cast
@@ -285,30 +282,47 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             raise PlanError(f"--max-vram {format_size(budget.max_vram or 0)} is too small: one row chunk needs "
                             f"{format_size(need)} of GPU memory; raise --max-vram, or use --device cpu")
         vram_chunk = vram_usable // gpu_elem
-    # A statistics block or chunk that is not whole tiles needs the partial-tile reserve; whether chunks are
-    # depends on the memory left, which depends on the reserves: settle it in a few rounds (reserves only grow).
-    partial = [bool(s.passes) and _partial(stat_rows, s.task.rows, tile) for s, (_, stat_rows) in zip(sizing, blocks)]
-    for _ in range(4):
-        scratch = [_scratch(s, b, p) for s, b, p in zip(sizing, blocks, partial)]
-        fixed = max(scratch, default=0)
-        chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
-        if vram_chunk is not None:
-            chunk_elems = min(chunk_elems, vram_chunk)
-        chunks = [_chunk_rows(recipe, s.task.rule, s.task.rows, s.task.row_numel, chunk_elems, tile) for s in sizing]
-        grown = [p or (bool(s.passes) and _partial(max(c, 1), s.task.rows, tile))
-                 for s, p, c in zip(sizing, partial, chunks)]
-        if grown == partial:
-            break
-        partial = grown
+    def settle(usable: int) -> tuple[list[tuple[int, int]], list[bool], list[int], int, list[int]]:
+        """Blocks, partial-tile reserves, scratch, the largest scratch and chunk rows for ``usable`` bytes."""
+        # compute blocks take at most a quarter of what the largest per-tensor state leaves
+        cap = max(1, (usable - max_state) // (4 * max_per_elem))
+        blocks = [_block_rows(s, cap, tile) for s in sizing]
+        # A statistics block or chunk that is not whole tiles needs the partial-tile reserve; whether chunks are
+        # depends on the memory left, which depends on the reserves: settle it in a few rounds (reserves only grow).
+        partial = [bool(s.passes) and _partial(stat_rows, s.task.rows, tile) for s, (_, stat_rows) in zip(sizing, blocks)]
+        for _ in range(4):
+            scratch = [_scratch(s, b, p) for s, b, p in zip(sizing, blocks, partial)]
+            fixed = max(scratch, default=0)
+            chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
+            if vram_chunk is not None:
+                chunk_elems = min(chunk_elems, vram_chunk)
+            chunks = [_chunk_rows(recipe, s.task.rule, s.task.rows, s.task.row_numel, chunk_elems, tile) for s in sizing]
+            grown = [p or (bool(s.passes) and _partial(max(c, 1), s.task.rows, tile))
+                     for s, p, c in zip(sizing, partial, chunks)]
+            if grown == partial:
+                break
+            partial = grown
+        return blocks, partial, scratch, fixed, chunks
+
+    blocks, partial, scratch, fixed, chunks = settle(usable)
+    if any(c < 1 for c in chunks):  # too small: find the least budget that works, and the tensor that needs it
+        lo, hi = usable, max(usable, 1) * 2
+        while any(c < 1 for c in settle(hi)[4]) and hi < 1 << 60:
+            lo, hi = hi, hi * 2
+        while hi - lo > max(1, hi // 1000):
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if all(c >= 1 for c in settle(mid)[4]) else (mid, hi)
+        tightest = next((s.cls.name for s, c in zip(sizing, settle(lo)[4]) if c < 1),
+                        next(s.cls.name for s, c in zip(sizing, chunks) if c < 1))
+        raise PlanError(
+            f"--max-ram {format_size(budget.max_ram)} is too small: tensor {tightest} needs at least "
+            f"{format_size(hi / BUDGET_USABLE)} ({int(hi / BUDGET_USABLE) + 1} bytes) for one row chunk; "
+            "raise --max-ram to at least that"
+        )
 
     tensors: list[TensorPlan] = []
-    widest: tuple[int, str] = (0, "")
     for s, (emit_rows, stat_rows), tensor_scratch, chunk, p in zip(sizing, blocks, scratch, chunks, partial):
         c, task, fp = s.cls, s.task, s.footprint
-        if chunk < 1:  # the least that works: one-row blocks and chunks (the whole tensor for a VECTOR)
-            need = max_state + max_per_elem * s.least_elements + per_elem_buffers * s.least_elements
-            if need > widest[0]:
-                widest = (need, c.name)
         if on_gpu:  # one kernel per operation on the whole chunk (the GPU has no cache to stay within)
             emit_rows = stat_rows = max(chunk, 1)
         state = fp.gpu_state if on_gpu else max(fp.stats_state + (fp.partial_tile if p else 0), fp.emit_state,
@@ -316,12 +330,6 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
                                   max(chunk, 1), s.passes, emit_rows, stat_rows, state, tensor_scratch, tile,
                                   fps[c.name], c.copy_of, task.exact_products, task.on_gpu, c.kept_because))
-    if widest[0]:
-        raise PlanError(
-            f"--max-ram {format_size(budget.max_ram)} is too small: tensor {widest[1]} needs at least "
-            f"{format_size(widest[0] / BUDGET_USABLE)} ({int(widest[0] / BUDGET_USABLE) + 1} bytes) for one row chunk; "
-            "raise --max-ram to at least that"
-        )
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
@@ -348,8 +356,9 @@ def _notes(recipe: Recipe, budget: Budget) -> tuple[str, ...]:
     base = recipe.base.resolve()
     for k, m in enumerate(recipe.models, 1):
         if m.resolve() == base:
-            notes.append(f"model {k} ({m}) is the base itself: its changes are all zero (for linear, this adds the base "
-                         "to the average; for the other methods it only dilutes the others)")
+            notes.append(f"model {k} ({m}) is the base itself: its delta is zero everywhere. Sums of deltas (task "
+                         "arithmetic, TIES, DARE) are unchanged by it; averages and scores count it: it adds the base "
+                         "to linear's average, dilutes the others in widen, and changes model_stock's ratio")
     return tuple(notes)
 
 

@@ -97,6 +97,8 @@ class Recipe:
         if self.embedding_names is not None:
             object.__setattr__(self, "embedding_names", _strings(self.embedding_names))
         object.__setattr__(self, "shard_size", parse_size(self.shard_size, "--shard-size"))
+        if self.dtype is not None and not isinstance(self.dtype, str):  # a torch.dtype, from Python
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         if self.restart and self.redo_changed:
             raise StreamMergeError("--restart discards the interrupted run's work and --redo-changed keeps what the "
                                    "change does not affect: give one of them")

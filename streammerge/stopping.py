@@ -12,6 +12,9 @@ import signal
 import threading
 from typing import Any
 
+#: the signals that stop a merge cleanly: Ctrl-C, kill, and a closed terminal (SIGHUP, where there is one)
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
 
 class MergeInterrupted(KeyboardInterrupt):
     """A signal, Ctrl-C or a stop request stopped the merge; its message says whether work was kept to resume.
@@ -32,7 +35,7 @@ class StopFlag:
 
     def __enter__(self) -> StopFlag:
         if self._handle and threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in STOP_SIGNALS:
                 self._old[s] = signal.signal(s, self._on_signal)
         return self
 

@@ -156,13 +156,19 @@ def check_output_free(plan: Plan) -> None:
 
 
 def finished_output(plan: Plan) -> bool:
-    """Whether ``out`` already holds this plan's finished output (same fingerprint in its manifest)."""
+    """Whether ``out`` already holds this plan's finished output: the same fingerprint in its manifest, and every
+    shard the manifest lists there with its size (a deleted or truncated shard is not a finished output; ``verify``
+    checks the bytes). Never with ``force``: the user asked for the merge to be written again."""
     manifest = plan.recipe.out / MANIFEST
-    if not manifest.is_file():
+    if plan.recipe.force or not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == plan.fingerprint
-    except ValueError:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+        files = doc["files"]
+        return doc.get("fingerprint") == plan.fingerprint and all(
+            (plan.recipe.out / name).is_file() and (plan.recipe.out / name).stat().st_size == size
+            for name, size in files.items())
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return False
 
 
@@ -350,8 +356,9 @@ class WorkFolder:
             fsio.sync_dir(self.model_dir)  # the shards exist before any journal line can describe their bytes
         checkpoint("shards-open")
 
-    def verify_journaled(self) -> None:
-        """Check every journaled chunk's bytes against its checksum; forget from the first bad one on."""
+    def verify_journaled(self, notify: Notify | None = None) -> None:
+        """Check every journaled chunk's bytes against its checksum; forget from the first bad one on (and say so:
+        bytes that changed on disk after they were written point at a failing disk or another writer)."""
         for t in self.plan.tensors:
             p = self.journal.get(t.name)
             running = 0
@@ -360,6 +367,9 @@ class WorkFolder:
                 running = crc(data, running)
                 if running != checksum:
                     self.journal.truncate(t.name, i)
+                    if notify is not None:
+                        notify(f"{t.name} rows [{r0}, {r1}) in {t.shard} of {self.path} do not match the checksum "
+                               "journaled when they were written (changed on disk since); they are merged again")
                     break
 
     def jobs(self, notify: Notify) -> list[TensorJob]:

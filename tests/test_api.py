@@ -60,7 +60,8 @@ def test_an_unknown_option_names_the_nearest_and_lists_the_known_ones(typo, near
         streammerge.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", **{typo: "1GiB"})
     message = str(info.value)
     assert f"unexpected keyword argument '{typo}': did you mean '{near}'?" in message
-    assert "method, params, dtype, exclude" in message and "chunk_rows" not in message and "journal" not in message
+    assert "method, params, progress, handle_signals, notify, dtype, exclude" in message
+    assert "chunk_rows" not in message and "journal" not in message
 
 
 def test_parameters_take_any_number_type_and_0_or_1_for_a_flag(fam, tmp_path):
@@ -123,3 +124,14 @@ def test_ctrl_c_in_a_python_merge_is_a_keyboard_interrupt_that_says_how_to_conti
     assert caught is not None and "merge(...) call again" in str(caught) and "--" not in str(caught)
     monkeypatch.undo()
     assert api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out") == tmp_path / "out"
+
+
+def test_a_torch_dtype_is_taken_as_the_output_dtype(tmp_path):
+    import torch
+
+    fam = write_family(tmp_path / "fam", "tiny")
+    out = api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.float16

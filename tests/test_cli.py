@@ -611,7 +611,11 @@ def _bad_exclude(fam, tmp):
 
 
 def _exclude_matching_inside_names(fam, tmp):
-    return ["--exclude", "mlp"], ["--exclude 'mlp' matches no tensor", "from the start", "'.*mlp'"]
+    return ["--exclude", "mlp"], ["--exclude 'mlp' matches no tensor", "from the start", r"'.*mlp\b'"]
+
+
+def _exclude_of_one_layer_inside_names(fam, tmp):  # the hint must not also catch layers.10, layers.11, ...
+    return ["--exclude", "layers.1"], [r"write --exclude '.*layers\.1\b'"]
 
 
 def _exclude_written_as_a_glob(fam, tmp):
@@ -713,6 +717,7 @@ BAD_INPUTS: dict[str, Case] = {
     "bad-exclude": _bad_exclude,
     "exclude-matching-inside-names": _exclude_matching_inside_names,
     "exclude-with-a-typo": _exclude_with_a_typo,
+    "exclude-of-one-layer-inside-names": _exclude_of_one_layer_inside_names,
     "exclude-written-as-a-glob": _exclude_written_as_a_glob,
     "budget-without-a-unit": _budget_without_a_unit,
     "embedding-with-a-typo": _embedding_with_a_typo,
@@ -1190,3 +1195,54 @@ def test_a_finished_merge_whose_input_was_only_touched_says_so(fam, out):
     before = (out / "model.safetensors").read_bytes()
     merge_ok(fam, out, "--force")
     assert (out / "model.safetensors").read_bytes() == before  # the same bytes: only the time changed
+
+
+@pytest.mark.parametrize("folder", ["/proc/streammerge-example", "/sys/streammerge/example"])
+def test_make_example_refuses_a_place_it_cannot_write_with_a_message(folder):
+    result = invoke("make-example", folder)
+    assert result.exit_code == 1 and "virtual file system" in result.stderr and "Traceback" not in result.output
+
+
+def test_name_and_option_problems_come_in_one_list(fam, out):
+    r = invoke(*merge_args(fam, out, "--method", "ties", "--param", "density=2", "--exclude", "zzz", "--exclude",
+                           "a(", "--dtype", "int4", "--embedding", "foo", "-q"))
+    assert r.exit_code == 1 and "5 problems:" in r.stderr, r.stderr
+    for phrase in ("density=2.0", "'int4'", "--exclude 'a('", "--exclude 'zzz' matches no tensor", "--embedding 'foo'"):
+        assert phrase in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["widen", "model_stock", "ties", "linear"])
+def test_the_least_budget_a_refusal_names_is_enough(method, fam):
+    args = ["plan", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--method", method,
+            "--device", "cpu"]
+    refused = invoke(*args, "--max-ram", "2KiB")
+    assert refused.exit_code == 1 and "is too small" in refused.stderr, refused.output
+    least = int(re.search(r"\((\d+) bytes\)", refused.stderr).group(1))
+    assert invoke(*args, "--max-ram", f"{least}B").exit_code == 0, f"{least} bytes was named but is refused"
+    assert invoke(*args, "--max-ram", f"{least * 9 // 10}B").exit_code == 1, "the named least is far too high"
+
+
+def test_a_damaged_finished_output_is_merged_again_and_force_always_merges(fam, out):
+    merge_ok(fam, out)
+    good = (out / "model.safetensors").read_bytes()
+    with open(out / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    again = invoke(*merge_args(fam, out, "--force", "-q"))
+    assert again.exit_code == 0 and "merged model written" in again.stdout, again.output
+    assert (out / "model.safetensors").read_bytes() == good
+    (out / "model.safetensors").unlink()
+    refused = invoke(*merge_args(fam, out, "-q"))  # not "already complete": the shard is gone
+    assert refused.exit_code == 1 and "--force" in refused.stderr
+
+
+def test_resume_json_of_a_finished_output_is_json(fam, out):
+    merge_ok(fam, out)
+    d = json.loads(invoke("resume", out, "--json").stdout)
+    assert d == {"out": str(out), "already_complete": True, "summary": None}
+
+
+def test_widen_refuses_a_score_beyond_float32(fam, out):
+    r = invoke(*merge_args(fam, out, "--param", "s=1e39", "-q"))
+    assert r.exit_code == 1 and "s=1e+39 is too large" in r.stderr and "float32" in r.stderr
+    assert not out.exists() and not out.with_name(out.name + ".streammerge-partial").exists()

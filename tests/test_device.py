@@ -92,6 +92,8 @@ def test_plan_summary_says_which_tensors_are_read_once(fam, tmp_path):
     assert "device      cpu" in text and "with statistics passes are read once" in text
     d = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
     assert d["read_once"] > 0 and d["read_per_pass"] == 0  # the tiny family fits whole
+    assert "chunks      every tensor in one chunk" in text
+    assert "tensor(s) in row chunks (the most: " in CliRunner().invoke(main, [*args, "--max-ram", "600KiB"]).output
     chunked = json.loads(CliRunner().invoke(main, [*args, "--json", "--max-ram", "600KiB"]).output)
     assert chunked["read_per_pass"] > 0
     assert all(t["reads"] in (1, t["passes"]) for t in chunked["tensors"])

@@ -462,7 +462,7 @@ def test_resume_of_a_merge_given_relative_paths_gives_identical_bytes(cli, fam, 
 # --------------------------------------------------------------------------------------- 2. SIGINT / SIGTERM
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_stops_at_a_chunk_boundary_and_resume_finishes(signum, code, cli, fam, refs, tmp_path):
     out, log = tmp_path / "out", tmp_path / "events"
     env = clean_env(STREAMMERGE_CHECKPOINT_LOG=str(log))
@@ -841,6 +841,7 @@ def test_damaged_journaled_chunk_is_redone(pick, cli, fam, refs, tmp_path):
     flip_byte(shard, b + c["r0"] * row + (c["r1"] - c["r0"]) * row // 2)
     r = cli.run("resume", out, "-q")
     assert r.code == 0, str(r)
+    assert f"note: {c['t']} rows [" in r.stderr and "do not match the checksum" in r.stderr, r.stderr
     assert_same_output(out, refs["widen"].out)
 
 
@@ -1029,7 +1030,7 @@ def big_embedding(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {k: p.resolve() for k, p in write_family(root, Shape(512, 128, 1, 4, 2, 16384, tied=True), dtype="bf16").items()}
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_signal_inside_a_long_statistics_pass_stops_at_the_next_block(signum, code, big_embedding, one_thread,
                                                                           monkeypatch, tmp_path):
     """The embedding is read whole (one chunk) and its statistics pass runs in many blocks; a signal arriving in

@@ -88,7 +88,7 @@ def from_torch(dtype: torch.dtype) -> DType:
 
 def parse_output_dtype(text: str) -> DType:
     """Parse a user's ``--dtype`` (float32/fp32, float16/fp16, bfloat16/bf16, or a safetensors name)."""
-    key = text.strip()
+    key = str(text).strip().removeprefix("torch.")  # also a torch.dtype (from Python)
     name = OUTPUT_DTYPE_ALIASES.get(key.lower(), key.upper())
     if name not in ("F32", "F16", "BF16"):
         choices = ", ".join(sorted({"float32", "float16", "bfloat16"}))

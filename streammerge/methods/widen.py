@@ -19,6 +19,14 @@ from . import register
 from ._tiles import TileFeeder, add_column_sums, row_sums, tile_products_bytes
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32_weight(value: float) -> str | None:
+    """``s`` becomes a float32 weight: it must be one (finite and at most 3.4e38)."""
+    return _non_negative(value) or ("is too large: the weights are float32, at most 3.4e38"
+                                    if value > FLOAT32_MAX else None)
+
 
 def _non_negative(x: float) -> str | None:
     return None if 0 <= x < float("inf") else "must be a finite number >= 0"
@@ -170,7 +178,8 @@ class Widen(Method):
     params = (
         ParamSpec("t", float, 1.0, "above-average ratio: a column's score becomes s where its rank exceeds t x "
                   "the model's mean rank", check=_non_negative),
-        ParamSpec("s", float, 1.0, "score calibration: the weight given to above-average columns", check=_non_negative),
+        ParamSpec("s", float, 1.0, "score calibration: the weight given to above-average columns",
+                  check=_float32_weight),
     )
     min_models = 2
     embedding_rule = True
