@@ -340,12 +340,14 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule in MERGED_RULES), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
-                run_fingerprint(doc), _notes(recipe, budget) + classification.notes, doc, base, tuple(models),
+                run_fingerprint(doc), _notes(recipe, budget, tensors) + classification.notes, doc, base, tuple(models),
                 classification.config_updates)
 
 
-def _notes(recipe: Recipe, budget: Budget) -> tuple[str, ...]:
+def _notes(recipe: Recipe, budget: Budget, tensors: list[TensorPlan]) -> tuple[str, ...]:
     notes = [budget.note] if budget.note else []
+    if recipe.exclude and tensors and all(t.kept_because == "--exclude" for t in tensors if t.kind.value == "float"):
+        notes.append("every floating-point tensor matches --exclude: the output is a copy of the base")
     out = recipe.out
     if recipe.force and out is not None and out.is_dir() and not (out / MANIFEST).is_file():
         entries = sorted(p.name for p in out.iterdir())

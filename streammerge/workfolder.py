@@ -44,6 +44,7 @@ from .output import (
     check_output_name,
     copy_side_files,
     publish,
+    tokenizer_files,
     work_folder_for,
     write_index,
     write_json,
@@ -115,8 +116,13 @@ def _claim(work: Path) -> None:
 
 
 def _check_space(plan: Plan, where: Path) -> None:
-    """Refuse, before anything is created, an output that does not fit the free disk space."""
-    need = sum(s.size for s in plan.shards)
+    """Refuse, before anything is created, an output that does not fit the free disk space: the shards, the side
+    files copied from the inputs, and a margin for the journal and saved statistics."""
+    recipe = plan.recipe
+    side = [recipe.base / "config.json", recipe.base / "generation_config.json",
+            *tokenizer_files(recipe.tokenizer_from or recipe.base)]
+    need = (sum(s.size for s in plan.shards) + sum(f.stat().st_size for f in side if f.is_file())
+            + JOURNAL_MARGIN + 8 * sum(t.row_numel for t in plan.tensors if t.stat_passes))
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
@@ -153,6 +159,10 @@ def check_output_free(plan: Plan) -> None:
                         "and header: a touch or a copy). If its bytes did not change, the output is up to date and "
                         "there is nothing to do; to merge again from the inputs as they are now, add --force")
     check_destination(plan.recipe.out, plan.recipe.force)
+
+
+#: disk space set aside for the journal and the work folder's small files
+JOURNAL_MARGIN = 1 << 20
 
 
 def finished_output(plan: Plan) -> bool:

@@ -1246,3 +1246,8 @@ def test_widen_refuses_a_score_beyond_float32(fam, out):
     r = invoke(*merge_args(fam, out, "--param", "s=1e39", "-q"))
     assert r.exit_code == 1 and "s=1e+39 is too large" in r.stderr and "float32" in r.stderr
     assert not out.exists() and not out.with_name(out.name + ".streammerge-partial").exists()
+
+
+def test_an_exclude_that_catches_everything_is_noted(fam, out):
+    r = invoke(*merge_args(fam, out, "--exclude", ".*", "-q"))
+    assert r.exit_code == 0 and "note: every floating-point tensor matches --exclude" in r.stderr
