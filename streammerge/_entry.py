@@ -3,6 +3,7 @@ also during start-up (importing torch takes seconds) and while a command is bein
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -24,7 +25,13 @@ def main(argv: list[str] | None = None) -> None:
             code = exc.code
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)
-        code = 130
+        # A Ctrl-C that lands inside C code run by an import (torch's start-up runs Python through PyRun_*) leaves
+        # CPython marked as "ended by an unhandled KeyboardInterrupt", and it then kills itself with SIGINT at exit
+        # (status -2, not 130), though the interrupt was handled here. Nothing is left to clean up (a merge's
+        # journal is already durable), so end now with the promised status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     # the command is over: a Ctrl-C now (during interpreter shutdown) must not turn its result into a crash
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)

@@ -892,7 +892,7 @@ def test_pickled_checkpoint_is_refused_and_never_opened(command, filename, fam, 
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("delay", [0.2, 0.6])
+@pytest.mark.parametrize("delay", [0.2, 0.4, 0.6, 0.9])
 def test_ctrl_c_during_start_up_exits_130_with_one_line(delay, fam, out):
     """Interrupted while torch is imported or the merge is being planned: one line, status 130, no traceback."""
     import signal
