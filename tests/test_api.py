@@ -102,18 +102,10 @@ def test_one_pattern_and_sizes_may_be_given_as_strings(tmp_path):
 
 def test_ctrl_c_in_a_python_merge_is_a_keyboard_interrupt_that_says_how_to_continue(tmp_path, monkeypatch):
     """``except Exception`` must not swallow Ctrl-C; ``except KeyboardInterrupt`` catches it, with the advice."""
-    from streammerge import execute as execute_module
+    from helpers import interrupt_at_tensor
 
     fam = write_family(tmp_path / "fam", "tiny")
-    real, calls = execute_module.run_tensor, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(execute_module, "run_tensor", interrupted)
+    interrupt_at_tensor(monkeypatch, 5)
     caught = None
     try:
         api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out")

@@ -1053,17 +1053,9 @@ def test_fast_commands_do_not_import_torch(command, fam, out):
 
 
 def test_resume_keeps_the_interrupted_runs_budget_unless_given(fam, out, monkeypatch):
-    from streammerge import execute as execute_module
+    from helpers import interrupt_at_tensor
 
-    real, calls = execute_module.run_tensor, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(execute_module, "run_tensor", interrupted)
+    interrupt_at_tensor(monkeypatch, 8)
     stopped = invoke(*merge_args(fam, out, "--max-ram", "700KiB", "--device", "cpu", "-q"))
     assert stopped.exit_code == 130, stopped.output
     monkeypatch.undo()

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import interrupt_at_tensor
 from tqdm import tqdm
 
 from streammerge import api
-from streammerge import execute as execute_module
-from streammerge.runner import run_tensor
 from streammerge.execute import MergeInterrupted, RunSummary, execute
 from streammerge.cli import main
 from streammerge.examples import SHAPES, write_family
@@ -95,15 +94,7 @@ def test_a_resumed_run_counts_only_its_own_reads(fam, tmp_path, monkeypatch):
     """Interrupt a merge half way, continue it: the summary says how many tensors were done before and counts only
     the bytes this run read."""
     out, models = tmp_path / "out", [fam["chat"], fam["multilingual"]]
-    calls = []
-
-    def stop_half_way(*args):
-        calls.append(1)
-        if len(calls) == 60:
-            raise KeyboardInterrupt
-        return run_tensor(*args)
-
-    monkeypatch.setattr(execute_module, "run_tensor", stop_half_way)
+    interrupt_at_tensor(monkeypatch, 60)
     with pytest.raises(MergeInterrupted):
         execute(api.plan(fam["base"], models, out), show_progress=False)
     monkeypatch.undo()
