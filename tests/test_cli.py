@@ -564,10 +564,10 @@ def _bitsandbytes_companions(fam, tmp):
     return [], ["model 1", "quantized", "q_proj.weight.absmax", "companion"]
 
 
-def _three_d_tensor(fam, tmp):
+def _four_d_tensor(fam, tmp):
     for folder in fam.values():
-        rewrite_tensors(folder, lambda ts: {**ts, "model.experts.weight": torch.ones(2, 3, 4, dtype=torch.bfloat16)})
-    return [], ["model.experts.weight", "[2, 3, 4]", "3-D", "--exclude"]
+        rewrite_tensors(folder, lambda ts: {**ts, "model.conv.weight": torch.ones(2, 3, 4, 5, dtype=torch.bfloat16)})
+    return [], ["model.conv.weight", "[2, 3, 4, 5]", "4-D", "--exclude"]
 
 
 def _out_is_an_input(fam, tmp):
@@ -705,7 +705,7 @@ BAD_INPUTS: dict[str, Case] = {
     "fp8-weights-with-block-scales": _fp8_weights_with_block_scales,
     "quantization-config": _quantization_config,
     "bitsandbytes-companions": _bitsandbytes_companions,
-    "3d-tensor": _three_d_tensor,
+    "4d-tensor": _four_d_tensor,
     "one-model": _one_model,
     "unknown-method": _unknown_method,
     "unknown-param": _unknown_param,

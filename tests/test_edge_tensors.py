@@ -177,3 +177,50 @@ def test_element_wise_methods_merge_3d_tensors(method, clean, tmp_path):
         assert torch.equal(got, ((m1 + m2) / 2).to(torch.bfloat16))
     else:
         assert got.shape == (4, 6, 8) and torch.isfinite(got.float()).all()
+
+
+@pytest.mark.parametrize("chunk_rows", [None, "1", "3"])
+def test_widen_merges_stacked_experts_per_expert_against_a_dense_reference(chunk_rows, clean, tmp_path):
+    """Transformers v5 stores MoE experts as one [E, out, in] tensor: WIDEN treats each expert as its own matrix
+    (columns = its input features), whatever the chunking, exactly as the per-expert 2-D layout would merge."""
+    from reference_widen import merge_matrix
+
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(5, 12, 16, generator=g)
+    values = {"base": base}
+    for k, name in enumerate(("chat", "multilingual")):
+        scale = torch.rand(5, 1, 16, generator=g) * 3  # each expert's models change some input features more
+        values[name] = base + 0.02 * (k + 1) * torch.randn(5, 12, 16, generator=g) * scale
+    fam = _family(clean, tmp_path, lambda name, ts: {**ts, experts: values[name]})
+    extra = ["--chunk-rows", chunk_rows] if chunk_rows else []
+    args = ["merge", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--out",
+            tmp_path / "out", *extra, "-q"]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "out" / "model.safetensors")[experts]
+    want = torch.stack([merge_matrix(base[e], [values["chat"][e], values["multilingual"][e]], 1.0, 1.0)
+                        for e in range(5)])
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_stacked_experts_statistics_survive_a_resume():
+    """What a resumed run loads instead of the statistics pass (``state_dict``) gives the same merge."""
+    from streammerge.methods import all_methods
+    from streammerge.methods.base import Rule, TensorTask
+
+    widen = all_methods()["widen"]
+    task = TensorTask("experts", (3, 8, 6), Rule.TENSOR, 64)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 8, 6, generator=g)
+    models = [base + 0.1 * torch.randn(3, 8, 6, generator=g) for _ in range(2)]
+    params = widen.resolve_params({}, 2)
+    first = widen.start(task, params, 2)
+    first.accumulate(0, 0, base[:2], [m[:2] for m in models])  # two chunks of experts
+    first.accumulate(0, 2, base[2:], [m[2:] for m in models])
+    first.end_pass(0)
+    resumed = widen.start(task, params, 2)
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(resumed.emit(1, base[1:], [m[1:] for m in models]),
+                       first.emit(1, base[1:], [m[1:] for m in models]))
+    assert widen.rule_error(TensorTask("conv", (2, 3, 4, 5), Rule.TENSOR, 64)) is not None

@@ -149,6 +149,41 @@ class _MatrixMerge(TensorMerge):
         return weighted_delta_sum(base, models, ws)
 
 
+class _ExpertsMerge(TensorMerge):
+    """3-D stacked experts [E, out, in] (transformers v5 MoE layout): each expert is its own matrix, merged by the
+    Linear rule (columns = its input features), as the per-expert 2-D layout would be. Rows are experts, so a
+    chunk always holds whole experts and each expert's statistics are complete inside it."""
+
+    def __init__(self, task: TensorTask, n_models: int, t: float, s: float) -> None:
+        experts, out, cols = task.shape
+        sub = TensorTask(task.name, (out, cols), Rule.MATRIX, task.tile, task.exact_products, task.on_gpu)
+        self.experts = [_MatrixMerge(sub, n_models, t, s) for _ in range(experts)]
+        self.matrix = (out, cols)
+
+    def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        for i in range(base.shape[0]):
+            self.experts[r0 + i].accumulate(pass_index, 0, base[i].reshape(self.matrix),
+                                            [m[i].reshape(self.matrix) for m in models])
+
+    def end_pass(self, pass_index: int) -> None:
+        for expert in self.experts:
+            expert.end_pass(pass_index)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if any(e.weights is None for e in self.experts):
+            return {}
+        return {"weights": torch.stack([e.weights for e in self.experts])}  # (E, N, in)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for expert, weights in zip(self.experts, state["weights"]):
+            expert.load_state_dict({"weights": weights})
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([
+            self.experts[r0 + i].emit(0, base[i].reshape(self.matrix), [m[i].reshape(self.matrix) for m in models])
+            for i in range(base.shape[0])]).reshape(base.shape)
+
+
 class _VectorMerge(TensorMerge):
     """1-D rule: significance is raw |Δ| per element; merged whole (the engine sends one chunk)."""
 
@@ -185,12 +220,12 @@ class Widen(Method):
     embedding_rule = True
 
     def rule_error(self, task: TensorTask) -> str | None:
-        if task.rule is Rule.TENSOR:
-            return f"WIDEN has no rule for {len(task.shape)}-D tensors"
+        if task.rule is Rule.TENSOR and len(task.shape) != 3:
+            return f"WIDEN has no rule for {len(task.shape)}-D tensors (3-D stacked experts are merged per expert)"
         return None
 
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
-        return 1 if rule.two_d else 0
+        return 1 if rule.two_d or rule is Rule.TENSOR else 0
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """Measured on the CPU (bench/ram_probe.py). Statistics: a block's (1 + 2N) products, float32 when every
@@ -200,6 +235,16 @@ class Widen(Method):
         during the merge. A block that is not whole tiles stashes the rows of its incomplete tile (float32) until
         the tile completes, then makes that whole tile's products."""
         n = n_models
+        if task.rule is Rule.TENSOR:  # stacked experts: one matrix's figures, the state for every expert
+            experts, out, cols = task.shape
+            one = self.footprint(TensorTask(task.name, (out, cols), Rule.MATRIX, task.tile, task.exact_products,
+                                            task.on_gpu), n_models, params)
+            return Footprint(
+                stats_per_element=one.stats_per_element, emit_per_element=one.emit_per_element + 16,
+                stats_state=experts * one.stats_state,
+                end_of_pass=experts * (one.stats_state + one.emit_state) + one.end_of_pass,
+                emit_state=experts * one.emit_state, partial_tile=one.partial_tile,
+                gpu_per_element=one.gpu_per_element + 16, gpu_state=experts * one.gpu_state)
         if not task.rule.two_d:  # 1-D: significances, scores, float64 tests, result
             return Footprint(emit_per_element=24 * n + 8, gpu_per_element=8 * n + 20)
         rows, cols = task.shape
@@ -223,4 +268,6 @@ class Widen(Method):
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
         if task.rule is Rule.VECTOR:
             return _VectorMerge(params["t"], params["s"])
+        if task.rule is Rule.TENSOR:
+            return _ExpertsMerge(task, n_models, params["t"], params["s"])
         return _MatrixMerge(task, n_models, params["t"], params["s"])
