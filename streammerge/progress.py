@@ -89,7 +89,9 @@ class Progress:
         the input reads already done by an earlier run (they start the bar and are left out of the rate)."""
         self.tensors, self.resumed = tensors, resumed
         self.bar = tqdm(total=self.total_bytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                        disable=not self.show, desc=self._label(), dynamic_ncols=True, leave=False)
+                        # a bar redrawn with carriage returns garbles a log or a pipe: drawn on a terminal only
+                        disable=not self.show or not sys.stderr.isatty(), desc=self._label(), dynamic_ncols=True,
+                        leave=False)
 
     def tensor(self, index: int) -> None:
         """Tensor ``index`` (0-based, in the plan's order) starts."""

@@ -62,7 +62,12 @@ def test_the_bar_shows_the_overall_phase_and_the_current_tensor(fam, tmp_path, m
     assert {s.split(" · ")[1] for s in postfixes if s} >= {"statistics 1/1", "merge"}
 
 
-def test_the_rate_leaves_out_the_work_of_an_earlier_run():
+def test_the_rate_leaves_out_the_work_of_an_earlier_run(monkeypatch):
+    import io
+
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True  # type: ignore[method-assign]  # the bar is drawn on a terminal only
+    monkeypatch.setattr("sys.stderr", terminal)
     shown = Progress(total_bytes=1000, show=True)
     shown.begin(tensors=4, resumed=2, done_bytes=600)
     assert shown.bar is not None and shown.bar.n == 600 and shown.bar.initial == 600
@@ -105,3 +110,10 @@ def test_a_resumed_run_counts_only_its_own_reads(fam, tmp_path, monkeypatch):
     assert 0 < summary.tensors_resumed < summary.tensors == len(p.tensors)
     assert 0 < summary.bytes_read < p.bytes_read
     assert f"({summary.tensors_resumed} done before)" in summary.line()
+
+
+def test_no_bar_is_drawn_into_a_pipe_or_a_log(fam, tmp_path, capfd):
+    """Carriage-return redraws garble a log: off a terminal, only the summary line is written."""
+    api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "merging" not in err and err.startswith("merged ") and err.count("\n") == 1, err
