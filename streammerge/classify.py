@@ -129,9 +129,10 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     if head.mode == "mixed":
         stored = base.tensors.get(head.name) or head.sources[0]
         dtype, shape = out_dtype or stored.info.dtype.name, head.sources[0].info.shape
-        if from_base(head.name):  # the base's effective head: its own, or its embedding
+        kept = from_base(head.name)
+        if kept:  # the base's effective head: its own, or its embedding
             out.append(TensorClass(head.name, shape, Rule.COPY_BASE, Kind.FLOAT, dtype, (StoredSource(head.sources[0]),),
-                                   None, from_base(head.name)))
+                                   None, kept))
         else:
             sources = tuple(StoredSource(loc) for loc in head.sources)
             out.append(TensorClass(head.name, shape, Rule.MATRIX, Kind.FLOAT, dtype, sources))
@@ -148,8 +149,9 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         raise PlanError("\n".join(messages))
     notes = _vision_notes(recipe, base)
     unnamed = [c.name for c in out if c.rule is Rule.MATRIX and c.shape[0] == base.vocab_size
-               and c.name not in HEAD_NAMES and not c.name.startswith(VISION_PREFIXES)]
-    if method.embedding_rule and unnamed and not any(c.rule is Rule.EMBEDDING for c in out):
+               and c.name not in HEAD_NAMES and not c.name.startswith(VISION_PREFIXES)] \
+        if method.embedding_rule and not any(c.rule is Rule.EMBEDDING for c in out) else []
+    if unnamed:
         notes.append(f"WARNING: {method.name} merges token embeddings by their own rule (one column per token), but "
                      "no tensor of the base has a known token-embedding name, so it is merged as an ordinary matrix; "
                      f"if {unnamed[0]} (one row per token of the {base.vocab_size}-token vocabulary) is the "
