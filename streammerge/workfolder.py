@@ -234,7 +234,7 @@ def _touch_change(c: TouchCheck) -> str:
     """A touched input file whose check failed, as a change."""
     why = []
     if c.differ:
-        why.append(f"the bytes {len(c.differ)} tensor(s) with work done used from it differ")
+        why.append(f"the bytes that the work of {len(c.differ)} tensor(s) used from it differ")
     if c.unrecorded:
         why.append(f"{len(c.unrecorded)} tensor(s) with work done have no checksum of the bytes they used from it")
     return f"{c.file} changed (same size and header, new modification time; {' and '.join(why)})"
@@ -276,6 +276,15 @@ class WorkFolder:
                     cls._accept_changes(plan, work, journal, old, notify)
                 _claim(work)
                 return cls(plan, work, journal, True, lock)
+            if recipe.out.exists():  # another run may have published it while this one planned and loaded torch
+                try:
+                    if finished_output(plan):
+                        raise StreamMergeError(f"{recipe.out} was completed by another run of this merge while "
+                                               "this one started: nothing to do")
+                    check_output_free(plan)
+                except StreamMergeError:
+                    fsio.remove_tree(work)  # created by this run a moment ago, and empty
+                    raise
             for child in work.iterdir():  # a discarded or half-created run: start from an empty folder
                 if child.name != OWNER:
                     fsio.remove_tree(child)
@@ -328,7 +337,7 @@ class WorkFolder:
         for c in checks:
             if c.kept:
                 notify(f"{c.file} was modified since the interrupted run (same size and header): re-read the bytes "
-                       f"{len(c.kept)} tensor(s) with work done used from it; they match their checksums, so that "
+                       f"that the work of {len(c.kept)} tensor(s) used from it; they match their checksums, so that "
                        "work is kept")
         if lost:
             notify(f"changed since the interrupted run: {what}; redoing {len(lost)} tensor(s) with work done, "

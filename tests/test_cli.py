@@ -1243,3 +1243,21 @@ def test_widen_refuses_a_score_beyond_float32(fam, out):
 def test_an_exclude_that_catches_everything_is_noted(fam, out):
     r = invoke(*merge_args(fam, out, "--exclude", ".*", "-q"))
     assert r.exit_code == 0 and "note: every floating-point tensor matches --exclude" in r.stderr
+
+
+def test_an_output_published_by_another_run_while_this_one_starts_is_not_overwritten(fam, out, monkeypatch):
+    """Between the output check at planning and the work folder's lock, another run may publish the same merge
+    (the first checks pass for both): the later one stops before merging, with nothing left behind."""
+    from streammerge import execute as execute_module
+
+    real = execute_module.load_torch
+
+    def another_run_finishes_meanwhile() -> None:
+        real()
+        monkeypatch.setattr(execute_module, "load_torch", real)
+        assert invoke(*merge_args(fam, out, "-q")).exit_code == 0
+
+    monkeypatch.setattr(execute_module, "load_torch", another_run_finishes_meanwhile)
+    r = invoke(*merge_args(fam, out, "-q"))
+    assert r.exit_code == 1 and "was completed by another run of this merge" in r.stderr, r.output
+    assert not out.with_name(out.name + ".streammerge-partial").exists()

@@ -575,7 +575,7 @@ def test_touched_input_is_reverified_and_the_merge_continues(method, cli, fam, r
     assert r.code == 0, str(r)
     assert _resumed_count(r.stderr) == done, r.stderr
     assert f"base file model.safetensors was modified since the interrupted run (same size and header): re-read " \
-           f"the bytes {len(work)} tensor(s) with work done used from it; they match" in r.stderr, r.stderr
+           f"the bytes that the work of {len(work)} tensor(s) used from it; they match" in r.stderr, r.stderr
     assert r.events.count("chunk-written") < ref.events.count("chunk-written"), "the journaled work is kept"
     # the same tensors (the manifest's fingerprint names the new input)
     assert (out / SHARD).read_bytes() == (ref.out / SHARD).read_bytes()
@@ -617,8 +617,8 @@ def test_same_size_content_change_is_caught_by_the_checksum(cli, fam, refs, tmp_
     for again in (merge_args(fam2, second), ["resume", second, "-q"]):
         r = cli.run(*again)
         assert r.code == 1, str(r)
-        assert "model 1 file model.safetensors changed (same size and header, new modification time; the bytes 1 " \
-               "tensor(s) with work done used from it differ)" in r.stderr, r.stderr
+        assert "model 1 file model.safetensors changed (same size and header, new modification time; the bytes that the " \
+               "work of 1 tensor(s) used from it differ)" in r.stderr, r.stderr
         assert "original command" not in r.stderr and "--redo-changed" in r.stderr and "--restart" in r.stderr
         assert _work_snapshot(second) == before, "the refusal must not touch the interrupted work"
         assert not second.exists()
