@@ -12,7 +12,7 @@ from typing import Any
 
 from .budget import make_budget
 from .classify import in_natural_order, name_problems
-from .errors import InputError, PlanError, Problems
+from .errors import InputError, PlanError, Problems, QuantizationError
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
 from .formats.dtypes import parse_output_dtype
@@ -22,6 +22,7 @@ from .methods import get_method
 from .output import TOKENIZER_PATTERNS, check_destination, check_output_name, tokenizer_files, work_folder_for
 from .planner import Plan, make_plan
 from .pythonic import pythonic_errors
+from .quantization import dequantization
 from .recipe import TOKEN_EMBEDDINGS, Recipe
 from .workfolder import check_output_free, finished_output
 
@@ -156,8 +157,13 @@ def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any
 
 
 def inspect(folder: str | Path) -> dict[str, Any]:
-    """What a model folder holds: tensors, dtypes, shapes, shards, parameter count, tying and vocabulary."""
+    """What a model folder holds: tensors, dtypes, shapes, shards, parameter count, tying, vocabulary, and
+    quantization (``"FP8 (...)"``, dequantized on the fly; ``"not dequantized: ..."``, refused; or None)."""
     ckpt: Checkpoint = load_checkpoint(folder)
+    try:
+        quantization = dequantization(ckpt).description
+    except QuantizationError as exc:
+        quantization = f"not dequantized: {exc.evidence}"
     dtypes: dict[str, int] = {}
     for loc in ckpt.tensors.values():
         dtypes[loc.info.dtype.name] = dtypes.get(loc.info.dtype.name, 0) + 1
@@ -171,6 +177,7 @@ def inspect(folder: str | Path) -> dict[str, Any]:
         "tied_embeddings": ckpt.tied(),
         "vocab_size": ckpt.vocab_size,
         "embedding_rows": ckpt.tensors[embedding].info.shape[0] if embedding else None,
+        "quantization": quantization,
         "dtypes": dtypes,
         "shards": [{"file": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.shards.items()],
         "tensors": [

@@ -1,9 +1,8 @@
 """What each tensor gets, decided once from the headers: its rule, its dtype policy and its input sources.
 
-Before any tensor is classified the inputs are checked: the models must be homologous with the base (names,
-shapes, architectures, tying), and quantized storage (FP8 and other sub-byte float dtypes, scale/absmax
-companions, a ``quantization_config``) is refused with what to do, because merging quantized codes as if they were
-weights gives garbage. Each tensor then gets:
+Before any tensor is classified the inputs are checked: FP8 weights get sources that dequantize them on the fly
+and every other quantized format is refused with what to do (:mod:`streammerge.quantization`), and the models must
+be homologous with the base (names, shapes, architectures, tying). Each tensor then gets:
 
 - a **rule** (matrix, embedding, vector, n-D tensor, copy of the base, copy of the merged embedding for a tied
   head), from its name, shape, dtype and the user's ``--exclude`` and ``--embedding``;
@@ -26,6 +25,8 @@ from typing import Any
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint, Located
 from .methods import Method, Rule, TensorTask
+from .output import REMOVED
+from .quantization import Dequantization, dequantization
 from .recipe import (
     CONV1D_MODEL_TYPES,
     CONV1D_WEIGHTS,
@@ -36,14 +37,6 @@ from .recipe import (
     Recipe,
 )
 from .sources import InputSource, StoredSource
-
-#: safetensors dtypes that only hold quantized codes
-QUANTIZED_DTYPES = frozenset({"F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
-#: names of tensors that only exist beside quantized weights (FP8 block scales, bitsandbytes, GPTQ/AWQ)
-_COMPANION = re.compile(
-    r"(\.weight_scale(_inv)?|\.input_scale|\.[kvq]_scale|\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map|"
-    r"\.qweight|\.qzeros|\.SCB|\.weight_format)$|\.quant_state\."
-)
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -84,7 +77,19 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
              tile: int) -> Classification:
     """Every output tensor's rule, kind and sources, in :func:`in_natural_order`; raises (naming every problem) if some
     tensor cannot be merged as asked."""
-    refuse_quantized([base, *models])
+    read_as = [dequantization(c, "the base" if k == 0 else f"model {k}") for k, c in enumerate((base, *models))]
+    base, *models = (d.checkpoint for d in read_as)  # without the tensors only quantized inference uses
+
+    def source(k: int, loc: Located) -> InputSource:
+        """How input ``k`` (0: the base) is read for tensor ``loc``: dequantized on the fly, or as stored."""
+        return read_as[k].sources.get(loc.info.name) or StoredSource(loc)
+
+    def dtype_of(kind: Kind, sources: tuple[InputSource, ...], stored: str) -> str:
+        """The output dtype: ``--dtype`` for a float; else the base's stored dtype, or bfloat16 for FP8 codes."""
+        if out_dtype and kind is Kind.FLOAT:
+            return out_dtype
+        return "BF16" if kind is Kind.FLOAT and sources and sources[0].stored_dtype is None else stored
+
     excludes = _compile_excludes(recipe.exclude)
 
     def from_base(name: str) -> str | None:
@@ -101,15 +106,17 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     for name, loc in in_natural_order(base):
         info = loc.info
         kind = Kind.FLOAT if info.dtype.is_float else (Kind.BOOL if info.dtype.name == "BOOL" else Kind.INTEGER)
-        dtype = out_dtype if (out_dtype and kind is Kind.FLOAT) else info.dtype.name
         if name == head.name and head.mode == "tied":
-            out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype, (), head.embedding))
+            out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype_of(kind, (), info.dtype.name), (),
+                                   head.embedding))
             continue
         if name == head.name and head.mode == "mixed":
             continue  # merged from every input's effective head, below
         why = from_base(name) or ("not a float" if kind is not Kind.FLOAT else "empty" if info.numel == 0 else None)
         if why:  # empty: shape [0] or [0, n], which passes through
-            out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype, (StoredSource(loc),), None, why))
+            sources = (source(0, loc),)
+            out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype_of(kind, sources, info.dtype.name),
+                                   sources, None, why))
             continue
         if len(info.shape) <= 1:
             rule = Rule.VECTOR
@@ -124,17 +131,17 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         for k, m in enumerate(models, 1):
             if not m.tensors[name].info.dtype.is_float:
                 problems.append(f"{name}: model {k} stores it as {m.tensors[name].info.dtype.name}, not a float")
-        sources = (StoredSource(loc), *(StoredSource(m.tensors[name]) for m in models))
-        out.append(TensorClass(name, info.shape, rule, kind, dtype, sources))
+        sources = (source(0, loc), *(source(k, m.tensors[name]) for k, m in enumerate(models, 1)))
+        out.append(TensorClass(name, info.shape, rule, kind, dtype_of(kind, sources, info.dtype.name), sources))
     if head.mode == "mixed":
         stored = base.tensors.get(head.name) or head.sources[0]
-        dtype, shape = out_dtype or stored.info.dtype.name, head.sources[0].info.shape
+        shape = head.sources[0].info.shape
         kept = from_base(head.name)
+        sources = tuple(source(k, loc) for k, loc in enumerate(head.sources))[: 1 if kept else None]
+        dtype = dtype_of(Kind.FLOAT, sources, stored.info.dtype.name)
         if kept:  # the base's effective head: its own, or its embedding
-            out.append(TensorClass(head.name, shape, Rule.COPY_BASE, Kind.FLOAT, dtype, (StoredSource(head.sources[0]),),
-                                   None, kept))
+            out.append(TensorClass(head.name, shape, Rule.COPY_BASE, Kind.FLOAT, dtype, sources, None, kept))
         else:
-            sources = tuple(StoredSource(loc) for loc in head.sources)
             out.append(TensorClass(head.name, shape, Rule.MATRIX, Kind.FLOAT, dtype, sources))
             why = method.rule_error(TensorTask(head.name, shape, Rule.MATRIX, tile))
             if why:
@@ -147,7 +154,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         )
     if messages:
         raise PlanError("\n".join(messages))
-    notes = _vision_notes(recipe, base)
+    notes = _vision_notes(recipe, base) + _dequantization_notes(read_as, out_dtype)
+    config_updates: dict[str, Any] = {"quantization_config": REMOVED} if read_as[0].quantized else {}
     unnamed = [c.name for c in out if c.rule is Rule.MATRIX and c.shape[0] == base.vocab_size
                and c.name not in HEAD_NAMES and not c.name.startswith(VISION_PREFIXES)] \
         if method.embedding_rule and not any(c.rule is Rule.EMBEDDING for c in out) else []
@@ -157,12 +165,12 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
                      f"if {unnamed[0]} (one row per token of the {base.vocab_size}-token vocabulary) is the "
                      f"embedding, say so with --embedding {unnamed[0]}")
     if head.mode != "mixed":
-        return Classification(out, {}, tuple(notes))
+        return Classification(out, config_updates, tuple(notes))
     tied = [("the base" if k == 0 else f"model {k}") for k, c in enumerate((base, *models)) if c.tied(head.name)]
     note = (f"{', '.join(tied)} tie{'s' if len(tied) == 1 else ''} {head.name} to {head.embedding} and the other "
             f"inputs do not: {head.name} is merged from each input's own head, or its embedding where tied, and the "
             "output stores it (untied)")
-    return Classification(out, {"tie_word_embeddings": False}, (*notes, note))
+    return Classification(out, {**config_updates, "tie_word_embeddings": False}, (*notes, note))
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
@@ -176,38 +184,6 @@ def in_natural_order(ckpt: Checkpoint) -> list[tuple[str, Located]]:
     the progress display walks through the model and how tensors are grouped into output shards."""
     shard_order = {path: k for k, path in enumerate(dict.fromkeys(loc.shard for loc in ckpt.tensors.values()))}
     return sorted(ckpt.tensors.items(), key=lambda item: (shard_order[item[1].shard], natural_key(item[0])))
-
-
-def quantization_evidence(ckpt: Checkpoint) -> str | None:
-    """Why ``ckpt`` looks quantized (a config entry, a dtype, a companion tensor), or None."""
-    for config in (ckpt.config, ckpt.config.get("text_config")):
-        if isinstance(config, dict) and isinstance(config.get("quantization_config"), dict):
-            method = config["quantization_config"].get("quant_method", "unnamed")
-            return f"its config.json declares a quantization_config (quant_method {method!r})"
-    for name, loc in ckpt.tensors.items():
-        if loc.info.dtype.name in QUANTIZED_DTYPES:
-            return f"tensor {name} is stored as {loc.info.dtype.name}"
-    for name, loc in ckpt.tensors.items():
-        if _COMPANION.search(name):
-            return f"tensor {name} is a quantization companion (scales or quantization state)"
-        for suffix in ("_scale", "_scale_inv"):  # X_scale beside a stored X
-            if name.endswith(suffix) and name[: -len(suffix)] in ckpt.tensors:
-                return f"tensor {name} holds the scales of {name[: -len(suffix)]}"
-    return None
-
-
-def refuse_quantized(checkpoints: list[Checkpoint]) -> None:
-    """Refuse quantized inputs before anything is written, naming the folder and the evidence."""
-    for k, ckpt in enumerate(checkpoints):
-        evidence = quantization_evidence(ckpt)
-        if evidence:
-            who = "the base" if k == 0 else f"model {k}"
-            raise IncompatibleModelsError(
-                f"{who} ({ckpt.folder}) is quantized: {evidence}. streammerge merges floating-point weights, and "
-                "merging quantized codes as if they were weights gives a broken model. Merge the unquantized "
-                "(bfloat16/float16) release of the same model, or dequantize this one first and save it as "
-                "bfloat16 safetensors"
-            )
 
 
 def name_problems(recipe: Recipe, base: Checkpoint, models: list[Checkpoint]) -> list[str]:
@@ -255,6 +231,18 @@ def unmatched_excludes(patterns: tuple[str, ...], compiled: list[re.Pattern[str]
             hint = f"did you mean --exclude '{re.escape(near[0])}'?" if near else \
                 f"tensor names look like {names[0]} (streammerge inspect FOLDER lists them)" if names else ""
         out.append(f"--exclude {text!r} matches no tensor" + (f": {hint}" if hint else ""))
+    return out
+
+
+def _dequantization_notes(read_as: list[Dequantization], out_dtype: str | None) -> list[str]:
+    """One note per quantized input: its format, and that its weights are dequantized on the fly."""
+    out = []
+    for k, d in enumerate(read_as):
+        if d.quantized:
+            who = "the base" if k == 0 else f"model {k}"
+            out.append(f"{who} is {d.description}: its {len(d.sources)} FP8 weights are dequantized on the fly "
+                       f"(codes × scales, in float32) and written as {out_dtype or 'bfloat16'}"
+                       + ("; the output's config.json drops the quantization_config" if k == 0 else ""))
     return out
 
 

@@ -324,6 +324,8 @@ def inspect(folders: tuple[Path, ...], as_json: bool) -> None:
     click.echo("  dtypes      " + ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
     click.echo(f"  vocab       {info['vocab_size']} (embedding rows {info['embedding_rows']})")
     click.echo(f"  tied        {info['tied_embeddings']}")
+    if info["quantization"]:
+        click.echo(f"  quantized   {info['quantization']}")
     click.echo(f"  shards      {len(info['shards'])}: " + ", ".join(s["file"] for s in info["shards"]))
     click.echo(f"  tensors     {len(info['tensors'])}")
     for t in info["tensors"]:

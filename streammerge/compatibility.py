@@ -10,8 +10,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .classify import is_derived_buffer, quantization_evidence
+from .classify import is_derived_buffer
+from .errors import QuantizationError
 from .formats.checkpoint import Checkpoint
+from .quantization import dequantization
 from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS
 
 #: how a difference stands: merged as is, merged with a note, needs an option, or cannot be merged
@@ -41,12 +43,23 @@ def _regex_for(names: list[str]) -> str:
 def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
     """Every difference between each of ``models`` and ``base`` (an empty list: they merge as they are)."""
     out: list[Difference] = []
-    head = next((h for h in HEAD_NAMES if any(h in c.tensors for c in (base, *models))), HEAD_NAMES[0])
+    views = []
     for k, ckpt in enumerate([base, *models]):
-        evidence = quantization_evidence(ckpt)
-        if evidence:
-            out.append(Difference("the base" if k == 0 else f"model {k}", f"quantized: {evidence}", BLOCKS,
-                                  "merge the unquantized release, or dequantize and save it as bfloat16 first"))
+        who = "the base" if k == 0 else f"model {k}"
+        try:
+            d = dequantization(ckpt, who)
+        except QuantizationError as exc:
+            out.append(Difference(who, f"quantized: {exc.evidence}", BLOCKS,
+                                  "dequantize it and save it as bfloat16 first, or merge the unquantized release"))
+            views.append(ckpt)
+            continue
+        if d.quantized:
+            out.append(Difference(who, f"quantized: {d.description}", NOTE,
+                                  f"its {len(d.sources)} FP8 weights are dequantized on the fly; the output is "
+                                  "bfloat16 (or --dtype)"))
+        views.append(d.checkpoint)
+    base, *models = views  # the scales and other tensors only quantized inference uses are not compared
+    head = next((h for h in HEAD_NAMES if any(h in c.tensors for c in (base, *models))), HEAD_NAMES[0])
     for k, m in enumerate(models, 1):
         who = f"model {k} ({m.folder})"
         if base.model_type and m.model_type and base.model_type != m.model_type:

@@ -24,6 +24,18 @@ class IncompatibleModelsError(InputError):
     """The models are not homologous: names, shapes, architectures or tying differ."""
 
 
+class QuantizationError(IncompatibleModelsError):
+    """An input is quantized in a form streammerge does not dequantize; ``evidence`` says what shows it."""
+
+    def __init__(self, who: str, folder: object, evidence: str) -> None:
+        self.evidence = evidence
+        super().__init__(
+            f"{who} ({folder}) is quantized in a form streammerge does not dequantize (it dequantizes FP8 weights "
+            f"with float scales): {evidence}. Dequantize it first (e.g. load it with transformers and save it as "
+            "bfloat16 safetensors), or merge the unquantized release of the same model; merging quantized codes as "
+            "if they were weights gives a broken model")
+
+
 class MethodError(StreamMergeError):
     """Unknown method or parameter, or a parameter value out of range."""
 

@@ -28,6 +28,15 @@ TOKENIZER_PATTERNS = (
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
+class _Removed:
+    def __repr__(self) -> str:
+        return "REMOVED"
+
+
+#: a ``config_updates`` value that removes the key (e.g. the ``quantization_config`` of a dequantized base)
+REMOVED: Any = _Removed()
+
+
 def work_folder_for(out: Path) -> Path:
     return out.with_name(out.name + ".streammerge-partial")
 
@@ -75,7 +84,8 @@ def write_index(work: Path, weight_map: dict[str, str], total_size: int) -> None
 
 def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dtype: str | None,
                     config_updates: dict[str, Any] | None = None) -> list[str]:
-    """config.json (dtype and ``config_updates`` applied, also inside a nested ``text_config`` that has the key),
+    """config.json (dtype and ``config_updates`` applied, also inside a nested ``text_config`` that has the key; a
+    value of :data:`REMOVED` removes the key),
     generation_config.json, tokenizer and processor files, and the Python files a remote-code model's ``auto_map``
     names (copied, never run); returns the names copied."""
     copied: list[str] = []
@@ -87,9 +97,13 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
                 if key in config or key == "torch_dtype":
                     config[key] = TORCH_DTYPE_NAMES[out_dtype]
         for key, value in (config_updates or {}).items():
-            config[key] = value
-            if isinstance(config.get("text_config"), dict) and key in config["text_config"]:
-                config["text_config"][key] = value
+            for where in (config, config.get("text_config")):
+                if not isinstance(where, dict) or (where is not config and key not in where):
+                    continue
+                if value is REMOVED:
+                    where.pop(key, None)
+                else:
+                    where[key] = value
         write_json(work / "config.json", config)
         copied.append("config.json")
     if (base / "generation_config.json").is_file():

@@ -367,7 +367,7 @@ def _notes(recipe: Recipe, budget: Budget, tensors: list[TensorPlan]) -> tuple[s
 def _size(c: TensorClass, method: Method, params: dict[str, Any], n: int, tile: int, on_gpu: bool,
           out_dtypes: dict[str, str]) -> TensorSizing:
     """Bytes per element read and written, passes, and the memory footprint of one tensor."""
-    exact = bool(c.sources) and max(s.stored_element_bytes for s in c.sources) <= 2
+    exact = bool(c.sources) and all(s.narrow_float for s in c.sources)
     task = TensorTask(c.name, c.shape, c.rule, tile, exact_products=exact, on_gpu=on_gpu)
     e_out = DTYPES[c.out_dtype].bits // 8
     if c.rule is Rule.TIED_COPY:

@@ -139,7 +139,7 @@ def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Rea
     io.phase(t, f"statistics {step.pass_index + 1}/{t.stat_passes}")
     for b0, b1 in t.blocks(step.r0, step.r1, stats=True):
         io.check_stop()
-        base, *models = _rows(t.sources, parts, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
+        base, *models = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         merger.accumulate(step.pass_index, b0, base, models)
         del base, models  # before the next block's copies are made (not beside them)
     io.checkpoint("stats-chunk")
@@ -153,7 +153,7 @@ def _emit(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read
     out = io.compute.output_like(host)
     for b0, b1 in t.blocks(step.r0, step.r1, stats=False):
         io.check_stop()
-        block = _rows(t.sources, parts, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
+        block = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         result = merger.emit(b0, block[0], block[1:])
         _store(plan, t, out[b0 - step.r0 : b1 - step.r0] if out.dim() else out, b0, result, block)
         del block, result  # before the next block's copies are made (not beside them)
@@ -173,7 +173,7 @@ def _copy(plan: Plan, t: TensorPlan, step: Step, read: Read, parts: Parts, io: T
         raw[:nbytes].copy_(stored.reshape(-1).view(torch.uint8))
     else:
         for b0, b1 in t.blocks(step.r0, step.r1, stats=False):
-            rows = t.sources[0].floats(parts[0], b0 - read.r0, b1 - read.r0)
+            rows = t.sources[0].floats(parts[0], read.r0, b0 - read.r0, b1 - read.r0)
             _store(plan, t, host[b0 - step.r0 : b1 - step.r0] if host.dim() else host, b0, rows, [rows])
     io.write(t, step.r0, step.r1, buffer, raw[:nbytes], {})
 
@@ -199,14 +199,15 @@ def _tied_copy(plan: Plan, t: TensorPlan, step: Step, io: TensorIO) -> None:
 
 
 # ---- rows in, bytes out -------------------------------------------------------------------------------------------
-def _rows(sources: Sequence[InputSource], parts: Parts, a: int, b: int, raw_models: bool) -> list[torch.Tensor]:
-    """Rows [a, b) of the staged read (relative to its first row) of every source: new float32 tensors (methods
+def _rows(sources: Sequence[InputSource], parts: Parts, r0: int, a: int, b: int,
+          raw_models: bool) -> list[torch.Tensor]:
+    """Rows [a, b) of the staged read (relative to its first row ``r0``) of every source: new float32 tensors (methods
     may work in place on them); with ``raw_models``, the models' rows as stored where that is exact in float32
     (read-only views: the method upcasts them inside its own float32 arithmetic, which saves a pass over memory)."""
-    out = [sources[0].floats(parts[0], a, b)]
+    out = [sources[0].floats(parts[0], r0, a, b)]
     for src, p in zip(sources[1:], parts[1:]):
-        raw = src.raw(p, a, b) if raw_models else None
-        out.append(raw if raw is not None else src.floats(p, a, b))
+        raw = src.raw(p, r0, a, b) if raw_models else None
+        out.append(raw if raw is not None else src.floats(p, r0, a, b))
     return out
 
 

@@ -44,10 +44,11 @@ class InputSource(RowLayout, ABC):
         """Typed tensors of rows [r0, r1) from ``buffers`` (uint8, one per range, holding exactly its bytes)."""
 
     @abstractmethod
-    def floats(self, parts: tuple[torch.Tensor, ...], a: int, b: int) -> torch.Tensor:
-        """Rows [a, b) of a chunk (relative to the chunk's first row) as a new float32 tensor."""
+    def floats(self, parts: tuple[torch.Tensor, ...], r0: int, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of the chunk whose first row is ``r0`` (``parts`` of rows [r0, r1); ``a`` and ``b`` relative to
+        ``r0``) as a new float32 tensor."""
 
-    def raw(self, parts: tuple[torch.Tensor, ...], a: int, b: int) -> torch.Tensor | None:
+    def raw(self, parts: tuple[torch.Tensor, ...], r0: int, a: int, b: int) -> torch.Tensor | None:
         """Rows [a, b) as stored when float32 arithmetic with them is exact (so a method may upcast them inside its
         own arithmetic instead of copying); None when they must go through :meth:`floats`."""
         return None
@@ -62,6 +63,11 @@ class InputSource(RowLayout, ABC):
         """The safetensors dtype of the values as read, when they are used as stored (None when the source
         converts them, e.g. dequantizes)."""
         return None
+
+    @property
+    def narrow_float(self) -> bool:
+        """Whether every value is a 16-bit float (the float32 product of two is exact)."""
+        return False
 
     @property
     def raw_exact(self) -> bool:

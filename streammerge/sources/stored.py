@@ -51,11 +51,11 @@ class StoredSource(InputSource):
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
         return (buffers[0].view(info.dtype.torch).reshape(shape),)
 
-    def floats(self, parts: tuple[torch.Tensor, ...], a: int, b: int) -> torch.Tensor:
+    def floats(self, parts: tuple[torch.Tensor, ...], r0: int, a: int, b: int) -> torch.Tensor:
         x = parts[0]
         return (x[a:b] if x.dim() else x).to(torch.float32, copy=True)
 
-    def raw(self, parts: tuple[torch.Tensor, ...], a: int, b: int) -> torch.Tensor | None:
+    def raw(self, parts: tuple[torch.Tensor, ...], r0: int, a: int, b: int) -> torch.Tensor | None:
         x = parts[0]
         return (x[a:b] if x.dim() else x) if x.dtype in _exact_torch_dtypes() else None
 
@@ -66,6 +66,10 @@ class StoredSource(InputSource):
     @property
     def stored_dtype(self) -> str | None:
         return self.loc.info.dtype.name
+
+    @property
+    def narrow_float(self) -> bool:
+        return self.loc.info.dtype.name in ("BF16", "F16")
 
     @property
     def raw_exact(self) -> bool:
