@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 
 from mergekit_recipe import METHODS as MERGEKIT_METHODS
+from mergekit_recipe import mergekit_yaml, safetensors_dtype
+
 from streammerge.errors import StreamMergeError
 from streammerge.units import parse_size as _parse_size
-from mergekit_recipe import mergekit_yaml, safetensors_dtype
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

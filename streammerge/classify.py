@@ -4,8 +4,8 @@ Before any tensor is classified the inputs are checked: FP8 weights get sources 
 and every other quantized format is refused with what to do (:mod:`streammerge.quantization`), and the models must
 be homologous with the base (names, shapes, architectures, tying). Each tensor then gets:
 
-- a **rule** (matrix, embedding, vector, n-D tensor, copy of the base, copy of the merged embedding for a tied
-  head), from its name, shape, dtype and the user's ``--exclude`` and ``--embedding``;
+- a **rule** (matrix, embedding, Conv1D, vector, stacked experts, convolution kernel, copy of the base, copy of the
+  merged embedding for a tied head), from its name, shape, dtype and the user's ``--exclude`` and ``--embedding``;
 - a **kind** (the dtype policy): ``float`` tensors are merged (or, excluded, copied through float32 into the
   output dtype); ``integer`` and ``bool`` tensors are copied from the base byte for byte;
 - its **sources**: the base's first, then each model's, from which the reader and the runner take rows.
@@ -32,6 +32,7 @@ from .recipe import (
     CONV1D_WEIGHTS,
     DERIVED_BUFFERS,
     HEAD_NAMES,
+    STACKED_EXPERTS,
     TOKEN_EMBEDDINGS,
     VISION_PREFIXES,
     Recipe,
@@ -123,8 +124,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         elif len(info.shape) == 2:
             rule = Rule.EMBEDDING if name in embeddings else Rule.CONV1D if conv1d and re.fullmatch(
                 CONV1D_WEIGHTS, name) else Rule.MATRIX
-        else:
-            rule = Rule.TENSOR
+        else:  # stacked experts, or a convolution kernel
+            rule = Rule.TENSOR if re.search(STACKED_EXPERTS, name) else Rule.CONV
         why = method.rule_error(TensorTask(name, info.shape, rule, tile))
         if why:
             problems.append(f"{name} {list(info.shape)}: {why}")

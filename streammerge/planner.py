@@ -22,7 +22,6 @@ from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .manifest import MANIFEST
 from .methods import Footprint, Method, Rule, TensorTask, get_method
-from .methods.base import MERGED_RULES
 from .recipe import Recipe
 from .shapes import RowLayout
 from .sources import InputSource
@@ -337,7 +336,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     peak_vram = 0
     if on_gpu:
         peak_vram = gpu_state + max(
-            (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule in MERGED_RULES), default=0)
+            (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule.merged), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
                 run_fingerprint(doc), _notes(recipe, budget, tensors) + classification.notes, doc, base, tuple(models),

@@ -37,6 +37,9 @@ HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight", "language_m
 #: ``nn.Linear``), and the names of those weights (regexes, ``re.fullmatch``).
 CONV1D_MODEL_TYPES: tuple[str, ...] = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 CONV1D_WEIGHTS: str = r"(.*\.)?h\.\d+\.(attn\.(c_attn|q_attn|c_proj)|mlp\.(c_fc|c_proj))\.weight"
+#: Stacked MoE experts (transformers v5: ``mlp.experts.gate_up_proj`` [E, out, in]); other tensors of 3-D or more are
+#: convolution kernels [out, in, *kernel] (regex, ``re.search``)
+STACKED_EXPERTS: str = r"(^|\.)experts\."
 #: Name prefixes of the vision tower and projector of vision-language models (``--keep-vision`` keeps the base's).
 VISION_PREFIXES: tuple[str, ...] = (
     "visual.", "model.visual.",  # Qwen2-VL, Qwen2.5-VL

@@ -22,13 +22,21 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
-
 from helpers import assert_matches
 from reference_baselines import (
-    DELTA_METHODS, METHODS, Tensors, dare_key, dare_uniforms, delta_tensor, descending_order, per_model,
-    reference_merge, slerp_coefficients,
+    DELTA_METHODS,
+    METHODS,
+    Tensors,
+    dare_key,
+    dare_uniforms,
+    delta_tensor,
+    descending_order,
+    per_model,
+    reference_merge,
+    slerp_coefficients,
 )
+from safetensors.torch import load_file, save_file
+
 from streammerge.api import merge
 from streammerge.cli import main
 from streammerge.errors import MethodError

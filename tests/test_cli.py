@@ -12,9 +12,9 @@ from __future__ import annotations
 import builtins
 import io
 import json
-import re
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -563,9 +563,10 @@ def _bitsandbytes_companions(fam, tmp):
 
 
 def _four_d_tensor(fam, tmp):
+    name = "model.layers.0.mlp.experts.gate_up_proj"  # stacked experts of 4-D (3-D are merged per expert)
     for folder in fam.values():
-        rewrite_tensors(folder, lambda ts: {**ts, "model.conv.weight": torch.ones(2, 3, 4, 5, dtype=torch.bfloat16)})
-    return [], ["model.conv.weight", "[2, 3, 4, 5]", "4-D", "--exclude"]
+        rewrite_tensors(folder, lambda ts: {**ts, name: torch.ones(2, 3, 4, 5, dtype=torch.bfloat16)})
+    return [], [name, "[2, 3, 4, 5]", "4-D stacked experts", "--exclude"]
 
 
 def _out_is_an_input(fam, tmp):

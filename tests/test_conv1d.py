@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 from reference_widen import merge_matrix

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 import streammerge.execute
 from streammerge import api
 from streammerge.budget import Budget, make_budget
+from streammerge.cli import main
+from streammerge.device import CpuCompute, DeviceError, resolve_device
 from streammerge.errors import PlanError
+from streammerge.examples import write_family
+from streammerge.fingerprint import describe_changes
 from streammerge.formats.checkpoint import load_checkpoint
 from streammerge.planner import make_plan
 from streammerge.recipe import Recipe
-from streammerge.cli import main
-from streammerge.device import CpuCompute, DeviceError, resolve_device
-from streammerge.examples import write_family
-from streammerge.fingerprint import describe_changes
 
 CUDA = torch.cuda.is_available()
 #: method -> parameters, covering every kind of pass (statistics, selections, random masks, embeddings)

@@ -204,6 +204,32 @@ def test_widen_merges_stacked_experts_per_expert_against_a_dense_reference(chunk
     assert torch.equal(got, want), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("chunk_rows", [None, "1", "3"])
+def test_widen_merges_convolution_kernels_as_their_unfolded_linear_map(chunk_rows, clean, tmp_path):
+    """A convolution kernel [out, in, *kernel] (a vision tower's patch embedding: Conv2d, Qwen2-VL's Conv3d) is the
+    Linear weight of the unfolded patch: WIDEN merges its [out, in·∏kernel] view, for every chunking."""
+    from reference_widen import merge_matrix
+
+    kernels = {"model.visual.patch_embed.proj.weight": (6, 3, 2, 2, 2), "model.vision_tower.patch.weight": (8, 3, 2, 2)}
+    g = torch.Generator().manual_seed(6)
+    values: dict[str, dict[str, torch.Tensor]] = {"base": {n: torch.randn(s, generator=g) for n, s in kernels.items()}}
+    for k, name in enumerate(("chat", "multilingual")):
+        values[name] = {n: b + 0.02 * (k + 1) * torch.randn(b.shape, generator=g)
+                        * (torch.rand(1, *b.shape[1:], generator=g) * 3) for n, b in values["base"].items()}
+    fam = _family(clean, tmp_path, lambda name, ts: {**ts, **values[name]})
+    extra = ["--chunk-rows", chunk_rows] if chunk_rows else []
+    inputs = ["--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"]]
+    plan = CliRunner().invoke(main, [str(a) for a in ["plan", *inputs, "--json"]])
+    rules = {t["name"]: t["rule"] for t in json.loads(plan.stdout)["tensors"]}
+    assert all(rules[n] == "conv" for n in kernels)
+    r = CliRunner().invoke(main, [str(a) for a in ["merge", *inputs, "--out", tmp_path / "out", *extra, "-q"]])
+    assert r.exit_code == 0, r.output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for n, shape in kernels.items():
+        b, m1, m2 = (values[k][n].reshape(shape[0], -1) for k in ("base", "chat", "multilingual"))
+        assert torch.equal(merged[n], merge_matrix(b, [m1, m2], 1.0, 1.0).reshape(shape)), n
+
+
 def test_stacked_experts_statistics_survive_a_resume():
     """What a resumed run loads instead of the statistics pass (``state_dict``) gives the same merge."""
     from streammerge.methods import all_methods

@@ -11,8 +11,8 @@ from streammerge import plan
 from streammerge.errors import PlanError
 from streammerge.examples import write_family
 from streammerge.methods._tiles import TileFeeder, add_column_sums
-from streammerge.planner import TILE_ROWS as TILE
 from streammerge.methods.base import Rule
+from streammerge.planner import TILE_ROWS as TILE
 
 
 @pytest.fixture(scope="module")

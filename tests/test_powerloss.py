@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from powerloss import VARIANTS, Disk, Recorder
+
 from streammerge import api, fsio
 from streammerge import journal as journal_module
 from streammerge.examples import write_family

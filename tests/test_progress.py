@@ -13,9 +13,9 @@ from helpers import interrupt_at_tensor
 from tqdm import tqdm
 
 from streammerge import api
-from streammerge.execute import MergeInterrupted, RunSummary, execute
 from streammerge.cli import main
 from streammerge.examples import SHAPES, write_family
+from streammerge.execute import MergeInterrupted, RunSummary, execute
 from streammerge.progress import Progress
 
 TWELVE_LAYERS = replace(SHAPES["tiny"], layers=12)

@@ -41,10 +41,10 @@ import pytest
 
 import streammerge.writer
 from streammerge import api
+from streammerge.errors import StreamMergeError
 from streammerge.examples import write_family
 from streammerge.execute import DiskFullError, MergeInterrupted
 from streammerge.manifest import MANIFEST
-from streammerge.errors import StreamMergeError
 from streammerge.verify import verify_output
 
 PARTIAL = ".streammerge-partial"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from helpers import assert_matches
 from reference_widen import widen_reference
+from safetensors.torch import load_file, save_file
+
 from streammerge.api import merge, plan
 from streammerge.errors import MethodError
 from streammerge.methods.widen import rank_significance

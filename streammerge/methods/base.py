@@ -28,7 +28,10 @@ class Rule(str, Enum):
     EMBEDDING = "embedding"  # 2-D embedding (V x H); columns are the stored rows (tokens / positions)
     CONV1D = "conv1d"  # 2-D weight stored (in, out), GPT-2's Conv1D: columns (input features) are the stored rows
     VECTOR = "vector"  # 0-D or 1-D (norm weights, biases): merged whole, in one chunk
-    TENSOR = "tensor"  # 3-D or more (e.g. stacked MoE experts): only methods that accept it
+    TENSOR = "tensor"  # stacked MoE experts, 3-D [E, out, in] (or more): only methods that accept it
+    CONV = "conv"  # any other tensor of 3-D or more, a convolution kernel [out, in, *kernel] (e.g. a vision tower's
+    # patch embedding): a linear map of the unfolded patch, so its columns (input features) are the stored columns
+    # of its [out, in·∏kernel] view
     COPY_BASE = "copy_base"  # excluded, or not floating point: the base's value is kept
     TIED_COPY = "tied_copy"  # a tied head stored in the file: a copy of the merged embedding
 
@@ -46,9 +49,6 @@ class Rule(str, Enum):
     def merged(self) -> bool:
         """Whether the method computes the tensor (rather than a copy)."""
         return self not in (Rule.COPY_BASE, Rule.TIED_COPY)
-
-
-MERGED_RULES = (Rule.MATRIX, Rule.EMBEDDING, Rule.CONV1D, Rule.VECTOR)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ of every model k gets a weight ``w_kj``. Pass 1 accumulates float64 column stati
 NaN last) into float32 significances ``rank/n``; a softmax across models gives scores, replaced by ``s`` where
 ``2·rank > t·(n−1)`` (above the model's average, decided exactly); ``w = ½(S_mag + S_dir)``. Pass 2 emits
 ``B + Σ_k Δ_k·w_k`` in float32. 1-D tensors use raw ``|Δ|`` as significance (no ranks, no ½).
+
+Beyond the authors' code, which merges only Linear and embedding weights: GPT-2's Conv1D weights (stored (in, out))
+take their columns from the stored rows; 3-D stacked MoE experts [E, out, in] are merged expert by expert; and a
+convolution kernel [out, in, *kernel] (a vision tower's patch embedding) is the Linear weight of the unfolded
+patch, so it is merged as its [out, in·∏kernel] view (docs/widen.md, "Which rule each tensor gets").
 """
 
 from __future__ import annotations
@@ -85,11 +90,12 @@ def column_weights(ssb: torch.Tensor, ssm: torch.Tensor, dot: torch.Tensor, t: f
 
 
 class _MatrixMerge(TensorMerge):
-    """Linear rule (columns = stored columns); embedding and Conv1D rules (columns = stored rows)."""
+    """Linear rule (columns = stored columns); embedding and Conv1D rules (columns = stored rows); the conv rule:
+    the Linear rule on a kernel's [out, in·∏kernel] view (rows stay rows, so chunks need no change)."""
 
     def __init__(self, task: TensorTask, n_models: int, t: float, s: float) -> None:
         self.task, self.n_models, self.t, self.s = task, n_models, t, s
-        rows, cols = task.shape
+        rows, cols = task.rows, task.row_numel
         self.by_rows = task.rule.columns_are_rows
         k = 1 + 2 * n_models  # [b², m_1², ..., m_N², m_1·b, ..., m_N·b]
         self._feeder: TileFeeder | None = TileFeeder(rows, task.tile)
@@ -103,7 +109,8 @@ class _MatrixMerge(TensorMerge):
         assert self._feeder is not None
         if self._stats is None:
             self._stats = torch.zeros(self._shape, dtype=torch.float64, device=base.device)
-        for t0, (b, *ms) in self._feeder.feed(r0, [base, *models]):
+        flat = [x.reshape(x.shape[0], -1) for x in (base, *models)]  # a view (a kernel's [rows, in·∏kernel])
+        for t0, (b, *ms) in self._feeder.feed(r0, flat):
             vals = self._products(b, ms)  # (rows, 1 + 2N, cols)
             if self.by_rows:
                 # one token per stored row: its sums are complete inside the row (reduce over the hidden dim)
@@ -146,7 +153,8 @@ class _MatrixMerge(TensorMerge):
             ws = [w[r0 : r0 + base.shape[0], None] for w in self.weights]
         else:
             ws = [w[None, :] for w in self.weights]
-        return weighted_delta_sum(base, models, ws)
+        flat = [x.reshape(x.shape[0], -1) for x in models]
+        return weighted_delta_sum(base.reshape(base.shape[0], -1), flat, ws).reshape(base.shape)
 
 
 class _ExpertsMerge(TensorMerge):
@@ -221,11 +229,12 @@ class Widen(Method):
 
     def rule_error(self, task: TensorTask) -> str | None:
         if task.rule is Rule.TENSOR and len(task.shape) != 3:
-            return f"WIDEN has no rule for {len(task.shape)}-D tensors (3-D stacked experts are merged per expert)"
+            return (f"WIDEN has no rule for {len(task.shape)}-D stacked experts (3-D [E, out, in] experts are merged "
+                    "per expert)")
         return None
 
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
-        return 1 if rule.two_d or rule is Rule.TENSOR else 0
+        return 1 if rule.two_d or rule in (Rule.TENSOR, Rule.CONV) else 0
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """Measured on the CPU (bench/ram_probe.py). Statistics: a block's (1 + 2N) products, float32 when every
@@ -245,9 +254,9 @@ class Widen(Method):
                 end_of_pass=experts * (one.stats_state + one.emit_state) + one.end_of_pass,
                 emit_state=experts * one.emit_state, partial_tile=one.partial_tile,
                 gpu_per_element=one.gpu_per_element + 16, gpu_state=experts * one.gpu_state)
-        if not task.rule.two_d:  # 1-D: significances, scores, float64 tests, result
+        if task.rule is Rule.VECTOR:  # 1-D: significances, scores, float64 tests, result
             return Footprint(emit_per_element=24 * n + 8, gpu_per_element=8 * n + 20)
-        rows, cols = task.shape
+        rows, cols = task.rows, task.row_numel  # a kernel: its [out, in·∏kernel] view
         columns = rows if task.rule.columns_are_rows else cols
         product = 4 if task.exact_products else 8
         sums = 8 * (1 + 2 * n) * columns
