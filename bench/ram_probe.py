@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """CPU memory per tensor and per run: the real peak RSS against what the plan predicted, for every method.
 
-    python bench/ram_probe.py [--budgets 40MiB,128MiB,1GiB] [--methods ties,widen] [--results bench/results]
+    python bench/ram_probe.py [--budgets 40MiB,128MiB,1GiB] [--methods ties,widen] [--family mid|edges]
+                              [--results bench/results]
 
 For one synthetic family (``mid``: one Qwen2-0.5B-wide layer with an untied 32000-token vocabulary, 138 MiB per
 model in bf16, written once to ``bench/work/ram-probe/models``), every method is planned and merged on the CPU
@@ -31,8 +32,13 @@ Stable numbers need the buffers and the allocator out of the way:
   settings (the whole-run figure as users get it; the per-tensor figures are then unreliable).
 - ``torch.set_num_threads(1)`` (and ``OMP_NUM_THREADS=1``): this is a shared 2-core machine, and one intra-op
   thread keeps kernels from adding per-thread buffers that depend on the core count.
-- A warm-up merge of the ``tiny`` family with the same method first, so the code pages of the kernels used are
+- A warm-up merge of the ``tiny`` family (for ``edges``: with the same kinds of tensor) with the same method first, so the code pages of the kernels used are
   already resident (``VmHWM`` counts file-backed pages too); the JSON keeps each tensor's ``RssFile`` change.
+
+``--family edges`` measures the inputs beyond plain bf16 matrices on the same layer: the base's projection weights
+stored as FP8 (``F8_E4M3`` codes with 128×128 float32 block scales, dequantized on the fly), a 3-D stacked-experts
+tensor ``mlp.experts.gate_up_proj`` [16, 1024, 896] (merged per expert by WIDEN) and a Qwen2-VL-sized convolution
+kernel ``visual.patch_embed.proj.weight`` [1280, 3, 2, 14, 14] in every model.
 
 Tensors whose predicted compute-block part (``scratch_bytes − state_bytes``, what the per-element figures decide)
 is under ``--min-block`` (1 MiB: norms and biases, whose figures are page and Python-object noise) are listed in the
@@ -65,6 +71,13 @@ METHODS: dict[str, dict[str, str]] = {
 BUDGETS = ["40MiB", "128MiB", "1GiB"]
 #: (hidden, intermediate, layers, heads, kv_heads, vocab, tied): vram_probe's "mid" family
 MID = (896, 4864, 1, 14, 2, 32000, False)
+#: the extra tensors of the ``edges`` family (name: shape), besides its FP8 base
+EDGE_TENSORS = {"model.layers.0.mlp.experts.gate_up_proj": (16, 1024, 896),
+                "visual.patch_embed.proj.weight": (1280, 3, 2, 14, 14)}
+#: the same kinds of tensor for the warm-up of the ``edges`` family (so FP8, expert and conv code is paged in
+#: before the measured merge: ``VmHWM`` counts file-backed pages too)
+EDGE_TENSORS_TINY = {"model.layers.0.mlp.experts.gate_up_proj": (4, 32, 64),
+                     "visual.patch_embed.proj.weight": (16, 3, 2, 4, 4)}
 #: the allocator settings of the measured subprocesses (see the module docstring)
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 #: per-tensor ratios outside this band mean a declared figure is off by more than 25%
@@ -111,7 +124,7 @@ def child(spec: dict) -> dict:
         root = Path(spec["families"][fam])
         return root / "base", [root / "chat"] if method == "slerp" else [root / "chat", root / "multilingual"]
 
-    base, models = models_of("tiny")
+    base, models = models_of("tiny-edges" if spec["family"] == "edges" else "tiny")
     api.merge(base, models, work / "warmup", method, params, max_ram="64MiB", device="cpu", force=True)
 
     def touched(nbytes: int) -> torch.Tensor:
@@ -170,7 +183,7 @@ def child(spec: dict) -> dict:
         })
         return result
 
-    base, models = models_of("mid")
+    base, models = models_of(spec["family"])
     out = work / "out"
     plan = api.plan(base, models, out, method, params, max_ram=budget, device="cpu", force=True)
     execute.Prefetcher, execute.LocalIO.start, execute.run_tensor = Prefetcher, start_touched, measured
@@ -198,20 +211,53 @@ def child(spec: dict) -> dict:
 
 # ---- the driver ------------------------------------------------------------------------------------------------
 def families(root: Path) -> dict[str, str]:
-    """Write (once) the tiny warm-up family and the measured mid family; a marker says a folder is complete."""
+    """Write (once) the tiny warm-up family and the measured mid and edges families; a marker says a folder is
+    complete."""
     from streammerge.examples import Shape, write_family
 
     out = {}
-    for name, shape in (("tiny", "tiny-untied"), ("mid", Shape(*MID[:6], tied=MID[6]))):
+    edges = {"edges": EDGE_TENSORS, "tiny-edges": EDGE_TENSORS_TINY}
+    for name, shape in (("tiny", "tiny-untied"), ("mid", Shape(*MID[:6], tied=MID[6])),
+                        ("tiny-edges", "tiny-untied"), ("edges", Shape(*MID[:6], tied=MID[6]))):
         folder = root / name
-        key = repr(shape)
+        key = repr(shape) + repr(edges.get(name, ""))
         marker = folder / ".complete"
         if not (marker.is_file() and marker.read_text() == key):
             shutil.rmtree(folder, ignore_errors=True)
             write_family(folder, shape, dtype="bf16")
+            if name in edges:
+                add_edges(folder, edges[name])
             marker.write_text(key)
         out[name] = str(folder)
     return out
+
+
+def add_edges(family: Path, extra_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give every model of ``family`` the tensors ``extra_shapes`` (:data:`EDGE_TENSORS`) and store the base's projections as FP8 with
+    128×128 block scales (amax scaling, as FP8 releases are made)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    extra = {n: torch.randn(shape, generator=g) * 0.02 for n, shape in extra_shapes.items()}
+    for k, folder in enumerate(sorted(p for p in family.iterdir() if p.is_dir())):
+        tensors = load_file(folder / "model.safetensors")
+        for n, t in extra.items():
+            tensors[n] = (t + 0.002 * k * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
+        if folder.name == "base":
+            for n in [n for n in tensors if n.endswith("_proj.weight")]:
+                w = tensors[n].float()
+                rows, cols = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
+                padded = torch.zeros(rows * 128, cols * 128)
+                padded[: w.shape[0], : w.shape[1]] = w
+                scale = padded.reshape(rows, 128, cols, 128).abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+                full = scale.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+                tensors[n], tensors[n + "_scale_inv"] = (w / full).to(torch.float8_e4m3fn), scale
+            config = json.loads((folder / "config.json").read_text())
+            config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                             "activation_scheme": "dynamic"}
+            (folder / "config.json").write_text(json.dumps(config))
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def run_child(spec: dict, glibc_defaults: bool) -> dict:
@@ -258,7 +304,7 @@ def render(result: dict) -> str:
     band = f"[{BAND[0]}, {BAND[1]}]"
     L = [f"# CPU memory per tensor and per run vs the plan ({result['started_utc']})", "",
          f"- machine: {result['machine']}; python {result['python']}, torch {result['torch']}, git {result['git']}",
-         f"- family: `mid` {result['family']} (bf16, {mib(result['family_bytes'])} MiB per model); each (method, "
+         f"- family: {result['family']} ({mib(result['family_bytes'])} MiB for the base); each (method, "
          f"budget) in a fresh subprocess, torch threads 1, allocator: {result['allocator']}",
          "- **run**: peak RSS of the merge − RSS after `import torch, streammerge` (`run/plan`: over `peak_ram`; "
          "`pre`: over the RSS just before the merge, after a warm-up merge of the tiny family). Every planned "
@@ -324,6 +370,8 @@ def main() -> int:
     ap.add_argument("--min-block", type=int, default=1 << 20,
                     help="tensors whose predicted compute-block part is below this many bytes are left out of the "
                          "worst ratios")
+    ap.add_argument("--family", choices=("mid", "edges"), default="mid",
+                    help="mid: one bf16 layer; edges: the same with an FP8 base, 3-D experts and a conv kernel")
     ap.add_argument("--note", default="", help="a remark stored in the report")
     ap.add_argument("--glibc-defaults", action="store_true", help="run without the allocator settings")
     ap.add_argument("--render", type=Path, help="only re-render the Markdown of an earlier JSON result")
@@ -349,12 +397,12 @@ def main() -> int:
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     fams = families(args.work / "models")
-    family_bytes = sum(p.stat().st_size for p in (Path(fams["mid"]) / "base").glob("*.safetensors"))
+    family_bytes = sum(p.stat().st_size for p in (Path(fams[args.family]) / "base").glob("*.safetensors"))
     rows = []
     for method in methods:
         for budget in budgets:
             spec = {"method": method, "params": METHODS[method], "budget": budget, "families": fams,
-                    "work": str(args.work / "scratch")}
+                    "family": args.family, "work": str(args.work / "scratch")}
             row = run_child(spec, args.glibc_defaults)
             if "error" not in row:
                 summarize(row, args.min_block)
@@ -371,7 +419,8 @@ def main() -> int:
         "started_utc": started, "git": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
         "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
                    f"load {os.getloadavg()[0]:.2f}",
-        "family": f"Shape{MID}", "family_bytes": family_bytes, "min_block": args.min_block, "note": args.note,
+        "family": f"{args.family}: Shape{MID}" + (f" + FP8 base + {EDGE_TENSORS}" if args.family == "edges" else ""),
+        "family_bytes": family_bytes, "min_block": args.min_block, "note": args.note,
         "allocator": "glibc defaults" if args.glibc_defaults else
                      ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
         "rows": rows,
