@@ -236,6 +236,7 @@ def add_edges(family: Path, extra_shapes: dict[str, tuple[int, ...]]) -> None:
     """Give every model of ``family`` the tensors ``extra_shapes`` (:data:`EDGE_TENSORS`) and store the base's projections as FP8 with
     128×128 block scales (amax scaling, as FP8 releases are made)."""
     import torch
+    from make_fp8 import quantize_blocks, quantized_config
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(0)
@@ -246,16 +247,8 @@ def add_edges(family: Path, extra_shapes: dict[str, tuple[int, ...]]) -> None:
             tensors[n] = (t + 0.002 * k * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
         if folder.name == "base":
             for n in [n for n in tensors if n.endswith("_proj.weight")]:
-                w = tensors[n].float()
-                rows, cols = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
-                padded = torch.zeros(rows * 128, cols * 128)
-                padded[: w.shape[0], : w.shape[1]] = w
-                scale = padded.reshape(rows, 128, cols, 128).abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-                full = scale.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
-                tensors[n], tensors[n + "_scale_inv"] = (w / full).to(torch.float8_e4m3fn), scale
-            config = json.loads((folder / "config.json").read_text())
-            config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
-                                             "activation_scheme": "dynamic"}
+                tensors[n], tensors[n + "_scale_inv"] = quantize_blocks(tensors[n])
+            config = quantized_config(json.loads((folder / "config.json").read_text()))
             (folder / "config.json").write_text(json.dumps(config))
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
