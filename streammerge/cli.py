@@ -45,15 +45,18 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
 def _merge_options(f: Any, out_required: bool = True) -> Any:
     """The options shared by ``merge`` and ``plan``."""
     options = [
-        click.option("--base", "base", required=True, type=click.Path(path_type=Path),
-                     help="Base model folder (the common ancestor the others were trained from)."),
-        click.option("--model", "models", multiple=True, required=True, type=click.Path(path_type=Path),
-                     help="A model folder to merge; repeat for each (order matters for per-model parameters)."),
+        click.argument("recipe_file", required=False, type=click.Path(path_type=Path), metavar="[RECIPE.yaml]"),
+        click.option("--base", "base", type=click.Path(path_type=Path),
+                     help="Base model folder (the common ancestor the others were trained from); required without a "
+                          "recipe."),
+        click.option("--model", "models", multiple=True, type=click.Path(path_type=Path),
+                     help="A model folder to merge; repeat for each (order matters for per-model parameters); "
+                          "required without a recipe."),
         click.option("--out", "out", required=out_required, type=click.Path(path_type=Path),
                      help="Output folder; it appears only when the merge is complete." if out_required else
                      "Output folder of the merge to describe (optional: the plan says what a merge would do with it)."),
-        click.option("--method", default="widen", show_default=True,
-                     help="Merge method; `streammerge methods` lists them with their parameters."),
+        click.option("--method", default=None,
+                     help="Merge method (default widen); `streammerge methods` lists them with their parameters."),
         click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
                      help="Method parameter, repeatable (e.g. --param t=1.0 --param s=1.0). Per-model parameters "
                           "take one value per --model separated by commas, or one value for all."),
@@ -105,14 +108,34 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
     return f
 
 
+#: options that say what is merged: a recipe says it instead (the command line says how the merge runs)
+_RECIPE_DECIDES = {"base": "--base", "models": "--model", "method": "--method", "params": "--param", "seed": "--seed",
+                   "dtype": "--dtype", "exclude": "--exclude", "embeddings": "--embedding",
+                   "keep_vision": "--keep-vision", "tokenizer_from": "--tokenizer-from", "shard_size": "--shard-size"}
+_HOW_IT_RUNS = ("out", "max_ram", "device", "max_vram", "chunk_rows", "force", "restart", "redo_changed",
+                "allow_incomplete_output")
+
+
 def _recipe(kw: dict[str, Any]) -> Recipe:
+    if kw["recipe_file"] is not None:
+        given = [flag for key, flag in _RECIPE_DECIDES.items() if kw[key] not in (None, (), False)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: the recipe {kw['recipe_file']} says what is merged; change "
+                                   "it there (the command line takes how the merge runs: --out, --max-ram, --device, "
+                                   "--force, ...)")
+        return Recipe.from_yaml(kw["recipe_file"], journal=not kw["no_journal"],
+                                **{k: kw[k] for k in _HOW_IT_RUNS})
+    for key, flag in (("base", "--base"), ("models", "--model")):
+        if not kw[key]:
+            raise click.UsageError(f"Missing option '{flag}' (or give a recipe: streammerge merge RECIPE.yaml --out "
+                                   "DIR)")
     params = _parse_params(kw["params"])
     if kw["seed"] is not None:
         if "seed" in params:
             raise click.UsageError("give the seed once: --seed N or --param seed=N")
         params["seed"] = str(kw["seed"])
     return Recipe(
-        base=kw["base"], models=kw["models"], out=kw["out"], method=kw["method"],
+        base=kw["base"], models=kw["models"], out=kw["out"], method=kw["method"] or "widen",
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=kw["shard_size"] or DEFAULT_SHARD_SIZE,
@@ -182,12 +205,16 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(as_json: bool, quiet: bool, **kw: Any) -> None:
-    """Merge --model folders onto --base with --method, writing --out.
+    """Merge --model folders onto --base with --method, writing --out; or run a recipe (mergekit's YAML schema:
+    merge_method, base_model, models with parameters, gradients and filters).
 
     \b
     Example (WIDEN, the paper's settings, 4 GiB of RAM):
       streammerge merge --base Qwen1.5-7B --model Qwen1.5-7B-Chat --model Sailor-7B \\
           --method widen --param t=1.0 --param s=1.0 --max-ram 4GiB --out merged
+    A mergekit recipe, unchanged:
+      streammerge merge recipe.yaml --out merged --max-ram 4GiB
+    Every output holds streammerge_recipe.yaml, which reruns its merge.
     """
     try:
         recipe = _recipe(kw)

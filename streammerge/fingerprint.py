@@ -52,11 +52,11 @@ def torch_version() -> str:
         return str(torch.__version__)
 
 
-def tensor_fingerprints(classes: list[TensorClass], method: str, params: dict[str, Any], n_models: int,
+def tensor_fingerprints(classes: list[TensorClass], method: str, params: dict[str, dict[str, Any]], n_models: int,
                         shards: tuple[ShardLayout, ...], tile: int) -> dict[str, str]:
-    """Per tensor, the hash of everything that decides its bytes (see the module docstring)."""
+    """Per tensor, the hash of everything that decides its bytes (see the module docstring); ``params``: each merged
+    tensor's parameters."""
     header_of = {name: (s.filename, hashlib.sha256(s.header).hexdigest()) for s in shards for name in s.offsets}
-    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
     fps: dict[str, str] = {}
     for c in sorted(classes, key=lambda c: c.copy_of is not None):  # tied heads need their embedding's first
         doc = {
@@ -66,6 +66,7 @@ def tensor_fingerprints(classes: list[TensorClass], method: str, params: dict[st
         if c.copy_of is not None:
             doc["copy_of"] = fps[c.copy_of]
         elif c.rule.value != "copy_base":
+            plain = {k: list(v) if isinstance(v, tuple) else v for k, v in params[c.name].items()}
             doc.update(method=method, params=plain, models=n_models)
         fps[c.name] = digest(doc)
     return fps

@@ -26,6 +26,8 @@ TOKENIZER_PATTERNS = (
     "processor_config.json", "video_preprocessor_config.json",
 )
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+#: the recipe that reruns the merge, and the mergekit recipe it came from (when it did), beside the weights
+RECIPE_FILE, MERGEKIT_FILE = "streammerge_recipe.yaml", "mergekit_config.yml"
 
 
 class _Removed:
@@ -135,20 +137,42 @@ def tokenizer_files(folder: Path) -> list[Path]:
 
 
 def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
+    """README.md: YAML front matter the Hugging Face Hub reads (``base_model`` lists the inputs, ``base_model_relation:
+    merge``, ``library_name``, ``tags``), then what was merged, how, and with which parameters."""
+    import yaml  # noqa: PLC0415
+
     # folder names, not paths: the card must not depend on how the command spelled them (or on resume)
+    names = [Path(p).resolve().name for p in (plan_dict["base"], *plan_dict["models"])]
+    front = {"base_model": list(dict.fromkeys(names)), "base_model_relation": "merge", "library_name": "transformers",
+             "tags": ["merge", "streammerge", plan_dict["method"]]}
     params = ", ".join(f"{k}={v}" for k, v in plan_dict["params"].items()) or "none"
-    models = "\n".join(f"- `{Path(m).resolve().name}`" for m in plan_dict["models"])
+    models = "\n".join(f"- `{name}`" for name in names[1:])
     options = "".join(f"- `--{k.replace('_', '-')}`" + (f" `{v}`" if not isinstance(v, bool) else "") + "\n"
                       for k, values in plan_dict.get("options", {}).items()
                       for v in (values if isinstance(values, list) else [values]))
     text = (
-        "---\ntags:\n- merge\n- streammerge\n---\n\n"
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# Merged model\n\nMade with streammerge {__version__} using the **{plan_dict['method']}** method "
-        f"({params}).\n\n## Inputs\n\nBase: `{Path(plan_dict['base']).resolve().name}`\n\nModels, in order:\n{models}\n\n"
+        f"({params}).\n\n## Inputs\n\nBase: `{names[0]}`\n\nModels, in order:\n{models}\n\n"
         + (f"## Options\n\n{options}\n" if options else "")
+        + f"## Reproduce\n\n`streammerge merge {RECIPE_FILE} --out FOLDER` reruns this merge ({RECIPE_FILE} is "
+        "beside the weights).\n\n"
         + f"Plan fingerprint: `{plan_dict['fingerprint']}`\n"
     )
     fsio.write_file(work / "README.md", text.encode("utf-8"))
+
+
+def write_recipe_files(work: Path, recipe: Any) -> list[str]:
+    """``streammerge_recipe.yaml`` (the merge as a recipe that reruns it) and, for a merge from a mergekit recipe,
+    ``mergekit_config.yml`` (that recipe as read); returns the names written."""
+    from .yaml_recipe import dump_source  # noqa: PLC0415
+
+    fsio.write_file(work / RECIPE_FILE, recipe.to_yaml().encode("utf-8"))
+    source = dump_source(recipe)
+    if source is None:
+        return [RECIPE_FILE]
+    fsio.write_file(work / MERGEKIT_FILE, source.encode("utf-8"))
+    return [RECIPE_FILE, MERGEKIT_FILE]
 
 
 def publish(model: Path, out: Path, force: bool) -> None:

@@ -16,12 +16,13 @@ from typing import Any
 from ._version import __version__
 from .budget import Budget
 from .classify import Kind, TensorClass, classify
-from .errors import PlanError
+from .errors import MethodError, PlanError
 from .fingerprint import engine_document, fingerprint_document, run_fingerprint, tensor_fingerprints
 from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .manifest import MANIFEST
 from .methods import Footprint, Method, Rule, TensorTask, get_method
+from .parameters import check_levels, layer_count, position, raw_for_tensor
 from .recipe import Recipe
 from .shapes import RowLayout
 from .sources import InputSource
@@ -66,6 +67,7 @@ class TensorPlan(RowLayout):
     exact_products: bool = False  # all inputs are 16-bit floats (see TensorTask)
     on_gpu: bool = False  # merged on a GPU (see TensorTask)
     kept_because: str | None = None  # for COPY_BASE: why the base's value is kept (see TensorClass)
+    params: dict[str, Any] = field(default_factory=dict)  # the method's parameters for this tensor (merged ones)
 
     @property
     def task(self) -> TensorTask:
@@ -236,6 +238,8 @@ class Plan:
                     "dtype": t.out_dtype, "shard": t.shard, "chunk_rows": t.chunk_rows, "chunks": len(t.chunks()),
                     "passes": t.stat_passes + 1, "reads": 1 if t.resident else t.stat_passes + 1,
                     "scratch_bytes": t.scratch_bytes,
+                    **({"params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params.items()}}
+                       if t.params else {}),
                     "inputs": [s.describe() for s in t.sources], "fingerprint": t.fingerprint,
                     **({"copy_of": t.copy_of} if t.copy_of else {}),
                     **({"kept_because": t.kept_because} if t.kept_because else {}),
@@ -249,21 +253,25 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     """Plan the merge of ``models`` onto ``base``; raises before anything is written if it cannot work."""
     method = get_method(recipe.method)
     method.check_models(len(models))
-    params = method.resolve_params(recipe.params, len(models))
+    check_levels(method, recipe.parameters, recipe.model_parameters, recipe.params)
+    params = method.resolve_params(recipe.params, len(models))  # the command line's, checked before any tensor
     out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
     tile, depth = TILE_ROWS, BUFFER_DEPTH
     classification = classify(recipe, method, base, models, out_dtype, tile)
     classes = classification.tensors
+    tensor_params = _tensor_params(recipe, method, base, len(models), [c for c in classes if c.rule.merged])
+    params = _common(tensor_params) if tensor_params else params
 
     groups = split_into_shards([OutTensor(c.name, c.out_dtype, c.shape) for c in classes], recipe.shard_size)
     shards = tuple(layout_shard(shard_filename(i, len(groups)), g) for i, g in enumerate(groups))
     shard_of = {t: s.filename for s in shards for t in s.offsets}
-    fps = tensor_fingerprints(classes, method.name, params, len(models), shards, tile)
+    fps = tensor_fingerprints(classes, method.name, tensor_params, len(models), shards, tile)
     doc = fingerprint_document(recipe, method.name, params, base, models, engine_document(budget.device, tile), fps)
 
     on_gpu = budget.device.startswith("cuda")
     out_dtypes = {c.name: c.out_dtype for c in classes}
-    sizing = [_size(c, method, params, len(models), tile, on_gpu, out_dtypes) for c in classes]
+    sizing = [_size(c, method, tensor_params.get(c.name, params), len(models), tile, on_gpu, out_dtypes)
+              for c in classes]
     usable = int(budget.max_ram * BUDGET_USABLE)
     max_state = max((s.state for s in sizing), default=0)
     max_per_elem = max((s.per_elem for s in sizing), default=1) or 1
@@ -328,7 +336,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
                                                 fp.end_of_pass)
         tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
                                   max(chunk, 1), s.passes, emit_rows, stat_rows, state, tensor_scratch, tile,
-                                  fps[c.name], c.copy_of, task.exact_products, task.on_gpu, c.kept_because))
+                                  fps[c.name], c.copy_of, task.exact_products, task.on_gpu, c.kept_because,
+                                  tensor_params.get(c.name, {})))
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
@@ -341,6 +350,35 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
                 run_fingerprint(doc), _notes(recipe, budget, tensors) + classification.notes, doc, base, tuple(models),
                 classification.config_updates)
+
+
+#: the value of a parameter in ``Plan.params`` when tensors have different values (``plan --json`` lists each)
+VARIES = "varies per tensor"
+
+
+def _tensor_params(recipe: Recipe, method: Method, base: Checkpoint, n: int,
+                   merged: list[TensorClass]) -> dict[str, dict[str, Any]]:
+    """Every merged tensor's parameters (see :mod:`streammerge.parameters`), validated; equal values are shared."""
+    n_layers = layer_count(list(base.tensors), base.config)
+    resolved: dict[str, dict[str, Any]] = {}
+    out = {}
+    for c in merged:
+        raw = raw_for_tensor(method, c.name, position(c.name, n_layers), n, recipe.params, recipe.parameters,
+                             recipe.model_parameters)
+        key = repr(sorted(raw.items()))
+        if key not in resolved:
+            try:
+                resolved[key] = method.resolve_params(raw, n)
+            except MethodError as exc:
+                raise MethodError(f"tensor {c.name}: {exc}") from None
+        out[c.name] = resolved[key]
+    return out
+
+
+def _common(tensor_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The parameters every tensor shares; :data:`VARIES` for those that differ."""
+    first, *rest = tensor_params.values()
+    return {k: v if all(p[k] == v for p in rest) else VARIES for k, v in first.items()}
 
 
 def _notes(recipe: Recipe, budget: Budget, tensors: list[TensorPlan]) -> tuple[str, ...]:

@@ -64,7 +64,9 @@ class Recipe:
     """A merge request.
 
     ``params`` maps parameter names to values (strings from the CLI, or numbers/lists from Python); per-model
-    parameters take one value per model, in the order of ``models``.
+    parameters take one value per model, in the order of ``models``. ``parameters`` and ``model_parameters`` (one
+    mapping per model) hold a mergekit recipe's settings, which may vary per tensor (gradients, filters): see
+    :mod:`streammerge.parameters` for what they mean and which level wins.
     """
 
     base: Path
@@ -87,6 +89,9 @@ class Recipe:
     journal: bool = True  # journal durable chunks (resumable); off only to measure its cost
     allow_incomplete_output: bool = False  # write an output transformers cannot load (no config.json) anyway
     keep_vision: bool = False  # a vision-language model's vision tower keeps the base's values (VISION_PREFIXES)
+    parameters: dict[str, Any] = field(default_factory=dict)  # a recipe's global settings (mergekit ``parameters:``)
+    model_parameters: tuple[dict[str, Any], ...] = ()  # a recipe's per-model settings, one mapping per model
+    source: dict[str, Any] | None = None  # the mergekit recipe this came from (written beside the output)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", Path(self.base))
@@ -102,6 +107,10 @@ class Recipe:
         object.__setattr__(self, "shard_size", parse_size(self.shard_size, "--shard-size"))
         if self.dtype is not None and not isinstance(self.dtype, str):  # a torch.dtype, from Python
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
+        object.__setattr__(self, "model_parameters", tuple(dict(p or {}) for p in self.model_parameters))
+        if self.model_parameters and len(self.model_parameters) != len(self.models):
+            raise StreamMergeError(f"model_parameters has {len(self.model_parameters)} entries for "
+                                   f"{len(self.models)} models: give one per model, in order")
         if self.restart and self.redo_changed:
             raise StreamMergeError("--restart discards the interrupted run's work and --redo-changed keeps what the "
                                    "change does not affect: give one of them")
@@ -120,6 +129,8 @@ class Recipe:
             "allow_incomplete_output": self.allow_incomplete_output, "keep_vision": self.keep_vision,
             "max_ram": self.max_ram,
             "max_vram": self.max_vram,
+            "parameters": self.parameters, "model_parameters": [dict(p) for p in self.model_parameters],
+            "source": self.source,
         }
 
     @classmethod
@@ -127,8 +138,23 @@ class Recipe:
         fields = dict(d)
         fields["models"] = tuple(fields["models"])
         fields["exclude"] = tuple(fields.get("exclude") or ())
+        fields["model_parameters"] = tuple(fields.get("model_parameters") or ())
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **options: Any) -> Recipe:
+        """The recipe in a YAML file (mergekit's schema, see :mod:`streammerge.yaml_recipe`); ``options`` set
+        further fields (``out``, ``max_ram``, ...). Raises :class:`~streammerge.yaml_recipe.RecipeError`."""
+        from .yaml_recipe import load  # noqa: PLC0415
+
+        return load(path, **options)
+
+    def to_yaml(self) -> str:
+        """This recipe in mergekit's schema with absolute paths (what ``streammerge_recipe.yaml`` holds)."""
+        from .yaml_recipe import dump  # noqa: PLC0415
+
+        return dump(self)
 
     @property
     def embeddings(self) -> tuple[str, ...]:

@@ -94,7 +94,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
     t, schedule = job.tensor, job.schedule
     if not schedule.steps:
         return TensorResult(t.name, 0)
-    merger = plan.method.start(t.task, plan.params, len(plan.models)) if t.rule.merged else None
+    merger = plan.method.start(t.task, t.params, len(plan.models)) if t.rule.merged else None
     held: dict[int, Parts] = {}  # staged reads still in use, by index
     written = 0
     for step in schedule.steps:

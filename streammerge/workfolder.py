@@ -49,6 +49,7 @@ from .output import (
     write_index,
     write_json,
     write_model_card,
+    write_recipe_files,
 )
 from .planner import Plan, TensorPlan
 from .runner import TensorJob
@@ -471,6 +472,7 @@ class WorkFolder:
         out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
         copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype, plan.config_updates)
         write_json(self.model_dir / MANIFEST, self.manifest())
+        write_recipe_files(self.model_dir, recipe)
         write_model_card(self.model_dir, plan.to_dict())
         checkpoint("side-files-written")
         publish(self.model_dir, recipe.out, recipe.force)

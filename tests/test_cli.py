@@ -34,7 +34,7 @@ from streammerge.examples import SHAPES, tensor_shapes, write_family, write_mode
 
 TINY = SHAPES["tiny"]
 OUTPUT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json", "README.md",
-                "streammerge-manifest.json"}
+                "streammerge_recipe.yaml", "streammerge-manifest.json"}
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -87,7 +87,7 @@ def test_the_merge_ends_with_one_summary_line(fam, tmp_path):
     line = next(s for s in r.stderr.splitlines() if s.startswith("merged "))
     size = sum(p.stat().st_size for p in out.iterdir())
     assert f"merged {2 + 12 * 12} tensors in " in line
-    for part in ("read ", "/s), wrote ", "peak RSS ", "output ", "in 6 file(s)"):
+    for part in ("read ", "/s), wrote ", "peak RSS ", "output ", "in 7 file(s)"):
         assert part in line, line
     r = CliRunner().invoke(main, [str(a) for a in args[:-1]] + [str(tmp_path / "json"), "--json"])
     summary = json.loads(r.stdout)["summary"]

@@ -1,0 +1,226 @@
+"""Recipes as YAML: mergekit's configuration schema read with its meaning, and every merge written back as one.
+
+:func:`load` reads a mergekit recipe (mergekit 0.1.5, ``mergekit/config.py``) into a :class:`Recipe`:
+
+- ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, global ``parameters``, ``dtype`` and
+  ``out_dtype``, ``tokenizer_source: base | <model>`` (or ``tokenizer: {source}``). Parameter settings keep
+  mergekit's meaning per tensor (gradients, ``filter`` conditions, precedence): :mod:`streammerge.parameters`.
+- ``dtype`` is what mergekit computes in; streammerge always computes in float32 (exact for 16-bit inputs), so
+  ``dtype`` only sets the output dtype when ``out_dtype`` is absent, as mergekit's output would have.
+- A model listed in ``models`` that is also ``base_model`` is the base, not a model to merge (mergekit's task
+  arithmetic family treats it so); for ``linear``, which has no base in mergekit, it stays one of the averaged
+  models. A ``linear`` recipe without ``base_model`` takes its first model as the base streammerge checks the
+  others against and copies side files from.
+- ``int8_mask`` (a mergekit memory trick) is accepted and changes nothing here.
+- Keys streammerge does not implement yet (``slices``, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
+  ``pad_to_multiple_of``, ``chat_template``, ``model+lora`` references) are refused by name before anything
+  happens; an unknown key gets a "did you mean".
+- A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
+  ``keep_vision``, ``shard_size``); mergekit ignores it.
+
+Relative model paths are taken from the current folder (as mergekit does), else from the recipe's folder.
+:func:`dump` writes any recipe, a command-line one included, in this schema with absolute paths, so an output
+folder's ``streammerge_recipe.yaml`` reruns the merge as is.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from .errors import StreamMergeError
+from .recipe import Recipe
+
+#: top-level keys read here
+KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+        "chat_template", "slices", "modules", "streammerge")
+#: keys mergekit has that streammerge does not implement yet, with what to do instead
+NOT_YET = {
+    "slices": "layer ranges and layer stacking (slices:) are not supported yet: merge whole models with models:",
+    "modules": "per-module configurations (modules:) are not supported yet",
+    "chat_template": "chat_template: is not supported yet: the output takes the base's (or --tokenizer-from's) "
+                     "tokenizer files, chat template included",
+}
+#: the options of the ``streammerge:`` section and the Recipe fields they set
+OPTIONS = {"exclude": "exclude", "embedding": "embedding_names", "keep_vision": "keep_vision",
+           "shard_size": "shard_size"}
+
+
+class RecipeError(StreamMergeError):
+    """A YAML recipe that cannot be read or asks for something streammerge does not do."""
+
+
+def load(path: str | Path, **options: Any) -> Recipe:
+    """The recipe in the YAML file ``path``; ``options`` are further :class:`Recipe` fields (``out``, ``max_ram``...).
+
+    Raises :class:`RecipeError` naming the key for a file that is not a mergekit recipe, a key not supported yet,
+    an unknown key (with a "did you mean") or a model folder that does not exist."""
+    import yaml  # noqa: PLC0415 (only recipes need it)
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    return from_dict(doc, path, **options)
+
+
+def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
+    """The recipe of the parsed mergekit configuration ``doc`` (read from ``path``); see :func:`load`."""
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys (merge_method, base_model, models, ...), got "
+                          f"{type(doc).__name__}")
+    _check_keys(doc, KEYS, f"{path}:", "key")
+    for key, why in NOT_YET.items():
+        if doc.get(key) is not None:
+            raise RecipeError(f"{path}: {why}")
+    method = doc.get("merge_method")
+    if not isinstance(method, str) or not method:
+        raise RecipeError(f"{path}: merge_method is missing (e.g. merge_method: widen)")
+    entries = doc.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"{path}: models: is missing or empty; list the models to merge as "
+                          "models: [{model: FOLDER, parameters: {...}}]")
+    models, model_parameters = [], []
+    for k, entry in enumerate(entries, 1):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{path}: models entry {k} needs a model: key, got {entry!r}")
+        _check_keys(entry, ("model", "parameters"), f"{path}: models entry {k}:", "key")
+        models.append(_folder(entry["model"], path, f"models entry {k}"))
+        model_parameters.append(_mapping(entry.get("parameters"), path, f"models entry {k}'s parameters"))
+    base_ref = doc.get("base_model")
+    base = _folder(base_ref, path, "base_model") if base_ref is not None else None
+    if base is None:
+        if method != "linear":
+            raise RecipeError(f"{path}: base_model is missing; {method} merges the models' changes from a base")
+        base = models[0]
+    elif method != "linear":  # the base listed among the models is the base, not a model (its entry is dropped)
+        keep = [k for k, m in enumerate(models) if m.resolve() != base.resolve()]
+        models, model_parameters = [models[k] for k in keep], [model_parameters[k] for k in keep]
+    fields: dict[str, Any] = {
+        "base": base, "models": tuple(models), "method": method,
+        "parameters": _mapping(doc.get("parameters"), path, "parameters"),
+        "model_parameters": tuple(model_parameters) if any(model_parameters) else (),
+        "dtype": doc.get("out_dtype") or doc.get("dtype"),
+        "tokenizer_from": _tokenizer(doc, path),
+        "source": doc,
+    }
+    extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
+    _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
+    fields.update({OPTIONS[k]: v for k, v in extra.items()})
+    fields.update(options)
+    return Recipe(**fields)
+
+
+def dump(recipe: Recipe) -> str:
+    """``recipe`` in mergekit's schema (absolute paths), with a ``streammerge:`` section for the options mergekit
+    has no key for; :func:`load` of it gives the same merge."""
+    import yaml  # noqa: PLC0415
+
+    from .methods import get_method  # noqa: PLC0415
+
+    method = get_method(recipe.method)
+    n = len(recipe.models)
+    given = method.resolve_params(recipe.params, n) if recipe.params else {}
+    shared = dict(recipe.parameters)
+    per_model = [dict(p) for p in recipe.model_parameters] or [{} for _ in range(n)]
+    for name in recipe.params:
+        spec = next(p for p in method.params if p.name == name)
+        value = given[name]
+        if spec.per_model and len(set(value)) > 1:
+            for k in range(n):
+                per_model[k].setdefault(name, value[k])
+        elif name not in shared:
+            shared[name] = value[0] if spec.per_model else value
+    doc: dict[str, Any] = {"merge_method": method.name, "base_model": str(recipe.base.resolve())}
+    doc["models"] = [{"model": str(m.resolve()), **({"parameters": p} if p else {})}
+                     for m, p in zip(recipe.models, per_model)]
+    if shared:
+        doc["parameters"] = shared
+    if recipe.dtype:
+        from .formats.dtypes import parse_output_dtype  # noqa: PLC0415
+        from .output import TORCH_DTYPE_NAMES  # noqa: PLC0415
+
+        doc["out_dtype"] = TORCH_DTYPE_NAMES[parse_output_dtype(recipe.dtype).name]
+    if recipe.tokenizer_from is not None:
+        doc["tokenizer_source"] = str(recipe.tokenizer_from.resolve())
+    ours = {"exclude": list(recipe.exclude), "embedding": list(recipe.embedding_names or ()),
+            "keep_vision": recipe.keep_vision, "shard_size": recipe.shard_size}
+    defaults = {"exclude": [], "embedding": [], "keep_vision": False, "shard_size": Recipe.__dataclass_fields__[
+        "shard_size"].default}
+    ours = {k: v for k, v in ours.items() if v != defaults[k]}
+    if recipe.embedding_names is not None and not recipe.embedding_names:
+        ours["embedding"] = []
+    if ours:
+        doc["streammerge"] = ours
+    header = "# streammerge recipe (mergekit's schema): streammerge merge THIS_FILE --out FOLDER reruns the merge\n"
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def dump_source(recipe: Recipe) -> str | None:
+    """The mergekit recipe ``recipe`` was read from, as YAML (None for a command-line recipe)."""
+    if recipe.source is None:
+        return None
+    import yaml  # noqa: PLC0415
+
+    return yaml.safe_dump(recipe.source, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def _check_keys(doc: dict[str, Any], known: tuple[str, ...], where: str, what: str) -> None:
+    for key in doc:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            raise RecipeError(f"{where} unknown {what} {key!r}{hint}")
+
+
+def _mapping(value: Any, path: Path, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{path}: {what} must be a mapping of names to values, got {value!r}")
+    return dict(value)
+
+
+def _folder(ref: Any, path: Path, what: str) -> Path:
+    """The local folder ``ref`` names: from the current folder, else from the recipe's folder."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise RecipeError(f"{path}: {what} must name a model folder, got {ref!r}")
+    if "+" in ref and not Path(ref).exists():
+        raise RecipeError(f"{path}: {what} {ref!r} applies a LoRA adapter to a model (model+lora), which recipes "
+                          "do not support yet: merge the adapter into the model first")
+    for candidate in (Path(ref).expanduser(), path.parent / ref):
+        if candidate.is_dir():
+            return candidate
+    hub = "" if ref.count("/") != 1 or ref.startswith((".", "/", "~")) else (
+        f" (it looks like a Hub ID: recipes take local folders for now; download it, e.g. `hf download {ref} "
+        f"--local-dir FOLDER`, and give the folder)")
+    raise RecipeError(f"{path}: {what} {ref!r} is not a folder{hub}")
+
+
+def _tokenizer(doc: dict[str, Any], path: Path) -> Path | None:
+    source = doc.get("tokenizer_source")
+    tok = doc.get("tokenizer")
+    if tok is not None:
+        if source is not None:
+            raise RecipeError(f"{path}: give tokenizer_source or tokenizer:, not both")
+        tok = _mapping(tok, path, "tokenizer")
+        _check_keys(tok, ("source", "tokens", "pad_to_multiple_of"), f"{path}: tokenizer:", "key")
+        for key in ("tokens", "pad_to_multiple_of"):
+            if tok.get(key) is not None:
+                raise RecipeError(f"{path}: tokenizer.{key} is not supported yet (the output keeps the base's "
+                                  "vocabulary and embedding rows)")
+        source = tok.get("source")
+    if source is None or source == "base":
+        return None
+    if source == "union":
+        raise RecipeError(f"{path}: tokenizer_source: union (a union vocabulary) is not supported yet: use base, or "
+                          "one model's folder")
+    return _folder(source, path, "tokenizer_source")

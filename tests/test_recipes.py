@@ -1,0 +1,246 @@
+"""mergekit recipes run unchanged, with mergekit's meaning: per-model parameters, gradients over the layers,
+filter conditions, the base listed among the models, dtype/out_dtype; unsupported keys are refused by name; every
+output holds a recipe that reruns it byte for byte, and a model card the Hub reads."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from helpers import assert_matches
+from reference_baselines import reference_merge, slerp_tensor
+from safetensors.torch import load_file
+
+from streammerge import Recipe, api
+from streammerge.cli import main
+from streammerge.examples import SHAPES, write_family
+
+LAYERS = 4  # positions t = 0, 1/3, 2/3, 1: a gradient is interpolated, not only read at its ends
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict[str, Path]:
+    return write_family(tmp_path_factory.mktemp("fam"), replace(SHAPES["tiny-llama"], layers=LAYERS), dtype="f32")
+
+
+def _write(tmp: Path, recipe: str, fam: dict[str, Path]) -> Path:
+    path = tmp / "recipe.yaml"
+    path.write_text(recipe.format(**{k: str(v) for k, v in fam.items()}))
+    return path
+
+
+def _merge(path: Path, out: Path, *extra: str):
+    return CliRunner().invoke(main, ["merge", str(path), "--out", str(out), "-q", *extra])
+
+
+def _dense(folder: Path) -> dict[str, torch.Tensor]:
+    return {n: t.float() for n, t in load_file(folder / "model.safetensors").items()}
+
+
+def _t(name: str) -> float:
+    """The position of a tensor as mergekit gives it: layer i of n at i / (n - 1); anything else at 0."""
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) / (LAYERS - 1) if m else 0.0
+
+
+def _gradient(values: list[float], t: float) -> float:
+    return float(np.interp(t, np.linspace(0, 1, len(values)), values))
+
+
+def test_ties_with_per_model_density_and_weight(fam, tmp_path):
+    path = _write(tmp_path, """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {base}
+  - model: {chat}
+    parameters: {{density: 0.5, weight: 0.7}}
+  - model: {multilingual}
+    parameters: {{density: 0.8, weight: 0.3}}
+parameters:
+  normalize: false
+  int8_mask: true
+dtype: float32
+""", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    want = reference_merge("ties", _dense(fam["base"]), [_dense(fam["chat"]), _dense(fam["multilingual"])],
+                           {"density": [0.5, 0.8], "weight": [0.7, 0.3], "normalize": False})
+    assert_matches(_dense(tmp_path / "out"), want)
+
+
+def test_gradient_slerp_with_self_attn_and_mlp_filters(fam, tmp_path):
+    """The recipe in mergekit's README: t follows one gradient in attention, the reverse in the MLP, 0.5
+    elsewhere; the base is listed among the models."""
+    attn, mlp = [0, 0.5, 0.3, 0.7, 1], [1, 0.5, 0.7, 0.3, 0]
+    path = _write(tmp_path, f"""
+merge_method: slerp
+base_model: {{base}}
+models:
+  - model: {{base}}
+  - model: {{chat}}
+parameters:
+  t:
+    - filter: self_attn
+      value: {attn}
+    - filter: mlp
+      value: {mlp}
+    - value: 0.5
+dtype: float32
+""", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    base, chat, got = _dense(fam["base"]), _dense(fam["chat"]), _dense(tmp_path / "out")
+    seen = set()
+    for name, b in base.items():
+        t = _gradient(attn, _t(name)) if "self_attn" in name else _gradient(mlp, _t(name)) if "mlp" in name else 0.5
+        seen.add(round(t, 6))
+        assert torch.allclose(got[name], slerp_tensor(b, chat[name], t), atol=1e-6), (name, t)
+    assert len(seen) > 4  # the gradients were really interpolated
+    plan = CliRunner().invoke(main, ["plan", str(path), "--json"])
+    doc = json.loads(plan.stdout)
+    ts = {t["name"]: t["params"]["t"] for t in doc["tensors"] if "params" in t}
+    assert ts["model.layers.1.self_attn.q_proj.weight"] == pytest.approx(_gradient(attn, 1 / 3))
+    assert ts["model.layers.1.mlp.up_proj.weight"] == pytest.approx(_gradient(mlp, 1 / 3))
+    assert doc["params"]["t"] == "varies per tensor"
+
+
+def test_linear_without_base_model_averages_every_listed_model(fam, tmp_path):
+    path = _write(tmp_path, """
+merge_method: linear
+models:
+  - model: {chat}
+    parameters: {{weight: 1.0}}
+  - model: {multilingual}
+    parameters: {{weight: 3.0}}
+""", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    chat, ml = _dense(fam["chat"]), _dense(fam["multilingual"])
+    assert_matches(_dense(tmp_path / "out"), {n: (chat[n] + 3 * ml[n]) / 4 for n in chat})
+
+
+def test_dare_ties_and_out_dtype(fam, tmp_path):
+    path = _write(tmp_path, """
+merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{density: 0.6}}
+  - model: {multilingual}
+    parameters: {{density: 0.4}}
+parameters: {{weight: 0.5, int8_mask: true}}
+dtype: float16
+out_dtype: bfloat16
+""", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}  # out_dtype wins over dtype
+    want = reference_merge("dare_ties", _dense(fam["base"]), [_dense(fam["chat"]), _dense(fam["multilingual"])],
+                           {"density": [0.6, 0.4], "weight": 0.5})
+    assert all(torch.equal(got[n], want[n].to(torch.bfloat16)) for n in want)
+
+
+def test_a_merge_reruns_from_its_recipe_byte_for_byte(fam, tmp_path):
+    args = ["merge", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model", str(fam["multilingual"]),
+            "--method", "ties", "--param", "density=0.5,0.7", "--param", "weight=0.6", "--dtype", "bfloat16",
+            "--exclude", "model.norm", "--out", str(tmp_path / "first"), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    recipe = tmp_path / "first" / "streammerge_recipe.yaml"
+    doc = yaml.safe_load(recipe.read_text())
+    assert doc["merge_method"] == "ties" and doc["parameters"] == {"weight": 0.6}
+    assert [m.get("parameters") for m in doc["models"]] == [{"density": 0.5}, {"density": 0.7}]
+    assert doc["out_dtype"] == "bfloat16" and doc["streammerge"] == {"exclude": ["model.norm"]}
+    r = _merge(recipe, tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "first" / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+    # a merge from a mergekit recipe keeps that recipe too
+    assert yaml.safe_load((tmp_path / "again" / "mergekit_config.yml").read_text()) == doc
+
+
+def test_the_model_card_has_front_matter_the_hub_reads(fam, tmp_path):
+    api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", method="task_arithmetic")
+    text = (tmp_path / "out" / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front == {"base_model": ["base", "chat", "multilingual"], "base_model_relation": "merge",
+                     "library_name": "transformers", "tags": ["merge", "streammerge", "task_arithmetic"]}
+    assert "streammerge merge streammerge_recipe.yaml --out FOLDER" in text
+
+
+def test_python_recipe_round_trip(fam, tmp_path):
+    path = _write(tmp_path, """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: [0.2, 1.0]}}
+  - model: {multilingual}
+parameters: {{weight: 0.5}}
+""", fam)
+    recipe = Recipe.from_yaml(path, out=tmp_path / "out")
+    assert recipe.method == "task_arithmetic" and recipe.models == (fam["chat"], fam["multilingual"])
+    assert recipe.model_parameters == ({"weight": [0.2, 1.0]}, {}) and recipe.parameters == {"weight": 0.5}
+    again = tmp_path / "again.yaml"
+    again.write_text(recipe.to_yaml())
+    plans = [api.plan_recipe(Recipe.from_yaml(p, out=tmp_path / "out"), dry_run=True) for p in (path, again)]
+    assert [t.fingerprint for t in plans[0].tensors] == [t.fingerprint for t in plans[1].tensors]
+    weights = {t.name: t.params["weight"] for t in plans[0].tensors if t.params}
+    assert weights["model.embed_tokens.weight"] == (0.2, 0.5)  # outside the layers: t = 0
+    assert weights["model.layers.3.mlp.up_proj.weight"] == (1.0, 0.5)
+    assert weights["model.layers.1.mlp.up_proj.weight"] == pytest.approx((0.2 + 0.8 / 3, 0.5))
+
+
+REFUSED = {
+    "slices": ("slices:\n  - sources: [{{model: {chat}, layer_range: [0, 2]}}]\n", ["slices", "not supported yet"]),
+    "union": ("tokenizer_source: union\n", ["tokenizer_source: union", "not supported yet"]),
+    "tokens": ("tokenizer: {{source: base, tokens: {{x: {{source: base}}}}}}\n", ["tokenizer.tokens"]),
+    "chat-template": ("chat_template: chatml\n", ["chat_template", "not supported yet"]),
+    "typo": ("merge_methd: ties\n", ["unknown key 'merge_methd'", "did you mean 'merge_method'"]),
+    "param-typo": ("parameters: {{densty: 0.5}}\n", ["densty", "did you mean 'density'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_recipes_cannot_do_yet_is_refused_by_name(fam, tmp_path, case):
+    extra, expected = REFUSED[case]
+    body = "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {chat}\n  - model: {multilingual}\n"
+    path = _write(tmp_path, body + extra, fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code != 0 and not (tmp_path / "out").exists()
+    for text in expected:
+        assert text in r.output, (text, r.output)
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ("  - model: {chat}\n    parameters: {{normalize: true}}\n", ["normalize is not per model", "top-level"]),
+    ("  - model: {chat}+adapters/lora\n", ["model+lora", "not support yet"]),
+    ("  - model: Qwen/Qwen1.5-7B-Chat\n", ["'Qwen/Qwen1.5-7B-Chat' is not a folder", "hf download"]),
+    ("  - modle: {chat}\n", ["needs a model: key"]),
+])
+def test_bad_model_entries_are_refused_with_what_to_do(fam, tmp_path, entry, expected):
+    path = _write(tmp_path, "merge_method: ties\nbase_model: {base}\nmodels:\n" + entry +
+                  "  - model: {multilingual}\n", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code != 0
+    for text in expected:
+        assert text in r.output, (text, r.output)
+
+
+def test_the_recipe_decides_what_is_merged_and_the_command_line_how(fam, tmp_path):
+    path = _write(tmp_path, "merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {chat}\n", fam)
+    r = CliRunner().invoke(main, ["merge", str(path), "--out", str(tmp_path / "o"), "--method", "ties",
+                                  "--dtype", "bf16"])
+    assert r.exit_code == 2 and "--method, --dtype: the recipe" in r.output
+    r = CliRunner().invoke(main, ["merge", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Missing option '--base'" in r.output and "RECIPE.yaml" in r.output
+    r = CliRunner().invoke(main, ["plan", str(path), "--max-ram", "64MiB"])
+    assert r.exit_code == 0 and "method      linear" in r.output
