@@ -25,7 +25,7 @@ from typing import Any
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint, Located
 from .methods import Method, Rule, TensorTask
-from .output import REMOVED
+from .output import REMOVED, TORCH_DTYPE_NAMES
 from .quantization import Dequantization, dequantization
 from .recipe import (
     CONV1D_MODEL_TYPES,
@@ -99,7 +99,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
             "derived buffer" if is_derived_buffer(name) else \
             "--keep-vision" if recipe.keep_vision and name.startswith(VISION_PREFIXES) else None
 
-    head = check_homologous(base, models, lambda name: from_base(name) is not None)
+    head = check_homologous(base, models, lambda name: from_base(name) is not None, recipe.embeddings)
     embeddings = set(recipe.embeddings)
     conv1d = base.model_type in CONV1D_MODEL_TYPES  # decided from the architecture, shown in the plan
     out: list[TensorClass] = []
@@ -241,9 +241,11 @@ def _dequantization_notes(read_as: list[Dequantization], out_dtype: str | None) 
     for k, d in enumerate(read_as):
         if d.quantized:
             who = "the base" if k == 0 else f"model {k}"
+            written = TORCH_DTYPE_NAMES.get(out_dtype or "BF16", out_dtype)
             out.append(f"{who} is {d.description}: its {len(d.sources)} FP8 weights are dequantized on the fly "
-                       f"(codes × scales, in float32) and written as {out_dtype or 'bfloat16'}"
-                       + ("; the output's config.json drops the quantization_config" if k == 0 else ""))
+                       "(codes × scales, in float32)"
+                       + (f"; the output is written as {written} and its config.json drops the quantization_config"
+                          if k == 0 else ""))
     return out
 
 
@@ -254,7 +256,8 @@ def _vision_notes(recipe: Recipe, base: Checkpoint) -> list[str]:
         return []
     if recipe.keep_vision:
         return [f"--keep-vision: the {len(vision)} tensors of the vision tower keep the base's values"]
-    return [f"the {len(vision)} tensors of the vision tower are merged like the rest; --keep-vision keeps the base's"]
+    return [f"the {len(vision)} tensors of the vision tower are merged like the rest; --keep-vision keeps the base's "
+            "values"]
 
 
 def bad_embedding_names(given: tuple[str, ...], base: Checkpoint) -> list[str]:
@@ -274,6 +277,16 @@ def bad_embedding_names(given: tuple[str, ...], base: Checkpoint) -> list[str]:
         out.append(f"--embedding {name!r} is not a tensor of the base" + (f": did you mean {near[0]!r}?" if near else
                    " (streammerge inspect FOLDER lists them)"))
     return out
+
+
+def shape_hint(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """What a shape difference of ``name`` means: another vocabulary (embedding rows) or another model size."""
+    if len(got) != len(want) or got[1:] != want[1:]:
+        return (" (the hidden or layer sizes differ: these are different model sizes or architectures, not variants "
+                "of one base)")
+    if name in TOKEN_EMBEDDINGS or name in HEAD_NAMES:
+        return " (vocabulary sizes differ: resize the embeddings to one vocabulary first)"
+    return ""
 
 
 def is_derived_buffer(name: str) -> bool:
@@ -303,14 +316,42 @@ def _effective_head(ckpt: Checkpoint, head: str, embedding: str | None) -> Locat
     return ckpt.tensors.get(embedding) if embedding else None
 
 
+def exclude_regex(names: list[str], universe: list[str]) -> str:
+    """One ``--exclude`` pattern, quoted for a shell, that matches exactly ``names`` among ``universe`` (every
+    tensor name): layer and expert numbers are generalised to ``\\d+`` where that catches no other name."""
+    exact = [re.escape(n) + "$" for n in dict.fromkeys(names)]
+    general = list(dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", p) for p in exact))
+    wanted = set(names)
+    if all(n in wanted for n in universe if any(re.match(p, n) for p in general)):
+        exact = general
+    return "'" + "|".join(exact) + "'"
+
+
+def layout_difference(missing: list[str], extra: list[str]) -> str | None:
+    """Why the names a model lacks and the names it has instead are the same MoE experts in two layouts, or None."""
+    per_expert = re.compile(r"(^|\.)experts\.\d+\.")
+    stacked = re.compile(STACKED_EXPERTS)
+    layouts = {"per": "per expert (experts.N.*)", "stacked": "stacked (one [E, out, in] tensor per projection)"}
+    for a, b, model, base in ((missing, extra, "stacked", "per"), (extra, missing, "per", "stacked")):
+        if a and b and all(per_expert.search(n) for n in a) and all(stacked.search(n) and not per_expert.search(n)
+                                                                     for n in b):
+            return (f"stores the MoE experts {layouts[model]} and the base {layouts[base]}: the same weights in two "
+                    "layouts, as different transformers versions save them. Save every input in one layout (load "
+                    "and save_pretrained each with the same transformers version); excluding them would keep the "
+                    "base's experts")
+    return None
+
+
 def check_homologous(base: Checkpoint, models: list[Checkpoint],
-                     from_base: Callable[[str], bool] = lambda name: False) -> HeadPlan:
+                     from_base: Callable[[str], bool] = lambda name: False,
+                     embeddings: tuple[str, ...] = TOKEN_EMBEDDINGS) -> HeadPlan:
     """Raise unless every model matches the base; say how the output head is made (:class:`HeadPlan`). Tensors
     for which ``from_base`` is true keep the base's value: a model may lack them, hold them with another shape, or
-    hold them when the base does not (then the output does not have them either)."""
+    hold them when the base does not (then the output does not have them either). The token embedding is the first
+    of ``embeddings`` (the recipe's embedding names, token embeddings first) the base stores."""
     inputs = (base, *models)
     head_name = next((h for h in HEAD_NAMES if any(h in c.tensors for c in inputs)), HEAD_NAMES[0])
-    embedding = next((e for e in TOKEN_EMBEDDINGS if e in base.tensors), None)
+    embedding = next((e for e in embeddings if e in base.tensors and len(base.tensors[e].info.shape) == 2), None)
     ties = {c.tied(head_name) for c in inputs}
     mode = "mixed" if len(ties) > 1 else "tied" if ties == {True} else "untied"
     for k, m in enumerate(models, 1):
@@ -327,6 +368,9 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
         missing = sorted(n for n in set(base.tensors) - set(m.tensors) - skip if not from_base(n))
         extra = sorted(n for n in set(m.tensors) - set(base.tensors) - skip if not from_base(n))
         if missing or extra:
+            layouts = layout_difference(missing, extra)
+            if layouts:
+                raise IncompatibleModelsError(f"{who} {layouts}")
             parts = []
             if missing:
                 parts.append(f"lacks {len(missing)} of the base's tensors (e.g. {', '.join(missing[:3])})")
@@ -334,15 +378,15 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
                 parts.append(f"has {len(extra)} tensor{'s' if len(extra) != 1 else ''} the base lacks "
                              f"(e.g. {', '.join(extra[:3])})")
             raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous; "
-                                          "--exclude REGEX keeps the base's value of tensors some models lack")
+                                          f"--exclude {exclude_regex(missing + extra, [*base.tensors, *m.tensors])} "
+                                          "keeps the base's value of "
+                                          "those tensors (the models need not have them)")
         for name, loc in base.tensors.items():
             other = m.tensors.get(name)
             if other is None or from_base(name) or name in skip:
                 continue
             if other.info.shape != loc.info.shape:
-                hint = ""
-                if name in TOKEN_EMBEDDINGS or name in HEAD_NAMES:
-                    hint = " (vocabulary sizes differ: resize the embeddings to one vocabulary first)"
+                hint = shape_hint(name, other.info.shape, loc.info.shape)
                 raise IncompatibleModelsError(
                     f"tensor {name}: shape {list(other.info.shape)} in {who} but {list(loc.info.shape)} in the base"
                     + hint
@@ -350,7 +394,8 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
     if mode == "mixed":
         if embedding is None:
             raise IncompatibleModelsError(f"some inputs tie {head_name} to the token embedding and some do not, but "
-                                          f"the base ({base.folder}) stores no known token embedding")
+                                          f"the base ({base.folder}) stores no known token embedding: name it with "
+                                          "--embedding NAME (`streammerge inspect BASE` lists the tensors)")
         sources = []
         for k, c in enumerate(inputs):
             loc = _effective_head(c, head_name, embedding)

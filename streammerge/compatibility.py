@@ -6,11 +6,10 @@ configs only.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .classify import is_derived_buffer
+from .classify import exclude_regex, is_derived_buffer, layout_difference, shape_hint
 from .errors import QuantizationError
 from .formats.checkpoint import Checkpoint
 from .quantization import dequantization
@@ -35,15 +34,10 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _regex_for(names: list[str]) -> str:
-    """An --exclude pattern for ``names`` (one exact name, or each exact name joined)."""
-    return "'" + "|".join(re.escape(n) + "$" for n in names[:3]) + ("|...'" if len(names) > 3 else "'")
-
-
 def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
     """Every difference between each of ``models`` and ``base`` (an empty list: they merge as they are)."""
     out: list[Difference] = []
-    views = []
+    views, blocked = [], set()
     for k, ckpt in enumerate([base, *models]):
         who = "the base" if k == 0 else f"model {k}"
         try:
@@ -52,15 +46,22 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
             out.append(Difference(who, f"quantized: {exc.evidence}", BLOCKS,
                                   "dequantize it and save it as bfloat16 first, or merge the unquantized release"))
             views.append(ckpt)
+            blocked.add(k)  # its other differences are quantization's doing: not listed
             continue
         if d.quantized:
             out.append(Difference(who, f"quantized: {d.description}", NOTE,
-                                  f"its {len(d.sources)} FP8 weights are dequantized on the fly; the output is "
-                                  "bfloat16 (or --dtype)"))
+                                  f"its {len(d.sources)} FP8 weights are dequantized on the fly"
+                                  + ("; the output is bfloat16 (or --dtype)" if k == 0 else "")))
         views.append(d.checkpoint)
+    if 0 in blocked:
+        return out
+    base_fp8 = views[0] is not base
     base, *models = views  # the scales and other tensors only quantized inference uses are not compared
     head = next((h for h in HEAD_NAMES if any(h in c.tensors for c in (base, *models))), HEAD_NAMES[0])
+    embedding = next((e for e in TOKEN_EMBEDDINGS if e in base.tensors), None)
     for k, m in enumerate(models, 1):
+        if k in blocked:
+            continue
         who = f"model {k} ({m.folder})"
         if base.model_type and m.model_type and base.model_type != m.model_type:
             out.append(Difference(who, f"model_type {m.model_type!r}, the base's is {base.model_type!r}", BLOCKS,
@@ -69,37 +70,54 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
             out.append(Difference(who, f"vocab_size {m.vocab_size}, the base's is {base.vocab_size}", BLOCKS,
                                   "resize the embeddings to one vocabulary first"))
         if m.tied(head) != base.tied(head):
-            out.append(Difference(who, f"{'ties' if m.tied(head) else 'does not tie'} {head} to the embedding, the "
-                                  f"base {'does' if base.tied(head) else 'does not'}", NOTE,
-                                  "the head is merged from each input's effective head; the output is untied"))
+            what = (f"{'ties' if m.tied(head) else 'does not tie'} {head} to the embedding, the base "
+                    f"{'does' if base.tied(head) else 'does not'}")
+            heads = [c.tensors.get(embedding if c.tied(head) else head) for c in (base, m)] if embedding else []
+            if embedding is None:
+                out.append(Difference(who, what + ", and the base stores no known token embedding", NEEDS_OPTION,
+                                      "--embedding NAME names the token embedding (the head of a tied input)"))
+            elif any(h is not None and h.info.shape != base.tensors[embedding].info.shape for h in heads):
+                out.append(Difference(who, what + ", and its output head and the base's embedding have different "
+                                      "shapes", BLOCKS, "resize the embeddings to one vocabulary first"))
+            else:
+                out.append(Difference(who, what, NOTE,
+                                      "the head is merged from each input's effective head; the output is untied"))
         skip = {head}
         missing = [n for n in base.tensors if n not in m.tensors and n not in skip]
         extra = [n for n in m.tensors if n not in base.tensors and n not in skip]
+        layouts = layout_difference([n for n in missing if not is_derived_buffer(n)],
+                                    [n for n in extra if not is_derived_buffer(n)])
+        if layouts:
+            out.append(Difference(who, layouts.split(": ")[0], BLOCKS, layouts.split(": ", 1)[1]))
+            continue
+        universe = [*base.tensors, *m.tensors]
         for names, what in ((missing, "lacks"), (extra, "has tensors the base lacks:")):
             derived = [n for n in names if is_derived_buffer(n)]
             other = [n for n in names if not is_derived_buffer(n)]
             if derived:
                 out.append(Difference(who, f"{what} {_some(derived)} (derived buffers)", FINE,
-                                      "taken from the base (recomputed at load time)"))
+                                      "taken from the base (recomputed at load time)" if what == "lacks" else
+                                      "left out, as the base has none (recomputed at load time)"))
             if other:
                 out.append(Difference(who, f"{what} {_some(other)}", NEEDS_OPTION,
-                                      f"--exclude {_regex_for(other)} keeps the base's value"))
+                                      f"--exclude {exclude_regex(other, universe)} keeps the base's value"))
         shapes = [n for n, loc in base.tensors.items()
                   if n in m.tensors and n not in skip and m.tensors[n].info.shape != loc.info.shape]
         if shapes:
             n = shapes[0]
-            vocab = n in TOKEN_EMBEDDINGS or n in HEAD_NAMES
+            hint = shape_hint(n, m.tensors[n].info.shape, base.tensors[n].info.shape)
+            vocab = "vocabulary" in hint
             out.append(Difference(
                 who, f"different shapes: {n} {list(m.tensors[n].info.shape)} vs {list(base.tensors[n].info.shape)}"
                 + (f" and {len(shapes) - 1} more" if len(shapes) > 1 else ""),
-                BLOCKS if vocab else NEEDS_OPTION,
-                "resize the embeddings to one vocabulary first" if vocab else
-                f"--exclude {_regex_for(shapes)} keeps the base's value"))
+                BLOCKS if vocab or hint.startswith(" (the hidden") else NEEDS_OPTION,
+                hint.strip(" ()") if hint else f"--exclude {exclude_regex(shapes, universe)} keeps the base's value"))
         dtypes = sorted({f"{m.tensors[n].info.dtype.name} vs {loc.info.dtype.name}" for n, loc in base.tensors.items()
                          if n in m.tensors and m.tensors[n].info.dtype != loc.info.dtype})
         if dtypes:
             out.append(Difference(who, f"stored dtypes differ ({', '.join(dtypes)})", FINE,
-                                  "every input is read as float32; the output takes the base's dtype (or --dtype)"))
+                                  "every input is read as float32; the output takes "
+                                  + ("bfloat16 (the base is FP8)" if base_fp8 else "the base's dtype") + " (or --dtype)"))
     return out
 
 

@@ -9,6 +9,7 @@ here, before any output exists. Everything after reads the plan's decisions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -316,15 +317,17 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         lo, hi = usable, max(usable, 1) * 2
         while any(c < 1 for c in settle(hi)[4]) and hi < 1 << 60:
             lo, hi = hi, hi * 2
-        while hi - lo > max(1, hi // 1000):
+        while hi - lo > 1:  # the least usable bytes that work (exactly: the figure quoted must be enough)
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if all(c >= 1 for c in settle(mid)[4]) else (mid, hi)
         tightest = next((s.cls.name for s, c in zip(sizing, settle(lo)[4]) if c < 1),
                         next(s.cls.name for s, c in zip(sizing, chunks) if c < 1))
+        least = math.ceil(hi / BUDGET_USABLE)
+        while int(least * BUDGET_USABLE) < hi:  # float rounding of the usable share
+            least += 1
         raise PlanError(
             f"--max-ram {format_size(budget.max_ram)} is too small: tensor {tightest} needs at least "
-            f"{format_size(hi / BUDGET_USABLE)} ({int(hi / BUDGET_USABLE) + 1} bytes) for one row chunk; "
-            "raise --max-ram to at least that"
+            f"{format_size(least, up=True)} ({least} bytes) for one row chunk; raise --max-ram to at least that"
         )
 
     tensors: list[TensorPlan] = []

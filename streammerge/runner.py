@@ -241,7 +241,11 @@ def _store(plan: Plan, t: TensorPlan, dst: torch.Tensor, r0: int, result: torch.
     for k, x in enumerate(inputs):
         if not _all_finite(x):
             who = f"the base ({plan.recipe.base})" if k == 0 else f"model {k} ({plan.recipe.models[k - 1]})"
-            raise NonFiniteError(f"tensor {t.name} {rows} of {who} contain NaN or infinity", t.name)
+            first = ""
+            if x.dim():
+                bad = ~torch.isfinite(x.reshape(x.shape[0], -1).float()).all(dim=1)
+                first = f", first at row {r0 + int(bad.nonzero()[0, 0])}"
+            raise NonFiniteError(f"tensor {t.name} {rows} of {who} contain NaN or infinity{first}", t.name)
     if _all_finite(result):
         raise NonFiniteError(f"tensor {t.name} {rows}: the merged values overflow {t.out_dtype}", t.name,
                              overflow=True)

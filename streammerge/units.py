@@ -3,6 +3,7 @@ an ``int`` is bytes)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import StreamMergeError
@@ -39,10 +40,12 @@ def parse_size(text: str | int, option: str = "size") -> int:
     return value
 
 
-def format_size(n: float) -> str:
-    """``1536 -> '1.5 KiB'``."""
+def format_size(n: float, up: bool = False) -> str:
+    """``1536 -> '1.5 KiB'``; with ``up``, rounded up (a minimum quoted this way is enough)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else n:.0f} {unit}"
+            return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

@@ -77,8 +77,9 @@ def add_column_sums(acc: torch.Tensor, values: torch.Tensor, tile: int) -> None:
     rows = values.reshape(values.shape[0], -1)
     if rows.device.type == "cpu":
         arr, out = rows.numpy(), acc.numpy()
-        for start in range(0, arr.shape[0], tile):
-            out += np.add.reduce(arr[start : start + tile], axis=0, dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # a NaN or infinity is reported with its tensor, later
+            for start in range(0, arr.shape[0], tile):
+                out += np.add.reduce(arr[start : start + tile], axis=0, dtype=np.float64)
         return
     add_tile_tree_sums(acc, rows, tile)
 
