@@ -262,3 +262,15 @@ def test_inspect_of_one_folder_names_its_quantization(family, tmp_path):
     assert "not dequantized: its config.json declares a quantization_config with quant_method 'gptq'" in \
         CliRunner().invoke(main, ["inspect", str(gptq)]).output
     assert "quantized" not in CliRunner().invoke(main, ["inspect", str(family["base"])]).output
+
+
+def test_a_block_size_the_scales_do_not_fit_is_said(tmp_path):
+    """The scales' shape decides; a config.json whose weight_block_size does not fit them gets a note, not silence."""
+    w = "model.layers.0.mlp.up_proj.weight"
+    save_file({w: torch.zeros(256, 200).to(torch.float8_e4m3fn), w + "_scale_inv": torch.ones(2, 2)},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [64, 64]}}))
+    d = dequantization(load_checkpoint(tmp_path))
+    assert d.sources[w].block == (128, 128)
+    assert "block size [64, 64] does not fit the scales of 1 weight(s)" in d.description
