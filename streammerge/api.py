@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
 from .formats.dtypes import parse_output_dtype
 from .fsio import check_platform
+from .hub import Resolved, is_hub_id, resolve
 from .manifest import MANIFEST
 from .methods import get_method
 from .output import TOKENIZER_PATTERNS, check_destination, check_output_name, tokenizer_files, work_folder_for
@@ -35,6 +36,7 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
     would refuse what a dry run only describes.
     """
     check_platform()
+    recipe = resolve_references(recipe)
     problems = Problems()
     out = recipe.out
     # an output holding a finished merge is checked after planning: the same merge again is simply complete
@@ -75,6 +77,25 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
             and not work_folder_for(out).is_dir():
         check_output_free(p)
     return p
+
+
+def resolve_references(recipe: Recipe) -> Recipe:
+    """``recipe`` with every Hub ID (base, models, tokenizer) replaced by its cached snapshot folder, and the IDs
+    recorded in ``hub_refs`` (see :mod:`streammerge.hub`); a recipe of local folders is returned as it is."""
+    refs = [recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ())]
+    if not any(is_hub_id(r) for r in refs):
+        return recipe
+    problems = Problems()
+    resolved: dict[str, Resolved] = {}
+    for r in refs:
+        with problems.check():
+            resolved[str(r)] = resolve(r, recipe.offline)
+    problems.raise_all()
+    folder = {k: v.folder for k, v in resolved.items()}
+    hub_refs = {**recipe.hub_refs, **{str(v.folder): v.reference for v in resolved.values() if v.repo_id}}
+    return replace(recipe, base=folder[str(recipe.base)], models=tuple(folder[str(m)] for m in recipe.models),
+                   tokenizer_from=folder[str(recipe.tokenizer_from)] if recipe.tokenizer_from else None,
+                   hub_refs=hub_refs)
 
 
 def _names_a_folder(out: Path) -> bool:

@@ -327,18 +327,32 @@ def exclude_regex(names: list[str], universe: list[str]) -> str:
     return "'" + "|".join(exact) + "'"
 
 
-def layout_difference(missing: list[str], extra: list[str]) -> str | None:
-    """Why the names a model lacks and the names it has instead are the same MoE experts in two layouts, or None."""
+def layout_difference(missing: dict[str, tuple[int, ...]], extra: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the tensors a model lacks (name: shape) and those it has instead are the same weights in another layout,
+    as different transformers versions save them (MoE experts per expert or stacked; a vision-language model's
+    ``language_model.model.*`` or ``model.language_model.*``), or None."""
     per_expert = re.compile(r"(^|\.)experts\.\d+\.")
     stacked = re.compile(STACKED_EXPERTS)
     layouts = {"per": "per expert (experts.N.*)", "stacked": "stacked (one [E, out, in] tensor per projection)"}
+    how = ("Save every input in one layout (load and save_pretrained each with the same transformers version); "
+           "excluding them would keep the base's values")
     for a, b, model, base in ((missing, extra, "stacked", "per"), (extra, missing, "per", "stacked")):
         if a and b and all(per_expert.search(n) for n in a) and all(stacked.search(n) and not per_expert.search(n)
                                                                      for n in b):
             return (f"stores the MoE experts {layouts[model]} and the base {layouts[base]}: the same weights in two "
-                    "layouts, as different transformers versions save them. Save every input in one layout (load "
-                    "and save_pretrained each with the same transformers version); excluding them would keep the "
-                    "base's experts")
+                    f"layouts, as different transformers versions save them. {how}")
+    # the same tensors under other names: equal shapes and equal last name parts (``q_proj.weight``)
+    def key(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        return ".".join(name.split(".")[-2:]), shape
+
+    theirs: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for n, shape in extra.items():
+        theirs.setdefault(key(n, shape), []).append(n)
+    pairs = [(n, theirs[key(n, shape)].pop()) for n, shape in missing.items() if theirs.get(key(n, shape))]
+    if len(pairs) >= 2 and len(pairs) >= 0.9 * max(len(missing), len(extra)):
+        a, b = pairs[0]
+        return (f"holds the base's tensors under other names (e.g. the base's {a} is {b} here): the same weights "
+                f"saved in another key layout, as different transformers versions save them. {how}")
     return None
 
 
@@ -368,7 +382,8 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
         missing = sorted(n for n in set(base.tensors) - set(m.tensors) - skip if not from_base(n))
         extra = sorted(n for n in set(m.tensors) - set(base.tensors) - skip if not from_base(n))
         if missing or extra:
-            layouts = layout_difference(missing, extra)
+            layouts = layout_difference({n: base.tensors[n].info.shape for n in missing},
+                                        {n: m.tensors[n].info.shape for n in extra})
             if layouts:
                 raise IncompatibleModelsError(f"{who} {layouts}")
             parts = []
@@ -379,8 +394,8 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
                              f"(e.g. {', '.join(extra[:3])})")
             raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous; "
                                           f"--exclude {exclude_regex(missing + extra, [*base.tensors, *m.tensors])} "
-                                          "keeps the base's value of "
-                                          "those tensors (the models need not have them)")
+                                          "keeps the base's value of those tensors and leaves out those the base "
+                                          "lacks (the models need not have them)")
         for name, loc in base.tensors.items():
             other = m.tensors.get(name)
             if other is None or from_base(name) or name in skip:
@@ -402,6 +417,11 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
             who = "the base" if k == 0 else f"model {k}"
             if loc is None:
                 raise IncompatibleModelsError(f"{who} ({c.folder}) stores neither {head_name} nor {embedding}")
+            if loc.info.shape != base.tensors[embedding].info.shape and embedding not in TOKEN_EMBEDDINGS:
+                raise IncompatibleModelsError(
+                    f"{embedding} {list(base.tensors[embedding].info.shape)} is taken as the token embedding (it is "
+                    f"the first --embedding name the base stores), but {who}'s output head is "
+                    f"{list(loc.info.shape)}: --embedding must name the token embedding (one row per token)")
             if loc.info.shape != base.tensors[embedding].info.shape:
                 raise IncompatibleModelsError(
                     f"{who} ({c.folder}): its output head is {list(loc.info.shape)} but the base's embedding is "

@@ -47,11 +47,11 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
     options = [
         click.argument("recipe_file", required=False, type=click.Path(path_type=Path), metavar="[RECIPE.yaml]"),
         click.option("--base", "base", type=click.Path(path_type=Path),
-                     help="Base model folder (the common ancestor the others were trained from); required without a "
-                          "recipe."),
+                     help="Base model folder, or Hub ID org/name[@revision] from the Hugging Face cache (the common "
+                          "ancestor the others were trained from); required without a recipe."),
         click.option("--model", "models", multiple=True, type=click.Path(path_type=Path),
-                     help="A model folder to merge; repeat for each (order matters for per-model parameters); "
-                          "required without a recipe."),
+                     help="A model folder (or Hub ID) to merge; repeat for each (order matters for per-model "
+                          "parameters); required without a recipe."),
         click.option("--out", "out", required=out_required, type=click.Path(path_type=Path),
                      help="Output folder; it appears only when the merge is complete." if out_required else
                      "Output folder of the merge to describe (optional: the plan says what a merge would do with it)."),
@@ -91,6 +91,9 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
                      help=f"Largest output shard (default {DEFAULT_SHARD_SIZE // 1000**3}GB)."),
         click.option("--chunk-rows", type=click.IntRange(min=1), default=None, hidden=True,
                      help="Force the rows per chunk (testing)."),
+        click.option("--offline", is_flag=True,
+                     help="Resolve Hub IDs (org/name[@revision]) from the local Hugging Face cache only (as "
+                          "HF_HUB_OFFLINE=1 does); without it, missing files of a Hub ID are downloaded."),
         click.option("--force", is_flag=True, help="Replace the output folder if it exists and is not empty."),
         click.option("--restart", is_flag=True,
                      help="Discard an interrupted run's work folder for --out instead of continuing it."),
@@ -113,7 +116,7 @@ _RECIPE_DECIDES = {"base": "--base", "models": "--model", "method": "--method", 
                    "dtype": "--dtype", "exclude": "--exclude", "embeddings": "--embedding",
                    "keep_vision": "--keep-vision", "tokenizer_from": "--tokenizer-from", "shard_size": "--shard-size"}
 _HOW_IT_RUNS = ("out", "max_ram", "device", "max_vram", "chunk_rows", "force", "restart", "redo_changed",
-                "allow_incomplete_output")
+                "allow_incomplete_output", "offline")
 
 
 def _recipe(kw: dict[str, Any]) -> Recipe:
@@ -141,7 +144,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         shard_size=kw["shard_size"] or DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
         redo_changed=kw["redo_changed"], allow_incomplete_output=kw["allow_incomplete_output"],
-        keep_vision=kw["keep_vision"],
+        keep_vision=kw["keep_vision"], offline=kw["offline"],
         journal=not kw["no_journal"],
     )
 

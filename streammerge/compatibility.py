@@ -43,7 +43,7 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
         try:
             d = dequantization(ckpt, who)
         except QuantizationError as exc:
-            out.append(Difference(who, f"quantized: {exc.evidence}", BLOCKS,
+            out.append(Difference(who if k == 0 else f"{who} ({ckpt.folder})", f"quantized: {exc.evidence}", BLOCKS,
                                   "dequantize it and save it as bfloat16 first, or merge the unquantized release"))
             views.append(ckpt)
             blocked.add(k)  # its other differences are quantization's doing: not listed
@@ -85,8 +85,8 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
         skip = {head}
         missing = [n for n in base.tensors if n not in m.tensors and n not in skip]
         extra = [n for n in m.tensors if n not in base.tensors and n not in skip]
-        layouts = layout_difference([n for n in missing if not is_derived_buffer(n)],
-                                    [n for n in extra if not is_derived_buffer(n)])
+        layouts = layout_difference({n: base.tensors[n].info.shape for n in missing if not is_derived_buffer(n)},
+                                    {n: m.tensors[n].info.shape for n in extra if not is_derived_buffer(n)})
         if layouts:
             out.append(Difference(who, layouts.split(": ")[0], BLOCKS, layouts.split(": ", 1)[1]))
             continue
@@ -100,7 +100,9 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
                                       "left out, as the base has none (recomputed at load time)"))
             if other:
                 out.append(Difference(who, f"{what} {_some(other)}", NEEDS_OPTION,
-                                      f"--exclude {exclude_regex(other, universe)} keeps the base's value"))
+                                      f"--exclude {exclude_regex(other, universe)} "
+                                      + ("keeps the base's value" if what == "lacks" else
+                                         "leaves them out (the base has none)")))
         shapes = [n for n, loc in base.tensors.items()
                   if n in m.tensors and n not in skip and m.tensors[n].info.shape != loc.info.shape]
         if shapes:

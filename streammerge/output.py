@@ -142,7 +142,9 @@ def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
     import yaml  # noqa: PLC0415
 
     # folder names, not paths: the card must not depend on how the command spelled them (or on resume)
-    names = [Path(p).resolve().name for p in (plan_dict["base"], *plan_dict["models"])]
+    refs = plan_dict.get("references", {})  # Hub IDs of inputs resolved through the cache: named by their ID
+    names = [refs[p].split("@")[0] if p in refs else Path(p).resolve().name
+             for p in (plan_dict["base"], *plan_dict["models"])]
     front = {"base_model": list(dict.fromkeys(names)), "base_model_relation": "merge", "library_name": "transformers",
              "tags": ["merge", "streammerge", plan_dict["method"]]}
     params = ", ".join(f"{k}={v}" for k, v in plan_dict["params"].items()) or "none"

@@ -210,6 +210,7 @@ class Plan:
             "options": self.options(),
             "base": str(self.recipe.base),
             "models": [str(m) for m in self.recipe.models],
+            **({"references": self.recipe.hub_refs} if self.recipe.hub_refs else {}),
             "out": None if self.recipe.out is None else str(self.recipe.out),
             "device": self.budget.device,
             "device_source": self.budget.device_source,
@@ -325,9 +326,12 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         least = math.ceil(hi / BUDGET_USABLE)
         while int(least * BUDGET_USABLE) < hi:  # float rounding of the usable share
             least += 1
+        shown = format_size(least, up=True)
+        if shown == format_size(budget.max_ram):  # so close that the rounded figures would read the same
+            shown = f"{least} bytes"
         raise PlanError(
-            f"--max-ram {format_size(budget.max_ram)} is too small: tensor {tightest} needs at least "
-            f"{format_size(least, up=True)} ({least} bytes) for one row chunk; raise --max-ram to at least that"
+            f"--max-ram {format_size(budget.max_ram)} is too small: tensor {tightest} needs at least {shown} "
+            f"(--max-ram {least}B) for one row chunk; raise --max-ram to at least that"
         )
 
     tensors: list[TensorPlan] = []

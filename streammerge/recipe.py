@@ -92,6 +92,8 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)  # a recipe's global settings (mergekit ``parameters:``)
     model_parameters: tuple[dict[str, Any], ...] = ()  # a recipe's per-model settings, one mapping per model
     source: dict[str, Any] | None = None  # the mergekit recipe this came from (written beside the output)
+    offline: bool = False  # resolve Hub IDs from the local Hugging Face cache only (also HF_HUB_OFFLINE)
+    hub_refs: dict[str, str] = field(default_factory=dict)  # resolved folder -> "org/name@commit" (set by planning)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", Path(self.base))
@@ -115,6 +117,10 @@ class Recipe:
             raise StreamMergeError("--restart discards the interrupted run's work and --redo-changed keeps what the "
                                    "change does not affect: give one of them")
 
+    def reference(self, folder: Path) -> str:
+        """How to name input ``folder`` to someone else: its Hub ID (``org/name@commit``) or its absolute path."""
+        return self.hub_refs.get(str(folder), str(folder.resolve()))
+
     def to_json(self) -> dict[str, Any]:
         """The fields that define the result, with absolute paths, and the budget asked for (stored in the work
         folder: ``resume`` continues with them unless told otherwise)."""
@@ -130,7 +136,7 @@ class Recipe:
             "max_ram": self.max_ram,
             "max_vram": self.max_vram,
             "parameters": self.parameters, "model_parameters": [dict(p) for p in self.model_parameters],
-            "source": self.source,
+            "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
         }
 
     @classmethod

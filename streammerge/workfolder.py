@@ -446,6 +446,7 @@ class WorkFolder:
             # what made it: a later run can tell "the inputs were only touched" from "other inputs or options"
             "engine": self.plan.fingerprint_doc["engine"],
             "inputs": self.plan.fingerprint_doc["inputs"],
+            **({"references": self.plan.recipe.hub_refs} if self.plan.recipe.hub_refs else {}),
             "files": {s.filename: s.size for s in self.plan.shards},
             "tensors": {
                 t.name: {"file": t.shard, "dtype": t.out_dtype, "shape": list(t.shape),

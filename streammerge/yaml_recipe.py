@@ -18,7 +18,9 @@
 - A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
   ``keep_vision``, ``shard_size``); mergekit ignores it.
 
-Relative model paths are taken from the current folder (as mergekit does), else from the recipe's folder.
+Relative model paths are taken from the current folder (as mergekit does), else from the recipe's folder; a
+reference that names no folder and reads as a Hub ID (``org/name``, ``org/name@revision``) is resolved through
+the Hugging Face cache when the merge is planned (:mod:`streammerge.hub`).
 :func:`dump` writes any recipe, a command-line one included, in this schema with absolute paths, so an output
 folder's ``streammerge_recipe.yaml`` reruns the merge as is.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StreamMergeError
+from .hub import is_hub_id
 from .recipe import Recipe
 
 #: top-level keys read here
@@ -139,8 +142,8 @@ def dump(recipe: Recipe) -> str:
                 per_model[k].setdefault(name, value[k])
         elif name not in shared:
             shared[name] = value[0] if spec.per_model else value
-    doc: dict[str, Any] = {"merge_method": method.name, "base_model": str(recipe.base.resolve())}
-    doc["models"] = [{"model": str(m.resolve()), **({"parameters": p} if p else {})}
+    doc: dict[str, Any] = {"merge_method": method.name, "base_model": recipe.reference(recipe.base)}
+    doc["models"] = [{"model": recipe.reference(m), **({"parameters": p} if p else {})}
                      for m, p in zip(recipe.models, per_model)]
     if shared:
         doc["parameters"] = shared
@@ -150,7 +153,7 @@ def dump(recipe: Recipe) -> str:
 
         doc["out_dtype"] = TORCH_DTYPE_NAMES[parse_output_dtype(recipe.dtype).name]
     if recipe.tokenizer_from is not None:
-        doc["tokenizer_source"] = str(recipe.tokenizer_from.resolve())
+        doc["tokenizer_source"] = recipe.reference(recipe.tokenizer_from)
     ours = {"exclude": list(recipe.exclude), "embedding": list(recipe.embedding_names or ()),
             "keep_vision": recipe.keep_vision, "shard_size": recipe.shard_size}
     defaults = {"exclude": [], "embedding": [], "keep_vision": False, "shard_size": Recipe.__dataclass_fields__[
@@ -199,10 +202,9 @@ def _folder(ref: Any, path: Path, what: str) -> Path:
     for candidate in (Path(ref).expanduser(), path.parent / ref):
         if candidate.is_dir():
             return candidate
-    hub = "" if ref.count("/") != 1 or ref.startswith((".", "/", "~")) else (
-        f" (it looks like a Hub ID: recipes take local folders for now; download it, e.g. `hf download {ref} "
-        f"--local-dir FOLDER`, and give the folder)")
-    raise RecipeError(f"{path}: {what} {ref!r} is not a folder{hub}")
+    if is_hub_id(ref):  # resolved through the Hugging Face cache when the merge is planned
+        return Path(ref)
+    raise RecipeError(f"{path}: {what} {ref!r} is not a folder (nor a Hub ID such as org/name or org/name@revision)")
 
 
 def _tokenizer(doc: dict[str, Any], path: Path) -> Path | None:

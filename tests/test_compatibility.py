@@ -55,6 +55,9 @@ def test_mixed_tying_under_another_embedding_name_needs_and_takes_embedding(clea
     assert code == 0 and "[needs an option]" in out and "--embedding NAME" in out
     code, out = _run("merge", "--base", base, "--model", untied, "--model", tied, "--out", tmp_path / "x", "-q")
     assert code == 1 and "--embedding NAME" in out
+    code, out = _run("merge", "--base", base, "--model", untied, "--model", tied, "--out", tmp_path / "x", "-q",
+                     "--embedding", "model.layers.0.self_attn.o_proj.weight")
+    assert code == 1 and "--embedding must name the token embedding" in out and "vocabulary" not in out
     code, out = _run("merge", "--base", base, "--model", untied, "--model", tied, "--out", tmp_path / "o", "-q",
                      "--embedding", "model.tok.weight", "--method", "linear")
     assert code == 0, out
@@ -94,6 +97,17 @@ def test_experts_saved_in_two_layouts_are_named_as_such(clean, tmp_path):
     assert code == 1 and "[blocks]" in out and "two layouts" in out and "--exclude" not in out
     code, out = _run("merge", "--base", base, "--model", chat, "--model", other, "--out", tmp_path / "x")
     assert code == 1 and "two layouts" in out and "save_pretrained" in out
+
+
+def test_the_same_weights_under_another_key_layout_are_named_as_such(clean, tmp_path):
+    """A vision-language model saved by an older and a newer transformers: model.* vs model.language_model.*."""
+    moved = _copy(clean["chat"], tmp_path / "moved",
+                  lambda ts: {n.replace("model.", "model.language_model.", 1): t for n, t in ts.items()})
+    code, out = _run("inspect", clean["base"], moved)
+    assert code == 1 and "[blocks]" in out and "another key layout" in out and "--exclude" not in out
+    code, out = _run("merge", "--base", clean["base"], "--model", moved, "--model", clean["multilingual"], "--out",
+                     tmp_path / "x")
+    assert code == 1 and "another key layout" in out and "model.language_model.embed_tokens.weight" in out
 
 
 def test_the_exclude_pattern_in_the_advice_can_be_pasted(clean, tmp_path):
@@ -137,7 +151,7 @@ def test_the_least_max_ram_quoted_is_enough_and_one_byte_less_is_not(clean):
     inputs = ["--base", clean["base"], "--model", clean["chat"], "--model", clean["multilingual"], "--method",
               "breadcrumbs", "--param", "density=0.5"]
     code, out = _run("plan", *inputs, "--max-ram", "40KiB")
-    least = int(re.search(r"\((\d+) bytes\)", out).group(1))
+    least = int(re.search(r"\(--max-ram (\d+)B\)", out).group(1))
     assert code == 1 and _run("plan", *inputs, "--max-ram", f"{least}B")[0] == 0
     assert "too small" in _run("plan", *inputs, "--max-ram", f"{least - 1}B")[1]
     shown = re.search(r"needs at least ([\d.]+) (\w+)", out)
