@@ -82,7 +82,8 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
 def resolve_references(recipe: Recipe) -> Recipe:
     """``recipe`` with every Hub ID (base, models, tokenizer) replaced by its cached snapshot folder, and the IDs
     recorded in ``hub_refs`` (see :mod:`streammerge.hub`); a recipe of local folders is returned as it is."""
-    refs = [recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ())]
+    refs = [recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ()),
+            *(s.model for s in recipe.slices)]
     if not any(is_hub_id(r) for r in refs):
         return recipe
     problems = Problems()
@@ -95,7 +96,7 @@ def resolve_references(recipe: Recipe) -> Recipe:
     hub_refs = {**recipe.hub_refs, **{str(v.folder): v.reference for v in resolved.values() if v.repo_id}}
     return replace(recipe, base=folder[str(recipe.base)], models=tuple(folder[str(m)] for m in recipe.models),
                    tokenizer_from=folder[str(recipe.tokenizer_from)] if recipe.tokenizer_from else None,
-                   hub_refs=hub_refs)
+                   slices=tuple(replace(s, model=folder[str(s.model)]) for s in recipe.slices), hub_refs=hub_refs)
 
 
 def _names_a_folder(out: Path) -> bool:

@@ -61,7 +61,8 @@ class TensorClass:
     out_dtype: str
     sources: tuple[InputSource, ...]  # base first, then each model; the base only for a copy; none for a tied head
     copy_of: str | None = None  # for TIED_COPY: the tensor whose merged output bytes become this one
-    kept_because: str | None = None  # for COPY_BASE: "--exclude", "derived buffer", "empty" or "not a float"
+    kept_because: str | None = None  # for COPY_BASE: "--exclude", "derived buffer", "empty", "not a float", ...
+    scale: float = 1.0  # for COPY_BASE of a float: the copy is multiplied by it (passthrough's ``scale``)
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,10 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     base, *models = (d.checkpoint for d in read_as)  # without the tensors only quantized inference uses
 
     def source(k: int, loc: Located) -> InputSource:
-        """How input ``k`` (0: the base) is read for tensor ``loc``: dequantized on the fly, or as stored."""
-        return read_as[k].sources.get(loc.info.name) or StoredSource(loc)
+        return source_of(read_as[k], loc)
 
     def dtype_of(kind: Kind, sources: tuple[InputSource, ...], stored: str) -> str:
-        """The output dtype: ``--dtype`` for a float; else the base's stored dtype, or bfloat16 for FP8 codes."""
-        if out_dtype and kind is Kind.FLOAT:
-            return out_dtype
-        return "BF16" if kind is Kind.FLOAT and sources and sources[0].stored_dtype is None else stored
+        return output_dtype(kind, sources, stored, out_dtype)
 
     excludes = _compile_excludes(recipe.exclude)
 
@@ -106,7 +103,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     problems: list[str] = []
     for name, loc in in_natural_order(base):
         info = loc.info
-        kind = Kind.FLOAT if info.dtype.is_float else (Kind.BOOL if info.dtype.name == "BOOL" else Kind.INTEGER)
+        kind = kind_of(info)
         if name == head.name and head.mode == "tied":
             out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype_of(kind, (), info.dtype.name), (),
                                    head.embedding))
@@ -155,7 +152,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         )
     if messages:
         raise PlanError("\n".join(messages))
-    notes = _vision_notes(recipe, base) + _dequantization_notes(read_as, out_dtype)
+    notes = _vision_notes(recipe, base) + dequantization_notes(read_as, out_dtype)
     config_updates: dict[str, Any] = {"quantization_config": REMOVED} if read_as[0].quantized else {}
     unnamed = [c.name for c in out if c.rule is Rule.MATRIX and c.shape[0] == base.vocab_size
                and c.name not in HEAD_NAMES and not c.name.startswith(VISION_PREFIXES)] \
@@ -172,6 +169,24 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
             f"inputs do not: {head.name} is merged from each input's own head, or its embedding where tied, and the "
             "output stores it (untied)")
     return Classification(out, {**config_updates, "tie_word_embeddings": False}, (*notes, note))
+
+
+def source_of(read_as: Dequantization, loc: Located) -> InputSource:
+    """How a checkpoint (read as ``read_as`` decides) is read for tensor ``loc``: dequantized on the fly, or as
+    stored."""
+    return read_as.sources.get(loc.info.name) or StoredSource(loc)
+
+
+def output_dtype(kind: Kind, sources: tuple[InputSource, ...], stored: str, out_dtype: str | None) -> str:
+    """The output dtype: ``--dtype`` for a float; else the first source's stored dtype, or bfloat16 for FP8 codes."""
+    if out_dtype and kind is Kind.FLOAT:
+        return out_dtype
+    return "BF16" if kind is Kind.FLOAT and sources and sources[0].stored_dtype is None else stored
+
+
+def kind_of(info: Any) -> Kind:
+    """A stored tensor's dtype policy."""
+    return Kind.FLOAT if info.dtype.is_float else (Kind.BOOL if info.dtype.name == "BOOL" else Kind.INTEGER)
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
@@ -235,7 +250,7 @@ def unmatched_excludes(patterns: tuple[str, ...], compiled: list[re.Pattern[str]
     return out
 
 
-def _dequantization_notes(read_as: list[Dequantization], out_dtype: str | None) -> list[str]:
+def dequantization_notes(read_as: list[Dequantization], out_dtype: str | None) -> list[str]:
     """One note per quantized input: its format, and that its weights are dequantized on the fly."""
     out = []
     for k, d in enumerate(read_as):

@@ -181,7 +181,8 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         _chunking_line(d["tensors"]),
         f"reads       {format_size(d['bytes_read'])}",
         "tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
-        *(f"base value  {len(names)} ({why}): {_some(names)}" for why, names in d.get("kept_from_base", {}).items()),
+        *(f"{'copied' if why == 'passthrough' else 'base value':<11} {len(names)} ({why}): {_some(names)}"
+          for why, names in d.get("kept_from_base", {}).items()),
         *(f"note        {note}" for note in d.get("notes", ()) if d.get("destination")),
     ]
     click.echo("\n".join(lines), file=stream)

@@ -63,6 +63,8 @@ def tensor_fingerprints(classes: list[TensorClass], method: str, params: dict[st
             "name": c.name, "shape": list(c.shape), "rule": c.rule.value, "kind": c.kind.value, "dtype": c.out_dtype,
             "inputs": [s.identity() for s in c.sources], "shard": header_of[c.name], "tile": tile,
         }
+        if c.scale != 1.0:
+            doc["scale"] = c.scale
         if c.copy_of is not None:
             doc["copy_of"] = fps[c.copy_of]
         elif c.rule.value != "copy_base":

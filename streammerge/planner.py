@@ -26,6 +26,7 @@ from .methods import Footprint, Method, Rule, TensorTask, get_method
 from .parameters import check_levels, layer_count, position, raw_for_tensor
 from .recipe import Recipe
 from .shapes import RowLayout
+from .slices import classify_slices
 from .sources import InputSource
 from .sources.base import align
 from .units import format_size
@@ -69,6 +70,7 @@ class TensorPlan(RowLayout):
     on_gpu: bool = False  # merged on a GPU (see TensorTask)
     kept_because: str | None = None  # for COPY_BASE: why the base's value is kept (see TensorClass)
     params: dict[str, Any] = field(default_factory=dict)  # the method's parameters for this tensor (merged ones)
+    scale: float = 1.0  # for COPY_BASE of a float: the copy is multiplied by it (see TensorClass)
 
     @property
     def task(self) -> TensorTask:
@@ -87,7 +89,7 @@ class TensorPlan(RowLayout):
     @property
     def raw_copy(self) -> bool:
         """A copy of the base whose bytes are written as stored (integers, bools, or no dtype change)."""
-        return self.rule is Rule.COPY_BASE and self.sources[0].stored_dtype == self.out_dtype
+        return self.rule is Rule.COPY_BASE and self.sources[0].stored_dtype == self.out_dtype and self.scale == 1.0
 
     @property
     def read_bytes_per_row(self) -> int:
@@ -245,6 +247,7 @@ class Plan:
                     "inputs": [s.describe() for s in t.sources], "fingerprint": t.fingerprint,
                     **({"copy_of": t.copy_of} if t.copy_of else {}),
                     **({"kept_because": t.kept_because} if t.kept_because else {}),
+                    **({"scale": t.scale} if t.scale != 1.0 else {}),
                 }
                 for t in self.tensors
             ],
@@ -259,10 +262,14 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     params = method.resolve_params(recipe.params, len(models))  # the command line's, checked before any tensor
     out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
     tile, depth = TILE_ROWS, BUFFER_DEPTH
-    classification = classify(recipe, method, base, models, out_dtype, tile)
+    classification = (classify_slices(recipe, base, models, out_dtype) if recipe.slices else
+                      classify(recipe, method, base, models, out_dtype, tile))
     classes = classification.tensors
     tensor_params = _tensor_params(recipe, method, base, len(models), [c for c in classes if c.rule.merged])
     params = _common(tensor_params) if tensor_params else params
+    if recipe.slices:  # a stack of copies: its one parameter is each copy's scale
+        scales = {c.scale for c in classes if c.kind is Kind.FLOAT}
+        params = {"scale": scales.pop() if len(scales) == 1 else VARIES}
 
     groups = split_into_shards([OutTensor(c.name, c.out_dtype, c.shape) for c in classes], recipe.shard_size)
     shards = tuple(layout_shard(shard_filename(i, len(groups)), g) for i, g in enumerate(groups))
@@ -344,7 +351,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
                                   max(chunk, 1), s.passes, emit_rows, stat_rows, state, tensor_scratch, tile,
                                   fps[c.name], c.copy_of, task.exact_products, task.on_gpu, c.kept_because,
-                                  tensor_params.get(c.name, {})))
+                                  tensor_params.get(c.name, {}), c.scale))
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)

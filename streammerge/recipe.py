@@ -60,6 +60,21 @@ def _strings(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class LayerSlice:
+    """Layers ``[start, end)`` of ``model``, stacked into the output in turn (mergekit's ``slices:`` with
+    ``layer_range``); ``parameters`` are the slice's settings (passthrough's ``scale``)."""
+
+    model: Path
+    start: int
+    end: int
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": str(self.model.resolve()), "start": self.start, "end": self.end,
+                "parameters": self.parameters}
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A merge request.
 
@@ -92,6 +107,7 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)  # a recipe's global settings (mergekit ``parameters:``)
     model_parameters: tuple[dict[str, Any], ...] = ()  # a recipe's per-model settings, one mapping per model
     source: dict[str, Any] | None = None  # the mergekit recipe this came from (written beside the output)
+    slices: tuple[LayerSlice, ...] = ()  # layer stacking (passthrough): the output's layers, slice by slice
     offline: bool = False  # resolve Hub IDs from the local Hugging Face cache only (also HF_HUB_OFFLINE)
     hub_refs: dict[str, str] = field(default_factory=dict)  # resolved folder -> "org/name@commit" (set by planning)
 
@@ -110,6 +126,10 @@ class Recipe:
         if self.dtype is not None and not isinstance(self.dtype, str):  # a torch.dtype, from Python
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         object.__setattr__(self, "model_parameters", tuple(dict(p or {}) for p in self.model_parameters))
+        object.__setattr__(self, "slices", tuple(s if isinstance(s, LayerSlice) else
+                                                 LayerSlice(Path(s["model"]), s["start"], s["end"],
+                                                            dict(s.get("parameters") or {}))
+                                                 for s in self.slices))
         if self.model_parameters and len(self.model_parameters) != len(self.models):
             raise StreamMergeError(f"model_parameters has {len(self.model_parameters)} entries for "
                                    f"{len(self.models)} models: give one per model, in order")
@@ -137,6 +157,7 @@ class Recipe:
             "max_vram": self.max_vram,
             "parameters": self.parameters, "model_parameters": [dict(p) for p in self.model_parameters],
             "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
+            "slices": [s.to_json() for s in self.slices],
         }
 
     @classmethod
@@ -145,6 +166,7 @@ class Recipe:
         fields["models"] = tuple(fields["models"])
         fields["exclude"] = tuple(fields.get("exclude") or ())
         fields["model_parameters"] = tuple(fields.get("model_parameters") or ())
+        fields["slices"] = tuple(fields.get("slices") or ())
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 

@@ -174,6 +174,8 @@ def _copy(plan: Plan, t: TensorPlan, step: Step, read: Read, parts: Parts, io: T
     else:
         for b0, b1 in t.blocks(step.r0, step.r1, stats=False):
             rows = t.sources[0].floats(parts[0], read.r0, b0 - read.r0, b1 - read.r0)
+            if t.scale != 1.0:  # passthrough's scale
+                rows.mul_(t.scale)
             _store(plan, t, host[b0 - step.r0 : b1 - step.r0] if host.dim() else host, b0, rows, [rows])
     io.write(t, step.r0, step.r1, buffer, raw[:nbytes], {})
 

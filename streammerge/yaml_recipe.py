@@ -12,7 +12,8 @@
   models. A ``linear`` recipe without ``base_model`` takes its first model as the base streammerge checks the
   others against and copies side files from.
 - ``int8_mask`` (a mergekit memory trick) is accepted and changes nothing here.
-- Keys streammerge does not implement yet (``slices``, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
+- ``slices:`` with ``merge_method: passthrough`` stacks layer ranges (a frankenmerge: :mod:`streammerge.slices`).
+- Keys streammerge does not implement yet (``slices`` with other methods, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
   ``pad_to_multiple_of``, ``chat_template``, ``model+lora`` references) are refused by name before anything
   happens; an unknown key gets a "did you mean".
 - A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
@@ -33,14 +34,13 @@ from typing import Any
 
 from .errors import StreamMergeError
 from .hub import is_hub_id
-from .recipe import Recipe
+from .recipe import LayerSlice, Recipe
 
 #: top-level keys read here
 KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
         "chat_template", "slices", "modules", "streammerge")
 #: keys mergekit has that streammerge does not implement yet, with what to do instead
 NOT_YET = {
-    "slices": "layer ranges and layer stacking (slices:) are not supported yet: merge whole models with models:",
     "modules": "per-module configurations (modules:) are not supported yet",
     "chat_template": "chat_template: is not supported yet: the output takes the base's (or --tokenizer-from's) "
                      "tokenizer files, chat template included",
@@ -85,6 +85,8 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
     method = doc.get("merge_method")
     if not isinstance(method, str) or not method:
         raise RecipeError(f"{path}: merge_method is missing (e.g. merge_method: widen)")
+    if doc.get("slices") is not None:
+        return _slices_recipe(doc, path, method, options)
     entries = doc.get("models")
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"{path}: models: is missing or empty; list the models to merge as "
@@ -122,6 +124,52 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
     return Recipe(**fields)
 
 
+def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[str, Any]) -> Recipe:
+    """A ``slices:`` recipe: passthrough layer stacking (:mod:`streammerge.slices`)."""
+    if method != "passthrough":
+        raise RecipeError(f"{path}: slices: with {method} (a merge per layer range) is not supported yet; slices: "
+                          "stack layers with merge_method: passthrough, and models: merges whole models")
+    if doc.get("models") is not None:
+        raise RecipeError(f"{path}: give models: or slices:, not both")
+    entries = doc["slices"]
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"{path}: slices: must list slices, e.g. - sources: [{{model: FOLDER, layer_range: [0, 16]}}]")
+    slices = []
+    for k, entry in enumerate(entries, 1):
+        where = f"{path}: slice {k}:"
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{where} a slice is a mapping with sources:, got {entry!r}")
+        _check_keys(entry, ("sources", "parameters", "base_model"), where, "key")
+        sources = entry.get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise RecipeError(f"{where} passthrough takes exactly one source per slice (it copies layers; a merge "
+                              "of several sources per range is not supported yet)")
+        src = sources[0]
+        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+            raise RecipeError(f"{where} a source needs model: and layer_range: [first, last + 1], got {src!r}")
+        _check_keys(src, ("model", "layer_range", "parameters"), where, "source key")
+        if src.get("parameters"):
+            raise RecipeError(f"{where} passthrough's scale is not per model: put it under the slice's parameters")
+        rng = src["layer_range"]
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in rng)):
+            raise RecipeError(f"{where} layer_range must be [first, last + 1], two integers, got {rng!r}")
+        slices.append(LayerSlice(_folder(src["model"], path, f"slice {k}'s model"), rng[0], rng[1],
+                                 _mapping(entry.get("parameters"), path, f"slice {k}'s parameters")))
+    base = _folder(doc["base_model"], path, "base_model") if doc.get("base_model") is not None else slices[0].model
+    models = list(dict.fromkeys(s.model for s in slices if s.model.resolve() != base.resolve()))
+    fields: dict[str, Any] = {
+        "base": base, "models": tuple(models), "method": method, "slices": tuple(slices),
+        "parameters": _mapping(doc.get("parameters"), path, "parameters"),
+        "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path), "source": doc,
+    }
+    extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
+    _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
+    fields.update({OPTIONS[k]: v for k, v in extra.items()})
+    fields.update(options)
+    return Recipe(**fields)
+
+
 def dump(recipe: Recipe) -> str:
     """``recipe`` in mergekit's schema (absolute paths), with a ``streammerge:`` section for the options mergekit
     has no key for; :func:`load` of it gives the same merge."""
@@ -143,8 +191,12 @@ def dump(recipe: Recipe) -> str:
         elif name not in shared:
             shared[name] = value[0] if spec.per_model else value
     doc: dict[str, Any] = {"merge_method": method.name, "base_model": recipe.reference(recipe.base)}
-    doc["models"] = [{"model": recipe.reference(m), **({"parameters": p} if p else {})}
-                     for m, p in zip(recipe.models, per_model)]
+    if recipe.slices:
+        doc["slices"] = [{"sources": [{"model": recipe.reference(sl.model), "layer_range": [sl.start, sl.end]}],
+                          **({"parameters": sl.parameters} if sl.parameters else {})} for sl in recipe.slices]
+    else:
+        doc["models"] = [{"model": recipe.reference(m), **({"parameters": p} if p else {})}
+                         for m, p in zip(recipe.models, per_model)]
     if shared:
         doc["parameters"] = shared
     if recipe.dtype:

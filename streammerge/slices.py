@@ -1,0 +1,144 @@
+"""Layer stacking: mergekit's ``passthrough`` with ``slices:`` (a frankenmerge), decided once from the headers.
+
+Each slice takes layers ``[start, end)`` of one model; the output's layers are the slices' layers in order,
+renumbered from 0, each tensor a copy of its input tensor (times passthrough's ``scale`` where the recipe sets
+one, resolved per output tensor with mergekit's meaning: :mod:`streammerge.parameters`, ``t`` restarting within
+each slice). Outside the layers, as mergekit 0.1.5 does: the embeddings come from the first slice's model and
+everything else (the final norm, the head) from the last slice's.
+
+The output's ``config.json`` is the base's (``base_model``, else the first slice's model) with
+``num_hidden_layers`` set to the stacked count and every per-layer list (a list as long as the base's layer count,
+such as Qwen2's or Gemma's ``layer_types``) rebuilt from the slices, so transformers 5 loads it (mergekit 0.1.5
+writes the weights and then fails saving that config).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .classify import (
+    Classification,
+    TensorClass,
+    dequantization_notes,
+    in_natural_order,
+    kind_of,
+    natural_key,
+    output_dtype,
+    source_of,
+)
+from .errors import PlanError
+from .formats.checkpoint import Checkpoint
+from .methods import Rule
+from .parameters import evaluate, layer_count
+from .quantization import dequantization
+from .recipe import Recipe
+
+_LAYER = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
+
+
+def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
+                    out_dtype: str | None) -> Classification:
+    """The output tensors of ``recipe.slices`` (see the module docstring); raises :class:`PlanError` naming a
+    layer range outside its model or layers whose tensors differ."""
+    folders = [recipe.base, *recipe.models]
+    checkpoints = [base, *models]
+    read_as = {str(f.resolve()): dequantization(c, str(f)) for f, c in zip(folders, checkpoints)}
+
+    def of(folder: Any) -> tuple[Checkpoint, Any]:
+        d = read_as[str(folder.resolve())]
+        return d.checkpoint, d
+
+    out: list[TensorClass] = []
+    shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+    layer = 0
+    for k, s in enumerate(recipe.slices, 1):
+        ckpt, d = of(s.model)
+        if base.model_type and ckpt.model_type and ckpt.model_type != base.model_type:
+            raise PlanError(f"slice {k}: {s.model} is a {ckpt.model_type!r} model but the base ({recipe.base}) is "
+                            f"{base.model_type!r}: stacked layers must come from one architecture")
+        n = layer_count(list(ckpt.tensors), ckpt.config)
+        if not 0 <= s.start < s.end <= n:
+            raise PlanError(f"slice {k}: layer_range [{s.start}, {s.end}] is outside {s.model}, which has {n} layers "
+                            "(layer_range is [first, last + 1])")
+        by_layer: dict[int, list[tuple[str, Any]]] = {}
+        for name, loc in in_natural_order(ckpt):
+            m = _LAYER.search(name)
+            if m:
+                by_layer.setdefault(int(m.group(3)), []).append((name, loc))
+        for j in range(s.start, s.end):
+            t = (j - s.start) / (s.end - s.start - 1) if s.end - s.start > 1 else 1.0
+            shapes[layer] = {}
+            for name, loc in by_layer.get(j, []):
+                m = _LAYER.search(name)
+                assert m is not None
+                new = name[: m.start(3)] + str(layer) + name[m.end(3):]
+                shapes[layer][name[: m.start(3)] + "#" + name[m.end(3):]] = loc.info.shape
+                out.append(_copy(new, loc, d, recipe, s.parameters, t, out_dtype))
+            layer += 1
+    first = shapes.get(0, {})
+    for i, layer_shapes in shapes.items():
+        if layer_shapes != first:
+            raise PlanError(f"output layer {i} ({_from(recipe, i)}) has other tensors or shapes than output layer 0: "
+                            "stacked layers must come from models of one architecture and size")
+    head_of = {"first": of(recipe.slices[0].model), "last": of(recipe.slices[-1].model)}
+    embeddings = set(recipe.embeddings)
+    for where in ("first", "last"):
+        ckpt, d = head_of[where]
+        for name, loc in in_natural_order(ckpt):
+            if not _LAYER.search(name) and (name in embeddings) == (where == "first"):
+                out.append(_copy(name, loc, d, recipe, {}, 0.0, out_dtype))
+    config_ckpt = of(recipe.base)[0]
+    notes = [f"passthrough: {layer} output layers stacked from {len(recipe.slices)} slice(s); the embeddings come from "
+             f"{recipe.slices[0].model}, the final norm and head from {recipe.slices[-1].model}"]
+    notes += dequantization_notes(list(read_as.values()), out_dtype)
+    out.sort(key=lambda c: natural_key(c.name))
+    return Classification(out, _config_updates(recipe, config_ckpt, layer, of), tuple(notes))
+
+
+def _copy(name: str, loc: Any, d: Any, recipe: Recipe, slice_parameters: dict[str, Any], t: float,
+          out_dtype: str | None) -> TensorClass:
+    kind = kind_of(loc.info)
+    source = source_of(d, loc)
+    scale = 1.0
+    if kind.value == "float":
+        for level in (slice_parameters, recipe.parameters, recipe.params):
+            value = evaluate(level.get("scale"), name, t)
+            if value is not None:
+                scale = float(value)
+                break
+    return TensorClass(name, loc.info.shape, Rule.COPY_BASE, kind, output_dtype(kind, (source,), loc.info.dtype.name,
+                                                                                     out_dtype),
+                       (source,), None, "passthrough", scale)
+
+
+def _from(recipe: Recipe, layer: int) -> str:
+    """Which slice and input layer output layer ``layer`` comes from."""
+    at = 0
+    for s in recipe.slices:
+        if layer < at + s.end - s.start:
+            return f"layer {s.start + layer - at} of {s.model}"
+        at += s.end - s.start
+    return "?"
+
+
+def _config_updates(recipe: Recipe, base: Checkpoint, layers: int, of: Any) -> dict[str, Any]:
+    """``num_hidden_layers`` and every per-layer list of the base's config, for the stacked layers."""
+    updates: dict[str, Any] = {}
+    for config in (base.config, base.config.get("text_config")):
+        if not isinstance(config, dict):
+            continue
+        n = config.get("num_hidden_layers")
+        if not isinstance(n, int):
+            continue
+        updates["num_hidden_layers"] = layers
+        for key, value in config.items():
+            if isinstance(value, list) and len(value) == n:
+                stacked: list[Any] = []
+                for s in recipe.slices:
+                    theirs = of(s.model)[0].config
+                    theirs = theirs.get("text_config", theirs) if config is not base.config else theirs
+                    source = theirs.get(key) if isinstance(theirs.get(key), list) else value
+                    stacked += source[s.start : s.end]
+                updates[key] = stacked
+    return updates
