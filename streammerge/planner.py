@@ -16,6 +16,7 @@ from typing import Any
 
 from ._version import __version__
 from .budget import Budget
+from .chat_template import resolve as resolve_template
 from .classify import Kind, TensorClass, classify
 from .errors import MethodError, PlanError
 from .fingerprint import engine_document, fingerprint_document, run_fingerprint, tensor_fingerprints
@@ -179,6 +180,7 @@ class Plan:
     base: Checkpoint = field(repr=False)
     models: tuple[Checkpoint, ...] = field(repr=False)
     config_updates: dict[str, Any] = field(default_factory=dict, repr=False)  # for the output's config.json
+    chat_template: str | None = field(default=None, repr=False)  # the output's chat template (None: as copied)
 
     def options(self) -> dict[str, Any]:
         """The options besides the method that shape the output (only those given)."""
@@ -363,7 +365,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
                 run_fingerprint(doc), _notes(recipe, budget, tensors) + classification.notes, doc, base, tuple(models),
-                classification.config_updates)
+                classification.config_updates, resolve_template(recipe.chat_template, [recipe.base, *recipe.models]))
 
 
 #: the value of a parameter in ``Plan.params`` when tensors have different values (``plan --json`` lists each)

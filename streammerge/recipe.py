@@ -107,6 +107,7 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)  # a recipe's global settings (mergekit ``parameters:``)
     model_parameters: tuple[dict[str, Any], ...] = ()  # a recipe's per-model settings, one mapping per model
     source: dict[str, Any] | None = None  # the mergekit recipe this came from (written beside the output)
+    chat_template: str | None = None  # auto, a built-in name or a Jinja template (streammerge.chat_template)
     slices: tuple[LayerSlice, ...] = ()  # layer stacking (passthrough): the output's layers, slice by slice
     offline: bool = False  # resolve Hub IDs from the local Hugging Face cache only (also HF_HUB_OFFLINE)
     hub_refs: dict[str, str] = field(default_factory=dict)  # resolved folder -> "org/name@commit" (set by planning)
@@ -157,7 +158,7 @@ class Recipe:
             "max_vram": self.max_vram,
             "parameters": self.parameters, "model_parameters": [dict(p) for p in self.model_parameters],
             "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
-            "slices": [s.to_json() for s in self.slices],
+            "slices": [s.to_json() for s in self.slices], "chat_template": self.chat_template,
         }
 
     @classmethod

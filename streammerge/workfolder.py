@@ -31,6 +31,7 @@ from typing import Any
 from . import fsio
 from ._torch import torch
 from ._version import __version__
+from .chat_template import write_template
 from .errors import PlanError, StreamMergeError
 from .faults import checkpoint
 from .fingerprint import changed_tensors, describe_changes, engine_changes, touched_inputs
@@ -473,6 +474,8 @@ class WorkFolder:
         out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
         copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype, plan.config_updates)
         write_json(self.model_dir / MANIFEST, self.manifest())
+        if plan.chat_template is not None:
+            write_template(self.model_dir, plan.chat_template)
         write_recipe_files(self.model_dir, recipe)
         write_model_card(self.model_dir, plan.to_dict())
         checkpoint("side-files-written")

@@ -11,10 +11,11 @@
   arithmetic family treats it so); for ``linear``, which has no base in mergekit, it stays one of the averaged
   models. A ``linear`` recipe without ``base_model`` takes its first model as the base streammerge checks the
   others against and copies side files from.
+- ``chat_template: auto | chatml | <Jinja template>`` sets the output's template (:mod:`streammerge.chat_template`).
 - ``int8_mask`` (a mergekit memory trick) is accepted and changes nothing here.
 - ``slices:`` with ``merge_method: passthrough`` stacks layer ranges (a frankenmerge: :mod:`streammerge.slices`).
 - Keys streammerge does not implement yet (``slices`` with other methods, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
-  ``pad_to_multiple_of``, ``chat_template``, ``model+lora`` references) are refused by name before anything
+  ``pad_to_multiple_of``, ``model+lora`` references) are refused by name before anything
   happens; an unknown key gets a "did you mean".
 - A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
   ``keep_vision``, ``shard_size``); mergekit ignores it.
@@ -42,8 +43,6 @@ KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtyp
 #: keys mergekit has that streammerge does not implement yet, with what to do instead
 NOT_YET = {
     "modules": "per-module configurations (modules:) are not supported yet",
-    "chat_template": "chat_template: is not supported yet: the output takes the base's (or --tokenizer-from's) "
-                     "tokenizer files, chat template included",
 }
 #: the options of the ``streammerge:`` section and the Recipe fields they set
 OPTIONS = {"exclude": "exclude", "embedding": "embedding_names", "keep_vision": "keep_vision",
@@ -114,7 +113,7 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
         "parameters": _mapping(doc.get("parameters"), path, "parameters"),
         "model_parameters": tuple(model_parameters) if any(model_parameters) else (),
         "dtype": doc.get("out_dtype") or doc.get("dtype"),
-        "tokenizer_from": _tokenizer(doc, path),
+        "tokenizer_from": _tokenizer(doc, path), "chat_template": _chat_template(doc, path),
         "source": doc,
     }
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
@@ -161,7 +160,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
     fields: dict[str, Any] = {
         "base": base, "models": tuple(models), "method": method, "slices": tuple(slices),
         "parameters": _mapping(doc.get("parameters"), path, "parameters"),
-        "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path), "source": doc,
+        "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
+        "chat_template": _chat_template(doc, path), "source": doc,
     }
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
     _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
@@ -206,6 +206,8 @@ def dump(recipe: Recipe) -> str:
         doc["out_dtype"] = TORCH_DTYPE_NAMES[parse_output_dtype(recipe.dtype).name]
     if recipe.tokenizer_from is not None:
         doc["tokenizer_source"] = recipe.reference(recipe.tokenizer_from)
+    if recipe.chat_template is not None:
+        doc["chat_template"] = recipe.chat_template
     ours = {"exclude": list(recipe.exclude), "embedding": list(recipe.embedding_names or ()),
             "keep_vision": recipe.keep_vision, "shard_size": recipe.shard_size}
     defaults = {"exclude": [], "embedding": [], "keep_vision": False, "shard_size": Recipe.__dataclass_fields__[
@@ -257,6 +259,14 @@ def _folder(ref: Any, path: Path, what: str) -> Path:
     if is_hub_id(ref):  # resolved through the Hugging Face cache when the merge is planned
         return Path(ref)
     raise RecipeError(f"{path}: {what} {ref!r} is not a folder (nor a Hub ID such as org/name or org/name@revision)")
+
+
+def _chat_template(doc: dict[str, Any], path: Path) -> str | None:
+    value = doc.get("chat_template")
+    if value is not None and not isinstance(value, str):
+        raise RecipeError(f"{path}: chat_template must be auto, a built-in name (chatml) or a Jinja template, got "
+                          f"{value!r}")
+    return value
 
 
 def _tokenizer(doc: dict[str, Any], path: Path) -> Path | None:

@@ -203,7 +203,7 @@ REFUSED = {
     "slices": ("slices:\n  - sources: [{{model: {chat}, layer_range: [0, 2]}}]\n", ["slices", "not supported yet"]),
     "union": ("tokenizer_source: union\n", ["tokenizer_source: union", "not supported yet"]),
     "tokens": ("tokenizer: {{source: base, tokens: {{x: {{source: base}}}}}}\n", ["tokenizer.tokens"]),
-    "chat-template": ("chat_template: chatml\n", ["chat_template", "not supported yet"]),
+    "chat-template-name": ("chat_template: vicuna\n", ["chat_template 'vicuna'", "chatml"]),
     "typo": ("merge_methd: ties\n", ["unknown key 'merge_methd'", "did you mean 'merge_method'"]),
     "param-typo": ("parameters: {{densty: 0.5}}\n", ["densty", "did you mean 'density'"]),
 }
@@ -244,3 +244,34 @@ def test_the_recipe_decides_what_is_merged_and_the_command_line_how(fam, tmp_pat
     assert r.exit_code == 2 and "Missing option '--base'" in r.output and "RECIPE.yaml" in r.output
     r = CliRunner().invoke(main, ["plan", str(path), "--max-ram", "64MiB"])
     assert r.exit_code == 0 and "method      linear" in r.output
+
+
+def _with_template(src: Path, dst: Path, template: str | None) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("chatml", "<|im_start|>"),
+    ("auto", "{{ 'B' }}"),  # two of the three inputs carry B
+    ("'{% for m in messages %}{{ m.content }}{% endfor %}'", "{% for m in messages %}{{ m.content }}{% endfor %}"),
+])
+def test_chat_template_auto_builtin_or_jinja(fam, tmp_path, setting, expected):
+    inputs = {"base": _with_template(fam["base"], tmp_path / "b", "{{ 'A' }}"),
+              "chat": _with_template(fam["chat"], tmp_path / "c", "{{ 'B' }}"),
+              "multilingual": _with_template(fam["multilingual"], tmp_path / "m", "{{ 'B' }}")}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"merge_method: linear\nbase_model: {inputs['base']}\nmodels:\n  - model: {inputs['chat']}\n"
+                    f"  - model: {inputs['multilingual']}\nchat_template: " + setting + "\n")
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    jinja = (tmp_path / "out" / "chat_template.jinja").read_text()
+    assert expected in jinja
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == jinja
