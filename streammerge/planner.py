@@ -10,7 +10,7 @@ here, before any output exists. Everything after reads the plan's decisions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -27,7 +27,7 @@ from .methods import Footprint, Method, Rule, TensorTask, get_method
 from .parameters import check_levels, layer_count, position, raw_for_tensor
 from .recipe import Recipe
 from .shapes import RowLayout
-from .slices import classify_slices
+from .slices import classify_slices, slice_views
 from .sources import InputSource
 from .sources.base import align
 from .units import format_size
@@ -264,12 +264,20 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     params = method.resolve_params(recipe.params, len(models))  # the command line's, checked before any tensor
     out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
     tile, depth = TILE_ROWS, BUFFER_DEPTH
-    classification = (classify_slices(recipe, base, models, out_dtype) if recipe.slices else
-                      classify(recipe, method, base, models, out_dtype, tile))
+    positions: dict[str, float] | None = None
+    if recipe.slices and method.name == "passthrough":
+        classification = classify_slices(recipe, base, models, out_dtype)
+    elif recipe.slices:  # a merge per layer range: the ordinary classification of each input's renamed view
+        base_view, model_views, positions, updates = slice_views(recipe, base, models)
+        classification = classify(recipe, method, base_view, model_views, out_dtype, tile)
+        classification = replace(classification, config_updates={**classification.config_updates, **updates})
+    else:
+        classification = classify(recipe, method, base, models, out_dtype, tile)
     classes = classification.tensors
-    tensor_params = _tensor_params(recipe, method, base, len(models), [c for c in classes if c.rule.merged])
+    tensor_params = _tensor_params(recipe, method, base, len(models), [c for c in classes if c.rule.merged],
+                                   positions)
     params = _common(tensor_params) if tensor_params else params
-    if recipe.slices:  # a stack of copies: its one parameter is each copy's scale
+    if recipe.slices and method.name == "passthrough":  # a stack of copies: its one parameter is each copy's scale
         scales = {c.scale for c in classes if c.kind is Kind.FLOAT}
         params = {"scale": scales.pop() if len(scales) == 1 else VARIES}
 
@@ -372,15 +380,16 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 VARIES = "varies per tensor"
 
 
-def _tensor_params(recipe: Recipe, method: Method, base: Checkpoint, n: int,
-                   merged: list[TensorClass]) -> dict[str, dict[str, Any]]:
-    """Every merged tensor's parameters (see :mod:`streammerge.parameters`), validated; equal values are shared."""
+def _tensor_params(recipe: Recipe, method: Method, base: Checkpoint, n: int, merged: list[TensorClass],
+                   positions: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Every merged tensor's parameters (see :mod:`streammerge.parameters`), validated; equal values are shared.
+    ``positions``: each tensor's ``t`` where layer ranges decide it (else from its layer among the base's)."""
     n_layers = layer_count(list(base.tensors), base.config)
     resolved: dict[str, dict[str, Any]] = {}
     out = {}
     for c in merged:
-        raw = raw_for_tensor(method, c.name, position(c.name, n_layers), n, recipe.params, recipe.parameters,
-                             recipe.model_parameters)
+        t = positions.get(c.name, 0.0) if positions is not None else position(c.name, n_layers)
+        raw = raw_for_tensor(method, c.name, t, n, recipe.params, recipe.parameters, recipe.model_parameters)
         key = repr(sorted(raw.items()))
         if key not in resolved:
             try:

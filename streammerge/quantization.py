@@ -87,7 +87,8 @@ def dequantization(ckpt: Checkpoint, who: str = "the checkpoint") -> Dequantizat
         if scale_name is None:
             raise QuantizationError(who, ckpt.folder, f"tensor {name} is stored as {loc.info.dtype.name} but has no "
                                     f"scale tensor ({name}_scale_inv or {name}_scale), so its values are unknown")
-        sources[name] = _fp8_source(who, ckpt, name, loc, scale_name, ckpt.tensors[scale_name], block)
+        # keyed by the stored name: a view may list the tensor under another name (streammerge.slices)
+        sources[loc.info.name] = _fp8_source(who, ckpt, name, loc, scale_name, ckpt.tensors[scale_name], block)
         dropped.append(scale_name)
     for name, loc in ckpt.tensors.items():
         if name in dropped:
@@ -109,6 +110,7 @@ def dequantization(ckpt: Checkpoint, who: str = "the checkpoint") -> Dequantizat
     description = (f"FP8 ({'; '.join(schemes) or 'no FP8 tensors'}"
                    + (f", quant_method {method!r}" if method else "") + ")")
     misfit = [n for n, src in sources.items() if block and src.scheme == "block" and src.block != block]
+    # (names as stored)
     if misfit:
         description += (f"; config.json's block size {list(block)} does not fit the scales of {len(misfit)} weight(s) "
                         f"(e.g. {misfit[0]}), which fit {DEFAULT_BLOCK[0]}×{DEFAULT_BLOCK[1]} blocks and are read so")

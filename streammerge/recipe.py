@@ -61,17 +61,19 @@ def _strings(value: str | Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class LayerSlice:
-    """Layers ``[start, end)`` of ``model``, stacked into the output in turn (mergekit's ``slices:`` with
-    ``layer_range``); ``parameters`` are the slice's settings (passthrough's ``scale``)."""
+    """Layers ``[start, end)`` of ``model`` as a source of output slice ``index`` (mergekit's ``slices:`` with
+    ``layer_range``); ``parameters`` are the slice's settings (passthrough's ``scale``). The output's layers are the
+    slices' in turn: a slice with one source is copied (passthrough), one with several is merged."""
 
     model: Path
     start: int
     end: int
     parameters: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"model": str(self.model.resolve()), "start": self.start, "end": self.end,
-                "parameters": self.parameters}
+                "parameters": self.parameters, "index": self.index}
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class Recipe:
         object.__setattr__(self, "model_parameters", tuple(dict(p or {}) for p in self.model_parameters))
         object.__setattr__(self, "slices", tuple(s if isinstance(s, LayerSlice) else
                                                  LayerSlice(Path(s["model"]), s["start"], s["end"],
-                                                            dict(s.get("parameters") or {}))
+                                                            dict(s.get("parameters") or {}), s.get("index", 0))
                                                  for s in self.slices))
         if self.model_parameters and len(self.model_parameters) != len(self.models):
             raise StreamMergeError(f"model_parameters has {len(self.model_parameters)} entries for "

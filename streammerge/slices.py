@@ -1,5 +1,13 @@
-"""Layer stacking: mergekit's ``passthrough`` with ``slices:`` (a frankenmerge), decided once from the headers.
+"""Layer ranges (mergekit's ``slices:``), decided once from the headers: stacking with ``passthrough`` (a
+frankenmerge), or a merge per range.
 
+**A merge per range** (any other method): every slice lists the same models, each with a ``layer_range`` of the
+slice's length; output layer ``L`` (the slices' layers in turn) merges each model's layer at its range's offset.
+:func:`slice_views` gives each input a view of its checkpoint under the output's names (layer ``j`` of its range
+renamed to ``L``), which the ordinary classification then merges as if the models had been saved that way; each
+tensor's ``t`` (for gradients) restarts within its slice.
+
+**Stacking:**
 Each slice takes layers ``[start, end)`` of one model; the output's layers are the slices' layers in order,
 renumbered from 0, each tensor a copy of its input tensor (times passthrough's ``scale`` where the recipe sets
 one, resolved per output tensor with mergekit's meaning: :mod:`streammerge.parameters`, ``t`` restarting within
@@ -32,7 +40,7 @@ from .formats.checkpoint import Checkpoint
 from .methods import Rule
 from .parameters import evaluate, layer_count
 from .quantization import dequantization
-from .recipe import Recipe
+from .recipe import LayerSlice, Recipe
 
 _LAYER = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 
@@ -142,3 +150,50 @@ def _config_updates(recipe: Recipe, base: Checkpoint, layers: int, of: Any) -> d
                     stacked += source[s.start : s.end]
                 updates[key] = stacked
     return updates
+
+
+def slice_views(recipe: Recipe, base: Checkpoint, models: list[Checkpoint]) \
+        -> tuple[Checkpoint, list[Checkpoint], dict[str, float], dict[str, Any]]:
+    """For a merge per range: the base's and each model's view under the output's tensor names, each layer tensor's
+    position ``t`` within its slice, and the config.json updates (see the module docstring). Raises
+    :class:`PlanError` for a layer range outside its model."""
+    import dataclasses  # noqa: PLC0415
+
+    groups: dict[int, list[LayerSlice]] = {}
+    for s in recipe.slices:
+        groups.setdefault(s.index, []).append(s)
+    positions: dict[str, float] = {}
+
+    def view(folder: Any, ckpt: Checkpoint) -> Checkpoint:
+        n = layer_count(list(ckpt.tensors), ckpt.config)
+        by_layer: dict[int, list[tuple[str, Any]]] = {}
+        tensors: dict[str, Any] = {}
+        for name, loc in ckpt.tensors.items():
+            m = _LAYER.search(name)
+            if m:
+                by_layer.setdefault(int(m.group(3)), []).append((name, loc))
+            else:
+                tensors[name] = loc
+        layer = 0
+        for k, group in groups.items():
+            src = next(s for s in group if s.model.resolve() == folder.resolve())
+            if not 0 <= src.start < src.end <= n:
+                raise PlanError(f"slice {k + 1}: layer_range [{src.start}, {src.end}] is outside {src.model}, which "
+                                f"has {n} layers (layer_range is [first, last + 1])")
+            for j in range(src.start, src.end):
+                for name, loc in by_layer.get(j, []):
+                    m = _LAYER.search(name)
+                    assert m is not None
+                    new = name[: m.start(3)] + str(layer) + name[m.end(3):]
+                    tensors[new] = loc
+                    positions[new] = (j - src.start) / (src.end - src.start - 1) if src.end > src.start + 1 else 1.0
+                layer += 1
+        return dataclasses.replace(ckpt, tensors=tensors)
+
+    base_view = view(recipe.base, base)
+    model_views = [view(f, c) for f, c in zip(recipe.models, models)]
+    stacked = sum(g[0].end - g[0].start for g in groups.values())
+    # the per-layer lists of config.json follow the base's ranges
+    base_ranges = tuple(next(s for s in g if s.model.resolve() == recipe.base.resolve()) for g in groups.values())
+    updates = _config_updates(dataclasses.replace(recipe, slices=base_ranges), base, stacked, lambda f: (base, None))
+    return base_view, model_views, positions, updates

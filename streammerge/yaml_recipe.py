@@ -13,8 +13,9 @@
   others against and copies side files from.
 - ``chat_template: auto | chatml | <Jinja template>`` sets the output's template (:mod:`streammerge.chat_template`).
 - ``int8_mask`` (a mergekit memory trick) is accepted and changes nothing here.
-- ``slices:`` with ``merge_method: passthrough`` stacks layer ranges (a frankenmerge: :mod:`streammerge.slices`).
-- Keys streammerge does not implement yet (``slices`` with other methods, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
+- ``slices:`` with ``merge_method: passthrough`` stacks layer ranges (a frankenmerge); with another method, each
+  slice merges the same models' layer ranges (:mod:`streammerge.slices`).
+- Keys streammerge does not implement yet (per-slice or per-source parameters outside passthrough, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
   ``pad_to_multiple_of``, ``model+lora`` references) are refused by name before anything
   happens; an unknown key gets a "did you mean".
 - A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
@@ -124,39 +125,67 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
 
 
 def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[str, Any]) -> Recipe:
-    """A ``slices:`` recipe: passthrough layer stacking (:mod:`streammerge.slices`)."""
-    if method != "passthrough":
-        raise RecipeError(f"{path}: slices: with {method} (a merge per layer range) is not supported yet; slices: "
-                          "stack layers with merge_method: passthrough, and models: merges whole models")
+    """A ``slices:`` recipe: passthrough layer stacking, or a merge per layer range (:mod:`streammerge.slices`)."""
     if doc.get("models") is not None:
         raise RecipeError(f"{path}: give models: or slices:, not both")
     entries = doc["slices"]
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"{path}: slices: must list slices, e.g. - sources: [{{model: FOLDER, layer_range: [0, 16]}}]")
-    slices = []
+    passthrough = method == "passthrough"
+    slices, order = [], None
     for k, entry in enumerate(entries, 1):
         where = f"{path}: slice {k}:"
         if not isinstance(entry, dict):
             raise RecipeError(f"{where} a slice is a mapping with sources:, got {entry!r}")
         _check_keys(entry, ("sources", "parameters", "base_model"), where, "key")
         sources = entry.get("sources")
-        if not isinstance(sources, list) or len(sources) != 1:
-            raise RecipeError(f"{where} passthrough takes exactly one source per slice (it copies layers; a merge "
-                              "of several sources per range is not supported yet)")
-        src = sources[0]
-        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-            raise RecipeError(f"{where} a source needs model: and layer_range: [first, last + 1], got {src!r}")
-        _check_keys(src, ("model", "layer_range", "parameters"), where, "source key")
-        if src.get("parameters"):
-            raise RecipeError(f"{where} passthrough's scale is not per model: put it under the slice's parameters")
-        rng = src["layer_range"]
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                for v in rng)):
-            raise RecipeError(f"{where} layer_range must be [first, last + 1], two integers, got {rng!r}")
-        slices.append(LayerSlice(_folder(src["model"], path, f"slice {k}'s model"), rng[0], rng[1],
-                                 _mapping(entry.get("parameters"), path, f"slice {k}'s parameters")))
-    base = _folder(doc["base_model"], path, "base_model") if doc.get("base_model") is not None else slices[0].model
-    models = list(dict.fromkeys(s.model for s in slices if s.model.resolve() != base.resolve()))
+        if not isinstance(sources, list) or not sources:
+            raise RecipeError(f"{where} sources: must list the slice's models with their layer_range")
+        if passthrough and len(sources) != 1:
+            raise RecipeError(f"{where} passthrough takes exactly one source per slice (it copies layers)")
+        if not passthrough and (entry.get("parameters") or entry.get("base_model") is not None):
+            raise RecipeError(f"{where} parameters or base_model per slice are not supported yet with {method}: put "
+                              "them at the top level of the recipe")
+        group = []
+        for src in sources:
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise RecipeError(f"{where} a source needs model: and layer_range: [first, last + 1], got {src!r}")
+            _check_keys(src, ("model", "layer_range", "parameters"), where, "source key")
+            if src.get("parameters"):
+                raise RecipeError(f"{where} " + ("passthrough's scale is not per model: put it under the slice's "
+                                                 "parameters" if passthrough else "parameters per source are not "
+                                                 "supported yet: put them at the top level of the recipe"))
+            rng = src["layer_range"]
+            if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in rng)):
+                raise RecipeError(f"{where} layer_range must be [first, last + 1], two integers, got {rng!r}")
+            group.append(LayerSlice(_folder(src["model"], path, f"slice {k}'s model"), rng[0], rng[1],
+                                    _mapping(entry.get("parameters"), path, f"slice {k}'s parameters"), k - 1))
+        if len({s.end - s.start for s in group}) != 1:
+            raise RecipeError(f"{where} every source of a slice must have as many layers (mergekit's rule)")
+        models_here = [s.model.resolve() for s in group]
+        if not passthrough and order is not None and models_here != order:
+            raise RecipeError(f"{where} lists other models (or another order) than slice 1: a merge per layer range "
+                              "takes the same models in every slice")
+        order = order if order is not None else models_here
+        slices += group
+    if passthrough or method == "linear":
+        base = _folder(doc["base_model"], path, "base_model") if doc.get("base_model") is not None else \
+            slices[0].model
+    else:
+        if doc.get("base_model") is None:
+            raise RecipeError(f"{path}: base_model is missing; {method} merges the models' changes from a base")
+        base = _folder(doc["base_model"], path, "base_model")
+        if base.resolve() not in order:
+            raise RecipeError(f"{path}: base_model {doc['base_model']} must be one of every slice's sources (its "
+                              "layers are the base's for that range)")
+    firsts = [s.model for s in slices if s.index == 0]
+    if passthrough:
+        models = list(dict.fromkeys(s.model for s in slices if s.model.resolve() != base.resolve()))
+    elif method == "linear":  # mergekit averages every source, the base among them
+        models = firsts
+    else:
+        models = [m for m in firsts if m.resolve() != base.resolve()]
     fields: dict[str, Any] = {
         "base": base, "models": tuple(models), "method": method, "slices": tuple(slices),
         "parameters": _mapping(doc.get("parameters"), path, "parameters"),
@@ -192,8 +221,13 @@ def dump(recipe: Recipe) -> str:
             shared[name] = value[0] if spec.per_model else value
     doc: dict[str, Any] = {"merge_method": method.name, "base_model": recipe.reference(recipe.base)}
     if recipe.slices:
-        doc["slices"] = [{"sources": [{"model": recipe.reference(sl.model), "layer_range": [sl.start, sl.end]}],
-                          **({"parameters": sl.parameters} if sl.parameters else {})} for sl in recipe.slices]
+        groups: dict[int, list[Any]] = {}
+        for sl in recipe.slices:
+            groups.setdefault(sl.index, []).append(sl)
+        doc["slices"] = [{"sources": [{"model": recipe.reference(sl.model), "layer_range": [sl.start, sl.end]}
+                                      for sl in group],
+                          **({"parameters": group[0].parameters} if group[0].parameters else {})}
+                         for group in groups.values()]
     else:
         doc["models"] = [{"model": recipe.reference(m), **({"parameters": p} if p else {})}
                          for m, p in zip(recipe.models, per_model)]

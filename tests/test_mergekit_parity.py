@@ -109,6 +109,45 @@ models:
   - model: fam/multilingual
 dtype: float32
 """,
+    "slices-slerp-lazymergekit": """
+slices:
+  - sources:
+      - model: fam/base
+        layer_range: [0, 4]
+      - model: fam/chat
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: fam/base
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    "slices-two-ranges-ties": """
+slices:
+  - sources:
+      - model: fam/base
+        layer_range: [0, 2]
+      - model: fam/chat
+        layer_range: [0, 2]
+      - model: fam/multilingual
+        layer_range: [1, 3]
+  - sources:
+      - model: fam/base
+        layer_range: [1, 4]
+      - model: fam/chat
+        layer_range: [2, 5]
+      - model: fam/multilingual
+        layer_range: [0, 3]
+merge_method: ties
+base_model: fam/base
+parameters: {density: 0.6, weight: [0.3, 0.9], normalize: false}
+dtype: float32
+""",
     "passthrough-stack": """
 merge_method: passthrough
 slices:
@@ -126,7 +165,7 @@ dtype: float32
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parity")
-    write_family(root / "fam", replace(SHAPES["tiny-llama"], layers=4), dtype="f32")
+    write_family(root / "fam", replace(SHAPES["tiny-llama"], layers=5), dtype="f32")
     return root
 
 

@@ -200,7 +200,8 @@ parameters: {{weight: 0.5}}
 
 
 REFUSED = {
-    "slices": ("slices:\n  - sources: [{{model: {chat}, layer_range: [0, 2]}}]\n", ["slices", "not supported yet"]),
+    "slices-and-models": ("slices:\n  - sources: [{{model: {chat}, layer_range: [0, 2]}}]\n",
+                          ["give models: or slices:, not both"]),
     "union": ("tokenizer_source: union\n", ["tokenizer_source: union", "not supported yet"]),
     "tokens": ("tokenizer: {{source: base, tokens: {{x: {{source: base}}}}}}\n", ["tokenizer.tokens"]),
     "chat-template-name": ("chat_template: vicuna\n", ["chat_template 'vicuna'", "chatml"]),
@@ -275,3 +276,59 @@ def test_chat_template_auto_builtin_or_jinja(fam, tmp_path, setting, expected):
     jinja = (tmp_path / "out" / "chat_template.jinja").read_text()
     assert expected in jinja
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == jinja
+
+
+def test_a_full_range_slice_merges_like_the_models_form(fam, tmp_path):
+    """LazyMergekit's SLERP template: one slice over every layer of two models is the models: form."""
+    gradient = "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 1]\n    - value: 0.3\n"
+    sliced = _write(tmp_path, f"""
+slices:
+  - sources:
+      - model: {{base}}
+        layer_range: [0, {LAYERS}]
+      - model: {{chat}}
+        layer_range: [0, {LAYERS}]
+merge_method: slerp
+base_model: {{base}}
+""" + gradient, fam)
+    assert _merge(sliced, tmp_path / "sliced").exit_code == 0
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"merge_method: slerp\nbase_model: {fam['base']}\nmodels:\n  - model: {fam['chat']}\n" + gradient)
+    assert _merge(plain, tmp_path / "plain").exit_code == 0
+    assert (tmp_path / "sliced" / "model.safetensors").read_bytes() == \
+        (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+
+def test_a_merge_per_layer_range_takes_each_models_own_range(fam, tmp_path):
+    path = _write(tmp_path, """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {chat}
+        layer_range: [2, 4]
+merge_method: linear
+""", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    got, base, chat = (_dense(f) for f in (tmp_path / "out", fam["base"], fam["chat"]))
+    for layer in range(2):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        want = (base[name] + chat[f"model.layers.{layer + 2}.mlp.up_proj.weight"]) / 2
+        assert torch.allclose(got[name], want, atol=1e-6), layer
+    assert not any(".layers.2." in n for n in got)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize("sources,expected", [
+    ("      - model: {base}\n        layer_range: [0, 2]\n      - model: {chat}\n        layer_range: [0, 3]\n",
+     "as many layers"),
+    ("      - model: {chat}\n        layer_range: [0, 2]\n      - model: {multilingual}\n        layer_range: [0, 2]\n",
+     "must be one of every slice's sources"),
+    ("      - model: {base}\n        layer_range: [0, 2]\n      - model: {chat}\n        layer_range: [0, 2]\n"
+     "        parameters: {{weight: 0.5}}\n", "parameters per source are not supported yet"),
+])
+def test_bad_merge_slices_are_refused(fam, tmp_path, sources, expected):
+    path = _write(tmp_path, "merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n" + sources, fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code != 0 and expected in r.output, r.output

@@ -89,7 +89,7 @@ def test_slices_stack_layers_into_a_model_transformers_loads(models, tmp_path):
 
 @pytest.mark.parametrize("text,expected", [
     (RECIPE.replace("[1, 4]", "[1, 5]"), ["slice 2", "[1, 5]", "has 4 layers"]),
-    (RECIPE.replace("passthrough", "ties"), ["slices: with ties", "not supported yet"]),
+    (RECIPE.replace("passthrough", "ties"), ["lists other models", "same models in every slice"]),
     (RECIPE.replace("      - model: {b}\n", "      - model: {a}\n        layer_range: [0, 1]\n      - model: {b}\n"),
      ["exactly one source per slice"]),
     (RECIPE.replace("        layer_range: [0, 3]\n", "        layer_range: [0, 3]\n        parameters: {{scale: 2}}\n"),
