@@ -25,7 +25,7 @@ from .formats.dtypes import DTYPES, parse_output_dtype
 from .manifest import MANIFEST
 from .methods import Footprint, Method, Rule, TensorTask, get_method
 from .parameters import check_levels, layer_count, position, raw_for_tensor
-from .recipe import Recipe
+from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
 from .shapes import RowLayout
 from .slices import classify_slices, slice_views
 from .sources import InputSource
@@ -274,6 +274,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     else:
         classification = classify(recipe, method, base, models, out_dtype, tile)
     classes = classification.tensors
+    _check_padding(recipe, classes)
     tensor_params = _tensor_params(recipe, method, base, len(models), [c for c in classes if c.rule.merged],
                                    positions)
     params = _common(tensor_params) if tensor_params else params
@@ -374,6 +375,18 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
                 run_fingerprint(doc), _notes(recipe, budget, tensors) + classification.notes, doc, base, tuple(models),
                 classification.config_updates, resolve_template(recipe.chat_template, [recipe.base, *recipe.models]))
+
+
+def _check_padding(recipe: Recipe, classes: list[TensorClass]) -> None:
+    """``pad_to_multiple_of``: the output keeps the base's embedding rows (never truncated to the tokenizer's
+    vocabulary); refuse rows that are not a multiple, which would need padding (not done yet)."""
+    n = recipe.pad_to_multiple_of
+    if not n:
+        return
+    for c in classes:
+        if (c.name in TOKEN_EMBEDDINGS or c.name in HEAD_NAMES) and c.shape and c.shape[0] % n:
+            raise PlanError(f"pad_to_multiple_of {n}: {c.name} has {c.shape[0]} rows, not a multiple of {n}; padding "
+                            "the vocabulary is not supported yet (the output would keep the base's rows)")
 
 
 #: the value of a parameter in ``Plan.params`` when tensors have different values (``plan --json`` lists each)

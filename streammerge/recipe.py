@@ -110,6 +110,7 @@ class Recipe:
     model_parameters: tuple[dict[str, Any], ...] = ()  # a recipe's per-model settings, one mapping per model
     source: dict[str, Any] | None = None  # the mergekit recipe this came from (written beside the output)
     chat_template: str | None = None  # auto, a built-in name or a Jinja template (streammerge.chat_template)
+    pad_to_multiple_of: int | None = None  # the embedding rows must be a multiple of it (they are kept as they are)
     slices: tuple[LayerSlice, ...] = ()  # layer stacking (passthrough): the output's layers, slice by slice
     offline: bool = False  # resolve Hub IDs from the local Hugging Face cache only (also HF_HUB_OFFLINE)
     hub_refs: dict[str, str] = field(default_factory=dict)  # resolved folder -> "org/name@commit" (set by planning)
@@ -161,6 +162,7 @@ class Recipe:
             "parameters": self.parameters, "model_parameters": [dict(p) for p in self.model_parameters],
             "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
             "slices": [s.to_json() for s in self.slices], "chat_template": self.chat_template,
+            "pad_to_multiple_of": self.pad_to_multiple_of,
         }
 
     @classmethod

@@ -11,12 +11,15 @@
   arithmetic family treats it so); for ``linear``, which has no base in mergekit, it stays one of the averaged
   models. A ``linear`` recipe without ``base_model`` takes its first model as the base streammerge checks the
   others against and copies side files from.
+- ``tokenizer: {source, pad_to_multiple_of}``: the output keeps the base's embedding rows, never truncated (Qwen's
+  152064 rows beside a 151665-token tokenizer stay 152064); a row count that is not a multiple is refused, since
+  padding it is not done yet.
 - ``chat_template: auto | chatml | <Jinja template>`` sets the output's template (:mod:`streammerge.chat_template`).
 - ``int8_mask`` (a mergekit memory trick) is accepted and changes nothing here.
 - ``slices:`` with ``merge_method: passthrough`` stacks layer ranges (a frankenmerge); with another method, each
   slice merges the same models' layer ranges (:mod:`streammerge.slices`).
 - Keys streammerge does not implement yet (per-slice or per-source parameters outside passthrough, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
-  ``pad_to_multiple_of``, ``model+lora`` references) are refused by name before anything
+  ``model+lora`` references) are refused by name before anything
   happens; an unknown key gets a "did you mean".
 - A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
   ``keep_vision``, ``shard_size``); mergekit ignores it.
@@ -115,7 +118,7 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
         "model_parameters": tuple(model_parameters) if any(model_parameters) else (),
         "dtype": doc.get("out_dtype") or doc.get("dtype"),
         "tokenizer_from": _tokenizer(doc, path), "chat_template": _chat_template(doc, path),
-        "source": doc,
+        "pad_to_multiple_of": _pad(doc, path), "source": doc,
     }
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
     _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
@@ -190,7 +193,7 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
         "base": base, "models": tuple(models), "method": method, "slices": tuple(slices),
         "parameters": _mapping(doc.get("parameters"), path, "parameters"),
         "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
-        "chat_template": _chat_template(doc, path), "source": doc,
+        "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path), "source": doc,
     }
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
     _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
@@ -242,6 +245,9 @@ def dump(recipe: Recipe) -> str:
         doc["tokenizer_source"] = recipe.reference(recipe.tokenizer_from)
     if recipe.chat_template is not None:
         doc["chat_template"] = recipe.chat_template
+    if recipe.pad_to_multiple_of is not None:
+        source = doc.pop("tokenizer_source", "base")
+        doc["tokenizer"] = {"source": source, "pad_to_multiple_of": recipe.pad_to_multiple_of}
     ours = {"exclude": list(recipe.exclude), "embedding": list(recipe.embedding_names or ()),
             "keep_vision": recipe.keep_vision, "shard_size": recipe.shard_size}
     defaults = {"exclude": [], "embedding": [], "keep_vision": False, "shard_size": Recipe.__dataclass_fields__[
@@ -295,6 +301,14 @@ def _folder(ref: Any, path: Path, what: str) -> Path:
     raise RecipeError(f"{path}: {what} {ref!r} is not a folder (nor a Hub ID such as org/name or org/name@revision)")
 
 
+def _pad(doc: dict[str, Any], path: Path) -> int | None:
+    tok = doc.get("tokenizer")
+    value = tok.get("pad_to_multiple_of") if isinstance(tok, dict) else None
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise RecipeError(f"{path}: tokenizer.pad_to_multiple_of must be a positive integer, got {value!r}")
+    return value
+
+
 def _chat_template(doc: dict[str, Any], path: Path) -> str | None:
     value = doc.get("chat_template")
     if value is not None and not isinstance(value, str):
@@ -311,10 +325,9 @@ def _tokenizer(doc: dict[str, Any], path: Path) -> Path | None:
             raise RecipeError(f"{path}: give tokenizer_source or tokenizer:, not both")
         tok = _mapping(tok, path, "tokenizer")
         _check_keys(tok, ("source", "tokens", "pad_to_multiple_of"), f"{path}: tokenizer:", "key")
-        for key in ("tokens", "pad_to_multiple_of"):
-            if tok.get(key) is not None:
-                raise RecipeError(f"{path}: tokenizer.{key} is not supported yet (the output keeps the base's "
-                                  "vocabulary and embedding rows)")
+        if tok.get("tokens") is not None:
+            raise RecipeError(f"{path}: tokenizer.tokens is not supported yet (the output keeps the base's "
+                              "vocabulary and embedding rows)")
         source = tok.get("source")
     if source is None or source == "base":
         return None

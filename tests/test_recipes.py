@@ -332,3 +332,18 @@ def test_bad_merge_slices_are_refused(fam, tmp_path, sources, expected):
     path = _write(tmp_path, "merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n" + sources, fam)
     r = _merge(path, tmp_path / "out")
     assert r.exit_code != 0 and expected in r.output, r.output
+
+
+@pytest.mark.parametrize("multiple,ok", [(7, True), (64, False)])
+def test_pad_to_multiple_of_keeps_the_rows_and_refuses_padding(fam, tmp_path, multiple, ok):
+    rows = load_file(fam["base"] / "model.safetensors")["model.embed_tokens.weight"].shape[0]  # 301 = 7 * 43
+    path = _write(tmp_path, "merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {chat}\n"
+                  f"tokenizer:\n  source: base\n  pad_to_multiple_of: {multiple}\n", fam)
+    r = _merge(path, tmp_path / "out")
+    if ok:
+        assert r.exit_code == 0, r.output
+        assert load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].shape[0] == rows
+        assert yaml.safe_load((tmp_path / "out" / "streammerge_recipe.yaml").read_text())["tokenizer"] == {
+            "source": "base", "pad_to_multiple_of": multiple}
+    else:
+        assert r.exit_code == 1 and f"has {rows} rows, not a multiple of 64" in r.output
