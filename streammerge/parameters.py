@@ -30,7 +30,7 @@ from .methods import Method
 #: a layer's index in a tensor name: ``model.layers.12.``, GPT-2's ``h.12.``
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 #: parameters mergekit accepts that change only how it uses memory: accepted, and change nothing here
-IGNORED_PARAMETERS = ("int8_mask",)
+IGNORED_PARAMETERS = ("int8_mask", "lazy_unpickle")
 
 
 def evaluate(setting: Any, tensor: str, t: float) -> Any:

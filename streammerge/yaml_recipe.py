@@ -15,7 +15,8 @@
   152064 rows beside a 151665-token tokenizer stay 152064); a row count that is not a multiple is refused, since
   padding it is not done yet.
 - ``chat_template: auto | chatml | <Jinja template>`` sets the output's template (:mod:`streammerge.chat_template`).
-- ``int8_mask`` (a mergekit memory trick) is accepted and changes nothing here.
+- ``int8_mask`` and ``lazy_unpickle`` (mergekit memory tricks, as parameters or top-level keys) are accepted and
+  change nothing here.
 - ``slices:`` with ``merge_method: passthrough`` stacks layer ranges (a frankenmerge); with another method, each
   slice merges the same models' layer ranges (:mod:`streammerge.slices`).
 - Keys streammerge does not implement yet (per-slice or per-source parameters outside passthrough, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
@@ -43,7 +44,7 @@ from .recipe import LayerSlice, Recipe
 
 #: top-level keys read here
 KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
-        "chat_template", "slices", "modules", "streammerge")
+        "chat_template", "slices", "modules", "streammerge", "int8_mask", "lazy_unpickle")
 #: keys mergekit has that streammerge does not implement yet, with what to do instead
 NOT_YET = {
     "modules": "per-module configurations (modules:) are not supported yet",

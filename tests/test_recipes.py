@@ -67,6 +67,7 @@ models:
 parameters:
   normalize: false
   int8_mask: true
+lazy_unpickle: true
 dtype: float32
 """, fam)
     r = _merge(path, tmp_path / "out")
