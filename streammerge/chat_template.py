@@ -4,7 +4,10 @@ planned, written with the side files.
 - ``auto``: the template most of the inputs (base and models) carry, compared as text; on a tie, the one the
   earliest input carries (the base first). Inputs without one do not vote; none with one: the output keeps the
   tokenizer's files as they are.
-- a built-in name: ``chatml`` (the ``<|im_start|>role ... <|im_end|>`` format).
+- a built-in name, as mergekit has them: ``chatml`` (``<|im_start|>role ... <|im_end|>``), ``llama3``
+  (``<|start_header_id|>role<|end_header_id|> ... <|eot_id|>``), ``alpaca`` (``### Instruction:`` /
+  ``### Response:``), ``mistral`` (``[INST] ... [/INST]``); written here for each format, so the text may differ
+  from mergekit's files in whitespace.
 - anything else that contains Jinja markup (``{{`` or ``{%``): that template, as written.
 
 A template is read from ``chat_template.jinja`` (what transformers saves since 4.43) or the ``chat_template`` of
@@ -27,6 +30,23 @@ BUILTIN = {
         "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
+        "+ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + "
+        "'\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
     ),
 }
 TEMPLATE_FILE = "chat_template.jinja"

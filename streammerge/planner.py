@@ -374,7 +374,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
                 run_fingerprint(doc), _notes(recipe, budget, tensors) + classification.notes, doc, base, tuple(models),
-                classification.config_updates, resolve_template(recipe.chat_template, [recipe.base, *recipe.models]))
+                classification.config_updates, resolve_template(recipe.chat_template,
+                                                                 list(dict.fromkeys([recipe.base, *recipe.models]))))
 
 
 def _check_padding(recipe: Recipe, classes: list[TensorClass]) -> None:
@@ -432,7 +433,8 @@ def _notes(recipe: Recipe, budget: Budget, tensors: list[TensorPlan]) -> tuple[s
                          "completes")
     base = recipe.base.resolve()
     for k, m in enumerate(recipe.models, 1):
-        if m.resolve() == base:
+        if m.resolve() == base and not (recipe.source is not None and recipe.method == "linear"):
+            # (a recipe's linear averages its base as mergekit does: nothing to point out)
             notes.append(f"model {k} ({m}) is the base itself: its delta is zero everywhere. Sums of deltas (task "
                          "arithmetic, TIES, DARE) are unchanged by it; averages and scores count it: it adds the base "
                          "to linear's average, dilutes the others in widen, and changes model_stock's ratio")

@@ -62,18 +62,20 @@ def _strings(value: str | Sequence[str]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class LayerSlice:
     """Layers ``[start, end)`` of ``model`` as a source of output slice ``index`` (mergekit's ``slices:`` with
-    ``layer_range``); ``parameters`` are the slice's settings (passthrough's ``scale``). The output's layers are the
-    slices' in turn: a slice with one source is copied (passthrough), one with several is merged."""
+    ``layer_range``; ``end`` -1: every layer); ``parameters`` are the slice's settings, ``source_parameters`` this
+    source's (they win). The output's layers are the slices' in turn: a slice with one source is copied
+    (passthrough), one with several is merged."""
 
     model: Path
     start: int
     end: int
     parameters: dict[str, Any] = field(default_factory=dict)
     index: int = 0
+    source_parameters: dict[str, Any] = field(default_factory=dict)  # this source's own settings (they win)
 
     def to_json(self) -> dict[str, Any]:
         return {"model": str(self.model.resolve()), "start": self.start, "end": self.end,
-                "parameters": self.parameters, "index": self.index}
+                "parameters": self.parameters, "index": self.index, "source_parameters": self.source_parameters}
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class Recipe:
         object.__setattr__(self, "model_parameters", tuple(dict(p or {}) for p in self.model_parameters))
         object.__setattr__(self, "slices", tuple(s if isinstance(s, LayerSlice) else
                                                  LayerSlice(Path(s["model"]), s["start"], s["end"],
-                                                            dict(s.get("parameters") or {}), s.get("index", 0))
+                                                            dict(s.get("parameters") or {}), s.get("index", 0),
+                                                            dict(s.get("source_parameters") or {}))
                                                  for s in self.slices))
         if self.model_parameters and len(self.model_parameters) != len(self.models):
             raise StreamMergeError(f"model_parameters has {len(self.model_parameters)} entries for "

@@ -22,6 +22,7 @@ writes the weights and then fails saving that config).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -57,6 +58,11 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
         d = read_as[str(folder.resolve())]
         return d.checkpoint, d
 
+    # an end of -1 is every layer of the slice's model (passthrough's models: form)
+    recipe = dataclasses.replace(recipe, slices=tuple(
+        dataclasses.replace(s, end=layer_count(list(of(s.model)[0].tensors), of(s.model)[0].config))
+        if s.end == -1 else s for s in recipe.slices))
+
     out: list[TensorClass] = []
     shapes: dict[int, dict[str, tuple[int, ...]]] = {}
     layer = 0
@@ -82,7 +88,7 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
                 assert m is not None
                 new = name[: m.start(3)] + str(layer) + name[m.end(3):]
                 shapes[layer][name[: m.start(3)] + "#" + name[m.end(3):]] = loc.info.shape
-                out.append(_copy(new, loc, d, recipe, s.parameters, t, out_dtype))
+                out.append(_copy(new, loc, d, recipe, (s.source_parameters, s.parameters), t, out_dtype))
             layer += 1
     first = shapes.get(0, {})
     for i, layer_shapes in shapes.items():
@@ -95,7 +101,7 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
         ckpt, d = head_of[where]
         for name, loc in in_natural_order(ckpt):
             if not _LAYER.search(name) and (name in embeddings) == (where == "first"):
-                out.append(_copy(name, loc, d, recipe, {}, 0.0, out_dtype))
+                out.append(_copy(name, loc, d, recipe, (), 0.0, out_dtype))
     config_ckpt = of(recipe.base)[0]
     notes = [f"passthrough: {layer} output layers stacked from {len(recipe.slices)} slice(s); the embeddings come from "
              f"{recipe.slices[0].model}, the final norm and head from {recipe.slices[-1].model}"]
@@ -104,13 +110,15 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
     return Classification(out, _config_updates(recipe, config_ckpt, layer, of), tuple(notes))
 
 
-def _copy(name: str, loc: Any, d: Any, recipe: Recipe, slice_parameters: dict[str, Any], t: float,
+def _copy(name: str, loc: Any, d: Any, recipe: Recipe, levels: tuple[dict[str, Any], ...], t: float,
           out_dtype: str | None) -> TensorClass:
+    """A copy of ``loc`` named ``name``, times the scale the first level that sets one gives (the source's, the
+    slice's, the recipe's, the command line's)."""
     kind = kind_of(loc.info)
     source = source_of(d, loc)
     scale = 1.0
     if kind.value == "float":
-        for level in (slice_parameters, recipe.parameters, recipe.params):
+        for level in (*levels, recipe.parameters, recipe.params):
             value = evaluate(level.get("scale"), name, t)
             if value is not None:
                 scale = float(value)
@@ -157,8 +165,6 @@ def slice_views(recipe: Recipe, base: Checkpoint, models: list[Checkpoint]) \
     """For a merge per range: the base's and each model's view under the output's tensor names, each layer tensor's
     position ``t`` within its slice, and the config.json updates (see the module docstring). Raises
     :class:`PlanError` for a layer range outside its model."""
-    import dataclasses  # noqa: PLC0415
-
     groups: dict[int, list[LayerSlice]] = {}
     for s in recipe.slices:
         groups.setdefault(s.index, []).append(s)

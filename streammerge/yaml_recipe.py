@@ -91,6 +91,17 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
         raise RecipeError(f"{path}: merge_method is missing (e.g. merge_method: widen)")
     if doc.get("slices") is not None:
         return _slices_recipe(doc, path, method, options)
+    if method == "passthrough":  # models: form: a copy of one model (dtype, scale)
+        original, entries = doc, doc.get("models")
+        if not isinstance(entries, list) or len(entries) != 1:
+            raise RecipeError(f"{path}: passthrough copies one model (models: with one entry), or stacks layer "
+                              "ranges with slices:")
+        entry = entries[0] if isinstance(entries[0], dict) else {"model": entries[0]}
+        _check_keys(entry, ("model", "parameters"), f"{path}: models entry 1:", "key")
+        doc = {**{k: v for k, v in doc.items() if k != "models"}, "slices": [{"sources": [
+            {"model": entry.get("model"), "layer_range": "all", **({"parameters": entry["parameters"]}
+                                                                   if entry.get("parameters") else {})}]}]}
+        return _slices_recipe(doc, path, method, options, source=original)
     entries = doc.get("models")
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"{path}: models: is missing or empty; list the models to merge as "
@@ -113,6 +124,9 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
     elif method != "linear":  # the base listed among the models is the base, not a model (its entry is dropped)
         keep = [k for k, m in enumerate(models) if m.resolve() != base.resolve()]
         models, model_parameters = [models[k] for k in keep], [model_parameters[k] for k in keep]
+    elif all(m.resolve() != base.resolve() for m in models):  # mergekit averages a base it is given, listed last
+        models.append(base)
+        model_parameters.append({})
     fields: dict[str, Any] = {
         "base": base, "models": tuple(models), "method": method,
         "parameters": _mapping(doc.get("parameters"), path, "parameters"),
@@ -128,7 +142,8 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
     return Recipe(**fields)
 
 
-def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[str, Any]) -> Recipe:
+def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[str, Any],
+                   source: dict[str, Any] | None = None) -> Recipe:
     """A ``slices:`` recipe: passthrough layer stacking, or a merge per layer range (:mod:`streammerge.slices`)."""
     if doc.get("models") is not None:
         raise RecipeError(f"{path}: give models: or slices:, not both")
@@ -147,25 +162,24 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
             raise RecipeError(f"{where} sources: must list the slice's models with their layer_range")
         if passthrough and len(sources) != 1:
             raise RecipeError(f"{where} passthrough takes exactly one source per slice (it copies layers)")
-        if not passthrough and (entry.get("parameters") or entry.get("base_model") is not None):
-            raise RecipeError(f"{where} parameters or base_model per slice are not supported yet with {method}: put "
-                              "them at the top level of the recipe")
+        if not passthrough and entry.get("base_model") is not None:
+            raise RecipeError(f"{where} base_model per slice is not supported yet with {method}: give it at the top "
+                              "level of the recipe")
         group = []
         for src in sources:
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
                 raise RecipeError(f"{where} a source needs model: and layer_range: [first, last + 1], got {src!r}")
             _check_keys(src, ("model", "layer_range", "parameters"), where, "source key")
-            if src.get("parameters"):
-                raise RecipeError(f"{where} " + ("passthrough's scale is not per model: put it under the slice's "
-                                                 "parameters" if passthrough else "parameters per source are not "
-                                                 "supported yet: put them at the top level of the recipe"))
             rng = src["layer_range"]
-            if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                    for v in rng)):
+            if rng == "all":  # passthrough's models: form (every layer of its one model)
+                rng = [0, -1]
+            elif not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                      for v in rng)):
                 raise RecipeError(f"{where} layer_range must be [first, last + 1], two integers, got {rng!r}")
             group.append(LayerSlice(_folder(src["model"], path, f"slice {k}'s model"), rng[0], rng[1],
-                                    _mapping(entry.get("parameters"), path, f"slice {k}'s parameters"), k - 1))
-        if len({s.end - s.start for s in group}) != 1:
+                                    _mapping(entry.get("parameters"), path, f"slice {k}'s parameters"), k - 1,
+                                    _mapping(src.get("parameters"), path, f"slice {k}'s source parameters")))
+        if rng != [0, -1] and len({s.end - s.start for s in group}) != 1:
             raise RecipeError(f"{where} every source of a slice must have as many layers (mergekit's rule)")
         models_here = [s.model.resolve() for s in group]
         if not passthrough and order is not None and models_here != order:
@@ -184,17 +198,37 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
             raise RecipeError(f"{path}: base_model {doc['base_model']} must be one of every slice's sources (its "
                               "layers are the base's for that range)")
     firsts = [s.model for s in slices if s.index == 0]
+    parameters = _mapping(doc.get("parameters"), path, "parameters")
+    model_parameters: tuple[dict[str, Any], ...] = ()
+    if not passthrough:  # the slices' settings as the models:' form has them, where they are the same in every slice
+        per_slice = {s.index: s.parameters for s in slices}
+        if len({repr(p) for p in per_slice.values()}) > 1:
+            raise RecipeError(f"{path}: the slices set different parameters; parameters that change from one slice "
+                              "to another are not supported yet with {method}: give them once (the same in every "
+                              "slice, or at the top level)".replace("{method}", method))
+        parameters = {**parameters, **next(iter(per_slice.values()))}
+        own: dict[Any, list[str]] = {}
+        for sl in slices:
+            own.setdefault(sl.model.resolve(), []).append(repr(sl.source_parameters))
+        if any(len(set(v)) > 1 for v in own.values()):
+            raise RecipeError(f"{path}: a model's parameters differ from one slice to another, which is not "
+                              f"supported yet with {method}: give each model the same parameters in every slice")
+        first_params = {sl.model.resolve(): sl.source_parameters for sl in slices if sl.index == 0}
     if passthrough:
         models = list(dict.fromkeys(s.model for s in slices if s.model.resolve() != base.resolve()))
     elif method == "linear":  # mergekit averages every source, the base among them
         models = firsts
     else:
         models = [m for m in firsts if m.resolve() != base.resolve()]
+    if not passthrough:
+        model_parameters = tuple(dict(first_params[m.resolve()]) for m in models)
+        model_parameters = model_parameters if any(model_parameters) else ()
     fields: dict[str, Any] = {
         "base": base, "models": tuple(models), "method": method, "slices": tuple(slices),
-        "parameters": _mapping(doc.get("parameters"), path, "parameters"),
+        "parameters": parameters, "model_parameters": model_parameters,
         "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
-        "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path), "source": doc,
+        "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path),
+        "source": source if source is not None else doc,
     }
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
     _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
@@ -228,7 +262,8 @@ def dump(recipe: Recipe) -> str:
         groups: dict[int, list[Any]] = {}
         for sl in recipe.slices:
             groups.setdefault(sl.index, []).append(sl)
-        doc["slices"] = [{"sources": [{"model": recipe.reference(sl.model), "layer_range": [sl.start, sl.end]}
+        doc["slices"] = [{"sources": [{"model": recipe.reference(sl.model), "layer_range": [sl.start, sl.end],
+                                       **({"parameters": sl.source_parameters} if sl.source_parameters else {})}
                                       for sl in group],
                           **({"parameters": group[0].parameters} if group[0].parameters else {})}
                          for group in groups.values()]

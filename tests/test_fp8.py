@@ -181,7 +181,8 @@ def test_the_plan_names_the_fp8_scheme_and_budgets_the_scales(family):
     doc = json.loads(r.stdout)
     down = next(t for t in doc["tensors"] if t["name"] == "model.layers.0.mlp.down_proj.weight")
     assert down["dtype"] == "BF16"
-    assert down["inputs"][0] == {"kind": "fp8", "file": "model.safetensors", "dtype": "F8_E4M3",
+    assert down["inputs"][0] == {"kind": "fp8", "model": "base-fp8", "file": "model.safetensors",
+                                 "tensor": "model.layers.0.mlp.down_proj.weight", "dtype": "F8_E4M3",
                                  "scales": "model.layers.0.mlp.down_proj.weight_scale_inv", "scale_dtype": "F32",
                                  "scheme": "block", "block": BLOCK}
     assert down["inputs"][1]["kind"] == "stored"

@@ -148,6 +148,46 @@ base_model: fam/base
 parameters: {density: 0.6, weight: [0.3, 0.9], normalize: false}
 dtype: float32
 """,
+    "linear-with-an-unlisted-base": """
+merge_method: linear
+base_model: fam/base
+models:
+  - model: fam/chat
+  - model: fam/multilingual
+parameters: {weight: 1.0}
+dtype: float32
+""",
+    "slices-ties-per-source-parameters": """
+slices:
+  - sources:
+      - model: fam/base
+        layer_range: [0, 5]
+      - model: fam/chat
+        layer_range: [0, 5]
+        parameters: {density: 0.5, weight: 0.6}
+      - model: fam/multilingual
+        layer_range: [0, 5]
+        parameters: {density: 0.8, weight: [0.2, 0.7]}
+merge_method: ties
+base_model: fam/base
+dtype: float32
+""",
+    "passthrough-source-scale": """
+merge_method: passthrough
+slices:
+  - sources:
+      - model: fam/chat
+        layer_range: [0, 3]
+  - sources:
+      - model: fam/multilingual
+        layer_range: [2, 5]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.0
+            - value: 1.0
+dtype: float32
+""",
     "passthrough-stack": """
 merge_method: passthrough
 slices:

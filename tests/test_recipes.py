@@ -262,6 +262,9 @@ def _with_template(src: Path, dst: Path, template: str | None) -> Path:
 
 @pytest.mark.parametrize("setting,expected", [
     ("chatml", "<|im_start|>"),
+    ("llama3", "<|start_header_id|>"),
+    ("alpaca", "### Instruction:"),
+    ("mistral", "[INST]"),
     ("auto", "{{ 'B' }}"),  # two of the three inputs carry B
     ("'{% for m in messages %}{{ m.content }}{% endfor %}'", "{% for m in messages %}{{ m.content }}{% endfor %}"),
 ])
@@ -327,7 +330,9 @@ merge_method: linear
     ("      - model: {chat}\n        layer_range: [0, 2]\n      - model: {multilingual}\n        layer_range: [0, 2]\n",
      "must be one of every slice's sources"),
     ("      - model: {base}\n        layer_range: [0, 2]\n      - model: {chat}\n        layer_range: [0, 2]\n"
-     "        parameters: {{weight: 0.5}}\n", "parameters per source are not supported yet"),
+     "        parameters: {{weight: 0.5}}\n  - sources:\n      - model: {base}\n        layer_range: [2, 4]\n"
+     "      - model: {chat}\n        layer_range: [2, 4]\n        parameters: {{weight: 0.7}}\n",
+     "parameters differ from one slice to another"),
 ])
 def test_bad_merge_slices_are_refused(fam, tmp_path, sources, expected):
     path = _write(tmp_path, "merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n" + sources, fam)
@@ -348,3 +353,39 @@ def test_pad_to_multiple_of_keeps_the_rows_and_refuses_padding(fam, tmp_path, mu
             "source": "base", "pad_to_multiple_of": multiple}
     else:
         assert r.exit_code == 1 and f"has {rows} rows, not a multiple of 64" in r.output
+
+
+def test_per_source_parameters_of_a_slice_are_the_models_parameters(fam, tmp_path):
+    """LazyMergekit's TIES template puts density and weight on the slice's sources."""
+    path = _write(tmp_path, f"""
+slices:
+  - sources:
+      - model: {{base}}
+        layer_range: [0, {LAYERS}]
+      - model: {{chat}}
+        layer_range: [0, {LAYERS}]
+        parameters: {{{{density: 0.5, weight: 0.6}}}}
+      - model: {{multilingual}}
+        layer_range: [0, {LAYERS}]
+        parameters: {{{{density: 0.8, weight: 0.3}}}}
+merge_method: ties
+base_model: {{base}}
+parameters: {{{{normalize: false}}}}
+dtype: float32
+""", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    want = reference_merge("ties", _dense(fam["base"]), [_dense(fam["chat"]), _dense(fam["multilingual"])],
+                           {"density": [0.5, 0.8], "weight": [0.6, 0.3], "normalize": False})
+    assert_matches(_dense(tmp_path / "out"), want)
+
+
+def test_linear_with_a_base_it_does_not_list_averages_the_base_too(fam, tmp_path):
+    """mergekit 0.1.5 adds base_model to linear's inputs when models: does not list it."""
+    path = _write(tmp_path, "merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {chat}\n"
+                  "  - model: {multilingual}\nparameters: {{weight: 1.0}}\ndtype: float32\n", fam)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    b, c, m = (_dense(fam[k]) for k in ("base", "chat", "multilingual"))
+    assert_matches(_dense(tmp_path / "out"), {n: (b[n] + c[n] + m[n]) / 3 for n in b})
+    assert "is the base itself" not in r.output

@@ -79,6 +79,11 @@ def test_slices_stack_layers_into_a_model_transformers_loads(models, tmp_path):
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
+    # the plan says where each output tensor comes from
+    plan = CliRunner().invoke(main, ["plan", str(_recipe(tmp_path, models)), "--json"])
+    inputs = {t["name"]: t["inputs"][0] for t in json.loads(plan.stdout)["tensors"]}
+    assert inputs["model.layers.4.mlp.up_proj.weight"]["model"] == "b"
+    assert inputs["model.layers.4.mlp.up_proj.weight"]["tensor"] == "model.layers.2.mlp.up_proj.weight"
     # the recipe written beside it reruns it byte for byte
     again = CliRunner().invoke(main, ["merge", str(tmp_path / "out" / "streammerge_recipe.yaml"), "--out",
                                       str(tmp_path / "again"), "-q"])
@@ -92,11 +97,28 @@ def test_slices_stack_layers_into_a_model_transformers_loads(models, tmp_path):
     (RECIPE.replace("passthrough", "ties"), ["lists other models", "same models in every slice"]),
     (RECIPE.replace("      - model: {b}\n", "      - model: {a}\n        layer_range: [0, 1]\n      - model: {b}\n"),
      ["exactly one source per slice"]),
-    (RECIPE.replace("        layer_range: [0, 3]\n", "        layer_range: [0, 3]\n        parameters: {{scale: 2}}\n"),
-     ["not per model", "slice's parameters"]),
+    (RECIPE.replace("layer_range: [0, 3]", "layer_range: [0, x]"), ["layer_range must be [first, last + 1]"]),
 ])
 def test_bad_slices_are_refused_before_anything_is_written(models, tmp_path, text, expected):
     r = CliRunner().invoke(main, ["merge", str(_recipe(tmp_path, models, text)), "--out", str(tmp_path / "out")])
     assert r.exit_code != 0 and not (tmp_path / "out").exists()
     for phrase in expected:
         assert phrase in r.output, (phrase, r.output)
+
+
+def test_a_source_scale_and_a_one_model_copy(models, tmp_path):
+    """passthrough's scale set on a source (mergekit's per-input scale), and passthrough of one model: a copy."""
+    text = RECIPE.replace("        layer_range: [1, 4]\n", "        layer_range: [1, 4]\n"
+                          "        parameters:\n          scale:\n            - filter: o_proj\n"
+                          "              value: 0.0\n            - value: 1.0\n")
+    r = CliRunner().invoke(main, ["merge", str(_recipe(tmp_path, models, text)), "--out", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 0, r.output
+    out, b = (load_file(f / "model.safetensors") for f in (tmp_path / "o", models["b"]))
+    assert not out["model.layers.4.self_attn.o_proj.weight"].any()  # from b's slice: scale 0 on o_proj
+    assert torch.equal(out["model.layers.4.mlp.up_proj.weight"], b["model.layers.2.mlp.up_proj.weight"])
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(f"merge_method: passthrough\nmodels:\n  - model: {models['b']}\nout_dtype: bfloat16\n")
+    r = CliRunner().invoke(main, ["merge", str(copy), "--out", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "c" / "model.safetensors")
+    assert set(got) == set(b) and all(torch.equal(got[n], b[n].to(torch.bfloat16)) for n in b)

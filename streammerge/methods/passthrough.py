@@ -23,8 +23,8 @@ class Passthrough(Method):
 
     def rule_error(self, task: TensorTask) -> str | None:
         if task.rule.merged:
-            return ("passthrough merges nothing: it stacks layers from a recipe's slices: (streammerge merge "
-                    "RECIPE.yaml)")
+            return ("passthrough merges nothing: it copies one model or stacks layer ranges, from a recipe "
+                    "(models: with one entry, or slices:)")
         return None
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:

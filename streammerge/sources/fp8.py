@@ -115,6 +115,7 @@ class Fp8Source(InputSource):
         return ["fp8", *parts, list(self.block)]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "file": self.codes.shard.name, "dtype": self.codes.info.dtype.name,
+        return {"kind": self.kind, "model": self.codes.shard.parent.name, "file": self.codes.shard.name,
+                "tensor": self.codes.info.name, "dtype": self.codes.info.dtype.name,
                 "scales": self.scales.info.name, "scale_dtype": self.scales.info.dtype.name, "scheme": self.scheme,
                 "block": list(self.block)}

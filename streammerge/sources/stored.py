@@ -86,4 +86,5 @@ class StoredSource(InputSource):
         return [str(self.loc.shard.resolve()), size, info.dtype.name, list(info.shape), info.begin, info.end]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "file": self.loc.shard.name, "dtype": self.loc.info.dtype.name}
+        return {"kind": self.kind, "model": self.loc.shard.parent.name, "file": self.loc.shard.name,
+                "tensor": self.loc.info.name, "dtype": self.loc.info.dtype.name}
