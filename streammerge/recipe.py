@@ -110,7 +110,7 @@ class Recipe:
     keep_vision: bool = False  # a vision-language model's vision tower keeps the base's values (VISION_PREFIXES)
     parameters: dict[str, Any] = field(default_factory=dict)  # a recipe's global settings (mergekit ``parameters:``)
     model_parameters: tuple[dict[str, Any], ...] = ()  # a recipe's per-model settings, one mapping per model
-    source: dict[str, Any] | None = None  # the mergekit recipe this came from (written beside the output)
+    source: str | None = None  # the text of the mergekit recipe this came from (written beside the output)
     chat_template: str | None = None  # auto, a built-in name or a Jinja template (streammerge.chat_template)
     pad_to_multiple_of: int | None = None  # the embedding rows must be a multiple of it (they are kept as they are)
     slices: tuple[LayerSlice, ...] = ()  # layer stacking (passthrough): the output's layers, slice by slice

@@ -74,11 +74,16 @@ def load(path: str | Path, **options: Any) -> Recipe:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-    return from_dict(doc, path, **options)
+    return from_dict(doc, path, text, **options)
 
 
-def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
-    """The recipe of the parsed mergekit configuration ``doc`` (read from ``path``); see :func:`load`."""
+def from_dict(doc: Any, path: Path, text: str | None = None, **options: Any) -> Recipe:
+    """The recipe of the parsed mergekit configuration ``doc`` (read from ``path``, whose ``text`` is kept for
+    ``mergekit_config.yml``; by default ``doc`` written as YAML); see :func:`load`."""
+    if text is None:
+        import yaml  # noqa: PLC0415
+
+        text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True)
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (merge_method, base_model, models, ...), got "
                           f"{type(doc).__name__}")
@@ -90,9 +95,9 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
     if not isinstance(method, str) or not method:
         raise RecipeError(f"{path}: merge_method is missing (e.g. merge_method: widen)")
     if doc.get("slices") is not None:
-        return _slices_recipe(doc, path, method, options)
+        return _slices_recipe(doc, path, method, options, text)
     if method == "passthrough":  # models: form: a copy of one model (dtype, scale)
-        original, entries = doc, doc.get("models")
+        entries = doc.get("models")
         if not isinstance(entries, list) or len(entries) != 1:
             raise RecipeError(f"{path}: passthrough copies one model (models: with one entry), or stacks layer "
                               "ranges with slices:")
@@ -101,7 +106,7 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
         doc = {**{k: v for k, v in doc.items() if k != "models"}, "slices": [{"sources": [
             {"model": entry.get("model"), "layer_range": "all", **({"parameters": entry["parameters"]}
                                                                    if entry.get("parameters") else {})}]}]}
-        return _slices_recipe(doc, path, method, options, source=original)
+        return _slices_recipe(doc, path, method, options, text)
     entries = doc.get("models")
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"{path}: models: is missing or empty; list the models to merge as "
@@ -133,7 +138,7 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
         "model_parameters": tuple(model_parameters) if any(model_parameters) else (),
         "dtype": doc.get("out_dtype") or doc.get("dtype"),
         "tokenizer_from": _tokenizer(doc, path), "chat_template": _chat_template(doc, path),
-        "pad_to_multiple_of": _pad(doc, path), "source": doc,
+        "pad_to_multiple_of": _pad(doc, path), "source": text,
     }
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
     _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
@@ -143,7 +148,7 @@ def from_dict(doc: Any, path: Path, **options: Any) -> Recipe:
 
 
 def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[str, Any],
-                   source: dict[str, Any] | None = None) -> Recipe:
+                   text: str) -> Recipe:
     """A ``slices:`` recipe: passthrough layer stacking, or a merge per layer range (:mod:`streammerge.slices`)."""
     if doc.get("models") is not None:
         raise RecipeError(f"{path}: give models: or slices:, not both")
@@ -228,7 +233,7 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
         "parameters": parameters, "model_parameters": model_parameters,
         "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
         "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path),
-        "source": source if source is not None else doc,
+        "source": text,
     }
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
     _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
@@ -298,12 +303,8 @@ def dump(recipe: Recipe) -> str:
 
 
 def dump_source(recipe: Recipe) -> str | None:
-    """The mergekit recipe ``recipe`` was read from, as YAML (None for a command-line recipe)."""
-    if recipe.source is None:
-        return None
-    import yaml  # noqa: PLC0415
-
-    return yaml.safe_dump(recipe.source, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    """The mergekit recipe ``recipe`` was read from, as written (None for a command-line recipe)."""
+    return recipe.source
 
 
 def _check_keys(doc: dict[str, Any], known: tuple[str, ...], where: str, what: str) -> None:

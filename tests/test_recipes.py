@@ -389,3 +389,38 @@ def test_linear_with_a_base_it_does_not_list_averages_the_base_too(fam, tmp_path
     b, c, m = (_dense(fam[k]) for k in ("base", "chat", "multilingual"))
     assert_matches(_dense(tmp_path / "out"), {n: (b[n] + c[n] + m[n]) / 3 for n in b})
     assert "is the base itself" not in r.output
+
+
+def test_an_interrupted_recipe_merge_resumes_to_the_same_bytes(fam, tmp_path, monkeypatch):
+    """Per-tensor parameters, slices and the recipe's source survive the work folder: `resume OUT` (or the same
+    command again) finishes with the bytes of an uninterrupted merge."""
+    from helpers import interrupt_at_tensor
+
+    path = _write(tmp_path, f"""
+slices:
+  - sources:
+      - model: {{base}}
+        layer_range: [0, {LAYERS}]
+      - model: {{chat}}
+        layer_range: [0, {LAYERS}]
+        parameters: {{{{weight: [0.2, 1.0]}}}}
+      - model: {{multilingual}}
+        layer_range: [0, {LAYERS}]
+merge_method: task_arithmetic
+base_model: {{base}}
+parameters:
+  weight:
+    - filter: mlp
+      value: [1.0, 0.1]
+    - value: 0.5
+dtype: float32
+""", fam)
+    assert _merge(path, tmp_path / "whole").exit_code == 0
+    interrupt_at_tensor(monkeypatch, 9)
+    r = _merge(path, tmp_path / "out")
+    assert r.exit_code == 130, r.output
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["resume", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 0, r.output
+    for f in ("model.safetensors", "streammerge_recipe.yaml", "mergekit_config.yml"):
+        assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
