@@ -188,6 +188,16 @@ slices:
             - value: 1.0
 dtype: float32
 """,
+    "nearswap-gradient": """
+merge_method: nearswap
+base_model: fam/base
+models:
+  - model: fam/base
+  - model: fam/chat
+parameters:
+  t: [0.0001, 0.01]
+dtype: float32
+""",
     "passthrough-stack": """
 merge_method: passthrough
 slices:

@@ -40,7 +40,7 @@ def all_methods() -> dict[str, Method]:
 
 
 #: mergekit's method names that streammerge does not have (yet): named as such rather than as a typo
-MERGEKIT_NOT_YET = ("della", "della_linear", "nuslerp", "multislerp", "sce", "karcher", "nearswap",
+MERGEKIT_NOT_YET = ("della", "della_linear", "nuslerp", "multislerp", "sce", "karcher",
                     "arcee_fusion", "ram", "core_space", "task_arithmetic_sce")
 
 
