@@ -54,6 +54,16 @@ def _gradient(values: list[float], t: float) -> float:
     return float(np.interp(t, np.linspace(0, 1, len(values)), values))
 
 
+def _assert_ties(fam: dict[str, Path], recipe: Path, out: Path, weight: list[float]) -> None:
+    """``recipe`` merges chat and multilingual by TIES (densities 0.5 and 0.8, no normalization) as the dense
+    reference does."""
+    r = _merge(recipe, out)
+    assert r.exit_code == 0, r.output
+    want = reference_merge("ties", _dense(fam["base"]), [_dense(fam["chat"]), _dense(fam["multilingual"])],
+                           {"density": [0.5, 0.8], "weight": weight, "normalize": False})
+    assert_matches(_dense(out), want)
+
+
 def test_ties_with_per_model_density_and_weight(fam, tmp_path):
     path = _write(tmp_path, """
 merge_method: ties
@@ -70,11 +80,7 @@ parameters:
 lazy_unpickle: true
 dtype: float32
 """, fam)
-    r = _merge(path, tmp_path / "out")
-    assert r.exit_code == 0, r.output
-    want = reference_merge("ties", _dense(fam["base"]), [_dense(fam["chat"]), _dense(fam["multilingual"])],
-                           {"density": [0.5, 0.8], "weight": [0.7, 0.3], "normalize": False})
-    assert_matches(_dense(tmp_path / "out"), want)
+    _assert_ties(fam, path, tmp_path / "out", weight=[0.7, 0.3])
 
 
 def test_gradient_slerp_with_self_attn_and_mlp_filters(fam, tmp_path):
@@ -373,11 +379,7 @@ base_model: {{base}}
 parameters: {{{{normalize: false}}}}
 dtype: float32
 """, fam)
-    r = _merge(path, tmp_path / "out")
-    assert r.exit_code == 0, r.output
-    want = reference_merge("ties", _dense(fam["base"]), [_dense(fam["chat"]), _dense(fam["multilingual"])],
-                           {"density": [0.5, 0.8], "weight": [0.6, 0.3], "normalize": False})
-    assert_matches(_dense(tmp_path / "out"), want)
+    _assert_ties(fam, path, tmp_path / "out", weight=[0.6, 0.3])
 
 
 def test_linear_with_a_base_it_does_not_list_averages_the_base_too(fam, tmp_path):
