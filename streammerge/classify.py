@@ -383,6 +383,9 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
     embedding = next((e for e in embeddings if e in base.tensors and len(base.tensors[e].info.shape) == 2), None)
     ties = {c.tied(head_name) for c in inputs}
     mode = "mixed" if len(ties) > 1 else "tied" if ties == {True} else "untied"
+    unmatched: list[str] = []  # each model's tensors that do not match the base's names, reported together
+    names: list[str] = []
+    universe = list(base.tensors)
     for k, m in enumerate(models, 1):
         who = f"model {k} ({m.folder})"
         if base.model_type and m.model_type and base.model_type != m.model_type:
@@ -407,10 +410,9 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
             if extra:
                 parts.append(f"has {len(extra)} tensor{'s' if len(extra) != 1 else ''} the base lacks "
                              f"(e.g. {', '.join(extra[:3])})")
-            raise IncompatibleModelsError(f"{who} {' and '.join(parts)}: the models are not homologous; "
-                                          f"--exclude {exclude_regex(missing + extra, [*base.tensors, *m.tensors])} "
-                                          "keeps the base's value of those tensors and leaves out those the base "
-                                          "lacks (the models need not have them)")
+            unmatched.append(f"{who} {' and '.join(parts)}")
+            names += missing + extra
+            universe += list(m.tensors)
         for name, loc in base.tensors.items():
             other = m.tensors.get(name)
             if other is None or from_base(name) or name in skip:
@@ -421,6 +423,11 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
                     f"tensor {name}: shape {list(other.info.shape)} in {who} but {list(loc.info.shape)} in the base"
                     + hint
                 )
+    if unmatched:
+        raise IncompatibleModelsError(
+            "; ".join(unmatched) + f": the models are not homologous; --exclude "
+            f"{exclude_regex(list(dict.fromkeys(names)), list(dict.fromkeys(universe)))} keeps the base's value of "
+            "those tensors and leaves out those the base lacks (the models need not have them)")
     if mode == "mixed":
         if embedding is None:
             raise IncompatibleModelsError(f"some inputs tie {head_name} to the token embedding and some do not, but "

@@ -21,6 +21,7 @@ from .execute import execute
 from .manifest import MANIFEST
 from .methods import all_methods
 from .output import work_folder_for
+from .planner import VARIES
 from .progress import RunSummary
 from .recipe import DEFAULT_SHARD_SIZE, Recipe
 from .stopping import MergeInterrupted
@@ -165,7 +166,8 @@ def _chunking_line(tensors: list[dict[str, Any]]) -> str:
 
 def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
     lines = [
-        f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})",
+        f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})"
+        + ("; --json lists each tensor's" if VARIES in d["params"].values() else ""),
         f"base        {d['base']}",
         *(f"model {i + 1:<5} {m}" for i, m in enumerate(d["models"])),
         f"output      {d['out'] or '(no --out)'} ({len(d['shards'])} shard(s), {format_size(d['bytes_written'])})",

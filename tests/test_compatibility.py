@@ -122,6 +122,15 @@ def test_the_exclude_pattern_in_the_advice_can_be_pasted(clean, tmp_path):
     code, out = _run("merge", "--base", clean["base"], "--model", chat, "--model", clean["multilingual"], "--out",
                      tmp_path / "o", "--exclude", pattern, "-q")
     assert code == 0, out
+    # two models with tensors of their own: one error names both, and its one pattern covers both
+    other = _copy(clean["multilingual"], tmp_path / "other",
+                  lambda ts: {**ts, "model.value_head.weight": torch.ones(1, 64)})
+    code, out = _run("merge", "--base", clean["base"], "--model", chat, "--model", other, "--out", tmp_path / "y")
+    assert code == 1 and "model 1" in out and "model 2" in out
+    pattern = re.search(r"--exclude '([^']+)'", out).group(1)
+    code, out = _run("merge", "--base", clean["base"], "--model", chat, "--model", other, "--out", tmp_path / "p",
+                     "--exclude", pattern, "-q")
+    assert code == 0, out
 
 
 def test_another_model_size_is_not_called_a_vocabulary_difference(clean, tmp_path):
