@@ -198,6 +198,15 @@ parameters:
   t: [0.0001, 0.01]
 dtype: float32
 """,
+    "model-stock-filter-wise": """
+merge_method: model_stock
+base_model: fam/base
+models:
+  - model: fam/chat
+  - model: fam/multilingual
+parameters: {filter_wise: true}
+dtype: float32
+""",
     "passthrough-stack": """
 merge_method: passthrough
 slices:

@@ -1,5 +1,7 @@
-"""Model Stock (Jang et al. 2024), mergekit's non-filter-wise form: from the mean pairwise cosine of the models'
-deltas, ``r = N·cos / (1 + (N−1)·cos)``; the result is ``r·mean_k(M_k) + (1−r)·B``.
+"""Model Stock (Jang et al. 2024), as mergekit computes it: from the mean pairwise cosine of the models' deltas,
+``r = N·cos / (1 + (N−1)·cos)``; the result is ``r·mean_k(M_k) + (1−r)·B``. By default one ratio per tensor;
+with ``filter_wise`` one per row of the last dimension (each output filter of a weight; a vector is one row), computed
+inside each chunk with mergekit's float32 operations, so it needs no statistics pass.
 
 A statistics pass gathers ``⟨Δ_i, Δ_j⟩`` for i ≤ j in float64 (chunk-independent). Where ``1 + (N−1)·cos`` is
 0 (deltas exactly opposed) the ratio is undefined: the merge stops with an error naming the tensor.
@@ -15,7 +17,7 @@ from .._torch import torch
 from ..errors import MethodError
 from . import register
 from ._tiles import PairSums
-from .base import Footprint, Method, Rule, TensorMerge, TensorTask
+from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 COS_EPS = 1e-8
 
@@ -64,19 +66,42 @@ class _ModelStockMerge(TensorMerge):
         return mean.mul_(self.ratio).add_(base * (1.0 - self.ratio))
 
 
+class _FilterWiseMerge(TensorMerge):
+    """One ratio per row of the last dimension (mergekit's ``filter_wise``), in mergekit's order of operations."""
+
+    def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        shape = base.shape
+        w0 = base.reshape(1, -1) if base.dim() <= 1 else base
+        ws = [m.reshape(1, -1) if base.dim() <= 1 else m for m in models]
+        offsets = [w - w0 for w in ws]
+        cos = []
+        for i, a in enumerate(offsets):
+            for b in offsets[i + 1:]:
+                norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+                cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+        n = len(ws)
+        t = (n * c) / (1 + (n - 1) * c)
+        avg = sum(ws) / n
+        return (t * avg + (1 - t) * w0).reshape(shape)
+
+
 @register
 class ModelStock(Method):
     name = "model_stock"
     summary = "Interpolates between the base and the models' average by a ratio set from how aligned their deltas are."
     reference = "Jang et al. 2024, Model Stock, arXiv:2403.19522 (mergekit, non-filter-wise)"
-    passes = "2 (float64 delta Gram matrix, then interpolate)"
-    params = ()
+    passes = "2 (float64 delta Gram matrix, then interpolate); 1 with filter_wise"
+    params = (ParamSpec("filter_wise", bool, False, "one ratio per row of the last dimension (each output filter) "
+                        "instead of one per tensor"),)
     min_models = 2
 
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
-        return 1
+        return 0 if params.get("filter_wise") else 1
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
+        if params.get("filter_wise"):  # the deltas, a pair's product, the mean, the result's temporaries
+            return Footprint(emit_per_element=4 * n_models + 16, gpu_per_element=8 * n_models + 24)
         n, rows, rn, tile = n_models, task.rows, task.row_numel, task.tile
         pairs = n * (n + 1) // 2
         return Footprint(
@@ -90,4 +115,4 @@ class ModelStock(Method):
         )
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:
-        return _ModelStockMerge(task, n_models)
+        return _FilterWiseMerge() if params.get("filter_wise") else _ModelStockMerge(task, n_models)
