@@ -27,8 +27,8 @@ from typing import Any
 from .errors import MethodError
 from .methods import Method
 
-#: a layer's index in a tensor name: ``model.layers.12.``, GPT-2's ``h.12.``
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+#: a layer's index in a tensor name: ``model.layers.12.``, GPT-2's ``h.12.`` (group 1; also streammerge.slices)
+LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 #: parameters mergekit accepts that change only how it uses memory: accepted, and change nothing here
 IGNORED_PARAMETERS = ("int8_mask", "lazy_unpickle")
 
@@ -71,13 +71,13 @@ def layer_count(names: Sequence[str], config: Mapping[str, Any]) -> int:
             for key in ("num_hidden_layers", "n_layer"):
                 if isinstance(c.get(key), int) and c[key] > 0:
                     return c[key]
-    indices = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
+    indices = [int(m.group(1)) for n in names if (m := LAYER.search(n))]
     return max(indices) + 1 if indices else 1
 
 
 def position(name: str, n_layers: int) -> float:
     """``t`` of tensor ``name``: ``i / (n − 1)`` in layer ``i`` of ``n`` (1 when there is one layer); 0 outside."""
-    m = _LAYER.search(name)
+    m = LAYER.search(name)
     if m is None:
         return 0.0
     return int(m.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0

@@ -23,14 +23,12 @@ writes the weights and then fails saving that config).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 from .classify import (
     Classification,
     TensorClass,
     dequantization_notes,
-    in_natural_order,
     kind_of,
     natural_key,
     output_dtype,
@@ -39,11 +37,42 @@ from .classify import (
 from .errors import PlanError
 from .formats.checkpoint import Checkpoint
 from .methods import Rule
-from .parameters import evaluate, layer_count
+from .parameters import LAYER, evaluate, layer_count
 from .quantization import dequantization
 from .recipe import LayerSlice, Recipe
 
-_LAYER = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
+
+def _by_layer(ckpt: Checkpoint) -> tuple[dict[int, list[tuple[str, Any]]], dict[str, Any]]:
+    """``ckpt``'s layer tensors by layer index, and the tensors outside the layers (each in the checkpoint's order)."""
+    layers: dict[int, list[tuple[str, Any]]] = {}
+    others: dict[str, Any] = {}
+    for name, loc in ckpt.tensors.items():
+        m = LAYER.search(name)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append((name, loc))
+        else:
+            others[name] = loc
+    return layers, others
+
+
+def _renamed(name: str, layer: int) -> str:
+    """``name`` with its layer index replaced by ``layer``."""
+    m = LAYER.search(name)
+    assert m is not None
+    return name[: m.start(1)] + str(layer) + name[m.end(1):]
+
+
+def _checked(k: int, s: LayerSlice, ckpt: Checkpoint) -> None:
+    """Refuse a layer range outside its model (slice ``k``, counted from 1)."""
+    n = layer_count(list(ckpt.tensors), ckpt.config)
+    if not 0 <= s.start < s.end <= n:
+        raise PlanError(f"slice {k}: layer_range [{s.start}, {s.end}] is outside {s.model}, which has {n} layers "
+                        "(layer_range is [first, last + 1])")
+
+
+def _position(s: LayerSlice, j: int) -> float:
+    """``t`` of input layer ``j`` of slice ``s``: restarting within each slice, as mergekit does."""
+    return (j - s.start) / (s.end - s.start - 1) if s.end - s.start > 1 else 1.0
 
 
 def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
@@ -71,24 +100,15 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
         if base.model_type and ckpt.model_type and ckpt.model_type != base.model_type:
             raise PlanError(f"slice {k}: {s.model} is a {ckpt.model_type!r} model but the base ({recipe.base}) is "
                             f"{base.model_type!r}: stacked layers must come from one architecture")
-        n = layer_count(list(ckpt.tensors), ckpt.config)
-        if not 0 <= s.start < s.end <= n:
-            raise PlanError(f"slice {k}: layer_range [{s.start}, {s.end}] is outside {s.model}, which has {n} layers "
-                            "(layer_range is [first, last + 1])")
-        by_layer: dict[int, list[tuple[str, Any]]] = {}
-        for name, loc in in_natural_order(ckpt):
-            m = _LAYER.search(name)
-            if m:
-                by_layer.setdefault(int(m.group(3)), []).append((name, loc))
+        _checked(k, s, ckpt)
+        by_layer, _ = _by_layer(ckpt)
         for j in range(s.start, s.end):
-            t = (j - s.start) / (s.end - s.start - 1) if s.end - s.start > 1 else 1.0
             shapes[layer] = {}
             for name, loc in by_layer.get(j, []):
-                m = _LAYER.search(name)
-                assert m is not None
-                new = name[: m.start(3)] + str(layer) + name[m.end(3):]
-                shapes[layer][name[: m.start(3)] + "#" + name[m.end(3):]] = loc.info.shape
-                out.append(_copy(new, loc, d, recipe, (s.source_parameters, s.parameters), t, out_dtype))
+                new = _renamed(name, layer)
+                shapes[layer][_renamed(name, -1)] = loc.info.shape  # the name without its layer index
+                out.append(_copy(new, loc, d, recipe, (s.source_parameters, s.parameters), _position(s, j),
+                                 out_dtype))
             layer += 1
     first = shapes.get(0, {})
     for i, layer_shapes in shapes.items():
@@ -99,8 +119,8 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
     embeddings = set(recipe.embeddings)
     for where in ("first", "last"):
         ckpt, d = head_of[where]
-        for name, loc in in_natural_order(ckpt):
-            if not _LAYER.search(name) and (name in embeddings) == (where == "first"):
+        for name, loc in _by_layer(ckpt)[1].items():
+            if (name in embeddings) == (where == "first"):
                 out.append(_copy(name, loc, d, recipe, (), 0.0, out_dtype))
     config_ckpt = of(recipe.base)[0]
     notes = [f"passthrough: {layer} output layers stacked from {len(recipe.slices)} slice(s); the embeddings come from "
@@ -171,28 +191,16 @@ def slice_views(recipe: Recipe, base: Checkpoint, models: list[Checkpoint]) \
     positions: dict[str, float] = {}
 
     def view(folder: Any, ckpt: Checkpoint) -> Checkpoint:
-        n = layer_count(list(ckpt.tensors), ckpt.config)
-        by_layer: dict[int, list[tuple[str, Any]]] = {}
-        tensors: dict[str, Any] = {}
-        for name, loc in ckpt.tensors.items():
-            m = _LAYER.search(name)
-            if m:
-                by_layer.setdefault(int(m.group(3)), []).append((name, loc))
-            else:
-                tensors[name] = loc
+        by_layer, tensors = _by_layer(ckpt)
         layer = 0
         for k, group in groups.items():
             src = next(s for s in group if s.model.resolve() == folder.resolve())
-            if not 0 <= src.start < src.end <= n:
-                raise PlanError(f"slice {k + 1}: layer_range [{src.start}, {src.end}] is outside {src.model}, which "
-                                f"has {n} layers (layer_range is [first, last + 1])")
+            _checked(k + 1, src, ckpt)
             for j in range(src.start, src.end):
                 for name, loc in by_layer.get(j, []):
-                    m = _LAYER.search(name)
-                    assert m is not None
-                    new = name[: m.start(3)] + str(layer) + name[m.end(3):]
+                    new = _renamed(name, layer)
                     tensors[new] = loc
-                    positions[new] = (j - src.start) / (src.end - src.start - 1) if src.end > src.start + 1 else 1.0
+                    positions[new] = _position(src, j)
                 layer += 1
         return dataclasses.replace(ckpt, tensors=tensors)
 
