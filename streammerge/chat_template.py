@@ -92,6 +92,7 @@ def write_template(work: Path, template: str) -> list[str]:
     """Write ``template`` as ``chat_template.jinja`` in the output folder ``work`` and into its
     ``tokenizer_config.json`` when that carries one; returns the names written."""
     from . import fsio  # noqa: PLC0415
+    from .output import write_json  # noqa: PLC0415
 
     fsio.write_file(work / TEMPLATE_FILE, template.encode("utf-8"))
     written = [TEMPLATE_FILE]
@@ -100,6 +101,6 @@ def write_template(work: Path, template: str) -> list[str]:
         doc = json.loads(config.read_text(encoding="utf-8"))
         if "chat_template" in doc:
             doc["chat_template"] = template
-            fsio.write_file(config, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            write_json(config, doc)
             written.append(config.name)
     return written

@@ -167,10 +167,8 @@ def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
 def write_recipe_files(work: Path, recipe: Any) -> list[str]:
     """``streammerge_recipe.yaml`` (the merge as a recipe that reruns it) and, for a merge from a mergekit recipe,
     ``mergekit_config.yml`` (that recipe as read); returns the names written."""
-    from .yaml_recipe import dump_source  # noqa: PLC0415
-
     fsio.write_file(work / RECIPE_FILE, recipe.to_yaml().encode("utf-8"))
-    source = dump_source(recipe)
+    source = recipe.source  # the mergekit recipe as written (None for a command-line merge)
     if source is None:
         return [RECIPE_FILE]
     fsio.write_file(work / MERGEKIT_FILE, source.encode("utf-8"))

@@ -110,7 +110,6 @@ def dequantization(ckpt: Checkpoint, who: str = "the checkpoint") -> Dequantizat
     description = (f"FP8 ({'; '.join(schemes) or 'no FP8 tensors'}"
                    + (f", quant_method {method!r}" if method else "") + ")")
     misfit = [n for n, src in sources.items() if block and src.scheme == "block" and src.block != block]
-    # (names as stored)
     if misfit:
         description += (f"; config.json's block size {list(block)} does not fit the scales of {len(misfit)} weight(s) "
                         f"(e.g. {misfit[0]}), which fit {DEFAULT_BLOCK[0]}×{DEFAULT_BLOCK[1]} blocks and are read so")

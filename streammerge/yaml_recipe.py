@@ -77,13 +77,9 @@ def load(path: str | Path, **options: Any) -> Recipe:
     return from_dict(doc, path, text, **options)
 
 
-def from_dict(doc: Any, path: Path, text: str | None = None, **options: Any) -> Recipe:
+def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
     """The recipe of the parsed mergekit configuration ``doc`` (read from ``path``, whose ``text`` is kept for
-    ``mergekit_config.yml``; by default ``doc`` written as YAML); see :func:`load`."""
-    if text is None:
-        import yaml  # noqa: PLC0415
-
-        text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    ``mergekit_config.yml``); see :func:`load`."""
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (merge_method, base_model, models, ...), got "
                           f"{type(doc).__name__}")
@@ -123,8 +119,7 @@ def from_dict(doc: Any, path: Path, text: str | None = None, **options: Any) -> 
     base_ref = doc.get("base_model")
     base = _folder(base_ref, path, "base_model") if base_ref is not None else None
     if base is None:
-        if method != "linear":
-            raise RecipeError(f"{path}: base_model is missing; {method} merges the models' changes from a base")
+        _need_base(method, path)
         base = models[0]
     elif method != "linear":  # the base listed among the models is the base, not a model (its entry is dropped)
         keep = [k for k, m in enumerate(models) if m.resolve() != base.resolve()]
@@ -132,19 +127,20 @@ def from_dict(doc: Any, path: Path, text: str | None = None, **options: Any) -> 
     elif all(m.resolve() != base.resolve() for m in models):  # mergekit averages a base it is given, listed last
         models.append(base)
         model_parameters.append({})
-    fields: dict[str, Any] = {
-        "base": base, "models": tuple(models), "method": method,
-        "parameters": _mapping(doc.get("parameters"), path, "parameters"),
-        "model_parameters": tuple(model_parameters) if any(model_parameters) else (),
-        "dtype": doc.get("out_dtype") or doc.get("dtype"),
-        "tokenizer_from": _tokenizer(doc, path), "chat_template": _chat_template(doc, path),
-        "pad_to_multiple_of": _pad(doc, path), "source": text,
-    }
+    return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method,
+                   parameters=_mapping(doc.get("parameters"), path, "parameters"),
+                   model_parameters=tuple(model_parameters) if any(model_parameters) else ())
+
+
+def _recipe(doc: dict[str, Any], path: Path, text: str, options: dict[str, Any], **what: Any) -> Recipe:
+    """The Recipe of ``what`` the models:/slices: reading decided, with what both forms read alike (dtype,
+    tokenizer, chat template, the ``streammerge:`` section, the recipe's text) and the caller's ``options``."""
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
     _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
-    fields.update({OPTIONS[k]: v for k, v in extra.items()})
-    fields.update(options)
-    return Recipe(**fields)
+    return Recipe(**{
+        **what, "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
+        "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path), "source": text,
+        **{OPTIONS[k]: v for k, v in extra.items()}, **options})
 
 
 def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[str, Any],
@@ -184,7 +180,7 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
             group.append(LayerSlice(_folder(src["model"], path, f"slice {k}'s model"), rng[0], rng[1],
                                     _mapping(entry.get("parameters"), path, f"slice {k}'s parameters"), k - 1,
                                     _mapping(src.get("parameters"), path, f"slice {k}'s source parameters")))
-        if rng != [0, -1] and len({s.end - s.start for s in group}) != 1:
+        if len({s.end - s.start for s in group}) != 1:
             raise RecipeError(f"{where} every source of a slice must have as many layers (mergekit's rule)")
         models_here = [s.model.resolve() for s in group]
         if not passthrough and order is not None and models_here != order:
@@ -197,7 +193,7 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
             slices[0].model
     else:
         if doc.get("base_model") is None:
-            raise RecipeError(f"{path}: base_model is missing; {method} merges the models' changes from a base")
+            _need_base(method, path)
         base = _folder(doc["base_model"], path, "base_model")
         if base.resolve() not in order:
             raise RecipeError(f"{path}: base_model {doc['base_model']} must be one of every slice's sources (its "
@@ -209,8 +205,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
         per_slice = {s.index: s.parameters for s in slices}
         if len({repr(p) for p in per_slice.values()}) > 1:
             raise RecipeError(f"{path}: the slices set different parameters; parameters that change from one slice "
-                              "to another are not supported yet with {method}: give them once (the same in every "
-                              "slice, or at the top level)".replace("{method}", method))
+                              f"to another are not supported yet with {method}: give them once (the same in every "
+                              "slice, or at the top level)")
         parameters = {**parameters, **next(iter(per_slice.values()))}
         own: dict[Any, list[str]] = {}
         for sl in slices:
@@ -228,18 +224,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
     if not passthrough:
         model_parameters = tuple(dict(first_params[m.resolve()]) for m in models)
         model_parameters = model_parameters if any(model_parameters) else ()
-    fields: dict[str, Any] = {
-        "base": base, "models": tuple(models), "method": method, "slices": tuple(slices),
-        "parameters": parameters, "model_parameters": model_parameters,
-        "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
-        "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path),
-        "source": text,
-    }
-    extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
-    _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
-    fields.update({OPTIONS[k]: v for k, v in extra.items()})
-    fields.update(options)
-    return Recipe(**fields)
+    return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method, slices=tuple(slices),
+                   parameters=parameters, model_parameters=model_parameters)
 
 
 def dump(recipe: Recipe) -> str:
@@ -302,9 +288,10 @@ def dump(recipe: Recipe) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
-def dump_source(recipe: Recipe) -> str | None:
-    """The mergekit recipe ``recipe`` was read from, as written (None for a command-line recipe)."""
-    return recipe.source
+def _need_base(method: str, path: Path) -> None:
+    """Refuse a recipe without ``base_model`` for a method that merges changes from a base (all but linear)."""
+    if method != "linear":
+        raise RecipeError(f"{path}: base_model is missing; {method} merges the models' changes from a base")
 
 
 def _check_keys(doc: dict[str, Any], known: tuple[str, ...], where: str, what: str) -> None:
