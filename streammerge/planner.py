@@ -265,7 +265,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
     tile, depth = TILE_ROWS, BUFFER_DEPTH
     positions: dict[str, float] | None = None
-    if recipe.slices and method.name == "passthrough":
+    stacking = bool(recipe.slices) and method.name == "passthrough"  # copies of layer ranges, no arithmetic
+    if stacking:
         classification = classify_slices(recipe, base, models, out_dtype)
     elif recipe.slices:  # a merge per layer range: the ordinary classification of each input's renamed view
         base_view, model_views, positions, updates = slice_views(recipe, base, models)
@@ -278,7 +279,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     tensor_params = _tensor_params(recipe, method, base, len(models), [c for c in classes if c.rule.merged],
                                    positions)
     params = _common(tensor_params) if tensor_params else params
-    if recipe.slices and method.name == "passthrough":  # a stack of copies: its one parameter is each copy's scale
+    if stacking:  # a stack of copies: its one parameter is each copy's scale
         scales = {c.scale for c in classes if c.kind is Kind.FLOAT}
         params = {"scale": scales.pop() if len(scales) == 1 else VARIES}
 
