@@ -10,13 +10,37 @@ user's ``import torch`` is untouched.
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
+import threading
 from types import ModuleType
 from typing import Any
 
 
+def import_torch() -> ModuleType:
+    """``import torch``, with a Ctrl-C that arrives meanwhile held until the import is over and then delivered as
+    usual (a ``KeyboardInterrupt``, or the handler in place). torch's start-up runs Python callbacks from C++
+    (pybind11): an interrupt raised inside one cannot unwind through the C++ frames and aborts the process
+    (``std::terminate``, status -6) instead of exiting 130."""
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return importlib.import_module("torch")  # only the main thread sets handlers (and receives SIGINT)
+    held: list[Any] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        module = importlib.import_module("torch")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if held:
+        if callable(before):
+            before(signal.SIGINT, held[0])
+        elif before == signal.SIG_DFL:
+            raise KeyboardInterrupt
+    return module
+
+
 class _DeferredTorch(ModuleType):
     def __getattr__(self, name: str) -> Any:
-        value = getattr(importlib.import_module("torch"), name)
+        value = getattr(import_torch(), name)
         setattr(self, name, value)
         return value
 
@@ -27,4 +51,4 @@ torch: Any = _DeferredTorch("torch")
 def load_torch() -> None:
     """Import torch now (a merge does this before it writes anything, so an interrupt during the seconds the
     import takes leaves nothing behind)."""
-    importlib.import_module("torch")
+    import_torch()

@@ -107,9 +107,10 @@ def make_budget(max_ram: str | int | None = None, device: str | None = "cpu",
     if spec == "cpu" or (spec == "auto" and not gpu_driver_present()):
         where_to, why = "cpu", "--device cpu" if spec == "cpu" else "--device auto: no CUDA device"
     else:  # asking torch takes seconds: only where a GPU may be
-        import torch
-
+        from ._torch import import_torch
         from .device import resolve_device
+
+        torch = import_torch()
 
         resolved = resolve_device(device)
         where_to = str(resolved)

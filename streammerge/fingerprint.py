@@ -47,9 +47,9 @@ def torch_version() -> str:
     try:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:  # a torch not installed as a package (a source checkout)
-        import torch
+        from ._torch import import_torch
 
-        return str(torch.__version__)
+        return str(import_torch().__version__)
 
 
 def tensor_fingerprints(classes: list[TensorClass], method: str, params: dict[str, dict[str, Any]], n_models: int,

@@ -1260,3 +1260,25 @@ def test_an_output_published_by_another_run_while_this_one_starts_is_not_overwri
     r = invoke(*merge_args(fam, out, "-q"))
     assert r.exit_code == 1 and "was completed by another run of this merge" in r.stderr, r.output
     assert not out.with_name(out.name + ".streammerge-partial").exists()
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.6])
+def test_a_ctrl_c_during_torchs_import_arrives_after_it(delay):
+    """torch's start-up runs Python callbacks from C++: an interrupt raised inside one aborts the process. The
+    import holds a Ctrl-C and delivers it as a KeyboardInterrupt once torch is imported."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, signal, sys, threading, time
+threading.Timer({delay}, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+from streammerge._torch import import_torch
+try:
+    import_torch()
+    time.sleep({delay} + 1)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", "torch" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "interrupted True", (r.returncode, r.stdout, r.stderr[-500:])
