@@ -374,7 +374,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule.merged), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
-                run_fingerprint(doc), _notes(recipe, budget, tensors) + classification.notes, doc, base, tuple(models),
+                run_fingerprint(doc), _notes(recipe, method, params, budget, tensors) + classification.notes, doc, base, tuple(models),
                 classification.config_updates, resolve_template(recipe.chat_template,
                                                                  list(dict.fromkeys([recipe.base, *recipe.models]))))
 
@@ -421,7 +421,8 @@ def _common(tensor_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {k: v if all(p[k] == v for p in rest) else VARIES for k, v in first.items()}
 
 
-def _notes(recipe: Recipe, budget: Budget, tensors: list[TensorPlan]) -> tuple[str, ...]:
+def _notes(recipe: Recipe, method: Method, params: dict[str, Any], budget: Budget,
+           tensors: list[TensorPlan]) -> tuple[str, ...]:
     notes = [budget.note] if budget.note else []
     if recipe.exclude and tensors and all(t.kept_because == "--exclude" for t in tensors if t.kind.value == "float"):
         notes.append("every floating-point tensor matches --exclude: the output is a copy of the base")
@@ -434,8 +435,10 @@ def _notes(recipe: Recipe, budget: Budget, tensors: list[TensorPlan]) -> tuple[s
                          "completes")
     base = recipe.base.resolve()
     for k, m in enumerate(recipe.models, 1):
-        if m.resolve() == base and not (recipe.source is not None and recipe.method == "linear"):
-            # (a recipe's linear averages its base as mergekit does: nothing to point out)
+        base_is_input = (method.base_policy == "none" and recipe.source is not None) or params.get("use_base") is False
+        if m.resolve() == base and not base_is_input:
+            # (a recipe's linear or karcher averages its base as mergekit does, and without use_base the base only
+            # gives the structure: nothing to point out)
             notes.append(f"model {k} ({m}) is the base itself: its delta is zero everywhere. Sums of deltas (task "
                          "arithmetic, TIES, DARE) are unchanged by it; averages and scores count it: it adds the base "
                          "to linear's average, dilutes the others in widen, and changes model_stock's ratio")

@@ -118,17 +118,21 @@ def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
         model_parameters.append(_mapping(entry.get("parameters"), path, f"models entry {k}'s parameters"))
     base_ref = doc.get("base_model")
     base = _folder(base_ref, path, "base_model") if base_ref is not None else None
+    policy = _base_policy(method)
+    parameters = _mapping(doc.get("parameters"), path, "parameters")
     if base is None:
         _need_base(method, path)
-        base = models[0]
-    elif method != "linear":  # the base listed among the models is the base, not a model (its entry is dropped)
+        base = models[0]  # the structure's reference; the method combines the models themselves
+        if policy == "optional":
+            parameters = {**parameters, "use_base": False}
+    elif policy != "none":  # the base listed among the models is the base, not a model (its entry is dropped)
         keep = [k for k, m in enumerate(models) if m.resolve() != base.resolve()]
         models, model_parameters = [models[k] for k in keep], [model_parameters[k] for k in keep]
     elif all(m.resolve() != base.resolve() for m in models):  # mergekit averages a base it is given, listed last
         models.append(base)
         model_parameters.append({})
     return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method,
-                   parameters=_mapping(doc.get("parameters"), path, "parameters"),
+                   parameters=parameters,
                    model_parameters=tuple(model_parameters) if any(model_parameters) else ())
 
 
@@ -188,7 +192,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
                               "takes the same models in every slice")
         order = order if order is not None else models_here
         slices += group
-    if passthrough or method == "linear":
+    policy = "none" if passthrough else _base_policy(method)
+    if policy != "required":
         base = _folder(doc["base_model"], path, "base_model") if doc.get("base_model") is not None else \
             slices[0].model
     else:
@@ -208,6 +213,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
                               f"to another are not supported yet with {method}: give them once (the same in every "
                               "slice, or at the top level)")
         parameters = {**parameters, **next(iter(per_slice.values()))}
+        if policy == "optional" and doc.get("base_model") is None:
+            parameters["use_base"] = False
         own: dict[Any, list[str]] = {}
         for sl in slices:
             own.setdefault(sl.model.resolve(), []).append(repr(sl.source_parameters))
@@ -217,8 +224,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
         first_params = {sl.model.resolve(): sl.source_parameters for sl in slices if sl.index == 0}
     if passthrough:
         models = list(dict.fromkeys(s.model for s in slices if s.model.resolve() != base.resolve()))
-    elif method == "linear":  # mergekit averages every source, the base among them
-        models = firsts
+    elif policy == "none" or (policy == "optional" and doc.get("base_model") is None):
+        models = firsts  # mergekit combines every source, the base among them
     else:
         models = [m for m in firsts if m.resolve() != base.resolve()]
     if not passthrough:
@@ -233,7 +240,7 @@ def dump(recipe: Recipe) -> str:
     has no key for; :func:`load` of it gives the same merge."""
     import yaml  # noqa: PLC0415
 
-    from .methods import get_method  # noqa: PLC0415
+    from .methods import USE_BASE, get_method  # noqa: PLC0415
 
     method = get_method(recipe.method)
     n = len(recipe.models)
@@ -249,6 +256,9 @@ def dump(recipe: Recipe) -> str:
         elif name not in shared:
             shared[name] = value[0] if spec.per_model else value
     doc: dict[str, Any] = {"merge_method": method.name, "base_model": recipe.reference(recipe.base)}
+    if method.base_policy == "optional" and "use_base" in shared:
+        if not USE_BASE.convert(shared.pop("use_base"), method.name):  # mergekit's form: a recipe without base_model
+            del doc["base_model"]
     if recipe.slices:
         groups: dict[int, list[Any]] = {}
         for sl in recipe.slices:
@@ -288,9 +298,22 @@ def dump(recipe: Recipe) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
+def _base_policy(method: str) -> str:
+    """The method's :attr:`~streammerge.methods.base.Method.base_policy` ("required" for a name not known: the
+    planner names the unknown method)."""
+    from .errors import MethodError  # noqa: PLC0415
+    from .methods import get_method  # noqa: PLC0415
+
+    try:
+        return get_method(method).base_policy
+    except MethodError:
+        return "required"
+
+
 def _need_base(method: str, path: Path) -> None:
-    """Refuse a recipe without ``base_model`` for a method that merges changes from a base (all but linear)."""
-    if method != "linear":
+    """Refuse a recipe without ``base_model`` for a method that merges changes from a base (base_policy
+    "required")."""
+    if _base_policy(method) == "required":
         raise RecipeError(f"{path}: base_model is missing; {method} merges the models' changes from a base")
 
 

@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from ..errors import MethodError
-from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask, unknown_name_message
+from .base import USE_BASE, Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask, unknown_name_message
 
 _REGISTRY: dict[str, Method] = {}
 _loaded = False
@@ -48,12 +48,12 @@ def get_method(name: str) -> Method:
     """The method called ``name``; an unknown name gets a "did you mean" error."""
     methods = all_methods()
     key = name.strip().lower().replace("-", "_")
+    if key in methods:
+        return methods[key]
     if key in MERGEKIT_NOT_YET:
         raise MethodError(f"mergekit's {key!r} method is not in streammerge yet; the methods here: "
                           f"{', '.join(methods)} (`streammerge methods` describes them)")
-    if key not in methods:
-        raise MethodError(unknown_name_message("unknown merge method", name, list(methods)))
-    return methods[key]
+    raise MethodError(unknown_name_message("unknown merge method", name, list(methods)))
 
 
-__all__ = ["Footprint", "Method", "ParamSpec", "Rule", "TensorMerge", "TensorTask", "all_methods", "get_method", "register"]
+__all__ = ["USE_BASE", "Footprint", "Method", "ParamSpec", "Rule", "TensorMerge", "TensorTask", "all_methods", "get_method", "register"]

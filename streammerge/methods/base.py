@@ -97,6 +97,12 @@ class ParamSpec:
         return value
 
 
+#: the switch of the methods whose ``base_policy`` is "optional" (a recipe without ``base_model`` sets it false)
+USE_BASE = ParamSpec("use_base", bool, True, "merge the models' changes from the base (mergekit: a recipe with "
+                     "base_model); false: merge the models' weights themselves, the base only giving the structure "
+                     "(mergekit: no base_model)")
+
+
 @dataclass(frozen=True)
 class TensorTask(RowLayout):
     """What a method knows about one tensor: its name, stored shape, rule and the plan's reduction tile."""
@@ -184,6 +190,13 @@ class Method:
     raw_models: bool = False
     #: token embeddings (Rule.EMBEDDING) are merged by their own rule, not as an ordinary matrix
     embedding_rule: bool = False
+    #: what the base is to the method (mergekit's ``base_model`` contract), decided here once and read by the recipe
+    #: loader and the planner: ``"required"``, the models' changes from the base are merged; ``"none"``, the base only
+    #: gives the structure and the method combines the models (a recipe's ``base_model`` is averaged as one more
+    #: model, as mergekit does: linear, karcher); ``"optional"``, with ``use_base`` true (a recipe with
+    #: ``base_model``) the models' changes from the base are merged, with it false (a recipe without) the models
+    #: themselves (nuslerp, multislerp)
+    base_policy: str = "required"
 
     def resolve_params(self, raw: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Validate user parameters (strings or values) into typed values; per-model ones become tuples."""

@@ -32,6 +32,7 @@ class Linear(Method):
     name = "linear"
     summary = "Weighted average of the models' weights (the base is not included unless also given as --model)."
     reference = "Wortsman et al. 2022, Model soups, arXiv:2203.05482"
+    base_policy = "none"
     params = (replace(WEIGHT, help="weight of each model in the average"),
               ParamSpec("normalize", bool, True, "divide by the sum of the weights"))
 
