@@ -67,8 +67,10 @@ DELTA_METHODS: dict[str, dict[str, Any]] = {
     "dare_ties": dict(sparsify="random", consensus=True, normalize=False, rescale=True),
     "breadcrumbs": dict(sparsify="outliers", consensus=False, normalize=False, rescale=False),
     "breadcrumbs_ties": dict(sparsify="outliers", consensus=True, normalize=False, rescale=False),
+    "della": dict(sparsify="della", consensus=True, normalize=True, rescale=True),
+    "della_linear": dict(sparsify="della", consensus=False, normalize=False, rescale=True),
 }
-METHODS = ("linear", *DELTA_METHODS, "slerp", "model_stock")
+METHODS = ("linear", *DELTA_METHODS, "slerp", "model_stock", "sce")
 
 
 def per_model(value: Any, n: int) -> list[float]:
@@ -109,38 +111,78 @@ def keep_ranks(absd: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.from_numpy(mask).reshape(absd.shape)
 
 
+def della_probabilities(absd: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probabilities: per row along dim 1 (a vector is one row), from density − ε for the smallest
+    |Δ| to density + ε for the largest, linear in the ascending rank (ties by index); a one-element row: density."""
+    x = absd.reshape(1, -1) if absd.dim() <= 1 else absd
+    n = x.shape[1]
+    if n <= 1:
+        return torch.full(absd.shape, density, dtype=torch.float32)
+    order = np.argsort(x.numpy(), axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(n).reshape((1, n) + (1,) * (x.dim() - 2)).repeat(1, 0)
+                      * np.ones_like(order), axis=1)
+    rank_norm = torch.from_numpy(ranks.astype(np.float32)) / (n - 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(absd.shape)
+
+
+def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """mergekit 0.1.5's rescaled_masked_tensor (norm l1): the kept deltas times Σ|Δ| / Σ|kept|, unless either < 1e-7."""
+    before = float(delta.double().abs().sum())
+    after = float(kept.double().abs().sum())
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
 def sparsify(kind: str, delta: torch.Tensor, density: float, gamma: float, rescale: bool,
-             key: int | None) -> torch.Tensor:
+             key: int | None, mode: str = "l1", epsilon: float = 0.15) -> torch.Tensor:
     numel = delta.numel()
     if kind == "none" or density >= 1:
         return delta
+    p: float | torch.Tensor = density
     if kind == "magnitude":
-        k = int(density * numel)
-        return delta * keep_ranks(delta.abs(), 0, k)
-    if kind == "outliers":
+        k = 0 if density <= 0 or numel == 0 else max(1, int(density * numel))
+        mask = keep_ranks(delta.abs(), 0, k)
+    elif kind == "outliers":
         target, top = int(density * numel), int(gamma * numel)
         if numel - target - top < 0:
             top = numel - target
-        return delta * keep_ranks(delta.abs(), top, top + target)
-    if kind == "random":
+        mask = keep_ranks(delta.abs(), top, top + target)
+    elif kind == "random":
         assert key is not None
         u = torch.from_numpy(dare_uniforms(key, numel)).reshape(delta.shape)
-        out = delta * (u >= 1.0 - density)
-        if rescale and density > 0:
-            out = out / density
-        return out
-    raise ValueError(kind)
+        mask = u >= 1.0 - density
+    elif kind == "della":
+        assert key is not None
+        if density <= 0:
+            return torch.zeros_like(delta)
+        p = della_probabilities(delta.abs(), density, epsilon)
+        u = torch.from_numpy(dare_uniforms(key, numel)).reshape(delta.shape)
+        mask = u >= 1.0 - p.double()
+    else:
+        raise ValueError(kind)
+    kept = delta * mask
+    if not rescale:
+        return kept
+    if mode == "l1":
+        return rescale_l1(delta, kept)
+    if isinstance(p, torch.Tensor):
+        return kept / p
+    return kept / density if density > 0 else kept
 
 
 def delta_tensor(name: str, base: torch.Tensor, models: Sequence[torch.Tensor], *, sparsify_kind: str,
                  consensus: bool, weight: list[float], density: list[float], gamma: list[float], lam: float,
-                 normalize: bool, rescale: bool, seed: int) -> torch.Tensor:
+                 normalize: bool, rescale: bool, seed: int, mode: str = "l1",
+                 epsilon: list[float] | None = None) -> torch.Tensor:
     b = base.to(torch.float32)
+    eps = epsilon or [0.15] * len(models)
     ds = []
     for k, m in enumerate(models):
         delta = m.to(torch.float32) - b
-        key = dare_key(seed, k, name) if sparsify_kind == "random" else None
-        ds.append(sparsify(sparsify_kind, delta, density[k], gamma[k], rescale, key) * weight[k])
+        key = dare_key(seed, k, name) if sparsify_kind in ("random", "della") else None
+        ds.append(sparsify(sparsify_kind, delta, density[k], gamma[k], rescale, key, mode, eps[k]) * weight[k])
     if consensus:
         total = ds[0].clone()
         for d in ds[1:]:
@@ -162,6 +204,27 @@ def delta_tensor(name: str, base: torch.Tensor, models: Sequence[torch.Tensor], 
             total_w = sum(weight)
             mixed = mixed / (1.0 if abs(total_w) < 1e-8 else total_w)
     return b + mixed * lam
+
+
+def sce_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """SCE (mergekit 0.1.5): top-k by variance across the models (population; k = int(topk · #nonzero), ties by
+    index), weights = mean masked τ² / their sum (1/K below 1e-6), sign election on the unweighted masked sum."""
+    b = base.to(torch.float32)
+    tvs = torch.stack([m.to(torch.float32) - b for m in models])
+    if select_topk <= 0:
+        tvs = torch.zeros_like(tvs)
+    elif select_topk < 1:
+        var = tvs.double().var(dim=0, unbiased=False).float()  # float64, rounded once
+        k = int(int(torch.count_nonzero(var)) * select_topk)
+        tvs = tvs * keep_ranks(var, 0, k)
+    means = tvs.double().square().reshape(len(models), -1).mean(dim=1) if tvs[0].numel() else \
+        torch.zeros(len(models), dtype=torch.float64)
+    total = float(means.sum())
+    w = torch.full((len(models),), 1.0 / len(models)) if abs(total) < 1e-6 else (means / total).float()
+    w = w.reshape((-1,) + (1,) * b.dim())
+    elected = torch.where(tvs.sum(dim=0) >= 0, torch.tensor(1.0), torch.tensor(-1.0))
+    shares = w * (torch.sign(tvs) == elected)
+    return b + (tvs * shares).sum(dim=0) / shares.sum(dim=0).clamp(min=1e-6)
 
 
 def linear_tensor(models: Sequence[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
@@ -240,7 +303,10 @@ def reference_merge(method: str, base: Mapping[str, torch.Tensor], models: Seque
                 gamma=per_model(p.get("gamma", 0.01), n), lam=float(p.get("lambda", 1.0)),
                 normalize=as_bool(p.get("normalize", spec["normalize"])),
                 rescale=as_bool(p.get("rescale", spec["rescale"])), seed=int(p.get("seed", 0)),
+                mode=str(p.get("rescale_mode", "l1")), epsilon=per_model(p.get("epsilon", 0.15), n),
             )
+        elif method == "sce":
+            out[name] = sce_tensor(b, ms, float(p.get("select_topk", 1.0)))
         elif method == "slerp":
             assert n == 1
             out[name] = slerp_tensor(b, ms[0], float(p.get("t", 0.5)))

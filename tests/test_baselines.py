@@ -181,6 +181,17 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                               "lambda": 0.8, "normalize": True}),
     "breadcrumbs_ties-unnormalized": ("breadcrumbs_ties", {"weight": W3, "density": [0.5, 0.2, 0.7],
                                                            "gamma": 0.05}),
+    "dare_ties-inverse-density": ("dare_ties", {"weight": W3, "density": D3, "rescale_mode": "inverse_density"}),
+    "ties-rescaled": ("ties", {"weight": W3, "density": D3, "rescale": True}),
+    "breadcrumbs-rescaled": ("breadcrumbs", {"weight": W3, "density": D3, "gamma": 0.05, "rescale": True}),
+    "della": ("della", {"weight": W3, "density": D3, "epsilon": 0.05, "lambda": 0.8, "seed": 2}),
+    "della-inverse-density": ("della", {"weight": W3, "density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.2, 0.3],
+                                        "rescale_mode": "inverse_density"}),
+    "della_linear": ("della_linear", {"weight": W3, "density": [0.4, 0.5, 0.6], "normalize": True}),
+    "della_linear-norescale": ("della_linear", {"weight": W3, "density": [0.4, 0.5, 0.6], "rescale": False}),
+    "sce": ("sce", {"select_topk": 0.4}),
+    "sce-no-selection": ("sce", {}),
+    "sce-select-nothing": ("sce", {"select_topk": 0.0}),
     "slerp": ("slerp", {"t": 0.3}),
     "model_stock": ("model_stock", {}),
 }
@@ -300,19 +311,21 @@ def test_ties_density_one_is_consensus_only(fam):
     assert not torch.allclose(got[Q], plain_sum[Q])  # the sign election did something
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+                                    "della_linear"])
 def test_density_zero_gives_base(fam, method):
     got = load(fam.run(method, {"weight": W3, "density": 0.0, "lambda": 0.8}))
     for name, b in fam.base.items():
         assert torch.equal(got[name], b), name
 
 
-def test_k_zero_keeps_nothing(fam):
+def test_a_positive_density_keeps_at_least_one_element(fam):
+    """mergekit 0.1.5's magnitude keeps max(1, int(density·n)) elements: one here, where int(0.1·5) is 0."""
     params = {"weight": W3, "density": 0.1}
     assert int(0.1 * SHAPES[SMALL][0]) == 0
     got = load(fam.run("ties", params))
-    assert torch.equal(got[SMALL], fam.base[SMALL])
-    assert not torch.equal(got[Q], fam.base[Q])  # larger tensors keep their top 10 %
+    changed = (got[SMALL] != fam.base[SMALL]).sum().item()
+    assert 1 <= changed <= 3  # each model's largest delta, where its sign is the elected one
     assert_matches(got, fam.reference("ties", params))
 
 

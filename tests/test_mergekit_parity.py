@@ -3,8 +3,9 @@ parameters, gradients over the layers, filters, the base listed among the models
 
 mergekit runs from its own environment (it must not change this one's pinned torch): the executable named by
 ``STREAMMERGE_MERGEKIT``, else ``.ci-mergekit-venv`` (which ``.ci/run`` installs when it can) or
-``bench/.mergekit-venv``. Without one these tests are skipped, saying so. Methods that draw random masks (DARE)
-differ by design (counter-based masks here) and are not compared.
+``bench/.mergekit-venv``. Without one these tests are skipped, saying so. Methods that draw random masks (DARE,
+DELLA) differ by design (counter-based masks here): for them the statistics that matter are compared instead (the
+kept fraction, the L1 norm the rescale keeps, DELLA's preference for large deltas).
 """
 
 from __future__ import annotations
@@ -207,6 +208,45 @@ models:
 parameters: {filter_wise: true}
 dtype: float32
 """,
+    "ties-rescaled": """
+merge_method: ties
+base_model: fam/base
+models:
+  - model: fam/chat
+    parameters: {density: 0.4, weight: 0.6}
+  - model: fam/multilingual
+    parameters: {density: 0.7, weight: 0.5}
+parameters: {rescale: true}
+dtype: float32
+""",
+    "breadcrumbs-rescaled": """
+merge_method: breadcrumbs_ties
+base_model: fam/base
+models:
+  - model: fam/chat
+    parameters: {density: 0.5, gamma: 0.05, weight: 0.6}
+  - model: fam/multilingual
+    parameters: {density: 0.3, gamma: 0.02, weight: 0.5}
+parameters: {rescale: true}
+dtype: float32
+""",
+    "sce-select": """
+merge_method: sce
+base_model: fam/base
+models:
+  - model: fam/chat
+  - model: fam/multilingual
+parameters: {select_topk: 0.5}
+dtype: float32
+""",
+    "sce-all": """
+merge_method: sce
+base_model: fam/base
+models:
+  - model: fam/chat
+  - model: fam/multilingual
+dtype: float32
+""",
     "passthrough-stack": """
 merge_method: passthrough
 slices:
@@ -246,3 +286,47 @@ def test_mergekit_and_streammerge_agree_on_a_recipe(name, workdir, monkeypatch):
         assert ours[n].dtype == t.dtype, n
         assert torch.allclose(ours[n].float(), t.float(), atol=2e-6, rtol=1e-5), \
             f"{n}: max difference {(ours[n].float() - t.float()).abs().max().item():.3g}"
+
+
+RANDOM_RECIPE = """
+merge_method: {method}
+base_model: fam/base
+models:
+  - model: fam/chat
+    parameters: {{density: 0.4, weight: 1.0{extra}}}
+dtype: float32
+"""
+
+
+@pytest.mark.parametrize("method,extra", [("dare_linear", ""), ("della_linear", ", epsilon: 0.3")])
+def test_random_masks_keep_mergekits_statistics(method, extra, workdir, monkeypatch):
+    """One model, weight 1: the kept fraction is the density (within sampling error), the L1 rescale keeps each
+    tensor's delta L1 norm in both, and DELLA keeps large deltas more often than small ones in both."""
+    monkeypatch.chdir(workdir)
+    recipe = workdir / f"random-{method}.yml"
+    recipe.write_text(RANDOM_RECIPE.format(method=method, extra=extra))
+    mk, sm = workdir / f"mk-random-{method}", workdir / f"sm-random-{method}"
+    proc = subprocess.run([str(MERGEKIT), str(recipe), str(mk), "--no-copy-tokenizer", "--no-write-model-card"],
+                          cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert (mk / "model.safetensors").is_file(), proc.stderr[-2000:]
+    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(sm), "-q"])
+    assert r.exit_code == 0, r.output
+    base, chat = (load_file(workdir / "fam" / n / "model.safetensors") for n in ("base", "chat"))
+    for out in (load_file(sm / "model.safetensors"), load_file(mk / "model.safetensors")):
+        kept = total = 0
+        large = small = 0.0
+        for n, b in base.items():
+            if b.numel() < 1000:
+                continue
+            delta, got = chat[n] - b, out[n] - b
+            keep = got != 0
+            kept, total = kept + int(keep.sum()), total + keep.numel()
+            assert abs(got.abs().sum().item() / delta.abs().sum().item() - 1) < 1e-4, n  # the L1 rescale
+            order = delta.abs().reshape(delta.shape[0], -1).argsort(dim=1)
+            rows = keep.reshape(delta.shape[0], -1)
+            third = order.shape[1] // 3
+            small += rows.gather(1, order[:, :third]).float().mean().item()
+            large += rows.gather(1, order[:, -third:]).float().mean().item()
+        assert abs(kept / total - 0.4) < 0.01
+        if method == "della_linear":  # p from 0.1 (smallest) to 0.7 (largest): thirds average 0.2 and 0.6
+            assert large > small * 2

@@ -1,13 +1,24 @@
-"""The shared core of the delta-based baselines (task arithmetic, TIES, DARE, Breadcrumbs), mergekit's semantics.
+"""The shared core of the delta-based methods (task arithmetic, TIES, DARE, Breadcrumbs, DELLA), mergekit 0.1.5's
+generalized task arithmetic (``mergekit/merge_methods/generalized_task_arithmetic.py``, ``mergekit/sparsify.py``).
 
-Per tensor: each model's delta ``Δ_k = M_k − B`` is sparsified (``magnitude``: keep the top ``density`` share of
-``|Δ|``; ``outliers``: Breadcrumbs, drop the top ``gamma`` share and keep the next ``density`` share; ``random``:
-DARE, keep each element with probability ``density`` from a counter-based generator, optionally rescaled by
-``1/density``), multiplied by its ``weight``; with sign consensus the elected sign is that of the summed weighted
-deltas (``>= 0`` counts as +) and only agreeing elements count; with ``normalize`` the sum is divided by the summed
-weights of the counted elements; the result is scaled by ``lambda`` and added to the base.
+Per tensor, each model's delta ``Δ_k = M_k − B`` goes through three composable steps:
 
-Exact selections take two statistics passes (radix select, see ``_select``); everything else is element-wise.
+1. a **sparsifier** (:class:`Sparsifier`, chosen by the method's ``sparsifier`` attribute) keeps some elements:
+   ``Magnitude`` (TIES: the top ``density`` share of ``|Δ|``, at least one element), ``Outliers`` (Breadcrumbs:
+   drop the top ``gamma`` share, keep the next ``density`` share), ``Bernoulli`` (DARE: each element with
+   probability ``density``), ``MagPrune`` (DELLA: per row, probabilities from ``density − ε`` to ``density + ε`` by
+   magnitude rank). Random draws come from a counter-based generator (``_rng``), so they do not depend on chunking.
+2. with ``rescale``, the kept elements are scaled back: ``rescale_mode: l1`` (mergekit 0.1.5's
+   ``rescaled_masked_tensor``, the default) multiplies them by ``Σ|Δ| / Σ|kept Δ|`` over the whole tensor, so the
+   tensor keeps its delta's L1 norm (no scaling when either sum is below 1e-7); ``inverse_density`` divides each
+   kept element by its keep probability (the DARE and DELLA papers).
+3. the deltas, multiplied by their ``weight``, are combined: summed, or with a **sign consensus** (TIES: the
+   elected sign is that of the summed weighted deltas, ``>= 0`` counting as +, and only agreeing elements count);
+   ``normalize`` divides by the summed weights of the counted models; the result is scaled by ``lambda`` and added
+   to the base.
+
+Passes: exact selections take two statistics passes (radix select, ``_select``); the L1 rescale one more (two
+float64 sums per model, chunk-independent, ``_tiles.ColumnSums``); then the merge pass.
 """
 
 from __future__ import annotations
@@ -18,12 +29,16 @@ from typing import Any
 import numpy as np
 
 from .._torch import torch
-from ._rng import keep_mask, stream_key
+from ._rng import keep_mask, stream_key, uniform
 from ._select import BINS, TopK
+from ._tiles import ColumnSums
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 #: bytes of one radix-select histogram (int64 counts)
 HISTOGRAM_BYTES = BINS * 8
+#: mergekit's ``rescaled_masked_tensor`` leaves a tensor unscaled when either L1 norm is below this
+RESCALE_EPS = 1e-7
+RESCALE_MODES = ("l1", "inverse_density")
 
 
 def unit_interval(x: float) -> str | None:
@@ -34,150 +49,384 @@ def finite(x: float) -> str | None:
     return None if abs(x) < float("inf") else "must be finite"
 
 
+def one_of(*choices: str):  # type: ignore[no-untyped-def]
+    def check(x: str) -> str | None:
+        return None if x in choices else f"must be one of {', '.join(choices)}"
+    return check
+
+
 WEIGHT = ParamSpec("weight", float, 1.0, "scale of each model's delta", per_model=True, check=finite)
 DENSITY = ParamSpec("density", float, 1.0, "share of each model's delta elements kept", per_model=True, check=unit_interval)
 GAMMA = ParamSpec("gamma", float, 0.01, "share of the largest |delta| elements removed (Breadcrumbs)", per_model=True,
                   check=unit_interval)
+EPSILON = ParamSpec("epsilon", float, 0.15, "spread of DELLA's keep probabilities: density ± epsilon from the "
+                    "smallest to the largest |delta| of a row", per_model=True, check=unit_interval)
 LAMBDA = ParamSpec("lambda", float, 1.0, "scale of the merged delta added to the base", check=finite)
 SEED = ParamSpec("seed", int, 0, "seed of the counter-based drop masks (same masks for any chunking or device)")
+RESCALE_MODE = ParamSpec("rescale_mode", str, "l1", "how rescale scales the kept deltas back: l1, each tensor keeps "
+                         "its delta's L1 norm (mergekit 0.1.5); inverse_density, each kept element is divided by its "
+                         "keep probability (the DARE and DELLA papers)", check=one_of(*RESCALE_MODES))
 
 
 def normalize_param(default: bool) -> ParamSpec:
     return ParamSpec("normalize", bool, default, "divide by the summed weights of the models counted at each element")
 
 
-def rescale_param(default: bool) -> ParamSpec:
-    return ParamSpec("rescale", bool, default, "divide kept elements by density (DARE's rescaling)")
+def rescale_params(default: bool) -> tuple[ParamSpec, ParamSpec]:
+    """``rescale`` (mergekit's default per method) and ``rescale_mode`` (l1, mergekit 0.1.5's meaning)."""
+    return (ParamSpec("rescale", bool, default, "scale the kept deltas back after sparsifying (how: rescale_mode)"),
+            RESCALE_MODE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sparsifiers: one per model and tensor
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Sparsifier:
+    """One model's sparsification of its delta on one tensor.
+
+    Statistics passes (``passes`` of them, fed ``|Δ|`` chunks in row order) come first; then :meth:`keep` gives the
+    keep factor of each chunk, in row order. Subclasses set ``passes`` and implement :meth:`keep`.
+    """
+
+    passes = 0
+
+    def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int) -> None:
+        self.task, self.k = task, k
+        self.density = params["density"][k]
+
+    def accumulate(self, pass_index: int, absd: torch.Tensor) -> None:
+        """Feed one chunk's ``|Δ|`` (float32, the chunk's shape) to statistics pass ``pass_index``."""
+
+    def end_pass(self, pass_index: int) -> None:
+        """After the last chunk of a statistics pass."""
+
+    def keep(self, r0: int, absd: torch.Tensor, inverse_density: bool = False) -> torch.Tensor | None:
+        """float32 factor for the chunk starting at row ``r0`` (``|Δ|`` given): 1 kept, 0 dropped, or with
+        ``inverse_density`` 1/p for a kept element of keep probability p; None when every element is kept as it is."""
+        raise NotImplementedError
+
+    def rewind(self) -> None:
+        """Make :meth:`keep` start again at row 0 (after a statistics pass that used it)."""
+
+    def export(self) -> list[int]:
+        """What the statistics passes found, as integers (journaled)."""
+        return []
+
+    def restore(self, exported: list[int]) -> None:
+        """Restore :meth:`export`'s result."""
+
+    def cursor(self) -> list[int]:
+        """Emit state after the last chunk (for selections that count ties in row order)."""
+        return []
+
+    def restore_cursor(self, cursor: list[int]) -> None:
+        """Continue after the chunk whose :meth:`cursor` this is."""
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is dropped (density below 1)."""
+        return self.density < 1
+
+
+def _inverse(factor: torch.Tensor, p: float) -> torch.Tensor:
+    return factor.div_(p) if p > 0 else factor
+
+
+class _Selection(Sparsifier):
+    """Keep the elements of descending ``|Δ|`` rank in ``[lo, hi)`` (ties by flat index): ``top(hi) − top(lo)``,
+    each found exactly by radix select (two passes)."""
+
+    passes = 2
+
+    def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int, lo: int, hi: int) -> None:
+        super().__init__(task, params, k)
+        n = task.numel
+        self.hi = TopK(hi, n)
+        self.lo = TopK(lo, n) if lo > 0 else None
+
+    def _topks(self) -> list[TopK]:
+        return [s for s in (self.hi, self.lo) if s is not None]
+
+    def accumulate(self, pass_index: int, absd: torch.Tensor) -> None:
+        for s in self._topks():
+            (s.pass_a if pass_index == 0 else s.pass_b)(absd)
+
+    def end_pass(self, pass_index: int) -> None:
+        for s in self._topks():
+            (s.end_a if pass_index == 0 else s.end_b)()
+
+    def keep(self, r0: int, absd: torch.Tensor, inverse_density: bool = False) -> torch.Tensor | None:
+        if not self.active:
+            return None
+        keep = self.hi.factor(absd)
+        if self.lo is not None:  # the top lo are inside the top hi, so keep_hi − keep_lo is 0 or 1
+            drop = self.lo.factor(absd)
+            if drop is not None:
+                keep = drop.neg_().add_(1) if keep is None else keep.sub_(drop)
+            elif keep is not None:
+                keep.zero_()
+            else:
+                keep = torch.zeros_like(absd)
+        if keep is None:
+            keep = torch.ones_like(absd)
+        return _inverse(keep, self.density) if inverse_density else keep
+
+    def rewind(self) -> None:
+        for s in self._topks():
+            s.seen_ties = 0
+
+    def export(self) -> list[int]:
+        return [x for s in self._topks() for x in s.export()]
+
+    def restore(self, exported: list[int]) -> None:
+        for i, s in enumerate(self._topks()):
+            s.restore(exported[3 * i: 3 * i + 3])
+
+    def cursor(self) -> list[int]:
+        return [s.seen_ties for s in self._topks()]
+
+    def restore_cursor(self, cursor: list[int]) -> None:
+        for s, seen in zip(self._topks(), cursor):
+            s.seen_ties = seen
+
+
+class Magnitude(_Selection):
+    """TIES's trim: the top ``density`` share of ``|Δ|``; a positive density keeps at least one element
+    (mergekit's ``magnitude``)."""
+
+    def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int) -> None:
+        d, n = params["density"][k], task.numel
+        keep = n if d >= 1 else (0 if d <= 0 or n == 0 else max(1, int(d * n)))
+        super().__init__(task, params, k, 0, keep)
+
+
+class Outliers(_Selection):
+    """Breadcrumbs: drop the ``gamma`` share of largest ``|Δ|`` and keep the next ``density`` share (the outlier
+    removal shrinks when there are not enough elements left; mergekit's ``magnitude_outliers``)."""
+
+    def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int) -> None:
+        d, g, n = params["density"][k], params["gamma"][k], task.numel
+        if d >= 1:
+            super().__init__(task, params, k, 0, n)
+            return
+        target, top = int(d * n), int(g * n)
+        top = min(top, n - target)
+        super().__init__(task, params, k, top, top + target)
+
+
+class Bernoulli(Sparsifier):
+    """DARE: keep each element with probability ``density``; dropped iff ``u < 1 − density`` for the element's
+    counter-based uniform ``u``."""
+
+    def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int) -> None:
+        super().__init__(task, params, k)
+        self.key = stream_key(params["seed"], k, task.name)
+
+    def keep(self, r0: int, absd: torch.Tensor, inverse_density: bool = False) -> torch.Tensor | None:
+        if not self.active:
+            return None
+        keep = keep_mask(self.key, r0 * self.task.row_numel, absd.numel(), self.density, np.float32, absd.device)
+        keep = keep.reshape(absd.shape)
+        return _inverse(keep, self.density) if inverse_density else keep
+
+
+class MagPrune(Sparsifier):
+    """DELLA's MAGPRUNE (Deep et al. 2024, arXiv:2406.11617; mergekit's ``della_magprune``): in each row along dim 1
+    (a vector is one row), the element of ascending ``|Δ|`` rank ``r`` (1..n, ties by index) is kept with
+    probability ``p = (density − ε) + 2ε·(r − 1)/(n − 1)`` (float32, mergekit's order of operations; a row of one
+    element gets ``density``), drawn from the counter-based generator: kept iff ``u >= 1 − p``."""
+
+    def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int) -> None:
+        super().__init__(task, params, k)
+        self.epsilon = params["epsilon"][k]
+        self.key = stream_key(params["seed"], k, task.name)
+
+    @property
+    def active(self) -> bool:
+        return 0 < self.density < 1
+
+    def probabilities(self, absd: torch.Tensor) -> torch.Tensor:
+        """float32 keep probabilities of a chunk (its shape)."""
+        x = absd.reshape(1, -1) if absd.dim() <= 1 else absd
+        n = x.shape[1]
+        if n <= 1:
+            return torch.full(absd.shape, self.density, dtype=torch.float32, device=absd.device)
+        ranks = torch.argsort(torch.argsort(x, dim=1, stable=True), dim=1, stable=True).to(torch.float32)
+        # ranks are 0-based here: (r − 1) / (n − 1) with mergekit's 1-based r, min 1 and max n
+        rank_norm = ranks.div_(n - 1).clamp_(0, 1)
+        p = rank_norm.mul_(2 * self.epsilon).add_(self.density - self.epsilon)
+        return p.reshape(absd.shape)
+
+    def keep(self, r0: int, absd: torch.Tensor, inverse_density: bool = False) -> torch.Tensor | None:
+        if self.density >= 1:
+            return None
+        if self.density <= 0:
+            return torch.zeros_like(absd)
+        p = self.probabilities(absd)
+        u = uniform(self.key, r0 * self.task.row_numel, absd.numel(), absd.device).reshape(absd.shape)
+        keep = (u >= 1.0 - p.to(torch.float64)).to(torch.float32)
+        return keep.div_(p) if inverse_density else keep
+
+
+SPARSIFIERS: dict[str, type[Sparsifier]] = {"magnitude": Magnitude, "outliers": Outliers, "random": Bernoulli,
+                                            "della": MagPrune}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Consensus
+# --------------------------------------------------------------------------------------------------------------
+
+
+def elected_sign(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """+1 where the summed deltas are >= 0, else −1 (mergekit's ``get_mask(method="sum")``). −0 only where every
+    delta is ±0, which no sign keeps; NaN makes the output NaN anyway. Float arithmetic: boolean masks are slow on
+    the CPU."""
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total.add_(d)
+    return torch.ones_like(total).copysign_(total)
+
+
+def agreement(delta: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
+    """1 where ``sign(delta)`` is the elected sign (0 where it differs or delta is 0); NaN stays NaN."""
+    return torch.mul(delta, elected).sign_().clamp_(min=0)
+
+
+def sign_consensus(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES's merge of weighted deltas (modified in place): only those agreeing with the elected sign count;
+    with ``normalize`` the sum is divided by the summed weights of the agreeing models (1 where none)."""
+    elected = elected_sign(deltas)
+    divisor = None
+    for w, d in zip(weights, deltas):
+        agree = agreement(d, elected)
+        d.mul_(agree)
+        if normalize:
+            share = agree.mul_(w) if w != 1.0 else agree
+            divisor = share if divisor is None else divisor.add_(share)
+    del elected
+    mixed = deltas[0]
+    for d in deltas[1:]:
+        mixed.add_(d)
+    if normalize:
+        assert divisor is not None
+        if min(weights) > 0:  # a 0 divisor only where every term is ±0: any positive divisor keeps them
+            mixed.div_(divisor.clamp_(min=min(weights) / 2))
+        else:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return mixed
+
+
+def plain_sum(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """The weighted deltas summed (in place); ``normalize`` divides by the summed weights (unless ~0)."""
+    mixed = deltas[0]
+    for d in deltas[1:]:
+        mixed.add_(d)
+    if normalize:
+        divisor = sum(weights)
+        mixed.div_(1.0 if abs(divisor) < 1e-8 else divisor)
+    return mixed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine's view
+# --------------------------------------------------------------------------------------------------------------
 
 
 class _DeltaTensorMerge(TensorMerge):
 
     def __init__(self, method: DeltaMethod, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
         self.m, self.task, self.p, self.n = method, task, params, n_models
-        numel = self.numel = task.numel
-        # one or two top-k selectors per model; keep = top(k_hi) & ~top(k_lo)
-        self.selectors: list[tuple[TopK, TopK | None]] = []
-        if method.sparsify == "magnitude":
-            for k in range(n_models):
-                d = params["density"][k]
-                keep = numel if d >= 1 else int(d * numel)
-                self.selectors.append((TopK(keep, numel), None))
-        elif method.sparsify == "outliers":
-            for k in range(n_models):
-                d, g = params["density"][k], params["gamma"][k]
-                if d >= 1:
-                    self.selectors.append((TopK(numel, numel), None))
-                    continue
-                target, top = int(d * numel), int(g * numel)
-                if numel - target - top < 0:
-                    top = numel - target
-                self.selectors.append((TopK(top + target, numel), TopK(top, numel)))
-        self.keys = [stream_key(params["seed"], k, task.name) for k in range(n_models)] if method.sparsify == "random" else []
-        self.row_numel = task.row_numel
-        self._flat_start = 0  # flat index of the emitted chunk's first element (random masks)
-
-    def _selectors(self) -> list[TopK]:
-        return [s for pair in self.selectors for s in pair if s is not None]
+        cls = SPARSIFIERS.get(method.sparsify)
+        self.sparsifiers = [cls(task, params, k) for k in range(n_models)] if cls else []
+        self.select_passes = method.selection_passes(params)
+        self.l1 = method.l1_pass(params)
+        self.inverse = bool(params.get("rescale")) and params.get("rescale_mode") == "inverse_density"
+        self.scales = [1.0] * n_models
+        self.sums = ColumnSums(task.rows, task.row_numel, 2 * n_models, task.tile) if self.l1 else None
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
-        for (hi, lo), m in zip(self.selectors, models):
+        if pass_index < self.select_passes:
+            for sp, m in zip(self.sparsifiers, models):
+                if sp.passes:
+                    sp.accumulate(pass_index, (m - base).abs_())
+            return
+        assert self.sums is not None
+        values = []
+        for sp, m in zip(self.sparsifiers, models):
             absd = (m - base).abs_()
-            for s in (hi, lo):
-                if s is not None:
-                    (s.pass_a if pass_index == 0 else s.pass_b)(absd)
+            keep = sp.keep(r0, absd)
+            values += [absd, absd if keep is None else keep.mul_(absd)]
+        self.sums.add(r0, values)
 
     def end_pass(self, pass_index: int) -> None:
-        for s in self._selectors():
-            (s.end_a if pass_index == 0 else s.end_b)()
-
-    def _sparse(self, k: int, delta: torch.Tensor) -> torch.Tensor:
-        if self.m.sparsify in ("magnitude", "outliers"):
-            hi, lo = self.selectors[k]
-            absd = delta.abs()
-            keep = hi.factor(absd)
-            if lo is not None:  # the top k_lo are inside the top k_hi, so keep_hi − keep_lo is 0 or 1
-                drop = lo.factor(absd)
-                if drop is not None:
-                    keep = drop.neg_().add_(1) if keep is None else keep.sub_(drop)
-                elif keep is not None:
-                    keep.zero_()
-                else:
-                    keep = torch.zeros_like(delta)
-            return delta if keep is None else delta.mul_(keep)
-        if self.m.sparsify == "random":
-            density = self.p["density"][k]
-            if density >= 1:
-                return delta
-            # dropped iff u < drop rate (1 − density)
-            keep = keep_mask(self.keys[k], self._flat_start, delta.numel(), density, np.float32, delta.device)
-            delta.mul_(keep.reshape(delta.shape))
-            if self.p["rescale"] and density > 0:
-                delta.div_(density)
-        return delta
+        if pass_index < self.select_passes:
+            for sp in self.sparsifiers:
+                if sp.passes:
+                    sp.end_pass(pass_index)
+            return
+        assert self.sums is not None
+        totals = self.sums.finish()
+        for k, sp in enumerate(self.sparsifiers):
+            before, after = totals[2 * k], totals[2 * k + 1]
+            self.scales[k] = 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+            sp.rewind()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        sel = self._selectors()
-        return {"select": torch.tensor([s.export() for s in sel], dtype=torch.int64)} if sel else {}
+        state = {}
+        exported = [x for sp in self.sparsifiers for x in sp.export()]
+        if exported:
+            state["select"] = torch.tensor(exported, dtype=torch.int64)
+        if self.l1:
+            state["scales"] = torch.tensor(self.scales, dtype=torch.float64)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for s, exported in zip(self._selectors(), state["select"].tolist()):
-            s.restore(exported)
+        if "select" in state:
+            exported = state["select"].tolist()
+            for sp in self.sparsifiers:
+                size = len(sp.export())
+                sp.restore(exported[:size])
+                exported = exported[size:]
+        if "scales" in state:
+            self.scales = state["scales"].tolist()
 
     def cursor(self) -> dict[str, Any]:
-        sel = self._selectors()
-        return {"seen": [s.seen_ties for s in sel]} if sel else {}
+        seen = [x for sp in self.sparsifiers for x in sp.cursor()]
+        return {"seen": seen} if seen else {}
 
     def restore_cursor(self, cursor: dict[str, Any]) -> None:
-        for s, seen in zip(self._selectors(), cursor.get("seen", [])):
-            s.seen_ties = seen
+        seen = list(cursor.get("seen", []))
+        for sp in self.sparsifiers:
+            size = len(sp.cursor())
+            sp.restore_cursor(seen[:size])
+            seen = seen[size:]
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]
-        self._flat_start = r0 * self.row_numel
-        deltas = [self._sparse(k, m - base) for k, m in enumerate(models)]
-        for d, w in zip(deltas, weights):
-            if w != 1.0:
-                d.mul_(w)
-        normalize = self.p["normalize"]
-        if self.m.consensus:
-            total = deltas[0].clone()
-            for d in deltas[1:]:
-                total.add_(d)
-            # the elected sign, +1 where the summed mass is >= 0 (−0 only where every delta is ±0, which no sign
-            # keeps; NaN makes the output NaN anyway). Float arithmetic throughout: boolean masks are slow on CPU.
-            elected = torch.ones_like(total).copysign_(total)
-            del total
-            divisor = None
-            for w, d in zip(weights, deltas):
-                agree = torch.mul(d, elected).sign_().clamp_(min=0)  # 1 where sign(d) is elected (not 0), NaN stays
-                d.mul_(agree)
-                if normalize:
-                    share = agree.mul_(w) if w != 1.0 else agree
-                    divisor = share if divisor is None else divisor.add_(share)
-            del elected
-            mixed = deltas[0]
-            for d in deltas[1:]:
-                mixed.add_(d)
-            if normalize:
-                assert divisor is not None
-                if min(weights) > 0:  # a 0 divisor only where every term is ±0: any positive divisor keeps them
-                    mixed.div_(divisor.clamp_(min=min(weights) / 2))
-                else:
-                    mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        else:
-            mixed = deltas[0]
-            for d in deltas[1:]:
-                mixed.add_(d)
-            if normalize:
-                divisor = sum(weights)
-                mixed.div_(1.0 if abs(divisor) < 1e-8 else divisor)
+        deltas = []
+        for k, m in enumerate(models):
+            d = m - base
+            if self.sparsifiers:
+                keep = self.sparsifiers[k].keep(r0, d.abs(), self.inverse)
+                if keep is not None:
+                    d.mul_(keep)
+                    if self.scales[k] != 1.0:
+                        d.mul_(self.scales[k])
+            if weights[k] != 1.0:
+                d.mul_(weights[k])
+            deltas.append(d)
+        combine = sign_consensus if self.m.consensus else plain_sum
+        mixed = combine(deltas, weights, self.p["normalize"])
         if self.p["lambda"] != 1:
             mixed.mul_(self.p["lambda"])
         return mixed.add_(base)
 
 
 class DeltaMethod(Method):
-    """Configure with ``sparsify`` (none/magnitude/outliers/random) and ``consensus``; see the module docstring."""
+    """Configure with ``sparsify`` (a key of :data:`SPARSIFIERS`, or "none") and ``consensus``; see the module
+    docstring."""
 
     sparsify: str = "none"
     consensus: bool = False
@@ -185,37 +434,69 @@ class DeltaMethod(Method):
 
     @property
     def passes(self) -> str:  # type: ignore[override]
+        rescale = any(p.name == "rescale" for p in self.params)
         if self.sparsify in ("magnitude", "outliers"):
-            return "3 (two exact radix-select passes over |delta|, then merge); 1 when every density is 1"
+            text = "3 (two exact radix-select passes over |delta|, then merge); 1 when every density is 1"
+            return text + ("; with rescale (l1) one more: the L1 norms" if rescale else "")
+        if rescale:
+            return "2 with rescale (l1: the L1 norms of the deltas, kept and all, then merge); else 1"
         return "1 (element-wise)"
 
-    def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
+    def resolve_params(self, raw: Mapping[str, Any], n_models: int) -> dict[str, Any]:
+        params = super().resolve_params(raw, n_models)
+        if self.sparsify == "della":  # mergekit's della_magprune refuses probabilities outside (0, 1)
+            from ..errors import MethodError  # noqa: PLC0415
+
+            for k, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
+                if 0 < d < 1 and not (0 < d - e and d + e < 1):
+                    raise MethodError(f"{self.name}: model {k + 1}: density ± epsilon must lie inside (0, 1), got "
+                                      f"density {d} and epsilon {e}; lower epsilon")
+        return params
+
+    def selection_passes(self, params: Mapping[str, Any]) -> int:
         """Two radix-select passes, unless every model keeps everything (density 1)."""
-        if self.sparsify in ("magnitude", "outliers") and any(d < 1 for d in params["density"]):
-            return 2
+        cls = SPARSIFIERS.get(self.sparsify)
+        if cls is not None and cls.passes and any(d < 1 for d in params["density"]):
+            return cls.passes
         return 0
+
+    def l1_pass(self, params: Mapping[str, Any]) -> bool:
+        """Whether the L1 rescale's statistics pass runs: rescale with mode l1, and something is dropped."""
+        return (self.sparsify in SPARSIFIERS and bool(params.get("rescale"))
+                and params.get("rescale_mode") == "l1" and any(d < 1 for d in params["density"]))
+
+    def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
+        return self.selection_passes(params) + int(self.l1_pass(params))
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """Measured on the CPU (bench/ram_probe.py). Merge pass: every model's delta, and the float32 upcast that
         ``m - base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the
-        drop factor too (12); sign election the elected sign and two agreement factors (8 in all, alive with the
-        selection's gone). Statistics passes: the base, the previous |delta|, the upcast and the new |delta| (12
-        beyond the base's copy). State: one 65 536-bin int64 histogram per selection, two more while a pass ends;
-        DARE's mask generator keeps three 65 536-element uint64 work arrays."""
+        drop factor too (12), DELLA its ranks (int64 sort indices twice), probabilities and uniforms (float64); sign
+        election the elected sign and two agreement factors (8 in all, alive with the selection's gone). Statistics
+        passes: the base, the previous |delta|, the upcast and the new |delta| (12 beyond the base's copy); the L1
+        pass the float64 copies of |delta| and the kept |delta| per model and their stack (32n). State: one 65 536-bin
+        int64 histogram per selection, two more while a pass ends; DARE's mask generator keeps three 65 536-element
+        uint64 work arrays; the L1 sums 16n bytes per row element."""
         n = n_models
-        selections = {"magnitude": n, "outliers": 2 * n}.get(self.sparsify, 0)
-        extra = {"none": 0, "magnitude": 8, "outliers": 12, "random": 0}[self.sparsify]
+        selections = {"magnitude": n, "outliers": 2 * n}.get(self.sparsify, 0) if self.selection_passes(params) else 0
+        extra = {"none": 0, "magnitude": 8, "outliers": 12, "random": 0, "della": 40}[self.sparsify]
         if self.consensus:
             extra = max(extra, 8)
-        gpu_extra = {"none": 0, "magnitude": 16, "outliers": 24, "random": 24}[self.sparsify]
+        gpu_extra = {"none": 0, "magnitude": 16, "outliers": 24, "random": 24, "della": 48}[self.sparsify]
+        l1 = self.l1_pass(params)
+        l1_stats = 32 * n + 8 + (extra if self.sparsify == "della" else 0)
+        rows, rn = task.rows, task.row_numel
         return Footprint(
-            stats_per_element=12 if selections else 0,
+            stats_per_element=max(12 if selections else 0, l1_stats if l1 else 0),
             emit_per_element=4 * n + 4 + extra,
-            stats_state=selections * HISTOGRAM_BYTES,
+            stats_state=selections * HISTOGRAM_BYTES + (16 * n * rn if l1 else 0),
             end_of_pass=(selections + 2) * HISTOGRAM_BYTES if selections else 0,
             emit_state=3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0,
-            gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4,
-            gpu_state=2 * n * 2 * HISTOGRAM_BYTES if selections else 0,
+            partial_tile=ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn if l1 else 0,
+            gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4
+            + (16 * n if l1 else 0),
+            gpu_state=(2 * n * 2 * HISTOGRAM_BYTES if selections else 0)
+            + (ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn + 16 * n * rn if l1 else 0),
         )
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:

@@ -140,14 +140,46 @@ def tile_products_bytes(n_products: int, rows: int, row_numel: int, product_byte
     return n_products * min(rows, tile) * row_numel * (product_bytes + (4 if on_gpu else 0))
 
 
-class PairSums:
+class ColumnSums:
+    """Chunk-independent float64 sums over a whole tensor of each of several same-shaped inputs (``Σ x``)."""
+
+    def __init__(self, rows: int, row_numel: int, n_sums: int, tile: int) -> None:
+        self.n_sums = n_sums
+        self.tile = tile
+        self._feeder = TileFeeder(max(rows, 1), tile)
+        self._size = n_sums * row_numel
+        self._total: torch.Tensor | None = None  # (n_sums · row_numel) per-column sums, on the first chunk's device
+
+    @staticmethod
+    def per_element(n_inputs: int) -> int:
+        """Bytes per block element while adding: float64 copies of the inputs and their stacked copy."""
+        return 16 * n_inputs
+
+    def _block_values(self, block: list[torch.Tensor]) -> torch.Tensor:
+        """(rows, n_sums, row_numel) values to sum, from a block of whole tiles of the float64 inputs."""
+        return torch.stack(block, dim=1)
+
+    def add(self, r0: int, tensors: Sequence[torch.Tensor]) -> None:
+        for _, block in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
+            vals = self._block_values(block)
+            if self._total is None:
+                self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
+            add_column_sums(self._total, vals, self.tile)
+
+    def finish(self) -> list[float]:
+        """One float64 total per sum: the per-column sums added up by numpy (the same on every device)."""
+        total = np.zeros(self._size) if self._total is None else self._total.cpu().numpy()
+        return [float(x) for x in total.reshape(self.n_sums, -1).sum(axis=1)]
+
+
+class PairSums(ColumnSums):
     """Chunk-independent float64 sums over a whole tensor of products ``Σ a·b`` for several pairs of inputs.
 
     ``pairs`` are index pairs into the list of tensors passed to :meth:`add` (e.g. base, model 1, ...).
     """
 
     @staticmethod
-    def per_element(n_inputs: int, n_pairs: int) -> int:
+    def per_element(n_inputs: int, n_pairs: int) -> int:  # type: ignore[override]
         """Bytes per block element while adding: float64 copies of the inputs, the products and their stacked copy."""
         return 8 * (n_inputs + 2 * n_pairs)
 
@@ -170,18 +202,7 @@ class PairSums:
 
     def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]], tile: int) -> None:
         self.pairs = list(pairs)
-        self.tile = tile
-        self._feeder = TileFeeder(max(rows, 1), tile)
-        self._size = len(self.pairs) * row_numel
-        self._total: torch.Tensor | None = None  # on the device of the first chunk
+        super().__init__(rows, row_numel, len(self.pairs), tile)
 
-    def add(self, r0: int, tensors: Sequence[torch.Tensor]) -> None:
-        for _, block in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
-            vals = torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
-            if self._total is None:
-                self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
-            add_column_sums(self._total, vals, self.tile)
-
-    def finish(self) -> list[float]:
-        total = np.zeros(self._size) if self._total is None else self._total.cpu().numpy()
-        return [float(x) for x in total.reshape(len(self.pairs), -1).sum(axis=1)]  # numpy: the same on every device
+    def _block_values(self, block: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)

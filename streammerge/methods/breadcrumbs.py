@@ -4,7 +4,7 @@ the next ``density`` share (exact, two radix passes); add (``breadcrumbs``) or e
 from __future__ import annotations
 
 from . import register
-from ._delta import DENSITY, GAMMA, LAMBDA, WEIGHT, DeltaMethod, normalize_param
+from ._delta import DENSITY, GAMMA, LAMBDA, WEIGHT, DeltaMethod, normalize_param, rescale_params
 
 
 @register
@@ -12,7 +12,7 @@ class Breadcrumbs(DeltaMethod):
     name = "breadcrumbs"
     summary = "Drop the largest (gamma) and smallest deltas, keep a density share in between, and add them."
     reference = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795 (mergekit semantics)"
-    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False))
+    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), *rescale_params(False))
     sparsify = "outliers"
 
 

@@ -1,11 +1,13 @@
-"""DARE (Yu et al. 2024): drop each delta element with probability ``1 − density`` and rescale the rest by
-``1/density``, then add (``dare_linear``) or elect signs as TIES does (``dare_ties``). Masks come from a
-counter-based generator keyed by (seed, model, tensor, element), so they do not depend on chunking or device."""
+"""DARE (Yu et al. 2024): drop each delta element with probability ``1 − density`` and rescale the rest, then add
+(``dare_linear``) or elect signs as TIES does (``dare_ties``). The rescale is mergekit 0.1.5's by default (each
+tensor keeps its delta's L1 norm); ``rescale_mode=inverse_density`` divides by ``density`` as the paper does. Masks
+come from a counter-based generator keyed by (seed, model, tensor, element), so they do not depend on chunking or
+device."""
 
 from __future__ import annotations
 
 from . import register
-from ._delta import DENSITY, LAMBDA, SEED, WEIGHT, DeltaMethod, normalize_param, rescale_param
+from ._delta import DENSITY, LAMBDA, SEED, WEIGHT, DeltaMethod, normalize_param, rescale_params
 
 
 @register
@@ -13,7 +15,7 @@ class DareLinear(DeltaMethod):
     name = "dare_linear"
     summary = "Randomly drop delta elements (keep probability density), rescale, and add them to the base."
     reference = "Yu et al. 2024, Language Models are Super Mario (DARE), arXiv:2311.03099"
-    params = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), rescale_param(True), SEED)
+    params = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), *rescale_params(True), SEED)
     sparsify = "random"
 
 
