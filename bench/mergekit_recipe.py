@@ -25,10 +25,24 @@ METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dare_ties": (_DELTA, ("weight", "density")),
     "breadcrumbs": (_DELTA, ("weight", "density", "gamma")),
     "breadcrumbs_ties": (_DELTA, ("weight", "density", "gamma")),
+    "della": (_DELTA, ("weight", "density", "epsilon")),
+    "della_linear": (_DELTA, ("weight", "density", "epsilon")),
+    "sce": (("int8_mask", "select_topk"), ()),
     "slerp": (("t",), ()),
-    "model_stock": ((), ()),
+    "model_stock": (("filter_wise",), ()),
+    "nearswap": (("t",), ()),
+    "nuslerp": (("nuslerp_flatten", "nuslerp_row_wise"), ("weight",)),
+    "multislerp": (("normalize_weights", "eps"), ("weight",)),
+    "karcher": (("max_iter", "tol"), ()),
+    "arcee_fusion": ((), ()),
+    "ram": (("epsilon",), ()),
+    "ramplus_tl": (("r", "alpha", "epsilon"), ()),
 }
-BOOLS = {"int8_mask", "normalize", "rescale"}
+#: methods for which streammerge's --base is not an input (base_policy "none"): no base_model in the config
+NO_BASE = {"linear", "karcher"}
+BOOLS = {"int8_mask", "normalize", "rescale", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise",
+         "normalize_weights"}
+INTS = {"max_iter"}
 IGNORED = {"seed"}
 # safetensors header dtype -> mergekit dtype name
 DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
@@ -42,6 +56,8 @@ def _scalar(name: str, text: str) -> str:
         if low not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{name}={text!r} is not a boolean")
         return "true" if low in ("true", "1", "yes") else "false"
+    if name in INTS:
+        return str(int(text))
     return repr(float(text))
 
 
@@ -87,7 +103,7 @@ def mergekit_yaml(method: str, base: Path, models: list[Path], params: dict[str,
         lines.append(f"base_model: {json.dumps(str(base))}")
         entries = _model(base, {}) + [e for m, d in zip(models, per_model) for e in _model(m, d)]
     else:
-        if method != "linear":  # linear averages the models only, as in streammerge
+        if method not in NO_BASE:  # linear and karcher combine the models only, as streammerge's CLI does
             lines.append(f"base_model: {json.dumps(str(base))}")
         entries = [e for m, d in zip(models, per_model) for e in _model(m, d)]
     lines += ["models:", *entries]

@@ -66,7 +66,10 @@ METHODS: dict[str, dict[str, str]] = {
     "widen": {}, "linear": {}, "task_arithmetic": {"weight": "0.7,0.4"}, "ties": {"density": "0.5"},
     "dare_linear": {"density": "0.6", "seed": "3"}, "dare_ties": {"density": "0.6", "seed": "3"},
     "breadcrumbs": {"density": "0.6", "gamma": "0.05"}, "breadcrumbs_ties": {"density": "0.6", "gamma": "0.05"},
-    "slerp": {}, "model_stock": {},
+    "slerp": {}, "model_stock": {}, "nearswap": {"t": "0.001"},
+    "della": {"density": "0.5", "epsilon": "0.1"}, "della_linear": {"density": "0.5", "epsilon": "0.1"},
+    "sce": {"select_topk": "0.5"}, "nuslerp": {}, "multislerp": {}, "karcher": {}, "arcee_fusion": {}, "ram": {},
+    "ramplus_tl": {},
 }
 BUDGETS = ["40MiB", "128MiB", "1GiB"]
 #: (hidden, intermediate, layers, heads, kv_heads, vocab, tied): vram_probe's "mid" family
@@ -122,7 +125,10 @@ def child(spec: dict) -> dict:
 
     def models_of(fam: str) -> tuple[Path, list[Path]]:
         root = Path(spec["families"][fam])
-        return root / "base", [root / "chat"] if method == "slerp" else [root / "chat", root / "multilingual"]
+        from streammerge.methods import get_method  # noqa: PLC0415
+
+        one = get_method(method).max_models == 1
+        return root / "base", [root / "chat"] if one else [root / "chat", root / "multilingual"]
 
     base, models = models_of("tiny-edges" if spec["family"] == "edges" else "tiny")
     api.merge(base, models, work / "warmup", method, params, max_ram="64MiB", device="cpu", force=True)

@@ -5,6 +5,8 @@ test_baselines.py; against mergekit itself in test_mergekit_parity.py."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -148,3 +150,32 @@ def test_della_density_one_and_zero_need_no_epsilon_check():
     assert m.resolve_params({"density": 0.0, "epsilon": 0.5}, 1)["density"] == (0.0,)
     with pytest.raises(MethodError, match="model 2"):
         m.resolve_params({"density": "1.0,0.1", "epsilon": 0.15}, 2)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3, "rescale": True}), ("dare_ties", {"density": 0.3}),
+    ("della", {"density": 0.3, "epsilon": 0.1}), ("della_linear", {"density": 0.5}), ("sce", {"select_topk": 0.5}),
+    ("breadcrumbs_ties", {"density": 0.3, "rescale": True}),
+])
+@pytest.mark.filterwarnings("ignore:model . .* is the base itself")
+def test_zero_deltas_give_the_base(pair, tmp_path, method, params):
+    """A model equal to the base: nothing to keep, no L1 norm to restore (mergekit's eps branch), no NaN."""
+    root, base, _ = pair
+    out = api.merge(root / "base", [root / "base", root / "base"], tmp_path / "out", method=method, params=params)
+    got = load_file(out / "model.safetensors")
+    for n, b in base.items():
+        assert torch.equal(got[n], b), n
+
+
+def test_sce_with_identical_models_follows_mergekit(pair, tmp_path):
+    """Identical models have no variance anywhere: select_topk < 1 selects nothing (k = int(0 · topk)) and gives
+    the base, as mergekit's sce does; select_topk 1 keeps everything and gives the model."""
+    root, base, model = pair
+    twin = tmp_path / "twin"
+    shutil.copytree(root / "model", twin)
+    for topk, want in ((0.5, base), (1.0, model)):
+        out = api.merge(root / "base", [root / "model", twin], tmp_path / f"o{topk}", method="sce",
+                        params={"select_topk": topk})
+        got = load_file(out / "model.safetensors")
+        for n in base:
+            assert torch.allclose(got[n], want[n], atol=1e-6), (topk, n)
