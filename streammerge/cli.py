@@ -19,7 +19,7 @@ from .errors import StreamMergeError
 from .examples import SHAPES, model_bytes, write_example
 from .execute import execute
 from .manifest import MANIFEST
-from .methods import all_methods
+from .methods import all_methods, method_origin, plugin_problems
 from .output import work_folder_for
 from .planner import VARIES
 from .progress import RunSummary
@@ -386,14 +386,33 @@ def _compatibility(folders: tuple[Path, ...], as_json: bool) -> None:
 
 
 @main.command()
-def methods() -> None:
-    """List merge methods with their parameters and defaults."""
-    for m in all_methods().values():
-        if m.max_models == m.min_models:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the methods, and the plugins that were not loaded, as JSON.")
+def methods(as_json: bool) -> None:
+    """List merge methods with their origin (builtin, or the plugin's distribution and version), parameters and
+    defaults. A plugin that cannot be loaded is named on stderr with why; the other methods work as usual."""
+    found = all_methods()
+    for problem in plugin_problems():
+        click.echo(f"warning: {problem}", err=True)
+    if as_json:
+        click.echo(json.dumps({
+            "methods": [{"name": m.name, "origin": method_origin(m.name), "summary": m.summary,
+                         "reference": m.reference, "passes": m.passes, "min_models": m.min_models,
+                         "max_models": m.max_models, "base_policy": m.base_policy,
+                         "params": [{"name": p.name, "kind": p.kind.__name__, "default": p.default,
+                                     "per_model": p.per_model, "help": p.help} for p in m.params]}
+                        for m in found.values()],
+            "plugin_problems": [p.to_dict() for p in plugin_problems()],
+        }, indent=2))
+        return
+    for m in found.values():
+        if m.max_models is None:
+            count = f"{m.min_models} or more"
+        elif m.max_models == m.min_models:
             count = f"exactly {m.min_models}"
         else:
-            count = f"{m.min_models} or more"
-        click.echo(f"{m.name}  (models besides the base: {count}; passes: {m.passes})")
+            count = f"{m.min_models} to {m.max_models}"
+        click.echo(f"{m.name}  (origin: {method_origin(m.name)}; models besides the base: {count}; passes: {m.passes})")
         click.echo(f"  {m.summary}")
         click.echo(f"  reference: {m.reference}")
         for p in m.params:

@@ -35,9 +35,14 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def engine_document(device: str, tile: int) -> dict[str, Any]:
-    """What computes the bytes: streammerge and torch versions, device kind, reduction tile."""
-    return {"streammerge": __version__, "torch": torch_version(), "device": device.split(":")[0], "tile": tile}
+def engine_document(device: str, tile: int, method_origin: str = "builtin") -> dict[str, Any]:
+    """What computes the bytes: streammerge and torch versions, device kind, reduction tile, and a plugin method's
+    distribution and version (a built-in's code is pinned by streammerge's version, so it adds no key and older
+    work folders stay valid)."""
+    doc = {"streammerge": __version__, "torch": torch_version(), "device": device.split(":")[0], "tile": tile}
+    if method_origin != "builtin":
+        doc["method_plugin"] = method_origin
+    return doc
 
 
 def torch_version() -> str:
@@ -131,7 +136,8 @@ def touched_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[Touched]:
     return out
 
 
-_ENGINE_LABELS = {"streammerge": "streammerge version", "torch": "torch version", "device": "device", "tile": "tile"}
+_ENGINE_LABELS = {"streammerge": "streammerge version", "torch": "torch version", "device": "device", "tile": "tile",
+                  "method_plugin": "method plugin"}
 
 
 def engine_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -23,7 +23,7 @@ from .fingerprint import engine_document, fingerprint_document, run_fingerprint,
 from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .manifest import MANIFEST
-from .methods import Footprint, Method, Rule, TensorTask, get_method
+from .methods import Footprint, Method, Rule, TensorTask, get_method, method_origin
 from .parameters import check_levels, layer_count, position, raw_for_tensor
 from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
 from .shapes import RowLayout
@@ -287,7 +287,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     shards = tuple(layout_shard(shard_filename(i, len(groups)), g) for i, g in enumerate(groups))
     shard_of = {t: s.filename for s in shards for t in s.offsets}
     fps = tensor_fingerprints(classes, method.name, tensor_params, len(models), shards, tile)
-    doc = fingerprint_document(recipe, method.name, params, base, models, engine_document(budget.device, tile), fps)
+    doc = fingerprint_document(recipe, method.name, params, base, models, engine_document(budget.device, tile, method_origin(method.name)), fps)
 
     on_gpu = budget.device.startswith("cuda")
     out_dtypes = {c.name: c.out_dtype for c in classes}

@@ -1,7 +1,7 @@
 """The work folder of one merge, ``<out>.streammerge-partial/``: created or continued, filled, published.
 
 Opening it decides what a previous run left is worth. A folder from the same plan is continued as it is. One made
-by another engine (streammerge or torch version, kind of device) is refused by name. One whose inputs or options
+by another engine (streammerge or torch version, kind of device, a plugin method's version) is refused by name. One whose inputs or options
 changed keeps the work of every tensor whose fingerprint is unchanged; the changed tensors' journaled work is
 forgotten (durably, before the new fingerprints are stored) and redone, but only when the user says so
 (``redo_changed``), because that work would be lost. ``--restart`` discards everything. An input shard that was

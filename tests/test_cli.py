@@ -1064,7 +1064,7 @@ def test_resume_keeps_the_interrupted_runs_budget_unless_given(fam, out, monkeyp
 
 
 @pytest.mark.parametrize("args, phrases", [
-    (["--method", "della"], ["mergekit's 'della' method is not in streammerge yet", "widen"]),
+    (["--method", "core_space"], ["mergekit's 'core_space' method is not in streammerge yet", "widen"]),
     (["--method", "ties", "--seed", "3"], ["ties draws no random masks, so it takes no seed"]),
     (["--method", "linear", "--max-vram", "1GiB", "--device", "cpu"], ["note: --max-vram is not used"]),
 ])
