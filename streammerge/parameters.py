@@ -13,7 +13,10 @@ separated by commas). Each level's value is a *setting* (mergekit 0.1.5, ``merge
   here".
 
 For model ``k``, a per-model parameter takes the first level that sets it: its own entry, the global
-``parameters:``, the command line, the method's default. A parameter that is not per-model (``normalize``,
+``parameters:``, the command line, the method's default. In a merge per layer range (``slices:``) a tensor's own
+levels are its model's source entry in the tensor's slice, then the slice's ``parameters:``, then the global ones
+(:class:`Levels`); the embedding takes the first slice's, the tensors after the layers (final norm, head) the
+last slice's, as mergekit plans them. A parameter that is not per-model (``normalize``,
 ``lambda``, SLERP's ``t``, ...) is global only. The plan resolves every tensor's values once (``plan --json``
 shows them) and they are part of the tensor's fingerprint.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import MethodError
@@ -108,20 +112,44 @@ def check_levels(method: Method, parameters: Mapping[str, Any], model_parameters
                                   f"but model {k}'s entry sets it: put it under the recipe's top-level parameters")
 
 
+@dataclass(frozen=True)
+class Levels:
+    """The recipe's settings that apply to one tensor, highest precedence first: ``shared`` levels (a slice's
+    ``parameters:``, then the global ``parameters:``) and each model's ``own`` levels (its source entry in the
+    tensor's slice, or its ``models:`` entry). mergekit 0.1.5's ``ConfigReader.parameter_sources``."""
+
+    shared: tuple[Mapping[str, Any], ...] = ()
+    own: tuple[tuple[Mapping[str, Any], ...], ...] = ()
+
+    @classmethod
+    def of(cls, parameters: Mapping[str, Any], model_parameters: Sequence[Mapping[str, Any]]) -> Levels:
+        """The ``models:`` form's levels: the global parameters, one entry per model."""
+        return cls((parameters,), tuple((p,) for p in model_parameters))
+
+
+def _first(levels: Sequence[Mapping[str, Any]], key: str, tensor: str, t: float) -> Any:
+    """The first level that sets ``key`` for ``tensor`` at ``t`` (None: none does)."""
+    for level in levels:
+        value = evaluate(level.get(key), tensor, t)
+        if value is not None:
+            return value
+    return None
+
+
 def raw_for_tensor(method: Method, name: str, t: float, n_models: int, params: Mapping[str, Any],
-                   parameters: Mapping[str, Any], model_parameters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                   levels: Levels) -> dict[str, Any]:
     """The values for tensor ``name`` at ``t`` before validation (per-model ones as lists), by the precedence in
     the module docstring; :meth:`Method.resolve_params` validates them."""
     out: dict[str, Any] = {}
     for spec in method.params:
         command_line = params.get(spec.name)
-        shared = evaluate(parameters.get(spec.name), name, t)
+        shared = _first(levels.shared, spec.name, name, t)
         if not spec.per_model:
             value = shared if shared is not None else command_line
             if value is not None:
                 out[spec.name] = value
             continue
-        own = [evaluate(level.get(spec.name), name, t) for level in model_parameters] or [None] * n_models
+        own = [_first(own, spec.name, name, t) for own in levels.own] or [None] * n_models
         if all(v is None for v in own) and shared is None:
             if command_line is not None:
                 out[spec.name] = command_line

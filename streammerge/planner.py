@@ -24,7 +24,7 @@ from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .manifest import MANIFEST
 from .methods import Footprint, Method, Rule, TensorTask, get_method, method_origin
-from .parameters import check_levels, layer_count, position, raw_for_tensor
+from .parameters import Levels, check_levels, layer_count, position, raw_for_tensor
 from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS, Recipe
 from .shapes import RowLayout
 from .slices import classify_slices, slice_views
@@ -264,11 +264,13 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     params = method.resolve_params(recipe.params, len(models))  # the command line's, checked before any tensor
     out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
     tile, depth = TILE_ROWS, BUFFER_DEPTH
-    positions: dict[str, float] | None = None
+    positions: dict[str, tuple[float, int]] | None = None
     stacking = bool(recipe.slices) and method.name == "passthrough"  # copies of layer ranges, no arithmetic
     if stacking:
         classification = classify_slices(recipe, base, models, out_dtype)
     elif recipe.slices:  # a merge per layer range: the ordinary classification of each input's renamed view
+        for sl in recipe.slices:  # each slice's settings and its sources' own
+            check_levels(method, sl.parameters, [sl.source_parameters], {})
         base_view, model_views, positions, updates = slice_views(recipe, base, models)
         classification = classify(recipe, method, base_view, model_views, out_dtype, tile)
         classification = replace(classification, config_updates={**classification.config_updates, **updates})
@@ -396,15 +398,31 @@ VARIES = "varies per tensor"
 
 
 def _tensor_params(recipe: Recipe, method: Method, base: Checkpoint, n: int, merged: list[TensorClass],
-                   positions: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+                   positions: dict[str, tuple[float, int]] | None = None) -> dict[str, dict[str, Any]]:
     """Every merged tensor's parameters (see :mod:`streammerge.parameters`), validated; equal values are shared.
-    ``positions``: each tensor's ``t`` where layer ranges decide it (else from its layer among the base's)."""
+    ``positions``: in a merge per layer range, each layer tensor's ``t`` within its slice and the slice's index;
+    the other tensors take ``t = 0`` and the first slice's settings (the embedding) or the last's (the rest)."""
     n_layers = layer_count(list(base.tensors), base.config)
+    everywhere = Levels.of(recipe.parameters, recipe.model_parameters)
+    per_slice: dict[int, Levels] = {}
+    for sl in recipe.slices:
+        per_slice.setdefault(sl.index, Levels((sl.parameters, recipe.parameters), tuple(() for _ in recipe.models)))
+    for sl in recipe.slices:
+        own = list(per_slice[sl.index].own)
+        for k, m in enumerate(recipe.models):
+            if m.resolve() == sl.model.resolve():
+                own[k] = (sl.source_parameters,)
+        per_slice[sl.index] = replace(per_slice[sl.index], own=tuple(own))
+    embeddings = set(recipe.embeddings)
     resolved: dict[str, dict[str, Any]] = {}
     out = {}
     for c in merged:
-        t = positions.get(c.name, 0.0) if positions is not None else position(c.name, n_layers)
-        raw = raw_for_tensor(method, c.name, t, n, recipe.params, recipe.parameters, recipe.model_parameters)
+        if positions is None:
+            t, levels = position(c.name, n_layers), everywhere
+        else:
+            t, index = positions.get(c.name, (0.0, min(per_slice) if c.name in embeddings else max(per_slice)))
+            levels = per_slice[index]
+        raw = raw_for_tensor(method, c.name, t, n, recipe.params, levels)
         key = repr(sorted(raw.items()))
         if key not in resolved:
             try:

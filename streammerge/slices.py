@@ -181,14 +181,14 @@ def _config_updates(recipe: Recipe, base: Checkpoint, layers: int, of: Any) -> d
 
 
 def slice_views(recipe: Recipe, base: Checkpoint, models: list[Checkpoint]) \
-        -> tuple[Checkpoint, list[Checkpoint], dict[str, float], dict[str, Any]]:
+        -> tuple[Checkpoint, list[Checkpoint], dict[str, tuple[float, int]], dict[str, Any]]:
     """For a merge per range: the base's and each model's view under the output's tensor names, each layer tensor's
-    position ``t`` within its slice, and the config.json updates (see the module docstring). Raises
-    :class:`PlanError` for a layer range outside its model."""
+    position ``t`` within its slice and the slice's index, and the config.json updates (see the module docstring).
+    Raises :class:`PlanError` for a layer range outside its model."""
     groups: dict[int, list[LayerSlice]] = {}
     for s in recipe.slices:
         groups.setdefault(s.index, []).append(s)
-    positions: dict[str, float] = {}
+    positions: dict[str, tuple[float, int]] = {}
 
     def view(folder: Any, ckpt: Checkpoint) -> Checkpoint:
         by_layer, tensors = _by_layer(ckpt)
@@ -200,7 +200,7 @@ def slice_views(recipe: Recipe, base: Checkpoint, models: list[Checkpoint]) \
                 for name, loc in by_layer.get(j, []):
                     new = _renamed(name, layer)
                     tensors[new] = loc
-                    positions[new] = _position(src, j)
+                    positions[new] = (_position(src, j), k)
                 layer += 1
         return dataclasses.replace(ckpt, tensors=tensors)
 

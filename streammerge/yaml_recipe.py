@@ -204,33 +204,17 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
             raise RecipeError(f"{path}: base_model {doc['base_model']} must be one of every slice's sources (its "
                               "layers are the base's for that range)")
     firsts = [s.model for s in slices if s.index == 0]
+    # the slices' and their sources' own settings stay with the slices: the plan resolves them per tensor
     parameters = _mapping(doc.get("parameters"), path, "parameters")
-    model_parameters: tuple[dict[str, Any], ...] = ()
-    if not passthrough:  # the slices' settings as the models:' form has them, where they are the same in every slice
-        per_slice = {s.index: s.parameters for s in slices}
-        if len({repr(p) for p in per_slice.values()}) > 1:
-            raise RecipeError(f"{path}: the slices set different parameters; parameters that change from one slice "
-                              f"to another are not supported yet with {method}: give them once (the same in every "
-                              "slice, or at the top level)")
-        parameters = {**parameters, **next(iter(per_slice.values()))}
-        if policy == "optional" and doc.get("base_model") is None:
-            parameters["use_base"] = False
-        own: dict[Any, list[str]] = {}
-        for sl in slices:
-            own.setdefault(sl.model.resolve(), []).append(repr(sl.source_parameters))
-        if any(len(set(v)) > 1 for v in own.values()):
-            raise RecipeError(f"{path}: a model's parameters differ from one slice to another, which is not "
-                              f"supported yet with {method}: give each model the same parameters in every slice")
-        first_params = {sl.model.resolve(): sl.source_parameters for sl in slices if sl.index == 0}
+    if not passthrough and policy == "optional" and doc.get("base_model") is None:
+        parameters["use_base"] = False
     if passthrough:
         models = list(dict.fromkeys(s.model for s in slices if s.model.resolve() != base.resolve()))
     elif policy == "none" or (policy == "optional" and doc.get("base_model") is None):
         models = firsts  # mergekit combines every source, the base among them
     else:
         models = [m for m in firsts if m.resolve() != base.resolve()]
-    if not passthrough:
-        model_parameters = tuple(dict(first_params[m.resolve()]) for m in models)
-        model_parameters = model_parameters if any(model_parameters) else ()
+    model_parameters: tuple[dict[str, Any], ...] = ()
     return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method, slices=tuple(slices),
                    parameters=parameters, model_parameters=model_parameters)
 

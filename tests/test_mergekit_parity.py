@@ -208,6 +208,35 @@ models:
 parameters: {filter_wise: true}
 dtype: float32
 """,
+    "slices-parameters-differ-per-slice": """
+merge_method: ties
+base_model: fam/base
+slices:
+  - sources:
+      - model: fam/base
+        layer_range: [0, 2]
+      - model: fam/chat
+        layer_range: [0, 2]
+        parameters: {density: 0.4, weight: [0.2, 0.9]}
+      - model: fam/multilingual
+        layer_range: [0, 2]
+        parameters: {density: 0.7}
+    parameters: {weight: 0.5}
+  - sources:
+      - model: fam/base
+        layer_range: [2, 5]
+      - model: fam/chat
+        layer_range: [2, 5]
+        parameters: {density: 0.6}
+      - model: fam/multilingual
+        layer_range: [2, 5]
+        parameters: {density: 0.3, weight: 0.8}
+    parameters:
+      weight: [{filter: mlp, value: 0.3}]
+      normalize: false
+parameters: {weight: 0.6, lambda: 0.9}
+dtype: float32
+""",
     "ties-rescaled": """
 merge_method: ties
 base_model: fam/base

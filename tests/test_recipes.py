@@ -336,9 +336,8 @@ merge_method: linear
     ("      - model: {chat}\n        layer_range: [0, 2]\n      - model: {multilingual}\n        layer_range: [0, 2]\n",
      "must be one of every slice's sources"),
     ("      - model: {base}\n        layer_range: [0, 2]\n      - model: {chat}\n        layer_range: [0, 2]\n"
-     "        parameters: {{weight: 0.5}}\n  - sources:\n      - model: {base}\n        layer_range: [2, 4]\n"
-     "      - model: {chat}\n        layer_range: [2, 4]\n        parameters: {{weight: 0.7}}\n",
-     "parameters differ from one slice to another"),
+     "        parameters: {{lambda: 0.5}}\n",
+     "parameter lambda is not per model"),
 ])
 def test_bad_merge_slices_are_refused(fam, tmp_path, sources, expected):
     path = _write(tmp_path, "merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n" + sources, fam)
