@@ -471,20 +471,21 @@ class DeltaMethod(Method):
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """Measured on the CPU (bench/ram_probe.py). Merge pass: every model's delta, and the float32 upcast that
         ``m - base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the
-        drop factor too (12), DELLA its ranks (int64 sort indices twice), probabilities and uniforms (float64); sign
+        drop factor too (12), DELLA its ranks (int64 sort indices twice), probabilities and uniforms (float64), 28
+        at the peak; sign
         election the elected sign and two agreement factors (8 in all, alive with the selection's gone). Statistics
         passes: the base, the previous |delta|, the upcast and the new |delta| (12 beyond the base's copy); the L1
-        pass the float64 copies of |delta| and the kept |delta| per model and their stack (32n). State: one 65 536-bin
+        pass per model |delta| and the kept |delta| (8), their float64 copies (16) and stack (16): 40n. State: one 65 536-bin
         int64 histogram per selection, two more while a pass ends; DARE's mask generator keeps three 65 536-element
         uint64 work arrays; the L1 sums 16n bytes per row element."""
         n = n_models
         selections = {"magnitude": n, "outliers": 2 * n}.get(self.sparsify, 0) if self.selection_passes(params) else 0
-        extra = {"none": 0, "magnitude": 8, "outliers": 12, "random": 0, "della": 40}[self.sparsify]
+        extra = {"none": 0, "magnitude": 8, "outliers": 12, "random": 0, "della": 28}[self.sparsify]
         if self.consensus:
             extra = max(extra, 8)
         gpu_extra = {"none": 0, "magnitude": 16, "outliers": 24, "random": 24, "della": 48}[self.sparsify]
         l1 = self.l1_pass(params)
-        l1_stats = 32 * n + 8 + (extra if self.sparsify == "della" else 0)
+        l1_stats = 40 * n + 8 + (extra if self.sparsify == "della" else 0)
         rows, rn = task.rows, task.row_numel
         return Footprint(
             stats_per_element=max(12 if selections else 0, l1_stats if l1 else 0),
@@ -494,7 +495,7 @@ class DeltaMethod(Method):
             emit_state=3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0,
             partial_tile=ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn if l1 else 0,
             gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4
-            + (16 * n if l1 else 0),
+            + (24 * n if l1 else 0),
             gpu_state=(2 * n * 2 * HISTOGRAM_BYTES if selections else 0)
             + (ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn + 16 * n * rn if l1 else 0),
         )

@@ -166,6 +166,12 @@ class ColumnSums:
                 self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
             add_column_sums(self._total, vals, self.tile)
 
+    def column_totals(self) -> np.ndarray:
+        """(n_sums, row_numel) float64 sums over the rows, one per element position of a row, on the CPU."""
+        if self._total is None:
+            return np.zeros((self.n_sums, self._size // max(self.n_sums, 1)))
+        return self._total.cpu().numpy().reshape(self.n_sums, -1)
+
     def finish(self) -> list[float]:
         """One float64 total per sum: the per-column sums added up by numpy (the same on every device)."""
         total = np.zeros(self._size) if self._total is None else self._total.cpu().numpy()
