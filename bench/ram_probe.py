@@ -68,8 +68,8 @@ METHODS: dict[str, dict[str, str]] = {
     "breadcrumbs": {"density": "0.6", "gamma": "0.05"}, "breadcrumbs_ties": {"density": "0.6", "gamma": "0.05"},
     "slerp": {}, "model_stock": {}, "nearswap": {"t": "0.001"},
     "della": {"density": "0.5", "epsilon": "0.1"}, "della_linear": {"density": "0.5", "epsilon": "0.1"},
-    "sce": {"select_topk": "0.5"}, "nuslerp": {}, "multislerp": {}, "karcher": {}, "arcee_fusion": {}, "ram": {"epsilon": "0.002"},
-    "ramplus_tl": {"epsilon": "0.002"},
+    "sce": {"select_topk": "0.5"}, "nuslerp": {}, "multislerp": {}, "karcher": {}, "arcee_fusion": {},
+    "ram": {"epsilon": "0.002"}, "ramplus_tl": {"epsilon": "0.002"},
 }
 BUDGETS = ["40MiB", "128MiB", "1GiB"]
 #: (hidden, intermediate, layers, heads, kv_heads, vocab, tied): vram_probe's "mid" family

@@ -1,7 +1,8 @@
 """Model Stock (Jang et al. 2024), as mergekit computes it: from the mean pairwise cosine of the models' deltas,
 ``r = N·cos / (1 + (N−1)·cos)``; the result is ``r·mean_k(M_k) + (1−r)·B``. By default one ratio per tensor;
 with ``filter_wise`` one per row of the last dimension (each output filter of a weight; a vector is one row), computed
-inside each chunk with mergekit's float32 operations, so it needs no statistics pass.
+inside each chunk (row sums in float64, in a fixed order, so no bit depends on chunking or threads), so it needs no
+statistics pass.
 
 A statistics pass gathers ``⟨Δ_i, Δ_j⟩`` for i ≤ j in float64 (chunk-independent). Where ``1 + (N−1)·cos`` is
 0 (deltas exactly opposed) the ratio is undefined: the merge stops with an error naming the tensor.
@@ -16,7 +17,7 @@ from typing import Any
 from .._torch import torch
 from ..errors import MethodError
 from . import register
-from ._tiles import PairSums
+from ._tiles import PairSums, row_sums
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 COS_EPS = 1e-8
@@ -77,8 +78,10 @@ class _FilterWiseMerge(TensorMerge):
         cos = []
         for i, a in enumerate(offsets):
             for b in offsets[i + 1:]:
-                norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-                cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+                # float64 row sums in a fixed order (torch's float32 sums of long rows change bits with chunking
+                # and threads); mergekit's clamps and the cosine rounded to float32
+                norms = row_sums(a * a).sqrt_() * row_sums(b * b).sqrt_()
+                cos.append((row_sums(a * b) / norms.clamp(min=1e-6)).clamp(-1, 1).to(torch.float32))
         c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
         n = len(ws)
         t = (n * c) / (1 + (n - 1) * c)
