@@ -253,8 +253,12 @@ class MagPrune(Sparsifier):
         n = x.shape[1]
         if n <= 1:
             return torch.full(absd.shape, self.density, dtype=torch.float32, device=absd.device)
-        ranks = torch.argsort(torch.argsort(x, dim=1, stable=True), dim=1, stable=True).to(torch.float32)
-        # ranks are 0-based here: (r − 1) / (n − 1) with mergekit's 1-based r, min 1 and max n
+        # the 0-based ascending rank of every element (ties by index): one stable sort, its inverse by scattering
+        order = torch.argsort(x, dim=1, stable=True)
+        steps = torch.arange(n, dtype=torch.float32, device=x.device).reshape((1, n) + (1,) * (x.dim() - 2))
+        ranks = torch.empty(x.shape, dtype=torch.float32, device=x.device).scatter_(1, order, steps.expand(x.shape))
+        del order
+        # (r − 1) / (n − 1) with mergekit's 1-based r, min 1 and max n
         rank_norm = ranks.div_(n - 1).clamp_(0, 1)
         p = rank_norm.mul_(2 * self.epsilon).add_(self.density - self.epsilon)
         return p.reshape(absd.shape)
@@ -471,8 +475,8 @@ class DeltaMethod(Method):
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """Measured on the CPU (bench/ram_probe.py). Merge pass: every model's delta, and the float32 upcast that
         ``m - base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the
-        drop factor too (12), DELLA its ranks (int64 sort indices twice), probabilities and uniforms (float64), 28
-        at the peak; sign
+        drop factor too (12), DELLA its ranks (the sort's int64 indices, float32 ranks), probabilities and
+        uniforms (float64), 28 at the peak; sign
         election the elected sign and two agreement factors (8 in all, alive with the selection's gone). Statistics
         passes: the base, the previous |delta|, the upcast and the new |delta| (12 beyond the base's copy); the L1
         pass per model |delta| and the kept |delta| (8), their float64 copies (16) and stack (16): 40n. State: one 65 536-bin

@@ -55,12 +55,41 @@ def _top53(key: int, start: int, count: int, device: torch.device | str = "cpu")
     return _shr(z, 11)
 
 
-def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float64 uniforms in [0, 1) for flat element indices ``start .. start + count - 1``."""
-    return _top53(key, start, count, device).to(torch.float64) * (1.0 / (1 << 53))
-
-
 _BLOCK = 1 << 16  # elements per step: the temporaries stay in cache
+
+
+def _mixed_blocks(key: int, start: int, count: int):  # type: ignore[no-untyped-def]
+    """numpy uint64 ``mix64(key + (i + 1)·φ)`` for flat indices ``start .. start + count - 1``, in cache-sized
+    blocks: yields (offset, block); each block is overwritten by the next (numpy wraps on overflow and shifts
+    logically)."""
+    z = np.empty(min(count, _BLOCK), dtype=np.uint64)
+    tmp = np.empty_like(z)
+    # key + (i + 1)·φ = (key + (start + b0 + 1)·φ) + j·φ for the j-th element of a block starting at b0
+    steps = np.arange(len(z), dtype=np.uint64) * np.uint64(_PHI)
+    m1, m2 = np.uint64(_M1), np.uint64(_M2)
+    for b0 in range(0, count, _BLOCK):
+        n = min(_BLOCK, count - b0)
+        zz, tt = z[:n], tmp[:n]
+        np.add(steps[:n], np.uint64((key + (start + b0 + 1) * _PHI) & _MASK64), out=zz)
+        for shift, mult in ((30, m1), (27, m2)):
+            np.right_shift(zz, np.uint64(shift), out=tt)
+            np.bitwise_xor(zz, tt, out=zz)
+            np.multiply(zz, mult, out=zz)
+        np.right_shift(zz, np.uint64(31), out=tt)
+        np.bitwise_xor(zz, tt, out=zz)
+        yield b0, zz
+
+
+def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float64 uniforms in [0, 1) for flat element indices ``start .. start + count - 1`` (on the CPU with numpy in
+    cache-sized blocks, elsewhere with torch on the device: the same values)."""
+    if torch.device(device).type != "cpu":
+        return _top53(key, start, count, device).to(torch.float64) * (1.0 / (1 << 53))
+    out = np.empty(count, dtype=np.float64)
+    for b0, zz in _mixed_blocks(key, start, count):
+        np.right_shift(zz, np.uint64(11), out=zz)
+        np.multiply(zz, 1.0 / (1 << 53), out=out[b0: b0 + len(zz)])
+    return torch.from_numpy(out)
 
 
 def keep_mask(key: int, start: int, count: int, density: float, dtype: type = bool,
@@ -79,22 +108,9 @@ def keep_mask(key: int, start: int, count: int, density: float, dtype: type = bo
     out = np.zeros(count, dtype=dtype)
     if threshold >= 1 << 53:  # density 0: nothing is kept
         return torch.from_numpy(out)
-    z = np.empty(min(count, _BLOCK), dtype=np.uint64)
-    tmp = np.empty_like(z)
-    # key + (i + 1)·φ = (key + (start + b0 + 1)·φ) + j·φ for the j-th element of a block starting at b0
-    steps = np.arange(len(z), dtype=np.uint64) * np.uint64(_PHI)
-    m1, m2, cut = np.uint64(_M1), np.uint64(_M2), np.uint64(threshold << 11)
-    for b0 in range(0, count, _BLOCK):
-        n = min(_BLOCK, count - b0)
-        zz, tt = z[:n], tmp[:n]
-        np.add(steps[:n], np.uint64((key + (start + b0 + 1) * _PHI) & _MASK64), out=zz)
-        for shift, mult in ((30, m1), (27, m2)):
-            np.right_shift(zz, np.uint64(shift), out=tt)
-            np.bitwise_xor(zz, tt, out=zz)
-            np.multiply(zz, mult, out=zz)
-        np.right_shift(zz, np.uint64(31), out=tt)
-        np.bitwise_xor(zz, tt, out=zz)
-        np.greater_equal(zz, cut, out=out[b0 : b0 + n])
+    cut = np.uint64(threshold << 11)
+    for b0, zz in _mixed_blocks(key, start, count):
+        np.greater_equal(zz, cut, out=out[b0: b0 + len(zz)])
     return torch.from_numpy(out)
 
 
