@@ -1,6 +1,7 @@
 """streammerge: merge homologous LLM checkpoints within a memory budget, streaming row chunks from disk.
 
-Python API: :func:`merge`, :func:`plan`, :func:`inspect`; the CLI is ``streammerge`` (see ``streammerge --help``).
+Python API: :func:`merge`, :func:`plan`, :func:`inspect`, :func:`analyze`, :func:`finalize`; the CLI is ``streammerge`` (see
+``streammerge --help``).
 The API is imported on first use, so light entry points (``streammerge verify``, the header parser) do not load
 torch.
 """
@@ -14,10 +15,12 @@ from .errors import StreamMergeError
 from .stopping import MergeInterrupted
 
 if TYPE_CHECKING:
-    from .api import inspect, merge, plan
+    from .analysis import Analysis, analyze
+    from .api import finalize, inspect, merge, plan
     from .recipe import Recipe
 
-_LAZY = {"inspect": "api", "merge": "api", "plan": "api", "Recipe": "recipe"}
+_LAZY = {"finalize": "api", "inspect": "api", "merge": "api", "plan": "api", "Recipe": "recipe", "analyze": "analysis",
+         "Analysis": "analysis"}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +31,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MergeInterrupted", "Recipe", "StreamMergeError", "__version__", "inspect", "merge", "plan"]
+__all__ = ["Analysis", "MergeInterrupted", "Recipe", "StreamMergeError", "__version__", "analyze", "finalize",
+           "inspect", "merge", "plan"]

@@ -18,8 +18,9 @@ from .formats.checkpoint import Checkpoint, load_checkpoint
 from .formats.dtypes import parse_output_dtype
 from .fsio import check_platform
 from .hub import Resolved, is_hub_id, resolve
+from .lora import adapter_inputs, load_input, split_inputs
 from .manifest import MANIFEST
-from .methods import get_method
+from .methods import Method, get_method
 from .output import TOKENIZER_PATTERNS, check_destination, check_output_name, tokenizer_files, work_folder_for
 from .planner import Plan, make_plan
 from .pythonic import pythonic_errors
@@ -28,15 +29,16 @@ from .recipe import TOKEN_EMBEDDINGS, Recipe
 from .workfolder import check_output_free, finished_output
 
 
-def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
+def plan_recipe(recipe: Recipe, dry_run: bool = False, method: Method | None = None) -> Plan:
     """Read the inputs' headers and plan ``recipe``; nothing is written. Every independent check runs, and all the
     problems found are raised together (:class:`~streammerge.errors.ProblemsError` when there are several).
+    ``method``: an unregistered method instead of ``recipe.method`` (``streammerge analyze``'s statistics).
 
     ``dry_run`` (``streammerge plan``): the output folder is not required to be free (or given at all); a merge
     would refuse what a dry run only describes.
     """
     check_platform()
-    recipe = resolve_references(recipe)
+    recipe = adapter_inputs(resolve_references(recipe))  # a model given as an adapter alone: that adapter on the base
     problems = Problems()
     out = recipe.out
     # an output holding a finished merge is checked after planning: the same merge again is simply complete
@@ -47,15 +49,15 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
     with problems.check():
         _check_folders(recipe)
     checkpoints: list[Checkpoint | None] = []
-    for folder in (recipe.base, *recipe.models):
+    for k, folder in enumerate((recipe.base, *recipe.models)):
         with problems.check():
-            checkpoints.append(load_checkpoint(folder))
+            checkpoints.append(load_input(folder, recipe.adapter(k)))  # with its LoRA adapter's headers, if any
             continue
         checkpoints.append(None)
     with problems.check():
-        method = get_method(recipe.method)
-        method.check_models(len(recipe.models))
-        method.resolve_params(recipe.params, len(recipe.models))
+        checked = method or get_method(recipe.method)
+        checked.check_models(len(recipe.models))
+        checked.resolve_params(recipe.params, len(recipe.models))
     if recipe.dtype:
         with problems.check():
             parse_output_dtype(recipe.dtype)
@@ -72,7 +74,7 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False) -> Plan:
     problems.raise_all()
     base, *models = checkpoints
     assert base is not None and all(m is not None for m in models)
-    p = make_plan(recipe, base, models, budget)  # type: ignore[arg-type]
+    p = make_plan(recipe, base, models, budget, method)  # type: ignore[arg-type]
     if not dry_run and out is not None and deferred and not finished_output(p) \
             and not work_folder_for(out).is_dir():
         check_output_free(p)
@@ -83,7 +85,7 @@ def resolve_references(recipe: Recipe) -> Recipe:
     """``recipe`` with every Hub ID (base, models, tokenizer) replaced by its cached snapshot folder, and the IDs
     recorded in ``hub_refs`` (see :mod:`streammerge.hub`); a recipe of local folders is returned as it is."""
     refs = [recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ()),
-            *(s.model for s in recipe.slices)]
+            *(s.model for s in recipe.slices), *(a for a in recipe.adapters if a is not None)]
     if not any(is_hub_id(r) for r in refs):
         return recipe
     problems = Problems()
@@ -96,7 +98,8 @@ def resolve_references(recipe: Recipe) -> Recipe:
     hub_refs = {**recipe.hub_refs, **{str(v.folder): v.reference for v in resolved.values() if v.repo_id}}
     return replace(recipe, base=folder[str(recipe.base)], models=tuple(folder[str(m)] for m in recipe.models),
                    tokenizer_from=folder[str(recipe.tokenizer_from)] if recipe.tokenizer_from else None,
-                   slices=tuple(replace(s, model=folder[str(s.model)]) for s in recipe.slices), hub_refs=hub_refs)
+                   slices=tuple(replace(s, model=folder[str(s.model)]) for s in recipe.slices), hub_refs=hub_refs,
+                   adapters=tuple(None if a is None else folder[str(a)] for a in recipe.adapters))
 
 
 def _names_a_folder(out: Path) -> bool:
@@ -115,17 +118,20 @@ def _check_folders(recipe: Recipe) -> None:
         if not tokenizer_files(recipe.tokenizer_from):
             raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} holds no tokenizer files "
                             f"({', '.join(TOKENIZER_PATTERNS[:3])}, ...)")
-    seen: dict[Path, str] = {}
+    seen: dict[tuple[Path, Path | None], str] = {}
     for i, folder in enumerate((recipe.base, *recipe.models)):
         who = "the base" if i == 0 else f"model {i}"
-        real = folder.resolve()
+        adapter = recipe.adapter(i)
+        real = (folder.resolve(), adapter.resolve() if adapter is not None else None)  # a model with its adapter
         if real in seen and i > 0 and seen[real] != "the base":
-            raise PlanError(f"{who} ({folder}) is the same folder as {seen[real]}: give each model once")
+            same = "the same folder" if real[1] is None else "the same model and LoRA adapter"
+            raise PlanError(f"{who} ({recipe.input_reference(i)}) is {same} as {seen[real]}: give each model once")
         seen.setdefault(real, who)
     if recipe.out is None or not _names_a_folder(recipe.out):
         return
     out = recipe.out.resolve()
-    for folder in (recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ())):
+    for folder in (recipe.base, *recipe.models, *((recipe.tokenizer_from,) if recipe.tokenizer_from else ()),
+                   *(a for a in recipe.adapters if a is not None)):
         real = folder.resolve()
         if real == out or out in real.parents:
             raise PlanError(f"--out {recipe.out} is the input folder {folder} or contains it; choose another output folder")
@@ -137,26 +143,67 @@ def _check_folders(recipe: Recipe) -> None:
 def plan(base: str | Path, models: str | Path | Sequence[str | Path], out: str | Path | None = None,
          method: str = "widen", params: dict[str, Any] | None = None, **options: Any) -> Plan:
     """Plan a merge without running it; nothing is written and ``out`` may be left out or hold anything (a merge
-    checks it). ``models``: one folder or a list of them; ``options`` are :class:`Recipe` fields (dtype, max_ram,
-    exclude, force, ...). Raises :class:`~streammerge.errors.StreamMergeError` naming every problem found."""
+    checks it). ``models``: one folder or a list of them (``"MODEL+ADAPTER"``: with a PEFT LoRA adapter merged in on
+    the fly; or ``adapters=[...]``, one per input, the base's first); ``options`` are :class:`Recipe` fields (dtype,
+    max_ram, exclude, force, ...). Raises :class:`~streammerge.errors.StreamMergeError` naming every problem found."""
     with pythonic_errors():
         return plan_recipe(_recipe(base, models, out, method, params, options, ()), dry_run=True)
 
 
 def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str | Path, method: str = "widen",
           params: dict[str, Any] | None = None, progress: bool = False, handle_signals: bool = False,
-          notify: Callable[[str], None] | None = None, **options: Any) -> Path:
+          notify: Callable[[str], None] | None = None, part: str | tuple[int, int] | None = None,
+          executor: str = "local", ray_address: str | None = None, parts: int | None = None,
+          resize_shards: bool = False, **options: Any) -> Path:
     """Merge ``models`` (one folder or a list) onto ``base`` into the folder ``out``; returns ``out``.
 
     ``handle_signals`` installs SIGINT/SIGTERM handlers for the duration of the merge (a stop at the next block);
     by default the caller's handlers stay and Ctrl-C arrives as ``KeyboardInterrupt`` (the work is kept either way).
     ``notify`` receives notices that do not stop the merge (default: ``MergeNotice`` warnings).
 
+    Beyond one process (see :mod:`streammerge.parts`): ``part="K/N"`` writes only part K of N into ``out``'s work
+    folder (then :func:`finalize`); ``executor="ray"`` runs the parts as Ray tasks (``ray_address``, ``parts``: how
+    many, default one per node) and publishes. ``resize_shards``: lower ``shard_size`` when there are fewer output
+    shard files than parts.
+
     Example: ``merge("base", ["chat", "multilingual"], "merged", method="widen", params={"t": 1.0}, max_ram="2GiB")``
     """
+    from .parts import parse_part, plan_parts  # noqa: PLC0415
+
+    own = ("progress", "handle_signals", "notify", "part", "executor", "ray_address", "parts", "resize_shards")
     with pythonic_errors():
-        p = plan_recipe(_recipe(base, models, out, method, params, options, ("progress", "handle_signals", "notify")))
-        return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify)
+        recipe = _recipe(base, models, out, method, params, options, own)
+        if executor == "ray":
+            if part is not None:
+                raise PlanError("part= runs one part here; executor='ray' runs every part: give one of them")
+            from .ray_executor import merge_on_ray  # noqa: PLC0415
+
+            return merge_on_ray(recipe, parts, ray_address, resize_shards, progress, notify).out
+        if executor != "local":
+            raise PlanError(f"executor {executor!r}: use 'local' or 'ray'")
+        if ray_address is not None or parts is not None:
+            raise PlanError("ray_address= and parts= go with executor='ray'")
+        if part is None:
+            if resize_shards:
+                raise PlanError("resize_shards=True goes with part= or executor='ray'")
+            return execute(plan_recipe(recipe), show_progress=progress, handle_signals=handle_signals, notify=notify)
+        k, n = parse_part(part) if isinstance(part, str) else parse_part(f"{part[0]}/{part[1]}")
+        p = plan_parts(recipe, n, resize_shards)
+        return execute(p, show_progress=progress, handle_signals=handle_signals, notify=notify,
+                       unit=p.units(n)[k - 1])
+
+
+def finalize(out: str | Path, progress: bool = False, recheck: bool = False) -> Path:
+    """Publish a merge run in parts (``merge(..., part="K/N")`` for every K) as the folder ``out``: every part is
+    checked (present, complete, its bytes matching their journaled CRC-32s: each part checked its own as it ended;
+    files modified since, or all with ``recheck``, are read again), then the index, side files, manifest and model
+    card are written, exactly as one process writes them. Returns ``out`` (also when it was finalized before).
+    Raises :class:`~streammerge.parts.PartError` naming each missing, unfinished or damaged part."""
+    from .parts import finalize as finalize_parts  # noqa: PLC0415
+
+    with pythonic_errors():
+        finalize_parts(out, show_progress=progress, recheck=recheck)
+    return Path(out)
 
 
 #: Recipe fields that are not keyword options of ``plan``/``merge`` (positional, or for tests and benchmarks)
@@ -166,6 +213,8 @@ _NOT_OPTIONS = ("base", "models", "out", "method", "params", "chunk_rows", "jour
 def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any] | None,
             options: dict[str, Any], own: tuple[str, ...]) -> Recipe:
     """The recipe of a ``plan``/``merge`` call; ``own``: the calling function's other keyword arguments."""
+    if "adapters" not in options:  # MODEL+ADAPTER references (mergekit's model+lora)
+        base, models, options["adapters"] = split_inputs(base, models)
     try:
         return Recipe(base=Path(base), models=models, out=None if out is None else Path(out), method=method,
                       params=dict(params or {}), **options)

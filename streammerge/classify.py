@@ -24,18 +24,18 @@ from typing import Any
 
 from .errors import IncompatibleModelsError, PlanError
 from .formats.checkpoint import Checkpoint, Located
+from .lora import adapted_inputs
 from .methods import Method, Rule, TensorTask
 from .output import REMOVED, TORCH_DTYPE_NAMES
 from .quantization import Dequantization, dequantization
 from .recipe import (
-    CONV1D_MODEL_TYPES,
-    CONV1D_WEIGHTS,
     DERIVED_BUFFERS,
     HEAD_NAMES,
     STACKED_EXPERTS,
     TOKEN_EMBEDDINGS,
     VISION_PREFIXES,
     Recipe,
+    is_conv1d_weight,
 )
 from .sources import InputSource, StoredSource
 
@@ -80,6 +80,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
     """Every output tensor's rule, kind and sources, in :func:`in_natural_order`; raises (naming every problem) if some
     tensor cannot be merged as asked."""
     read_as = [dequantization(c, "the base" if k == 0 else f"model {k}") for k, c in enumerate((base, *models))]
+    # each input's LoRA adapter (MODEL+ADAPTER): its weights' sources, decided once (streammerge.lora)
+    read_as, adapter_notes = adapted_inputs(read_as)
     base, *models = (d.checkpoint for d in read_as)  # without the tensors only quantized inference uses
 
     def source(k: int, loc: Located) -> InputSource:
@@ -94,11 +96,11 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         """Why the output keeps the base's value whatever the models hold (they need not have it), or None."""
         return "--exclude" if any(rx.match(name) for rx in excludes) else \
             "derived buffer" if is_derived_buffer(name) else \
-            "--keep-vision" if recipe.keep_vision and name.startswith(VISION_PREFIXES) else None
+            "--keep-vision" if recipe.keep_vision and name.startswith(VISION_PREFIXES) else \
+            "copy" if not models else None  # no models (passthrough of the base, e.g. `streammerge apply`)
 
     head = check_homologous(base, models, lambda name: from_base(name) is not None, recipe.embeddings)
     embeddings = set(recipe.embeddings)
-    conv1d = base.model_type in CONV1D_MODEL_TYPES  # decided from the architecture, shown in the plan
     out: list[TensorClass] = []
     problems: list[str] = []
     for name, loc in in_natural_order(base):
@@ -119,8 +121,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         if len(info.shape) <= 1:
             rule = Rule.VECTOR
         elif len(info.shape) == 2:
-            rule = Rule.EMBEDDING if name in embeddings else Rule.CONV1D if conv1d and re.fullmatch(
-                CONV1D_WEIGHTS, name) else Rule.MATRIX
+            rule = Rule.EMBEDDING if name in embeddings else Rule.CONV1D if is_conv1d_weight(base.model_type, name) \
+                else Rule.MATRIX
         else:  # stacked experts, or a convolution kernel
             rule = Rule.TENSOR if re.search(STACKED_EXPERTS, name) else Rule.CONV
         why = method.rule_error(TensorTask(name, info.shape, rule, tile))
@@ -152,7 +154,7 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         )
     if messages:
         raise PlanError("\n".join(messages))
-    notes = _vision_notes(recipe, base) + dequantization_notes(read_as, out_dtype)
+    notes = _vision_notes(recipe, base) + dequantization_notes(read_as, out_dtype) + adapter_notes
     config_updates: dict[str, Any] = {"quantization_config": REMOVED} if read_as[0].quantized else {}
     unnamed = [c.name for c in out if c.rule is Rule.MATRIX and c.shape[0] == base.vocab_size
                and c.name not in HEAD_NAMES and not c.name.startswith(VISION_PREFIXES)] \
@@ -174,14 +176,16 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
 def source_of(read_as: Dequantization, loc: Located) -> InputSource:
     """How a checkpoint (read as ``read_as`` decides) is read for tensor ``loc``: dequantized on the fly, or as
     stored."""
-    return read_as.sources.get(loc.info.name) or StoredSource(loc)
+    name = loc.info.name
+    return read_as.adapted.get(name) or read_as.sources.get(name) or StoredSource(loc)
 
 
 def output_dtype(kind: Kind, sources: tuple[InputSource, ...], stored: str, out_dtype: str | None) -> str:
-    """The output dtype: ``--dtype`` for a float; else the first source's stored dtype, or bfloat16 for FP8 codes."""
+    """The output dtype: ``--dtype`` for a float; else the first source's stored dtype, or for a source that makes
+    its values (FP8 codes dequantized, a LoRA-adapted weight) the dtype it names (bfloat16 for FP8)."""
     if out_dtype and kind is Kind.FLOAT:
         return out_dtype
-    return "BF16" if kind is Kind.FLOAT and sources and sources[0].stored_dtype is None else stored
+    return sources[0].natural_dtype if kind is Kind.FLOAT and sources and sources[0].stored_dtype is None else stored
 
 
 def kind_of(info: Any) -> Kind:

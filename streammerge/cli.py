@@ -15,13 +15,17 @@ import click
 
 from . import api
 from ._version import __version__
+from .analysis.command import analyze_command
 from .errors import StreamMergeError
 from .examples import SHAPES, model_bytes, write_example
 from .execute import execute
+from .lora import split_reference
 from .manifest import MANIFEST
 from .methods import all_methods, method_origin, plugin_problems
 from .output import work_folder_for
-from .planner import VARIES
+from .parts import WorkUnit, parse_part, part_states, plan_parts
+from .parts import finalize as finalize_parts
+from .planner import VARIES, Plan
 from .progress import RunSummary
 from .recipe import DEFAULT_SHARD_SIZE, Recipe
 from .stopping import MergeInterrupted
@@ -52,7 +56,12 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
                           "ancestor the others were trained from); required without a recipe."),
         click.option("--model", "models", multiple=True, type=click.Path(path_type=Path),
                      help="A model folder (or Hub ID) to merge; repeat for each (order matters for per-model "
-                          "parameters); required without a recipe."),
+                          "parameters); required without a recipe. MODEL+ADAPTER merges a PEFT LoRA adapter into "
+                          "MODEL on the fly (mergekit's model+lora; nothing is materialised), and a LoRA adapter "
+                          "folder alone means BASE+ADAPTER. --base takes MODEL+ADAPTER too."),
+        click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path), metavar="ADAPTER",
+                     help="A PEFT LoRA adapter folder (or Hub ID) for the --model just before it (the same as "
+                          "--model MODEL+ADAPTER, for paths that contain a +)."),
         click.option("--out", "out", required=out_required, type=click.Path(path_type=Path),
                      help="Output folder; it appears only when the merge is complete." if out_required else
                      "Output folder of the merge to describe (optional: the plan says what a merge would do with it)."),
@@ -113,7 +122,8 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
 
 
 #: options that say what is merged: a recipe says it instead (the command line says how the merge runs)
-_RECIPE_DECIDES = {"base": "--base", "models": "--model", "method": "--method", "params": "--param", "seed": "--seed",
+_RECIPE_DECIDES = {"base": "--base", "models": "--model", "loras": "--lora", "method": "--method", "params": "--param",
+                   "seed": "--seed",
                    "dtype": "--dtype", "exclude": "--exclude", "embeddings": "--embedding",
                    "keep_vision": "--keep-vision", "tokenizer_from": "--tokenizer-from", "shard_size": "--shard-size"}
 _HOW_IT_RUNS = ("out", "max_ram", "device", "max_vram", "chunk_rows", "force", "restart", "redo_changed",
@@ -133,13 +143,14 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         if not kw[key]:
             raise click.UsageError(f"Missing option '{flag}' (or give a recipe: streammerge merge RECIPE.yaml --out "
                                    "DIR)")
+    base, models, adapters = _inputs(kw["base"], kw["models"], kw["loras"])
     params = _parse_params(kw["params"])
     if kw["seed"] is not None:
         if "seed" in params:
             raise click.UsageError("give the seed once: --seed N or --param seed=N")
         params["seed"] = str(kw["seed"])
     return Recipe(
-        base=kw["base"], models=kw["models"], out=kw["out"], method=kw["method"] or "widen",
+        base=base, models=models, adapters=adapters, out=kw["out"], method=kw["method"] or "widen",
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=kw["shard_size"] or DEFAULT_SHARD_SIZE,
@@ -148,6 +159,51 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         keep_vision=kw["keep_vision"], offline=kw["offline"],
         journal=not kw["no_journal"],
     )
+
+
+#: where --lora values sit among the --model values, by command (click keeps each option's values apart)
+_LORA_AFTER = "streammerge.lora_after"
+
+
+class _InputsCommand(click.Command):
+    """A command whose ``--lora ADAPTER`` belongs to the ``--model`` given just before it: before click parses the
+    arguments, note for each ``--lora`` how many ``--model`` options came before it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        after, models = [], 0
+        tokens = iter(args)
+        for token in tokens:
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if name in ("--model", "--lora") and "=" not in token:
+                next(tokens, None)  # the option's value (a value "--lora" is a folder name, not an option)
+            if name == "--model":
+                models += 1
+            elif name == "--lora":
+                after.append(models)
+        ctx.meta[_LORA_AFTER] = after
+        return super().parse_args(ctx, args)
+
+
+def _inputs(base: Path | None, models: tuple[Path, ...], loras: tuple[Path, ...]) \
+        -> tuple[Path | None, list[Path], tuple[Path | None, ...]]:
+    """The base and models with their LoRA adapters: MODEL+ADAPTER split, and each --lora given to the --model
+    before it; the adapters are one per input, the base's first."""
+    refs = [split_reference(str(base)) if base is not None else (None, None), *(split_reference(str(m))
+                                                                             for m in models)]
+    adapters: list[str | None] = [a for _, a in refs]
+    after = click.get_current_context().meta.get(_LORA_AFTER, [])
+    for adapter, k in zip(loras, after):
+        if k == 0:
+            raise click.UsageError(f"--lora {adapter}: an adapter belongs to the --model before it, and none comes "
+                                   "before it (for the base, write --base MODEL+ADAPTER)")
+        if adapters[k] is not None:
+            raise click.UsageError(f"--lora {adapter}: model {k} ({models[k - 1]}) already has the adapter "
+                                   f"{adapters[k]}; one adapter per model")
+        adapters[k] = str(adapter)
+    return (None if refs[0][0] is None else Path(refs[0][0]), [Path(m) for m, _ in refs[1:]],
+            tuple(None if a is None else Path(a) for a in adapters))
 
 
 def _some(names: list[str], shown: int = 4) -> str:
@@ -164,12 +220,18 @@ def _chunking_line(tensors: list[dict[str, Any]]) -> str:
             f"{most['chunk_rows']} rows), the rest in one chunk each")
 
 
+def _with_adapter(d: dict[str, Any], k: int, folder: str) -> str:
+    """Input ``k`` (0: the base) of a plan's JSON, with its LoRA adapter if it has one."""
+    adapter = (d.get("adapters") or [None] * (k + 1))[k]
+    return folder if adapter is None else f"{folder} + LoRA adapter {adapter}"
+
+
 def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
     lines = [
         f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})"
         + ("; --json lists each tensor's" if VARIES in d["params"].values() else ""),
-        f"base        {d['base']}",
-        *(f"model {i + 1:<5} {m}" for i, m in enumerate(d["models"])),
+        f"base        {_with_adapter(d, 0, d['base'])}",
+        *(f"model {i + 1:<5} {_with_adapter(d, i + 1, m)}" for i, m in enumerate(d["models"])),
         f"output      {d['out'] or '(no --out)'} ({len(d['shards'])} shard(s), {format_size(d['bytes_written'])})",
         *([f"destination {d['destination']}"] if d.get("destination") else []),
         f"device      {d['device']}" + (f" ({d['device_source']})" if d.get("device_source") else ""),
@@ -183,7 +245,7 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         _chunking_line(d["tensors"]),
         f"reads       {format_size(d['bytes_read'])}",
         "tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
-        *(f"{'copied' if why == 'passthrough' else 'base value':<11} {len(names)} ({why}): {_some(names)}"
+        *(f"{'copied' if why in ('passthrough', 'copy') else 'base value':<11} {len(names)} ({why}): {_some(names)}"
           for why, names in d.get("kept_from_base", {}).items()),
         *(f"note        {note}" for note in d.get("notes", ()) if d.get("destination")),
     ]
@@ -203,14 +265,45 @@ def main() -> None:
 
     An interrupted merge (Ctrl-C, crash, full disk) continues where it stopped: run the same command again, or
     `streammerge resume OUT`. `streammerge methods` lists the methods and their parameters.
+
+    \b
+    PEFT LoRA adapters are inputs too, merged in on the fly (nothing is materialised):
+      streammerge merge --base BASE --model BASE+ADAPTER1 --model BASE+ADAPTER2 --out DIR
+      streammerge apply MODEL+ADAPTER --out DIR      (PEFT's merge_and_unload, streamed)
     """
 
 
-@main.command()
+def _distribution_options(f: Any) -> Any:
+    """``merge``'s options for running beyond one process (see streammerge.parts and streammerge.ray_executor)."""
+    options = [
+        click.option("--part", default=None, metavar="K/N",
+                     help="Write only part K of N (each part owns whole output shard files) into OUT's work folder, "
+                          "with its own journal; run every part (any machines sharing the storage, at the same "
+                          "time or not), then `streammerge finalize OUT`. Each part resumes on its own."),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="ray: run the parts as Ray tasks, one per part, and publish (needs streammerge[ray])."),
+        click.option("--ray-address", default=None, metavar="ADDR",
+                     help="With --executor ray: the cluster to connect to (default: RAY_ADDRESS, else a new local "
+                          "one)."),
+        click.option("--parts", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="With --executor ray: how many parts (default: one per node, or per GPU on CUDA, at most "
+                          "one per output shard file)."),
+        click.option("--resize-shards", is_flag=True,
+                     help="With --part or --executor ray: if the output has fewer shard files than parts, lower "
+                          "--shard-size so each part gets one (streammerge_recipe.yaml records the size)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command(cls=_InputsCommand)
 @_merge_options
+@_distribution_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge(as_json: bool, quiet: bool, **kw: Any) -> None:
+def merge(as_json: bool, quiet: bool, part: str | None, executor: str, ray_address: str | None, parts: int | None,
+          resize_shards: bool, **kw: Any) -> None:
     """Merge --model folders onto --base with --method, writing --out; or run a recipe (mergekit's YAML schema:
     merge_method, base_model, models with parameters, gradients and filters).
 
@@ -221,25 +314,50 @@ def merge(as_json: bool, quiet: bool, **kw: Any) -> None:
     A mergekit recipe, unchanged:
       streammerge merge recipe.yaml --out merged --max-ram 4GiB
     Every output holds streammerge_recipe.yaml, which reruns its merge.
+
+    \b
+    Beyond one machine (byte-identical to one process):
+      streammerge merge ... --out merged --part 2/4     (on each machine, K = 1..4)
+      streammerge finalize merged
+      streammerge merge ... --out merged --executor ray --ray-address HEAD:6379
     """
+    if part is not None and executor == "ray":
+        raise click.UsageError("--part runs one part here and --executor ray runs every part: give one of them")
+    if executor != "ray" and (ray_address is not None or parts is not None):
+        raise click.UsageError("--ray-address and --parts go with --executor ray (one process per part: --part K/N)")
+    if resize_shards and part is None and executor != "ray":
+        raise click.UsageError("--resize-shards goes with --part K/N or --executor ray")
     try:
         recipe = _recipe(kw)
+        where = None if part is None else parse_part(part)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
-    _run(recipe, as_json, quiet)
+    if executor == "ray":
+        _run_ray(recipe, as_json, quiet, ray_address, parts, resize_shards)
+        return
+    _run(recipe, as_json, quiet, where, resize_shards)
 
 
-def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
-    """Plan and execute; interruptions exit 130/143 with how to resume. Ends with the run's summary line (stderr)
-    and where the model is (stdout), or one JSON object."""
+def _run(recipe: Recipe, as_json: bool, quiet: bool, part: tuple[int, int] | None = None,
+         resize_shards: bool = False) -> None:
+    """Plan and execute (only part K of N with ``part``); interruptions exit 130/143 with how to resume. Ends with
+    the run's summary line (stderr) and where the model is (stdout), or one JSON object."""
     summaries: list[RunSummary] = []
+    unit = None
     try:
-        plan = api.plan_recipe(recipe)
+        plan = api.plan_recipe(recipe) if part is None else plan_parts(recipe, part[1], resize_shards)
+        unit = None if part is None else plan.units(part[1])[part[0] - 1]
         d = plan.to_dict()
         if not quiet and not as_json:
             _print_plan_summary(d, sys.stderr)
+            if unit is not None:
+                click.echo(f"part        {unit.describe()}", err=True)
         out = execute(plan, show_progress=not quiet and not as_json, handle_signals=True,
-                      notify=lambda message: click.echo(f"note: {message}", err=True), report=summaries.append)
+                      notify=lambda message: click.echo(f"note: {message}", err=True), report=summaries.append,
+                      unit=unit)
+        if unit is not None:
+            _report_part(plan, unit, summaries[0] if summaries else None, as_json, quiet)
+            return
     except MergeInterrupted as exc:
         click.echo(f"Interrupted: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -272,10 +390,12 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool) -> None:
                    "not affect and redo the others.")
 @click.option("--restart", is_flag=True,
               help="Discard the interrupted run's work and merge again from the start, with the same options.")
+@click.option("--part", default=None, metavar="K/N",
+              help="Continue part K of N of a merge run in parts (merge --part K/N); then `streammerge finalize`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: bool, restart: bool, as_json: bool,
-           quiet: bool) -> None:
+def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: bool, restart: bool, part: str | None,
+           as_json: bool, quiet: bool) -> None:
     """Continue an interrupted merge into OUT (same as rerunning the original merge command)."""
     work = work_folder_for(out)
     plan_file = work / "plan.json"
@@ -292,7 +412,84 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: b
     except (ValueError, KeyError, TypeError) as exc:
         raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with the original merge command "
                                    "and --restart") from None
-    _run(recipe, as_json, quiet)
+    try:
+        where = None if part is None else parse_part(part)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    _run(recipe, as_json, quiet, where)
+
+
+def _report_part(plan: Plan, unit: WorkUnit, summary: RunSummary | None, as_json: bool, quiet: bool) -> None:
+    """After ``--part K/N``: what it did, and which parts are still to run before ``finalize``."""
+    out = plan.recipe.out
+    if summary is None and not work_folder_for(out).is_dir():  # the whole merge was finalized before
+        click.echo(json.dumps({"out": str(out), "part": unit.label, "already_complete": True, "summary": None})
+                   if as_json else f"{out} is already complete: nothing to do")
+        return
+    left = [s for s in part_states(plan, unit.count) if s.state != "complete"]
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "part": unit.label, "shards": list(unit.shards),
+                               "already_complete": False, "fingerprint": plan.fingerprint,
+                               "summary": summary and summary.to_dict(),
+                               "parts_left": [{"part": s.unit.label, "state": s.state} for s in left]}))
+        return
+    if summary is not None and not quiet:
+        click.echo(summary.line(), err=True)
+    click.echo(f"part {unit.label} done: {len(unit.shards)} shard file(s) in {work_folder_for(out) / 'model'}")
+    if left:
+        click.echo("still to run before `streammerge finalize " + f"{out}`: "
+                   + ", ".join(f"part {s.unit.label} ({s.state})" for s in left))
+    else:
+        click.echo(f"every part is done: run `streammerge finalize {out}` to publish the merge")
+
+
+def _run_ray(recipe: Recipe, as_json: bool, quiet: bool, address: str | None, parts: int | None,
+             resize_shards: bool) -> None:
+    """``merge --executor ray``: every part as a Ray task, then finalize (see streammerge.ray_executor)."""
+    from .ray_executor import merge_on_ray  # noqa: PLC0415 (Ray is optional)
+
+    try:
+        result = merge_on_ray(recipe, parts, address, resize_shards, show_progress=not quiet and not as_json,
+                              notify=lambda message: click.echo(f"note: {message}", err=True))
+    except MergeInterrupted as exc:
+        click.echo(f"Interrupted: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"out": str(result.out), "already_complete": result.already_complete,
+                               "executor": "ray", "parts": result.parts}))
+        return
+    if result.already_complete:
+        click.echo(f"{result.out} is already complete: nothing to do")
+        return
+    if not quiet:
+        for r in result.parts:
+            line = RunSummary(**{k: v for k, v in r["summary"].items() if k != "read_rate"}).line() \
+                if r.get("summary") else "done before"
+            click.echo(f"part {r['part']} on {r.get('host', '?')}: {line}", err=True)
+    click.echo(f"merged model written to {result.out} ({len(result.parts)} parts on Ray)")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--recheck", is_flag=True,
+              help="Read every part's bytes again and check them against the journals (by default only the files "
+                   "modified since their part checked them as it ended).")
+def finalize(out: Path, as_json: bool, quiet: bool, recheck: bool) -> None:
+    """Publish a merge run in parts (`merge ... --part K/N` for every K): check that every part is complete and that
+    its bytes match their journaled CRC-32s, then write the index, side files, manifest and model card and move the
+    folder into place, exactly as one process would. A missing or unfinished part is named, and nothing changes."""
+    try:
+        done = finalize_parts(out, show_progress=not quiet and not as_json, recheck=recheck)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "already_complete": not done}))
+    else:
+        click.echo(f"merged model written to {out}" if done else f"{out} is already complete: nothing to do")
 
 
 @main.command()
@@ -317,7 +514,7 @@ def verify(out: Path, as_json: bool) -> None:
         sys.exit(1)
 
 
-@main.command("plan")
+@main.command("plan", cls=_InputsCommand)
 @(lambda f: _merge_options(f, out_required=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan (every tensor) as JSON.")
 def plan_cmd(as_json: bool, **kw: Any) -> None:
@@ -329,6 +526,65 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        _print_plan_summary(d, sys.stdout)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path), metavar="MODEL+ADAPTER")
+@click.option("--lora", type=click.Path(path_type=Path), default=None, metavar="ADAPTER",
+              help="The PEFT LoRA adapter folder (or Hub ID), instead of MODEL+ADAPTER (for paths that contain a +).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output folder; it appears only when complete.")
+@click.option("--max-ram", default=None, metavar="SIZE", help="RAM for the buffers, e.g. 1GiB (as for merge).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where the arithmetic runs (the changed weights are copies, computed where they are read).")
+@click.option("--max-vram", default=None, metavar="SIZE", help="GPU memory for the merge's tensors (as for merge).")
+@click.option("--dtype", default=None, metavar="DTYPE",
+              help="Output dtype: bfloat16, float16 or float32 (default: each tensor keeps the model's dtype).")
+@click.option("--shard-size", default=None, metavar="SIZE",
+              help=f"Largest output shard (default {DEFAULT_SHARD_SIZE // 1000**3}GB).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Force the rows per chunk (testing).")
+@click.option("--offline", is_flag=True, help="Resolve Hub IDs from the local Hugging Face cache only.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists and is not empty.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run's work instead of continuing it.")
+@click.option("--redo-changed", is_flag=True,
+              help="Continue an interrupted run whose inputs changed, redoing only what the change affects.")
+@click.option("--allow-incomplete-output", is_flag=True,
+              help="Write the weights even when the model has no config.json (transformers could not load them).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what would change, memory, bytes) and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (or with --dry-run the plan) as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def apply(model: Path, lora: Path | None, dry_run: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Merge a PEFT LoRA adapter into its model and write the merged model to --out: PEFT's merge_and_unload,
+    streamed in row chunks within --max-ram, for any model size (W + s·B@A per chunk; rsLoRA, rank_pattern and
+    alpha_pattern, DoRA, lora_bias, modules_to_save and trainable tokens as PEFT applies them).
+
+    \b
+    Example:
+      streammerge apply Qwen2-7B+my-adapter --out Qwen2-7B-merged --max-ram 2GiB
+      streammerge apply Qwen2-7B --lora my+adapter --out merged
+    """
+    folder, adapter = split_reference(str(model))
+    if lora is not None:
+        if adapter is not None:
+            raise click.UsageError(f"{model} names an adapter already ({adapter}); give it once")
+        adapter = str(lora)
+    if adapter is None:
+        raise click.UsageError(f"no adapter: write MODEL+ADAPTER (e.g. {model}+my-adapter) or --lora ADAPTER")
+    try:
+        recipe = Recipe(base=Path(folder), models=(), adapters=(Path(adapter),), method="passthrough",
+                        shard_size=kw.pop("shard_size") or DEFAULT_SHARD_SIZE, **kw)
+        if dry_run:
+            p = api.plan_recipe(recipe, dry_run=True)
+            d = {**p.to_dict(), "destination": describe_destination(p)}
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not dry_run:
+        _run(recipe, as_json, quiet)
+    elif as_json:
         click.echo(json.dumps(d, indent=2))
     else:
         _print_plan_summary(d, sys.stdout)
@@ -449,6 +705,9 @@ def make_example(folder: Path, shape: str, dtype: str, seed: int, force: bool) -
         click.echo(f"{folder} already holds this example", err=True)
     for name, path in paths.items():
         click.echo(f"{name:<13} {path}")
+
+
+main.add_command(analyze_command)  # streammerge analyze: before merging, how the models changed
 
 
 if __name__ == "__main__":

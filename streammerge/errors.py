@@ -36,6 +36,11 @@ class QuantizationError(IncompatibleModelsError):
             "if they were weights gives a broken model")
 
 
+class AdapterError(InputError):
+    """A LoRA adapter cannot be applied: not a PEFT LoRA folder, pickled, a feature streammerge does not apply, or
+    tensors that do not fit the model they are applied to. The message names the adapter folder and the tensor."""
+
+
 class MethodError(StreamMergeError):
     """Unknown method or parameter, or a parameter value out of range."""
 

@@ -18,6 +18,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from . import fsio
@@ -27,6 +28,7 @@ from .errors import NonFiniteError, StreamMergeError
 from .faults import checkpoint
 from .formats.reader import InputFiles
 from .output import work_folder_for
+from .parts import PartFolder, WorkUnit, unit_plan
 from .pipeline import Prefetcher, Staged, WriteBehind
 from .planner import Plan, TensorPlan
 from .progress import Progress, RunSummary
@@ -140,8 +142,13 @@ class LocalIO:
 
 def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False,
             notify: Callable[[str], None] | None = None,
-            report: Callable[[RunSummary], None] | None = None) -> Path:
+            report: Callable[[RunSummary], None] | None = None, unit: WorkUnit | None = None,
+            make_progress: Callable[[int, bool], Progress] = Progress) -> Path:
     """Run (or continue) ``plan`` and publish the merged model folder; returns its path.
+
+    ``unit``: run only that part of the merge (``--part K/N``, see :mod:`streammerge.parts`): its shards are
+    written into the shared work folder with its own journal, and nothing is published (``finalize`` does that).
+    ``make_progress(total_bytes, show)`` makes the progress display (an executor may report elsewhere).
 
     ``handle_signals`` installs SIGINT/SIGTERM handlers for the run (stop at the next block, exit codes 130/143);
     without it Ctrl-C arrives as ``KeyboardInterrupt``, also resumable. ``notify`` receives what a caller should
@@ -168,8 +175,9 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     if not work_folder_for(recipe.out).is_dir():  # nothing to continue: the output must be free (or --force)
         check_output_free(plan)
     load_torch()  # the seconds this takes pass before anything is written
-    shown = Progress(plan.bytes_read, show_progress)
-    work = WorkFolder.open(plan, notify)
+    shown = make_progress(plan.bytes_read if unit is None else unit_plan(plan, unit).bytes_read, show_progress)
+    work = WorkFolder.open(plan, notify) if unit is None else PartFolder.open_unit(plan, unit, notify)
+    plan = work.plan  # a part's: its tensors and shards
     with StopFlag(handle_signals) as stop:
         io = LocalIO(plan, work, stop, shown)
         try:
@@ -197,7 +205,11 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             io.close()
             shown.close()
             work.close()
-    summary = shown.summary(recipe.out, gpu_memory_peak(plan.budget.device))
+    if unit is None:
+        summary = shown.summary(recipe.out, gpu_memory_peak(plan.budget.device))
+    else:  # the part's shards, in the shared work folder
+        summary = replace(shown.summary(work.model_dir, gpu_memory_peak(plan.budget.device)), out=str(recipe.out),
+                          output_bytes=plan.bytes_written, output_files=len(plan.shards))
     if report is not None:
         report(summary)
     elif show_progress:
@@ -224,8 +236,7 @@ def _explain(exc: BaseException, work: WorkFolder) -> StreamMergeError:
     """The error the user sees, with how to continue."""
     recipe = work.plan.recipe
     kept = recipe.journal and work.path.exists()
-    cont = (f"; the finished part is kept in {work.path}: run `streammerge resume {recipe.out}` (or the same "
-            "command again) to continue, or add --restart to start over") if kept else ""
+    cont = f"; the finished part is kept in {work.path}: {work.continue_hint()}" if kept else ""
     if isinstance(exc, MergeInterrupted):
         return MergeInterrupted(f"merge interrupted ({exc}){cont}", exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):

@@ -2,7 +2,9 @@
 
 With ``STREAMMERGE_KILL_AT=N`` in the environment, the Nth checkpoint reached sends SIGKILL to this process (no
 cleanup, no flush: a power cut as far as the work folder is concerned). With ``STREAMMERGE_CHECKPOINT_LOG=FILE``,
-every checkpoint's name is appended to FILE, so a test can count them and pick kill points. In-process tests can
+every checkpoint's name is appended to FILE, so a test can count them and pick kill points. With
+``STREAMMERGE_KILL_ONCE=FILE`` too, only the first process to get there is killed (it creates FILE; the others,
+and a retry of the killed one, go on): for several processes sharing one environment (Ray workers). In-process tests can
 install a hook (:func:`set_hook`) that sees every checkpoint and may raise. Without any of these a checkpoint is
 two comparisons.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 _KILL_AT = int(os.environ.get("STREAMMERGE_KILL_AT", "0") or 0)
 _LOG = os.environ.get("STREAMMERGE_CHECKPOINT_LOG")
+_KILL_ONCE = os.environ.get("STREAMMERGE_KILL_ONCE")
 _ACTIVE = bool(_KILL_AT or _LOG)
 _count = 0
 _hook: Callable[[str], None] | None = None
@@ -39,4 +42,9 @@ def checkpoint(event: str) -> None:
         with open(_LOG, "a", encoding="utf-8") as f:
             f.write(event + "\n")
     if _count == _KILL_AT:
+        if _KILL_ONCE:
+            try:
+                os.close(os.open(_KILL_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)

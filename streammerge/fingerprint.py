@@ -86,7 +86,10 @@ def fingerprint_document(recipe: Recipe, method: str, params: dict[str, Any], ba
 
     def inputs(c: Checkpoint) -> dict[str, Any]:
         out = {}
-        for name, h in c.shards.items():
+        # a LoRA adapter's weights count as one more shard of its model, named by their absolute path (which joins
+        # onto the folder as itself, so touched_inputs finds the file)
+        headers = [*c.shards.items(), *([(str(c.adapter.weights.resolve()), c.adapter.header)] if c.adapter else [])]
+        for name, h in headers:
             st = h.path.stat()
             desc = json.dumps([[t.name, t.dtype.name, list(t.shape), t.begin, t.end] for t in h.tensors.values()])
             out[name] = [st.st_size, st.st_mtime_ns, hashlib.sha256(desc.encode()).hexdigest()]

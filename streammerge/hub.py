@@ -6,7 +6,7 @@ A local folder always wins. A Hub ID is resolved with ``huggingface_hub.snapshot
 the files a merge reads (:data:`MERGE_FILES`: safetensors weights and their index, JSON configs and tokenizer files,
 remote code, chat templates; never pickles). Before anything is planned the snapshot is checked complete: the
 config, every shard the index names (a symlink into ``blobs/`` that dangles counts as missing), and no interrupted
-download (``*.incomplete`` blobs). A miss names the missing files and the command that fetches them.
+download (``*.incomplete`` blobs); for a PEFT LoRA adapter (``MODEL+ADAPTER``), its ``adapter_model.safetensors``. A miss names the missing files and the command that fetches them.
 
 The resolved snapshot folder carries the commit (``snapshots/<commit>``), so the plan's fingerprint, which holds
 the input folders and files, changes when ``refs/main`` moves: a rerun then refuses to continue an interrupted
@@ -89,7 +89,9 @@ def _check_complete(ref: str | Path, folder: Path, fetch: str) -> None:
 
     missing = [] if (folder / "config.json").exists() else ["config.json"]
     index = folder / "model.safetensors.index.json"
-    if index.exists():
+    if missing and (folder / "adapter_config.json").exists():  # a PEFT adapter (MODEL+ADAPTER), not a model
+        missing = [] if (folder / "adapter_model.safetensors").exists() else ["adapter_model.safetensors"]
+    elif index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
         except (OSError, ValueError):

@@ -143,10 +143,15 @@ def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
 
     # folder names, not paths: the card must not depend on how the command spelled them (or on resume)
     refs = plan_dict.get("references", {})  # Hub IDs of inputs resolved through the cache: named by their ID
-    names = [refs[p].split("@")[0] if p in refs else Path(p).resolve().name
-             for p in (plan_dict["base"], *plan_dict["models"])]
-    front = {"base_model": list(dict.fromkeys(names)), "base_model_relation": "merge", "library_name": "transformers",
-             "tags": ["merge", "streammerge", plan_dict["method"]]}
+    def name(p: str) -> str:
+        return refs[p].split("@")[0] if p in refs else Path(p).resolve().name
+
+    names = [name(p) for p in (plan_dict["base"], *plan_dict["models"])]
+    adapters = plan_dict.get("adapters") or [None] * len(names)  # LoRA adapters merged into inputs (MODEL+ADAPTER)
+    front = {"base_model": list(dict.fromkeys([*names, *(name(a) for a in adapters if a)])),
+             "base_model_relation": "merge", "library_name": "transformers",
+             "tags": ["merge", "streammerge", plan_dict["method"], *(["lora"] if any(adapters) else [])]}
+    names = [n if a is None else f"{n}+{name(a)}" for n, a in zip(names, adapters)]
     params = ", ".join(f"{k}={v}" for k, v in plan_dict["params"].items()) or "none"
     models = "\n".join(f"- `{name}`" for name in names[1:])
     options = "".join(f"- `--{k.replace('_', '-')}`" + (f" `{v}`" if not isinstance(v, bool) else "") + "\n"

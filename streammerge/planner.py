@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .budget import Budget
@@ -32,6 +32,9 @@ from .sources import InputSource
 from .sources.base import align
 from .units import format_size
 from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
+
+if TYPE_CHECKING:
+    from .parts import WorkUnit
 
 #: Share of --max-ram the planned buffers may fill; the rest absorbs allocator slack and small temporaries.
 BUDGET_USABLE = 0.85
@@ -104,7 +107,8 @@ class TensorPlan(RowLayout):
         if self.rule is Rule.TIED_COPY:
             return self.rows * self.out_row_bytes
         reads = 1 if self.resident or not self.stat_passes else self.stat_passes + 1
-        return reads * self.rows * self.read_bytes_per_row
+        fixed = sum(s.fixed_read_bytes for s in self.sources)  # parts read whole with every chunk (LoRA factors)
+        return reads * (self.rows * self.read_bytes_per_row + (fixed * len(self.chunks()) if fixed else 0))
 
     def chunks(self, start: int = 0) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) in order, from row ``start`` (a resumed run continues mid-tensor)."""
@@ -135,7 +139,8 @@ class TensorSizing:
     out_bytes: int  # bytes written per element
     passes: int  # statistics passes before the merge pass
     copies: int  # bytes per block element of the runner's float32 copies of the inputs
-    footprint: Footprint  # the method's own memory (see methods.base.Footprint)
+    footprint: Footprint  # the method's own memory (see methods.base.Footprint), plus its sources' (a LoRA product)
+    fixed_slot: int = 0  # slot bytes its sources read whole with every chunk (InputSource.fixed_slot_bytes)
 
     @property
     def state(self) -> int:
@@ -197,6 +202,13 @@ class Plan:
     def tensor(self, name: str) -> TensorPlan:
         return self._by_name[name]
 
+    def units(self, n: int) -> tuple[WorkUnit, ...]:
+        """This plan's split into ``n`` parts that each own whole shard files (decided once, in
+        :func:`streammerge.parts.split_units`); raises :class:`~streammerge.parts.PartError` if it has too few."""
+        from .parts import split_units  # noqa: PLC0415 (parts builds on the plan)
+
+        return split_units(self, n)
+
     def __repr__(self) -> str:
         return (f"Plan(method={self.method.name!r}, base={str(self.recipe.base)!r}, "
                 f"models={[str(m) for m in self.recipe.models]!r}, out={None if self.recipe.out is None else str(self.recipe.out)!r}, "
@@ -214,6 +226,8 @@ class Plan:
             "options": self.options(),
             "base": str(self.recipe.base),
             "models": [str(m) for m in self.recipe.models],
+            **({"adapters": [None if a is None else str(a) for a in self.recipe.adapters]} if self.recipe.adapters
+               else {}),
             **({"references": self.recipe.hub_refs} if self.recipe.hub_refs else {}),
             "out": None if self.recipe.out is None else str(self.recipe.out),
             "device": self.budget.device,
@@ -256,9 +270,13 @@ class Plan:
         }
 
 
-def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget: Budget) -> Plan:
-    """Plan the merge of ``models`` onto ``base``; raises before anything is written if it cannot work."""
-    method = get_method(recipe.method)
+def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget: Budget,
+              method: Method | None = None) -> Plan:
+    """Plan the merge of ``models`` onto ``base``; raises before anything is written if it cannot work.
+    ``method``: an unregistered method to plan for instead of ``recipe.method`` (``streammerge analyze`` plans its
+    statistics-only passes with one)."""
+    origin = "builtin" if method is not None else None
+    method = method or get_method(recipe.method)
     method.check_models(len(models))
     check_levels(method, recipe.parameters, recipe.model_parameters, recipe.params)
     params = method.resolve_params(recipe.params, len(models))  # the command line's, checked before any tensor
@@ -289,7 +307,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     shards = tuple(layout_shard(shard_filename(i, len(groups)), g) for i, g in enumerate(groups))
     shard_of = {t: s.filename for s in shards for t in s.offsets}
     fps = tensor_fingerprints(classes, method.name, tensor_params, len(models), shards, tile)
-    doc = fingerprint_document(recipe, method.name, params, base, models, engine_document(budget.device, tile, method_origin(method.name)), fps)
+    doc = fingerprint_document(recipe, method.name, params, base, models, engine_document(budget.device, tile, origin or method_origin(method.name)), fps)
 
     on_gpu = budget.device.startswith("cuda")
     out_dtypes = {c.name: c.out_dtype for c in classes}
@@ -326,7 +344,10 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
             if vram_chunk is not None:
                 chunk_elems = min(chunk_elems, vram_chunk)
-            chunks = [_chunk_rows(recipe, s.task.rule, s.task.rows, s.task.row_numel, chunk_elems, tile) for s in sizing]
+            # a source's parts read whole with every chunk (a LoRA factor) are reserved in each slot first
+            chunks = [_chunk_rows(recipe, s.task.rule, s.task.rows, s.task.row_numel,
+                                  chunk_elems - -(-depth * s.fixed_slot // max(per_elem_buffers, 1)), tile)
+                      for s in sizing]
             grown = [p or (bool(s.passes) and _partial(max(c, 1), s.task.rows, tile))
                      for s, p, c in zip(sizing, partial, chunks)]
             if grown == partial:
@@ -454,7 +475,7 @@ def _notes(recipe: Recipe, method: Method, params: dict[str, Any], budget: Budge
     base = recipe.base.resolve()
     for k, m in enumerate(recipe.models, 1):
         base_is_input = (method.base_policy == "none" and recipe.source is not None) or params.get("use_base") is False
-        if m.resolve() == base and not base_is_input:
+        if m.resolve() == base and not base_is_input and recipe.adapter(k) == recipe.adapter(0):
             # (a recipe's linear or karcher averages its base as mergekit does, and without use_base the base only
             # gives the structure: nothing to point out)
             notes.append(f"model {k} ({m}) is the base itself: its delta is zero everywhere. Sums of deltas (task "
@@ -476,12 +497,27 @@ def _size(c: TensorClass, method: Method, params: dict[str, Any], n: int, tile: 
         scratch = 0 if source == c.out_dtype else DTYPES[source].bits // 8 + 4
         return TensorSizing(c, task, 0, e_out, 0, 0, Footprint(emit_per_element=scratch))
     in_bytes = sum(s.stored_element_bytes for s in c.sources)
+    fixed_slot = sum(s.fixed_slot_bytes for s in c.sources)
     if c.rule is Rule.COPY_BASE:
-        return TensorSizing(c, task, in_bytes, e_out, 0, 0, Footprint(emit_per_element=4 + e_out))
+        return TensorSizing(c, task, in_bytes, e_out, 0, 0,
+                            _with_sources(Footprint(emit_per_element=4 + e_out), c.sources), fixed_slot)
     # the runner's float32 copies of the inputs: the base always, a model unless the method takes it as stored
     copies = 4 + sum(0 if method.raw_models and src.raw_exact else 4 for src in c.sources[1:])
     return TensorSizing(c, task, in_bytes, e_out, method.stat_passes(c.rule, params), copies,
-                        method.footprint(task, n, params))
+                        _with_sources(method.footprint(task, n, params), c.sources), fixed_slot)
+
+
+def _with_sources(fp: Footprint, sources: tuple[InputSource, ...]) -> Footprint:
+    """``fp`` plus what the sources allocate while they make float32 rows (a LoRA product): one source at a time,
+    so the largest, per block element and per block, in every pass and on a GPU too."""
+    elem = max((s.scratch_per_element for s in sources), default=0)
+    fixed = max((s.scratch_fixed for s in sources), default=0)
+    if not elem and not fixed:
+        return fp
+    uploaded = sum(s.fixed_slot_bytes for s in sources)  # on a GPU the parts read whole are uploaded too
+    return replace(fp, stats_per_element=fp.stats_per_element + elem, emit_per_element=fp.emit_per_element + elem,
+                   stats_state=fp.stats_state + fixed, emit_state=fp.emit_state + fixed,
+                   gpu_per_element=fp.gpu_per_element + elem, gpu_state=fp.gpu_state + fixed + uploaded)
 
 
 def _partial(rows_per_step: int, rows: int, tile: int) -> bool:

@@ -34,6 +34,9 @@ _FLAGS = {  # boolean flags become =True; valued options keep their value after 
     "--max-ram": "max_ram", "--max-vram": "max_vram", "--out": "out", "--model": "models", "--base": "base",
     "--tokenizer-from": "tokenizer_from", "--shard-size": "shard_size", "--embedding": "embedding_names",
     "--exclude": "exclude=[...]", "--dtype": "dtype", "--device": "device", "--param": "params", "--method": "method",
+    "--plot": "plot", "--top-k": "top_k",
+    "--part": "part", "--parts": "parts", "--resize-shards": "resize_shards=True", "--executor": "executor",
+    "--ray-address": "ray_address",
 }
 _FLAG = re.compile(r"--[a-z][a-z-]*")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import QuantizationError
 from .formats.checkpoint import Checkpoint, Located
+from .sources.base import InputSource
 from .sources.fp8 import Fp8Source
 
 #: the FP8 code dtypes dequantized on the fly
@@ -53,6 +54,9 @@ class Dequantization:
     sources: dict[str, Fp8Source]
     dropped: tuple[str, ...]
     description: str | None
+    #: the sources a LoRA adapter on the checkpoint decides (streammerge.lora.adapted), by stored name; they read
+    #: the weights through ``sources`` where those are FP8, and take precedence over them
+    adapted: dict[str, InputSource] = dataclasses.field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:

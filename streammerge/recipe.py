@@ -5,6 +5,7 @@ Nothing below the recipe cares where it came from. It names inputs and options; 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,12 @@ HEAD_NAMES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight", "language_m
 #: ``nn.Linear``), and the names of those weights (regexes, ``re.fullmatch``).
 CONV1D_MODEL_TYPES: tuple[str, ...] = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 CONV1D_WEIGHTS: str = r"(.*\.)?h\.\d+\.(attn\.(c_attn|q_attn|c_proj)|mlp\.(c_fc|c_proj))\.weight"
+
+
+def is_conv1d_weight(model_type: str | None, name: str) -> bool:
+    """Whether tensor ``name`` of a ``model_type`` checkpoint is a transformers ``Conv1D`` weight (stored (in, out))."""
+    return model_type in CONV1D_MODEL_TYPES and re.fullmatch(CONV1D_WEIGHTS, name) is not None
+
 #: Stacked MoE experts (transformers v5: ``mlp.experts.gate_up_proj`` [E, out, in]); other tensors of 3-D or more are
 #: convolution kernels [out, in, *kernel] (regex, ``re.search``)
 STACKED_EXPERTS: str = r"(^|\.)experts\."
@@ -116,6 +123,9 @@ class Recipe:
     slices: tuple[LayerSlice, ...] = ()  # layer stacking (passthrough): the output's layers, slice by slice
     offline: bool = False  # resolve Hub IDs from the local Hugging Face cache only (also HF_HUB_OFFLINE)
     hub_refs: dict[str, str] = field(default_factory=dict)  # resolved folder -> "org/name@commit" (set by planning)
+    #: a PEFT LoRA adapter per input, the base's first, then each model's (None: that input has none; empty: none
+    #: has one): the input is the model with the adapter merged in (``MODEL+ADAPTER``, see streammerge.lora)
+    adapters: tuple[Path | None, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", Path(self.base))
@@ -137,12 +147,28 @@ class Recipe:
                                                             dict(s.get("parameters") or {}), s.get("index", 0),
                                                             dict(s.get("source_parameters") or {}))
                                                  for s in self.slices))
+        adapters = tuple(None if a is None else Path(a) for a in self.adapters)
+        object.__setattr__(self, "adapters", adapters if any(a is not None for a in adapters) else ())
+        if self.adapters and len(self.adapters) != 1 + len(self.models):
+            raise StreamMergeError(f"adapters has {len(self.adapters)} entries for the base and {len(self.models)} "
+                                   "models: give one per input (None for none), the base's first")
         if self.model_parameters and len(self.model_parameters) != len(self.models):
             raise StreamMergeError(f"model_parameters has {len(self.model_parameters)} entries for "
                                    f"{len(self.models)} models: give one per model, in order")
         if self.restart and self.redo_changed:
             raise StreamMergeError("--restart discards the interrupted run's work and --redo-changed keeps what the "
                                    "change does not affect: give one of them")
+
+    def adapter(self, k: int) -> Path | None:
+        """The LoRA adapter of input ``k`` (0: the base, k: model k), or None."""
+        return self.adapters[k] if self.adapters else None
+
+    def input_reference(self, k: int) -> str:
+        """How to name input ``k`` (0: the base) to someone else: :meth:`reference`, with ``+ADAPTER`` when it has
+        one (mergekit's ``model+lora``)."""
+        folder = self.base if k == 0 else self.models[k - 1]
+        adapter = self.adapter(k)
+        return self.reference(folder) + (f"+{self.reference(adapter)}" if adapter is not None else "")
 
     def reference(self, folder: Path) -> str:
         """How to name input ``folder`` to someone else: its Hub ID (``org/name@commit``) or its absolute path."""
@@ -166,6 +192,7 @@ class Recipe:
             "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
             "slices": [s.to_json() for s in self.slices], "chat_template": self.chat_template,
             "pad_to_multiple_of": self.pad_to_multiple_of,
+            **({"adapters": [None if a is None else str(a.resolve()) for a in self.adapters]} if self.adapters else {}),
         }
 
     @classmethod
@@ -175,6 +202,7 @@ class Recipe:
         fields["exclude"] = tuple(fields.get("exclude") or ())
         fields["model_parameters"] = tuple(fields.get("model_parameters") or ())
         fields["slices"] = tuple(fields.get("slices") or ())
+        fields["adapters"] = tuple(fields.get("adapters") or ())
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 

@@ -54,8 +54,9 @@ class Read:
 
     @property
     def nbytes(self) -> int:
-        """Bytes read (as stored)."""
-        return (self.r1 - self.r0) * sum(s.read_bytes_per_row for s in self.sources)
+        """Bytes read (as stored), parts read whole with every chunk (a LoRA factor) included."""
+        return (self.r1 - self.r0) * sum(s.read_bytes_per_row for s in self.sources) \
+            + sum(s.fixed_read_bytes for s in self.sources)
 
 
 @dataclass(frozen=True)

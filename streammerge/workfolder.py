@@ -209,6 +209,10 @@ def describe_destination(plan: Plan) -> str:
         stored = json.loads((work / "plan.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         stored = None
+    if isinstance(stored, dict) and "parts" in stored:  # a split merge (streammerge.parts)
+        return (f"{work} holds a merge split into {stored['parts']} parts: each continues with --part "
+                f"K/{stored['parts']}, then `streammerge finalize {out}` publishes it; a merge without --part "
+                "refuses it (--restart discards the parts' work)")
     if isinstance(stored, dict) and plan.recipe.journal and not plan.recipe.restart:
         journal = Journal(work, read_only=True)
         done = sum(1 for t in plan.tensors if journal.get(t.name).chunks and journal.get(t.name).rows_done >= t.rows)
@@ -273,6 +277,11 @@ class WorkFolder:
                 except (OSError, ValueError, KeyError, TypeError):
                     raise ResumeError(f"{plan_file} is damaged, so the interrupted merge in {work} cannot be "
                                       "continued; add --restart to discard it") from None
+                if "parts" in stored:  # a split merge (streammerge.parts): its parts' journals are elsewhere
+                    raise ResumeError(
+                        f"{work} holds this merge split into {stored['parts']} parts (--part K/{stored['parts']}): "
+                        f"run the parts that are not done, then `streammerge finalize {recipe.out}`; or add "
+                        "--restart to discard every part's work and merge in one process")
                 journal = Journal(work)
                 if stored.get("fingerprint") != plan.fingerprint:
                     cls._accept_changes(plan, work, journal, old, notify)
@@ -416,6 +425,11 @@ class WorkFolder:
     def done_count(self) -> int:
         return sum(1 for t in self.plan.tensors
                    if self.journal.get(t.name).rows_done >= t.rows and self.journal.get(t.name).chunks)
+
+    def continue_hint(self) -> str:
+        """How to continue after a failure that kept this folder."""
+        return (f"run `streammerge resume {self.plan.recipe.out}` (or the same command again) to continue, or add "
+                "--restart to start over")
 
     # ---- filling (on the writer thread) ----------------------------------------------------------------------
     def write_chunk(self, t: TensorPlan, r0: int, r1: int, data: memoryview, cursor: dict[str, Any]) -> None:

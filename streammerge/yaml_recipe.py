@@ -19,9 +19,12 @@
   change nothing here.
 - ``slices:`` with ``merge_method: passthrough`` stacks layer ranges (a frankenmerge); with another method, each
   slice merges the same models' layer ranges (:mod:`streammerge.slices`).
-- Keys streammerge does not implement yet (per-slice or per-source parameters outside passthrough, ``modules``, ``tokenizer_source: union``, ``tokenizer.tokens``,
-  ``model+lora`` references) are refused by name before anything
-  happens; an unknown key gets a "did you mean".
+- ``model: MODEL+ADAPTER`` (mergekit's ``model+lora``, also for ``base_model``) is the model with a PEFT LoRA
+  adapter merged in on the fly (:mod:`streammerge.lora`); ``passthrough`` of one ``MODEL+ADAPTER`` writes the merged
+  model (``streammerge apply``).
+- Keys streammerge does not implement yet (per-slice or per-source parameters outside passthrough, ``modules``,
+  ``tokenizer_source: union``, ``tokenizer.tokens``, ``model+lora`` in ``slices:``) are refused by name before
+  anything happens; an unknown key gets a "did you mean".
 - A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
   ``keep_vision``, ``shard_size``); mergekit ignores it.
 
@@ -99,6 +102,11 @@ def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
                               "ranges with slices:")
         entry = entries[0] if isinstance(entries[0], dict) else {"model": entries[0]}
         _check_keys(entry, ("model", "parameters"), f"{path}: models entry 1:", "key")
+        model, adapter = _model(entry.get("model"), path, "models entry 1")
+        if adapter is not None:  # model+lora copied: the adapter merged into the model (streammerge apply)
+            if entry.get("parameters") or doc.get("parameters"):
+                raise RecipeError(f"{path}: passthrough parameters (scale) with model+lora are not supported yet")
+            return _recipe(doc, path, text, options, base=model, models=(), adapters=(adapter,), method=method)
         doc = {**{k: v for k, v in doc.items() if k != "models"}, "slices": [{"sources": [
             {"model": entry.get("model"), "layer_range": "all", **({"parameters": entry["parameters"]}
                                                                    if entry.get("parameters") else {})}]}]}
@@ -107,32 +115,36 @@ def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"{path}: models: is missing or empty; list the models to merge as "
                           "models: [{model: FOLDER, parameters: {...}}]")
-    models, model_parameters = [], []
+    models, model_parameters, adapters = [], [], []
     for k, entry in enumerate(entries, 1):
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise RecipeError(f"{path}: models entry {k} needs a model: key, got {entry!r}")
         _check_keys(entry, ("model", "parameters"), f"{path}: models entry {k}:", "key")
-        models.append(_folder(entry["model"], path, f"models entry {k}"))
+        model, adapter = _model(entry["model"], path, f"models entry {k}")
+        models.append(model)
+        adapters.append(adapter)
         model_parameters.append(_mapping(entry.get("parameters"), path, f"models entry {k}'s parameters"))
     base_ref = doc.get("base_model")
-    base = _folder(base_ref, path, "base_model") if base_ref is not None else None
+    base, base_adapter = _model(base_ref, path, "base_model") if base_ref is not None else (None, None)
     policy = _base_policy(method)
     parameters = _mapping(doc.get("parameters"), path, "parameters")
     if base is None:
         _need_base(method, path)
-        base = models[0]  # the structure's reference; the method combines the models themselves
+        base, base_adapter = models[0], adapters[0]  # the structure's reference; the method combines the models
         if policy == "optional":
             parameters = {**parameters, "use_base": False}
     elif policy != "none":  # the base listed among the models is the base, not a model (its entry is dropped)
-        keep = [k for k, m in enumerate(models) if m.resolve() != base.resolve()]
+        keep = [k for k, m in enumerate(models) if not _same(m, adapters[k], base, base_adapter)]
         models, model_parameters = [models[k] for k in keep], [model_parameters[k] for k in keep]
-    elif all(m.resolve() != base.resolve() for m in models):  # mergekit averages a base it is given, listed last
-        models.append(base)
+        adapters = [adapters[k] for k in keep]
+    elif all(not _same(m, a, base, base_adapter) for m, a in zip(models, adapters)):
+        models.append(base)  # mergekit averages a base it is given, listed last
         model_parameters.append({})
+        adapters.append(base_adapter)
     return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method,
-                   parameters=parameters,
+                   parameters=parameters, adapters=(base_adapter, *adapters),
                    model_parameters=tuple(model_parameters) if any(model_parameters) else ())
 
 
@@ -181,6 +193,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
             elif not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
                                                                       for v in rng)):
                 raise RecipeError(f"{where} layer_range must be [first, last + 1], two integers, got {rng!r}")
+            if isinstance(src["model"], str) and "+" in src["model"] and not _names(src["model"], path):
+                raise RecipeError(f"{where} model+lora ({src['model']!r}) in slices: is not supported yet")
             group.append(LayerSlice(_folder(src["model"], path, f"slice {k}'s model"), rng[0], rng[1],
                                     _mapping(entry.get("parameters"), path, f"slice {k}'s parameters"), k - 1,
                                     _mapping(src.get("parameters"), path, f"slice {k}'s source parameters")))
@@ -239,7 +253,7 @@ def dump(recipe: Recipe) -> str:
                 per_model[k].setdefault(name, value[k])
         elif name not in shared:
             shared[name] = value[0] if spec.per_model else value
-    doc: dict[str, Any] = {"merge_method": method.name, "base_model": recipe.reference(recipe.base)}
+    doc: dict[str, Any] = {"merge_method": method.name, "base_model": recipe.input_reference(0)}
     if method.base_policy == "optional" and "use_base" in shared:
         if not USE_BASE.convert(shared.pop("use_base"), method.name):  # mergekit's form: a recipe without base_model
             del doc["base_model"]
@@ -252,9 +266,12 @@ def dump(recipe: Recipe) -> str:
                                       for sl in group],
                           **({"parameters": group[0].parameters} if group[0].parameters else {})}
                          for group in groups.values()]
+    elif not recipe.models and method.name == "passthrough":  # a copy of the base (streammerge apply)
+        del doc["base_model"]
+        doc["models"] = [{"model": recipe.input_reference(0)}]
     else:
-        doc["models"] = [{"model": recipe.reference(m), **({"parameters": p} if p else {})}
-                         for m, p in zip(recipe.models, per_model)]
+        doc["models"] = [{"model": recipe.input_reference(k), **({"parameters": p} if p else {})}
+                         for k, p in enumerate(per_model, 1)]
     if shared:
         doc["parameters"] = shared
     if recipe.dtype:
@@ -317,13 +334,37 @@ def _mapping(value: Any, path: Path, what: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _same(model: Path, adapter: Path | None, base: Path, base_adapter: Path | None) -> bool:
+    """Whether a model entry (with its LoRA adapter) is the base (with its own)."""
+    def key(p: Path | None) -> Path | None:
+        return None if p is None else p.resolve()
+
+    return (key(model), key(adapter)) == (key(base), key(base_adapter))
+
+
+def _model(ref: Any, path: Path, what: str) -> tuple[Path, Path | None]:
+    """The model folder ``ref`` names and its LoRA adapter: ``MODEL+ADAPTER`` (mergekit's model+lora) is split at the
+    ``+`` whose two sides each name a folder (from the current folder or the recipe's) or a Hub ID."""
+    if isinstance(ref, str) and "+" in ref and not _names(ref, path):
+        splits = [(ref[:i], ref[i + 1:]) for i, ch in enumerate(ref) if ch == "+"]
+        valid = [(m, a) for m, a in splits if _names(m, path) and _names(a, path)]
+        if len(valid) != 1:
+            raise RecipeError(f"{path}: {what} {ref!r} " + (
+                "names no model+lora pair that exists (MODEL+ADAPTER, each a folder or a Hub ID)" if not valid else
+                "can be split into MODEL+ADAPTER in several ways: rename a folder so that one + separates them"))
+        return _folder(valid[0][0], path, what), _folder(valid[0][1], path, f"{what}'s LoRA adapter")
+    return _folder(ref, path, what), None
+
+
+def _names(ref: str, path: Path) -> bool:
+    """Whether ``ref`` names a folder (from the current folder or the recipe's) or reads as a Hub ID."""
+    return bool(ref) and (Path(ref).expanduser().is_dir() or (path.parent / ref).is_dir() or is_hub_id(ref))
+
+
 def _folder(ref: Any, path: Path, what: str) -> Path:
     """The local folder ``ref`` names: from the current folder, else from the recipe's folder."""
     if not isinstance(ref, str) or not ref.strip():
         raise RecipeError(f"{path}: {what} must name a model folder, got {ref!r}")
-    if "+" in ref and not Path(ref).exists():
-        raise RecipeError(f"{path}: {what} {ref!r} applies a LoRA adapter to a model (model+lora), which recipes "
-                          "do not support yet: merge the adapter into the model first")
     for candidate in (Path(ref).expanduser(), path.parent / ref):
         if candidate.is_dir():
             return candidate

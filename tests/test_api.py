@@ -60,7 +60,8 @@ def test_an_unknown_option_names_the_nearest_and_lists_the_known_ones(typo, near
         streammerge.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", **{typo: "1GiB"})
     message = str(info.value)
     assert f"unexpected keyword argument '{typo}': did you mean '{near}'?" in message
-    assert "method, params, progress, handle_signals, notify, dtype, exclude" in message
+    assert ("method, params, progress, handle_signals, notify, part, executor, ray_address, parts, resize_shards, "
+            "dtype, exclude") in message
     assert "chunk_rows" not in message and "journal" not in message
 
 

@@ -230,7 +230,7 @@ def test_what_recipes_cannot_do_yet_is_refused_by_name(fam, tmp_path, case):
 
 @pytest.mark.parametrize("entry,expected", [
     ("  - model: {chat}\n    parameters: {{normalize: true}}\n", ["normalize is not per model", "top-level"]),
-    ("  - model: {chat}+adapters/lora\n", ["model+lora", "not support yet"]),
+    ("  - model: {chat}+adapters/lora\n", ["adapters/lora is not a local folder", "hf download"]),
     ("  - model: Qwen/Qwen1.5-7B-Chat\n", ["Qwen/Qwen1.5-7B-Chat is not a local folder", "hf download"]),
     ("  - modle: {chat}\n", ["needs a model: key"]),
 ])

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .safetensors_header import ShardHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from .peft_adapter import PeftAdapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,6 +45,9 @@ class Checkpoint:
     shards: dict[str, ShardHeader]
     tensors: dict[str, Located] = field(repr=False)
     config: dict[str, Any] = field(repr=False)
+    #: a LoRA adapter applied to this model (``MODEL+ADAPTER``): the input is the virtual model with the adapter
+    #: merged in, which streammerge.lora turns into sources; None for a plain model
+    adapter: PeftAdapter | None = field(default=None, repr=False)
 
     @property
     def model_type(self) -> str | None:
@@ -99,6 +105,9 @@ def _refuse_pickles(folder: Path) -> None:
             f"{folder} has only pickled weights ({', '.join(pickles[:3])}); streammerge never unpickles files: "
             + CONVERT_HINT
         )
+    if (folder / "adapter_config.json").is_file():
+        raise InputError(f"{folder} is a PEFT LoRA adapter, not a model: give it with the model it applies to, "
+                         f"MODEL+{folder} (e.g. streammerge apply MODEL+{folder} --out DIR)")
     raise InputError(f"{folder} contains no {SINGLE_FILE} or {INDEX_FILE}: not a safetensors model folder")
 
 

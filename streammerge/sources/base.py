@@ -79,6 +79,35 @@ class InputSource(RowLayout, ABC):
         """Bytes per element of what is read (for a product exact in float32 and for budgets)."""
         return max(1, self.read_bytes_per_row // max(self.row_numel, 1))
 
+    @property
+    def fixed_read_bytes(self) -> int:
+        """Bytes every read of this source takes whatever its rows (a LoRA factor read whole); 0 for most."""
+        return 0
+
+    @property
+    def fixed_slot_bytes(self) -> int:
+        """Slot bytes beyond ``rows × row_numel × stored_element_bytes`` that a read of any number of rows may take
+        (parts read whole, alignment of many small parts): the planner reserves them before sizing chunks."""
+        return 0
+
+    @property
+    def scratch_per_element(self) -> int:
+        """Bytes per element of a compute block that :meth:`floats` allocates besides the float32 rows it returns
+        (a LoRA product); 0 for most."""
+        return 0
+
+    @property
+    def scratch_fixed(self) -> int:
+        """Bytes per compute block that :meth:`floats` allocates whatever the block's rows (a LoRA factor in
+        float32); 0 for most."""
+        return 0
+
+    @property
+    def natural_dtype(self) -> str:
+        """The safetensors dtype a copy of these values is written in when no output dtype is asked for: the stored
+        dtype, or bfloat16 for values the source makes (dequantized FP8)."""
+        return self.stored_dtype or "BF16"
+
     def slot_bytes(self, rows: int) -> int:
         """Bytes of slot space for ``rows`` rows (every part aligned)."""
         return sum(align(r.length) for r in self.ranges(0, min(rows, self.rows))) if rows else 0
