@@ -31,3 +31,74 @@ def interrupt_at_tensor(monkeypatch, n: int) -> None:
         return real(*args)
 
     monkeypatch.setattr(execute, "run_tensor", interrupted)
+
+
+def interrupt_merge_after_chunks(n: int, merge) -> None:  # type: ignore[no-untyped-def]
+    """Run ``merge()`` (a zero-argument callable) with a Ctrl-C raised after its ``n``-th written chunk, and check
+    that it stopped as an interrupted merge (its work folder kept for a resume)."""
+    import pytest
+
+    from streammerge import faults
+    from streammerge.execute import MergeInterrupted
+
+    seen = [0]
+
+    def hook(event: str) -> None:
+        if event == "chunk-written":
+            seen[0] += 1
+            if seen[0] == n:
+                faults.set_hook(None)
+                raise KeyboardInterrupt
+
+    faults.set_hook(hook)
+    try:
+        with pytest.raises(MergeInterrupted):
+            merge()
+    finally:
+        faults.set_hook(None)
+
+
+# ------------------------------------------------------------------------------------------- mergekit 0.1.5 itself
+
+def find_mergekit():  # type: ignore[no-untyped-def]
+    """mergekit 0.1.5's ``mergekit-yaml`` from its own environment (it must not change this one's pinned torch):
+    ``STREAMMERGE_MERGEKIT``, else ``.ci-mergekit-venv`` (which ``.ci/run`` installs when it can) or
+    ``bench/.mergekit-venv``; None when there is none."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for candidate in (os.environ.get("STREAMMERGE_MERGEKIT"), root / ".ci-mergekit-venv/bin/mergekit-yaml",
+                      root / "bench/.mergekit-venv/bin/mergekit-yaml"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+MERGEKIT_MISSING = ("mergekit 0.1.5 is not installed (.ci/run installs it in .ci-mergekit-venv when it can; or set "
+                    "STREAMMERGE_MERGEKIT to its mergekit-yaml)")
+
+
+def merge_both(mergekit, workdir, name: str, text: str, *extra: str):  # type: ignore[no-untyped-def]
+    """Write recipe ``text`` as ``workdir/<name>.yml`` and merge it with mergekit (``mk-<name>``) and with
+    streammerge's CLI (``sm-<name>``), from ``workdir`` (the recipes name models relative to it, as mergekit reads
+    them), ``extra`` streammerge options. Returns (ours, theirs): the two ``model.safetensors`` loaded; fails the test naming whichever failed."""
+    import os
+    import subprocess
+
+    import pytest
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from streammerge.cli import main
+
+    recipe = workdir / f"{name}.yml"
+    recipe.write_text(text)
+    mk, sm = workdir / f"mk-{name}", workdir / f"sm-{name}"
+    proc = subprocess.run([str(mergekit), str(recipe), str(mk), "--no-copy-tokenizer", "--no-write-model-card"],
+                          cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if not (mk / "model.safetensors").is_file():
+        pytest.fail(f"mergekit failed on {name}: {proc.stderr[-2000:]}")
+    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(sm), "-q", *extra])
+    assert r.exit_code == 0, r.output
+    return load_file(sm / "model.safetensors"), load_file(mk / "model.safetensors")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import interrupt_merge_after_chunks
 from safetensors.torch import load_file, save_file
 
 from streammerge import api
 from streammerge.errors import StreamMergeError
 from streammerge.examples import write_family
-from streammerge.execute import MergeInterrupted
 from streammerge.methods import all_methods
 from streammerge.methods._quantile import OrderStatistics, order_keys
 from streammerge.methods.arcee_fusion import row_kl, softmax_rows
@@ -226,25 +226,9 @@ def test_takes_exactly_one_model(fam, tmp_path):
 def test_an_interrupted_merge_resumes_from_its_saved_statistics(fam, tmp_path, monkeypatch):
     """Interrupted mid-tensor after its statistics were saved: the resumed run (another chunking) loads them, runs
     no statistics pass for that tensor, and writes the bytes of an uninterrupted merge."""
-    from streammerge import faults
-
     whole = api.merge(fam["base"], fam["chat"], tmp_path / "whole", method="arcee_fusion")
-    seen = [0]
-
-    def hook(event: str) -> None:
-        if event == "chunk-written":
-            seen[0] += 1
-            if seen[0] == 12:
-                faults.set_hook(None)
-                raise KeyboardInterrupt
-
-    faults.set_hook(hook)
     out = tmp_path / "out"
-    try:
-        with pytest.raises(MergeInterrupted):
-            api.merge(fam["base"], fam["chat"], out, method="arcee_fusion", chunk_rows=5)
-    finally:
-        faults.set_hook(None)
+    interrupt_merge_after_chunks(12, lambda: api.merge(fam["base"], fam["chat"], out, method="arcee_fusion", chunk_rows=5))
     assert list((out.with_name("out.streammerge-partial") / "state").glob("*.safetensors"))
     loaded, passes = [], []
     real = METHOD.start

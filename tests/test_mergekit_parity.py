@@ -10,33 +10,21 @@ kept fraction, the L1 norm the rescale keeps, DELLA's preference for large delta
 
 from __future__ import annotations
 
-import os
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import MERGEKIT_MISSING, find_mergekit, merge_both
 from safetensors.torch import load_file
 
-from streammerge.cli import main
 from streammerge.examples import SHAPES, write_family
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _mergekit() -> Path | None:
-    for candidate in (os.environ.get("STREAMMERGE_MERGEKIT"), ROOT / ".ci-mergekit-venv/bin/mergekit-yaml",
-                      ROOT / "bench/.mergekit-venv/bin/mergekit-yaml"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
-MERGEKIT = _mergekit()
-pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is not installed (.ci/run installs it in "
-                                ".ci-mergekit-venv when it can; or set STREAMMERGE_MERGEKIT to its mergekit-yaml)")
+MERGEKIT = find_mergekit()
+pytestmark = pytest.mark.skipif(MERGEKIT is None, reason=MERGEKIT_MISSING)
 
 RECIPES = {
     "linear-per-model-weights": """
@@ -300,16 +288,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_mergekit_and_streammerge_agree_on_a_recipe(name, workdir, monkeypatch):
     monkeypatch.chdir(workdir)  # the recipes name models relative to the current folder, as mergekit reads them
-    recipe = workdir / f"{name}.yml"
-    recipe.write_text(RECIPES[name])
-    mk = workdir / f"mk-{name}"
-    proc = subprocess.run([str(MERGEKIT), str(recipe), str(mk), "--no-copy-tokenizer", "--no-write-model-card"],
-                          cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if not (mk / "model.safetensors").is_file():
-        pytest.fail(f"mergekit failed on {name}: {proc.stderr[-2000:]}")
-    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(workdir / f"sm-{name}"), "-q"])
-    assert r.exit_code == 0, r.output
-    ours, theirs = (load_file(f / "model.safetensors") for f in (workdir / f"sm-{name}", mk))
+    ours, theirs = merge_both(MERGEKIT, workdir, name, RECIPES[name])
     assert set(ours) == set(theirs)
     for n, t in theirs.items():
         assert ours[n].dtype == t.dtype, n
@@ -332,16 +311,9 @@ def test_random_masks_keep_mergekits_statistics(method, extra, workdir, monkeypa
     """One model, weight 1: the kept fraction is the density (within sampling error), the L1 rescale keeps each
     tensor's delta L1 norm in both, and DELLA keeps large deltas more often than small ones in both."""
     monkeypatch.chdir(workdir)
-    recipe = workdir / f"random-{method}.yml"
-    recipe.write_text(RANDOM_RECIPE.format(method=method, extra=extra))
-    mk, sm = workdir / f"mk-random-{method}", workdir / f"sm-random-{method}"
-    proc = subprocess.run([str(MERGEKIT), str(recipe), str(mk), "--no-copy-tokenizer", "--no-write-model-card"],
-                          cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert (mk / "model.safetensors").is_file(), proc.stderr[-2000:]
-    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(sm), "-q"])
-    assert r.exit_code == 0, r.output
+    outputs = merge_both(MERGEKIT, workdir, f"random-{method}", RANDOM_RECIPE.format(method=method, extra=extra))
     base, chat = (load_file(workdir / "fam" / n / "model.safetensors") for n in ("base", "chat"))
-    for out in (load_file(sm / "model.safetensors"), load_file(mk / "model.safetensors")):
+    for out in outputs:
         kept = total = 0
         large = small = 0.0
         for n, b in base.items():

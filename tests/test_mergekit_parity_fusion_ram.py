@@ -12,33 +12,21 @@ elements may differ, and only a few.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import MERGEKIT_MISSING, find_mergekit, merge_both
 from safetensors.torch import load_file, save_file
 
-from streammerge.cli import main
 from streammerge.examples import SHAPES, write_family
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _mergekit() -> Path | None:
-    for candidate in (os.environ.get("STREAMMERGE_MERGEKIT"), ROOT / ".ci-mergekit-venv/bin/mergekit-yaml",
-                      ROOT / "bench/.mergekit-venv/bin/mergekit-yaml"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
-MERGEKIT = _mergekit()
-pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is not installed (.ci/run installs it in "
-                                ".ci-mergekit-venv when it can; or set STREAMMERGE_MERGEKIT to its mergekit-yaml)")
+MERGEKIT = find_mergekit()
+pytestmark = pytest.mark.skipif(MERGEKIT is None, reason=MERGEKIT_MISSING)
 
 RECIPES = {
     "arcee-fusion": """
@@ -124,17 +112,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _run_both(name: str, workdir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    recipe = workdir / f"{name}.yml"
-    recipe.write_text(RECIPES[name])
-    mk = workdir / f"mk-{name}"
-    proc = subprocess.run([str(MERGEKIT), str(recipe), str(mk), "--no-copy-tokenizer", "--no-write-model-card"],
-                          cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if not (mk / "model.safetensors").is_file():
-        pytest.fail(f"mergekit failed on {name}: {proc.stderr[-2000:]}")
-    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(workdir / f"sm-{name}"), "--chunk-rows", "7",
-                                  "-q"])
-    assert r.exit_code == 0, r.output
-    return load_file(workdir / f"sm-{name}" / "model.safetensors"), load_file(mk / "model.safetensors")
+    return merge_both(MERGEKIT, workdir, name, RECIPES[name], "--chunk-rows", "7")
 
 
 def _fusion_importance(base: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -9,17 +9,14 @@ mergekit runs from its own environment, found as in ``test_mergekit_parity.py`` 
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import merge_both
 from safetensors.torch import load_file, save_file
 from test_mergekit_parity import MERGEKIT, pytestmark  # noqa: F401 (the skip when mergekit is not installed)
 
-from streammerge.cli import main
 from streammerge.examples import write_family
 
 MODELS2 = """
@@ -97,16 +94,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_mergekit_and_streammerge_agree_on_a_spherical_recipe(name, workdir, monkeypatch):
     monkeypatch.chdir(workdir)  # the recipes name models relative to the current folder, as mergekit reads them
-    recipe = workdir / f"{name}.yml"
-    recipe.write_text(RECIPES[name])
-    mk = workdir / f"mk-{name}"
-    proc = subprocess.run([str(MERGEKIT), str(recipe), str(mk), "--no-copy-tokenizer", "--no-write-model-card"],
-                          cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if not (mk / "model.safetensors").is_file():
-        pytest.fail(f"mergekit failed on {name}: {proc.stderr[-2000:]}")
-    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(workdir / f"sm-{name}"), "-q"])
-    assert r.exit_code == 0, r.output
-    ours, theirs = (load_file(f / "model.safetensors") for f in (workdir / f"sm-{name}", mk))
+    ours, theirs = merge_both(MERGEKIT, workdir, name, RECIPES[name])
     assert set(ours) == set(theirs)
     singular = _mergekit_singular(workdir) if name == "nuslerp-antiparallel" else {}
     for n, t in theirs.items():

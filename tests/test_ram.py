@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from helpers import interrupt_merge_after_chunks
 from safetensors.torch import load_file, save_file
 
 from streammerge import api
 from streammerge.errors import MethodError, StreamMergeError
 from streammerge.examples import write_family
-from streammerge.execute import MergeInterrupted
 from streammerge.methods import all_methods
 from streammerge.methods.base import Rule, TensorTask
 
@@ -209,27 +209,11 @@ def test_a_recipe_whose_only_model_is_the_base_gives_the_base(fam, tmp_path, mon
 
 
 def test_an_interrupted_merge_resumes_from_its_saved_counts(fam, tmp_path, monkeypatch):
-    from streammerge import faults
-
     models = [fam[m] for m in MODELS]
     params = {"r": 0.5, "alpha": 1.5, "epsilon": 3e-3}
     whole = api.merge(fam["base"], models, tmp_path / "whole", method="ramplus_tl", params=params)
-    seen = [0]
-
-    def hook(event: str) -> None:
-        if event == "chunk-written":
-            seen[0] += 1
-            if seen[0] == 12:
-                faults.set_hook(None)
-                raise KeyboardInterrupt
-
-    faults.set_hook(hook)
     out = tmp_path / "out"
-    try:
-        with pytest.raises(MergeInterrupted):
-            api.merge(fam["base"], models, out, method="ramplus_tl", params=params, chunk_rows=5)
-    finally:
-        faults.set_hook(None)
+    interrupt_merge_after_chunks(12, lambda: api.merge(fam["base"], models, out, method="ramplus_tl", params=params, chunk_rows=5))
     method = all_methods()["ramplus_tl"]
     loaded, passes = [], []
     real = method.start

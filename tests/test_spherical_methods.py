@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import interrupt_merge_after_chunks
 from safetensors.torch import load_file, save_file
 
 from streammerge import Recipe, api
 from streammerge.cli import main
 from streammerge.errors import MethodError, StreamMergeError
 from streammerge.examples import write_family
-from streammerge.execute import MergeInterrupted
 from streammerge.methods import all_methods
 from streammerge.methods.base import Rule, TensorTask
 
@@ -420,27 +420,11 @@ def test_cancelling_directions_stop_the_merge_naming_the_tensor(fam, tmp_path):
 def test_an_interrupted_merge_resumes_from_its_saved_statistics(variant, fam, tmp_path):
     """Interrupted mid-tensor, after a statistics pass was saved: the resumed run (another chunking) loads the
     statistics and its bytes equal an uninterrupted merge."""
-    from streammerge import faults
-
     method, params, n = VARIANTS[variant]
     models = _models(fam, n)
     whole = api.merge(fam["base"], models, tmp_path / "whole", method=method, params=params)
-    seen = [0]
-
-    def hook(event: str) -> None:
-        if event == "chunk-written":
-            seen[0] += 1
-            if seen[0] == 8:
-                faults.set_hook(None)
-                raise KeyboardInterrupt
-
-    faults.set_hook(hook)
     out = tmp_path / "out"
-    try:
-        with pytest.raises(MergeInterrupted):
-            api.merge(fam["base"], models, out, method=method, params=params, chunk_rows=5)
-    finally:
-        faults.set_hook(None)
+    interrupt_merge_after_chunks(8, lambda: api.merge(fam["base"], models, out, method=method, params=params, chunk_rows=5))
     assert list((out.with_name("out.streammerge-partial") / "state").glob("*.safetensors"))
     loaded = []
     real = all_methods()[method].start
