@@ -105,6 +105,8 @@ def adapter_inputs(recipe: Recipe) -> Recipe:
     for k, adapter in enumerate(adapters):
         if adapter is not None and not is_adapter_folder(adapter):
             who = "the base" if k == 0 else f"model {k}"
+            if not Path(adapter).expanduser().exists():
+                raise AdapterError(f"{who}'s adapter folder {adapter} does not exist")
             raise AdapterError(f"{who}'s adapter {adapter} is not a PEFT adapter folder (it holds no "
                                "adapter_config.json)")
     if not any(a is not None for a in adapters):

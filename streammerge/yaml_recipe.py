@@ -25,7 +25,8 @@
 - Keys streammerge does not implement yet (per-slice or per-source parameters outside passthrough, ``modules``,
   ``tokenizer_source: union``, ``tokenizer.tokens``, ``model+lora`` in ``slices:``) are refused by name before
   anything happens; an unknown key gets a "did you mean".
-- A ``streammerge:`` section carries options mergekit has no key for (``exclude``, ``embedding``,
+- A ``streammerge:`` section carries options mergekit has no key for (``average_base: false``: a command line's
+  ``--base`` that linear or karcher does not average, ``exclude``, ``embedding``,
   ``keep_vision``, ``shard_size``); mergekit ignores it.
 
 Relative model paths are taken from the current folder (as mergekit does), else from the recipe's folder; a
@@ -129,6 +130,9 @@ def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
     base_ref = doc.get("base_model")
     base, base_adapter = _model(base_ref, path, "base_model") if base_ref is not None else (None, None)
     policy = _base_policy(method)
+    averaged = _mapping(doc.get("streammerge"), path, "the streammerge: section").get("average_base", True)
+    if not isinstance(averaged, bool):
+        raise RecipeError(f"{path}: streammerge: average_base must be true or false, got {averaged!r}")
     parameters = _mapping(doc.get("parameters"), path, "parameters")
     if base is None:
         _need_base(method, path)
@@ -139,8 +143,9 @@ def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
         keep = [k for k, m in enumerate(models) if not _same(m, adapters[k], base, base_adapter)]
         models, model_parameters = [models[k] for k in keep], [model_parameters[k] for k in keep]
         adapters = [adapters[k] for k in keep]
-    elif all(not _same(m, a, base, base_adapter) for m, a in zip(models, adapters)):
-        models.append(base)  # mergekit averages a base it is given, listed last
+    elif averaged and all(not _same(m, a, base, base_adapter) for m, a in zip(models, adapters)):
+        models.append(base)  # mergekit averages a base it is given, listed last (average_base false: a command
+        # line's --base, which linear and karcher do not average)
         model_parameters.append({})
         adapters.append(base_adapter)
     return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method,
@@ -152,7 +157,8 @@ def _recipe(doc: dict[str, Any], path: Path, text: str, options: dict[str, Any],
     """The Recipe of ``what`` the models:/slices: reading decided, with what both forms read alike (dtype,
     tokenizer, chat template, the ``streammerge:`` section, the recipe's text) and the caller's ``options``."""
     extra = _mapping(doc.get("streammerge"), path, "the streammerge: section")
-    _check_keys(extra, tuple(OPTIONS), f"{path}: streammerge:", "option")
+    _check_keys(extra, (*OPTIONS, "average_base"), f"{path}: streammerge:", "option")
+    extra = {k: v for k, v in extra.items() if k != "average_base"}  # read where the models are decided
     return Recipe(**{
         **what, "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
         "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path), "source": text,
@@ -254,6 +260,7 @@ def dump(recipe: Recipe) -> str:
         elif name not in shared:
             shared[name] = value[0] if spec.per_model else value
     doc: dict[str, Any] = {"merge_method": method.name, "base_model": recipe.input_reference(0)}
+    base_unused = method.base_policy == "none" and all(m.resolve() != recipe.base.resolve() for m in recipe.models)
     if method.base_policy == "optional" and "use_base" in shared:
         if not USE_BASE.convert(shared.pop("use_base"), method.name):  # mergekit's form: a recipe without base_model
             del doc["base_model"]
@@ -291,6 +298,8 @@ def dump(recipe: Recipe) -> str:
     defaults = {"exclude": [], "embedding": [], "keep_vision": False, "shard_size": Recipe.__dataclass_fields__[
         "shard_size"].default}
     ours = {k: v for k, v in ours.items() if v != defaults[k]}
+    if base_unused and not recipe.slices:  # a command line's --base, which linear and karcher do not average
+        ours["average_base"] = False
     if recipe.embedding_names is not None and not recipe.embedding_names:
         ours["embedding"] = []
     if ours:

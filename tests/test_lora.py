@@ -423,6 +423,9 @@ def test_pickled_and_corrupt_adapters_are_refused(plain, tmp_path):
     (adapter / "adapter_model.bin").write_bytes(b"not a pickle to open")
     r = run("apply", f"{model}+{adapter}", "--out", tmp_path / "out")
     assert r.exit_code == 1 and "never unpickles" in r.output, r.output
+    r = run("merge", "--base", model, "--model", f"{model}+{tmp_path / 'no-such-adapter'}", "--out", tmp_path / "out")
+    assert r.exit_code == 1 and "adapter folder" in r.output and "does not exist" in r.output, r.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_adapter_for_another_model_is_refused_naming_the_tensor(made, tmp_path):
@@ -458,3 +461,19 @@ def test_the_plan_counts_the_adapter_and_the_base_must_be_a_model(made, tmp_path
     assert r.exit_code == 1 and "is a LoRA adapter, not a model" in r.output
     r = run("apply", model, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "no adapter" in r.output
+
+
+def test_analyze_takes_model_plus_adapter_like_merge(family, tmp_path):
+    """``analyze`` reads MODEL+ADAPTER as merge does: its figures equal those of the adapted models written out."""
+    import json
+
+    import streammerge
+
+    base = family["base"]
+    streamed = streammerge.analyze(base, [f"{base}+{family['a1']}", f"{base}+{family['a2']}"])
+    written = streammerge.analyze(base, [family["ours_a1"], family["ours_a2"]])
+    assert streamed.to_json()["model"] == written.to_json()["model"]
+    r = run("analyze", "--base", base, "--model", f"{base}+{family['a1']}", "--model", family["ours_a2"], "--json",
+            "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"]["models"][0] == written.to_json()["model"]["models"][0]

@@ -174,6 +174,23 @@ def test_a_merge_reruns_from_its_recipe_byte_for_byte(fam, tmp_path):
     assert yaml.safe_load((tmp_path / "again" / "mergekit_config.yml").read_text()) == doc
 
 
+@pytest.mark.parametrize("method,params", [("linear", ["--param", "weight=0.3,0.9"]), ("karcher", []),
+                                           ("multislerp", ["--param", "weight=0.4,0.6"])])
+def test_a_merge_whose_base_is_no_input_reruns_from_its_recipe(fam, tmp_path, method, params):
+    """linear's and karcher's --base only gives the structure, while a recipe's base_model is averaged (mergekit):
+    the written recipe says so (streammerge: average_base: false) and reruns to the same bytes."""
+    args = ["merge", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model", str(fam["multilingual"]),
+            "--method", method, *params, "--out", str(tmp_path / "first"), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    recipe = tmp_path / "first" / "streammerge_recipe.yaml"
+    doc = yaml.safe_load(recipe.read_text())
+    assert doc.get("streammerge", {}).get("average_base", True) is (method == "multislerp")
+    r = _merge(recipe, tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "first" / "model.safetensors").read_bytes() == \
+        (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
 def test_the_model_card_has_front_matter_the_hub_reads(fam, tmp_path):
     api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", method="task_arithmetic")
     text = (tmp_path / "out" / "README.md").read_text()

@@ -58,12 +58,15 @@ def analyze_command(base: Path, models: tuple[Path, ...], top_k: float, max_ram:
     Example:
       streammerge analyze --base Qwen1.5-7B --model Qwen1.5-7B-Chat --model Sailor-7B --plot changes.png
     """
+    from ..lora import split_inputs
     from ..recipe import Recipe
     from .core import analyze_recipe
 
     show = not quiet and not as_json
     try:
-        recipe = Recipe(base=base, models=models, out=None, params={"top_k": top_k}, max_ram=max_ram, device=device,
+        base, split_models, adapters = split_inputs(base, models)  # MODEL+ADAPTER references, as merge reads them
+        recipe = Recipe(base=base, models=split_models, out=None, params={"top_k": top_k}, adapters=adapters,
+                        max_ram=max_ram, device=device,
                         max_vram=max_vram, exclude=exclude, embedding_names=embeddings or None,
                         keep_vision=keep_vision, offline=offline, chunk_rows=chunk_rows)
         result = analyze_recipe(recipe, progress=show, handle_signals=True, plot=plot,

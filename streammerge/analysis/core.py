@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..lora import split_inputs
 from ..pythonic import pythonic_errors
 from ..recipe import Recipe
 from . import DEFAULT_TOP_K
@@ -140,7 +141,9 @@ def analyze(base: str | Path, models: str | Path | Sequence[str | Path], top_k: 
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}: the arguments besides base, models, top_k, "
                         f"progress, handle_signals, plot and notify are: {', '.join(_OPTIONS)}")
     with pythonic_errors():
-        recipe = Recipe(base=Path(base), models=models, out=None, params={"top_k": top_k}, **options)
+        base, models, adapters = split_inputs(base, models)  # MODEL+ADAPTER references, as merge reads them
+        recipe = Recipe(base=Path(base), models=models, out=None, params={"top_k": top_k}, adapters=adapters,
+                        **options)
         return analyze_recipe(recipe, progress, handle_signals, None if plot is None else Path(plot), notify)
 
 

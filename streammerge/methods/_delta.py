@@ -454,7 +454,8 @@ class DeltaMethod(Method):
             for k, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
                 if 0 < d < 1 and not (0 < d - e and d + e < 1):
                     raise MethodError(f"{self.name}: model {k + 1}: density ± epsilon must lie inside (0, 1), got "
-                                      f"density {d} and epsilon {e}; lower epsilon")
+                                      f"density {d} and epsilon {e}; lower epsilon (it is unused at density 0, "
+                                      "which keeps nothing, and 1, which keeps everything)")
         return params
 
     def selection_passes(self, params: Mapping[str, Any]) -> int:

@@ -57,14 +57,14 @@ def karcher_coefficients(gram: Gram, max_iter: int, tol: float) -> list[float]:
         for i in valid:
             dot = max(-1.0, min(1.0, g_mean[i] / norms[i]))  # ⟨m, u_i⟩
             theta = math.acos(dot)
-            if theta < tol or math.pi - theta < tol:
+            if theta < tol or math.pi - theta < tol or math.sin(theta) == 0:  # (with tol 0: an exact fit or antipode)
                 continue
             f = weight[i] * theta / math.sin(theta)
             tangent[i] += f / norms[i]
             for j in range(k):
                 tangent[j] -= f * dot * mean[j]
         tangent_norm = vector_norm(gram, tangent)
-        if tangent_norm < tol:
+        if tangent_norm < tol or tangent_norm == 0:  # converged (tol 0: exactly)
             break
         c, s = math.cos(tangent_norm), math.sin(tangent_norm) / tangent_norm
         mean = [c * m + s * t for m, t in zip(mean, tangent)]
