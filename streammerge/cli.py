@@ -22,7 +22,7 @@ from .execute import execute
 from .lora import split_reference
 from .manifest import MANIFEST
 from .methods import all_methods, method_origin, plugin_problems
-from .output import work_folder_for
+from .output import check_not_moved, work_folder_for
 from .parts import WorkUnit, parse_part, part_states, plan_parts
 from .parts import finalize as finalize_parts
 from .planner import VARIES, Plan
@@ -413,6 +413,7 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: b
         raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with the original merge command "
                                    "and --restart") from None
     try:
+        check_not_moved(recipe.out, out)
         where = None if part is None else parse_part(part)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -43,6 +43,15 @@ def work_folder_for(out: Path) -> Path:
     return out.with_name(out.name + ".streammerge-partial")
 
 
+def check_not_moved(recorded: Path | str | None, out: Path) -> None:
+    """Refuse to continue or publish the work folder of ``out`` when it was made for another output ``recorded``
+    (the folder was moved or copied: its journal and recipe name that output, which the run would then write)."""
+    if recorded is not None and Path(recorded).resolve() != Path(out).resolve():
+        raise PlanError(f"{work_folder_for(Path(out))} holds a merge into {recorded}, not into {out}: a work folder "
+                        f"cannot be moved or copied; move it back to {work_folder_for(Path(recorded))} and continue "
+                        "there")
+
+
 def check_output_name(out: Path) -> None:
     """Refuse an output path that does not name a folder (``.``, ``..``, an empty string)."""
     if str(out) in ("", ".") or out.name in ("", ".", ".."):

@@ -44,7 +44,7 @@ from .fingerprint import changed_tensors, describe_changes, engine_changes, run_
 from .journal import Journal, ResumeError, TensorProgress, write_json_atomic
 from .manifest import MANIFEST, crc
 from .methods import Rule
-from .output import check_destination, work_folder_for
+from .output import check_destination, check_not_moved, work_folder_for
 from .planner import Plan, TensorPlan
 from .recipe import Recipe
 from .units import format_size
@@ -211,7 +211,7 @@ def too_many_parts(plan: Plan, n: int, groups: int) -> str:
     most = f"at most {groups} part{'s' if groups > 1 else ''}"
     if size is None:
         return f"{head}; no shard size gives {n} (its largest tensors cannot be split): use {most}"
-    return (f"{head}: use {most}, or give --shard-size {size} (to every part, and to any merge "
+    return (f"{head}: use {most}, or give --shard-size {size}B (to every part, and to any merge "
             f"the output is compared with), or add --resize-shards to let streammerge choose it "
             "(streammerge_recipe.yaml records it)")
 
@@ -638,6 +638,7 @@ def finalize(out: str | Path, show_progress: bool = False, recheck: bool = False
                         "for every part to finish, then finalize")
     try:
         recipe = Recipe.from_json(record["recipe"])
+        check_not_moved(recipe.out, out)
         stored = record["fingerprint_doc"]
         plan = plan_recipe(replace(recipe, device="cpu", restart=False, redo_changed=False), True)
         plan = with_engine_device(plan, stored["engine"].get("device", "cpu"))

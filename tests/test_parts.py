@@ -340,3 +340,16 @@ def test_finalize_on_a_cpu_machine_publishes_parts_run_on_gpus(fam, tmp_path, mo
     api.finalize(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "streammerge-manifest.json").read_text())["engine"]["device"] == "cuda"
     assert_same_output(tmp_path / "out", ref)
+
+
+def test_a_moved_work_folder_is_refused_not_published_elsewhere(fam, tmp_path):
+    """A work folder moved or copied to another output's name names its own output in its recipe and journal:
+    finalize and resume refuse it, and nothing is written at either name."""
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    for k in (1, 2):
+        part(fam, out, "task_arithmetic", f"{k}/2")
+    partial(out).rename(partial(moved))
+    for args in (("finalize", moved), ("resume", moved, "--part", "1/2"), ("resume", moved)):
+        r = cli(*args)
+        assert r.returncode != 0 and "cannot be moved or copied" in r.stderr and str(out) in r.stderr, r.stderr
+    assert not out.exists() and not moved.exists() and partial(moved).is_dir()
