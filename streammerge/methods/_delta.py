@@ -91,6 +91,8 @@ class Sparsifier:
     """
 
     passes = 0
+    #: :meth:`keep` reads the magnitudes (else only the chunk's shape and device: the merge pass skips ``|Δ|``)
+    needs_magnitude = True
 
     def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int) -> None:
         self.task, self.k = task, k
@@ -103,7 +105,8 @@ class Sparsifier:
         """After the last chunk of a statistics pass."""
 
     def keep(self, r0: int, absd: torch.Tensor, inverse_density: bool = False) -> torch.Tensor | None:
-        """float32 factor for the chunk starting at row ``r0`` (``|Δ|`` given): 1 kept, 0 dropped, or with
+        """float32 factor for the chunk starting at row ``r0`` (``|Δ|`` given; the delta itself where
+        ``needs_magnitude`` is false, only its shape and device being read): 1 kept, 0 dropped, or with
         ``inverse_density`` 1/p for a kept element of keep probability p; None when every element is kept as it is."""
         raise NotImplementedError
 
@@ -219,6 +222,8 @@ class Outliers(_Selection):
 class Bernoulli(Sparsifier):
     """DARE: keep each element with probability ``density``; dropped iff ``u < 1 − density`` for the element's
     counter-based uniform ``u``."""
+
+    needs_magnitude = False
 
     def __init__(self, task: TensorTask, params: Mapping[str, Any], k: int) -> None:
         super().__init__(task, params, k)
@@ -413,7 +418,8 @@ class _DeltaTensorMerge(TensorMerge):
         for k, m in enumerate(models):
             d = m - base
             if self.sparsifiers:
-                keep = self.sparsifiers[k].keep(r0, d.abs(), self.inverse)
+                sp = self.sparsifiers[k]
+                keep = sp.keep(r0, d.abs() if sp.needs_magnitude else d, self.inverse)
                 if keep is not None:
                     d.mul_(keep)
                     if self.scales[k] != 1.0:
