@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from helpers import assert_same_output, output_problems, partial  # noqa: F401 (the distributed tests' too)
 from safetensors.torch import load_file, save_file
 
 from streammerge import api
-from streammerge.verify import verify_output
+from streammerge.examples import write_family
 
-PARTIAL = ".streammerge-partial"
 #: output shard size for the tiny family: 4 shard files (about 54 KB each)
 SHARD = "60KB"
 #: per method: its parameters
@@ -44,35 +45,6 @@ def reference(fam: dict[str, Path], out: Path, method: str, **options: object) -
     return api.merge(base, models, out, method=method, params=METHODS[method], **options)
 
 
-def partial(out: Path) -> Path:
-    return out.with_name(out.name + PARTIAL)
-
-
-def output_problems(out: Path, ref: Path) -> list[str]:
-    """Differences between two finished output folders (empty: identical, file for file and byte for byte, the
-    manifest, index and side files included); also no work folder left and ``verify`` passing."""
-    problems = []
-    if partial(out).exists():
-        problems.append(f"{partial(out)} was left behind")
-    if not out.is_dir():
-        return problems + [f"{out} does not exist"]
-    names, ref_names = {p.name for p in out.iterdir()}, {p.name for p in ref.iterdir()}
-    if names != ref_names:
-        problems.append(f"files {sorted(names)} != reference {sorted(ref_names)}")
-    for name in sorted(names & ref_names):
-        a, b = (out / name).read_bytes(), (ref / name).read_bytes()
-        if a != b:
-            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            problems.append(f"{name} differs from byte {at}; sizes {len(a)} vs {len(b)}")
-    bad, _ = verify_output(out)
-    return problems + [f"verify: {p}" for p in bad]
-
-
-def assert_same_output(out: Path, ref: Path) -> None:
-    problems = output_problems(out, ref)
-    assert not problems, "\n".join(problems)
-
-
 def cli_env(**extra: str) -> dict[str, str]:
     """A CLI process's environment: no inherited failpoints, one torch thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMMERGE_")}
@@ -98,3 +70,24 @@ def merge_argv(fam: dict[str, Path], out: Path, method: str = "widen", *extra: o
     params = [x for k, v in METHODS[method].items() for x in ("--param", f"{k}={v}")]
     return ["merge", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--out", out,
             "--method", method, *params, "--shard-size", SHARD, "-q", *extra]
+
+
+# ---- fixtures of test_parts.py and test_ray.py (imported there by name)
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny tied Qwen2-shaped family (base, chat, multilingual; bf16), with absolute paths."""
+    return {k: p.resolve() for k, p in write_family(tmp_path_factory.mktemp("family"), "tiny", dtype="bf16").items()}
+
+
+@pytest.fixture(scope="module")
+def refs(fam: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Single-process merges of the family, one per method, made on first use."""
+    root = tmp_path_factory.mktemp("refs")
+
+    class Lazy(dict):
+        def __missing__(self, method: str) -> Path:
+            self[method] = reference(fam, root / method, method)
+            return self[method]
+
+    return Lazy()

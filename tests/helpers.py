@@ -33,13 +33,11 @@ def interrupt_at_tensor(monkeypatch, n: int) -> None:
     monkeypatch.setattr(execute, "run_tensor", interrupted)
 
 
-def interrupt_merge_after_chunks(n: int, merge) -> None:  # type: ignore[no-untyped-def]
-    """Run ``merge()`` (a zero-argument callable) with a Ctrl-C raised after its ``n``-th written chunk, and check
-    that it stopped as an interrupted merge (its work folder kept for a resume)."""
-    import pytest
-
+def arm_chunk_interrupt(n: int) -> None:
+    """Make the ``n``-th journaled chunk of the next in-process merge raise ``KeyboardInterrupt`` (on the writer
+    thread, as a second Ctrl-C would), leaving chunks journaled mid-tensor; the hook removes itself when it fires
+    (``faults.set_hook(None)`` removes it otherwise)."""
     from streammerge import faults
-    from streammerge.execute import MergeInterrupted
 
     seen = [0]
 
@@ -51,11 +49,79 @@ def interrupt_merge_after_chunks(n: int, merge) -> None:  # type: ignore[no-unty
                 raise KeyboardInterrupt
 
     faults.set_hook(hook)
+
+
+def interrupt_merge_after_chunks(n: int, merge) -> None:  # type: ignore[no-untyped-def]
+    """Run ``merge()`` (a zero-argument callable) with a Ctrl-C raised after its ``n``-th written chunk, and check
+    that it stopped as an interrupted merge (its work folder kept for a resume)."""
+    import pytest
+
+    from streammerge import faults
+    from streammerge.execute import MergeInterrupted
+
+    arm_chunk_interrupt(n)
     try:
         with pytest.raises(MergeInterrupted):
             merge()
     finally:
         faults.set_hook(None)
+
+
+# ------------------------------------------------------------------------------------------- finished outputs
+
+def partial(out):  # type: ignore[no-untyped-def]
+    """The work folder of output ``out``."""
+    return out.with_name(out.name + ".streammerge-partial")
+
+
+def safetensors_header(path):  # type: ignore[no-untyped-def]
+    """(data start, header dict) of a safetensors file."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return 8 + n, json.loads(raw[8:8 + n])
+
+
+def where(path, offset: int) -> str:  # type: ignore[no-untyped-def]
+    """What byte ``offset`` of a safetensors file holds: a tensor's data, the header, or nothing."""
+    start, h = safetensors_header(path)
+    for name, t in h.items():
+        if name != "__metadata__" and start + t["data_offsets"][0] <= offset < start + t["data_offsets"][1]:
+            return f"tensor {name}"
+    return "the header" if offset < start else "past the data"
+
+
+def output_problems(out, ref) -> list[str]:  # type: ignore[no-untyped-def]
+    """Differences between a finished output folder and a reference one (empty: identical).
+
+    Every file must be byte-identical, the manifest, index and side files included. No work folder may be left,
+    and ``verify`` must pass.
+    """
+    from streammerge.verify import verify_output
+
+    problems = []
+    if partial(out).exists():
+        problems.append(f"{partial(out)} was left behind: {sorted(p.name for p in partial(out).iterdir())}")
+    if not out.is_dir():
+        return problems + [f"{out} does not exist"]
+    names, ref_names = {p.name for p in out.iterdir()}, {p.name for p in ref.iterdir()}
+    if names != ref_names:
+        problems.append(f"files {sorted(names)} != reference {sorted(ref_names)}")
+    for name in sorted(names & ref_names):
+        a, b = (out / name).read_bytes(), (ref / name).read_bytes()
+        if a != b:
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            at = f" ({where(out / name, i)})" if name.endswith(".safetensors") else ""
+            problems.append(f"{name} differs from byte {i}{at}; sizes {len(a)} vs {len(b)}")
+    bad, _ = verify_output(out)
+    return problems + [f"verify: {p}" for p in bad]
+
+
+def assert_same_output(out, ref) -> None:  # type: ignore[no-untyped-def]
+    problems = output_problems(out, ref)
+    assert not problems, "\n".join(problems)
 
 
 # ------------------------------------------------------------------------------------------- mergekit 0.1.5 itself

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+import distributed_helpers
 import pytest
 from distributed_helpers import (
     METHODS,
@@ -37,30 +38,12 @@ from distributed_helpers import (
 
 from streammerge import api
 from streammerge.errors import StreamMergeError
-from streammerge.examples import write_family
 from streammerge.journal import ResumeError
 from streammerge.parts import PartError, fit_shard_size, parse_part, plan_parts, shard_groups
 from streammerge.recipe import Recipe
 from streammerge.workfolder import BusyError
 
-
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny tied Qwen2-shaped family (base, chat, multilingual; bf16), with absolute paths."""
-    return {k: p.resolve() for k, p in write_family(tmp_path_factory.mktemp("family"), "tiny", dtype="bf16").items()}
-
-
-@pytest.fixture(scope="module")
-def refs(fam: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Single-process merges of the family, one per method, made on first use."""
-    root = tmp_path_factory.mktemp("refs")
-
-    class Lazy(dict):
-        def __missing__(self, method: str) -> Path:
-            self[method] = reference(fam, root / method, method)
-            return self[method]
-
-    return Lazy()
+fam, refs = distributed_helpers.fam, distributed_helpers.refs  # the shared fixtures
 
 
 def part(fam: dict[str, Path], out: Path, method: str, label: str, **options: object) -> Path:

@@ -22,32 +22,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import distributed_helpers
 import psutil
 import pytest
-from distributed_helpers import METHODS, SHARD, assert_same_output, cli, family_args, merge_argv, partial, reference
+from distributed_helpers import (
+    METHODS,
+    SHARD,
+    assert_same_output,
+    cli,
+    family_args,
+    merge_argv,
+    partial,
+)
 
 from streammerge import api, execute, faults
 from streammerge.errors import StreamMergeError
-from streammerge.examples import write_family
+
+fam, refs = distributed_helpers.fam, distributed_helpers.refs  # the shared fixtures
 
 NEEDS_RAY = "Ray is an optional extra (pip install 'streammerge[ray]'); the Ray executor tests need it"
-
-
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return {k: p.resolve() for k, p in write_family(tmp_path_factory.mktemp("family"), "tiny", dtype="bf16").items()}
-
-
-@pytest.fixture(scope="module")
-def refs(fam: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("refs")
-
-    class Lazy(dict):
-        def __missing__(self, method: str) -> Path:
-            self[method] = reference(fam, root / method, method)
-            return self[method]
-
-    return Lazy()
 
 
 def ray_processes(temp: Path, since: float) -> list[str]:

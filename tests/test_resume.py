@@ -28,7 +28,6 @@ import re
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from helpers import arm_chunk_interrupt, assert_same_output, output_problems, partial, safetensors_header
 
 import streammerge.writer
 from streammerge import api
@@ -45,7 +45,6 @@ from streammerge.errors import StreamMergeError
 from streammerge.examples import write_family
 from streammerge.execute import DiskFullError, MergeInterrupted
 from streammerge.manifest import MANIFEST
-from streammerge.verify import verify_output
 
 PARTIAL = ".streammerge-partial"
 SHARD = "model.safetensors"
@@ -233,20 +232,9 @@ def merge_args(fam: dict[str, Path], out: Path, method: str = "widen", chunk_row
             *(["-q"] if quiet else [])]
 
 
-def partial(out: Path) -> Path:
-    return out.with_name(out.name + PARTIAL)
-
-
-def header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start, header dict) of a safetensors file."""
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    return 8 + n, json.loads(raw[8:8 + n])
-
-
 def tensor_range(path: Path, name: str) -> tuple[int, int, int]:
     """(absolute begin, absolute end, bytes per row) of a tensor in a safetensors file."""
-    start, h = header(path)
+    start, h = safetensors_header(path)
     b, e = h[name]["data_offsets"]
     rows = h[name]["shape"][0] if h[name]["shape"] else 1
     return start + b, start + e, (e - b) // max(rows, 1)
@@ -258,44 +246,6 @@ def flip_byte(path: Path, at: int) -> None:
         b = f.read(1)
         f.seek(at)
         f.write(bytes([b[0] ^ 0x5A]))
-
-
-def where(path: Path, offset: int) -> str:
-    start, h = header(path)
-    for name, t in h.items():
-        if name != "__metadata__" and start + t["data_offsets"][0] <= offset < start + t["data_offsets"][1]:
-            return f"tensor {name}"
-    return "the header" if offset < start else "past the data"
-
-
-def output_problems(out: Path, ref: Path) -> list[str]:
-    """Differences between a finished output folder and the reference (empty: identical).
-
-    Every file must be byte-identical, the manifest included (its checksums do not depend on the chunking).
-    No work folder may be left, and ``verify`` must pass.
-    """
-    problems = []
-    if partial(out).exists():
-        problems.append(f"{partial(out)} was left behind: {sorted(p.name for p in partial(out).iterdir())}")
-    if not out.is_dir():
-        return problems + [f"{out} does not exist"]
-    names, ref_names = {p.name for p in out.iterdir()}, {p.name for p in ref.iterdir()}
-    if names != ref_names:
-        problems.append(f"files {sorted(names)} != reference {sorted(ref_names)}")
-    for name in sorted(names & ref_names):
-        a, b = (out / name).read_bytes(), (ref / name).read_bytes()
-        if a != b:
-            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            at = f" ({where(out / name, i)})" if name.endswith(".safetensors") else ""
-            problems.append(f"{name} differs from byte {i}{at}; sizes {len(a)} vs {len(b)}")
-    bad, _ = verify_output(out)
-    problems += [f"verify: {p}" for p in bad]
-    return problems
-
-
-def assert_same_output(out: Path, ref: Path) -> None:
-    problems = output_problems(out, ref)
-    assert not problems, "\n".join(problems)
 
 
 def kill_points(events: list[str], kind: str, which: str | float) -> int:
@@ -549,7 +499,7 @@ def _tensors_with_work(out: Path) -> tuple[list[str], int]:
     from streammerge.journal import Journal
 
     journal = Journal(partial(out), read_only=True)
-    _, h = header(partial(out) / "model" / SHARD)
+    _, h = safetensors_header(partial(out) / "model" / SHARD)
     rows = {name: t["shape"][0] if t["shape"] else 1 for name, t in h.items() if name != "__metadata__"}
     work = [n for n, p in journal.progress.items() if p.chunks or p.state_file]
     return work, sum(1 for n in work if journal.get(n).chunks and journal.get(n).rows_done >= rows[n])
@@ -601,7 +551,7 @@ def test_same_size_content_change_is_caught_by_the_checksum(cli, fam, refs, tmp_
     for out in (first, second):
         _kill_mid_merge(cli, fam2, out, refs)
     work, _ = _tensors_with_work(second)
-    _, h = header(fam2["chat"] / SHARD)
+    _, h = safetensors_header(fam2["chat"] / SHARD)
     later = next(n for n in reversed(list(h)) if n not in work and n != "__metadata__" and h[n]["shape"])
     before = _work_snapshot(second)
 
@@ -892,19 +842,7 @@ def interrupt_at() -> Iterator[Any]:
     writer thread, as a second Ctrl-C would), leaving chunks journaled mid-tensor."""
     from streammerge import faults
 
-    def arm(n: int) -> None:
-        seen = [0]
-
-        def hook(event: str) -> None:
-            if event == "chunk-written":
-                seen[0] += 1
-                if seen[0] == n:
-                    faults.set_hook(None)
-                    raise KeyboardInterrupt
-
-        faults.set_hook(hook)
-
-    yield arm
+    yield arm_chunk_interrupt
     faults.set_hook(None)
 
 
