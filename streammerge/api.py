@@ -62,7 +62,7 @@ def plan_recipe(recipe: Recipe, dry_run: bool = False, method: Method | None = N
         with problems.check():
             parse_output_dtype(recipe.dtype)
     with problems.check():
-        budget = make_budget(recipe.max_ram, recipe.device, recipe.max_vram)
+        budget = make_budget(recipe.max_ram, recipe.device, recipe.max_vram, recipe.threads)
     if all(c is not None for c in checkpoints):
         with problems.check():
             problems.errors += [PlanError(m) for m in name_problems(recipe, checkpoints[0], checkpoints[1:])]

@@ -80,6 +80,10 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
         click.option("--max-vram", default=None, metavar="SIZE",
                      help="GPU memory for the merge's tensors with a CUDA device, e.g. 8GiB (default: 80% of the "
                           "free GPU memory); sets the chunk size with --max-ram."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="CPU threads to keep busy (default: the CPUs this process may use: its affinity mask "
+                          "and cgroup CPU quota). On the CPU, up to N tensors are merged at once within --max-ram; "
+                          "the output does not depend on N."),
         click.option("--dtype", default=None, metavar="DTYPE",
                      help="Output dtype: bfloat16, float16 or float32 (default: each tensor keeps the base's dtype)."),
         click.option("--exclude", multiple=True, metavar="REGEX",
@@ -126,7 +130,7 @@ _RECIPE_DECIDES = {"base": "--base", "models": "--model", "loras": "--lora", "me
                    "seed": "--seed",
                    "dtype": "--dtype", "exclude": "--exclude", "embeddings": "--embedding",
                    "keep_vision": "--keep-vision", "tokenizer_from": "--tokenizer-from", "shard_size": "--shard-size"}
-_HOW_IT_RUNS = ("out", "max_ram", "device", "max_vram", "chunk_rows", "force", "restart", "redo_changed",
+_HOW_IT_RUNS = ("out", "max_ram", "device", "max_vram", "threads", "chunk_rows", "force", "restart", "redo_changed",
                 "allow_incomplete_output", "offline")
 
 
@@ -154,7 +158,8 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
         embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
         shard_size=kw["shard_size"] or DEFAULT_SHARD_SIZE,
-        max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
+        max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], threads=kw["threads"],
+        chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
         redo_changed=kw["redo_changed"], allow_incomplete_output=kw["allow_incomplete_output"],
         keep_vision=kw["keep_vision"], offline=kw["offline"],
         journal=not kw["no_journal"],
@@ -236,6 +241,8 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         *([f"destination {d['destination']}"] if d.get("destination") else []),
         f"device      {d['device']}" + (f" ({d['device_source']})" if d.get("device_source") else ""),
         f"budget      {format_size(d['budget']['max_ram'])} ({d['budget']['source']})",
+        f"threads     {d['budget']['threads']} ({d['budget']['threads_source']}): {d['workers']} tensor(s) merged at "
+        "once" + (" (one per GPU)" if d['device'] != "cpu" else ""),
         f"peak RAM    {format_size(d['predicted_peak_ram'])} predicted for buffers (plus the interpreter)",
         *([f"GPU memory  {format_size(d['budget']['max_vram'])} ({d['budget']['vram_source']}); "
            f"{format_size(d['predicted_peak_vram'])} predicted for tensors"] if d.get("predicted_peak_vram") else []),
@@ -385,6 +392,9 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool, part: tuple[int, int] | Non
               help="RAM budget for the rest of the merge (default: the interrupted run's --max-ram, if it had one).")
 @click.option("--max-vram", default=None, metavar="SIZE",
               help="GPU memory for the rest of the merge (default: the interrupted run's --max-vram, if it had one).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads for the rest of the merge (default: the interrupted run's --threads, if it had one; "
+                   "else the CPUs this process may use). The output does not depend on it.")
 @click.option("--redo-changed", is_flag=True,
               help="The inputs changed since the run was interrupted: keep the work of the tensors the change does "
                    "not affect and redo the others.")
@@ -394,8 +404,8 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool, part: tuple[int, int] | Non
               help="Continue part K of N of a merge run in parts (merge --part K/N); then `streammerge finalize`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: bool, restart: bool, part: str | None,
-           as_json: bool, quiet: bool) -> None:
+def resume(out: Path, max_ram: str | None, max_vram: str | None, threads: int | None, redo_changed: bool,
+           restart: bool, part: str | None, as_json: bool, quiet: bool) -> None:
     """Continue an interrupted merge into OUT (same as rerunning the original merge command)."""
     work = work_folder_for(out)
     plan_file = work / "plan.json"
@@ -407,7 +417,8 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, redo_changed: b
         raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
     try:
         stored = json.loads(plan_file.read_text(encoding="utf-8"))["recipe"]
-        recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram, redo_changed=redo_changed or None,
+        recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram, threads=threads,
+                                  redo_changed=redo_changed or None,
                                   restart=restart or None)
     except (ValueError, KeyError, TypeError) as exc:
         raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with the original merge command "
@@ -542,6 +553,8 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where the arithmetic runs (the changed weights are copies, computed where they are read).")
 @click.option("--max-vram", default=None, metavar="SIZE", help="GPU memory for the merge's tensors (as for merge).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads to keep busy (as for merge; default: the CPUs this process may use).")
 @click.option("--dtype", default=None, metavar="DTYPE",
               help="Output dtype: bfloat16, float16 or float32 (default: each tensor keeps the model's dtype).")
 @click.option("--shard-size", default=None, metavar="SIZE",

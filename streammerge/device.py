@@ -107,5 +107,10 @@ class CudaCompute:
         self.side.synchronize()
 
 
+def compute_class(device: torch.device) -> type[CpuCompute] | type[CudaCompute]:
+    """The compute of ``device`` (its ``pin`` says whether host staging buffers are pinned)."""
+    return CudaCompute if device.type == "cuda" else CpuCompute
+
+
 def make_compute(device: torch.device) -> CpuCompute | CudaCompute:
-    return CudaCompute(device) if device.type == "cuda" else CpuCompute()
+    return CudaCompute(device) if compute_class(device) is CudaCompute else CpuCompute()

@@ -1,10 +1,11 @@
 """The local executor: runs a Plan on this machine, tensor after tensor, through the per-tensor runner.
 
 ``execute`` opens the work folder (a fresh one, or an interrupted run's to continue), opens the output shards,
-checks what the journal says is done against the bytes on disk, and gets every tensor's job (its schedule). A
-reader thread then reads every job's reads into reusable slots ahead of the compute, the runner executes each
-job's steps, and a writer thread writes, checksums and journals finished chunks behind it (:class:`LocalIO` is the
-runner's view of these threads). Finally the work folder is published as the output folder.
+checks what the journal says is done against the bytes on disk, and gets every tensor's job (its schedule). The
+plan's compute workers (:mod:`streammerge.workers`) then take the jobs: each worker's reader thread reads its
+jobs' reads into reusable slots ahead of its compute, the runner executes each job's steps, and one writer thread
+writes, checksums and journals finished chunks behind them (:class:`LocalIO` is a worker's view of these
+threads). Finally the work folder is published as the output folder.
 
 A stop (SIGINT/SIGTERM with ``handle_signals``, or Ctrl-C as ``KeyboardInterrupt``), a full disk, a GPU out of
 memory or bad data (NaN, overflow) stops the run with everything durable journaled and the work folder kept: the
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from . import fsio
 from ._torch import load_torch, torch
-from .device import gpu_memory_peak, make_compute
+from .device import compute_class, gpu_memory_peak, make_compute
 from .errors import NonFiniteError, StreamMergeError
 from .faults import checkpoint
 from .formats.reader import InputFiles
@@ -35,6 +36,7 @@ from .progress import Progress, RunSummary
 from .runner import Parts, TensorJob, run_tensor
 from .schedule import Read
 from .stopping import MergeInterrupted, StopFlag
+from .workers import Feed, JobQueue, run_workers
 from .workfolder import DiskFullError, WorkFolder, check_output_free, finished_output
 
 
@@ -48,26 +50,26 @@ def _warn(message: str) -> None:
 
 
 class LocalIO:
-    """The runner's I/O on one machine: staged reads from the reader thread, writes through the writer thread."""
+    """One worker's I/O on this machine (see :mod:`streammerge.workers`): staged reads from its own reader thread,
+    writes through the run's one writer thread (``writer``, shared by the workers)."""
 
-    def __init__(self, plan: Plan, work: WorkFolder, stop: StopFlag, shown: Progress) -> None:
+    def __init__(self, plan: Plan, work: WorkFolder | None, stop: StopFlag, shown: Progress,
+                 writer: WriteBehind | None, inputs: InputFiles, jobs: JobQueue) -> None:
         self.plan, self.work, self.stop, self.shown = plan, work, stop, shown
+        self.writer, self.inputs, self.jobs = writer, inputs, jobs
         self.compute = make_compute(torch.device(plan.budget.device))
-        self.inputs = InputFiles()
         self.prefetch: Prefetcher | None = None
-        self.writer: WriteBehind | None = None
         self._staged: dict[int, Staged] = {}  # reads whose slot is still in use, by id
 
-    def start(self, jobs: list[TensorJob]) -> None:
-        reads = [r for job in jobs for r in job.schedule.reads]
-        self.prefetch = Prefetcher(self.inputs, reads, self.plan.slot_bytes, self.plan.depth, pin=self.compute.pin,
-                                   checksum=self.work.journal.enabled)  # input checksums serve only a resume
-        self.writer = WriteBehind(self.plan.out_buffer_bytes, self.plan.depth, pin=self.compute.pin)
+    def start_feed(self, feed: Feed) -> None:
+        """Start this worker's reader on the reads of the jobs it claims (input checksums serve only a resume)."""
+        self.prefetch = Prefetcher(self.inputs, feed.reads(), self.plan.slot_bytes, self.plan.depth,
+                                   pin=self.compute.pin, checksum=self.work is not None and self.work.journal.enabled)
 
     # ---- TensorIO ------------------------------------------------------------------------------------------
     def take(self, read: Read) -> Parts:
         assert self.prefetch is not None
-        staged = self.prefetch.get(read, self.stop.check)
+        staged = self.prefetch.get(read, self.check_stop)
         if staged.sums is not None:  # journaled ahead of the work done with these rows
             assert self.writer is not None
             self.writer.submit(self.work.record_inputs, read.tensor, staged.sums)
@@ -92,7 +94,7 @@ class LocalIO:
 
     def output_buffer(self) -> tuple[int, torch.Tensor]:
         assert self.writer is not None
-        return self.writer.buffer(self.stop.check)
+        return self.writer.buffer(self.check_stop)
 
     def write(self, t: TensorPlan, r0: int, r1: int, buffer: int, data: torch.Tensor, cursor: dict) -> None:
         assert self.writer is not None
@@ -120,6 +122,7 @@ class LocalIO:
 
     def check_stop(self) -> None:
         self.stop.check()
+        self.jobs.check()
 
     # ---- the run -------------------------------------------------------------------------------------------
     def commit(self) -> None:
@@ -127,17 +130,10 @@ class LocalIO:
         assert self.writer is not None
         self.writer.submit(self.work.journal.commit)
 
-    def drain(self) -> None:
-        assert self.writer is not None
-        self.writer.drain()
-
     def close(self) -> None:
-        """Let the writer finish what was submitted (skipped after a failure), stop both threads, close inputs."""
-        if self.writer is not None:
-            self.writer.close()
+        """Stop this worker's reader thread."""
         if self.prefetch is not None:
             self.prefetch.close()
-        self.inputs.close()
 
 
 def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False,
@@ -179,7 +175,17 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     work = WorkFolder.open(plan, notify) if unit is None else PartFolder.open_unit(plan, unit, notify)
     plan = work.plan  # a part's: its tensors and shards
     with StopFlag(handle_signals) as stop:
-        io = LocalIO(plan, work, stop, shown)
+        writer = WriteBehind(plan.out_buffer_bytes, plan.depth * plan.workers,
+                             pin=compute_class(torch.device(plan.budget.device)).pin)
+        inputs = InputFiles()
+        ios: list[LocalIO] = []
+
+        def close() -> None:
+            writer.close()  # finishes what was submitted (skipped after a failure)
+            for io in ios:
+                io.close()
+            inputs.close()
+
         try:
             work.open_shards()
             if work.resumed:
@@ -189,20 +195,24 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             jobs = work.jobs(notify)
             shown.begin(len(jobs), resumed=sum(1 for j in jobs if not j.schedule.steps),
                         done_bytes=sum(j.schedule.skipped_bytes for j in jobs))
-            io.start(jobs)
-            for index, job in enumerate(jobs):
+            queue = JobQueue(jobs, plan.workers)
+            ios += [LocalIO(plan, work, stop, shown, writer, inputs, queue) for _ in range(plan.workers)]
+
+            def compute(io: LocalIO, index: int, job: TensorJob) -> None:
                 shown.tensor(index)
                 run_tensor(plan, job, io)
                 io.commit()
-            io.drain()
+
+            run_workers(queue, ios, compute, plan.threads_per_worker)
+            writer.drain()
             shown.finishing()
             work.finish()
         except (StreamMergeError, OSError, KeyboardInterrupt, torch.OutOfMemoryError) as exc:
-            io.close()
+            close()
             _keep(work, exc.tensor if isinstance(exc, NonFiniteError) else None)
             raise _explain(exc, work) from None
         finally:
-            io.close()
+            close()
             shown.close()
             work.close()
     if unit is None:

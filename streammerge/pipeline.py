@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -72,13 +72,13 @@ def read_layout(read: Read) -> list[tuple[int, int]]:
 
 
 class Prefetcher:
-    """Reads ``reads`` into ``depth`` reusable slots of ``slot_bytes`` on a background thread (and, with
-    ``checksum``, checksums the reads flagged so)."""
+    """Reads ``reads`` (iterated on the background thread) into ``depth`` reusable slots of ``slot_bytes`` (and,
+    with ``checksum``, checksums the reads flagged so)."""
 
-    def __init__(self, files: InputFiles, reads: Sequence[Read], slot_bytes: int, depth: int,
+    def __init__(self, files: InputFiles, reads: Iterable[Read], slot_bytes: int, depth: int,
                  pin: bool = False, checksum: bool = True) -> None:
         self.files = files
-        self.reads = list(reads)
+        self.reads = reads  # consumed on the reader thread (a worker's feed claims jobs as it is iterated)
         self.slot_bytes = slot_bytes
         self.pin = pin
         self._slots: list[torch.Tensor | None] = [None] * depth

@@ -10,6 +10,7 @@ here, before any output exists. Everything after reads the plan's decisions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -170,12 +171,13 @@ class Plan:
     budget: Budget
     tensors: tuple[TensorPlan, ...]
     shards: tuple[ShardLayout, ...]
-    depth: int  # input slots and output buffers
+    depth: int  # input slots and output buffers, per worker
     tile: int  # rows per reduction tile
-    peak_ram: int  # every planned buffer: depth input slots + depth output buffers + the largest scratch
+    peak_ram: int  # every planned buffer: per worker, depth input slots + depth output buffers + the largest scratch
     slot_bytes: int  # one input slot: a chunk of every input, as stored
     out_buffer_bytes: int  # one output buffer: a chunk of output bytes
     scratch_bytes: int  # the largest per-tensor state + compute-block temporaries
+    workers: int  # tensors computed at once, each by its own worker within its share of the budget (see _workers)
     peak_vram: int  # predicted GPU memory for tensors (0 on the CPU)
     bytes_read: int
     bytes_written: int
@@ -201,6 +203,12 @@ class Plan:
 
     def tensor(self, name: str) -> TensorPlan:
         return self._by_name[name]
+
+    @property
+    def threads_per_worker(self) -> int:
+        """torch intra-op threads of each compute worker: ``--threads`` shared by the workers (1 when there are as
+        many workers as threads)."""
+        return max(1, self.budget.threads // self.workers)
 
     def units(self, n: int) -> tuple[WorkUnit, ...]:
         """This plan's split into ``n`` parts that each own whole shard files (decided once, in
@@ -233,11 +241,14 @@ class Plan:
             "device": self.budget.device,
             "device_source": self.budget.device_source,
             "budget": {"max_ram": self.budget.max_ram, "source": self.budget.source,
+                       "threads": self.budget.threads, "threads_source": self.budget.threads_source,
                        **({"max_vram": self.budget.max_vram, "vram_source": self.budget.vram_source}
                           if self.budget.max_vram else {})},
+            "workers": self.workers,
             "predicted_peak_ram": self.peak_ram,
             **({"predicted_peak_vram": self.peak_vram} if self.peak_vram else {}),
-            "buffers": {"input_slots": self.depth, "slot_bytes": self.slot_bytes, "output_buffers": self.depth,
+            "buffers": {"input_slots": self.depth * self.workers, "slot_bytes": self.slot_bytes,
+                        "output_buffers": self.depth * self.workers,
                         "output_buffer_bytes": self.out_buffer_bytes, "scratch_bytes": self.scratch_bytes},
             "tile": self.tile,
             "read_once": sum(1 for t in self.tensors if t.stat_passes and t.resident),
@@ -355,7 +366,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             partial = grown
         return blocks, partial, scratch, fixed, chunks
 
-    blocks, partial, scratch, fixed, chunks = settle(usable)
+    workers = _workers(budget, usable, lambda share: all(c >= 1 for c in settle(share)[4]))
+    blocks, partial, scratch, fixed, chunks = settle(usable // workers)
     if any(c < 1 for c in chunks):  # too small: find the least budget that works, and the tensor that needs it
         lo, hi = usable, max(usable, 1) * 2
         while any(c < 1 for c in settle(hi)[4]) and hi < 1 << 60:
@@ -390,13 +402,13 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
-    peak = depth * (slot + out_buffer) + fixed
+    peak = workers * (depth * (slot + out_buffer) + fixed)
     peak_vram = 0
     if on_gpu:
         peak_vram = gpu_state + max(
             (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule.merged), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
-                peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
+                workers, peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
                 run_fingerprint(doc), _notes(recipe, method, params, budget, tensors) + classification.notes, doc, base, tuple(models),
                 classification.config_updates, resolve_template(recipe.chat_template,
                                                                  list(dict.fromkeys([recipe.base, *recipe.models]))))
@@ -536,6 +548,26 @@ def _scratch(s: TensorSizing, blocks: tuple[int, int], partial: bool) -> int:
     stats = (fp.stats_state + (s.copies + fp.stats_per_element) * min(rows, stat_rows) * rn
              + (fp.partial_tile if partial else 0))
     return max(emit, stats, fp.end_of_pass)
+
+
+def _workers(budget: Budget, usable: int, fits: Callable[[int], bool]) -> int:
+    """How many tensors are computed at once: on the CPU, one worker per thread (``budget.threads``), each
+    single-threaded in its own share of the budget, as many as ``fits(share)`` allows (at least one); on a GPU one,
+    its kernels using the device. Workers share nothing a tensor's bytes depend on (each tensor's statistics are
+    reduced by one worker, in row order), so the output is the same for any number.
+
+    Why workers rather than torch's intra-op threads: an intra-op pool meets at a barrier after every element-wise
+    operation, and with more runnable threads than cores (a laptop with a browser open) each barrier waits for a
+    descheduled thread while the others spin; bench/README.md measures the difference."""
+    if budget.device != "cpu" or budget.threads <= 1:
+        return 1
+    lo, hi = 1, budget.threads  # the most workers whose shares fit: fitting only gets harder with more
+    if fits(usable // hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(usable // mid) else (lo, mid)
+    return lo
 
 
 def _block_rows(s: TensorSizing, cap: int, tile: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ class Progress:
         self.bar: tqdm | None = None
         self.tensors = self.resumed = self.index = 0
         self.bytes_read = self.bytes_written = 0
+        self._lock = threading.Lock()  # the compute workers report from their threads
 
     def say(self, text: str) -> None:
         """A line before the bar exists (a phase that reads no input: checking a resumed run's work)."""
@@ -94,22 +96,26 @@ class Progress:
                         leave=False)
 
     def tensor(self, index: int) -> None:
-        """Tensor ``index`` (0-based, in the plan's order) starts."""
-        self.index = index
-        if self.bar is not None:
-            self.bar.set_description(self._label(), refresh=False)
+        """Tensor ``index`` (0-based, in the order the run takes them) starts."""
+        with self._lock:
+            self.index = max(self.index, index)
+            if self.bar is not None:
+                self.bar.set_description(self._label(), refresh=False)
 
     def step(self, name: str, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{name} · {text}", refresh=False)
+        with self._lock:
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{name} · {text}", refresh=False)
 
     def read(self, nbytes: int) -> None:
-        self.bytes_read += nbytes
-        if self.bar is not None and nbytes:
-            self.bar.update(nbytes)
+        with self._lock:
+            self.bytes_read += nbytes
+            if self.bar is not None and nbytes:
+                self.bar.update(nbytes)
 
     def wrote(self, nbytes: int) -> None:
-        self.bytes_written += nbytes
+        with self._lock:
+            self.bytes_written += nbytes
 
     def finishing(self) -> None:
         if self.bar is not None:

@@ -109,6 +109,7 @@ class Recipe:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
     max_vram: str | int | None = None  # GPU memory for the merge's tensors; None = 80% of what is free
     chunk_rows: int | None = None  # force a chunk size (testing, debugging); None = from the budget
+    threads: int | None = None  # CPU threads to keep busy; None = the cores this process may use (the bytes never depend on it)
     force: bool = False  # replace an existing output folder
     restart: bool = False  # discard an interrupted run's work folder instead of resuming it
     redo_changed: bool = False  # continue an interrupted run whose inputs or options changed, redoing what changed
@@ -188,6 +189,7 @@ class Recipe:
             "allow_incomplete_output": self.allow_incomplete_output, "keep_vision": self.keep_vision,
             "max_ram": self.max_ram,
             "max_vram": self.max_vram,
+            "threads": self.threads,
             "parameters": self.parameters, "model_parameters": [dict(p) for p in self.model_parameters],
             "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
             "slices": [s.to_json() for s in self.slices], "chat_template": self.chat_template,

@@ -359,7 +359,7 @@ def test_model_stock_opposed_deltas_refused(tmp_path):
     fam = Family(tmp_path, base, [m1, m2])
     out = fam.out()
     with pytest.raises(MethodError, match=Q.replace(".", r"\.") + r".*exclude=\[") as info:
-        fam.run("model_stock", out=out)
+        fam.run("model_stock", out=out, threads=1)  # one worker: the tensors before Q are done and kept
     assert "kept in" in str(info.value) and "redo_changed=True" in str(info.value)  # Python errors speak Python
     assert not out.exists() and out.with_name(out.name + ".streammerge-partial").is_dir()  # the work is kept
     fam.run("model_stock", out=out, exclude=[re.escape(Q)], redo_changed=True)  # the advice finishes it

@@ -51,7 +51,9 @@ def test_the_bar_shows_the_overall_phase_and_the_current_tensor(fam, tmp_path, m
     monkeypatch.setattr(tqdm, "set_postfix_str", lambda self, s="", refresh=True: (
         postfixes.append(s), set_postfix_str(self, s, refresh))[1])
     p = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", max_ram="1MiB")
-    api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", max_ram="1MiB", progress=True)
+    # one worker: the tensors in the plan's order (several take the largest first, each shown as it starts)
+    api.merge(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "out", max_ram="1MiB", progress=True,
+              threads=1)
     n = len(p.tensors)
     merging = [d for d in labels if d.startswith("merging")]
     assert merging == [f"merging {k}/{n}" for k in range(1, n + 1)], "one label per tensor, counting up"

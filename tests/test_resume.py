@@ -227,9 +227,11 @@ def refs(fam: dict[str, Path], cli: Zygote, tmp_path_factory: pytest.TempPathFac
 
 def merge_args(fam: dict[str, Path], out: Path, method: str = "widen", chunk_rows: int | None = CHUNK_ROWS,
                *extra: str, quiet: bool = True) -> list[object]:
+    """A merge command; one compute worker (``--threads 1``) unless ``extra`` says otherwise, so its checkpoints
+    come in one order and a kill lands at a known one (test_sigkill_with_workers covers several workers)."""
     return ["merge", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--out", out,
             *METHODS[method][0], *(["--chunk-rows", chunk_rows] if chunk_rows else []), *extra,
-            *(["-q"] if quiet else [])]
+            *(["--threads", "1"] if "--threads" not in extra else []), *(["-q"] if quiet else [])]
 
 
 def tensor_range(path: Path, name: str) -> tuple[int, int, int]:
@@ -262,7 +264,7 @@ def kill_points(events: list[str], kind: str, which: str | float) -> int:
 #: how the killed run is continued
 RESUMES = {
     "resume": lambda fam, out, m: ["resume", out, "-q"],  # chunking from the default budget
-    "resume-ram": lambda fam, out, m: ["resume", out, "--max-ram", METHODS[m][1], "-q"],
+    "resume-ram": lambda fam, out, m: ["resume", out, "--max-ram", METHODS[m][1], "--threads", "3", "-q"],
     "rerun": lambda fam, out, m: merge_args(fam, out, m),  # the same command, same chunking
     "rerun-rows": lambda fam, out, m: merge_args(fam, out, m, 7),
     "rerun-ram": lambda fam, out, m: merge_args(fam, out, m, None, "--max-ram", METHODS[m][1]),
@@ -885,7 +887,8 @@ def test_half_written_tensor_whose_statistics_do_not_load_resumes_to_the_same_by
         out, how, cont = tmp_path / f"out{i}", damages[i % 4], continuations[i % 3]
         interrupt_at(stop)
         with pytest.raises(MergeInterrupted):
-            api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, params, chunk_rows=CHUNK_ROWS)
+            api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, params, chunk_rows=CHUNK_ROWS,
+                      threads=1)  # one tensor half-written (workers would leave one each)
         needed = _damage_state(out, how, api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -989,12 +992,13 @@ def test_a_signal_inside_a_long_statistics_pass_stops_at_the_next_block(signum, 
         return real(self, pass_index, r0, base, models)
 
     monkeypatch.setattr(widen._MatrixMerge, "accumulate", accumulate)
-    p = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", max_ram="1GiB")
+    p = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", max_ram="1GiB", threads=1)
     emb = p.tensor("model.embed_tokens.weight")
     assert emb.resident and len(emb.blocks(0, emb.rows, stats=True)) >= 10
     before = signal.getsignal(signum)
-    with pytest.raises(MergeInterrupted) as info:
-        api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", max_ram="1GiB", handle_signals=True)
+    with pytest.raises(MergeInterrupted) as info:  # one worker: the signal's handler runs before its next block
+        api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, "widen", max_ram="1GiB", handle_signals=True,
+                  threads=1)
     # the first tensor, stopped before its statistics were saved: nothing to keep, so nothing is promised
     assert info.value.exit_code == code and "merge interrupted" in str(info.value) and not partial(out).exists()
     assert calls["after"] == 0, f"{calls['after']} more blocks ran after the signal"

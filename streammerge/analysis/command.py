@@ -28,6 +28,8 @@ from . import DEFAULT_TOP_K
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where the arithmetic runs, as for merge.")
 @click.option("--max-vram", default=None, metavar="SIZE", help="GPU memory for the analysis's tensors, as for merge.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads to keep busy, as for merge (default: the CPUs this process may use).")
 @click.option("--exclude", multiple=True, metavar="REGEX",
               help="Leave out tensors whose names match REGEX from the start (Python re.match); repeatable.")
 @click.option("--embedding", "embeddings", multiple=True, metavar="NAME",
@@ -43,7 +45,7 @@ from . import DEFAULT_TOP_K
 @click.option("--tensors", "per_tensor", is_flag=True, help="Add a row per tensor to the tables.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
 def analyze_command(base: Path, models: tuple[Path, ...], top_k: float, max_ram: str | None, device: str,
-                    max_vram: str | None, exclude: tuple[str, ...], embeddings: tuple[str, ...], keep_vision: bool,
+                    max_vram: str | None, threads: int | None, exclude: tuple[str, ...], embeddings: tuple[str, ...], keep_vision: bool,
                     offline: bool, chunk_rows: int | None, as_json: bool, plot: Path | None, per_tensor: bool,
                     quiet: bool) -> None:
     """Before merging: how far each --model moved from --base, and how the models' changes relate.
@@ -66,7 +68,7 @@ def analyze_command(base: Path, models: tuple[Path, ...], top_k: float, max_ram:
     try:
         base, split_models, adapters = split_inputs(base, models)  # MODEL+ADAPTER references, as merge reads them
         recipe = Recipe(base=base, models=split_models, out=None, params={"top_k": top_k}, adapters=adapters,
-                        max_ram=max_ram, device=device,
+                        max_ram=max_ram, device=device, threads=threads,
                         max_vram=max_vram, exclude=exclude, embedding_names=embeddings or None,
                         keep_vision=keep_vision, offline=offline, chunk_rows=chunk_rows)
         result = analyze_recipe(recipe, progress=show, handle_signals=True, plot=plot,

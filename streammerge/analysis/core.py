@@ -117,7 +117,8 @@ class Analysis:
 
 
 #: keyword options of :func:`analyze` taken by the recipe (what a merge's ``plan``/``merge`` also take)
-_OPTIONS = ("max_ram", "device", "max_vram", "exclude", "embedding_names", "keep_vision", "offline", "chunk_rows")
+_OPTIONS = ("max_ram", "device", "max_vram", "threads", "exclude", "embedding_names", "keep_vision", "offline",
+            "chunk_rows")
 
 
 def analyze(base: str | Path, models: str | Path | Sequence[str | Path], top_k: float = DEFAULT_TOP_K,
@@ -126,7 +127,7 @@ def analyze(base: str | Path, models: str | Path | Sequence[str | Path], top_k: 
     """Analyze how ``models`` (one folder or a list; local folders or Hub IDs, as for a merge) differ from ``base``.
 
     One statistics run over every tensor, within the same budget as a merge (``max_ram``, ``device``,
-    ``max_vram``; ``exclude``, ``embedding_names`` and ``keep_vision`` select tensors and columns as for a merge;
+    ``max_vram``, ``threads``; ``exclude``, ``embedding_names`` and ``keep_vision`` select tensors and columns as for a merge;
     ``chunk_rows`` forces a chunk size and changes no figure). ``top_k``: the percentage of each tensor's elements
     whose overlap between two models is reported (default 10; 0 skips it, and every tensor is then read once;
     otherwise a tensor too large to be held whole within ``max_ram`` is read once per pass, three in all).
@@ -173,6 +174,9 @@ def analyze_recipe(recipe: Recipe, progress: bool = False, handle_signals: bool 
                                      column=column_kind(t.rule)))
 
     run = run_statistics(plan, progress, handle_signals, notify, on_state)
+    order = {t.name: i for i, t in enumerate(plan.tensors)}  # the workers finish in any order; sums go in this one
+    tensors.sort(key=lambda f: order[f.name])
+    sums = {name: sums[name] for name in sorted(sums, key=order.__getitem__)}
     layers: dict[int, list[Sums]] = {}
     modules: dict[str, list[Sums]] = {}
     for t in tensors:

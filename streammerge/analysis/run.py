@@ -4,13 +4,15 @@
 :func:`~streammerge.api.plan_recipe` as a merge (the same checks of the inputs, the same classification of every
 tensor, chunk sizes from the same budget, the same device). :func:`run_statistics` then gives every analyzed tensor
 a schedule of statistics steps only (:func:`statistics_schedule`: read, accumulate, end each pass, hand over the
-state), and the per-tensor runner :func:`~streammerge.runner.run_tensor` executes it with the reader thread of a
-merge reading ahead (:class:`StatisticsIO`, the local executor's I/O without a work folder or a writer). The
+state), and the merge's compute workers (:mod:`streammerge.workers`) execute it with the per-tensor runner
+:func:`~streammerge.runner.run_tensor`, their reader threads reading ahead (:class:`StatisticsIO`, the local
+executor's I/O without a work folder or a writer). The
 statistics arrive through the runner's ``save_state`` step: nothing is journaled, nothing is written anywhere.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,8 +21,8 @@ from .._torch import load_torch, torch
 from ..api import plan_recipe
 from ..device import gpu_memory_peak
 from ..execute import LocalIO
+from ..formats.reader import InputFiles
 from ..methods import Rule
-from ..pipeline import Prefetcher
 from ..planner import Plan, TensorPlan
 from ..progress import Progress, peak_rss
 from ..recipe import Recipe
@@ -28,6 +30,7 @@ from ..runner import TensorJob, run_tensor
 from ..schedule import Op, Read, Step, TensorSchedule
 from ..stopping import StopFlag
 from ..units import format_size
+from ..workers import JobQueue, run_workers
 from .stats import StatisticsMethod
 
 State = dict[str, torch.Tensor]
@@ -73,17 +76,14 @@ def statistics_schedule(t: TensorPlan) -> TensorSchedule:
 
 
 class StatisticsIO(LocalIO):
-    """The local executor's I/O for a run that writes nothing: the same reader thread, staging and device uploads;
-    a tensor's statistics arrive in :meth:`save_state` and go to ``on_state(name, state)``."""
+    """A compute worker's I/O for a run that writes nothing: the local executor's reader thread, staging and device
+    uploads; a tensor's statistics arrive in :meth:`save_state` and go to ``on_state(name, state)`` (from the
+    worker's thread)."""
 
-    def __init__(self, plan: Plan, stop: StopFlag, shown: Progress, on_state: Callable[[str, State], None]) -> None:
-        super().__init__(plan, None, stop, shown)  # type: ignore[arg-type]  (no work folder: nothing is written)
+    def __init__(self, plan: Plan, stop: StopFlag, shown: Progress, inputs: InputFiles, jobs: JobQueue,
+                 on_state: Callable[[str, State], None]) -> None:
+        super().__init__(plan, None, stop, shown, None, inputs, jobs)  # no work folder or writer: nothing is written
         self.on_state = on_state
-
-    def start(self, jobs: list[TensorJob]) -> None:
-        reads = [r for job in jobs for r in job.schedule.reads]
-        self.prefetch = Prefetcher(self.inputs, reads, self.plan.slot_bytes, self.plan.depth, pin=self.compute.pin,
-                                   checksum=False)
 
     def save_state(self, t: TensorPlan, state: State) -> None:
         self.on_state(t.name, state)
@@ -92,9 +92,6 @@ class StatisticsIO(LocalIO):
         pass  # nothing durable
 
     def commit(self) -> None:
-        pass
-
-    def drain(self) -> None:
         pass
 
     def output_buffer(self) -> tuple[int, torch.Tensor]:
@@ -129,7 +126,8 @@ def run_statistics(plan: Plan, show_progress: bool, handle_signals: bool, notify
                    on_state: Callable[[str, State], None]) -> RunFigures:
     """Run every analyzed tensor's statistics, handing each tensor's state (see
     :class:`~streammerge.analysis.stats.TensorStatistics`) to ``on_state(name, state)`` as it completes (so only
-    one tensor's column sums are held at a time); returns what the run did. Raises
+    the column sums of the tensors in progress are held at once; with several workers, in the order they finish,
+    one call at a time); returns what the run did. Raises
     :class:`~streammerge.stopping.MergeInterrupted` on a stop (nothing to keep) or
     :class:`~streammerge.errors.NonFiniteError` naming a tensor whose input holds NaN or infinity."""
     for note in plan.notes:
@@ -140,16 +138,25 @@ def run_statistics(plan: Plan, show_progress: bool, handle_signals: bool, notify
     jobs = [TensorJob(t, statistics_schedule(t)) for t in plan.tensors if analyzed(t)]
     total = sum(r.nbytes for job in jobs for r in job.schedule.reads)
     shown = AnalysisProgress(total, show_progress)
-    with StopFlag(handle_signals) as stop:
-        io = StatisticsIO(plan, stop, shown, on_state)
+    lock = threading.Lock()
+
+    def receive(name: str, state: State) -> None:  # from the workers' threads, one tensor at a time
+        with lock:
+            on_state(name, state)
+
+    def compute(io: StatisticsIO, index: int, job: TensorJob) -> None:
+        shown.tensor(index)
+        run_tensor(plan, job, io)
+
+    with StopFlag(handle_signals) as stop, InputFiles() as inputs:
+        queue = JobQueue(jobs, plan.workers)
+        ios = [StatisticsIO(plan, stop, shown, inputs, queue, receive) for _ in range(plan.workers)]
         try:
             shown.begin(len(jobs), resumed=0, done_bytes=0)
-            io.start(jobs)
-            for index, job in enumerate(jobs):
-                shown.tensor(index)
-                run_tensor(plan, job, io)
+            run_workers(queue, ios, compute, plan.threads_per_worker)
         finally:
-            io.close()
+            for io in ios:
+                io.close()
             shown.close()
     return RunFigures(len(jobs), time.monotonic() - started, shown.bytes_read, peak_rss(),
                       gpu_memory_peak(plan.budget.device))

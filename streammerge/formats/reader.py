@@ -10,6 +10,7 @@ a tensor is the input source's decision (``streammerge.sources``).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,12 +30,21 @@ class ReadCancelled(Exception):
 
 
 class InputFiles:
-    """Read-only descriptors of every shard a merge reads, opened lazily and closed together."""
+    """Read-only descriptors of every shard a merge reads, opened lazily and closed together; shared by the
+    workers' reader threads (``pread`` needs no lock, opening takes one)."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is not None:
+            return fd
+        with self._lock:
+            return self._open(path)
+
+    def _open(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
             try:

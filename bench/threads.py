@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Compute workers: warm-cache merge time by ``--threads``, and beside busy processes (the laptop case).
+
+    python bench/threads.py --models bench/models/qwen2-0.5b --method task_arithmetic,ties,widen \\
+        [--threads 1,2] [--busy 0,2,4] [--baseline-python /path/to/old/venv/bin/python]
+
+For each method, thread count and number of busy processes (``python -c "while True: pass"``, started before the
+merge and killed after it), one ``streammerge merge ... --threads N --force -q`` with the inputs in the page cache
+(read once before), under ``/usr/bin/time``: wall, user+sys CPU and peak RSS. The start-up (a merge of the
+embedded tiny example, same interpreter, same run) is subtracted to give the compute time. The issue's figure of
+merit under load: wall(k busy) / wall(quiet), against the fair-share bound 1.5·(k + 1)/cores.
+
+``--baseline-python`` runs the same grid with another installation (e.g. a checkout of the commit before the
+compute workers, ``--threads`` dropped) in the same run, for a before/after table.
+
+Prints Markdown tables; writes ``bench/results/<UTC timestamp>-threads-<shape>.{json,md}`` and, with matplotlib, a
+``.png`` of the quiet scaling and the wall under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from run import time_v  # noqa: E402  (bench/run.py's /usr/bin/time wrapper)
+
+DEFAULT_PARAMS = {"ties": ["density=0.5"], "dare_ties": ["density=0.5"], "breadcrumbs": [], "della": ["density=0.5"]}
+
+
+def warm(folder: Path) -> None:
+    """Read every file of ``folder`` once, so the merge finds its inputs in the page cache."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        with open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+class Busy:
+    """``k`` CPU-bound processes for the duration of a ``with`` block."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.procs = k, []
+
+    def __enter__(self) -> Busy:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.k)]
+        time.sleep(0.5 if self.k else 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def merge_cmd(python: str, models: Path, method: str, params: list[str], threads: int | None, out: Path,
+              max_ram: str) -> list[str]:
+    variants = [v for v in ("chat", "multilingual") if (models / v).is_dir()]
+    return [script(python), "merge", "--base", str(models / "base"),
+            *(a for v in variants for a in ("--model", str(models / v))), "--method", method,
+            *(a for p in params for a in ("--param", p)), "--max-ram", max_ram, "--out", str(out), "--force", "-q",
+            *(["--threads", str(threads)] if threads is not None else [])]
+
+
+def script(python: str) -> str:
+    """The ``streammerge`` console script beside ``python`` (not ``python -m``, which would import a
+    ``streammerge/`` folder in the current directory instead of that installation's)."""
+    return str(Path(python).with_name("streammerge"))
+
+
+def startup(python: str, work: Path) -> float:
+    """Wall seconds of a merge of the embedded tiny example (the fixed cost), best of three."""
+    tiny = work / "tiny"
+    if not tiny.is_dir():
+        subprocess.run([python, "-c", f"from streammerge.examples import write_family; write_family({str(tiny)!r})"],
+                       check=True, cwd=work)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([script(python), "merge", "--base", str(tiny / "base"), "--model",
+                        str(tiny / "chat"), "--out", str(work / "tiny-out"), "--force", "-q"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, required=True, help="family folder from make_models.py")
+    ap.add_argument("--method", default="task_arithmetic,ties,widen", help="comma-separated methods")
+    ap.add_argument("--threads", default=None, help="comma-separated --threads values (default 1 and every core)")
+    ap.add_argument("--busy", default="0,2,4", help="comma-separated numbers of busy processes beside the merge")
+    ap.add_argument("--max-ram", default="1GiB")
+    ap.add_argument("--baseline-python", default=None,
+                    help="another installation's python to measure in the same run (without --threads)")
+    ap.add_argument("--results", type=Path, default=BENCH / "results")
+    args = ap.parse_args(argv)
+
+    cores = len(os.sched_getaffinity(0))
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    busy = [int(k) for k in args.busy.split(",")]
+    methods = [m for m in args.method.split(",") if m]
+    models = args.models.resolve()
+    warm(models)
+    runs = [("streammerge", sys.executable, t) for t in threads]
+    if args.baseline_python:
+        runs.append(("baseline", args.baseline_python, None))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=BENCH / "work" if (BENCH / "work").is_dir() else None) as tmp:
+        work = Path(tmp)
+        fixed = {python: startup(python, work) for _, python, _ in runs}
+        for method in methods:
+            params = DEFAULT_PARAMS.get(method, [])
+            for k in busy:
+                for label, python, t in runs:
+                    cmd = merge_cmd(python, models, method, params, t, work / "out", args.max_ram)
+                    with Busy(k):
+                        r = time_v(cmd)
+                    if r["returncode"] != 0:
+                        raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
+                    row = {"method": method, "build": label, "threads": t, "busy": k, "wall_s": r["wall_s"],
+                           "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
+                           "compute_s": max(0.0, r["wall_s"] - fixed[python])}
+                    rows.append(row)
+                    print(f"{method:16} {label:11} threads {t or '-':>2} busy {k}: {row['wall_s']:6.1f} s wall, "
+                          f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB", file=sys.stderr)
+    report = render(rows, fixed, cores, models.name, args.max_ram)
+    print(report)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = args.results / f"{stamp}-threads-{models.name}"
+    base.with_suffix(".json").write_text(json.dumps({"cores": cores, "startup_s": fixed, "rows": rows}, indent=2))
+    base.with_suffix(".md").write_text(report)
+    try:
+        plot(rows, cores, base.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is missing: no plot", file=sys.stderr)
+    print(f"wrote {base}.{{json,md}}", file=sys.stderr)
+    return 0
+
+
+def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, max_ram: str) -> str:
+    lines = [f"# Compute workers: {shape}, warm page cache, --max-ram {max_ram}, {cores} cores", "",
+             "Start-up (tiny example merge): " + ", ".join(f"{v:.2f} s" for v in fixed.values()), "",
+             "| method | build | threads | busy | wall s | CPU s | compute s | peak RSS MiB | wall / quiet | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        quiet = next(q for q in rows if q["method"] == r["method"] and q["build"] == r["build"]
+                     and q["threads"] == r["threads"] and q["busy"] == min(x["busy"] for x in rows))
+        ratio = r["wall_s"] / quiet["wall_s"] if quiet["wall_s"] else float("nan")
+        bound = 1.5 * (r["busy"] + 1) / cores if r["busy"] else 1.0
+        lines.append(f"| {r['method']} | {r['build']} | {r['threads'] or '-'} | {r['busy']} | {r['wall_s']:.1f} | "
+                     f"{r['cpu_s']:.1f} | {r['compute_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | {ratio:.2f} | "
+                     f"{'≤ ' + format(bound, '.2f') if r['busy'] else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], cores: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (method, build, t) in sorted({(r["method"], r["build"], r["threads"]) for r in rows}, key=str):
+        pts = sorted((r["busy"], r["wall_s"]) for r in rows if (r["method"], r["build"], r["threads"]) == (method, build, t))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{method}, {build}" + (f", --threads {t}" if t else ""))
+    ax.set_xlabel(f"busy processes beside the merge ({cores} cores)")
+    ax.set_ylabel("wall time (s, warm page cache)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Merge wall time under CPU load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Compute workers: the tensors of a run computed ``plan.workers`` at a time, on this machine.
+
+Each worker is a thread that computes one tensor at a time with the per-tensor runner, single-threaded inside
+torch, beside its own reader thread, which prefetches the reads of the tensors the worker claims. Workers claim
+tensors from one :class:`JobQueue`, so which worker computes a tensor varies from run to run, but nothing a tensor's
+bytes depend on does: its statistics are reduced by one worker in row order, its chunks are written at their
+planned offsets, and each worker's share of the budget only changes chunk sizes, which the bytes never depend on.
+
+Why this rather than torch's intra-op threads: those meet at a barrier after every element-wise operation. With
+more runnable threads than cores (other programs busy beside the merge), every barrier waits for a descheduled
+thread while the others spin, and a merge ran 3–10× slower than its fair share (bench/README.md). Independent
+workers have no barrier; a descheduled one delays only its own tensor.
+
+With one worker (a GPU, ``--threads 1``, or a budget too small for more) the tensors run in the calling thread,
+in the plan's order.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+from ._torch import torch
+from .methods import Rule
+from .pipeline import POLL_SECONDS, wait_for
+from .runner import TensorJob
+from .schedule import Read
+
+
+class WorkerAborted(Exception):
+    """Another worker failed: this one stops at its next check (never reaches the caller)."""
+
+
+class JobQueue:
+    """The jobs of a run, claimed one by one by the workers' readers. With several workers the largest come first
+    (so no large tensor starts last while the other workers idle); tied heads always come last, and one waits
+    until its embedding is finished. ``abort`` stops every worker at its next check."""
+
+    def __init__(self, jobs: Sequence[TensorJob], workers: int) -> None:
+        order = list(jobs)
+        if workers > 1:
+            order.sort(key=lambda j: (j.tensor.rule is Rule.TIED_COPY, -sum(r.nbytes for r in j.schedule.reads)))
+        self._pending: queue.SimpleQueue[tuple[int, TensorJob]] = queue.SimpleQueue()
+        for item in enumerate(order):
+            self._pending.put(item)
+        self._finished = {j.tensor.name: threading.Event() for j in jobs}
+        self.aborted = threading.Event()
+
+    def claim(self) -> tuple[int, TensorJob] | None:
+        """The next job and its position in the run (0-based), or None when every job is taken."""
+        try:
+            return self._pending.get_nowait()
+        except queue.Empty:
+            return None
+
+    def finish(self, job: TensorJob) -> None:
+        self._finished[job.tensor.name].set()
+
+    def wait_finished(self, name: str, check: Callable[[], None]) -> None:
+        """Wait until tensor ``name`` is finished (a tied head's embedding), calling ``check`` meanwhile."""
+        done = self._finished.get(name)
+        while done is not None and not done.wait(POLL_SECONDS):
+            check()
+
+    def check(self) -> None:
+        if self.aborted.is_set():
+            raise WorkerAborted
+
+
+class Feed:
+    """One worker's share of the queue: its reader claims the next job when it is ready to read it, and the worker
+    computes the jobs in the order its reader claimed them (one list, so the two cannot disagree)."""
+
+    def __init__(self, jobs: JobQueue) -> None:
+        self.jobs = jobs
+        self._claimed: queue.Queue[tuple[int, TensorJob] | None] = queue.Queue()
+
+    def reads(self) -> Iterator[Read]:
+        """Every read of the jobs this worker claims, in order (consumed by its reader thread)."""
+        while (item := self.jobs.claim()) is not None:
+            self._claimed.put(item)
+            yield from item[1].schedule.reads
+        self._claimed.put(None)
+
+    def next_job(self, check: Callable[[], None]) -> tuple[int, TensorJob] | None:
+        return wait_for(self._claimed, check)
+
+
+class Worker(Protocol):
+    """What :func:`run_workers` needs of each worker's I/O (the executors' ``TensorIO`` implementations)."""
+
+    def start_feed(self, feed: Feed) -> None:
+        """Start the reader thread on ``feed.reads()``."""
+
+    def check_stop(self) -> None: ...
+
+
+def run_workers(jobs: JobQueue, workers: Sequence[Worker], compute: Callable[[Worker, int, TensorJob], None],
+                threads_each: int = 1) -> None:
+    """Run every job of ``jobs`` on ``workers`` (each gets a :class:`Feed`): ``compute(worker, index, job)`` runs
+    one job, with ``threads_each`` torch intra-op threads (the plan's ``threads_per_worker``). One worker runs in
+    the calling thread; several run in threads of their own, and the first failure (or a ``KeyboardInterrupt`` of
+    the calling thread) stops them all and is raised here once every worker has stopped."""
+    def work(w: Worker, feed: Feed) -> None:
+        while (item := feed.next_job(w.check_stop)) is not None:
+            index, job = item
+            if job.tensor.rule is Rule.TIED_COPY and job.tensor.copy_of is not None:
+                jobs.wait_finished(job.tensor.copy_of, w.check_stop)
+            compute(w, index, job)
+            jobs.finish(job)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_each)  # also the default of the threads started below (torch copies it)
+    try:
+        feeds = [Feed(jobs) for _ in workers]
+        for w, feed in zip(workers, feeds):
+            w.start_feed(feed)
+        if len(workers) == 1:
+            work(workers[0], feeds[0])
+        else:
+            _in_threads(jobs, workers, feeds, work, threads_each)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_threads(jobs: JobQueue, workers: Sequence[Worker], feeds: Sequence[Feed],
+                work: Callable[[Worker, Feed], None], threads_each: int) -> None:
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def thread_main(w: Worker, feed: Feed) -> None:
+        torch.set_num_threads(threads_each)  # the workers are the parallelism (see the module docstring)
+        try:
+            work(w, feed)
+        except WorkerAborted:
+            pass
+        except BaseException as exc:  # handed to the calling thread
+            with lock:
+                errors.append(exc)
+            jobs.aborted.set()
+
+    threads = [threading.Thread(target=thread_main, args=(w, f), name=f"streammerge-compute-{i + 1}", daemon=True)
+               for i, (w, f) in enumerate(zip(workers, feeds))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(POLL_SECONDS)  # wakes for signal handlers and Ctrl-C
+    except BaseException:
+        jobs.aborted.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]

@@ -1,0 +1,223 @@
+"""Compute workers (``--threads N``): several tensors merged at once give the same bytes as one worker, whatever N,
+the chunk sizes, a SIGKILL or a stop; the planner fits the workers in the budget; the thread count comes from the
+flag, OMP_NUM_THREADS, the affinity mask and the cgroup CPU quota."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+from distributed_helpers import cli, cli_env, tie_head
+from helpers import assert_same_output, output_problems, partial
+
+import streammerge
+from streammerge import api
+from streammerge.budget import make_budget, resolve_threads, usable_cores
+from streammerge.errors import NonFiniteError, StreamMergeError
+from streammerge.examples import write_family
+from streammerge.stopping import MergeInterrupted
+
+#: a method of each kind: statistics passes with tie cursors (ties, sce), random masks (dare_ties, della), a
+#: column method (widen), element-wise (task_arithmetic), a Gram pass (karcher)
+METHODS: dict[str, dict[str, object]] = {
+    "widen": {},
+    "ties": {"density": 0.5},
+    "dare_ties": {"density": 0.6},
+    "della": {"density": 0.6, "epsilon": 0.1},
+    "sce": {"select_topk": 0.5},
+    "task_arithmetic": {},
+    "karcher": {},
+}
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny family with a stored tied head (a job that waits for its embedding's worker)."""
+    family = {k: p.resolve() for k, p in write_family(tmp_path_factory.mktemp("fam"), "tiny", dtype="bf16").items()}
+    tie_head(family)
+    return family
+
+
+def _merge(fam: dict[str, Path], out: Path, method: str, **options: object) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, METHODS[method],
+                         shard_size="60KB", **options)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_bytes_do_not_depend_on_the_number_of_workers(method, fam, tmp_path):
+    one = _merge(fam, tmp_path / "one", method, threads=1)
+    plans = {n: api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", method, METHODS[method],
+                         threads=n, max_ram="1GiB") for n in (2, 3)}
+    assert [p.workers for p in plans.values()] == [2, 3], "the budget allows one worker per thread"
+    for n, chunk_rows in ((2, None), (3, None), (3, 5)):
+        out = _merge(fam, tmp_path / f"n{n}-{chunk_rows}", method, threads=n, chunk_rows=chunk_rows)
+        assert_same_output(out, one)
+
+
+def test_workers_take_the_largest_tensors_first_and_a_tied_head_last(fam, tmp_path, monkeypatch):
+    from streammerge import runner
+
+    order: list[str] = []
+    real = runner.run_tensor
+    lock = threading.Lock()
+
+    def run_tensor(plan, job, io):  # type: ignore[no-untyped-def]
+        with lock:
+            order.append(job.tensor.name)
+        return real(plan, job, io)
+
+    monkeypatch.setattr("streammerge.execute.run_tensor", run_tensor)
+    p = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", "widen", threads=3)
+    _merge(fam, tmp_path / "out", "widen", threads=3)
+    assert sorted(order) == sorted(t.name for t in p.tensors) and order[-1] == "lm_head.weight"
+    assert order[0] == max(p.tensors, key=lambda t: t.planned_read_bytes).name
+
+
+def test_a_failure_in_one_worker_stops_them_all_and_keeps_the_work(fam, tmp_path, monkeypatch):
+    """A NaN in one tensor's input: the run stops naming it, the other workers' finished tensors stay journaled,
+    and once the input is fixed the same call continues to the reference bytes."""
+    from streammerge.methods import widen
+
+    ref = _merge(fam, tmp_path / "ref", "widen", threads=1)
+    real = widen._MatrixMerge.emit
+
+    def emit(self, r0, base, models):  # type: ignore[no-untyped-def]
+        out = real(self, r0, base, models)
+        if self.task.name == "model.layers.1.mlp.down_proj.weight":
+            out[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(widen._MatrixMerge, "emit", emit)
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError) as info:
+        _merge(fam, out, "widen", threads=3)
+    assert "model.layers.1.mlp.down_proj.weight" in str(info.value) and partial(out).is_dir()
+    assert not out.exists()
+    monkeypatch.undo()
+    _merge(fam, out, "widen", threads=2)
+    assert_same_output(out, ref)
+
+
+def test_a_signal_stops_every_worker_and_the_run_resumes_to_the_same_bytes(fam, tmp_path, monkeypatch):
+    from streammerge import runner
+
+    ref = _merge(fam, tmp_path / "ref", "ties", threads=1)
+    real = runner.run_tensor
+    started = {"n": 0}
+
+    def run_tensor(plan, job, io):  # type: ignore[no-untyped-def]
+        started["n"] += 1
+        if started["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(plan, job, io)
+
+    monkeypatch.setattr("streammerge.execute.run_tensor", run_tensor)
+    out = tmp_path / "out"
+    with pytest.raises(MergeInterrupted) as info:
+        _merge(fam, out, "ties", threads=3, handle_signals=True)
+    assert info.value.exit_code == 143 and "stopped by SIGTERM" in str(info.value)
+    assert started["n"] < 14, f"{started['n']} tensors started: the workers did not stop"
+    assert not out.exists() and [t.name for t in threading.enumerate() if t.name.startswith("streammerge")] == []
+    monkeypatch.undo()
+    _merge(fam, out, "ties", threads=1)
+    assert_same_output(out, ref)
+
+
+@pytest.mark.parametrize("kill_at", [9, 25, 60])
+def test_sigkill_with_workers_then_resume_with_other_counts(kill_at, fam, tmp_path):
+    """A merge of three workers killed at its Nth checkpoint (wherever each worker was) continues with two, and
+    with one, to the bytes of one uninterrupted worker."""
+    ref = _merge(fam, tmp_path / "ref", "widen", threads=1, chunk_rows=3)
+    out = tmp_path / "out"
+    args = ["merge", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--out", out,
+            "--method", "widen", "--shard-size", "60KB", "--chunk-rows", "3", "-q"]
+    r = cli(*args, "--threads", "3", env=cli_env(STREAMMERGE_KILL_AT=str(kill_at)))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = cli("resume", out, "-q", "--threads", "2", env=cli_env(STREAMMERGE_KILL_AT=str(kill_at)))
+    if r.returncode == -signal.SIGKILL:  # killed again, at the same count, then finished by one worker
+        r = cli(*args, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert not output_problems(out, ref)
+
+
+def test_the_planner_fits_the_workers_in_the_budget(fam, tmp_path):
+    def plan(**options: object):  # type: ignore[no-untyped-def]
+        return api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", "ties", {"density": 0.5},
+                        **options)
+
+    one, three = plan(threads=1, max_ram="1GiB"), plan(threads=3, max_ram="1GiB")
+    assert (one.workers, three.workers, three.threads_per_worker) == (1, 3, 1)
+    assert three.to_dict()["workers"] == 3 and three.to_dict()["budget"]["threads_source"] == "--threads"
+    # each worker gets a third of the budget: the least power-of-two budget that fits one worker fits fewer than 3
+    least = next(kib for kib in (2 ** k for k in range(4, 20)) if _fits(plan, f"{kib}KiB"))
+    tight = plan(threads=3, max_ram=f"{least}KiB")
+    assert 1 <= tight.workers < 3
+    assert tight.peak_ram <= make_budget(f"{least}KiB").max_ram
+    # the predicted peak counts every worker's buffers
+    assert three.peak_ram == 3 * (three.depth * (three.slot_bytes + three.out_buffer_bytes) + three.scratch_bytes)
+    with pytest.raises(StreamMergeError, match="--threads must be a positive whole number, got 0"):
+        plan(threads=0)
+
+
+def _fits(plan, max_ram: str) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        plan(threads=1, max_ram=max_ram)
+        return True
+    except StreamMergeError:
+        return False
+
+
+def test_analyze_gives_the_same_figures_with_any_number_of_workers(fam):
+    one = streammerge.analyze(fam["base"], [fam["chat"], fam["multilingual"]], threads=1).to_json()
+    three = streammerge.analyze(fam["base"], [fam["chat"], fam["multilingual"]], threads=3).to_json()
+    for d in (one, three):
+        d.pop("run", None)
+    assert one == three
+
+
+def test_the_default_thread_count_is_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_threads(None) == (cores, "the CPUs in this process's affinity mask")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert resolve_threads(None) == (3, "OMP_NUM_THREADS") and resolve_threads(5) == (5, "--threads")
+    for bad in ("0", "-1", "two", True, 1.5):
+        with pytest.raises(StreamMergeError, match="--threads must be a positive whole number"):
+            resolve_threads(bad)  # type: ignore[arg-type]
+
+    # cgroup v2: a quota of 1.5 CPUs in the process's group, 4 CPUs in its parent: 2
+    root = tmp_path / "cg2"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "cpu.max").write_text("400000 100000\n")
+    (root / "a" / "b" / "cpu.max").write_text("150000 100000\n")
+    (root / "cpu.max").write_text("max 100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/a/b\n")
+    assert usable_cores(proc, root) == (min(cores, 2), "CPUs of its cgroup's CPU quota" if cores > 2 else
+                                        "CPUs in this process's affinity mask")
+    # cgroup v1: cpu,cpuacct controller with a 1-CPU quota; no quota (-1) is no limit
+    v1 = tmp_path / "cg1"
+    (v1 / "cpu,cpuacct" / "job").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "job" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "job" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    proc.write_text("4:cpu,cpuacct:/job\n3:memory:/x\n")
+    assert usable_cores(proc, v1) == (1, "CPUs of its cgroup's CPU quota")
+    proc.write_text("4:cpu,cpuacct:/\n")
+    assert usable_cores(proc, v1)[0] == cores
+
+
+def test_the_command_line_takes_threads_and_the_plan_shows_the_workers(fam, tmp_path):
+    r = cli("plan", "--base", fam["base"], "--model", fam["chat"], "--model", fam["multilingual"], "--method", "ties",
+            "--param", "density=0.5", "--threads", "2", "--max-ram", "1GiB")
+    assert r.returncode == 0, r.stderr
+    assert "threads     2 (--threads): 2 tensor(s) merged at once" in r.stdout
+    r = cli("merge", "--base", fam["base"], "--model", fam["chat"], "--out", tmp_path / "o", "--threads", "0")
+    assert r.returncode == 2 and "--threads" in r.stderr and "0 is not in the range x>=1" in r.stderr
