@@ -23,7 +23,16 @@ from .lora import split_reference
 from .manifest import MANIFEST
 from .methods import all_methods, method_origin, plugin_problems
 from .output import check_not_moved, work_folder_for
-from .parts import WorkUnit, parse_part, part_states, plan_parts
+from .parts import (
+    WorkUnit,
+    parse_part,
+    part_recipe,
+    part_states,
+    plan_parts,
+    plugin_problem,
+    recorded_plugin,
+    split_summary,
+)
 from .parts import finalize as finalize_parts
 from .planner import VARIES, Plan
 from .progress import RunSummary
@@ -290,8 +299,11 @@ def _distribution_options(f: Any) -> Any:
         click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                      help="ray: run the parts as Ray tasks, one per part, and publish (needs streammerge[ray])."),
         click.option("--ray-address", default=None, metavar="ADDR",
-                     help="With --executor ray: the cluster to connect to (default: RAY_ADDRESS, else a new local "
-                          "one)."),
+                     help="With --executor ray: the cluster to join, HOST:PORT of its head (`ray start --head` prints "
+                          "it), or ray://HOST:PORT; 'local' starts a new cluster on this machine for this merge. "
+                          "Default, as Ray decides: RAY_ADDRESS, else the cluster the last `ray start` started on "
+                          "this machine, else a new local one (the merge says which it uses). Refused within seconds "
+                          "if nothing answers there."),
         click.option("--parts", type=click.IntRange(min=1), default=None, metavar="N",
                      help="With --executor ray: how many parts (default: one per node, or per GPU on CUDA, at most "
                           "one per output shard file)."),
@@ -401,7 +413,9 @@ def _run(recipe: Recipe, as_json: bool, quiet: bool, part: tuple[int, int] | Non
 @click.option("--restart", is_flag=True,
               help="Discard the interrupted run's work and merge again from the start, with the same options.")
 @click.option("--part", default=None, metavar="K/N",
-              help="Continue part K of N of a merge run in parts (merge --part K/N); then `streammerge finalize`.")
+              help="Continue part K of N of a merge run in parts (merge --part K/N); then `streammerge finalize`. "
+                   "Its --max-ram, --max-vram and --threads: those given now, else those part K ran with, else (a "
+                   "part that never ran) this machine's defaults; never another part's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def resume(out: Path, max_ram: str | None, max_vram: str | None, threads: int | None, redo_changed: bool,
@@ -416,18 +430,25 @@ def resume(out: Path, max_ram: str | None, max_vram: str | None, threads: int | 
             return
         raise click.ClickException(f"no interrupted merge for {out} (no {plan_file})")
     try:
-        stored = json.loads(plan_file.read_text(encoding="utf-8"))["recipe"]
+        where = None if part is None else parse_part(part)
+        record = json.loads(plan_file.read_text(encoding="utf-8"))
+        # a part continues with the budget it ran with, or (never run) this machine's, not the first part's
+        stored = record["recipe"] if where is None else part_recipe(work, record["recipe"], *where)
         recipe = Recipe.from_json(stored, max_ram=max_ram, max_vram=max_vram, threads=threads,
                                   redo_changed=redo_changed or None,
                                   restart=restart or None)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise click.ClickException(f"{plan_file} is damaged ({exc}); start over with the original merge command "
                                    "and --restart") from None
-    try:
-        check_not_moved(recipe.out, out)
-        where = None if part is None else parse_part(part)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
+    try:
+        check_not_moved(recipe.out, out)
+    except StreamMergeError as exc:
+        raise click.ClickException(str(exc)) from None
+    problem = plugin_problem(recipe.method, recorded_plugin(record), "on this machine")
+    if problem:
+        raise click.ClickException(f"cannot resume {out} here: {problem}; then run the same command again")
     _run(recipe, as_json, quiet, where)
 
 
@@ -462,7 +483,7 @@ def _run_ray(recipe: Recipe, as_json: bool, quiet: bool, address: str | None, pa
 
     try:
         result = merge_on_ray(recipe, parts, address, resize_shards, show_progress=not quiet and not as_json,
-                              notify=lambda message: click.echo(f"note: {message}", err=True))
+                              notify=lambda message: click.echo(f"note: {message}", err=True), handle_signals=True)
     except MergeInterrupted as exc:
         click.echo(f"Interrupted: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -528,19 +549,49 @@ def verify(out: Path, as_json: bool) -> None:
 
 @main.command("plan", cls=_InputsCommand)
 @(lambda f: _merge_options(f, out_required=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the whole plan (every tensor) as JSON.")
-def plan_cmd(as_json: bool, **kw: Any) -> None:
+@click.option("--parts", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also show how the merge would be split into N parts (merge --part K/N, or --executor ray "
+                   "--parts N): each part's shard files, tensors and bytes, and how balanced they are.")
+@click.option("--resize-shards", is_flag=True,
+              help="With --parts: as merge does, lower --shard-size if there are fewer shard files than parts.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the whole plan (every tensor) as JSON; with --parts, the split under \"split\".")
+def plan_cmd(as_json: bool, parts: int | None, resize_shards: bool, **kw: Any) -> None:
     """Show what a merge would do (shards, chunking, memory, bytes, and what it would do with --out) without
-    reading tensor data or writing anything."""
+    reading tensor data or writing anything; with --parts N, how it would be split into N parts."""
+    if resize_shards and parts is None:
+        raise click.UsageError("--resize-shards goes with --parts N")
     try:
-        p = api.plan_recipe(_recipe(kw), dry_run=True)
+        recipe = _recipe(kw)
+        p = api.plan_recipe(recipe, dry_run=True) if parts is None else plan_parts(recipe, parts, resize_shards, True)
         d = {**p.to_dict(), "destination": describe_destination(p)}
+        if parts is not None:
+            d["split"] = split_summary(p, parts)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(d, indent=2))
-    else:
-        _print_plan_summary(d, sys.stdout)
+        return
+    _print_plan_summary(d, sys.stdout)
+    if parts is not None:
+        _print_split(d["split"], recipe.shard_size, sys.stdout)
+
+
+def _print_split(split: dict[str, Any], asked: int | str, stream: Any) -> None:
+    """``plan --parts N``: each part's files, tensors and bytes, and the balance."""
+    n = split["parts"]
+    resized = (f"; --resize-shards lowered --shard-size to {split['shard_size']}B"
+               if split["shard_size"] != asked else "")
+    lines = [f"split       {n} part(s) of whole shard files ({split['files']} in all{resized}), balanced by bytes "
+             "moved (inputs read once + output written)"]
+    for u in split["units"]:
+        files = ", ".join(u["shards"][:2]) + (", ..." if len(u["shards"]) > 2 else "")
+        lines.append(f"  part {u['part']:<7} {format_size(u['bytes']):>10}  {u['files']} file(s), {u['tensors']} "
+                     f"tensor(s), {format_size(u['output_bytes'])} written: {files}")
+    lines.append(f"balance     the largest part moves {format_size(split['largest'])}, {split['imbalance']:.2f}x the "
+                 f"mean (the smallest {format_size(split['smallest'])}): {n} parts at once are at most "
+                 f"{split['speedup_bound']:.2f}x as fast as one")
+    click.echo("\n".join(lines), file=stream)
 
 
 @main.command()

@@ -10,10 +10,11 @@ each part one (used only when the user allows it: the layout, and so the bytes, 
 
 ``merge --part K/N`` runs unit K (:class:`PartFolder`): it writes only its shards into the shared
 ``OUT.streammerge-partial/model/``, with its own journal, statistics and fingerprint record. Parts run at the same
-time on different machines (each holds a shared lock on the work folder and an exclusive one on its own folder) and
-each resumes on its own. :func:`finalize` checks that every part is complete and its bytes match their journaled
-CRC-32s, then writes the index, side files, manifest and model card and publishes the folder, exactly as a
-single-process merge does (the same bytes, file for file)::
+time on different machines (each holds a shared flock on the work folder's lock file and an exclusive one on its
+own folder's: regular files opened for writing, which network file systems can lock; a file system that cannot is
+refused by name, never taken for a running part) and each resumes on its own. :func:`finalize` checks that every
+part is complete and its bytes match their journaled CRC-32s, then writes the index, side files, manifest and model
+card and publishes the folder, exactly as a single-process merge does (the same bytes, file for file)::
 
     OUT.streammerge-partial/
       plan.json          the merge: recipe, fingerprint, number of parts and each part's shards (the first part
@@ -26,6 +27,7 @@ single-process merge does (the same bytes, file for file)::
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -38,17 +40,17 @@ from pathlib import Path
 from typing import Any
 
 from . import fsio
-from .errors import StreamMergeError
+from .errors import MethodError, StreamMergeError
 from .faults import checkpoint
 from .fingerprint import changed_tensors, describe_changes, engine_changes, run_fingerprint
 from .journal import Journal, ResumeError, TensorProgress, write_json_atomic
 from .manifest import MANIFEST, crc
-from .methods import Rule
+from .methods import ENTRY_POINT_GROUP, Rule, method_origin
 from .output import check_destination, check_not_moved, work_folder_for
 from .planner import Plan, TensorPlan
 from .recipe import Recipe
 from .units import format_size
-from .workfolder import OWNER, BusyError, WorkFolder, _check_space, _claim, writer_of
+from .workfolder import OWNER, BusyError, WorkFolder, _check_space, _claim
 from .writer import OutTensor, ShardFile, split_into_shards
 
 Notify = Callable[[str], None]
@@ -79,6 +81,11 @@ def parse_part(text: str) -> tuple[int, int]:
     return k, n
 
 
+def part_folder(k: int, n: int) -> str:
+    """The folder name of part ``k`` of ``n`` under the work folder's ``parts/``."""
+    return f"part-{k:05d}-of-{n:05d}"
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     """Part ``index`` of ``count`` (1-based): the output shard files it owns and their tensors, in the plan's order;
@@ -98,7 +105,7 @@ class WorkUnit:
     @property
     def folder(self) -> str:
         """This part's folder name under ``parts/``."""
-        return f"part-{self.index:05d}-of-{self.count:05d}"
+        return part_folder(self.index, self.count)
 
     def describe(self) -> str:
         """``part 2/3 (model-00002-of-00005.safetensors, ...; 12 tensors, 1.2 GiB)``"""
@@ -202,18 +209,30 @@ def fit_shard_size(plan: Plan, n: int) -> int | None:
     return rounded if rounded and _group_count(plan, rounded) >= n else lo
 
 
+def most_parts(plan: Plan) -> int:
+    """The most parts ``plan`` can be split into at any shard size: one tensor per file (a tied head with its
+    embedding)."""
+    return _group_count(plan, 1)
+
+
 def too_many_parts(plan: Plan, n: int, groups: int) -> str:
     """Why ``plan`` cannot be split into ``n`` parts, and what to do."""
     size = fit_shard_size(plan, n)
     tied = " (a tied head stays with its embedding)" if groups < len(plan.shards) else ""
     head = (f"{n} parts need at least {n} output shard files that can go to different parts, and this merge has "
             f"{groups}{tied} with --shard-size {plan.recipe.shard_size} ({format_size(plan.recipe.shard_size)})")
-    most = f"at most {groups} part{'s' if groups > 1 else ''}"
-    if size is None:
-        return f"{head}; no shard size gives {n} (its largest tensors cannot be split): use {most}"
-    return (f"{head}: use {most}, or give --shard-size {size}B (to every part, and to any merge "
-            f"the output is compared with), or add --resize-shards to let streammerge choose it "
-            "(streammerge_recipe.yaml records it)")
+    if size is not None:
+        return (f"{head}: use at most {groups} part{'s' if groups > 1 else ''}, or give --shard-size {size}B (to "
+                "every part, and to any merge the output is compared with), or add --resize-shards to let "
+                "streammerge choose it (streammerge_recipe.yaml records it)")
+    most = most_parts(plan)
+    together = " (a tied head with its embedding)" if most < len(plan.tensors) else ""
+    limit = (f"{head}; no shard size gives {n}: even one tensor per file{together} makes only {most}, so this merge "
+             f"has at most {most} part{'s' if most > 1 else ''}")
+    if most == groups:
+        return f"{limit}: use at most {most}"
+    return (f"{limit}: use at most {most} with --resize-shards (or --shard-size {fit_shard_size(plan, most)}B, to "
+            f"every part), or at most {groups} with --shard-size {plan.recipe.shard_size}")
 
 
 def plan_parts(recipe: Recipe, n: int, resize_shards: bool = False, dry_run: bool = False,
@@ -230,6 +249,24 @@ def plan_parts(recipe: Recipe, n: int, resize_shards: bool = False, dry_run: boo
     if size is None:
         raise PartError(too_many_parts(plan, n, groups))
     return planner(replace(recipe, shard_size=size), dry_run)
+
+
+def split_summary(plan: Plan, n: int) -> dict[str, Any]:
+    """How ``plan`` splits into ``n`` parts (``streammerge plan --parts N``): each part's shard files, tensors, output
+    bytes and ``bytes`` (its inputs read once plus its output: what the split balances), and the balance: the
+    largest part against the mean, and ``speedup_bound`` (total / largest: n parts at once cannot be faster than
+    that, whatever the machines). Raises :class:`PartError` if it cannot be split so."""
+    units = plan.units(n)
+    sizes = {s.filename: s.size for s in plan.shards}
+    costs = [u.cost for u in units]
+    total, largest = sum(costs), max(costs)
+    return {
+        "parts": n, "shard_size": plan.recipe.shard_size, "files": len(plan.shards), "bytes": total,
+        "units": [{**u.to_json(), "files": len(u.shards), "output_bytes": sum(sizes[s] for s in u.shards)}
+                  for u in units],
+        "largest": largest, "smallest": min(costs),
+        "imbalance": largest * n / total if total else 1.0, "speedup_bound": total / largest if largest else 1.0,
+    }
 
 
 def unit_plan(plan: Plan, unit: WorkUnit) -> Plan:
@@ -317,23 +354,191 @@ def _check_record(record: dict[str, Any] | None, plan: Plan, units: tuple[WorkUn
     return True
 
 
+def recorded_plugin(record: dict[str, Any]) -> str | None:
+    """The method plugin (``"<distribution> <version>"``) a work folder's record says the merge was planned with,
+    or None (a built-in method)."""
+    doc = record.get("fingerprint_doc")
+    engine = doc.get("engine") if isinstance(doc, dict) else None
+    plugin = engine.get("method_plugin") if isinstance(engine, dict) else None
+    return plugin if isinstance(plugin, str) else None
+
+
+def plugin_problem(method: str, plugin: str | None, where: str) -> str | None:
+    """Why ``method`` cannot run ``where`` ("on this machine", ...) as the merge was planned, or None: ``plugin`` is
+    the ``"<distribution> <version>"`` of the plugin that provided it (the fingerprint's ``method_plugin``; None for
+    a built-in), and here it is missing, refused or another version."""
+    if plugin is None:
+        return None
+    why = ""
+    try:
+        here: str | None = method_origin(method)
+    except MethodError as exc:
+        here, why = None, (f" ({exc})" if "plugin" in str(exc) else "")
+    if here == plugin:
+        return None
+    dist, _, version = plugin.rpartition(" ")
+    install = f"install {plugin}" if plugin.startswith("an unknown") else f"pip install '{dist}=={version}'"
+    found = f"it is not installed {where}{why}" if here is None else f"{where} it comes from {here} instead"
+    return (f"the merge method {method!r} comes from the plugin {plugin} (a distribution declaring it in the "
+            f"{ENTRY_POINT_GROUP!r} entry point group), as recorded when the merge was planned, and {found}: "
+            f"{install} {where}, in the environment streammerge runs in")
+
+
+#: the recipe fields that are each machine's own: a part continues with those it ran with, not the first part's
+MACHINE_OPTIONS = ("max_ram", "max_vram", "threads")
+
+
+def part_recipe(work: Path, recipe: dict[str, Any], k: int, n: int) -> dict[str, Any]:
+    """The recipe (as JSON) to continue part ``k`` of ``n`` with: the merge's ``recipe`` (the record the first part
+    wrote), with :data:`MACHINE_OPTIONS` as part ``k`` recorded them when it ran, or unset if it never did (this
+    machine's defaults, unless the caller gives them)."""
+    own = _read_json(work / PARTS_DIR / part_folder(k, n) / PLAN_FILE)
+    ran = own.get("recipe") if own is not None and isinstance(own.get("recipe"), dict) else {}
+    return {**recipe, **{key: ran.get(key) for key in MACHINE_OPTIONS if key in recipe or key in ran}}
+
+
 def read_record(work: Path) -> dict[str, Any] | None:
     """The split merge's record in ``work`` (None if there is none)."""
     return _read_json(work / PLAN_FILE)
 
 
-# ------------------------------------------------------------------------------------------- a part's folder
+# ------------------------------------------------------------------------------------------------- locking
+
+#: the file whose flock marks who uses a folder, in the work folder and in each part's folder: a regular file opened
+#: for writing (network file systems that emulate flock with byte-range locks refuse it on a folder, or on a file
+#: opened read-only)
+LOCK_FILE = "lock"
+#: flock's errnos for "another process holds it" (EACCES where flock is emulated with fcntl locks)
+_HELD_ELSEWHERE = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
 
 
-def _lock(path: Path, mode: int) -> int | None:
-    """A descriptor of folder ``path`` holding an flock in ``mode`` (non-blocking), or None if another holds it."""
-    fd = os.open(path, os.O_RDONLY)
+class LockUnsupportedError(PartError):
+    """The file system of the work folder cannot lock files (an NFS mount without lock support, ...)."""
+
+
+def _cannot_lock(path: Path, exc: OSError) -> LockUnsupportedError:
+    """The error for a file system that refused to lock ``path`` (not because another process holds it)."""
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return LockUnsupportedError(
+        f"cannot lock {path}: the file system it is on refused to lock a file ({name}: {exc.strerror or exc}), and "
+        "parts need file locks so that one part never runs twice at once and finalize never publishes a part still "
+        "being written. Mount that file system with lock support (NFS: without the nolock option, with rpc.statd "
+        "running on every machine for NFSv3, or NFSv4; Lustre: the flock mount option; NFS's local_lock=flock locks "
+        "within each machine only, so then never start one part on two machines), or give --out on a local disk, run "
+        "every part on that machine and copy the published output to the shared storage")
+
+
+def _open_lock_file(folder: Path, create: bool) -> int | None:
+    """A read-write descriptor of ``folder``'s lock file (None if it does not exist and not ``create``)."""
+    path = folder / LOCK_FILE
+    try:
+        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not create:
+            return None
+        raise PartError(f"cannot open the lock file {path} for writing ({exc.strerror or exc}): a split merge needs "
+                        "a work folder it can write in; choose another --out") from None
+
+
+def _flock(fd: int, mode: int, path: Path) -> bool:
+    """Take flock ``mode`` on ``fd`` without blocking: False if another process holds a conflicting lock; raises
+    :class:`LockUnsupportedError` if the file system cannot lock (``ENOLCK``, ``EOPNOTSUPP``, ``EBADF``, ...)."""
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _HELD_ELSEWHERE:
+            return False
+        raise _cannot_lock(path, exc) from None
+    return True
+
+
+def _folder_flock(folder: Path, mode: int) -> int | None:
+    """Also the lock a one-process merge takes (an flock on the folder itself, see ``workfolder.lock_work_folder``),
+    so the two exclude each other: its descriptor, -1 where the file system cannot lock a folder (a one-process
+    merge cannot take it there either), or None if another process holds it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as exc:
         os.close(fd)
-        return None
+        return None if exc.errno in _HELD_ELSEWHERE else -1
     return fd
+
+
+@dataclass
+class Held:
+    """The locks this process holds on a folder: its lock file's and, for the work folder, the folder's own."""
+
+    fds: list[int]
+
+    def exclusive(self) -> bool:
+        """Turn every lock exclusive without blocking; False (and some may be released) if another process holds
+        one too."""
+        try:
+            for fd in self.fds:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Release the locks (closing the descriptors)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def _lock(folder: Path, mode: int, folder_too: bool = False) -> Held | None:
+    """Hold flock ``mode`` (``fcntl.LOCK_SH``/``LOCK_EX``, non-blocking) on ``folder``'s lock file, and with
+    ``folder_too`` on the folder itself where the file system allows it; None if another process holds a
+    conflicting lock. Raises :class:`LockUnsupportedError` if the file system cannot lock files."""
+    fd = _open_lock_file(folder, create=True)
+    assert fd is not None
+    try:
+        if not _flock(fd, mode, folder / LOCK_FILE):
+            os.close(fd)
+            return None
+    except BaseException:
+        os.close(fd)
+        raise
+    held = Held([fd])
+    if folder_too:
+        extra = _folder_flock(folder, mode)
+        if extra is None:
+            held.close()
+            return None
+        if extra >= 0:
+            held.fds.append(extra)
+    return held
+
+
+def holder(folder: Path) -> str | None:
+    """Who runs the part whose folder is ``folder`` now (it holds its lock file's lock), or None; takes no lasting
+    lock and creates nothing. Raises :class:`LockUnsupportedError` if the file system cannot lock files."""
+    fd = _open_lock_file(folder, create=False)
+    if fd is None:
+        return None
+    try:
+        free = _flock(fd, fcntl.LOCK_SH, folder / LOCK_FILE)
+    finally:
+        os.close(fd)  # closing releases a lock this call took
+    return None if free else _owner(folder)
+
+
+def lock_split_work(work: Path, out: Path, what: str) -> Held:
+    """Hold ``work`` exclusively (no part, finalize or one-process merge using it); raises :class:`BusyError`
+    naming the parts that run (``what``: what this process is about to do), :class:`LockUnsupportedError`."""
+    held = _lock(work, fcntl.LOCK_EX, folder_too=True)
+    if held is None:
+        raise BusyError(f"a part of the merge into {out} ({_running(work) or _owner(work)}) is still running; wait "
+                        f"for every part to finish, then {what}")
+    return held
+
+
+# ------------------------------------------------------------------------------------------- a part's folder
 
 
 def _owner(folder: Path) -> str:
@@ -346,10 +551,10 @@ def _owner(folder: Path) -> str:
 class PartFolder(WorkFolder):
     """The work of one unit inside a split merge's work folder. Use :meth:`open_unit`."""
 
-    def __init__(self, plan: Plan, unit: WorkUnit, work: Path, journal: Journal, resumed: bool, lock: int,
-                 shared_lock: int) -> None:
-        super().__init__(plan, work / PARTS_DIR / unit.folder, journal, resumed, lock)
-        self.unit, self.work, self.shared_lock = unit, work, shared_lock
+    def __init__(self, plan: Plan, unit: WorkUnit, work: Path, journal: Journal, resumed: bool, own: Held,
+                 shared: Held) -> None:
+        super().__init__(plan, work / PARTS_DIR / unit.folder, journal, resumed, -1)
+        self.unit, self.work, self.own_lock, self.shared_lock = unit, work, own, shared
         self.model_dir = work / "model"  # shared by every part
         self.files = {s.filename: ShardFile(s, self.model_dir) for s in plan.shards}
 
@@ -378,10 +583,10 @@ class PartFolder(WorkFolder):
         except OSError as exc:
             raise PartError(f"cannot create the work folder {work}: {exc.strerror or exc}; choose another --out") \
                 from None
-        shared = _lock(work, fcntl.LOCK_SH)
+        shared = _lock(work, fcntl.LOCK_SH, folder_too=True)
         if shared is None:
             raise BusyError(f"another merge or finalize ({_owner(work)}) is using {work}; wait for it to finish")
-        lock = -1
+        lock: Held | None = None
         try:
             if not _write_record(work / PLAN_FILE, _record(plan, units), exclusive=True):
                 # there is one (maybe written by another part a moment ago): check it again, replace it if allowed
@@ -393,16 +598,16 @@ class PartFolder(WorkFolder):
                 except FileExistsError:
                     pass
             folder = work / PARTS_DIR / unit.folder
-            got = _lock(folder, fcntl.LOCK_EX)
-            if got is None:
+            lock = _lock(folder, fcntl.LOCK_EX)
+            if lock is None:
                 raise BusyError(f"part {unit.label} of {recipe.out} is being run by {_owner(folder)}; wait for it to "
                                 "finish, or stop it first")
-            lock = got
             if recipe.restart:  # this part's work only: the other parts' stays
                 for s in sub.shards:
                     fsio.remove_tree(work / "model" / s.filename)
                 for child in folder.iterdir():
-                    fsio.remove_tree(child)
+                    if child.name != LOCK_FILE:  # held: another start of this part must still see it
+                        fsio.remove_tree(child)
             own = _read_json(folder / PLAN_FILE)
             journal = Journal(folder)
             if own is None:
@@ -414,9 +619,9 @@ class PartFolder(WorkFolder):
             checkpoint("part-opened")
             return cls(sub, unit, work, journal, bool(journal.progress), lock, shared)
         except BaseException:
-            if lock >= 0:
-                os.close(lock)
-            os.close(shared)
+            if lock is not None:
+                lock.close()
+            shared.close()
             raise
 
     def continue_hint(self) -> str:
@@ -444,9 +649,8 @@ class PartFolder(WorkFolder):
 
     def close(self) -> None:
         super().close()
-        if self.shared_lock >= 0:
-            os.close(self.shared_lock)
-            self.shared_lock = -1
+        self.own_lock.close()
+        self.shared_lock.close()
 
     def discard(self) -> None:
         """Delete this part's folder and shards (nothing to resume); the work folder too if nothing else is in it
@@ -457,14 +661,8 @@ class PartFolder(WorkFolder):
         for s in self.plan.shards:
             fsio.remove_tree(self.model_dir / s.filename)
         fsio.remove_tree(self.path)
-        if self.lock >= 0:
-            os.close(self.lock)
-            self.lock = -1
-        try:
-            fcntl.flock(self.shared_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass
-        else:
+        self.own_lock.close()
+        if self.shared_lock.exclusive():  # no other part is running
             parts = self.work / PARTS_DIR
             if not (parts.is_dir() and any(parts.iterdir())):
                 fsio.remove_tree(self.work)
@@ -494,7 +692,7 @@ def part_states(plan: Plan, n: int) -> list[PartState]:
         if not folder.is_dir():
             out.append(PartState(unit, "missing", 0))
             continue
-        running = writer_of(folder)
+        running = holder(folder)
         try:
             own = _read_json(folder / PLAN_FILE)
             journal = Journal(folder, read_only=True)
@@ -576,7 +774,7 @@ def _check_part(work: Path, plan: Plan, unit: WorkUnit, recheck: bool, counted: 
     folder = work / PARTS_DIR / unit.folder
     if not folder.is_dir():
         return f"{unit.describe()} has not run: {again}", {}
-    running = writer_of(folder)
+    running = holder(folder)
     if running:
         return f"part {unit.label} is still running ({running}): wait for it to finish", {}
     own = _read_json(folder / PLAN_FILE)
@@ -632,14 +830,15 @@ def finalize(out: str | Path, show_progress: bool = False, recheck: bool = False
     if "parts" not in record:
         raise PartError(f"{work} holds a merge run as one process, not split into parts: continue it with "
                         f"`streammerge resume {out}`")
-    lock = _lock(work, fcntl.LOCK_EX)
-    if lock is None:
-        raise BusyError(f"a part of the merge into {out} ({_running(work) or _owner(work)}) is still running; wait "
-                        "for every part to finish, then finalize")
+    lock = lock_split_work(work, out, "finalize")
     try:
         recipe = Recipe.from_json(record["recipe"])
         check_not_moved(recipe.out, out)
         stored = record["fingerprint_doc"]
+        problem = plugin_problem(recipe.method, recorded_plugin(record), "on this machine")
+        if problem:
+            raise PartError(f"cannot finalize {out} here (finalize plans the merge again to check every part): "
+                            f"{problem}; then run finalize again")
         plan = plan_recipe(replace(recipe, device="cpu", restart=False, redo_changed=False), True)
         plan = with_engine_device(plan, stored["engine"].get("device", "cpu"))
         if plan.fingerprint != record["fingerprint"]:
@@ -669,8 +868,7 @@ def finalize(out: str | Path, show_progress: bool = False, recheck: bool = False
             raise PartError(f"cannot finalize {out}: " + "; ".join(problems))
         journal = Journal(work, enabled=False)
         journal.progress = progress
-        folder = WorkFolder(plan, work, journal, True, lock)
-        lock = -1  # the folder closes it
+        folder = WorkFolder(plan, work, journal, True, -1)  # (the lock is held here, released below)
         try:
             for f in folder.files.values():
                 if not f.open_existing():  # checked above; changed since?
@@ -680,8 +878,7 @@ def finalize(out: str | Path, show_progress: bool = False, recheck: bool = False
             folder.close()
         return True
     finally:
-        if lock >= 0:
-            os.close(lock)
+        lock.close()
 
 
 def _running(work: Path) -> str:
@@ -691,12 +888,14 @@ def _running(work: Path) -> str:
         return ""
     running = []
     for d in sorted(parts.iterdir()):
-        who = writer_of(d) if d.is_dir() else None
+        who = holder(d) if d.is_dir() else None
         m = re.fullmatch(r"part-(\d+)-of-(\d+)", d.name)
         if who and m:
             running.append(f"part {int(m[1])}/{int(m[2])}: {who}")
     return "; ".join(running)
 
 
-__all__ = ["PartError", "PartFolder", "PartState", "WorkUnit", "finalize", "fit_shard_size", "parse_part",
-           "part_states", "plan_parts", "shard_groups", "split_units", "unit_plan"]
+__all__ = ["LockUnsupportedError", "PartError", "PartFolder", "PartState", "WorkUnit", "finalize", "fit_shard_size",
+           "holder", "lock_split_work", "most_parts", "parse_part", "part_recipe", "part_states", "plan_parts",
+           "plugin_problem", "recorded_plugin", "shard_groups", "split_summary",
+           "split_units", "unit_plan"]

@@ -11,6 +11,13 @@ fingerprint, so a part cannot be continued on another kind). A task whose worker
 resumes from its journal. Progress from every task is summed into one bar. When every task is done the driver
 runs :func:`streammerge.parts.finalize`, which checks every part's journal and CRCs and publishes the output.
 
+Before ``ray.init`` the driver says which cluster it uses (:func:`resolve_target`, as Ray decides it) and checks, in
+seconds, that its address answers (given an address where nothing listens, ``ray.init`` retries for many minutes);
+a cluster that asks for a token it does not have is refused saying how to give it one. A task first checks that the
+method plugin the merge was planned with (distribution and version, from the fingerprint) is installed on its node.
+A stop (Ctrl-C; SIGINT or SIGTERM with ``handle_signals``) cancels the tasks, waits for them to release their parts
+and ends as an interrupted merge: every part keeps what it journaled.
+
 Ray is an optional dependency (``pip install 'streammerge[ray]'``); without it ``--executor ray`` is refused,
 naming the extra.
 """
@@ -20,8 +27,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,12 +40,12 @@ from typing import Any
 from . import fsio
 from .errors import StreamMergeError
 from .output import work_folder_for
-from .parts import PartError, finalize, plan_parts, shard_groups, with_engine_device
+from .parts import PartError, finalize, lock_split_work, plan_parts, plugin_problem, shard_groups, with_engine_device
 from .planner import Plan
 from .progress import Progress
 from .recipe import Recipe
-from .stopping import MergeInterrupted
-from .workfolder import finished_output, lock_work_folder
+from .stopping import MergeInterrupted, StopFlag
+from .workfolder import finished_output
 
 #: how to install Ray for streammerge
 RAY_EXTRA = "pip install 'streammerge[ray]'"
@@ -44,6 +53,9 @@ RAY_EXTRA = "pip install 'streammerge[ray]'"
 MAX_RETRIES = 3
 #: seconds between progress reports from a task
 REPORT_EVERY = 0.5
+#: seconds a stopped merge waits for its cancelled tasks to end (each keeps what it journaled) before it kills them
+#: (within Slurm's default 30 s between SIGTERM and SIGKILL)
+STOP_WAIT = 10.0
 
 
 def import_ray() -> Any:
@@ -54,6 +66,10 @@ def import_ray() -> Any:
         raise StreamMergeError(f"--executor ray needs Ray, which is not installed here: {RAY_EXTRA} (or pip "
                                "install ray), on the machine that runs streammerge and on every Ray worker") from None
     return ray
+
+
+class PluginMissingError(StreamMergeError):
+    """A Ray node lacks the method plugin (or its version) the merge was planned with."""
 
 
 @dataclass
@@ -131,31 +147,43 @@ def _worker_share(n: int, device: str) -> tuple[int, int]:
     return int(available * DEFAULT_RAM_FRACTION / slots), max(1, min(cpus, int(resources.get("CPU", 1))) // slots)
 
 
-def run_part(recipe: Recipe, k: int, n: int, board: Any = None) -> dict[str, Any]:
-    """Run part ``k`` of ``n`` of ``recipe`` here (a Ray task's body; also callable directly). Returns a dict with
-    ``part``, ``host``, ``summary`` (None if it was done before) and ``notes``, or ``error`` (the message) and
-    ``kind`` (the error's type): errors come back as data, the same on every Ray version."""
+def _let_cancel_in() -> None:
+    """Let Ray's cancel reach this task: it raises ``KeyboardInterrupt`` through SIGINT's Python handler, which a
+    worker started with SIGINT ignored (under a background job or ``nohup``, as its raylet was) does not have."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def run_part(recipe: Recipe, k: int, n: int, board: Any = None, plugin: str | None = None) -> dict[str, Any]:
+    """Run part ``k`` of ``n`` of ``recipe`` here (a Ray task's body; also callable directly). ``plugin``: the
+    ``"<distribution> <version>"`` of the method plugin the merge was planned with (None for a built-in method),
+    which must be the one installed here. Returns a dict with ``part``, ``host``, ``summary`` (None if it was done
+    before) and ``notes``, or ``error`` (the message) and ``kind`` (the error's type): errors come back as data, the
+    same on every Ray version."""
     from .api import plan_recipe  # noqa: PLC0415
     from .execute import execute  # noqa: PLC0415
 
     notes: list[str] = []
     summaries: list[Any] = []
-    label = f"{k}/{n}"
+    label, host = f"{k}/{n}", socket.gethostname()
+    _let_cancel_in()
     try:
+        problem = plugin_problem(recipe.method, plugin, f"on the Ray node {host}")
+        if problem:
+            raise PluginMissingError(f"{problem} (every Ray node needs it), then run the same command again")
         ram, threads = _worker_share(n, recipe.device)
         if recipe.max_ram is None:
             recipe = replace(recipe, max_ram=ram)
         from ._torch import import_torch  # noqa: PLC0415
 
-        import_torch().set_num_threads(threads)  # (Ray sets one thread per CPU asked for; the bytes do not depend on it)
+        import_torch().set_num_threads(threads)  # (Ray sets one thread per CPU asked for; the bytes never depend on it)
         plan = plan_recipe(recipe)
         unit = plan.units(n)[k - 1]
         execute(plan, show_progress=False, notify=notes.append, report=summaries.append, unit=unit,
                 make_progress=lambda total, show: _ReportingProgress(total, board, k))
     except (StreamMergeError, KeyboardInterrupt) as exc:  # MergeInterrupted is a KeyboardInterrupt
-        return {"part": label, "host": socket.gethostname(), "error": str(exc), "kind": type(exc).__name__,
-                "notes": notes}
-    return {"part": label, "host": socket.gethostname(), "pid": os.getpid(),
+        return {"part": label, "host": host, "error": str(exc), "kind": type(exc).__name__, "notes": notes}
+    return {"part": label, "host": host, "pid": os.getpid(),
             "summary": summaries[0].to_dict() if summaries else None, "notes": notes}
 
 
@@ -256,85 +284,251 @@ def check_storage(ray: Any, nodes: list[dict[str, Any]], plan: Plan) -> None:
                                + "; ".join(problems) + ". Nothing was merged")
 
 
-def _connect(ray: Any, address: str | None) -> bool:
-    """Connect to the cluster at ``address`` (or the one ``RAY_ADDRESS`` names, or a new local one); True if this
-    call started the connection (and so ends it). An already initialised Ray (a caller's) is used as it is."""
+#: seconds a cluster's address has to answer a TCP connection before ``ray.init`` is tried (which, given an address
+#: where nothing listens, retries for many minutes)
+CONNECT_TIMEOUT = 5.0
+#: what a machine needs to join a cluster that uses Ray's token authentication
+AUTH_HINT = ("the cluster uses Ray's token authentication: set RAY_AUTH_MODE=token here and give this machine the "
+             "cluster's token (`ray get-auth-token` on the head prints it) in RAY_AUTH_TOKEN, in ~/.ray/auth_token "
+             "or in the file RAY_AUTH_TOKEN_PATH names; every node that joins with `ray start --address` needs the "
+             "same (docs/distributed.md, \"Ray: connecting\")")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The cluster ``ray.init`` will use: ``address`` (host:port, ``ray://...``; None for a new local cluster) and
+    where it comes from, in words."""
+
+    address: str | None
+    source: str
+
+    def describe(self) -> str:
+        if self.address is None:
+            return f"a new local Ray cluster on this machine, for this merge only ({self.source})"
+        return f"the Ray cluster at {self.address} ({self.source})"
+
+
+def resolve_target(address: str | None) -> Target:
+    """Which cluster ``ray.init(address)`` joins, as Ray decides it: ``address`` (``"local"``: a new local cluster),
+    else ``RAY_ADDRESS``, else the cluster the last ``ray start`` on this machine started (Ray's record of it, which
+    ``ray stop`` removes), else a new local cluster. ``"auto"`` insists on a running cluster."""
+    if address not in (None, "", "auto"):
+        return Target(None if address == "local" else address, "--ray-address")
+    env = os.environ.get("RAY_ADDRESS") or None
+    if env not in (None, "auto"):
+        return Target(None if env == "local" else env, "RAY_ADDRESS")
+    auto = "auto" if "auto" in (address, env) else None
+    try:
+        from ray._private.services import get_ray_address_from_environment  # noqa: PLC0415
+        from ray._private.utils import get_ray_address_file  # noqa: PLC0415
+    except ImportError:  # another Ray layout: Ray decides, unchecked
+        return Target(auto, "found by Ray")
+    try:
+        found = get_ray_address_from_environment(auto, None)
+    except ConnectionError:
+        raise StreamMergeError("Ray address 'auto' (--ray-address or RAY_ADDRESS): no running Ray cluster was found on "
+                               "this machine; give the head's address (--ray-address HEAD:6379), or 'local' for a new "
+                               "local cluster") from None
+    if found is None:
+        return Target(None, "no --ray-address or RAY_ADDRESS, and no cluster started with `ray start` on this machine")
+    return Target(found, f"started by `ray start` on this machine, as recorded in {get_ray_address_file(None)}; "
+                         "--ray-address local starts a new one instead")
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``; a missing port is Ray's
+    default: 6379, or 10001 for ``ray://``), or None if it is not one."""
+    scheme, _, rest = address.rpartition("://")
+    default = 10001 if scheme == "ray" else 6379
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port = tail.removeprefix(":")
+    else:
+        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not host or (port and not port.isdigit()):
+        return None
+    return host, int(port) if port else default
+
+
+def _as_ray_dials(address: str) -> str:
+    """``address`` as ``ray.init`` dials it (a loopback host becomes this node's address, as Ray resolves it)."""
+    if "://" in address:
+        return address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # noqa: PLC0415
+
+        return canonicalize_bootstrap_address(address, None) or address
+    except (ImportError, ValueError, OSError):  # another Ray layout, or an address Ray will refuse itself
+        return address
+
+
+def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why nothing accepts a TCP connection at ``address`` within ``timeout`` seconds, or None if something does
+    (or the address is not a host and port this can check)."""
+    where = _host_port(address)
+    if where is None:
+        return None
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except socket.gaierror as exc:
+        return f"the host name {where[0]} does not resolve ({exc.strerror or exc})"
+    except TimeoutError:
+        return f"nothing answered on {where[0]} port {where[1]} within {timeout:g} s"
+    except OSError as exc:
+        return f"{where[0]} port {where[1]}: {exc.strerror or exc}"
+    return None
+
+
+def _connect(ray: Any, address: str | None, notify: Callable[[str], None] | None = None) -> bool:
+    """Connect to the cluster :func:`resolve_target` names, after checking in seconds that its address answers;
+    True if this call started the connection (and so ends it). An already initialised Ray (a caller's) is used as
+    it is. Raises :class:`StreamMergeError` saying what to do (the address, the token)."""
     if ray.is_initialized():
         return False
+    target = resolve_target(address)
+    if target.address is not None:
+        problem = unreachable(_as_ray_dials(target.address))
+        if problem:
+            raise StreamMergeError(
+                f"cannot reach {target.describe()}: {problem}. Check the address (`ray start --head` prints it; port "
+                "6379 unless --port was given, 10001 for ray://), that the head runs (`ray status` there) and that "
+                "this machine may connect to that port (a firewall?); `ray stop` removes the record of a cluster "
+                "`ray start` started here. Nothing was merged")
+    if notify is not None:
+        notify(f"using {target.describe()}")
+    auth_error = getattr(getattr(ray, "exceptions", None), "AuthenticationError", ())
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except auth_error as exc:  # (ray.exceptions.AuthenticationError: a token is asked for and there is none here)
+        raise StreamMergeError(f"cannot join {target.describe()}: {getattr(exc, 'message', exc)}; {AUTH_HINT}") \
+            from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"at {address}" if address else "(none given: RAY_ADDRESS, or a new local one)"
-        raise StreamMergeError(f"cannot connect to the Ray cluster {where}: {exc}") from None
+        hint = ("its address answers, so if Ray's log lines above say \"Unauthenticated\", " + AUTH_HINT +
+                "; otherwise check that this machine runs the cluster's Ray and Python versions (`ray --version`)"
+                if target.address is not None else "")
+        raise StreamMergeError(f"cannot connect to {target.describe()}: {exc}" + (f"; {hint}" if hint else "")) \
+            from None
     return True
 
 
 def merge_on_ray(recipe: Recipe, parts: int | None = None, address: str | None = None, resize_shards: bool = False,
                  show_progress: bool = False, notify: Callable[[str], None] | None = None,
-                 max_retries: int = MAX_RETRIES) -> RayResult:
+                 max_retries: int = MAX_RETRIES, handle_signals: bool = False) -> RayResult:
     """Merge ``recipe`` on a Ray cluster in ``parts`` parts (default: one per node, or per GPU for a CUDA merge, at
     most one per group of output shards) and publish it; returns what each part did.
 
+    ``address``: the cluster (see :func:`resolve_target`: default ``RAY_ADDRESS``, else the cluster ``ray start``
+    started on this machine, else a new local one; ``"local"`` always a new one). ``handle_signals``: SIGINT and
+    SIGTERM stop the merge as Ctrl-C does (the CLI's; exit codes 130/143).
+
     Raises :class:`StreamMergeError` (Ray missing, an unreachable cluster, storage some worker does not see, too
     few shard files for ``parts`` without ``resize_shards``, a part that failed: its message, with the other
-    parts' work kept for a rerun), :class:`MergeInterrupted` on Ctrl-C (every part's journaled work is kept)."""
+    parts' work kept for a rerun), :class:`MergeInterrupted` on Ctrl-C or a stop signal (the tasks are cancelled
+    and every part's journaled work is kept)."""
     ray = import_ray()
     fsio.check_platform()
     if recipe.out is None:
         raise StreamMergeError("a merge needs an output folder (--out)")
     if not recipe.journal:
         raise PartError("--executor ray needs the journal (finalize checks every part's): drop --no-journal")
-    started = _connect(ray, address)
     try:
-        device = _device_kind(ray, recipe.device)
-        nodes = _nodes(ray, device)
-        if not nodes:
-            raise StreamMergeError(f"the Ray cluster has no alive node with a {'GPU' if device == 'cuda' else 'CPU'}")
-        # planned here on the CPU (the driver computes nothing); the workers plan again with their own budgets
-        on_cpu = replace(recipe, device="cpu")
-        if parts is None:
-            slots = sum(int(x["Resources"].get("GPU", 0)) for x in nodes) if device == "cuda" else len(nodes)
-            parts = max(1, min(slots, len(shard_groups(plan_parts(on_cpu, 1)))))
-        plan = with_engine_device(plan_parts(on_cpu, parts, resize_shards), device)
-        if finished_output(plan):
-            fsio.remove_tree(work_folder_for(recipe.out))
-            return RayResult(recipe.out, [], True)
-        for note in plan.notes:
-            if notify is not None:
-                notify(note)
-        check_storage(ray, nodes, plan)
-        work = work_folder_for(recipe.out)
-        if recipe.restart and work.is_dir():  # here, once: a retried task must not discard its own work again
-            lock = lock_work_folder(work, recipe.out)
-            try:
-                fsio.remove_tree(work)
-            finally:
-                os.close(lock)
-        # what the workers plan: absolute paths (their working folders differ), Hub IDs resolved, the shard size
-        # chosen, the kind of device decided
-        planned = plan.recipe
-        worker_recipe = replace(Recipe.from_json(planned.to_json()), device=device, chunk_rows=planned.chunk_rows,
-                                journal=planned.journal, redo_changed=planned.redo_changed, restart=False)
-        results = _run_parts(ray, worker_recipe, plan, parts, show_progress, max_retries)
-        failed = [r for r in results if "error" in r]
-        for r in results:
-            for note in r.get("notes", ()):
-                if notify is not None:
-                    notify(f"part {r['part']}: {note}")
-        if failed:
-            raise StreamMergeError(
-                "; ".join(f"part {r['part']} failed on {r.get('host', '?')}: {r['error']}" for r in failed)
-                + f". Every part's finished work is kept in {work}: fix the cause and run the same command again "
-                  "(each part resumes from its journal)")
-        finalize(recipe.out, show_progress=show_progress)
-        return RayResult(recipe.out, results)
+        started = _connect(ray, address, notify)
+    except SystemExit as exc:  # Ray's driver SIGTERM handler (sys.exit) while it connects
+        if exc.code != signal.SIGTERM:
+            raise
+        raise MergeInterrupted("merge interrupted (stopped by SIGTERM) while connecting to Ray: nothing was merged; "
+                               "run the same command again", 128 + signal.SIGTERM) from None
+    try:
+        with StopFlag(handle_signals) as stop:  # after ray.init, which installs Ray's own SIGTERM handler
+            return _merge(ray, recipe, parts, resize_shards, show_progress, notify, max_retries, stop)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run_parts(ray: Any, recipe: Recipe, plan: Plan, n: int, show_progress: bool, max_retries: int) \
-        -> list[dict[str, Any]]:
+def _merge(ray: Any, recipe: Recipe, parts: int | None, resize_shards: bool, show_progress: bool,
+           notify: Callable[[str], None] | None, max_retries: int, stop: StopFlag) -> RayResult:
+    """:func:`merge_on_ray` once connected: plan, check the storage, run the parts, finalize."""
+    assert recipe.out is not None
+    device = _device_kind(ray, recipe.device)
+    nodes = _nodes(ray, device)
+    if not nodes:
+        raise StreamMergeError(f"the Ray cluster has no alive node with a {'GPU' if device == 'cuda' else 'CPU'}")
+    # planned here on the CPU (the driver computes nothing); the workers plan again with their own budgets
+    on_cpu = replace(recipe, device="cpu")
+    if parts is None:
+        slots = sum(int(x["Resources"].get("GPU", 0)) for x in nodes) if device == "cuda" else len(nodes)
+        parts = max(1, min(slots, len(shard_groups(plan_parts(on_cpu, 1)))))
+    plan = with_engine_device(plan_parts(on_cpu, parts, resize_shards), device)
+    if finished_output(plan):
+        fsio.remove_tree(work_folder_for(recipe.out))
+        return RayResult(recipe.out, [], True)
+    for note in plan.notes:
+        if notify is not None:
+            notify(note)
+    check_storage(ray, nodes, plan)
+    work = work_folder_for(recipe.out)
+    try:
+        stop.check()
+    except MergeInterrupted as exc:
+        raise _interrupted(plan, exc) from None
+    if recipe.restart and work.is_dir():  # here, once: a retried task must not discard its own work again
+        lock = lock_split_work(work, recipe.out, "run the command again")
+        try:
+            fsio.remove_tree(work)
+        finally:
+            lock.close()
+    # what the workers plan: absolute paths (their working folders differ), Hub IDs resolved, the shard size
+    # chosen, the kind of device decided
+    planned = plan.recipe
+    worker_recipe = replace(Recipe.from_json(planned.to_json()), device=device, chunk_rows=planned.chunk_rows,
+                            journal=planned.journal, redo_changed=planned.redo_changed, restart=False)
+    results = _run_parts(ray, worker_recipe, plan, parts, show_progress, max_retries, stop)
+    failed = [r for r in results if "error" in r]
+    for r in results:
+        for note in r.get("notes", ()):
+            if notify is not None:
+                notify(f"part {r['part']}: {note}")
+    if failed:
+        raise StreamMergeError(
+            "; ".join(f"part {r['part']} failed on {r.get('host', '?')}: {r['error']}" for r in failed)
+            + f". Every part's finished work is kept in {work}: fix the cause and run the same command again "
+              "(each part resumes from its journal)")
+    finalize(recipe.out, show_progress=show_progress)
+    return RayResult(recipe.out, results)
+
+
+def _interrupted(plan: Plan, exc: KeyboardInterrupt) -> MergeInterrupted:
+    """The stop the user sees: why, that every part's work is kept, and how to continue."""
+    out = plan.recipe.out
+    code = exc.exit_code if isinstance(exc, MergeInterrupted) else 128 + signal.SIGINT
+    why = f" ({exc})" if isinstance(exc, MergeInterrupted) else ""
+    return MergeInterrupted(
+        f"merge interrupted{why}; every part's finished work is kept in {work_folder_for(out)}: run the same command "
+        "again to continue (each part resumes from its journal), or run the parts left with `streammerge resume "
+        f"{out} --part K/N` and then `streammerge finalize {out}`", code)
+
+
+def _stop_tasks(ray: Any, pending: list[Any]) -> None:
+    """Cancel the tasks still running (each stops at its next block, its work journaled) and wait, at most
+    :data:`STOP_WAIT` seconds, until they have released their parts (so that running the command again at once
+    finds them free); a task still running then is killed (its journal keeps what it committed). A second Ctrl-C
+    stops the wait."""
+    for ref in pending:
+        ray.cancel(ref)
+    try:
+        _, left = ray.wait(pending, num_returns=len(pending), timeout=STOP_WAIT)
+        for ref in left:
+            ray.cancel(ref, force=True)
+        if left:
+            ray.wait(left, num_returns=len(left), timeout=STOP_WAIT)
+    except KeyboardInterrupt:
+        pass
+
+
+def _run_parts(ray: Any, recipe: Recipe, plan: Plan, n: int, show_progress: bool, max_retries: int,
+               stop: StopFlag) -> list[dict[str, Any]]:
     """Run the ``n`` parts as Ray tasks, one bar over their summed progress; every task's result, in part order
     (a task that failed beyond its retries gives an ``error``)."""
     from tqdm import tqdm  # noqa: PLC0415
@@ -342,7 +536,8 @@ def _run_parts(ray: Any, recipe: Recipe, plan: Plan, n: int, show_progress: bool
     board = ray.remote(num_cpus=0)(_Board).remote()
     task = ray.remote(run_part).options(num_cpus=1, num_gpus=1 if recipe.device == "cuda" else 0,
                                         max_retries=max_retries, retry_exceptions=False)
-    refs = [task.remote(recipe, k, n, board) for k in range(1, n + 1)]
+    plugin = plan.fingerprint_doc["engine"].get("method_plugin")
+    refs = [task.remote(recipe, k, n, board, plugin) for k in range(1, n + 1)]
     index = {ref: k for k, ref in enumerate(refs, 1)}
     results: dict[int, dict[str, Any]] = {}
     estimate = {u.index: sum(plan.tensor(t).planned_read_bytes for t in u.tensors) for u in plan.units(n)}
@@ -352,6 +547,7 @@ def _run_parts(ray: Any, recipe: Recipe, plan: Plan, n: int, show_progress: bool
     pending = list(refs)
     try:
         while pending:
+            stop.check()
             ready, pending = ray.wait(pending, num_returns=1, timeout=REPORT_EVERY)
             for ref in ready:
                 k = index[ref]
@@ -364,15 +560,13 @@ def _run_parts(ray: Any, recipe: Recipe, plan: Plan, n: int, show_progress: bool
                 bar.total = sum(total.get(k, e) for k, e in estimate.items())
                 bar.n = sum(done.values())
                 bar.set_postfix_str(f"{len(results)}/{n} parts done", refresh=True)
-    except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref)  # each task stops at its next block, its work journaled
-        work = work_folder_for(plan.recipe.out)
-        raise MergeInterrupted(f"merge interrupted; every part's finished work is kept in {work}: run the same command "
-                               "again to continue (each part resumes from its journal)", 130) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal (MergeInterrupted)
+        _stop_tasks(ray, pending)
+        raise _interrupted(plan, exc) from None
     finally:
         bar.close()
     return [results[k] for k in sorted(results)]
 
 
-__all__ = ["RAY_EXTRA", "RayResult", "check_storage", "import_ray", "merge_on_ray", "probe_storage", "run_part"]
+__all__ = ["RAY_EXTRA", "PluginMissingError", "RayResult", "Target", "check_storage", "import_ray", "merge_on_ray",
+           "probe_storage", "resolve_target", "run_part", "unreachable"]

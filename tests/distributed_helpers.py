@@ -1,11 +1,13 @@
-"""Helpers shared by the distributed tests (``test_parts.py``, ``test_ray.py``): tiny families, single-process
-reference merges, byte-for-byte comparison of output folders, and CLI processes."""
+"""Helpers shared by the distributed tests (``test_parts.py``, ``test_ray.py``, ``test_distributed_*.py``): tiny
+families, single-process reference merges, byte-for-byte comparison of output folders, CLI processes, and a method
+plugin to install and remove."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from streammerge import api
 from streammerge.examples import write_family
+from streammerge.methods import BUILTIN, all_methods, method_origin
 
 #: output shard size for the tiny family: 4 shard files (about 54 KB each)
 SHARD = "60KB"
@@ -91,3 +94,34 @@ def refs(fam: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict
             return self[method]
 
     return Lazy()
+
+
+# ---- a method plugin (fixture ``takefirst``, imported by name)
+
+class TakeFirstPlugin:
+    """Installs and removes the plugin distribution ``sm-takefirst`` (method ``takefirst``) in a chosen version,
+    the way tests/test_plugins.py does (a dist-info folder put first on ``sys.path``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.installed, self.count = root, [], 0  # type: ignore[var-annotated]
+
+    def install(self, version: str) -> None:
+        from test_plugins import Plugins, method_module
+
+        self.count += 1
+        p = Plugins(self.root / f"{self.count}")
+        p.install("sm-takefirst", version, {"takefirst.py": method_module("TakeFirst", "takefirst")},
+                  {"takefirst": "takefirst:TakeFirst"})
+        self.installed.append(p)
+
+    def remove(self) -> None:
+        while self.installed:
+            self.installed.pop().remove_all()
+
+
+@pytest.fixture
+def takefirst(tmp_path: Path) -> Iterator[TakeFirstPlugin]:
+    p = TakeFirstPlugin(tmp_path / "plugins")
+    yield p
+    p.remove()
+    assert {method_origin(name) for name in all_methods()} == {BUILTIN}
