@@ -178,7 +178,8 @@ def merge(base: str | Path, models: str | Path | Sequence[str | Path], out: str 
                 raise PlanError("part= runs one part here; executor='ray' runs every part: give one of them")
             from .ray_executor import merge_on_ray  # noqa: PLC0415
 
-            return merge_on_ray(recipe, parts, ray_address, resize_shards, progress, notify).out
+            return merge_on_ray(recipe, parts, ray_address, resize_shards, progress, notify,
+                                handle_signals=handle_signals).out
         if executor != "local":
             raise PlanError(f"executor {executor!r}: use 'local' or 'ray'")
         if ray_address is not None or parts is not None:

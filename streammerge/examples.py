@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fsio
+from . import fsio, locks
 from ._torch import torch
 from .errors import PlanError
 from .formats.dtypes import DTYPES, parse_output_dtype
@@ -211,12 +210,14 @@ def write_example(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype:
         if folder.is_dir() and any(folder.iterdir()):
             _replace_entries(work, folder, [*names, EXAMPLE_MARKER])
         else:
+            for name in locks.LOCK_NAMES:  # the lock (held until the end) stays out of the published folder
+                fsio.remove_tree(work / name)
             publish(work, folder, force=True)
     except BaseException:
         fsio.remove_tree(work)
         raise
     finally:
-        os.close(lock)
+        lock.close()
     return {n: folder / n for n in names}, True
 
 

@@ -27,7 +27,6 @@ card and publishes the folder, exactly as a single-process merge does (the same 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -39,18 +38,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import fsio
+from . import fsio, locks
 from .errors import MethodError, StreamMergeError
 from .faults import checkpoint
 from .fingerprint import changed_tensors, describe_changes, engine_changes, run_fingerprint
 from .journal import Journal, ResumeError, TensorProgress, write_json_atomic
+from .locks import Held, LockUnsupportedError, holder
 from .manifest import MANIFEST, crc
 from .methods import ENTRY_POINT_GROUP, Rule, method_origin
 from .output import check_destination, check_not_moved, work_folder_for
 from .planner import Plan, TensorPlan
 from .recipe import Recipe
 from .units import format_size
-from .workfolder import OWNER, BusyError, WorkFolder, _check_space, _claim
+from .workfolder import BusyError, WorkFolder, _check_space
 from .writer import OutTensor, ShardFile, split_into_shards
 
 Notify = Callable[[str], None]
@@ -403,137 +403,17 @@ def read_record(work: Path) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------------- locking
-
-#: the file whose flock marks who uses a folder, in the work folder and in each part's folder: a regular file opened
-#: for writing (network file systems that emulate flock with byte-range locks refuse it on a folder, or on a file
-#: opened read-only)
-LOCK_FILE = "lock"
-#: flock's errnos for "another process holds it" (EACCES where flock is emulated with fcntl locks)
-_HELD_ELSEWHERE = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
-
-
-class LockUnsupportedError(PartError):
-    """The file system of the work folder cannot lock files (an NFS mount without lock support, ...)."""
-
-
-def _cannot_lock(path: Path, exc: OSError) -> LockUnsupportedError:
-    """The error for a file system that refused to lock ``path`` (not because another process holds it)."""
-    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    return LockUnsupportedError(
-        f"cannot lock {path}: the file system it is on refused to lock a file ({name}: {exc.strerror or exc}), and "
-        "parts need file locks so that one part never runs twice at once and finalize never publishes a part still "
-        "being written. Mount that file system with lock support (NFS: without the nolock option, with rpc.statd "
-        "running on every machine for NFSv3, or NFSv4; Lustre: the flock mount option; NFS's local_lock=flock locks "
-        "within each machine only, so then never start one part on two machines), or give --out on a local disk, run "
-        "every part on that machine and copy the published output to the shared storage")
-
-
-def _open_lock_file(folder: Path, create: bool) -> int | None:
-    """A read-write descriptor of ``folder``'s lock file (None if it does not exist and not ``create``)."""
-    path = folder / LOCK_FILE
-    try:
-        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT and not create:
-            return None
-        raise PartError(f"cannot open the lock file {path} for writing ({exc.strerror or exc}): a split merge needs "
-                        "a work folder it can write in; choose another --out") from None
-
-
-def _flock(fd: int, mode: int, path: Path) -> bool:
-    """Take flock ``mode`` on ``fd`` without blocking: False if another process holds a conflicting lock; raises
-    :class:`LockUnsupportedError` if the file system cannot lock (``ENOLCK``, ``EOPNOTSUPP``, ``EBADF``, ...)."""
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in _HELD_ELSEWHERE:
-            return False
-        raise _cannot_lock(path, exc) from None
-    return True
-
-
-def _folder_flock(folder: Path, mode: int) -> int | None:
-    """Also the lock a one-process merge takes (an flock on the folder itself, see ``workfolder.lock_work_folder``),
-    so the two exclude each other: its descriptor, -1 where the file system cannot lock a folder (a one-process
-    merge cannot take it there either), or None if another process holds it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return -1
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        return None if exc.errno in _HELD_ELSEWHERE else -1
-    return fd
-
-
-@dataclass
-class Held:
-    """The locks this process holds on a folder: its lock file's and, for the work folder, the folder's own."""
-
-    fds: list[int]
-
-    def exclusive(self) -> bool:
-        """Turn every lock exclusive without blocking; False (and some may be released) if another process holds
-        one too."""
-        try:
-            for fd in self.fds:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        return True
-
-    def close(self) -> None:
-        """Release the locks (closing the descriptors)."""
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-
-
-def _lock(folder: Path, mode: int, folder_too: bool = False) -> Held | None:
-    """Hold flock ``mode`` (``fcntl.LOCK_SH``/``LOCK_EX``, non-blocking) on ``folder``'s lock file, and with
-    ``folder_too`` on the folder itself where the file system allows it; None if another process holds a
-    conflicting lock. Raises :class:`LockUnsupportedError` if the file system cannot lock files."""
-    fd = _open_lock_file(folder, create=True)
-    assert fd is not None
-    try:
-        if not _flock(fd, mode, folder / LOCK_FILE):
-            os.close(fd)
-            return None
-    except BaseException:
-        os.close(fd)
-        raise
-    held = Held([fd])
-    if folder_too:
-        extra = _folder_flock(folder, mode)
-        if extra is None:
-            held.close()
-            return None
-        if extra >= 0:
-            held.fds.append(extra)
-    return held
-
-
-def holder(folder: Path) -> str | None:
-    """Who runs the part whose folder is ``folder`` now (it holds its lock file's lock), or None; takes no lasting
-    lock and creates nothing. Raises :class:`LockUnsupportedError` if the file system cannot lock files."""
-    fd = _open_lock_file(folder, create=False)
-    if fd is None:
-        return None
-    try:
-        free = _flock(fd, fcntl.LOCK_SH, folder / LOCK_FILE)
-    finally:
-        os.close(fd)  # closing releases a lock this call took
-    return None if free else _owner(folder)
+# The work folder and each part's folder are locked as every work folder is (streammerge.locks): a part holds the
+# work folder's lock shared and its own folder's exclusively; finalize holds the work folder's exclusively, so it
+# excludes every part, and a one-process merge (exclusive too) excludes them all.
 
 
 def lock_split_work(work: Path, out: Path, what: str) -> Held:
     """Hold ``work`` exclusively (no part, finalize or one-process merge using it); raises :class:`BusyError`
     naming the parts that run (``what``: what this process is about to do), :class:`LockUnsupportedError`."""
-    held = _lock(work, fcntl.LOCK_EX, folder_too=True)
+    held = locks.lock(work, fcntl.LOCK_EX)
     if held is None:
-        raise BusyError(f"a part of the merge into {out} ({_running(work) or _owner(work)}) is still running; wait "
+        raise BusyError(f"a part of the merge into {out} ({_running(work) or locks.owner(work)}) is still running; wait "
                         f"for every part to finish, then {what}")
     return held
 
@@ -541,19 +421,12 @@ def lock_split_work(work: Path, out: Path, what: str) -> Held:
 # ------------------------------------------------------------------------------------------- a part's folder
 
 
-def _owner(folder: Path) -> str:
-    try:
-        return (folder / OWNER).read_text(encoding="utf-8").strip() or "a process"
-    except OSError:
-        return "a process"
-
-
 class PartFolder(WorkFolder):
     """The work of one unit inside a split merge's work folder. Use :meth:`open_unit`."""
 
     def __init__(self, plan: Plan, unit: WorkUnit, work: Path, journal: Journal, resumed: bool, own: Held,
                  shared: Held) -> None:
-        super().__init__(plan, work / PARTS_DIR / unit.folder, journal, resumed, -1)
+        super().__init__(plan, work / PARTS_DIR / unit.folder, journal, resumed, None)
         self.unit, self.work, self.own_lock, self.shared_lock = unit, work, own, shared
         self.model_dir = work / "model"  # shared by every part
         self.files = {s.filename: ShardFile(s, self.model_dir) for s in plan.shards}
@@ -583,9 +456,9 @@ class PartFolder(WorkFolder):
         except OSError as exc:
             raise PartError(f"cannot create the work folder {work}: {exc.strerror or exc}; choose another --out") \
                 from None
-        shared = _lock(work, fcntl.LOCK_SH, folder_too=True)
+        shared = locks.lock(work, fcntl.LOCK_SH)
         if shared is None:
-            raise BusyError(f"another merge or finalize ({_owner(work)}) is using {work}; wait for it to finish")
+            raise BusyError(f"another merge or finalize ({locks.owner(work)}) is using {work}; wait for it to finish")
         lock: Held | None = None
         try:
             if not _write_record(work / PLAN_FILE, _record(plan, units), exclusive=True):
@@ -598,15 +471,15 @@ class PartFolder(WorkFolder):
                 except FileExistsError:
                     pass
             folder = work / PARTS_DIR / unit.folder
-            lock = _lock(folder, fcntl.LOCK_EX)
+            lock = locks.lock(folder, fcntl.LOCK_EX)
             if lock is None:
-                raise BusyError(f"part {unit.label} of {recipe.out} is being run by {_owner(folder)}; wait for it to "
+                raise BusyError(f"part {unit.label} of {recipe.out} is being run by {locks.owner(folder)}; wait for it to "
                                 "finish, or stop it first")
             if recipe.restart:  # this part's work only: the other parts' stays
                 for s in sub.shards:
                     fsio.remove_tree(work / "model" / s.filename)
                 for child in folder.iterdir():
-                    if child.name != LOCK_FILE:  # held: another start of this part must still see it
+                    if child.name not in locks.LOCK_NAMES:  # held: another start of this part must still see it
                         fsio.remove_tree(child)
             own = _read_json(folder / PLAN_FILE)
             journal = Journal(folder)
@@ -615,7 +488,7 @@ class PartFolder(WorkFolder):
                 _write_record(folder / PLAN_FILE, WorkFolder._plan_record(plan), exclusive=False)
             elif own["fingerprint"] != plan.fingerprint:
                 WorkFolder._accept_changes(sub, folder, journal, own["fingerprint_doc"], notify)
-            _claim(folder)
+            locks.claim(folder)
             checkpoint("part-opened")
             return cls(sub, unit, work, journal, bool(journal.progress), lock, shared)
         except BaseException:
@@ -868,7 +741,7 @@ def finalize(out: str | Path, show_progress: bool = False, recheck: bool = False
             raise PartError(f"cannot finalize {out}: " + "; ".join(problems))
         journal = Journal(work, enabled=False)
         journal.progress = progress
-        folder = WorkFolder(plan, work, journal, True, -1)  # (the lock is held here, released below)
+        folder = WorkFolder(plan, work, journal, True, None)  # (the lock is held here, released below)
         try:
             for f in folder.files.values():
                 if not f.open_existing():  # checked above; changed since?

@@ -113,7 +113,8 @@ class _ReportingProgress(Progress):
 
     def read(self, nbytes: int) -> None:
         super().read(nbytes)
-        self.at += nbytes
+        with self._lock:  # (the compute workers report from their threads)
+            self.at += nbytes
         self._send()
 
     def close(self) -> None:
@@ -174,9 +175,8 @@ def run_part(recipe: Recipe, k: int, n: int, board: Any = None, plugin: str | No
         ram, threads = _worker_share(n, recipe.device)
         if recipe.max_ram is None:
             recipe = replace(recipe, max_ram=ram)
-        from ._torch import import_torch  # noqa: PLC0415
-
-        import_torch().set_num_threads(threads)  # (Ray sets one thread per CPU asked for; the bytes never depend on it)
+        if recipe.threads is None:  # this part's share of the node's CPUs (the bytes never depend on it)
+            recipe = replace(recipe, threads=threads)
         plan = plan_recipe(recipe)
         unit = plan.units(n)[k - 1]
         execute(plan, show_progress=False, notify=notes.append, report=summaries.append, unit=unit,

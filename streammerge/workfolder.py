@@ -19,16 +19,13 @@ folder into place. All writes go through :mod:`streammerge.fsio`.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
-import os
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import fsio
+from . import fsio, locks
 from ._torch import torch
 from ._version import __version__
 from .chat_template import write_template
@@ -38,6 +35,7 @@ from .fingerprint import changed_tensors, describe_changes, engine_changes, touc
 from .formats.dtypes import parse_output_dtype
 from .inputsums import InputSums, TouchCheck, check_touched
 from .journal import Journal, ResumeError, write_json_atomic
+from .locks import Held
 from .manifest import MANIFEST, crc
 from .methods import Rule
 from .output import (
@@ -61,8 +59,7 @@ from .writer import ShardFile
 Notify = Callable[[str], None]
 
 
-#: the file in a work folder naming the process that holds its lock
-OWNER = "owner"
+OWNER = locks.OWNER  # (the name other modules import from here)
 
 
 class DiskFullError(StreamMergeError):
@@ -73,48 +70,27 @@ class BusyError(StreamMergeError):
     """Another merge is writing the same output."""
 
 
-def lock_work_folder(work: Path, out: Path, what: str = "merge") -> int:
-    """Create ``work`` if needed and hold an exclusive lock on it (released when the returned descriptor closes, or
-    when the process dies); refuse if another process holds it (``what`` names what that process is doing)."""
+def lock_work_folder(work: Path, out: Path, what: str = "merge") -> Held:
+    """Create ``work`` if needed and hold its lock exclusively (:mod:`streammerge.locks`: released by
+    ``Held.close()``, or when the process dies); refuse if another process holds it (``what`` names what that
+    process is doing). Raises :class:`BusyError`, :class:`~streammerge.locks.LockUnsupportedError`."""
     try:
         fsio.make_dirs(work)
     except OSError as exc:
         raise PlanError(f"cannot create the work folder {work}: {exc.strerror or exc}; choose another --out") from None
-    fd = os.open(work, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise BusyError(f"another {what} ({_owner(work)}) is writing {out}; wait for it to finish, or stop it "
-                        "first") from None
-    return fd
-
-
-def _owner(work: Path) -> str:
-    try:
-        return (work / OWNER).read_text(encoding="utf-8").strip() or "a process"
-    except OSError:
-        return "a process"
+    held = locks.lock(work)
+    if held is None:
+        raise BusyError(f"another {what} ({locks.owner(work)}) is writing {out}; wait for it to finish, or stop it "
+                        "first")
+    return held
 
 
 def writer_of(work: Path) -> str | None:
     """Who holds the lock of the work folder ``work`` now (a running merge), or None; takes no lasting lock."""
     try:
-        fd = os.open(work, os.O_RDONLY)
-    except OSError:
+        return locks.holder(work)
+    except StreamMergeError:  # a folder that cannot be locked has no writer that locked it
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return _owner(work)
-    finally:
-        os.close(fd)  # closing releases a lock this call took
-    return None
-
-
-def _claim(work: Path) -> None:
-    """Name this process as the lock's holder (after every refusal could have happened: a refusal touches nothing)."""
-    fsio.write_file(work / OWNER, f"pid {os.getpid()} on {socket.gethostname()}".encode())
 
 
 def _check_space(plan: Plan, where: Path) -> None:
@@ -249,7 +225,7 @@ def _touch_change(c: TouchCheck) -> str:
 class WorkFolder:
     """One merge's work folder: its journal and output shards. Use :meth:`open`."""
 
-    def __init__(self, plan: Plan, path: Path, journal: Journal, resumed: bool, lock: int) -> None:
+    def __init__(self, plan: Plan, path: Path, journal: Journal, resumed: bool, lock: Held | None) -> None:
         self.plan = plan
         self.lock = lock
         self.path = path
@@ -285,7 +261,7 @@ class WorkFolder:
                 journal = Journal(work)
                 if stored.get("fingerprint") != plan.fingerprint:
                     cls._accept_changes(plan, work, journal, old, notify)
-                _claim(work)
+                locks.claim(work)
                 return cls(plan, work, journal, True, lock)
             if recipe.out.exists():  # another run may have published it while this one planned and loaded torch
                 try:
@@ -297,15 +273,15 @@ class WorkFolder:
                     fsio.remove_tree(work)  # created by this run a moment ago, and empty
                     raise
             for child in work.iterdir():  # a discarded or half-created run: start from an empty folder
-                if child.name != OWNER:
+                if child.name not in locks.LOCK_NAMES:
                     fsio.remove_tree(child)
             fsio.make_dirs(work / "model")
-            _claim(work)
+            locks.claim(work)
             write_json_atomic(plan_file, cls._plan_record(plan))
             checkpoint("work-created")
             return cls(plan, work, Journal(work, enabled=recipe.journal), False, lock)
         except BaseException:
-            os.close(lock)
+            lock.close()
             raise
 
     @staticmethod
@@ -502,9 +478,8 @@ class WorkFolder:
         self.journal.close()
         for f in self.files.values():
             f.abort()
-        if self.lock >= 0:
-            os.close(self.lock)
-            self.lock = -1
+        if self.lock is not None:
+            self.lock.close()
 
     def discard(self) -> None:
         """Delete the folder (a run without a journal cannot be resumed)."""

@@ -784,7 +784,7 @@ def test_a_second_merge_into_the_same_output_is_refused_while_the_first_runs(fam
     work = out.with_name(out.name + ".streammerge-partial")
     work.mkdir()
     (work / "owner").write_text("pid 4242 on elsewhere")
-    fd = os.open(work, os.O_RDONLY)
+    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT)  # streammerge.locks: the work folder's lock file
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = snapshot(tmp_path)
@@ -1130,7 +1130,7 @@ def test_a_second_make_example_into_the_same_folder_is_refused_while_the_first_r
     work = tmp_path / "demo.streammerge-partial"
     work.mkdir()
     (work / "base").mkdir()  # the first one's work in progress
-    fd = os.open(work, os.O_RDONLY)
+    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT)  # streammerge.locks: the work folder's lock file
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         result = invoke("make-example", tmp_path / "demo")
@@ -1146,7 +1146,7 @@ def test_plan_says_when_a_merge_is_writing_the_output_now(fam, out):
     work = out.with_name(out.name + ".streammerge-partial")
     work.mkdir()
     (work / "owner").write_text("pid 4242 on elsewhere")
-    fd = os.open(work, os.O_RDONLY)
+    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT)  # streammerge.locks: the work folder's lock file
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         r = invoke(*merge_args(fam, out, command="plan"))

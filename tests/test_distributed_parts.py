@@ -30,12 +30,14 @@ from distributed_helpers import (
     cli,
     family_args,
     partial,
+    reference,
     tie_head,
 )
 
 from streammerge import api
-from streammerge.examples import write_family
-from streammerge.parts import LOCK_FILE, LockUnsupportedError, PartError, plan_parts
+from streammerge.examples import write_example, write_family
+from streammerge.locks import LOCK_FILE, OWNER, LockUnsupportedError
+from streammerge.parts import PartError, plan_parts
 from streammerge.recipe import Recipe
 from streammerge.workfolder import BusyError
 
@@ -64,8 +66,8 @@ def _nfs_like_flock(real):  # type: ignore[no-untyped-def]
     return flock
 
 
-def test_parts_run_and_finalize_where_only_files_opened_for_writing_can_be_locked(fam, refs, tmp_path, monkeypatch):
-    ref = refs["task_arithmetic"]  # made first: a one-process merge still flocks its folder (lock_work_folder)
+def test_merges_run_and_finalize_where_only_files_opened_for_writing_can_be_locked(fam, refs, tmp_path, monkeypatch):
+    ref = refs["task_arithmetic"]
     monkeypatch.setattr(fcntl, "flock", _nfs_like_flock(fcntl.flock))
     out = tmp_path / "out"
     for k in ("1/2", "2/2"):
@@ -74,6 +76,11 @@ def test_parts_run_and_finalize_where_only_files_opened_for_writing_can_be_locke
         assert (folder / LOCK_FILE).is_file()
     api.finalize(out)
     assert_same_output(out, ref)
+    one = reference(fam, tmp_path / "one", "task_arithmetic")  # one process: the same lock file
+    assert_same_output(one, ref)
+    assert not {LOCK_FILE, OWNER} & {p.name for p in one.rglob("*")}, "the lock stays out of the output"
+    example = write_example(tmp_path / "example")[0]["base"].parent
+    assert not {LOCK_FILE, OWNER} & {p.name for p in example.rglob("*")}
 
 
 def test_a_held_lock_file_is_a_running_part(fam, tmp_path):

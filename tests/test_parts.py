@@ -39,6 +39,7 @@ from distributed_helpers import (
 from streammerge import api
 from streammerge.errors import StreamMergeError
 from streammerge.journal import ResumeError
+from streammerge.locks import LOCK_FILE
 from streammerge.parts import PartError, fit_shard_size, parse_part, plan_parts, shard_groups
 from streammerge.recipe import Recipe
 from streammerge.workfolder import BusyError
@@ -218,7 +219,7 @@ def test_finalize_refuses_while_a_part_runs_and_without_parts(fam, tmp_path):
     with pytest.raises(PartError, match="nothing to finalize"):
         api.finalize(out)
     part(fam, out, "widen", "1/2")
-    fd = os.open(partial(out), os.O_RDONLY)  # what a running part holds
+    fd = os.open(partial(out) / LOCK_FILE, os.O_RDWR)  # what a running part holds
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         with pytest.raises(BusyError, match="still running"):

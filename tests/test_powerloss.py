@@ -55,9 +55,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+#: compute workers of every merge here: two, so the recorded operations interleave two tensors' chunks
+THREADS = 2
+
+
 def merge(fam: dict[str, Path], out: Path, method: str, **options: Any) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # notices about recomputed statistics are expected after some crashes
+        options.setdefault("threads", THREADS)
         return api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, METHODS[method], **options)
 
 
@@ -82,8 +87,17 @@ def crash_points(ops: list[tuple[Any, ...]], n: int) -> list[int]:
                 if op[0] == "open" and "/model/" in op[2] and not op[2].endswith(".safetensors"))
     points = {0, len(ops), *renames, *(k - 1 for k in renames), *(k + 1 for k in renames),
               *structural[:: max(1, len(structural) // (n // 3))], *range(side, len(ops))}
-    syncs = [i for i, op in enumerate(ops[:side]) if op[0] == "sync"]  # cut = ops[:i]: the sync did not happen
-    points.update(syncs[:: max(1, len(syncs) // (n // 2))])
+    paths: dict[int, str] = {}
+    syncs: dict[str, list[int]] = {}  # by kind of file: cut = ops[:i], the sync did not happen
+    for i, op in enumerate(ops[:side]):
+        if op[0] == "open":
+            paths[op[1]] = op[2]
+        elif op[0] == "sync":
+            path = paths.get(op[1], "")
+            kind = "shard" if path.endswith(".safetensors") and "/model/" in path else Path(path).parent.name
+            syncs.setdefault(kind, []).append(i)
+    for kind, at in syncs.items():  # every kind of sync (shard data, journal, statistics) gets its share of cuts
+        points.update(at[:: max(1, len(at) // max(1, n // (2 * len(syncs))))])
     return sorted(points)
 
 
