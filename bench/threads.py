@@ -84,8 +84,9 @@ def startup(python: str, work: Path) -> float:
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        subprocess.run([script(python), "merge", "--base", str(tiny / "base"), "--model",
-                        str(tiny / "chat"), "--out", str(work / "tiny-out"), "--force", "-q"], check=True,
+        subprocess.run([script(python), "merge", "--base", str(tiny / "base"), "--model", str(tiny / "chat"),
+                        "--model", str(tiny / "multilingual"), "--out", str(work / "tiny-out"), "--force", "-q"],
+                       check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         best = min(best, time.perf_counter() - t0)
     return best
@@ -101,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-python", default=None,
                     help="another installation's python to measure in the same run (without --threads)")
     ap.add_argument("--results", type=Path, default=BENCH / "results")
+    ap.add_argument("--render", type=Path, default=None, metavar="FILE.json",
+                    help="redraw the plot of an earlier run's JSON beside it, and exit")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        data = json.loads(args.render.read_text())
+        plot(data["rows"], data["cores"], args.render.with_name(args.render.name.removesuffix(".json") + ".png"))
+        return 0
 
     cores = len(os.sched_getaffinity(0))
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
@@ -135,14 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    base = args.results / f"{stamp}-threads-{models.name}"
-    base.with_suffix(".json").write_text(json.dumps({"cores": cores, "startup_s": fixed, "rows": rows}, indent=2))
-    base.with_suffix(".md").write_text(report)
+    base = f"{stamp}-threads-{models.name}"  # (not Path.with_suffix: a name like qwen2-0.5b has a dot)
+    (args.results / f"{base}.json").write_text(json.dumps({"cores": cores, "startup_s": fixed, "rows": rows}, indent=2))
+    (args.results / f"{base}.md").write_text(report)
     try:
-        plot(rows, cores, base.with_suffix(".png"))
+        plot(rows, cores, args.results / f"{base}.png")
     except ImportError:
         print("matplotlib is missing: no plot", file=sys.stderr)
-    print(f"wrote {base}.{{json,md}}", file=sys.stderr)
+    print(f"wrote {args.results / base}.{{json,md,png}}", file=sys.stderr)
     return 0
 
 
@@ -163,18 +170,28 @@ def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, ma
 
 
 def plot(rows: list[dict], cores: int, path: Path) -> None:
+    """Wall time against the number of busy processes: a colour per method, a line style per build."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    methods = sorted({r["method"] for r in rows})
+    builds = sorted({(r["build"], r["threads"]) for r in rows}, key=lambda b: (b[0] != "baseline", b[1] or 0))
+    styles = ["--", ":", "-", "-."]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (method, build, t) in sorted({(r["method"], r["build"], r["threads"]) for r in rows}, key=str):
-        pts = sorted((r["busy"], r["wall_s"]) for r in rows if (r["method"], r["build"], r["threads"]) == (method, build, t))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{method}, {build}" + (f", --threads {t}" if t else ""))
-    ax.set_xlabel(f"busy processes beside the merge ({cores} cores)")
-    ax.set_ylabel("wall time (s, warm page cache)")
+    for ci, method in enumerate(methods):
+        for si, (build, t) in enumerate(builds):
+            pts = sorted((r["busy"], r["wall_s"]) for r in rows
+                         if (r["method"], r["build"], r["threads"]) == (method, build, t))
+            if pts:
+                name = "before (torch intra-op threads)" if build == "baseline" else f"--threads {t}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{ci}",
+                        linestyle=styles[si % len(styles)], label=f"{method}, {name}")
+    busy = sorted({r["busy"] for r in rows})
+    ax.set_xticks(busy)
+    ax.set_xlabel(f"busy processes beside the merge (this machine: {cores} cores)")
+    ax.set_ylabel("wall time, s (warm page cache; log scale)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)

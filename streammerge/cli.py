@@ -107,7 +107,8 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
                      help="For a vision-language model: the vision tower and projector keep the base's values "
                           "(default: merged like the rest)."),
         click.option("--seed", type=int, default=None,
-                     help="Seed for methods that draw random masks (dare_linear, dare_ties); default 0."),
+                     help="Seed for the methods that draw random masks (those with a seed parameter in `streammerge "
+                          "methods`: the DARE and DELLA families); default 0. Other methods refuse it."),
         click.option("--tokenizer-from", type=click.Path(path_type=Path), default=None,
                      help="Copy tokenizer files from this folder instead of the base."),
         click.option("--shard-size", default=None, metavar="SIZE",

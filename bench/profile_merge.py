@@ -2,7 +2,7 @@
 """Where a merge spends its time: sample ``streammerge merge`` with py-spy and sum the samples per thread and
 per function.
 
-    python bench/profile.py --models bench/models/qwen2-0.5b --method ties --param density=0.5 [--max-ram 1GiB]
+    python bench/profile_merge.py --models bench/models/qwen2-0.5b --method ties --param density=0.5 [--max-ram 1GiB]
 
 Needs py-spy (``pip install py-spy``; sampling another process needs root or ptrace permission). Each sample is
 one stack of one thread, so the tables show, per thread (main = compute, streammerge-reader, streammerge-writer,
