@@ -306,8 +306,8 @@ def _distribution_options(f: Any) -> Any:
                           "this machine, else a new local one (the merge says which it uses). Refused within seconds "
                           "if nothing answers there."),
         click.option("--parts", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="With --executor ray: how many parts (default: one per node, or per GPU on CUDA, at most "
-                          "one per output shard file)."),
+                     help="With --executor ray: how many parts (default: as many as the work folder is already split "
+                          "into, else one per node, or per GPU on CUDA, at most one per output shard file)."),
         click.option("--resize-shards", is_flag=True,
                      help="With --part or --executor ray: if the output has fewer shard files than parts, lower "
                           "--shard-size so each part gets one (streammerge_recipe.yaml records the size)."),
@@ -502,7 +502,8 @@ def _run_ray(recipe: Recipe, as_json: bool, quiet: bool, address: str | None, pa
             line = RunSummary(**{k: v for k, v in r["summary"].items() if k != "read_rate"}).line() \
                 if r.get("summary") else "done before"
             click.echo(f"part {r['part']} on {r.get('host', '?')}: {line}", err=True)
-    click.echo(f"merged model written to {result.out} ({len(result.parts)} parts on Ray)")
+    n = len(result.parts)
+    click.echo(f"merged model written to {result.out} ({n} part{'s' if n != 1 else ''} on Ray)")
 
 
 @main.command()

@@ -246,7 +246,7 @@ def _explain(exc: BaseException, work: WorkFolder) -> StreamMergeError:
     """The error the user sees, with how to continue."""
     recipe = work.plan.recipe
     kept = recipe.journal and work.path.exists()
-    cont = f"; the finished part is kept in {work.path}: {work.continue_hint()}" if kept else ""
+    cont = f"; the work done so far is kept in {work.path}: {work.continue_hint()}" if kept else ""
     if isinstance(exc, MergeInterrupted):
         return MergeInterrupted(f"merge interrupted ({exc}){cont}", exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):

@@ -40,7 +40,16 @@ from typing import Any
 from . import fsio
 from .errors import StreamMergeError
 from .output import work_folder_for
-from .parts import PartError, finalize, lock_split_work, plan_parts, plugin_problem, shard_groups, with_engine_device
+from .parts import (
+    PartError,
+    finalize,
+    lock_split_work,
+    plan_parts,
+    plugin_problem,
+    read_record,
+    shard_groups,
+    with_engine_device,
+)
 from .planner import Plan
 from .progress import Progress
 from .recipe import Recipe
@@ -432,6 +441,7 @@ def merge_on_ray(recipe: Recipe, parts: int | None = None, address: str | None =
         raise StreamMergeError("a merge needs an output folder (--out)")
     if not recipe.journal:
         raise PartError("--executor ray needs the journal (finalize checks every part's): drop --no-journal")
+    parts = _check_before_connecting(recipe, parts, resize_shards, notify)
     try:
         started = _connect(ray, address, notify)
     except SystemExit as exc:  # Ray's driver SIGTERM handler (sys.exit) while it connects
@@ -445,6 +455,27 @@ def merge_on_ray(recipe: Recipe, parts: int | None = None, address: str | None =
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_before_connecting(recipe: Recipe, parts: int | None, resize_shards: bool,
+                             notify: Callable[[str], None] | None) -> int | None:
+    """What can be refused without a cluster, before one is started or joined: a work folder split into another
+    number of parts (continued with its own number when ``parts`` is not given), and too many parts for the output's
+    shard files. Returns the number of parts to run (None: one per node, decided once connected)."""
+    assert recipe.out is not None
+    record = read_record(work_folder_for(recipe.out))
+    split = record.get("parts") if isinstance(record, dict) else None
+    if isinstance(split, int) and not recipe.restart:
+        if parts is None:
+            parts = split
+            if notify is not None:
+                notify(f"{work_folder_for(recipe.out)} holds this merge split into {split} parts: continuing them")
+        elif parts != split:
+            raise PartError(f"{work_folder_for(recipe.out)} holds this merge split into {split} parts: continue it "
+                            f"with --parts {split}, or add --restart to discard that work and split it into {parts}")
+    if parts is not None:
+        plan_parts(replace(recipe, device="cpu"), parts, resize_shards, dry_run=True)  # PartError: too many parts
+    return parts
 
 
 def _merge(ray: Any, recipe: Recipe, parts: int | None, resize_shards: bool, show_progress: bool,

@@ -262,3 +262,25 @@ def test_a_plugin_missing_on_the_ray_workers_is_named(takefirst, fam, tmp_path):
             "installed on the Ray node ") in said, said
     assert "pip install 'sm-takefirst==0.3.1' on the Ray node " in said and "(every Ray node needs it)" in said, said
     assert not (tmp_path / "out").exists() and not partial(tmp_path / "out").exists()
+
+
+def test_what_needs_no_cluster_is_refused_before_one_is_started(fam, tmp_path, monkeypatch):
+    """A work folder split into another number of parts, and more parts than shard files: refused by name before
+    Ray is connected to; with no --parts, the folder's own split is continued."""
+    def connect(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a cluster was connected to")
+
+    monkeypatch.setattr(ray_executor, "_connect", connect)
+    out = tmp_path / "out"
+    base, models = family_args(fam)
+    api.merge(base, models, out, "task_arithmetic", shard_size="60KB", part="1/2")
+    recipe = Recipe(base=base, models=tuple(models), out=out, method="task_arithmetic", shard_size="60KB")
+    with pytest.raises(PartError, match=r"split into 2 parts: continue it with --parts 2, or add --restart"):
+        ray_executor.merge_on_ray(recipe, parts=3)
+    with pytest.raises(PartError, match="parts"):
+        ray_executor.merge_on_ray(Recipe(base=base, models=tuple(models), out=tmp_path / "other",
+                                         method="task_arithmetic", shard_size="60KB"), parts=40)
+    notes: list[str] = []
+    with pytest.raises(AssertionError, match="connected"):  # got as far as connecting, with the folder's 2 parts
+        ray_executor.merge_on_ray(recipe, notify=notes.append)
+    assert any("split into 2 parts: continuing them" in n for n in notes)
