@@ -396,6 +396,9 @@ def _connect(ray: Any, address: str | None, notify: Callable[[str], None] | None
     if ray.is_initialized():
         return False
     target = resolve_target(address)
+    if target.address is not None and _host_port(target.address) is None:
+        raise StreamMergeError(f"{target.address!r} ({target.source}) is not a Ray address: write HOST:PORT (as "
+                               "`ray start --head` prints it), ray://HOST:PORT, or local. Nothing was merged")
     if target.address is not None:
         problem = unreachable(_as_ray_dials(target.address))
         if problem:

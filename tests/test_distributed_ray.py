@@ -284,3 +284,10 @@ def test_what_needs_no_cluster_is_refused_before_one_is_started(fam, tmp_path, m
     with pytest.raises(AssertionError, match="connected"):  # got as far as connecting, with the folder's 2 parts
         ray_executor.merge_on_ray(recipe, notify=notes.append)
     assert any("split into 2 parts: continuing them" in n for n in notes)
+
+
+def test_an_address_that_is_no_address_is_refused_as_such(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # (whatever an earlier test left)
+    with pytest.raises(StreamMergeError, match=r"'127.0.0.1:abc' \(.*\) is not a Ray address: write HOST:PORT"):
+        ray_executor._connect(ray, "127.0.0.1:abc")
