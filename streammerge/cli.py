@@ -600,8 +600,8 @@ def _print_split(split: dict[str, Any], asked: int | str, stream: Any) -> None:
 @click.argument("model", type=click.Path(path_type=Path), metavar="MODEL+ADAPTER")
 @click.option("--lora", type=click.Path(path_type=Path), default=None, metavar="ADAPTER",
               help="The PEFT LoRA adapter folder (or Hub ID), instead of MODEL+ADAPTER (for paths that contain a +).")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Output folder; it appears only when complete.")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Output folder; it appears only when complete (optional with --dry-run).")
 @click.option("--max-ram", default=None, metavar="SIZE", help="RAM for the buffers, e.g. 1GiB (as for merge).")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where the arithmetic runs (the changed weights are copies, computed where they are read).")
@@ -641,6 +641,9 @@ def apply(model: Path, lora: Path | None, dry_run: bool, as_json: bool, quiet: b
         adapter = str(lora)
     if adapter is None:
         raise click.UsageError(f"no adapter: write MODEL+ADAPTER (e.g. {model}+my-adapter) or --lora ADAPTER")
+    if kw["out"] is None and not dry_run:
+        raise click.UsageError("Missing option '--out' (the folder to write the merged model to; --dry-run needs "
+                               "none)")
     try:
         recipe = Recipe(base=Path(folder), models=(), adapters=(Path(adapter),), method="passthrough",
                         shard_size=kw.pop("shard_size") or DEFAULT_SHARD_SIZE, **kw)

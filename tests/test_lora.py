@@ -180,12 +180,14 @@ def test_a_budget_that_splits_every_tensor_gives_the_same_bytes(made, tmp_path):
     refuses a read larger than its slot) and the bytes are those of a one-chunk run."""
     model, adapter, _ = made("rslora")
     whole = file_bytes(apply(model, adapter, tmp_path / "whole"))
-    r = run("apply", f"{model}+{adapter}", "--out", tmp_path / "plan", "--dry-run", "--json", "--max-ram", "24KiB")
+    r = run("apply", f"{model}+{adapter}", "--dry-run", "--json", "--max-ram", "24KiB")  # a plan needs no --out
     assert r.exit_code == 0, r.output
     plan = json.loads(r.output)
     assert plan["predicted_peak_ram"] <= plan["budget"]["max_ram"]
     assert any(t["chunks"] > 1 for t in plan["tensors"] if t["inputs"][0]["kind"] == "lora")
     assert file_bytes(apply(model, adapter, tmp_path / "small", "--max-ram", "24KiB")) == whole
+    r = run("apply", f"{model}+{adapter}")
+    assert r.exit_code == 2 and "Missing option '--out'" in r.output and "--dry-run needs none" in r.output
 
 
 def test_apply_output_loads_in_transformers_and_runs_like_peft(made, tmp_path):
