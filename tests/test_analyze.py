@@ -95,7 +95,7 @@ class Dense:
         self.ssd, self.sabs, self.zeros = [0.0] * n, [0.0] * n, [0] * n
         pairs = n * (n - 1) // 2
         self.dots, self.both, self.opp, self.overlap = [0.0] * pairs, [0] * pairs, [0] * pairs, [0] * pairs
-        self.k = 0
+        self.k = [0] * pairs  # per pair: Σ k over the tensors where both models changed at least k elements
         self.mag: list[list[np.ndarray]] = [[] for _ in range(n)]
         self.dir: list[list[np.ndarray]] = [[] for _ in range(n)]
 
@@ -110,15 +110,16 @@ class Dense:
             self.sabs[k] += float(d.abs().sum())
             self.zeros[k] += int((d == 0).sum())
         k_top = max(1, (b.numel() * int(top_k) + 50) // 100) if top_k else 0
-        self.k += k_top if len(ms) > 1 else 0
         tops = [dense_top((m - b32).abs(), k_top) for m in m32s] if k_top else []
+        changed = [int((d != 0).sum()) for d in ds]
         p = 0
         for i in range(len(ds)):
             for j in range(i + 1, len(ds)):
                 self.dots[p] += float((ds[i] * ds[j]).sum())
                 self.both[p] += int(((ds[i] != 0) & (ds[j] != 0)).sum())
                 self.opp[p] += int(((ds[i] > 0) & (ds[j] < 0) | (ds[i] < 0) & (ds[j] > 0)).sum())
-                if tops:
+                if tops and changed[i] >= k_top and changed[j] >= k_top:
+                    self.k[p] += k_top
                     self.overlap[p] += len(tops[i] & tops[j])
                 p += 1
         cols = dense_columns(name, b, ms)
@@ -170,8 +171,8 @@ def check_figures(got, ref: Dense, exact_quantiles: bool) -> None:
         assert close(pair.cosine, ref.dots[p] / math.sqrt(ref.ssd[i] * ref.ssd[j]))
         assert pair.changed_by_both == ref.both[p] and pair.opposite_signs == ref.opp[p]
         assert pair.sign_conflict == ref.opp[p] / ref.both[p]
-        assert pair.top_k == ref.k and pair.in_both_top_k == ref.overlap[p]
-        assert pair.top_k_overlap == (ref.overlap[p] / ref.k if ref.k else None)
+        assert pair.top_k == ref.k[p] and pair.in_both_top_k == ref.overlap[p]
+        assert pair.top_k_overlap == (ref.overlap[p] / ref.k[p] if ref.k[p] else None)
 
 
 def dense_analysis(fam: dict[str, Path], top_k: float = 10.0) -> dict[str, Dense]:
@@ -311,6 +312,9 @@ def test_a_model_identical_to_the_base_and_a_single_model(fam):
     assert a.model.model(1).relative_change == 0 and a.model.model(1).unchanged == 1.0
     assert any("identical to the base" in f for f in a.verdict.findings)
     assert a.model.pairs[0].cosine is None and a.model.pairs[0].sign_conflict is None
+    # model 1 changed nothing: its "top k" would be elements picked by index, so no overlap is claimed
+    assert a.model.pairs[0].top_k_overlap is None and a.model.pairs[0].top_k == 0
+    assert all(t.pairs[0].top_k_overlap is None for t in a.tensors)
     one = streammerge.analyze(fam["base"], fam["multilingual"])
     assert one.model.pairs == () and one.top_k == 0 and "For scale" in one.verdict.findings[-1]
 

@@ -49,7 +49,8 @@ DEFINITIONS = {
     "sign_conflict": "among elements with Δi ≠ 0 and Δj ≠ 0, the fraction with Δi·Δj < 0 (≈ 0.5 for unrelated changes)",
     "top_k_overlap": "per tensor, each model's top_k% elements by |Δ| (exactly k = round(top_k/100 · elements), at "
                      "least 1, ties by lower flat index; an exact selection), fraction of them in both models' sets; "
-                     "groups: Σ|Ti ∩ Tj| / Σ k (≈ top_k/100 for unrelated changes)",
+                     "groups: Σ|Ti ∩ Tj| / Σ k (≈ top_k/100 for unrelated changes); a tensor where either model "
+                     "changed fewer than k elements is left out (null for it)",
     "groups": "layers (layers.N / h.N), module kinds and the whole model: figures of all their elements together, "
               "from summed statistics",
 }

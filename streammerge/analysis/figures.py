@@ -21,7 +21,9 @@ tensor in a group; norms are Frobenius norms, in the units of the weights):
   ``top_k``% of the tensor's elements (at least 1), exactly k of them with ties broken by lower flat index (an exact
   radix select, :mod:`streammerge.methods._select`); the overlap is the fraction of those k elements that are in
   both models' top k (``|T_i ∩ T_j| / k``), summed over a group's tensors (``Σ|T_i ∩ T_j| / Σ k``). Unrelated
-  changes give about ``top_k``%, identical ones 1.
+  changes give about ``top_k``%, identical ones 1. A tensor where either model changed fewer than k elements is
+  left out of the pair's overlap (None for that tensor): that model's top k would be padded with unchanged
+  elements, picked by index.
 
 Groups: every layer (``layers.N`` / ``h.N``, vision towers excepted), every module kind (:func:`module_kind`), and
 the whole model (every analyzed tensor). A group's figures are those of all its elements together, computed from
@@ -195,6 +197,7 @@ class Sums:
     opposite: list[int] = field(default_factory=list)
     top_k: int = 0
     overlap: list[int] = field(default_factory=list)
+    pair_k: list[int] = field(default_factory=list)  # per pair: Σ k over the tensors both models changed enough
     # per model: [magnitude, direction] divergences, float32, every column of every tensor added
     columns: list[list[list[np.ndarray]]] = field(default_factory=list)
     # per model: [magnitude, direction] exact (Σ defined values, defined count, undefined count, max)
@@ -203,7 +206,7 @@ class Sums:
     def __post_init__(self) -> None:
         n, p = self.n, self.n * (self.n - 1) // 2
         for name, size, zero in (("ssd", n, 0.0), ("sabs", n, 0.0), ("zeros", n, 0), ("dots", p, 0.0),
-                                 ("both", p, 0), ("opposite", p, 0), ("overlap", p, 0)):
+                                 ("both", p, 0), ("opposite", p, 0), ("overlap", p, 0), ("pair_k", p, 0)):
             if not getattr(self, name):
                 setattr(self, name, [zero] * size)
         if not self.columns:
@@ -215,7 +218,7 @@ class Sums:
         self.elements += other.elements
         self.ssb += other.ssb
         self.top_k += other.top_k
-        for name in ("ssd", "sabs", "zeros", "dots", "both", "opposite", "overlap"):
+        for name in ("ssd", "sabs", "zeros", "dots", "both", "opposite", "overlap", "pair_k"):
             mine, theirs = getattr(self, name), getattr(other, name)
             for i, v in enumerate(theirs):
                 mine[i] += v
@@ -241,7 +244,13 @@ def tensor_sums(numel: int, n: int, state: dict[str, Any]) -> tuple[Sums, list[l
              both=[int(counts[n + 2 * i]) for i in range(p)], opposite=[int(counts[n + 2 * i + 1]) for i in range(p)])
     if "top_k" in state:
         s.top_k = int(state["top_k"][0])
-        s.overlap = [int(x) for x in state["overlap"].numpy()]
+        overlap = [int(x) for x in state["overlap"].numpy()]
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        # a model that changed fewer than k elements would have a top k padded with unchanged elements (picked by
+        # index): the pair's overlap means nothing there, and the tensor is left out of it
+        enough = [numel - s.zeros[k] >= s.top_k for k in range(n)]
+        s.pair_k = [s.top_k if enough[i] and enough[j] else 0 for i, j in pairs]
+        s.overlap = [o if k else 0 for o, k in zip(overlap, s.pair_k)]
     divergences: list[list[np.ndarray]] = []
     if "columns" in state:
         cols = state["columns"].numpy()  # (1 + 2N, n): Σb², Σm_k², Σm_k·b
@@ -294,7 +303,7 @@ def figures(name: str, s: Sums, divergences: list[list[np.ndarray]] | None = Non
     for p, (i, j) in enumerate(pairs):
         cosine = _ratio(s.dots[p], math.sqrt(s.ssd[i]) * math.sqrt(s.ssd[j]))
         out.append(PairFigures((i + 1, j + 1), cosine, _ratio(s.opposite[p], s.both[p]), s.both[p], s.opposite[p],
-                               _ratio(s.overlap[p], s.top_k) if s.top_k else None, s.top_k, s.overlap[p]))
+                               _ratio(s.overlap[p], s.pair_k[p]), s.pair_k[p], s.overlap[p]))
     return Figures(name, s.tensors, s.elements, math.sqrt(s.ssb), tuple(models), tuple(out))
 
 
