@@ -7,6 +7,7 @@ import builtins
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -292,12 +293,34 @@ def test_the_verdict_names_a_pt_like_gap_as_the_papers_claim(fam):
     a = streammerge.analyze(fam["base"], [fam["chat"], fam["multilingual"]])
     v = a.verdict
     assert v.largest == 2 and v.smallest == 1 and v.change_ratio == pytest.approx(
-        a.model.model(2).relative_change / a.model.model(1).relative_change)
+        a.weights.model(2).relative_change / a.weights.model(1).relative_change)
     assert v.change_ratio > 2.5
     text = " ".join(v.findings)
     assert "model 2" in text and f"{v.change_ratio:.1f}×" in text and "WIDEN paper" in text and "2408.03092" in text
     assert v.suggestions[0].startswith("widen")
     assert "quality is not measured" in v.caveat.lower()
+
+
+def test_the_verdict_compares_the_weights_not_the_norms(fam, tmp_path):
+    """A model that changed its norm weights far more than another, and its matrices alike: no gap (the whole-model
+    figure, where norms near 1 weigh in ‖B‖, would say otherwise); the weights group matches a dense computation."""
+    normed = tmp_path / "normed"
+    shutil.copytree(fam["chat"], normed)
+    tensors = load_file(normed / "model.safetensors")
+    base = load_file(fam["base"] / "model.safetensors")
+    for name in tensors:
+        if "norm" in name:
+            tensors[name] = base[name] * 1.5
+    save_file(tensors, normed / "model.safetensors")
+    a = streammerge.analyze(fam["base"], [fam["chat"], normed])
+    whole = a.model.model(2).relative_change / a.model.model(1).relative_change
+    assert whole > 2.5 and a.verdict.change_ratio < 1.5 and "similar size" in a.verdict.findings[0]
+    ref = Dense(2)
+    for name, b in base.items():
+        if b.dim() >= 2 and "norm" not in name:
+            ref.add_tensor(name, b.float(), [load_file(m / "model.safetensors")[name].float() for m in
+                                             (fam["chat"], normed)], 10.0)
+    check_figures(a.weights, ref, exact_quantiles=False)
 
 
 def test_the_verdict_for_similar_changes(fam):
@@ -340,7 +363,7 @@ def test_the_json_document(fam):
     json.dumps(d, allow_nan=False)  # no NaN or infinity anywhere
     assert d["schema"] == SCHEMA and d["definitions"] == DEFINITIONS
     assert set(d) == {"schema", "streammerge", "base", "models", "options", "device", "definitions", "model",
-                      "modules", "layers", "tensors", "skipped", "verdict", "run", "notes"}
+                      "weights", "modules", "layers", "tensors", "skipped", "verdict", "run", "notes"}
     assert d["options"] == {"top_k_percent": 10.0, "quantiles": list(QUANTILES)}
     figure_keys = {"name", "tensors", "elements", "base_norm", "models", "pairs"}
     model_keys = {"model", "relative_change", "delta_norm", "mean_abs_change", "unchanged",
@@ -348,7 +371,7 @@ def test_the_json_document(fam):
     pair_keys = {"models", "cosine", "sign_conflict", "changed_by_both", "opposite_signs", "top_k_overlap", "top_k",
                  "in_both_top_k"}
     summary_keys = {"columns", "undefined", "mean", "p50", "p90", "p99", "max"}
-    groups = [d["model"], *d["modules"], *d["layers"], *d["tensors"]]
+    groups = [d["model"], d["weights"], *d["modules"], *d["layers"], *d["tensors"]]
     for g in groups:
         assert figure_keys <= set(g)
         assert [m["model"] for m in g["models"]] == [1, 2] and [p["models"] for p in g["pairs"]] == [[1, 2]]

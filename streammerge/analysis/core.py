@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ DEFINITIONS = {
                      "changed fewer than k elements is left out (null for it)",
     "groups": "layers (layers.N / h.N), module kinds and the whole model: figures of all their elements together, "
               "from summed statistics",
+    "weights": "the tensors of two or more dimensions that are not norms (the whole model without norm weights and "
+               "biases): the group the verdict compares",
 }
 
 
@@ -65,8 +67,9 @@ class Analysis:
     the model's order; ``skipped`` (name, why) for the tensors not analyzed (kept from the base by a merge: tied
     heads, excluded, derived buffers, integers); ``layers`` one :class:`Figures` per decoder layer (name
     ``layer N``); ``modules`` one per module kind present (embedding, attention, mlp, norm, head, vision, other);
-    ``model`` the whole model; ``verdict`` the findings in words; ``run`` what the run took; ``notes`` what the
-    planner pointed out."""
+    ``model`` the whole model; ``weights`` its weight tensors (two or more dimensions, norms left out: what the
+    verdict compares, as norm weights near 1 would otherwise weigh in ‖B‖ out of proportion); ``verdict`` the
+    findings in words; ``run`` what the run took; ``notes`` what the planner pointed out."""
 
     base: str
     models: tuple[str, ...]
@@ -77,6 +80,7 @@ class Analysis:
     layers: tuple[Figures, ...]
     modules: tuple[Figures, ...]
     model: Figures
+    weights: Figures
     verdict: Verdict
     run: RunFigures
     notes: tuple[str, ...] = ()
@@ -92,6 +96,7 @@ class Analysis:
             "options": {"top_k_percent": self.top_k, "quantiles": list(QUANTILES)}, "device": self.device,
             "definitions": DEFINITIONS,
             "model": self.model.to_json(),
+            "weights": self.weights.to_json(),
             "modules": [m.to_json() for m in self.modules],
             "layers": [{"layer": int(g.name.split()[-1]), **g.to_json()} for g in self.layers],
             "tensors": [t.to_json() for t in self.tensors],
@@ -186,15 +191,22 @@ def analyze_recipe(recipe: Recipe, progress: bool = False, handle_signals: bool 
         modules.setdefault(t.module, []).append(sums[t.name])
     module_figures = tuple(group(kind, modules[kind], n) for kind in MODULE_KINDS if kind in modules)
     whole = group("model", sums.values(), n)
+    matrices = [sums[t.name] for t in tensors if is_weight(t)]
+    weights = group("weights", matrices, n) if matrices else replace(whole, name="weights")
     top = float(plan.params["top_k"]) if n >= 2 else 0.0
     analysis = Analysis(
         str(recipe.base), names, top, plan.budget.device, tuple(tensors),
         tuple((t.name, skip_reason(t)) for t in plan.tensors if not analyzed(t)),
-        tuple(group(f"layer {i}", layers[i], n) for i in sorted(layers)), module_figures, whole,
-        make_verdict(whole, module_figures, names, top), run, plan.notes)
+        tuple(group(f"layer {i}", layers[i], n) for i in sorted(layers)), module_figures, whole, weights,
+        make_verdict(weights, module_figures, names, top), run, plan.notes)
     if plot is not None:
         analysis.plot(plot)
     return analysis
+
+
+def is_weight(t: TensorFigures) -> bool:
+    """Whether ``t`` counts in :attr:`Analysis.weights`: a tensor of two or more dimensions that is not a norm."""
+    return len(t.shape) >= 2 and t.module != "norm"
 
 
 __all__ = ["DEFINITIONS", "SCHEMA", "Analysis", "Figures", "TensorFigures", "Verdict", "analyze", "analyze_recipe"]

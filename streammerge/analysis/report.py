@@ -64,6 +64,7 @@ def render(a: Analysis, tensors: bool = False) -> str:
                 f"{', ...' if len(a.skipped) > 3 else ''})" if a.skipped else ""), ""]
     model_rows = [["whole model", *(f"model {k}" for k in range(1, n + 1))],
                   ["‖Δ‖/‖B‖ (relative change)", *(_pct(m.relative_change) for m in w.models)],
+                  ["‖Δ‖/‖B‖ of the weights (no norms)", *(_pct(m.relative_change) for m in a.weights.models)],
                   ["mean |Δ| (weight units)", *(_num(m.mean_abs_change) for m in w.models)],
                   ["unchanged elements", *(_pct(m.unchanged) for m in w.models)],
                   ["column |‖m‖−‖b‖| p50 / p90 / max", *(_quantiles(m.magnitude) for m in w.models)],

@@ -4,8 +4,9 @@ The figures are weight statistics. Claims about merge quality are the WIDEN pape
 Merging from Fine-Tuned to Pre-Trained Large Language Models via Weight Disentanglement*, arXiv:2408.03092), cited
 as such; streammerge measures no quality. Thresholds:
 
-- a **gap** is a ratio of at least :data:`GAP` between the largest and the smallest whole-model relative change
-  ``‖Δ‖/‖B‖``: the paper's fine-tuned (FT) models change their parameters by about 0.0005–0.002 and its continually
+- a **gap** is a ratio of at least :data:`GAP` between the largest and the smallest relative change ``‖Δ‖/‖B‖`` of
+  the weights (every tensor of two or more dimensions but norms: norm weights near 1, and biases, would otherwise
+  weigh in ``‖B‖`` out of proportion to their share of the parameters): the paper's fine-tuned (FT) models change their parameters by about 0.0005–0.002 and its continually
   pre-trained (PT) one by about 0.005, a ratio of 2.5 to 10;
 - two models' changes are **alike** at a cosine of at least 0.5, **unrelated** at a cosine within ±0.1 with a sign
   conflict of at least 40% (unrelated changes give a cosine near 0 and a sign conflict near 50%);
@@ -74,7 +75,8 @@ def _pair_figures(pairs: list[PairFigures], top_k: float, references: bool = Fal
 
 
 def make_verdict(whole: Figures, modules: tuple[Figures, ...], names: tuple[str, ...], top_k: float) -> Verdict:
-    """The verdict from the whole-model figures, the module kinds' and the models' names (``--model`` order)."""
+    """The verdict from the figures of the weights (``whole``: :attr:`~streammerge.analysis.core.Analysis.weights`),
+    the module kinds' and the models' names (``--model`` order)."""
     findings: list[str] = []
     suggestions: list[str] = []
     who = {k: f"model {k} ({name})" for k, name in enumerate(names, 1)}
