@@ -33,7 +33,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -123,26 +123,33 @@ def tensor_cost(t: TensorPlan, out_bytes: int) -> int:
     return read + out_bytes
 
 
+def _joined(count: int, ties: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Shard indexes ``0..count-1`` in the groups that must go to one part: each ``(a, b)`` of ``ties`` (a tied
+    head's shard and its embedding's) joins two shards' groups. Each group in index order, groups ordered by their
+    first shard."""
+    parent = list(range(count))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b in ties:
+        a, b = root(a), root(b)
+        parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(count):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
 def shard_groups(plan: Plan) -> list[tuple[str, ...]]:
     """The plan's shards in groups that must go to one part (a tied head and the embedding it copies), each group
     in the plan's order, groups ordered by their first shard."""
     order = [s.filename for s in plan.shards]
-    parent = {s: s for s in order}
-
-    def root(s: str) -> str:
-        while parent[s] != s:
-            s = parent[s]
-        return s
-
-    for t in plan.tensors:
-        if t.copy_of:
-            a, b = root(t.shard), root(plan.tensor(t.copy_of).shard)
-            if a != b:
-                parent[max(a, b, key=order.index)] = min(a, b, key=order.index)
-    groups: dict[str, list[str]] = {}
-    for s in order:
-        groups.setdefault(root(s), []).append(s)
-    return [tuple(g) for g in groups.values()]
+    index = {name: i for i, name in enumerate(order)}
+    ties = [(index[t.shard], index[plan.tensor(t.copy_of).shard]) for t in plan.tensors if t.copy_of]
+    return [tuple(order[i] for i in g) for g in _joined(len(order), ties)]
 
 
 def split_units(plan: Plan, n: int) -> tuple[WorkUnit, ...]:
@@ -180,18 +187,7 @@ def _group_count(plan: Plan, shard_size: int) -> int:
     """How many groups of shards (see :func:`shard_groups`) the plan's tensors would make at ``shard_size``."""
     out = split_into_shards([OutTensor(t.name, t.out_dtype, t.shape) for t in plan.tensors], shard_size)
     where = {t.name: i for i, g in enumerate(out) for t in g}
-    parent = list(range(len(out)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for t in plan.tensors:
-        if t.copy_of:
-            a, b = root(where[t.name]), root(where[t.copy_of])
-            parent[max(a, b)] = min(a, b)
-    return len({root(i) for i in range(len(out))})
+    return len(_joined(len(out), [(where[t.name], where[t.copy_of]) for t in plan.tensors if t.copy_of]))
 
 
 def fit_shard_size(plan: Plan, n: int) -> int | None:
