@@ -444,7 +444,7 @@ def merge_on_ray(recipe: Recipe, parts: int | None = None, address: str | None =
         raise StreamMergeError("a merge needs an output folder (--out)")
     if not recipe.journal:
         raise PartError("--executor ray needs the journal (finalize checks every part's): drop --no-journal")
-    parts = _check_before_connecting(recipe, parts, resize_shards, notify)
+    planned = _check_before_connecting(recipe, parts, resize_shards, notify)
     try:
         started = _connect(ray, address, notify)
     except SystemExit as exc:  # Ray's driver SIGTERM handler (sys.exit) while it connects
@@ -454,17 +454,18 @@ def merge_on_ray(recipe: Recipe, parts: int | None = None, address: str | None =
                                "run the same command again", 128 + signal.SIGTERM) from None
     try:
         with StopFlag(handle_signals) as stop:  # after ray.init, which installs Ray's own SIGTERM handler
-            return _merge(ray, recipe, parts, resize_shards, show_progress, notify, max_retries, stop)
+            return _merge(ray, recipe, planned, resize_shards, show_progress, notify, max_retries, stop)
     finally:
         if started:
             ray.shutdown()
 
 
 def _check_before_connecting(recipe: Recipe, parts: int | None, resize_shards: bool,
-                             notify: Callable[[str], None] | None) -> int | None:
+                             notify: Callable[[str], None] | None) -> tuple[int, Plan] | None:
     """What can be refused without a cluster, before one is started or joined: a work folder split into another
     number of parts (continued with its own number when ``parts`` is not given), and too many parts for the output's
-    shard files. Returns the number of parts to run (None: one per node, decided once connected)."""
+    shard files. Returns the number of parts to run and their plan (on the CPU), or None when the number is one per
+    node, decided once connected."""
     assert recipe.out is not None
     record = read_record(work_folder_for(recipe.out))
     split = record.get("parts") if isinstance(record, dict) else None
@@ -476,12 +477,12 @@ def _check_before_connecting(recipe: Recipe, parts: int | None, resize_shards: b
         elif parts != split:
             raise PartError(f"{work_folder_for(recipe.out)} holds this merge split into {split} parts: continue it "
                             f"with --parts {split}, or add --restart to discard that work and split it into {parts}")
-    if parts is not None:
-        plan_parts(replace(recipe, device="cpu"), parts, resize_shards, dry_run=True)  # PartError: too many parts
-    return parts
+    if parts is None:
+        return None
+    return parts, plan_parts(replace(recipe, device="cpu"), parts, resize_shards)  # PartError: too many parts
 
 
-def _merge(ray: Any, recipe: Recipe, parts: int | None, resize_shards: bool, show_progress: bool,
+def _merge(ray: Any, recipe: Recipe, planned: tuple[int, Plan] | None, resize_shards: bool, show_progress: bool,
            notify: Callable[[str], None] | None, max_retries: int, stop: StopFlag) -> RayResult:
     """:func:`merge_on_ray` once connected: plan, check the storage, run the parts, finalize."""
     assert recipe.out is not None
@@ -490,11 +491,13 @@ def _merge(ray: Any, recipe: Recipe, parts: int | None, resize_shards: bool, sho
     if not nodes:
         raise StreamMergeError(f"the Ray cluster has no alive node with a {'GPU' if device == 'cuda' else 'CPU'}")
     # planned here on the CPU (the driver computes nothing); the workers plan again with their own budgets
-    on_cpu = replace(recipe, device="cpu")
-    if parts is None:
+    if planned is None:  # one part per node (or GPU), at most one per group of shards
+        on_cpu = replace(recipe, device="cpu")
         slots = sum(int(x["Resources"].get("GPU", 0)) for x in nodes) if device == "cuda" else len(nodes)
         parts = max(1, min(slots, len(shard_groups(plan_parts(on_cpu, 1)))))
-    plan = with_engine_device(plan_parts(on_cpu, parts, resize_shards), device)
+        planned = parts, plan_parts(on_cpu, parts, resize_shards)
+    parts, cpu_plan = planned
+    plan = with_engine_device(cpu_plan, device)
     if finished_output(plan):
         fsio.remove_tree(work_folder_for(recipe.out))
         return RayResult(recipe.out, [], True)
