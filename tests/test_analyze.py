@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,15 @@ def untied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def models_of(fam: dict[str, Path]) -> list[Path]:
     return [p for name, p in fam.items() if name != "base"]
+
+
+def edited_copy(model: Path, to: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of the model folder ``model`` at ``to`` whose tensors ``edit`` changed in place."""
+    shutil.copytree(model, to)
+    tensors = load_file(to / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, to / "model.safetensors")
+    return to
 
 
 def without_run(d: dict) -> dict:
@@ -276,13 +286,10 @@ def test_top_k_count():
 
 
 def test_a_nan_in_an_input_is_named(tmp_path, fam):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in fam["chat"].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"][5, 3] = float("nan")
-    save_file(tensors, bad / "model.safetensors")
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["model.layers.1.mlp.up_proj.weight"][5, 3] = float("nan")
+
+    bad = edited_copy(fam["chat"], tmp_path / "bad", poison)
     with pytest.raises(NonFiniteError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight of model 2 contains NaN "
                                              r"or infinity \(first in row 5\)"):
         streammerge.analyze(fam["base"], [fam["code"], bad])
@@ -304,14 +311,9 @@ def test_the_verdict_names_a_pt_like_gap_as_the_papers_claim(fam):
 def test_the_verdict_compares_the_weights_not_the_norms(fam, tmp_path):
     """A model that changed its norm weights far more than another, and its matrices alike: no gap (the whole-model
     figure, where norms near 1 weigh in ‖B‖, would say otherwise); the weights group matches a dense computation."""
-    normed = tmp_path / "normed"
-    shutil.copytree(fam["chat"], normed)
-    tensors = load_file(normed / "model.safetensors")
     base = load_file(fam["base"] / "model.safetensors")
-    for name in tensors:
-        if "norm" in name:
-            tensors[name] = base[name] * 1.5
-    save_file(tensors, normed / "model.safetensors")
+    normed = edited_copy(fam["chat"], tmp_path / "normed",
+                         lambda t: t.update({name: base[name] * 1.5 for name in t if "norm" in name}))
     a = streammerge.analyze(fam["base"], [fam["chat"], normed])
     whole = a.model.model(2).relative_change / a.model.model(1).relative_change
     assert whole > 2.5 and a.verdict.change_ratio < 1.5 and "similar size" in a.verdict.findings[0]
@@ -467,14 +469,8 @@ def test_mismatched_models_get_the_checks_of_a_merge(fam, tmp_path):
 
 
 def test_a_changed_shape_and_an_extra_tensor_are_refused_with_the_merge_messages(fam, tmp_path):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in fam["chat"].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.norm.weight"] = torch.ones(65, dtype=torch.bfloat16)
-    tensors["extra.weight"] = torch.ones(2, dtype=torch.bfloat16)
-    save_file(tensors, bad / "model.safetensors")
+    bad = edited_copy(fam["chat"], tmp_path / "bad", lambda t: t.update(
+        {"model.norm.weight": torch.ones(65, dtype=torch.bfloat16), "extra.weight": torch.ones(2, dtype=torch.bfloat16)}))
     args = ["--base", fam["base"], "--model", fam["code"], "--model", bad]
     result = invoke("analyze", *args)
     assert result.exit_code == 1 and "shape [65] in model 2" in result.stderr
