@@ -554,11 +554,8 @@ def _workers(budget: Budget, usable: int, fits: Callable[[int], bool]) -> int:
     """How many tensors are computed at once: on the CPU, one worker per thread (``budget.threads``), each
     single-threaded in its own share of the budget, as many as ``fits(share)`` allows (at least one); on a GPU one,
     its kernels using the device. Workers share nothing a tensor's bytes depend on (each tensor's statistics are
-    reduced by one worker, in row order), so the output is the same for any number.
-
-    Why workers rather than torch's intra-op threads: an intra-op pool meets at a barrier after every element-wise
-    operation, and with more runnable threads than cores (a laptop with a browser open) each barrier waits for a
-    descheduled thread while the others spin; bench/README.md measures the difference."""
+    reduced by one worker, in row order), so the output is the same for any number. Why workers and not torch's
+    intra-op threads: :mod:`streammerge.workers`."""
     if budget.device != "cpu" or budget.threads <= 1:
         return 1
     lo, hi = 1, budget.threads  # the most workers whose shares fit: fitting only gets harder with more
