@@ -25,7 +25,7 @@ from .output import TOKENIZER_PATTERNS, check_destination, check_output_name, to
 from .planner import Plan, make_plan
 from .pythonic import pythonic_errors
 from .quantization import dequantization
-from .recipe import TOKEN_EMBEDDINGS, Recipe
+from .recipe import TOKEN_EMBEDDINGS, Recipe, tokenizer_source_fields
 from .workfolder import check_output_free, finished_output
 
 
@@ -214,6 +214,8 @@ _NOT_OPTIONS = ("base", "models", "out", "method", "params", "chunk_rows", "jour
 def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any] | None,
             options: dict[str, Any], own: tuple[str, ...]) -> Recipe:
     """The recipe of a ``plan``/``merge`` call; ``own``: the calling function's other keyword arguments."""
+    if "tokenizer_source" in options:  # mergekit's name: base, union or a model folder
+        options.update(tokenizer_source_fields(options.pop("tokenizer_source")))
     if "adapters" not in options:  # MODEL+ADAPTER references (mergekit's model+lora)
         base, models, options["adapters"] = split_inputs(base, models)
     try:
@@ -221,7 +223,8 @@ def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any
                       params=dict(params or {}), **options)
     except TypeError as exc:  # an unknown keyword: name the ones there are, with the nearest
         given = re.search(r"keyword argument '(\w+)'", str(exc))
-        public = ["method", "params", *own, *(f.name for f in fields(Recipe) if f.name not in _NOT_OPTIONS)]
+        public = ["method", "params", *own, *(f.name for f in fields(Recipe) if f.name not in _NOT_OPTIONS),
+                  "tokenizer_source"]
         near = difflib.get_close_matches(given.group(1), public, n=1) if given else []
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise TypeError(f"unexpected keyword argument {given.group(1) if given else '?'!r}: {hint}the arguments "

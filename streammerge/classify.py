@@ -38,6 +38,8 @@ from .recipe import (
     is_conv1d_weight,
 )
 from .sources import InputSource, StoredSource
+from .sources.vocabulary import mapped_sources
+from .vocabulary import VocabularyPlan
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -76,9 +78,10 @@ class Classification:
 
 
 def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Checkpoint], out_dtype: str | None,
-             tile: int) -> Classification:
+             tile: int, vocab: VocabularyPlan | None = None) -> Classification:
     """Every output tensor's rule, kind and sources, in :func:`in_natural_order`; raises (naming every problem) if some
-    tensor cannot be merged as asked."""
+    tensor cannot be merged as asked. ``vocab``: the inputs' row maps onto the output's vocabulary
+    (:mod:`streammerge.vocabulary`), which the token embedding and the head are read through."""
     read_as = [dequantization(c, "the base" if k == 0 else f"model {k}") for k, c in enumerate((base, *models))]
     # each input's LoRA adapter (MODEL+ADAPTER): its weights' sources, decided once (streammerge.lora)
     read_as, adapter_notes = adapted_inputs(read_as)
@@ -99,15 +102,29 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
             "--keep-vision" if recipe.keep_vision and name.startswith(VISION_PREFIXES) else \
             "copy" if not models else None  # no models (passthrough of the base, e.g. `streammerge apply`)
 
-    head = check_homologous(base, models, lambda name: from_base(name) is not None, recipe.embeddings)
+    head = check_homologous(base, models, lambda name: from_base(name) is not None, recipe.embeddings,
+                            vocab_rows_vary=vocab is not None)
     embeddings = set(recipe.embeddings)
+    vocab_names = {*TOKEN_EMBEDDINGS, *HEAD_NAMES, *((head.embedding,) if head.embedding else ())}
+
+    def shape_of(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (vocab.rows, *shape[1:]) if vocab is not None and name in vocab_names else shape
+
+    def mapped(name: str, sources: tuple[InputSource, ...], copied: bool = False) -> tuple[InputSource, ...]:
+        """``sources`` of a vocabulary-indexed tensor read through the row maps (a copy: the base's alone)."""
+        if vocab is None or name not in vocab_names:
+            return sources
+        if len(sources) != len(vocab.maps):
+            raise PlanError(f"{name}: its rows are mapped onto the output's vocabulary through every input, but only "
+                            f"{len(sources)} of the {len(vocab.maps)} inputs store it")
+        return mapped_sources(vocab, name, sources, only=0 if copied else None)
     out: list[TensorClass] = []
     problems: list[str] = []
     for name, loc in in_natural_order(base):
         info = loc.info
         kind = kind_of(info)
         if name == head.name and head.mode == "tied":
-            out.append(TensorClass(name, info.shape, Rule.TIED_COPY, kind, dtype_of(kind, (), info.dtype.name), (),
+            out.append(TensorClass(name, shape_of(name, info.shape), Rule.TIED_COPY, kind, dtype_of(kind, (), info.dtype.name), (),
                                    head.embedding))
             continue
         if name == head.name and head.mode == "mixed":
@@ -115,8 +132,11 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         why = from_base(name) or ("not a float" if kind is not Kind.FLOAT else "empty" if info.numel == 0 else None)
         if why:  # empty: shape [0] or [0, n], which passes through
             sources = (source(0, loc),)
-            out.append(TensorClass(name, info.shape, Rule.COPY_BASE, kind, dtype_of(kind, sources, info.dtype.name),
-                                   sources, None, why))
+            if vocab is not None and name in vocab_names and kind is Kind.FLOAT and info.numel:
+                sources = mapped(name, (*sources, *(source(k, m.tensors[name]) for k, m in enumerate(models, 1)
+                                                    if name in m.tensors)), copied=True)
+            out.append(TensorClass(name, shape_of(name, info.shape), Rule.COPY_BASE, kind,
+                                   dtype_of(kind, sources, info.dtype.name), sources, None, why))
             continue
         if len(info.shape) <= 1:
             rule = Rule.VECTOR
@@ -131,13 +151,15 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         for k, m in enumerate(models, 1):
             if not m.tensors[name].info.dtype.is_float:
                 problems.append(f"{name}: model {k} stores it as {m.tensors[name].info.dtype.name}, not a float")
-        sources = (source(0, loc), *(source(k, m.tensors[name]) for k, m in enumerate(models, 1)))
-        out.append(TensorClass(name, info.shape, rule, kind, dtype_of(kind, sources, info.dtype.name), sources))
+        sources = mapped(name, (source(0, loc), *(source(k, m.tensors[name]) for k, m in enumerate(models, 1))))
+        out.append(TensorClass(name, shape_of(name, info.shape), rule, kind, dtype_of(kind, sources, info.dtype.name),
+                               sources))
     if head.mode == "mixed":
         stored = base.tensors.get(head.name) or head.sources[0]
         shape = head.sources[0].info.shape
         kept = from_base(head.name)
-        sources = tuple(source(k, loc) for k, loc in enumerate(head.sources))[: 1 if kept else None]
+        sources = mapped(head.name, tuple(source(k, loc) for k, loc in enumerate(head.sources)), copied=bool(kept))
+        shape = shape_of(head.name, shape)
         dtype = dtype_of(Kind.FLOAT, sources, stored.info.dtype.name)
         if kept:  # the base's effective head: its own, or its embedding
             out.append(TensorClass(head.name, shape, Rule.COPY_BASE, Kind.FLOAT, dtype, sources, None, kept))
@@ -156,6 +178,8 @@ def classify(recipe: Recipe, method: Method, base: Checkpoint, models: list[Chec
         raise PlanError("\n".join(messages))
     notes = _vision_notes(recipe, base) + dequantization_notes(read_as, out_dtype) + adapter_notes
     config_updates: dict[str, Any] = {"quantization_config": REMOVED} if read_as[0].quantized else {}
+    if vocab is not None:
+        config_updates["vocab_size"] = vocab.rows
     unnamed = [c.name for c in out if c.rule is Rule.MATRIX and c.shape[0] == base.vocab_size
                and c.name not in HEAD_NAMES and not c.name.startswith(VISION_PREFIXES)] \
         if method.embedding_rule and not any(c.rule is Rule.EMBEDDING for c in out) else []
@@ -304,8 +328,15 @@ def shape_hint(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
         return (" (the hidden or layer sizes differ: these are different model sizes or architectures, not variants "
                 "of one base)")
     if name in TOKEN_EMBEDDINGS or name in HEAD_NAMES:
-        return " (vocabulary sizes differ: resize the embeddings to one vocabulary first)"
+        return (" (vocabulary sizes differ: map every input's rows through its tokenizer onto one vocabulary with "
+                "--tokenizer-source union, or base; in a recipe, tokenizer_source)")
     return ""
+
+
+def _rows_differ(name: str, a: Located, b: Located, embedding: str | None) -> bool:
+    """Whether ``a`` and ``b`` are a vocabulary-indexed tensor differing only in rows (tokens)."""
+    return (name in TOKEN_EMBEDDINGS or name in HEAD_NAMES or name == embedding) \
+        and len(a.info.shape) == len(b.info.shape) == 2 and a.info.shape[1] == b.info.shape[1]
 
 
 def is_derived_buffer(name: str) -> bool:
@@ -377,11 +408,12 @@ def layout_difference(missing: dict[str, tuple[int, ...]], extra: dict[str, tupl
 
 def check_homologous(base: Checkpoint, models: list[Checkpoint],
                      from_base: Callable[[str], bool] = lambda name: False,
-                     embeddings: tuple[str, ...] = TOKEN_EMBEDDINGS) -> HeadPlan:
+                     embeddings: tuple[str, ...] = TOKEN_EMBEDDINGS, vocab_rows_vary: bool = False) -> HeadPlan:
     """Raise unless every model matches the base; say how the output head is made (:class:`HeadPlan`). Tensors
     for which ``from_base`` is true keep the base's value: a model may lack them, hold them with another shape, or
     hold them when the base does not (then the output does not have them either). The token embedding is the first
-    of ``embeddings`` (the recipe's embedding names, token embeddings first) the base stores."""
+    of ``embeddings`` (the recipe's embedding names, token embeddings first) the base stores. ``vocab_rows_vary``:
+    the token embedding and the head may differ in rows (they are mapped through the tokenizers)."""
     inputs = (base, *models)
     head_name = next((h for h in HEAD_NAMES if any(h in c.tensors for c in inputs)), HEAD_NAMES[0])
     embedding = next((e for e in embeddings if e in base.tensors and len(base.tensors[e].info.shape) == 2), None)
@@ -421,7 +453,7 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
             other = m.tensors.get(name)
             if other is None or from_base(name) or name in skip:
                 continue
-            if other.info.shape != loc.info.shape:
+            if other.info.shape != loc.info.shape and not (vocab_rows_vary and _rows_differ(name, other, loc, embedding)):
                 hint = shape_hint(name, other.info.shape, loc.info.shape)
                 raise IncompatibleModelsError(
                     f"tensor {name}: shape {list(other.info.shape)} in {who} but {list(loc.info.shape)} in the base"
@@ -448,11 +480,12 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
                     f"{embedding} {list(base.tensors[embedding].info.shape)} is taken as the token embedding (it is "
                     f"the first --embedding name the base stores), but {who}'s output head is "
                     f"{list(loc.info.shape)}: --embedding must name the token embedding (one row per token)")
-            if loc.info.shape != base.tensors[embedding].info.shape:
+            if loc.info.shape != base.tensors[embedding].info.shape and not (
+                    vocab_rows_vary and _rows_differ(embedding, loc, base.tensors[embedding], embedding)):
                 raise IncompatibleModelsError(
                     f"{who} ({c.folder}): its output head is {list(loc.info.shape)} but the base's embedding is "
-                    f"{list(base.tensors[embedding].info.shape)} (vocabulary sizes differ: resize the embeddings to "
-                    "one vocabulary first)")
+                    f"{list(base.tensors[embedding].info.shape)}" + shape_hint(embedding, loc.info.shape,
+                                                                              base.tensors[embedding].info.shape))
             sources.append(loc)
         return HeadPlan(head_name, mode, embedding, tuple(sources))
     if mode == "tied" and head_name in base.tensors:

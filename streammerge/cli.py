@@ -36,7 +36,7 @@ from .parts import (
 from .parts import finalize as finalize_parts
 from .planner import VARIES, Plan
 from .progress import RunSummary
-from .recipe import DEFAULT_SHARD_SIZE, Recipe
+from .recipe import DEFAULT_SHARD_SIZE, Recipe, tokenizer_source_fields
 from .stopping import MergeInterrupted
 from .units import format_size
 from .verify import verify_output
@@ -109,8 +109,14 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
         click.option("--seed", type=int, default=None,
                      help="Seed for the methods that draw random masks (those with a seed parameter in `streammerge "
                           "methods`: the DARE and DELLA families); default 0. Other methods refuse it."),
-        click.option("--tokenizer-from", type=click.Path(path_type=Path), default=None,
-                     help="Copy tokenizer files from this folder instead of the base."),
+        click.option("--tokenizer-source", default=None, metavar="base|union|FOLDER",
+                     help="The output's tokenizer, as mergekit's tokenizer_source: base, a model FOLDER (or Hub "
+                          "ID), or union (the base's tokens and every model's it lacks). The token embedding and head "
+                          "rows of every input are mapped through its own tokenizer.json onto that vocabulary, so "
+                          "inputs may differ in vocabulary. Default: the base's tokenizer files, rows merged as "
+                          "stored."),
+        click.option("--tokenizer-from", type=click.Path(path_type=Path), default=None, hidden=True,
+                     help="The same as --tokenizer-source FOLDER."),
         click.option("--shard-size", default=None, metavar="SIZE",
                      help=f"Largest output shard (default {DEFAULT_SHARD_SIZE // 1000**3}GB)."),
         click.option("--chunk-rows", type=click.IntRange(min=1), default=None, hidden=True,
@@ -139,7 +145,8 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
 _RECIPE_DECIDES = {"base": "--base", "models": "--model", "loras": "--lora", "method": "--method", "params": "--param",
                    "seed": "--seed",
                    "dtype": "--dtype", "exclude": "--exclude", "embeddings": "--embedding",
-                   "keep_vision": "--keep-vision", "tokenizer_from": "--tokenizer-from", "shard_size": "--shard-size"}
+                   "keep_vision": "--keep-vision", "tokenizer_from": "--tokenizer-from",
+                   "tokenizer_source": "--tokenizer-source", "shard_size": "--shard-size"}
 _HOW_IT_RUNS = ("out", "max_ram", "device", "max_vram", "threads", "chunk_rows", "force", "restart", "redo_changed",
                 "allow_incomplete_output", "offline")
 
@@ -166,7 +173,7 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
     return Recipe(
         base=base, models=models, adapters=adapters, out=kw["out"], method=kw["method"] or "widen",
         params=params, dtype=kw["dtype"], exclude=kw["exclude"],
-        embedding_names=kw["embeddings"] or None, tokenizer_from=kw["tokenizer_from"],
+        embedding_names=kw["embeddings"] or None, **_tokenizer_source(kw["tokenizer_source"], kw["tokenizer_from"]),
         shard_size=kw["shard_size"] or DEFAULT_SHARD_SIZE,
         max_ram=kw["max_ram"], device=kw["device"], max_vram=kw["max_vram"], threads=kw["threads"],
         chunk_rows=kw["chunk_rows"], force=kw["force"], restart=kw["restart"],
@@ -174,6 +181,14 @@ def _recipe(kw: dict[str, Any]) -> Recipe:
         keep_vision=kw["keep_vision"], offline=kw["offline"],
         journal=not kw["no_journal"],
     )
+
+
+def _tokenizer_source(source: str | None, folder: Path | None) -> dict[str, Any]:
+    """The Recipe fields of --tokenizer-source (and its older spelling --tokenizer-from FOLDER)."""
+    if source is not None and folder is not None:
+        raise click.UsageError("give --tokenizer-source once (--tokenizer-from FOLDER is the same as "
+                               "--tokenizer-source FOLDER)")
+    return tokenizer_source_fields(source if source is not None else folder)
 
 
 #: where --lora values sit among the --model values, by command (click keeps each option's values apart)

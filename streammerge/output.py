@@ -94,11 +94,13 @@ def write_index(work: Path, weight_map: dict[str, str], total_size: int) -> None
 
 
 def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dtype: str | None,
-                    config_updates: dict[str, Any] | None = None) -> list[str]:
+                    config_updates: dict[str, Any] | None = None,
+                    tokenizer_documents: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """config.json (dtype and ``config_updates`` applied, also inside a nested ``text_config`` that has the key; a
     value of :data:`REMOVED` removes the key),
-    generation_config.json, tokenizer and processor files, and the Python files a remote-code model's ``auto_map``
-    names (copied, never run); returns the names copied."""
+    generation_config.json, tokenizer and processor files (those in ``tokenizer_documents``, name to JSON, written
+    instead: a union vocabulary's), and the Python files a remote-code model's ``auto_map`` names (copied, never
+    run); returns the names copied."""
     copied: list[str] = []
     config_path = base / "config.json"
     if config_path.is_file():
@@ -124,8 +126,12 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
     if tokenizer_from is not None and not tokenizer_from.is_dir():
         raise InputError(f"--tokenizer-from {tokenizer_from} is not a folder")
     for f in tokenizer_files(source):
-        fsio.copy_file(f, work / f.name)
-        copied.append(f.name)
+        if f.name not in (tokenizer_documents or {}):
+            fsio.copy_file(f, work / f.name)
+            copied.append(f.name)
+    for name, doc in (tokenizer_documents or {}).items():
+        write_json(work / name, doc)
+        copied.append(name)
     # remote code: the model's modules from the base, the tokenizer's from where the tokenizer comes from
     tokenizer_code = sorted(p for p in source.glob("tokenization_*.py") if p.is_file())
     for f in [*code_files(base, ("config.json",)), *code_files(source, ("tokenizer_config.json",)), *tokenizer_code]:

@@ -32,6 +32,7 @@ from .slices import classify_slices, slice_views
 from .sources import InputSource
 from .sources.base import align
 from .units import format_size
+from .vocabulary import TokenDefault, VocabInput, VocabularyPlan, plan_vocabulary
 from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
 
 if TYPE_CHECKING:
@@ -188,13 +189,16 @@ class Plan:
     models: tuple[Checkpoint, ...] = field(repr=False)
     config_updates: dict[str, Any] = field(default_factory=dict, repr=False)  # for the output's config.json
     chat_template: str | None = field(default=None, repr=False)  # the output's chat template (None: as copied)
+    vocabulary: VocabularyPlan | None = field(default=None, repr=False)  # the inputs' rows mapped onto the output's
 
     def options(self) -> dict[str, Any]:
         """The options besides the method that shape the output (only those given)."""
         r = self.recipe
         given = {"dtype": r.dtype, "exclude": list(r.exclude), "embedding": list(r.embedding_names or ()),
-                 "keep_vision": r.keep_vision, "tokenizer_from": r.tokenizer_from.resolve().name if r.tokenizer_from
-                 else None}
+                 "keep_vision": r.keep_vision,
+                 "tokenizer_source": "union" if r.vocabulary == "union" else r.tokenizer_from.resolve().name
+                 if r.tokenizer_from else "base" if r.vocabulary else None,
+                 "pad_to_multiple_of": r.pad_to_multiple_of}
         return {k: v for k, v in given.items() if v}
 
     @cached_property
@@ -258,6 +262,10 @@ class Plan:
             "fingerprint": self.fingerprint,
             "engine": self.fingerprint_doc["engine"],
             "notes": list(self.notes),
+            **({"vocabulary": {"tokens": self.vocabulary.tokens, "rows": self.vocabulary.rows,
+                               "added_tokens": [e["content"] for e in self.vocabulary.added],
+                               "inputs": [self.vocabulary.counts(k) for k in range(len(self.vocabulary.maps))]}}
+               if self.vocabulary is not None else {}),
             "rules": rules,
             "kept_from_base": _kept_from_base(self.tensors),
             "shards": [
@@ -295,6 +303,10 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     tile, depth = TILE_ROWS, BUFFER_DEPTH
     positions: dict[str, tuple[float, int]] | None = None
     stacking = bool(recipe.slices) and method.name == "passthrough"  # copies of layer ranges, no arithmetic
+    vocab = _vocabulary(recipe, method, params, base, models)
+    if vocab is not None and recipe.slices:
+        raise PlanError("the inputs' vocabularies differ, and mapping embedding rows through the tokenizers in a "
+                        "slices: recipe is not supported yet: give the inputs one vocabulary")
     if stacking:
         classification = classify_slices(recipe, base, models, out_dtype)
     elif recipe.slices:  # a merge per layer range: the ordinary classification of each input's renamed view
@@ -304,9 +316,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         classification = classify(recipe, method, base_view, model_views, out_dtype, tile)
         classification = replace(classification, config_updates={**classification.config_updates, **updates})
     else:
-        classification = classify(recipe, method, base, models, out_dtype, tile)
+        classification = classify(recipe, method, base, models, out_dtype, tile, vocab)
     classes = classification.tensors
-    _check_padding(recipe, classes)
     tensor_params = _tensor_params(recipe, method, base, len(models), [c for c in classes if c.rule.merged],
                                    positions)
     params = _common(tensor_params) if tensor_params else params
@@ -409,21 +420,46 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             (gpu_elem * t.chunk_rows * t.row_numel for t in tensors if t.rule.merged), default=0)
     return Plan(recipe, method, params, budget, tuple(tensors), shards, depth, tile, peak, slot, out_buffer, fixed,
                 workers, peak_vram, sum(t.planned_read_bytes for t in tensors), sum(s.size for s in shards),
-                run_fingerprint(doc), _notes(recipe, method, params, budget, tensors) + classification.notes, doc, base, tuple(models),
+                run_fingerprint(doc), _notes(recipe, method, params, budget, tensors) + classification.notes
+                + (vocab.notes if vocab is not None else ()), doc, base, tuple(models),
                 classification.config_updates, resolve_template(recipe.chat_template,
-                                                                 list(dict.fromkeys([recipe.base, *recipe.models]))))
+                                                                 list(dict.fromkeys([recipe.base, *recipe.models]))),
+                vocab)
 
 
-def _check_padding(recipe: Recipe, classes: list[TensorClass]) -> None:
-    """``pad_to_multiple_of``: the output keeps the base's embedding rows (never truncated to the tokenizer's
-    vocabulary); refuse rows that are not a multiple, which would need padding (not done yet)."""
-    n = recipe.pad_to_multiple_of
-    if not n:
-        return
-    for c in classes:
-        if (c.name in TOKEN_EMBEDDINGS or c.name in HEAD_NAMES) and c.shape and c.shape[0] % n:
-            raise PlanError(f"pad_to_multiple_of {n}: {c.name} has {c.shape[0]} rows, not a multiple of {n}; padding "
-                            "the vocabulary is not supported yet (the output would keep the base's rows)")
+def base_is_averaged(recipe: Recipe, method: Method, params: dict[str, Any]) -> bool:
+    """Whether the base is one of the averaged inputs rather than a base the models changed (a recipe's linear or
+    karcher without ``base_model``, or ``use_base: false``)."""
+    return (method.base_policy == "none" and recipe.source is not None) or params.get("use_base") is False
+
+
+def _vocabulary(recipe: Recipe, method: Method, params: dict[str, Any], base: Checkpoint,
+                models: list[Checkpoint]) -> VocabularyPlan | None:
+    """The inputs' row maps onto the output's vocabulary when the recipe asks for one (``vocabulary``), decided once
+    from the tokenizers (:mod:`streammerge.vocabulary`); None when rows are merged as stored."""
+    if recipe.vocabulary is None:
+        return None
+    folders = [recipe.base, *recipe.models]
+    seen: dict[tuple[str, str | None], int] = {}
+    inputs = []
+    for k, (folder, ckpt) in enumerate(zip(folders, (base, *models))):
+        adapter = recipe.adapter(k)
+        key = (str(folder.resolve()), str(adapter.resolve()) if adapter else None)
+        rows = next((ckpt.tensors[n].info.shape[0] for n in (*recipe.embeddings, *HEAD_NAMES)
+                     if n in ckpt.tensors and (n in TOKEN_EMBEDDINGS or n in HEAD_NAMES)
+                     and len(ckpt.tensors[n].info.shape) == 2), None)
+        name = "the base" if k == 0 else f"model {k}"
+        if rows is None:
+            raise PlanError(f"{name} ({folder}) stores no known token embedding, so its rows cannot be mapped onto "
+                            "the output's vocabulary: name it with --embedding NAME")
+        inputs.append(VocabInput((*((adapter,) if adapter else ()), folder), rows, seen.setdefault(key, k), name))
+    union = recipe.vocabulary == "union"
+    source = recipe.base if union or recipe.tokenizer_from is None else recipe.tokenizer_from
+    at = str(source.resolve())
+    source_input = next((k for k, f in enumerate(folders) if str(f.resolve()) == at), None)
+    tokens = {t: TokenDefault.from_json(d) for t, d in recipe.tokens.items()}
+    return plan_vocabulary(inputs, union, source, source_input, tokens, recipe.pad_to_multiple_of,
+                           named_base=not base_is_averaged(recipe, method, params))
 
 
 #: the value of a parameter in ``Plan.params`` when tensors have different values (``plan --json`` lists each)
@@ -486,8 +522,7 @@ def _notes(recipe: Recipe, method: Method, params: dict[str, Any], budget: Budge
                          "completes")
     base = recipe.base.resolve()
     for k, m in enumerate(recipe.models, 1):
-        base_is_input = (method.base_policy == "none" and recipe.source is not None) or params.get("use_base") is False
-        if m.resolve() == base and not base_is_input and recipe.adapter(k) == recipe.adapter(0):
+        if m.resolve() == base and not base_is_averaged(recipe, method, params) and recipe.adapter(k) == recipe.adapter(0):
             # (a recipe's linear or karcher averages its base as mergekit does, and without use_base the base only
             # gives the structure: nothing to point out)
             notes.append(f"model {k} ({m}) is the base itself: its delta is zero everywhere. Sums of deltas (task "

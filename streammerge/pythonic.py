@@ -32,7 +32,7 @@ _FLAGS = {  # boolean flags become =True; valued options keep their value after 
     "--force": "force=True", "--restart": "restart=True", "--redo-changed": "redo_changed=True",
     "--allow-incomplete-output": "allow_incomplete_output=True", "--keep-vision": "keep_vision=True",
     "--max-ram": "max_ram", "--max-vram": "max_vram", "--out": "out", "--model": "models", "--base": "base",
-    "--tokenizer-from": "tokenizer_from", "--shard-size": "shard_size", "--embedding": "embedding_names",
+    "--tokenizer-from": "tokenizer_from", "--tokenizer-source": "tokenizer_source", "--shard-size": "shard_size", "--embedding": "embedding_names",
     "--exclude": "exclude=[...]", "--dtype": "dtype", "--device": "device", "--param": "params", "--method": "method",
     "--plot": "plot", "--top-k": "top_k",
     "--part": "part", "--parts": "parts", "--resize-shards": "resize_shards=True", "--executor": "executor",

@@ -61,6 +61,16 @@ DERIVED_BUFFERS: tuple[str, ...] = (r".*rotary_emb\.inv_freq", r"(.*\.)?h\.\d+\.
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
 
+def tokenizer_source_fields(source: str | Path | None) -> dict[str, Any]:
+    """The Recipe fields that mergekit's ``tokenizer_source`` sets: ``base`` and ``union`` (the rows mapped onto that
+    vocabulary), or a model folder (its tokenizer, the rows mapped onto it); None sets nothing."""
+    if source is None:
+        return {}
+    if str(source) in ("base", "union"):
+        return {"tokenizer_from": None, "vocabulary": "tokenizer" if str(source) == "base" else "union"}
+    return {"tokenizer_from": Path(source)}
+
+
 def _strings(value: str | Sequence[str]) -> tuple[str, ...]:
     """A tuple of strings from one string or a sequence of them (a string is not split into characters)."""
     return (value,) if isinstance(value, str) else tuple(value)
@@ -120,7 +130,15 @@ class Recipe:
     model_parameters: tuple[dict[str, Any], ...] = ()  # a recipe's per-model settings, one mapping per model
     source: str | None = None  # the text of the mergekit recipe this came from (written beside the output)
     chat_template: str | None = None  # auto, a built-in name or a Jinja template (streammerge.chat_template)
-    pad_to_multiple_of: int | None = None  # the embedding rows must be a multiple of it (they are kept as they are)
+    pad_to_multiple_of: int | None = None  # the output's embedding rows are padded to a multiple of it
+    #: how the embedding rows relate to tokens (streammerge.vocabulary): None, row i of every input is row i of the
+    #: output (shapes must agree); "tokenizer", mapped through each input's tokenizer onto the output tokenizer's
+    #: vocabulary (``tokenizer_from``'s, else the base's: mergekit's ``tokenizer_source: base | MODEL``); "union",
+    #: onto the union of the inputs' vocabularies (``tokenizer_source: union``)
+    vocabulary: str | None = None
+    #: ``tokenizer.tokens``: token -> its default row (streammerge.vocabulary.TokenDefault, as JSON), with inputs by
+    #: index (0: the base)
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     slices: tuple[LayerSlice, ...] = ()  # layer stacking (passthrough): the output's layers, slice by slice
     offline: bool = False  # resolve Hub IDs from the local Hugging Face cache only (also HF_HUB_OFFLINE)
     hub_refs: dict[str, str] = field(default_factory=dict)  # resolved folder -> "org/name@commit" (set by planning)
@@ -156,6 +174,13 @@ class Recipe:
         if self.model_parameters and len(self.model_parameters) != len(self.models):
             raise StreamMergeError(f"model_parameters has {len(self.model_parameters)} entries for "
                                    f"{len(self.models)} models: give one per model, in order")
+        if (self.pad_to_multiple_of or self.tokenizer_from is not None) and self.vocabulary is None:
+            object.__setattr__(self, "vocabulary", "tokenizer")  # the output speaks that tokenizer: rows follow it
+        if self.vocabulary not in (None, "tokenizer", "union"):
+            raise StreamMergeError(f"vocabulary {self.vocabulary!r}: give None, 'tokenizer' or 'union'")
+        if self.tokens and self.vocabulary is None:
+            raise StreamMergeError("tokens (tokenizer.tokens) need the rows mapped through the tokenizers: give "
+                                   "vocabulary 'tokenizer' or 'union'")
         if self.restart and self.redo_changed:
             raise StreamMergeError("--restart discards the interrupted run's work and --redo-changed keeps what the "
                                    "change does not affect: give one of them")
@@ -193,7 +218,7 @@ class Recipe:
             "parameters": self.parameters, "model_parameters": [dict(p) for p in self.model_parameters],
             "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
             "slices": [s.to_json() for s in self.slices], "chat_template": self.chat_template,
-            "pad_to_multiple_of": self.pad_to_multiple_of,
+            "pad_to_multiple_of": self.pad_to_multiple_of, "vocabulary": self.vocabulary, "tokens": self.tokens,
             **({"adapters": [None if a is None else str(a.resolve()) for a in self.adapters]} if self.adapters else {}),
         }
 

@@ -54,6 +54,7 @@ from .planner import Plan, TensorPlan
 from .runner import TensorJob
 from .schedule import make_schedule
 from .units import format_size
+from .vocabulary import tokenizer_documents
 from .writer import ShardFile
 
 Notify = Callable[[str], None]
@@ -462,7 +463,8 @@ class WorkFolder:
             write_index(self.model_dir, {t.name: t.shard for t in plan.tensors},
                         sum(s.size - len(s.header) for s in plan.shards))
         out_dtype = parse_output_dtype(recipe.dtype).name if recipe.dtype else None
-        copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype, plan.config_updates)
+        copy_side_files(self.model_dir, recipe.base, recipe.tokenizer_from, out_dtype, plan.config_updates,
+                        tokenizer_documents(plan.vocabulary) if plan.vocabulary is not None else None)
         write_json(self.model_dir / MANIFEST, self.manifest())
         if plan.chat_template is not None:
             write_template(self.model_dir, plan.chat_template)

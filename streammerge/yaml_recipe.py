@@ -3,7 +3,8 @@
 :func:`load` reads a mergekit recipe (mergekit 0.1.5, ``mergekit/config.py``) into a :class:`Recipe`:
 
 - ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, global ``parameters``, ``dtype`` and
-  ``out_dtype``, ``tokenizer_source: base | <model>`` (or ``tokenizer: {source}``). Parameter settings keep
+  ``out_dtype``, ``tokenizer_source: base | union | <model>`` (or ``tokenizer: {source, tokens,
+  pad_to_multiple_of}``, whose source defaults to union). Parameter settings keep
   mergekit's meaning per tensor (gradients, ``filter`` conditions, precedence): :mod:`streammerge.parameters`.
 - ``dtype`` is what mergekit computes in; streammerge always computes in float32 (exact for 16-bit inputs), so
   ``dtype`` only sets the output dtype when ``out_dtype`` is absent, as mergekit's output would have.
@@ -11,9 +12,10 @@
   arithmetic family treats it so); for ``linear``, which has no base in mergekit, it stays one of the averaged
   models. A ``linear`` recipe without ``base_model`` takes its first model as the base streammerge checks the
   others against and copies side files from.
-- ``tokenizer: {source, pad_to_multiple_of}``: the output keeps the base's embedding rows, never truncated (Qwen's
-  152064 rows beside a 151665-token tokenizer stay 152064); a row count that is not a multiple is refused, since
-  padding it is not done yet.
+- A tokenizer source maps every input's token embedding and head rows through its own tokenizer onto the
+  output's vocabulary (:mod:`streammerge.vocabulary`: mergekit's semantics, the union's order made deterministic,
+  never fewer rows than the base); ``tokens:`` entries name a model (``source: MODEL``), ``{kind: zero}`` or
+  ``{kind: model_token, model, token_id | token}``, with ``force``.
 - ``chat_template: auto | chatml | <Jinja template>`` sets the output's template (:mod:`streammerge.chat_template`).
 - ``int8_mask`` and ``lazy_unpickle`` (mergekit memory tricks, as parameters or top-level keys) are accepted and
   change nothing here.
@@ -23,7 +25,7 @@
   adapter merged in on the fly (:mod:`streammerge.lora`); ``passthrough`` of one ``MODEL+ADAPTER`` writes the merged
   model (``streammerge apply``).
 - Keys streammerge does not implement yet (per-slice or per-source parameters outside passthrough, ``modules``,
-  ``tokenizer_source: union``, ``tokenizer.tokens``, ``model+lora`` in ``slices:``) are refused by name before
+  ``model+lora`` in ``slices:``) are refused by name before
   anything happens; an unknown key gets a "did you mean".
 - A ``streammerge:`` section carries options mergekit has no key for (``average_base: false``: a command line's
   ``--base`` that linear or karcher does not average, ``exclude``, ``embedding``,
@@ -160,7 +162,7 @@ def _recipe(doc: dict[str, Any], path: Path, text: str, options: dict[str, Any],
     _check_keys(extra, (*OPTIONS, "average_base"), f"{path}: streammerge:", "option")
     extra = {k: v for k, v in extra.items() if k != "average_base"}  # read where the models are decided
     return Recipe(**{
-        **what, "dtype": doc.get("out_dtype") or doc.get("dtype"), "tokenizer_from": _tokenizer(doc, path),
+        **what, "dtype": doc.get("out_dtype") or doc.get("dtype"), **_tokenizer(doc, path, what),
         "chat_template": _chat_template(doc, path), "pad_to_multiple_of": _pad(doc, path), "source": text,
         **{OPTIONS[k]: v for k, v in extra.items()}, **options})
 
@@ -286,13 +288,19 @@ def dump(recipe: Recipe) -> str:
         from .output import TORCH_DTYPE_NAMES  # noqa: PLC0415
 
         doc["out_dtype"] = TORCH_DTYPE_NAMES[parse_output_dtype(recipe.dtype).name]
-    if recipe.tokenizer_from is not None:
-        doc["tokenizer_source"] = recipe.reference(recipe.tokenizer_from)
+    if recipe.vocabulary is not None or recipe.tokenizer_from is not None:
+        source = "union" if recipe.vocabulary == "union" else \
+            recipe.reference(recipe.tokenizer_from) if recipe.tokenizer_from is not None else "base"
+        if recipe.tokens or recipe.pad_to_multiple_of is not None:
+            doc["tokenizer"] = {"source": source,
+                                **({"tokens": {t: _dump_token(recipe, d) for t, d in recipe.tokens.items()}}
+                                   if recipe.tokens else {}),
+                                **({"pad_to_multiple_of": recipe.pad_to_multiple_of}
+                                   if recipe.pad_to_multiple_of is not None else {})}
+        else:
+            doc["tokenizer_source"] = source
     if recipe.chat_template is not None:
         doc["chat_template"] = recipe.chat_template
-    if recipe.pad_to_multiple_of is not None:
-        source = doc.pop("tokenizer_source", "base")
-        doc["tokenizer"] = {"source": source, "pad_to_multiple_of": recipe.pad_to_multiple_of}
     ours = {"exclude": list(recipe.exclude), "embedding": list(recipe.embedding_names or ()),
             "keep_vision": recipe.keep_vision, "shard_size": recipe.shard_size}
     defaults = {"exclude": [], "embedding": [], "keep_vision": False, "shard_size": Recipe.__dataclass_fields__[
@@ -398,21 +406,80 @@ def _chat_template(doc: dict[str, Any], path: Path) -> str | None:
     return value
 
 
-def _tokenizer(doc: dict[str, Any], path: Path) -> Path | None:
+def _tokenizer(doc: dict[str, Any], path: Path, what: dict[str, Any]) -> dict[str, Any]:
+    """The Recipe fields of ``tokenizer_source`` / ``tokenizer:`` (mergekit's ``TokenizerConfig``, whose ``source``
+    defaults to ``union``): ``tokenizer_from``, ``vocabulary`` and ``tokens``."""
     source = doc.get("tokenizer_source")
     tok = doc.get("tokenizer")
+    tokens: dict[str, Any] = {}
     if tok is not None:
         if source is not None:
             raise RecipeError(f"{path}: give tokenizer_source or tokenizer:, not both")
         tok = _mapping(tok, path, "tokenizer")
         _check_keys(tok, ("source", "tokens", "pad_to_multiple_of"), f"{path}: tokenizer:", "key")
-        if tok.get("tokens") is not None:
-            raise RecipeError(f"{path}: tokenizer.tokens is not supported yet (the output keeps the base's "
-                              "vocabulary and embedding rows)")
-        source = tok.get("source")
-    if source is None or source == "base":
-        return None
-    if source == "union":
-        raise RecipeError(f"{path}: tokenizer_source: union (a union vocabulary) is not supported yet: use base, or "
-                          "one model's folder")
-    return _folder(source, path, "tokenizer_source")
+        source = tok.get("source", "union")
+        inputs = [what.get("base"), *(what.get("models") or ())]
+        for token, cfg in _mapping(tok.get("tokens"), path, "tokenizer.tokens").items():
+            tokens[str(token)] = _token(str(token), cfg, path, inputs)
+    if source is None:
+        return {"tokenizer_from": None, "vocabulary": None, "tokens": tokens}
+    if source in ("base", "union"):
+        return {"tokenizer_from": None, "vocabulary": "tokenizer" if source == "base" else "union", "tokens": tokens}
+    return {"tokenizer_from": _folder(source, path, "tokenizer_source"), "vocabulary": "tokenizer", "tokens": tokens}
+
+
+def _token(token: str, cfg: Any, path: Path, inputs: list[Path | None]) -> dict[str, Any]:
+    """One ``tokenizer.tokens`` entry as a TokenDefault's JSON (streammerge.vocabulary), its model an input index."""
+    where = f"{path}: tokenizer.tokens {token!r}"
+    cfg = _mapping(cfg, path, f"tokenizer.tokens {token!r}")
+    _check_keys(cfg, ("source", "force"), f"{where}:", "key")
+    force = cfg.get("force", False)
+    if not isinstance(force, bool):
+        raise RecipeError(f"{where}: force must be true or false, got {force!r}")
+
+    def index(ref: Any) -> int:
+        folder = _folder(ref, path, f"tokenizer.tokens {token!r} source").resolve()
+        for k, p in enumerate(inputs):
+            if p is not None and Path(p).resolve() == folder:
+                return k
+        raise RecipeError(f"{where}: source {ref!r} is not one of the recipe's models; a token's row comes from a "
+                          "model being merged")
+
+    src = cfg.get("source")
+    out: dict[str, Any] = {"kind": "none"}
+    if isinstance(src, str):
+        out = {"kind": "model", "input": index(src)}
+    elif isinstance(src, dict):
+        kind = src.get("kind")
+        if kind == "zero":
+            _check_keys(src, ("kind",), f"{where}: source:", "key")
+            out = {"kind": "zero"}
+        elif kind == "model_token":
+            _check_keys(src, ("kind", "model", "token_id", "token"), f"{where}: source:", "key")
+            if (src.get("token_id") is None) == (src.get("token") is None):
+                raise RecipeError(f"{where}: a model_token source gives token_id or token (one of them)")
+            tid = src.get("token_id")
+            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0):
+                raise RecipeError(f"{where}: token_id must be a non-negative integer, got {tid!r}")
+            out = {"kind": "model_token", "input": index(src.get("model")),
+                   **({"token_id": tid} if tid is not None else {"token": str(src["token"])})}
+        else:
+            raise RecipeError(f"{where}: source kind {kind!r}: give a model, {{kind: zero}} or {{kind: model_token, "
+                              "model: MODEL, token_id: N}} (or token: TEXT)")
+    elif src is not None:
+        raise RecipeError(f"{where}: source must be a model, {{kind: zero}} or {{kind: model_token, ...}}, got {src!r}")
+    return {**out, **({"force": True} if force else {})}
+
+
+def _dump_token(recipe: Recipe, d: dict[str, Any]) -> dict[str, Any]:
+    """A ``tokenizer.tokens`` entry in mergekit's schema (see :func:`_token`)."""
+    kind = d.get("kind")
+    src: Any = None
+    if kind == "model":
+        src = recipe.input_reference(d["input"])
+    elif kind == "zero":
+        src = {"kind": "zero"}
+    elif kind == "model_token":
+        src = {"kind": "model_token", "model": recipe.input_reference(d["input"]),
+               **({"token_id": d["token_id"]} if "token_id" in d else {"token": d["token"]})}
+    return {**({"source": src} if src is not None else {}), **({"force": True} if d.get("force") else {})}

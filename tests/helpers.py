@@ -168,3 +168,72 @@ def merge_both(mergekit, workdir, name: str, text: str, *extra: str):  # type: i
     r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(sm), "-q", *extra])
     assert r.exit_code == 0, r.output
     return load_file(sm / "model.safetensors"), load_file(mk / "model.safetensors")
+
+
+def write_tokenizer(folder, vocab: dict, added: dict | None = None) -> None:  # type: ignore[no-untyped-def]
+    """A WordLevel ``tokenizer.json`` (and a ``tokenizer_config.json`` that transformers loads it with) in ``folder``:
+    ``vocab`` the model's tokens (token: id), ``added`` special added tokens (token: id)."""
+    import json
+
+    entries = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                "special": True} for t, i in sorted((added or {}).items(), key=lambda item: item[1])]
+    doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": entries, "normalizer": None,
+           "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": next(iter(vocab))}}
+    (folder / "tokenizer.json").write_text(json.dumps(doc))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512,
+              "added_tokens_decoder": {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in entries}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def set_vocab_rows(folder, order, seed: int = 0) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite ``folder``'s token embedding and untied head so that row ``i`` is its old row ``order[i]``, or (for
+    ``order[i]`` None) a new row drawn from ``seed``; config.json's vocab_size follows."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(seed)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            old = tensors[name]
+            rows = [old[i] if i is not None else (0.02 * torch.randn(old.shape[1], generator=g)).to(old.dtype)
+                    for i in order]
+            tensors[name] = torch.stack(rows).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = len(order)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def write_vocabulary_family(root) -> None:  # type: ignore[no-untyped-def]
+    """A tiny-llama family (float32, 3 layers) whose inputs differ in vocabulary, in ``root``: base (tokens t0 …
+    t300), chat (+ <|im_start|>, <|im_end|>: 303 rows), multilingual (its ids shuffled, its rows moved with them,
+    + <|im_end|>, <vi>: 302 rows) and plain (multilingual with the base's ids: the same rows, unshuffled)."""
+    import random
+    import shutil
+    from dataclasses import replace
+
+    from streammerge.examples import SHAPES, write_family
+
+    n = 301
+    write_family(root, replace(SHAPES["tiny-llama"], layers=3), dtype="f32")
+    base_vocab = {f"t{i}": i for i in range(n)}
+    write_tokenizer(root / "base", base_vocab)
+    write_tokenizer(root / "chat", base_vocab, {"<|im_start|>": n, "<|im_end|>": n + 1})
+    set_vocab_rows(root / "chat", [*range(n), None, None], seed=1)
+    shutil.copytree(root / "multilingual", root / "plain")
+    write_tokenizer(root / "plain", base_vocab, {"<|im_end|>": n, "<vi>": n + 1})
+    set_vocab_rows(root / "plain", [*range(n), None, None], seed=2)
+    perm = list(range(n))
+    random.Random(0).shuffle(perm)  # token t{i} has id perm[i]
+    inverse = [0] * n
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    write_tokenizer(root / "multilingual", {f"t{i}": perm[i] for i in range(n)}, {"<|im_end|>": n, "<vi>": n + 1})
+    shutil.copyfile(root / "plain" / "model.safetensors", root / "multilingual" / "model.safetensors")
+    shutil.copyfile(root / "plain" / "config.json", root / "multilingual" / "config.json")
+    set_vocab_rows(root / "multilingual", [*inverse, n, n + 1])  # row perm[i] is plain's row i (token t{i})

@@ -258,7 +258,7 @@ def test_tokenizer_from_copies_that_folders_tokenizer_files(fam, out, tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
     write_json(tok / "tokenizer_config.json", {"from": "tok"})
-    write_json(tok / "tokenizer.json", {"model": {"type": "BPE"}})
+    write_json(tok / "tokenizer.json", {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}})
     write_json(tok / "special_tokens_map.json", {"eos_token": "</s>"})
     (tok / "notes.txt").write_text("not a tokenizer file")
     merge_ok(fam, out, "--tokenizer-from", tok)

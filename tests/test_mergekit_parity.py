@@ -331,3 +331,94 @@ def test_random_masks_keep_mergekits_statistics(method, extra, workdir, monkeypa
         assert abs(kept / total - 0.4) < 0.01
         if method == "della_linear":  # p from 0.1 (smallest) to 0.7 (largest): thirds average 0.2 and 0.6
             assert large > small * 2
+
+
+VOCABULARY_RECIPES = {
+    "union-task-arithmetic": """
+merge_method: task_arithmetic
+base_model: voc/base
+models:
+  - model: voc/chat
+    parameters: {weight: 0.7}
+  - model: voc/multilingual
+    parameters: {weight: 0.5}
+tokenizer_source: union
+dtype: float32
+""",
+    "union-ties-tokens-padded": """
+merge_method: ties
+base_model: voc/base
+models:
+  - model: voc/chat
+    parameters: {weight: 0.7, density: 0.6}
+  - model: voc/multilingual
+    parameters: {weight: 0.5, density: 0.8}
+tokenizer:
+  source: union
+  pad_to_multiple_of: 32
+  tokens:
+    "<|im_start|>": {source: voc/chat, force: true}
+    "<vi>": {source: {kind: zero}}
+    t5: {source: {kind: model_token, model: voc/multilingual, token: t7}, force: true}
+    "<new>": {source: {kind: model_token, model: voc/chat, token_id: 3}}
+dtype: float32
+""",
+    "base-vocabulary-slerp": """
+merge_method: slerp
+base_model: voc/base
+models:
+  - model: voc/base
+  - model: voc/multilingual
+parameters: {t: 0.4}
+tokenizer_source: base
+dtype: float32
+""",
+    "linear-union-without-base": """
+merge_method: linear
+models:
+  - model: voc/base
+  - model: voc/chat
+  - model: voc/multilingual
+parameters: {weight: 1.0}
+tokenizer_source: union
+dtype: float32
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def vocab_workdir(tmp_path_factory) -> Path:
+    from helpers import write_vocabulary_family
+
+    root = tmp_path_factory.mktemp("parity-vocab")
+    write_vocabulary_family(root / "voc")
+    return root
+
+
+def _token_ids(folder: Path) -> dict[str, int]:
+    import json
+
+    doc = json.loads((folder / "tokenizer.json").read_text())
+    return {**doc["model"]["vocab"], **{e["content"]: e["id"] for e in doc["added_tokens"]}}
+
+
+@pytest.mark.parametrize("name", list(VOCABULARY_RECIPES))
+def test_mergekit_and_streammerge_agree_on_mapped_vocabularies(name, vocab_workdir, monkeypatch):
+    """Inputs that differ in vocabulary (added tokens, shuffled ids, other row counts), mapped through their
+    tokenizers. mergekit numbers the union's new tokens in the order of a Python set of models (it changes from run
+    to run), so the embedding and head are compared token by token, and the rows past the tokens (padding) row by
+    row; every other tensor as it is."""
+    monkeypatch.chdir(vocab_workdir)
+    ours, theirs = merge_both(MERGEKIT, vocab_workdir, name, VOCABULARY_RECIPES[name])
+    ids_ours, ids_theirs = (_token_ids(vocab_workdir / f"{who}-{name}") for who in ("sm", "mk"))
+    assert set(ids_ours) == set(ids_theirs)
+    tokens = sorted(ids_ours)
+    a, b = torch.tensor([ids_ours[t] for t in tokens]), torch.tensor([ids_theirs[t] for t in tokens])
+    assert set(ours) == set(theirs)
+    for n, t in theirs.items():
+        assert ours[n].shape == t.shape, n
+        if n in ("model.embed_tokens.weight", "lm_head.weight"):
+            torch.testing.assert_close(ours[n][a], t[b], atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(ours[n][len(tokens):], t[len(tokens):], atol=2e-6, rtol=1e-5)
+        else:
+            torch.testing.assert_close(ours[n], t, atol=2e-6, rtol=1e-5)

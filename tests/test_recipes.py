@@ -226,8 +226,12 @@ parameters: {{weight: 0.5}}
 REFUSED = {
     "slices-and-models": ("slices:\n  - sources: [{{model: {chat}, layer_range: [0, 2]}}]\n",
                           ["give models: or slices:, not both"]),
-    "union": ("tokenizer_source: union\n", ["tokenizer_source: union", "not supported yet"]),
-    "tokens": ("tokenizer: {{source: base, tokens: {{x: {{source: base}}}}}}\n", ["tokenizer.tokens"]),
+    "union-without-tokenizers": ("tokenizer_source: union\n", ["has no tokenizer.json", "vocabulary is built"]),
+    "token-from-no-input": ("tokenizer: {{source: union, tokens: {{x: {{source: {base}/..}}}}}}\n",
+                            ["tokenizer.tokens 'x'", "is not one of the recipe's models"]),
+    "token-kind": ("tokenizer: {{tokens: {{x: {{source: {{kind: random}}}}}}}}\n", ["source kind 'random'",
+                                                                                  "kind: zero"]),
+    "token-key": ("tokenizer: {{tokens: {{x: {{sourc: {base}}}}}}}\n", ["unknown key 'sourc'", "did you mean"]),
     "chat-template-name": ("chat_template: vicuna\n", ["chat_template 'vicuna'", "chatml"]),
     "typo": ("merge_methd: ties\n", ["unknown key 'merge_methd'", "did you mean 'merge_method'"]),
     "param-typo": ("parameters: {{densty: 0.5}}\n", ["densty", "did you mean 'density'"]),
@@ -363,7 +367,9 @@ def test_bad_merge_slices_are_refused(fam, tmp_path, sources, expected):
 
 
 @pytest.mark.parametrize("multiple,ok", [(7, True), (64, False)])
-def test_pad_to_multiple_of_keeps_the_rows_and_refuses_padding(fam, tmp_path, multiple, ok):
+def test_pad_to_multiple_of_keeps_a_multiple_and_pads_only_with_tokenizers(fam, tmp_path, multiple, ok):
+    """The family has no tokenizer.json: 301 rows are a multiple of 7 and kept; padding to 64 needs to know which
+    rows are tokens (tests/test_vocabulary.py pads models that have tokenizers)."""
     rows = load_file(fam["base"] / "model.safetensors")["model.embed_tokens.weight"].shape[0]  # 301 = 7 * 43
     path = _write(tmp_path, "merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {chat}\n"
                   f"tokenizer:\n  source: base\n  pad_to_multiple_of: {multiple}\n", fam)
@@ -374,7 +380,7 @@ def test_pad_to_multiple_of_keeps_the_rows_and_refuses_padding(fam, tmp_path, mu
         assert yaml.safe_load((tmp_path / "out" / "streammerge_recipe.yaml").read_text())["tokenizer"] == {
             "source": "base", "pad_to_multiple_of": multiple}
     else:
-        assert r.exit_code == 1 and f"has {rows} rows, not a multiple of 64" in r.output
+        assert r.exit_code == 1 and f"the embedding's {rows} rows need padding rows" in r.output, r.output
 
 
 def test_per_source_parameters_of_a_slice_are_the_models_parameters(fam, tmp_path):
