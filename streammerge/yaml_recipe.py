@@ -55,6 +55,8 @@ KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtyp
 NOT_YET = {
     "modules": "per-module configurations (modules:) are not supported yet",
 }
+#: keys of mergekit-moe's configuration (``mergekit/moe/config.py``): refused by name
+MOE_KEYS = ("gate_mode", "experts", "experts_per_token", "shared_experts")
 #: the options of the ``streammerge:`` section and the Recipe fields they set
 OPTIONS = {"exclude": "exclude", "embedding": "embedding_names", "keep_vision": "keep_vision",
            "shard_size": "shard_size"}
@@ -89,6 +91,11 @@ def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (merge_method, base_model, models, ...), got "
                           f"{type(doc).__name__}")
+    moe = [k for k in MOE_KEYS if k in doc]
+    if moe:
+        raise RecipeError(f"{path}: {', '.join(moe)}: this is a mergekit-moe configuration (it builds a mixture of "
+                          "experts out of dense models, with gates from prompts), which streammerge does not do; "
+                          "streammerge merges checkpoints of one architecture, MoE checkpoints included")
     _check_keys(doc, KEYS, f"{path}:", "key")
     for key, why in NOT_YET.items():
         if doc.get(key) is not None:

@@ -229,6 +229,8 @@ REFUSED = {
     "union-without-tokenizers": ("tokenizer_source: union\n", ["has no tokenizer.json", "vocabulary is built"]),
     "token-from-no-input": ("tokenizer: {{source: union, tokens: {{x: {{source: {base}/..}}}}}}\n",
                             ["tokenizer.tokens 'x'", "is not one of the recipe's models"]),
+    "mergekit-moe": ("gate_mode: hidden\nexperts:\n  - source_model: {chat}\n",
+                     ["gate_mode, experts: this is a mergekit-moe configuration"]),
     "token-kind": ("tokenizer: {{tokens: {{x: {{source: {{kind: random}}}}}}}}\n", ["source kind 'random'",
                                                                                   "kind: zero"]),
     "token-key": ("tokenizer: {{tokens: {{x: {{sourc: {base}}}}}}}\n", ["unknown key 'sourc'", "did you mean"]),

@@ -286,3 +286,17 @@ def test_transformers_loads_the_union_output_with_its_tokenizer(voc, tmp_path):
     assert torch.equal(model.get_input_embeddings().weight.detach()[303], stored[303].float())
     card = (out / "README.md").read_text()
     assert "vocabulary" in card or "union" in card
+
+
+def test_analyze_compares_inputs_that_differ_in_vocabulary(voc):
+    """analyze --tokenizer-source maps the rows as merge does: the shuffled model's figures are the plain one's."""
+    def figures(model: str) -> dict:
+        r = CliRunner().invoke(main, ["analyze", "--base", str(voc / "base"), "--model", str(voc / "chat"),
+                                      "--model", str(voc / model), "--tokenizer-source", "union", "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    shuffled, plain = figures("multilingual"), figures("plain")
+    embed = [next(t for t in d["tensors"] if t["name"] == "model.embed_tokens.weight") for d in (shuffled, plain)]
+    assert embed[0]["shape"] == [304, 48]
+    assert embed[0]["models"] == embed[1]["models"] and embed[0]["pairs"] == embed[1]["pairs"]

@@ -36,6 +36,9 @@ from . import DEFAULT_TOP_K
               help="Tensor names to treat as embeddings (one WIDEN column per stored row), as for merge.")
 @click.option("--keep-vision", is_flag=True, help="Leave out a vision-language model's vision tower and projector.")
 @click.option("--offline", is_flag=True, help="Resolve Hub IDs from the local Hugging Face cache only.")
+@click.option("--tokenizer-source", default=None, metavar="base|union|FOLDER",
+              help="Compare inputs that differ in vocabulary: their embedding and head rows mapped through their "
+                   "tokenizers onto this vocabulary, as merge --tokenizer-source maps them.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None, hidden=True,
               help="Force the rows per chunk (testing: the figures do not change).")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout (instead of the tables).")
@@ -46,8 +49,8 @@ from . import DEFAULT_TOP_K
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
 def analyze_command(base: Path, models: tuple[Path, ...], top_k: float, max_ram: str | None, device: str,
                     max_vram: str | None, threads: int | None, exclude: tuple[str, ...], embeddings: tuple[str, ...], keep_vision: bool,
-                    offline: bool, chunk_rows: int | None, as_json: bool, plot: Path | None, per_tensor: bool,
-                    quiet: bool) -> None:
+                    offline: bool, tokenizer_source: str | None, chunk_rows: int | None, as_json: bool,
+                    plot: Path | None, per_tensor: bool, quiet: bool) -> None:
     """Before merging: how far each --model moved from --base, and how the models' changes relate.
 
     One streamed pass over every tensor (the merge's budget, reader and device; nothing is written but --plot).
@@ -61,7 +64,7 @@ def analyze_command(base: Path, models: tuple[Path, ...], top_k: float, max_ram:
       streammerge analyze --base Qwen1.5-7B --model Qwen1.5-7B-Chat --model Sailor-7B --plot changes.png
     """
     from ..lora import split_inputs
-    from ..recipe import Recipe
+    from ..recipe import Recipe, tokenizer_source_fields
     from .core import analyze_recipe
 
     show = not quiet and not as_json
@@ -70,7 +73,8 @@ def analyze_command(base: Path, models: tuple[Path, ...], top_k: float, max_ram:
         recipe = Recipe(base=base, models=split_models, out=None, params={"top_k": top_k}, adapters=adapters,
                         max_ram=max_ram, device=device, threads=threads,
                         max_vram=max_vram, exclude=exclude, embedding_names=embeddings or None,
-                        keep_vision=keep_vision, offline=offline, chunk_rows=chunk_rows)
+                        keep_vision=keep_vision, offline=offline, chunk_rows=chunk_rows,
+                        **tokenizer_source_fields(tokenizer_source))
         result = analyze_recipe(recipe, progress=show, handle_signals=True, plot=plot,
                                 notify=(lambda m: click.echo(f"note: {m}", err=True)) if show else None)
     except MergeInterrupted as exc:
