@@ -34,9 +34,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, PlanError
 
@@ -46,6 +44,9 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 MAX_TOKENIZER_BYTES = 512 * 1024**2
 #: largest token id accepted (ids index embedding rows)
 MAX_TOKEN_ID = 2**31 - 1
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: how a run of output rows is made (:class:`Segment`)
 ROWS, MEAN, ZERO, PADDING_MEAN = "rows", "mean", "zero", "padding_mean"
@@ -344,6 +345,8 @@ def _map(k: int, inp: VocabInput, have: dict[str, int], out_ids: dict[str, int],
          defaults: dict[str, tuple[str, tuple[tuple[int, int], ...]]],
          tokens: dict[str, TokenDefault]) -> tuple[Segment, ...]:
     """Input ``k``'s segments over the output's ``rows`` rows."""
+    import numpy as np  # noqa: PLC0415 (the command line starts without numpy)
+
     kind = np.full(rows, _KIND_CODES[ZERO], dtype=np.int8)  # ids no token has: zeros (mergekit's new_embed)
     src = np.full(rows, -1, dtype=np.int64)
     row = np.full(rows, -1, dtype=np.int64)
@@ -372,6 +375,8 @@ def _map(k: int, inp: VocabInput, have: dict[str, int], out_ids: dict[str, int],
 def _segments(kind: np.ndarray, src: np.ndarray, row: np.ndarray,
               means: dict[int, tuple[tuple[int, int], ...]]) -> tuple[Segment, ...]:
     """Runs of rows made alike: consecutive rows of one input, zeros, padding means; one segment per mean row."""
+    import numpy as np  # noqa: PLC0415
+
     n = len(kind)
     if n == 0:
         return ()

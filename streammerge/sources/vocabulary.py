@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import numpy as np
-
 from .._torch import torch
 from ..errors import PlanError
 from ..vocabulary import MEAN, PADDING_MEAN, ROWS, ZERO, Segment, VocabularyPlan, segment_counts
@@ -130,6 +128,8 @@ class VocabularySource(InputSource):
             return _means[key]
 
     def _mean_of_tokens(self) -> torch.Tensor:
+        import numpy as np  # noqa: PLC0415 (the command line starts without numpy)
+
         from ..formats.reader import InputFiles  # noqa: PLC0415
 
         total = np.zeros(self.shape[1:], dtype=np.float64)
