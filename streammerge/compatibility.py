@@ -14,6 +14,7 @@ from .errors import QuantizationError
 from .formats.checkpoint import Checkpoint
 from .quantization import dequantization
 from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS
+from .vocabulary import tokenizer_difference
 
 #: how a difference stands: merged as is, merged with a note, needs an option, or cannot be merged
 FINE, NOTE, NEEDS_OPTION, BLOCKS = "fine", "note", "needs an option", "blocks"
@@ -66,9 +67,15 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
         if base.model_type and m.model_type and base.model_type != m.model_type:
             out.append(Difference(who, f"model_type {m.model_type!r}, the base's is {base.model_type!r}", BLOCKS,
                                   "merge checkpoints of one architecture"))
-        if base.vocab_size and m.vocab_size and base.vocab_size != m.vocab_size:
-            out.append(Difference(who, f"vocab_size {m.vocab_size}, the base's is {base.vocab_size}", BLOCKS,
-                                  "resize the embeddings to one vocabulary first"))
+        vocab_rows = _vocab_rows(base, embedding, head), _vocab_rows(m, embedding, head)
+        if base.vocab_size and m.vocab_size and base.vocab_size != m.vocab_size or vocab_rows[0] != vocab_rows[1]:
+            out.append(Difference(who, f"vocabulary: {vocab_rows[1] or m.vocab_size} embedding rows, the base's "
+                                  f"{vocab_rows[0] or base.vocab_size}", NEEDS_OPTION, MAP_ROWS))
+        else:
+            differ = tokenizer_difference(base.folder, m.folder)
+            if differ:
+                out.append(Difference(who, f"its tokenizer differs from the base's ({differ})", NOTE,
+                                      "rows are merged as stored, row i with row i; " + MAP_ROWS))
         if m.tied(head) != base.tied(head):
             what = (f"{'ties' if m.tied(head) else 'does not tie'} {head} to the embedding, the base "
                     f"{'does' if base.tied(head) else 'does not'}")
@@ -76,9 +83,17 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
             if embedding is None:
                 out.append(Difference(who, what + ", and the base stores no known token embedding", NEEDS_OPTION,
                                       "--embedding NAME names the token embedding (the head of a tied input)"))
-            elif any(h is not None and h.info.shape != base.tensors[embedding].info.shape for h in heads):
+            elif any(h is not None and h.info.shape[1:] != base.tensors[embedding].info.shape[1:] for h in heads):
                 out.append(Difference(who, what + ", and its output head and the base's embedding have different "
-                                      "shapes", BLOCKS, "resize the embeddings to one vocabulary first"))
+                                      "widths", BLOCKS, "merge checkpoints of one model size"))
+            elif any(c.tensors.get(head) is not None and c.tensors.get(embedding) is not None
+                     and c.tensors[head].info.shape != c.tensors[embedding].info.shape for c in (base, m)):
+                c = next(c for c in (base, m) if c.tensors.get(head) is not None and c.tensors.get(embedding)
+                         is not None and c.tensors[head].info.shape != c.tensors[embedding].info.shape)
+                out.append(Difference(who, what + f", and {c.folder.name}'s output head and embedding have different "
+                                      f"shapes ({list(c.tensors[head].info.shape)} and "
+                                      f"{list(c.tensors[embedding].info.shape)})", BLOCKS,
+                                      "a model's head and embedding need one row per token each"))
             else:
                 out.append(Difference(who, what, NOTE,
                                       "the head is merged from each input's effective head; the output is untied"))
@@ -104,7 +119,8 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
                                       + ("keeps the base's value" if what == "lacks" else
                                          "leaves them out (the base has none)")))
         shapes = [n for n, loc in base.tensors.items()
-                  if n in m.tensors and n not in skip and m.tensors[n].info.shape != loc.info.shape]
+                  if n in m.tensors and n not in skip and m.tensors[n].info.shape != loc.info.shape
+                  and not (n in (*TOKEN_EMBEDDINGS, *HEAD_NAMES) and m.tensors[n].info.shape[1:] == loc.info.shape[1:])]
         if shapes:
             n = shapes[0]
             hint = shape_hint(n, m.tensors[n].info.shape, base.tensors[n].info.shape)
@@ -121,6 +137,17 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
                                   "every input is read as float32; the output takes "
                                   + ("bfloat16 (the base is FP8)" if base_fp8 else "the base's dtype") + " (or --dtype)"))
     return out
+
+
+#: what maps rows between vocabularies (streammerge.vocabulary)
+MAP_ROWS = ("--tokenizer-source union (or base) maps every input's embedding and head rows through its "
+            "tokenizer.json onto one vocabulary (in a recipe: tokenizer_source)")
+
+
+def _vocab_rows(c: Checkpoint, embedding: str | None, head: str) -> int | None:
+    """The rows of ``c``'s token embedding (or its head)."""
+    loc = c.tensors.get(embedding or "") or c.tensors.get(head)
+    return loc.info.shape[0] if loc is not None and loc.info.shape else None
 
 
 def verdict(differences: list[Difference]) -> str:

@@ -32,7 +32,7 @@ from .slices import classify_slices, slice_views
 from .sources import InputSource
 from .sources.base import align
 from .units import format_size
-from .vocabulary import TokenDefault, VocabInput, VocabularyPlan, plan_vocabulary
+from .vocabulary import TokenDefault, VocabInput, VocabularyPlan, plan_vocabulary, tokenizer_difference
 from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
 
 if TYPE_CHECKING:
@@ -520,6 +520,13 @@ def _notes(recipe: Recipe, method: Method, params: dict[str, Any], budget: Budge
             notes.append(f"--force: {out} is not a streammerge output, and everything in it ({len(entries)} entries: "
                          f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) is deleted when the merge "
                          "completes")
+    if recipe.vocabulary is None:  # rows merged as stored: say when the tokenizers disagree on what a row is
+        for k, m in enumerate(recipe.models, 1):
+            differ = tokenizer_difference(recipe.base, m)
+            if differ:
+                notes.append(f"model {k} ({m})'s tokenizer differs from the base's ({differ}), and embedding rows "
+                             "are merged as stored, row i with row i; --tokenizer-source union (or base) maps them "
+                             "through the tokenizers")
     base = recipe.base.resolve()
     for k, m in enumerate(recipe.models, 1):
         if m.resolve() == base and not base_is_averaged(recipe, method, params) and recipe.adapter(k) == recipe.adapter(0):

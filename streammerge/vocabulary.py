@@ -120,6 +120,24 @@ def read_vocabulary(folder: Path) -> Vocabulary | None:
     return Vocabulary(path, ids, tuple(sorted(entries, key=lambda e: e["id"])))
 
 
+def tokenizer_difference(base: Path, model: Path) -> str | None:
+    """How the tokenizer in folder ``model`` gives tokens other ids than the one in ``base`` (both read from their
+    tokenizer.json), or None when they agree, or either has none or cannot be read."""
+    a_path, b_path = base / TOKENIZER_JSON, model / TOKENIZER_JSON
+    if not (a_path.is_file() and b_path.is_file()) or a_path.read_bytes() == b_path.read_bytes():
+        return None
+    try:
+        a, b = read_vocabulary(base), read_vocabulary(model)
+    except InputError:
+        return None
+    if a is None or b is None or a.ids == b.ids:
+        return None
+    moved = sum(1 for t, i in b.ids.items() if t in a.ids and a.ids[t] != i)
+    new = sum(1 for t in b.ids if t not in a.ids)
+    parts = [f"{moved} tokens at other ids" if moved else "", f"{new} tokens the base lacks" if new else ""]
+    return ", ".join(p for p in parts if p) or "the base has tokens it lacks"
+
+
 def _load(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     if size > MAX_TOKENIZER_BYTES:

@@ -212,7 +212,7 @@ def set_vocab_rows(folder, order, seed: int = 0) -> None:  # type: ignore[no-unt
 def write_vocabulary_family(root) -> None:  # type: ignore[no-untyped-def]
     """A tiny-llama family (float32, 3 layers) whose inputs differ in vocabulary, in ``root``: base (tokens t0 …
     t300), chat (+ <|im_start|>, <|im_end|>: 303 rows), multilingual (its ids shuffled, its rows moved with them,
-    + <|im_end|>, <vi>: 302 rows) and plain (multilingual with the base's ids: the same rows, unshuffled)."""
+    + <|im_end|>, <vi>: 303 rows) and plain (multilingual with the base's ids: the same rows, unshuffled)."""
     import random
     import shutil
     from dataclasses import replace

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import interrupt_merge_after_chunks, set_vocab_rows, write_vocabulary_family
+from helpers import interrupt_merge_after_chunks, set_vocab_rows, write_tokenizer, write_vocabulary_family
 from safetensors.torch import load_file
 
 import streammerge
@@ -300,3 +300,28 @@ def test_analyze_compares_inputs_that_differ_in_vocabulary(voc):
     embed = [next(t for t in d["tensors"] if t["name"] == "model.embed_tokens.weight") for d in (shuffled, plain)]
     assert embed[0]["shape"] == [304, 48]
     assert embed[0]["models"] == embed[1]["models"] and embed[0]["pairs"] == embed[1]["pairs"]
+
+
+def test_inspect_says_which_option_maps_other_vocabularies_and_the_advice_works(voc, tmp_path):
+    models = [voc / "chat", voc / "multilingual"]
+    r = CliRunner().invoke(main, ["inspect", str(voc / "base"), *map(str, models)])
+    assert r.exit_code == 0 and "can be merged with the options below" in r.output, r.output
+    assert "vocabulary: 303 embedding rows, the base's 301" in r.output and "--tokenizer-source union" in r.output
+    r = CliRunner().invoke(main, ["merge", "--base", str(voc / "base"), *(a for m in models for a in ("--model", str(m))),
+                                  "--method", "ties", "--tokenizer-source", "union", "--out", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_tokenizer_with_other_ids_is_pointed_out_when_rows_merge_as_stored(voc, tmp_path):
+    """Same row count, tokens at other ids: merged row i with row i (as before, and as mergekit without
+    tokenizer_source), but inspect and plan say so, and name the option that maps them."""
+    import shutil
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(voc / "base", shuffled)
+    write_tokenizer(shuffled, {f"t{(i + 1) % V}": i for i in range(V)})
+    r = CliRunner().invoke(main, ["inspect", str(voc / "base"), str(shuffled)])
+    assert "its tokenizer differs from the base's (301 tokens at other ids)" in r.output, r.output
+    plan = streammerge.plan(voc / "base", [shuffled], None, method="ties")
+    assert any("tokenizer differs from the base's" in n and "--tokenizer-source union" in n for n in plan.notes)
+    mapped = streammerge.plan(voc / "base", [shuffled], None, method="ties", tokenizer_source="base")
+    assert mapped.vocabulary is not None and mapped.vocabulary.counts(1)["own"] == V
