@@ -14,7 +14,7 @@ from .errors import QuantizationError
 from .formats.checkpoint import Checkpoint
 from .quantization import dequantization
 from .recipe import HEAD_NAMES, TOKEN_EMBEDDINGS
-from .vocabulary import tokenizer_difference
+from .vocabulary import TOKENIZER_JSON, tokenizer_difference
 
 #: how a difference stands: merged as is, merged with a note, needs an option, or cannot be merged
 FINE, NOTE, NEEDS_OPTION, BLOCKS = "fine", "note", "needs an option", "blocks"
@@ -68,9 +68,16 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
             out.append(Difference(who, f"model_type {m.model_type!r}, the base's is {base.model_type!r}", BLOCKS,
                                   "merge checkpoints of one architecture"))
         vocab_rows = _vocab_rows(base, embedding, head), _vocab_rows(m, embedding, head)
-        if base.vocab_size and m.vocab_size and base.vocab_size != m.vocab_size or vocab_rows[0] != vocab_rows[1]:
-            out.append(Difference(who, f"vocabulary: {vocab_rows[1] or m.vocab_size} embedding rows, the base's "
-                                  f"{vocab_rows[0] or base.vocab_size}", NEEDS_OPTION, MAP_ROWS))
+        if base.vocab_size and m.vocab_size and base.vocab_size != m.vocab_size \
+                or None not in vocab_rows and vocab_rows[0] != vocab_rows[1]:
+            what = (f"vocabulary: {vocab_rows[1] or m.vocab_size} embedding rows, the base's "
+                    f"{vocab_rows[0] or base.vocab_size}")
+            lacking = [c.folder.name for c in (base, m) if not (c.folder / TOKENIZER_JSON).is_file()]
+            out.append(Difference(who, what, NEEDS_OPTION, MAP_ROWS) if not lacking else Difference(
+                who, f"{what}, and {' and '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no "
+                f"{TOKENIZER_JSON} to map rows through", BLOCKS,
+                f"give every input its {TOKENIZER_JSON} (then {MAP_ROWS.split(' maps ')[0]} maps the rows), or "
+                "resize the embeddings to one vocabulary"))
         else:
             differ = tokenizer_difference(base.folder, m.folder)
             if differ:

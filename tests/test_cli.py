@@ -1121,7 +1121,8 @@ def test_inspect_of_a_base_and_models_gives_a_compatibility_verdict(fam, tmp_pat
     blocked = invoke("inspect", fam["base"], fam["chat"], fam["multilingual"], "--json")
     d = json.loads(blocked.stdout)
     assert blocked.exit_code == 1 and d["verdict"] == "cannot be merged as they are"
-    assert any(x["status"] == "blocks" and "vocab_size 300" in x["what"] for x in d["differences"])
+    assert any(x["status"] == "blocks" and "vocabulary: 300 embedding rows" in x["what"]
+               and "no tokenizer.json" in x["what"] for x in d["differences"])
 
 
 def test_a_second_make_example_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
