@@ -59,6 +59,9 @@ def split_reference(text: str) -> tuple[str, str | None]:
     each name a folder or a Hub ID splits it. Raises :class:`PlanError` when several ``+`` would (use ``--lora``)."""
     if "+" not in text or Path(text).expanduser().exists():
         return text, None
+    if text.endswith("+") or text.startswith("+"):
+        raise PlanError(f"{text!r}: MODEL+ADAPTER needs a model before the + and a LoRA adapter after it (or give the "
+                        "adapter with --lora ADAPTER after --model MODEL)")
     splits = [(text[:i], text[i + 1:]) for i, ch in enumerate(text) if ch == "+"]
     valid = [(m, a) for m, a in splits if m and a and _names_something(m) and _names_something(a)]
     if len(valid) > 1:

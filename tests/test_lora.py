@@ -463,6 +463,8 @@ def test_the_plan_counts_the_adapter_and_the_base_must_be_a_model(made, tmp_path
     assert r.exit_code == 1 and "is a LoRA adapter, not a model" in r.output
     r = run("apply", model, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "no adapter" in r.output
+    r = run("merge", "--base", model, "--model", f"{model}+", "--out", tmp_path / "o")  # not read as a Hub ID
+    assert r.exit_code == 1 and "needs a model before the + and a LoRA adapter after it" in r.output, r.output
 
 
 def test_analyze_takes_model_plus_adapter_like_merge(family, tmp_path):
