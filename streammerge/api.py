@@ -16,9 +16,10 @@ from .errors import InputError, PlanError, Problems, QuantizationError
 from .execute import execute
 from .formats.checkpoint import Checkpoint, load_checkpoint
 from .formats.dtypes import parse_output_dtype
+from .formats.peft_adapter import is_adapter_folder, load_adapter
 from .fsio import check_platform
 from .hub import Resolved, is_hub_id, resolve
-from .lora import adapter_inputs, load_input, split_inputs
+from .lora import adapter_inputs, load_input, split_inputs, split_reference
 from .manifest import MANIFEST
 from .methods import Method, get_method
 from .output import TOKENIZER_PATTERNS, check_destination, check_output_name, tokenizer_files, work_folder_for
@@ -26,6 +27,7 @@ from .planner import Plan, make_plan
 from .pythonic import pythonic_errors
 from .quantization import dequantization
 from .recipe import TOKEN_EMBEDDINGS, Recipe, tokenizer_source_fields
+from .vocabulary import read_vocabulary
 from .workfolder import check_output_free, finished_output
 
 
@@ -211,6 +213,16 @@ def finalize(out: str | Path, progress: bool = False, recheck: bool = False) -> 
 _NOT_OPTIONS = ("base", "models", "out", "method", "params", "chunk_rows", "journal")
 
 
+def _adapter_info(folder: Path) -> dict[str, Any]:
+    """A PEFT LoRA adapter's settings and tensors, for :func:`inspect`."""
+    adapter = load_adapter(folder)
+    s = adapter.settings
+    return {"folder": str(folder), "r": s.r, "lora_alpha": s.lora_alpha, "use_rslora": s.use_rslora,
+            "use_dora": s.use_dora, "base_model_name_or_path": s.base_model_name_or_path,
+            "tensors": len(adapter.tensors), "bytes": adapter.total_bytes,
+            "modules": sorted({n.rsplit(".lora_", 1)[0] for n in adapter.tensors if ".lora_" in n})}
+
+
 def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any] | None,
             options: dict[str, Any], own: tuple[str, ...]) -> Recipe:
     """The recipe of a ``plan``/``merge`` call; ``own``: the calling function's other keyword arguments."""
@@ -232,9 +244,14 @@ def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any
 
 
 def inspect(folder: str | Path) -> dict[str, Any]:
-    """What a model folder holds: tensors, dtypes, shapes, shards, parameter count, tying, vocabulary, and
-    quantization (``"FP8 (...)"``, dequantized on the fly; ``"not dequantized: ..."``, refused; or None)."""
-    ckpt: Checkpoint = load_checkpoint(folder)
+    """What a model folder holds: tensors, dtypes, shapes, shards, parameter count, tying, vocabulary (the embedding
+    rows and the tokenizer's tokens), and quantization (``"FP8 (...)"``, dequantized on the fly; ``"not dequantized:
+    ..."``, refused; or None). ``MODEL+ADAPTER`` (or an adapter folder alone) adds ``"adapter"``: its LoRA settings
+    and tensors. Raises :class:`~streammerge.errors.InputError` for a folder that is neither."""
+    model_ref, adapter_ref = split_reference(str(folder))
+    if adapter_ref is None and is_adapter_folder(Path(model_ref)):
+        return {"folder": model_ref, "adapter": _adapter_info(Path(model_ref))}
+    ckpt: Checkpoint = load_checkpoint(model_ref)
     try:
         quantization = dequantization(ckpt).description
     except QuantizationError as exc:
@@ -243,6 +260,14 @@ def inspect(folder: str | Path) -> dict[str, Any]:
     for loc in ckpt.tensors.values():
         dtypes[loc.info.dtype.name] = dtypes.get(loc.info.dtype.name, 0) + 1
     embedding = next((e for e in TOKEN_EMBEDDINGS if e in ckpt.tensors), None)
+    try:
+        vocab = read_vocabulary(ckpt.folder)
+    except InputError as exc:
+        tokenizer: dict[str, Any] | None = {"error": str(exc)}
+    else:
+        tokenizer = None if vocab is None else {"tokens": len(vocab.ids), "highest_id": max(vocab.ids.values(),
+                                                                                            default=-1),
+                                                "added": [e["content"] for e in vocab.added]}
     return {
         "folder": str(ckpt.folder),
         "model_type": ckpt.model_type,
@@ -252,9 +277,11 @@ def inspect(folder: str | Path) -> dict[str, Any]:
         "tied_embeddings": ckpt.tied(),
         "vocab_size": ckpt.vocab_size,
         "embedding_rows": ckpt.tensors[embedding].info.shape[0] if embedding else None,
+        "tokenizer": tokenizer,
         "quantization": quantization,
         "dtypes": dtypes,
         "shards": [{"file": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.shards.items()],
+        **({"adapter": _adapter_info(Path(adapter_ref))} if adapter_ref is not None else {}),
         "tensors": [
             {"name": n, "dtype": loc.info.dtype.name, "shape": list(loc.info.shape), "shard": loc.shard.name}
             for n, loc in in_natural_order(ckpt)

@@ -692,11 +692,22 @@ def inspect(folders: tuple[Path, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    adapter = info.get("adapter")
+    if "tensors" not in info:  # an adapter folder alone
+        _echo_adapter(adapter)
+        return
     arch = ", ".join(info["architectures"]) or info["model_type"] or "unknown architecture"
     click.echo(f"{info['folder']}: {arch}")
     click.echo(f"  parameters  {info['parameters']:,} ({format_size(info['bytes'])})")
     click.echo("  dtypes      " + ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
     click.echo(f"  vocab       {info['vocab_size']} (embedding rows {info['embedding_rows']})")
+    tok = info["tokenizer"]
+    if tok is not None:
+        click.echo("  tokenizer   " + (tok["error"] if "error" in tok else
+                                      f"{tok['tokens']} tokens, ids up to {tok['highest_id']}"
+                                      + (f"; added: {', '.join(tok['added'][:8])}"
+                                         + (f" and {len(tok['added']) - 8} more" if len(tok['added']) > 8 else "")
+                                         if tok["added"] else "")))
     click.echo(f"  tied        {info['tied_embeddings']}")
     if info["quantization"]:
         click.echo(f"  quantized   {info['quantization']}")
@@ -704,6 +715,19 @@ def inspect(folders: tuple[Path, ...], as_json: bool) -> None:
     click.echo(f"  tensors     {len(info['tensors'])}")
     for t in info["tensors"]:
         click.echo(f"    {t['name']:<60} {t['dtype']:<5} {t['shape']}")
+    if adapter is not None:
+        _echo_adapter(adapter)
+
+
+def _echo_adapter(a: dict[str, Any]) -> None:
+    click.echo(f"{a['folder']}: LoRA adapter, r {a['r']}, lora_alpha {a['lora_alpha']}"
+               + (", DoRA" if a["use_dora"] else "") + (", rsLoRA" if a["use_rslora"] else "")
+               + (f", for {a['base_model_name_or_path']}" if a["base_model_name_or_path"] else ""))
+    click.echo(f"  tensors     {a['tensors']} ({format_size(a['bytes'])}) on {len(a['modules'])} modules")
+    for m in a["modules"][:12]:
+        click.echo(f"    {m}")
+    if len(a["modules"]) > 12:
+        click.echo(f"    ... and {len(a['modules']) - 12} more")
 
 
 def _compatibility(folders: tuple[Path, ...], as_json: bool) -> None:

@@ -481,3 +481,16 @@ def test_analyze_takes_model_plus_adapter_like_merge(family, tmp_path):
             "-q")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model"]["models"][0] == written.to_json()["model"]["models"][0]
+
+
+def test_inspect_describes_model_plus_adapter_and_an_adapter_alone(made, tmp_path):
+    model, adapter, _ = made("plain")
+    r = run("inspect", f"{model}+{adapter}")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"{model}: ") and f"{adapter}: LoRA adapter, r " in r.output
+    alone = run("inspect", adapter, "--json")
+    info = json.loads(alone.output)["adapter"]
+    names = list(load_file(adapter / "adapter_model.safetensors"))
+    assert info["tensors"] == len(names)
+    assert info["modules"] == sorted({n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in names
+                                      if ".lora_" in n})
