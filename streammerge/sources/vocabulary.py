@@ -93,7 +93,7 @@ class VocabularySource(InputSource):
 
     def floats(self, parts: tuple[torch.Tensor, ...], r0: int, a: int, b: int) -> torch.Tensor:
         r1 = r0 + parts[0].shape[0]
-        out = torch.empty((b - a, *self.shape[1:]), dtype=torch.float32)
+        out = torch.empty((b - a, *self.shape[1:]), dtype=torch.float32, device=parts[0].device)  # the parts' device
         at = 1
         for seg, lo, hi in self._pieces(r0, r1):
             inner = []
@@ -109,7 +109,7 @@ class VocabularySource(InputSource):
             if seg.kind == ZERO:
                 dst.zero_()
             elif seg.kind == PADDING_MEAN:
-                dst.copy_(self.padding_mean().expand_as(dst))
+                dst.copy_(self.padding_mean().to(dst.device).expand_as(dst))
             else:  # ROWS (one input) or MEAN (the inputs' rows summed in input order, then divided, as mergekit)
                 total = None
                 for j, ia, p in inner:
