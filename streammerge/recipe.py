@@ -139,6 +139,9 @@ class Recipe:
     #: ``tokenizer.tokens``: token -> its default row (streammerge.vocabulary.TokenDefault, as JSON), with inputs by
     #: index (0: the base)
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the recipe names its base (mergekit's ``base_model``); False for a recipe without one, whose first model
+    #: stands in as the base (a token some inputs lack then takes the mean of those that have it, never the base's)
+    named_base: bool = True
     slices: tuple[LayerSlice, ...] = ()  # layer stacking (passthrough): the output's layers, slice by slice
     offline: bool = False  # resolve Hub IDs from the local Hugging Face cache only (also HF_HUB_OFFLINE)
     hub_refs: dict[str, str] = field(default_factory=dict)  # resolved folder -> "org/name@commit" (set by planning)
@@ -219,6 +222,7 @@ class Recipe:
             "source": self.source, "offline": self.offline, "hub_refs": self.hub_refs,
             "slices": [s.to_json() for s in self.slices], "chat_template": self.chat_template,
             "pad_to_multiple_of": self.pad_to_multiple_of, "vocabulary": self.vocabulary, "tokens": self.tokens,
+            "named_base": self.named_base,
             **({"adapters": [None if a is None else str(a.resolve()) for a in self.adapters]} if self.adapters else {}),
         }
 

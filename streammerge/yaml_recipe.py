@@ -158,7 +158,7 @@ def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
         model_parameters.append({})
         adapters.append(base_adapter)
     return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method,
-                   parameters=parameters, adapters=(base_adapter, *adapters),
+                   named_base=base_ref is not None, parameters=parameters, adapters=(base_adapter, *adapters),
                    model_parameters=tuple(model_parameters) if any(model_parameters) else ())
 
 
@@ -245,7 +245,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
         models = [m for m in firsts if m.resolve() != base.resolve()]
     model_parameters: tuple[dict[str, Any], ...] = ()
     return _recipe(doc, path, text, options, base=base, models=tuple(models), method=method, slices=tuple(slices),
-                   parameters=parameters, model_parameters=model_parameters)
+                   parameters=parameters, model_parameters=model_parameters,
+                   named_base=doc.get("base_model") is not None)
 
 
 def dump(recipe: Recipe) -> str:
@@ -273,6 +274,8 @@ def dump(recipe: Recipe) -> str:
     if method.base_policy == "optional" and "use_base" in shared:
         if not USE_BASE.convert(shared.pop("use_base"), method.name):  # mergekit's form: a recipe without base_model
             del doc["base_model"]
+    if not recipe.named_base and method.base_policy == "none" and not recipe.slices:
+        del doc["base_model"]  # mergekit's form: the first model stands in as the base
     if recipe.slices:
         groups: dict[int, list[Any]] = {}
         for sl in recipe.slices:

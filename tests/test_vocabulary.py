@@ -325,3 +325,37 @@ def test_a_tokenizer_with_other_ids_is_pointed_out_when_rows_merge_as_stored(voc
     assert any("tokenizer differs from the base's" in n and "--tokenizer-source union" in n for n in plan.notes)
     mapped = streammerge.plan(voc / "base", [shuffled], None, method="ties", tokenizer_source="base")
     assert mapped.vocabulary is not None and mapped.vocabulary.counts(1)["own"] == V
+
+
+def test_linear_with_a_named_base_gives_a_token_one_model_lacks_the_bases_row(voc, tmp_path):
+    """mergekit passes base_model to every method's vocabulary step: linear with a base_model too."""
+    import shutil
+    renamed = voc.parent / "renamed-vocab" / "renamed"
+    if not renamed.exists():
+        shutil.copytree(voc / "base", renamed)
+        write_tokenizer(renamed, {**{f"t{i}": i for i in range(V - 1)}, "<r>": V - 1})  # t300 is <r> here
+    text = (f"merge_method: linear\nbase_model: {voc}/base\nmodels:\n  - model: {voc}/base\n  - model: {voc}/chat\n"
+            f"  - model: {renamed}\ntokenizer_source: union\ndtype: float32\n")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(text)
+    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    vocab = _vocab(tmp_path / "out")
+    for name in VOCAB_TENSORS:
+        rows = reference_rows(renamed.parent.parent, [f"{voc.name}/base", f"{voc.name}/chat", "renamed-vocab/renamed"],
+                              vocab, len(vocab), name)
+        torch.testing.assert_close(got[name], sum(rows) / 3, atol=2e-6, rtol=1e-5)
+    base = load_file(voc / "base" / "model.safetensors")["model.embed_tokens.weight"]
+    chat = load_file(voc / "chat" / "model.safetensors")["model.embed_tokens.weight"]
+    torch.testing.assert_close(got["model.embed_tokens.weight"][V - 1], (2 * base[V - 1] + chat[V - 1]) / 3)
+    again = yaml.safe_load((tmp_path / "out" / "streammerge_recipe.yaml").read_text())
+    assert again["base_model"] == str(voc / "base")
+
+
+def test_a_frankenmerge_whose_embedding_and_head_models_differ_in_vocabulary_is_refused(voc, tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {voc}/base, layer_range: [0, 2]}}]\n"
+                      f"  - sources: [{{model: {voc}/chat, layer_range: [2, 3]}}]\n")
+    r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert r.exit_code != 0 and "they must share one vocabulary" in r.output and "303 rows" in r.output, r.output
