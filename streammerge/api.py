@@ -113,12 +113,15 @@ def _names_a_folder(out: Path) -> bool:
 
 
 def _check_folders(recipe: Recipe) -> None:
-    """The input folders: distinct, apart from the output, and a --tokenizer-from that holds a tokenizer."""
+    """The input folders: distinct, apart from the output, and a --tokenizer-source folder that holds a tokenizer."""
     if recipe.tokenizer_from is not None:
+        given = str(recipe.tokenizer_from)
         if not recipe.tokenizer_from.is_dir():
-            raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} is not a folder")
+            near = difflib.get_close_matches(given, ["base", "union"], n=1, cutoff=0.6)
+            raise PlanError(f"--tokenizer-source {given} is not a folder" + (
+                f"; did you mean {near[0]!r}?" if near else "") + " (base, union, or a model folder)")
         if not tokenizer_files(recipe.tokenizer_from):
-            raise PlanError(f"--tokenizer-from {recipe.tokenizer_from} holds no tokenizer files "
+            raise PlanError(f"--tokenizer-source {given} holds no tokenizer files "
                             f"({', '.join(TOKENIZER_PATTERNS[:3])}, ...)")
     seen: dict[tuple[Path, Path | None], str] = {}
     for i, folder in enumerate((recipe.base, *recipe.models)):

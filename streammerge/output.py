@@ -124,7 +124,7 @@ def copy_side_files(work: Path, base: Path, tokenizer_from: Path | None, out_dty
         copied.append("generation_config.json")
     source = tokenizer_from or base
     if tokenizer_from is not None and not tokenizer_from.is_dir():
-        raise InputError(f"--tokenizer-from {tokenizer_from} is not a folder")
+        raise InputError(f"--tokenizer-source {tokenizer_from} is not a folder")
     for f in tokenizer_files(source):
         if f.name not in (tokenizer_documents or {}):
             fsio.copy_file(f, work / f.name)

@@ -23,6 +23,7 @@ shows them) and they are part of the tensor's fingerprint.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,11 +31,12 @@ from typing import Any
 
 from .errors import MethodError
 from .methods import Method
+from .methods.base import IGNORED_NAMES
 
 #: a layer's index in a tensor name: ``model.layers.12.``, GPT-2's ``h.12.`` (group 1; also streammerge.slices)
 LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 #: parameters mergekit accepts that change only how it uses memory: accepted, and change nothing here
-IGNORED_PARAMETERS = ("int8_mask", "lazy_unpickle")
+IGNORED_PARAMETERS = IGNORED_NAMES
 
 
 def evaluate(setting: Any, tensor: str, t: float) -> Any:
@@ -59,7 +61,9 @@ def evaluate(setting: Any, tensor: str, t: float) -> Any:
             raise MethodError(f"parameter condition {condition!r} needs a value (and optionally a filter)")
         extra = sorted(set(condition) - {"value", "filter"})
         if extra:
-            raise MethodError(f"parameter condition {dict(condition)!r} has unknown key(s) {extra}: a condition "
+            near = [difflib.get_close_matches(str(k), ["filter", "value"], n=1, cutoff=0.5) for k in extra]
+            hint = "".join(f"; did you mean {n[0]!r} for {k!r}?" for k, n in zip(extra, near) if n)
+            raise MethodError(f"parameter condition {dict(condition)!r} has unknown key(s) {extra}{hint}: a condition "
                               "takes only filter and value")
         f = condition.get("filter")
         if f is None or f == "*" or f in tensor:

@@ -459,7 +459,9 @@ def _vocabulary(recipe: Recipe, method: Method, params: dict[str, Any], base: Ch
     source_input = next((k for k, f in enumerate(folders) if str(f.resolve()) == at), None)
     tokens = {t: TokenDefault.from_json(d) for t, d in recipe.tokens.items()}
     return plan_vocabulary(inputs, union, source, source_input, tokens, recipe.pad_to_multiple_of,
-                           named_base=recipe.named_base and params.get("use_base") is not False)
+                           named_base=recipe.named_base and params.get("use_base") is not False,
+                           source_name=recipe.reference(source).split("@")[0] if str(source) in recipe.hub_refs
+                           else source.name)
 
 
 #: the value of a parameter in ``Plan.params`` when tensors have different values (``plan --json`` lists each)

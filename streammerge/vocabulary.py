@@ -224,11 +224,12 @@ class VocabInput:
 
 def plan_vocabulary(inputs: Sequence[VocabInput], union: bool, source: Path, source_input: int | None,
                     tokens: dict[str, TokenDefault], pad_to_multiple_of: int | None,
-                    named_base: bool) -> VocabularyPlan | None:
+                    named_base: bool, source_name: str | None = None) -> VocabularyPlan | None:
     """Each input's row map onto the output's vocabulary (see the module docstring); None when every map is the
     identity. ``source``: the folder whose tokenizer the output takes (the base's for a union), ``source_input``: the
     input that folder is (None: a tokenizer-only folder); ``named_base``: the recipe names a base (mergekit's
-    ``base_model``), whose row a token takes before a mean. Raises :class:`PlanError` when a map cannot be made."""
+    ``base_model``), whose row a token takes before a mean; ``source_name``: how notes name the source (its Hub ID).
+    Raises :class:`PlanError` when a map cannot be made."""
     vocabs = [_first_vocabulary(i.folders) for i in inputs]
     src = vocabs[source_input] if source_input is not None else read_vocabulary(source)
     if src is None:
@@ -244,6 +245,12 @@ def plan_vocabulary(inputs: Sequence[VocabInput], union: bool, source: Path, sou
                             f"no {TOKENIZER_JSON} to map them onto: give it its tokenizer")
         return None  # nothing to map through, and nothing that needs mapping
     missing = [i.name for i, v in zip(inputs, vocabs) if v is None]
+    for i, v in zip(inputs, vocabs):
+        model = next((f / "tokenizer.model" for f in i.folders if (f / "tokenizer.model").is_file()), None)
+        if v is None and model is not None:
+            raise PlanError(f"{i.name} has {model} (a sentencepiece tokenizer) but no {TOKENIZER_JSON}, which is what "
+                            "maps its rows: save it once with transformers (AutoTokenizer.from_pretrained(FOLDER)"
+                            ".save_pretrained(FOLDER) writes tokenizer.json)")
     if len(missing) == len(inputs) and not (union or tokens) and len({i.rows for i in inputs}) == 1 \
             and max(src.ids.values(), default=-1) < inputs[0].rows \
             and not (pad_to_multiple_of and inputs[0].rows % pad_to_multiple_of):
@@ -289,12 +296,17 @@ def plan_vocabulary(inputs: Sequence[VocabInput], union: bool, source: Path, sou
     if all(len(m) == 1 and m[0].kind == ROWS and m[0].refs == ((k, 0),) and inputs[k].rows == rows
            for k, m in enumerate(maps)):
         return None
+    name = source_name or source.name
     notes = [f"vocabulary: the output has {n_tokens} tokens"
-             + (f" ({len(added)} added to {source.name}'s tokenizer)" if added else f" ({source.name}'s tokenizer)")
+             + (f" ({len(added)} added to {name}'s tokenizer)" if added else f" ({name}'s tokenizer)")
              + f" and {rows} embedding rows; rows are mapped through each input's tokenizer"]
     if missing:
         notes.append(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no {TOKENIZER_JSON}: taken to "
                      "have the base's vocabulary (as mergekit does)")
+    nobody = [t for t, (how, _) in defaults.items() if how == ZERO and tokens.get(t) is None]
+    if nobody:
+        notes.append(f"{len(nobody)} token{'s' if len(nobody) > 1 else ''} no input has ({', '.join(nobody[:5])}"
+                     f"{', ...' if len(nobody) > 5 else ''}) get zero rows (mergekit: 'not found in any model')")
     plan = VocabularyPlan(n_tokens, rows, maps, source, tuple(added), ())
     for k, i in enumerate(inputs):
         c = plan.counts(k)

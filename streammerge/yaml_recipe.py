@@ -79,18 +79,26 @@ def load(path: str | Path, **options: Any) -> Recipe:
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     try:
-        doc = yaml.safe_load(text)
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if len(docs) > 1:
+        raise RecipeError(f"{path} holds {len(docs)} YAML documents: a mergekit-multi file (several merges, each "
+                          "named), which streammerge does not run; give each merge its own recipe file")
+    doc = docs[0] if docs else None
     return from_dict(doc, path, text, **options)
 
 
 def from_dict(doc: Any, path: Path, text: str, **options: Any) -> Recipe:
     """The recipe of the parsed mergekit configuration ``doc`` (read from ``path``, whose ``text`` is kept for
     ``mergekit_config.yml``); see :func:`load`."""
+    options.setdefault("out", None)  # a recipe names no output: planned without one unless the caller gives it
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (merge_method, base_model, models, ...), got "
                           f"{type(doc).__name__}")
+    if "name" in doc and "merge_method" in doc:
+        raise RecipeError(f"{path}: name: belongs to mergekit-multi files (several named merges), which streammerge "
+                          "does not run; remove it, or give each merge its own recipe file")
     moe = [k for k in MOE_KEYS if k in doc]
     if moe:
         raise RecipeError(f"{path}: {', '.join(moe)}: this is a mergekit-moe configuration (it builds a mixture of "
@@ -188,7 +196,7 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
         where = f"{path}: slice {k}:"
         if not isinstance(entry, dict):
             raise RecipeError(f"{where} a slice is a mapping with sources:, got {entry!r}")
-        _check_keys(entry, ("sources", "parameters", "base_model"), where, "key")
+        _check_keys(entry, ("sources", "parameters", "base_model", "residual_weight"), where, "key")
         sources = entry.get("sources")
         if not isinstance(sources, list) or not sources:
             raise RecipeError(f"{where} sources: must list the slice's models with their layer_range")
@@ -199,6 +207,8 @@ def _slices_recipe(doc: dict[str, Any], path: Path, method: str, options: dict[s
                               "level of the recipe")
         group = []
         for src in sources:
+            if isinstance(src, dict):
+                _check_keys(src, ("model", "layer_range", "parameters"), where, "source key")
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
                 raise RecipeError(f"{where} a source needs model: and layer_range: [first, last + 1], got {src!r}")
             _check_keys(src, ("model", "layer_range", "parameters"), where, "source key")
@@ -435,6 +445,10 @@ def _tokenizer(doc: dict[str, Any], path: Path, what: dict[str, Any]) -> dict[st
         return {"tokenizer_from": None, "vocabulary": None, "tokens": tokens}
     if source in ("base", "union"):
         return {"tokenizer_from": None, "vocabulary": "tokenizer" if source == "base" else "union", "tokens": tokens}
+    near = difflib.get_close_matches(str(source), ["base", "union"], n=1, cutoff=0.6)
+    if near and not _names(str(source), path):
+        raise RecipeError(f"{path}: tokenizer_source {source!r} is not a folder; did you mean {near[0]!r}? (base, "
+                          "union, or a model)")
     return {"tokenizer_from": _folder(source, path, "tokenizer_source"), "vocabulary": "tokenizer", "tokens": tokens}
 
 
@@ -474,8 +488,10 @@ def _token(token: str, cfg: Any, path: Path, inputs: list[Path | None]) -> dict[
             out = {"kind": "model_token", "input": index(src.get("model")),
                    **({"token_id": tid} if tid is not None else {"token": str(src["token"])})}
         else:
-            raise RecipeError(f"{where}: source kind {kind!r}: give a model, {{kind: zero}} or {{kind: model_token, "
-                              "model: MODEL, token_id: N}} (or token: TEXT)")
+            near = difflib.get_close_matches(str(kind), ["zero", "model_token"], n=1, cutoff=0.5)
+            raise RecipeError(f"{where}: source kind {kind!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                              + ": give a model, {kind: zero} or {kind: model_token, model: MODEL, token_id: N} (or "
+                              "token: TEXT)")
     elif src is not None:
         raise RecipeError(f"{where}: source must be a model, {{kind: zero}} or {{kind: model_token, ...}}, got {src!r}")
     return {**out, **({"force": True} if force else {})}

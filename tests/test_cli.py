@@ -678,7 +678,11 @@ def _out_inside_an_input(fam, tmp):
 
 
 def _tokenizer_from_missing(fam, tmp):
-    return ["--tokenizer-from", tmp / "no-tokenizer"], ["--tokenizer-from", str(tmp / "no-tokenizer")]
+    return ["--tokenizer-from", tmp / "no-tokenizer"], ["--tokenizer-source", str(tmp / "no-tokenizer")]
+
+
+def _tokenizer_source_misspelled(fam, tmp):
+    return ["--tokenizer-source", "unoin"], ["--tokenizer-source unoin is not a folder", "did you mean 'union'?"]
 
 
 BAD_INPUTS: dict[str, Case] = {
@@ -732,6 +736,7 @@ BAD_INPUTS: dict[str, Case] = {
     "out-is-an-input": _out_is_an_input,
     "out-inside-an-input": _out_inside_an_input,
     "tokenizer-from-missing": _tokenizer_from_missing,
+    "tokenizer-source-misspelled": _tokenizer_source_misspelled,
 }
 
 

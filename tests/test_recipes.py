@@ -210,6 +210,7 @@ models:
   - model: {multilingual}
 parameters: {{weight: 0.5}}
 """, fam)
+    assert Recipe.from_yaml(path).out is None  # as the README shows it: the output is given when merging
     recipe = Recipe.from_yaml(path, out=tmp_path / "out")
     assert recipe.method == "task_arithmetic" and recipe.models == (fam["chat"], fam["multilingual"])
     assert recipe.model_parameters == ({"weight": [0.2, 1.0]}, {}) and recipe.parameters == {"weight": 0.5}
@@ -229,6 +230,14 @@ REFUSED = {
     "union-without-tokenizers": ("tokenizer_source: union\n", ["has no tokenizer.json", "vocabulary is built"]),
     "token-from-no-input": ("tokenizer: {{source: union, tokens: {{x: {{source: {base}/..}}}}}}\n",
                             ["tokenizer.tokens 'x'", "is not one of the recipe's models"]),
+    "mergekit-multi": ("---\nmerge_method: linear\nmodels: [{{model: {chat}}}]\n",
+                       ["holds 2 YAML documents: a mergekit-multi file"]),
+    "multi-name": ("name: first\n", ["name: belongs to mergekit-multi files"]),
+    "tokenizer-source-typo": ("tokenizer_source: unoin\n", ["tokenizer_source 'unoin' is not a folder",
+                                                             "did you mean 'union'?"]),
+    "int8-mask-typo": ("parameters: {{int8mask: true}}\n", ["did you mean 'int8_mask'?"]),
+    "filter-typo": ("parameters: {{density: [{{filtr: mlp, value: 0.5}}, {{value: 0.4}}]}}\n",
+                    ["did you mean 'filter' for 'filtr'?"]),
     "mergekit-moe": ("gate_mode: hidden\nexperts:\n  - source_model: {chat}\n",
                      ["gate_mode, experts: this is a mergekit-moe configuration"]),
     "token-kind": ("tokenizer: {{tokens: {{x: {{source: {{kind: random}}}}}}}}\n", ["source kind 'random'",
@@ -361,6 +370,7 @@ merge_method: linear
     ("      - model: {base}\n        layer_range: [0, 2]\n      - model: {chat}\n        layer_range: [0, 2]\n"
      "        parameters: {{lambda: 0.5}}\n",
      "parameter lambda is not per model"),
+    ("      - model: {base}\n        layer_rang: [0, 2]\n", "unknown source key 'layer_rang'; did you mean 'layer_range'?"),
 ])
 def test_bad_merge_slices_are_refused(fam, tmp_path, sources, expected):
     path = _write(tmp_path, "merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n" + sources, fam)

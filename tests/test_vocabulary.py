@@ -359,3 +359,27 @@ def test_a_frankenmerge_whose_embedding_and_head_models_differ_in_vocabulary_is_
                       f"  - sources: [{{model: {voc}/chat, layer_range: [2, 3]}}]\n")
     r = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out")])
     assert r.exit_code != 0 and "they must share one vocabulary" in r.output and "303 rows" in r.output, r.output
+
+
+def test_tokens_only_another_tokenizer_has_get_zero_rows_and_a_note(voc, tmp_path):
+    """tokenizer_source: a folder that is no input (mergekit allows any model): its tokens no input has are zeros."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    write_tokenizer(tok, {f"t{i}": i for i in range(V)}, {"<only-here>": V})
+    plan = streammerge.plan(voc / "base", [voc / "plain"], None, method="task_arithmetic", tokenizer_source=tok)
+    assert any("1 token no input has (<only-here>) get zero rows" in n for n in plan.notes), plan.notes
+    out = streammerge.merge(voc / "base", [voc / "plain"], tmp_path / "out", method="task_arithmetic",
+                            tokenizer_source=tok)
+    assert torch.equal(load_file(out / "model.safetensors")["lm_head.weight"][V], torch.zeros(48))
+
+
+def test_a_sentencepiece_only_tokenizer_is_refused_with_the_conversion(voc, tmp_path):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(voc / "chat", old)
+    (old / "tokenizer.json").unlink()
+    (old / "tokenizer.model").write_bytes(b"\x0a\x00")
+    r = CliRunner().invoke(main, ["plan", "--base", str(voc / "base"), "--model", str(old), "--method", "ties",
+                                  "--tokenizer-source", "union"])
+    assert r.exit_code != 0 and "tokenizer.model (a sentencepiece tokenizer) but no tokenizer.json" in r.output
+    assert "save_pretrained" in r.output

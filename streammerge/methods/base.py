@@ -206,6 +206,10 @@ class Method:
                 raise MethodError(f"{self.name} draws no random masks, so it takes no seed (--seed is for the methods "
                                   "that list a seed parameter in `streammerge methods`)")
             if key not in specs:
+                near = difflib.get_close_matches(key, IGNORED_NAMES, n=1, cutoff=0.7)
+                if near:  # mergekit's memory switch, misspelled: accepted (and ignored) under its own name
+                    raise MethodError(f"{self.name} has no parameter {key!r}; did you mean {near[0]!r}? (a mergekit "
+                                      "memory switch, accepted and without effect here)")
                 raise MethodError(unknown_name_message(f"{self.name} has no parameter", key, list(specs)))
         out: dict[str, Any] = {}
         for spec in self.params:
@@ -255,6 +259,10 @@ def _split_per_model(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
+
+
+#: mergekit switches accepted anywhere a parameter is, without effect (streammerge.parameters.IGNORED_PARAMETERS)
+IGNORED_NAMES = ("int8_mask", "lazy_unpickle")
 
 
 def unknown_name_message(what: str, name: str, choices: Sequence[str]) -> str:
