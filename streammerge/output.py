@@ -151,37 +151,72 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return list(found.values())
 
 
-def write_model_card(work: Path, plan_dict: dict[str, Any]) -> None:
-    """README.md: YAML front matter the Hugging Face Hub reads (``base_model`` lists the inputs, ``base_model_relation:
-    merge``, ``library_name``, ``tags``), then what was merged, how, and with which parameters."""
+#: plan options that are command-line flags (the card lists these; the recipe block shows every setting)
+CARD_FLAGS = ("dtype", "exclude", "embedding", "keep_vision", "tokenizer_source")
+
+
+def write_model_card(work: Path, plan_dict: dict[str, Any], recipe_yaml: str | None = None) -> None:
+    """README.md: YAML front matter the Hugging Face Hub reads (``base_model`` lists the inputs: their Hub IDs, or
+    folder names, ``base_model_relation: merge``, ``library_name``, ``tags``), then what was merged, how, with which
+    parameters, and ``recipe_yaml`` (the recipe that reruns it) with input folders by name."""
     import yaml  # noqa: PLC0415
 
     # folder names, not paths: the card must not depend on how the command spelled them (or on resume)
     refs = plan_dict.get("references", {})  # Hub IDs of inputs resolved through the cache: named by their ID
+    adapters = plan_dict.get("adapters") or [None] * (1 + len(plan_dict["models"]))  # MODEL+ADAPTER
+    paths = [str(Path(p).resolve()) for p in (plan_dict["base"], *plan_dict["models"], *(a for a in adapters if a))]
+    display = _display_names(list(dict.fromkeys(p for p in paths if p not in refs)))
+
     def name(p: str) -> str:
-        return refs[p].split("@")[0] if p in refs else Path(p).resolve().name
+        return refs[p].split("@")[0] if p in refs else display[str(Path(p).resolve())]
 
     names = [name(p) for p in (plan_dict["base"], *plan_dict["models"])]
-    adapters = plan_dict.get("adapters") or [None] * len(names)  # LoRA adapters merged into inputs (MODEL+ADAPTER)
     front = {"base_model": list(dict.fromkeys([*names, *(name(a) for a in adapters if a)])),
              "base_model_relation": "merge", "library_name": "transformers",
              "tags": ["merge", "streammerge", plan_dict["method"], *(["lora"] if any(adapters) else [])]}
     names = [n if a is None else f"{n}+{name(a)}" for n, a in zip(names, adapters)]
-    params = ", ".join(f"{k}={v}" for k, v in plan_dict["params"].items()) or "none"
+    params = ", ".join(f"{k}={_shown(v)}" for k, v in plan_dict["params"].items()) or "none"
     models = "\n".join(f"- `{name}`" for name in names[1:])
     options = "".join(f"- `--{k.replace('_', '-')}`" + (f" `{v}`" if not isinstance(v, bool) else "") + "\n"
-                      for k, values in plan_dict.get("options", {}).items()
+                      for k, values in plan_dict.get("options", {}).items() if k in CARD_FLAGS
                       for v in (values if isinstance(values, list) else [values]))
+    recipe = recipe_yaml
+    if recipe is not None:
+        for p in sorted(display, key=len, reverse=True):  # longest first: a path inside another stays whole
+            recipe = recipe.replace(p, display[p])
+    stacked = recipe is not None and "slices:" in recipe
+    inputs = (f"Layers from {', '.join(f'`{n}`' for n in dict.fromkeys(names))}: the recipe below gives the ranges."
+              if stacked else f"Base: `{names[0]}`\n\nModels, in order:\n{models}")
     text = (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# Merged model\n\nMade with streammerge {__version__} using the **{plan_dict['method']}** method "
-        f"({params}).\n\n## Inputs\n\nBase: `{names[0]}`\n\nModels, in order:\n{models}\n\n"
+        f"({params}).\n\n## Inputs\n\n{inputs}\n\n"
         + (f"## Options\n\n{options}\n" if options else "")
+        + (f"## Recipe\n\n```yaml\n{recipe.rstrip()}\n```\n\n" if recipe else "")
         + f"## Reproduce\n\n`streammerge merge {RECIPE_FILE} --out FOLDER` reruns this merge ({RECIPE_FILE} is "
-        "beside the weights).\n\n"
+        "beside the weights, with the inputs' full paths).\n\n"
         + f"Plan fingerprint: `{plan_dict['fingerprint']}`\n"
     )
     fsio.write_file(work / "README.md", text.encode("utf-8"))
+
+
+def _display_names(paths: list[str]) -> dict[str, str]:
+    """Each folder by its name, with as many parent folders as tell apart folders of the same name."""
+    out = {}
+    for p in paths:
+        parts = Path(p).parts
+        depth = 1
+        while depth < len(parts) and any(q != p and Path(q).parts[-depth:] == parts[-depth:] for q in paths):
+            depth += 1
+        out[p] = "/".join(parts[-depth:])
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A parameter's value as a reader writes it: lists for per-model values, numbers as they are."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
 
 
 def write_recipe_files(work: Path, recipe: Any) -> list[str]:

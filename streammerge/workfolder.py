@@ -469,7 +469,7 @@ class WorkFolder:
         if plan.chat_template is not None:
             write_template(self.model_dir, plan.chat_template)
         write_recipe_files(self.model_dir, recipe)
-        write_model_card(self.model_dir, plan.to_dict())
+        write_model_card(self.model_dir, plan.to_dict(), recipe.to_yaml())
         checkpoint("side-files-written")
         publish(self.model_dir, recipe.out, recipe.force)
         checkpoint("published")

@@ -198,6 +198,21 @@ def test_the_model_card_has_front_matter_the_hub_reads(fam, tmp_path):
     assert front == {"base_model": ["base", "chat", "multilingual"], "base_model_relation": "merge",
                      "library_name": "transformers", "tags": ["merge", "streammerge", "task_arithmetic"]}
     assert "streammerge merge streammerge_recipe.yaml --out FOLDER" in text
+    recipe = yaml.safe_load(text.split("```yaml\n")[1].split("```")[0])  # the recipe, inputs by folder name
+    assert recipe["base_model"] == "base" and [m["model"] for m in recipe["models"]] == ["chat", "multilingual"]
+    assert str(tmp_path) not in text
+
+
+def test_the_model_card_tells_apart_inputs_of_the_same_folder_name(fam, tmp_path):
+    import shutil
+    other = tmp_path / "elsewhere" / "chat"
+    shutil.copytree(fam["chat"], other)
+    api.merge(fam["base"], [fam["chat"], other], tmp_path / "out", method="task_arithmetic",
+              params={"weight": [0.5, 0.25]})
+    text = (tmp_path / "out" / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == ["base", f"{fam['chat'].parent.name}/chat", "elsewhere/chat"]
+    assert "weight=[0.5, 0.25]" in text
 
 
 def test_python_recipe_round_trip(fam, tmp_path):
