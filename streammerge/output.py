@@ -74,7 +74,8 @@ def check_can_create_in(parent: Path, what: str, advice: str) -> None:
     """Refuse a folder ``parent`` in which ``what`` cannot be created: missing, on a read-only or virtual file
     system, or not writable (``advice`` ends each message)."""
     if not parent.is_dir():
-        raise PlanError(f"the folder {parent} that should hold {what} does not exist")
+        raise PlanError(f"the folder {parent} that should hold {what} does not exist (a typo is caught this way, "
+                        f"where mergekit creates it): create it with mkdir -p {parent}, or {advice}")
     fs = os.statvfs(parent)
     if fs.f_flag & os.ST_RDONLY:
         raise PlanError(f"{parent} is on a read-only file system; {advice}")
