@@ -246,12 +246,17 @@ def _recipe(base: Any, models: Any, out: Any, method: str, params: dict[str, Any
                         f"besides base, models and out are: {', '.join(public)}") from None
 
 
-def inspect(folder: str | Path) -> dict[str, Any]:
+def inspect(folder: str | Path, offline: bool = False) -> dict[str, Any]:
     """What a model folder holds: tensors, dtypes, shapes, shards, parameter count, tying, vocabulary (the embedding
     rows and the tokenizer's tokens), and quantization (``"FP8 (...)"``, dequantized on the fly; ``"not dequantized:
     ..."``, refused; or None). ``MODEL+ADAPTER`` (or an adapter folder alone) adds ``"adapter"``: its LoRA settings
-    and tensors. Raises :class:`~streammerge.errors.InputError` for a folder that is neither."""
+    and tensors. Either side may be a Hub ID, resolved as merge resolves it (from the cache only when ``offline``
+    or ``HF_HUB_OFFLINE``; see :mod:`streammerge.hub`). Raises :class:`~streammerge.errors.InputError` for a folder
+    that is neither."""
     model_ref, adapter_ref = split_reference(str(folder))
+    hub_id = model_ref if is_hub_id(model_ref) else None
+    model_ref = str(resolve(model_ref, offline).folder)
+    adapter_ref = None if adapter_ref is None else str(resolve(adapter_ref, offline).folder)
     if adapter_ref is None and is_adapter_folder(Path(model_ref)):
         return {"folder": model_ref, "adapter": _adapter_info(Path(model_ref))}
     ckpt: Checkpoint = load_checkpoint(model_ref)
@@ -273,6 +278,7 @@ def inspect(folder: str | Path) -> dict[str, Any]:
                                                 "added": [e["content"] for e in vocab.added]}
     return {
         "folder": str(ckpt.folder),
+        **({"hub_id": hub_id} if hub_id else {}),
         "model_type": ckpt.model_type,
         "architectures": ckpt.architectures,
         "parameters": ckpt.parameter_count,

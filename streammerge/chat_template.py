@@ -4,10 +4,13 @@ planned, written with the side files.
 - ``auto``: the template most of the inputs (base and models) carry, compared as text; on a tie, the one the
   earliest input carries (the base first). Inputs without one do not vote; none with one: the output keeps the
   tokenizer's files as they are.
-- a built-in name, as mergekit has them: ``chatml`` (``<|im_start|>role ... <|im_end|>``), ``llama3``
+- a built-in name, as mergekit 0.1.5 has them: ``chatml`` (``<|im_start|>role ... <|im_end|>``), ``llama3``
   (``<|start_header_id|>role<|end_header_id|> ... <|eot_id|>``), ``alpaca`` (``### Instruction:`` /
-  ``### Response:``), ``mistral`` (``[INST] ... [/INST]``); written here for each format, so the text may differ
-  from mergekit's files in whitespace.
+  ``### Response:``), ``mistral`` (``[INST] ... [/INST]``), ``exaone`` (``[|role|] ... [|endofturn|]``). The text is
+  streammerge's own, but for any conversation it renders (with transformers' Jinja settings) the same string as
+  mergekit 0.1.5's template of that name: whitespace, bos/eos, system message and generation prompt alike, quirks
+  included (see :data:`BUILTIN`). tests/test_chat_template.py renders both on a set of conversations and compares
+  them where mergekit is installed, and pins one rendering per built-in where it is not.
 - anything else that contains Jinja markup (``{{`` or ``{%``): that template, as written.
 
 A template is read from ``chat_template.jinja`` (what transformers saves since 4.43) or the ``chat_template`` of
@@ -23,30 +26,74 @@ from pathlib import Path
 
 from .errors import PlanError
 
-#: the templates known by name (written for streammerge, in the formats' published conventions)
+#: the templates known by name: written for streammerge in each format's published conventions, laid out so that
+#: transformers' Jinja settings (``trim_blocks``, ``lstrip_blocks``) change nothing, and rendering, for any
+#: conversation, the very string mergekit 0.1.5's template of that name renders (tests/test_chat_template.py)
 BUILTIN = {
+    # ChatML: every turn ``<|im_start|>role\n...<|im_end|>\n``, contents as given; no bos.
     "chatml": (
         "{% for message in messages %}"
         "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     ),
+    # Llama 3: bos before the first turn, each turn a header, the trimmed content and ``<|eot_id|>``, then a newline
+    # (mergekit's layout; Meta's own template has none there).
     "llama3": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
-        "+ '<|eot_id|>' }}{% endfor %}"
+        "{% for message in messages %}"
+        "{{ (bos_token if loop.first else '') + '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+        " + (message['content'] | trim) + '<|eot_id|>\\n' }}"
+        "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
+    # Alpaca: the last system message, trimmed, and a blank line (the blank line also without one); then a
+    # ``### Instruction:`` (user), ``### Input:`` (user_context) or ``### Response:`` (assistant) section per message,
+    # its content trimmed, a blank line after every one but the conversation's last message; no eos. The generation
+    # prompt follows the last message without a blank line (mergekit's layout).
     "alpaca": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + "
-        "'\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+        "{% for message in messages if message['role'] == 'system' %}"
+        "{% if loop.last %}{{ message['content'] | trim }}{% endif %}"
+        "{% endfor %}"
+        "{{ '\\n\\n' }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '### Instruction:\\n' + (message['content'] | trim) }}"
+        "{% elif message['role'] == 'user_context' %}{{ '### Input:\\n' + (message['content'] | trim) }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + (message['content'] | trim) }}"
+        "{% endif %}"
+        "{% if message['role'] in ['user', 'user_context', 'assistant'] and not loop.last %}{{ '\\n\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '### Response:\\n' }}{% endif %}"
     ),
+    # Mistral: bos, then `` [INST] user [/INST]`` and `` assistant</s>`` strictly alternating, user first; a leading
+    # system message goes into the first [INST], a blank line before the user's text. No generation prompt: a prompt
+    # ends with [/INST]. Other layouts are refused (raise_exception, as transformers provides it).
     "mistral": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% set has_system = messages[0]['role'] == 'system' %}"
+        "{{ bos_token }}"
+        "{% for message in (messages[1:] if has_system else messages) %}"
+        "{% if (message['role'] == 'user') != (loop.index0 is even) %}"
+        "{{ raise_exception('mistral: after an optional system message, turns go user, assistant, user, ...') }}"
+        "{% elif message['role'] == 'user' %}"
+        "{{ ' [INST] ' + (messages[0]['content'] + '\\n\\n' if loop.first and has_system"
+        " and messages[0]['content'] is defined else '') + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ ' ' + message['content'] + eos_token }}"
+        "{% else %}"
+        "{{ raise_exception('mistral: only user and assistant turns, after an optional system message') }}"
+        "{% endif %}"
+        "{% endfor %}"
+    ),
+    # EXAONE: ``[|role|]content`` turns, a user's closed by a newline, any other's by ``[|endofturn|]`` and a newline;
+    # an empty system turn first where the conversation has none. Laid out as mergekit 0.1.5's template renders
+    # under transformers' settings: its indentation and blank lines come out, so each turn starts with 4 spaces
+    # (the added system turn with 8), each closing is indented by 8 spaces, and a newline ends every piece.
+    "exaone": (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}{{ '        [|system|][|endofturn|]\\n\\n' }}{% endif %}"
+        "{{ '    [|' + message['role'] + '|]' + message['content'] + '\\n' }}"
+        "{{ '        \\n\\n' if message['role'] == 'user' else '        [|endofturn|]\\n\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '    [|assistant|]\\n' }}{% endif %}"
     ),
 }
 TEMPLATE_FILE = "chat_template.jinja"

@@ -678,15 +678,16 @@ def apply(model: Path, lora: Path | None, dry_run: bool, as_json: bool, quiet: b
 @main.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="FOLDER [MODEL ...]")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def inspect(folders: tuple[Path, ...], as_json: bool) -> None:
-    """Describe a model folder: tensors, dtypes, shapes, shards, parameters, tying, vocabulary. Given a base and
-    models (inspect BASE MODEL ...), say whether they can be merged: every difference from the base, with what
-    streammerge does about it or the option that resolves it."""
+@click.option("--offline", is_flag=True, help="Resolve Hub IDs from the local Hugging Face cache only.")
+def inspect(folders: tuple[Path, ...], as_json: bool, offline: bool) -> None:
+    """Describe a model folder (or Hub ID): tensors, dtypes, shapes, shards, parameters, tying, vocabulary. Given a
+    base and models (inspect BASE MODEL ...), say whether they can be merged: every difference from the base, with
+    what streammerge does about it or the option that resolves it."""
     if len(folders) > 1:
-        _compatibility(folders, as_json)
+        _compatibility(folders, as_json, offline)
         return
     try:
-        info = api.inspect(folders[0])
+        info = api.inspect(folders[0], offline=offline)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -697,7 +698,7 @@ def inspect(folders: tuple[Path, ...], as_json: bool) -> None:
         _echo_adapter(adapter)
         return
     arch = ", ".join(info["architectures"]) or info["model_type"] or "unknown architecture"
-    click.echo(f"{info['folder']}: {arch}")
+    click.echo(f"{info.get('hub_id') or info['folder']}: {arch}" + (f" ({info['folder']})" if info.get("hub_id") else ""))
     click.echo(f"  parameters  {info['parameters']:,} ({format_size(info['bytes'])})")
     click.echo("  dtypes      " + ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
     click.echo(f"  vocab       {info['vocab_size']} (embedding rows {info['embedding_rows']})")
@@ -730,12 +731,13 @@ def _echo_adapter(a: dict[str, Any]) -> None:
         click.echo(f"    ... and {len(a['modules']) - 12} more")
 
 
-def _compatibility(folders: tuple[Path, ...], as_json: bool) -> None:
+def _compatibility(folders: tuple[Path, ...], as_json: bool, offline: bool = False) -> None:
     from .compatibility import compare, to_dict, verdict
     from .formats.checkpoint import load_checkpoint
+    from .hub import resolve
 
     try:
-        base, *models = (load_checkpoint(f) for f in folders)
+        base, *models = (load_checkpoint(resolve(f, offline).folder) for f in folders)
     except StreamMergeError as exc:
         raise click.ClickException(str(exc)) from None
     differences = compare(base, models)

@@ -1081,9 +1081,13 @@ def test_what_a_mergekit_user_tries_is_answered_plainly(args, phrases, fam, out)
 
 def test_a_hub_id_and_a_missing_output_are_named_as_such(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    hub = invoke("inspect", "Qwen/Qwen2-0.5B")
-    assert hub.exit_code == 1 and "download it first" in hub.stderr
-    assert "`hf download Qwen/Qwen2-0.5B --local-dir Qwen2-0.5B`" in hub.stderr
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache, and no download
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub = invoke("inspect", "--offline", "Qwen/Qwen2-0.5B")
+    assert hub.exit_code == 1, hub.output
+    assert "Qwen/Qwen2-0.5B is not a local folder and is not in the Hugging Face cache" in hub.stderr
+    assert "hf download Qwen/Qwen2-0.5B --include" in hub.stderr
     missing = invoke("verify", tmp_path / "nothing")
     assert missing.exit_code == 1 and f"{tmp_path / 'nothing'} does not exist" in missing.stderr
     assert "linear" in invoke("methods").stdout and "weight of each model in the average" in invoke("methods").stdout
