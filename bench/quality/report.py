@@ -38,6 +38,9 @@ def markdown(result: dict) -> str:
         f"{result['seeds']} seed(s): a seed changes the FT and PT training (data order, initial RNG) and the "
         "merge's `--seed`; the base is shared. Cells: mean over the seeds (min–max).",
         "",
+        f"FT variant: {_ft_training(result)}."
+        + (f" Base: not trained here, `--base-from {result['base']['from']}`." if result["base"].get("from") else ""),
+        "",
         f"Time: {sec['total']:.0f} s in all (corpus {sec['corpus']:.0f} s, base {sec['base']:.0f} s, FT "
         f"{sec['ft']:.0f} s, PT {sec['pt']:.0f} s, analyze {sec['analyze']:.0f} s, merges {sec['merge']:.0f} s, "
         f"scoring {sec['score']:.0f} s); {result['machine']['cpus']} CPUs, load average "
@@ -90,6 +93,13 @@ def markdown(result: dict) -> str:
     if "plot" in result:
         lines += ["", f"![FT exact match against {lname} bits per byte]({result['plot']})"]
     return "\n".join(lines) + "\n"
+
+
+def _ft_training(result: dict) -> str:
+    """How the FT variant trained (``--ft-style``; results from before the option were all ``adam``)."""
+    st = result["settings"]
+    optimizer = {"adamw": "AdamW", "sgd": "SGD (momentum 0.9)"}.get(st.get("ft_optimizer", "adamw"))
+    return f"`--ft-style {st.get('ft_style', 'adam')}`, {optimizer}, lr {st['ft_lr']:g}, {st['ft_steps']} steps"
 
 
 def _tasks(result: dict) -> list[str]:
@@ -163,7 +173,8 @@ def plot(result: dict, path: Path) -> None:
             axes[row][col].set_ylabel(ylabels[ykey])
     n = result["seeds"]
     fig.suptitle(f"Merging an FT and a PT variant of a {result['base']['params'] / 1e6:.1f}M-parameter byte-level "
-                 f"Qwen2 ({result['mode']} mode): mean of {n} seed(s), bars span min–max", fontsize=12)
+                 f"Qwen2 ({result['mode']} mode; FT: {_ft_training(result).replace('`', '')}): mean of {n} seed(s), "
+                 "bars span min–max", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

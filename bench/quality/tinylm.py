@@ -115,15 +115,20 @@ def packed_task_batch(examples: list[tuple[str, str, str]], rows: int, length: i
 
 # ----------------------------------------------------------------------------------------------- training
 def train(model: Qwen2ForCausalLM, next_batch: Callable[[], dict[str, torch.Tensor]], steps: int, lr: float,
-          warmup: int, weight_decay: float, seed: int, label: str) -> list[float]:
-    """AdamW (betas 0.9/0.95), linear warm-up then cosine decay to 10% of ``lr``, gradients clipped at 1.
-    Returns the loss of every step."""
+          warmup: int, weight_decay: float, seed: int, label: str, optimizer: str = "adamw") -> list[float]:
+    """AdamW (betas 0.9/0.95; ``optimizer="sgd"``: SGD with momentum 0.9), linear warm-up then cosine decay to 10%
+    of ``lr``, gradients clipped at 1. Returns the loss of every step."""
     torch.manual_seed(seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
 
     def factor(step: int) -> float:
         if step < warmup:
