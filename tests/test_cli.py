@@ -937,7 +937,7 @@ def test_every_independent_problem_is_reported_at_once(fam, out, tmp_path):
     assert result.exit_code == 1
     message = result.stderr
     assert "4 problems" in message, message
-    for phrase in ("not empty", "parameter t", "int4", "--tokenizer-from"):
+    for phrase in ("not empty", "parameter t", "int4", "--tokenizer-source"):
         assert phrase in message, (phrase, message)
 
 
