@@ -1,21 +1,42 @@
 #!/usr/bin/env python
-"""Fused element-wise kernels, candidates compared: the per-element cost of task arithmetic's merge of one compute
-block (bfloat16 base and two bfloat16 models in, bfloat16 out), as the engine computes it today (eager torch, one
-op at a time through float32 temporaries) and fused into one pass by torch.compile (inductor's C++ backend) and by
-numba; each candidate's output is compared with eager torch's byte for byte.
+"""Fused element-wise kernels: candidates, the shipped kernels per method, and their end-to-end effect.
 
-    python bench/kernels.py [--elements 262144] [--repeat 200]
+    python bench/kernels.py [--elements 262144] [--repeat 200] [--casts]
+    python bench/kernels.py --e2e bench/models/qwen2-0.5b [--method task_arithmetic,ties,widen] [--threads 1,2]
+        [--rounds 2] [--baseline-src DIR]
 
-Prints a Markdown table (ns per element, the speed-up, whether the bytes are identical, the compile time of a
-cold start) and writes ``bench/results/<UTC timestamp>-kernels.md``. One thread (the engine's workers are
-single-threaded). numba is optional (``pip install numba``); torch.compile needs a C++ compiler.
+Without ``--e2e``, one thread, in one process:
+
+1. candidates: task arithmetic's merge of one compute block (bfloat16 base and two bfloat16 models in, bfloat16
+   out) as eager torch computes it, fused by torch.compile (inductor's C++ backend), by a plain numba loop, and by
+   the shipped kernel (``streammerge.kernels``), each output compared with eager torch's byte for byte, with the
+   cold compile time (the shipped kernel's is a load from numba's cache once it has been compiled);
+2. per method, the engine's own ``TensorMerge`` objects on one block: task arithmetic's merge pass, TIES's two
+   radix-select passes and merge pass, WIDEN's statistics and merge passes, eager (the float32 rows the runner
+   makes, the method, the cast) against fused (``accumulate_raw``/``emit_raw`` on the stored rows), ns per tensor
+   element, bytes compared; and CRC-32 throughput, zlib against ISA-L (every input and output byte is
+   checksummed);
+3. with ``--casts``, the kernels' float32 -> bfloat16/float16 casts on every float32 bit pattern against torch.
+
+With ``--e2e``: warm page cache, ``streammerge merge ... --threads N`` of the family with ``STREAMMERGE_KERNELS=eager``
+and ``=numba`` alternately (``--rounds`` times each, the best kept), under ``/usr/bin/time``, and with
+``--baseline-src`` the same merge by another source tree ("before"); the compute time is the wall time minus the
+start-up (the tiny example's merge, best of three, per build); every output is compared with eager's.
+
+Prints Markdown; writes ``bench/results/<UTC timestamp>-kernels.md`` (``-kernels-e2e-<shape>.{md,json}``). numba
+is optional (``pip install 'streammerge[fast]'``); torch.compile needs a C++ compiler.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +44,9 @@ import numpy as np
 import torch
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
 W0, W1 = 0.3, 0.7
+ENV = "STREAMMERGE_KERNELS"
 
 
 def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,7 +58,7 @@ def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def eager(base: torch.Tensor, m0: torch.Tensor, m1: torch.Tensor, out: torch.Tensor) -> None:
-    """What the engine does for task arithmetic today (methods/_delta.py: emit, plain_sum; runner._store)."""
+    """What the engine's eager path does for task arithmetic (methods/_delta.py: emit, plain_sum; runner._store)."""
     b = base.float()
     d0 = m0 - b
     d0.mul_(W0)
@@ -74,26 +97,20 @@ def numba_kernel() -> Callable[..., None]:
 
 
 def per_element(fn: Callable[[], object], n: int, repeat: int) -> float:
+    """ns per element of ``fn`` (CPU time of this thread: steadier than wall time on a shared machine)."""
     fn()
-    t = time.perf_counter()
+    t = time.thread_time()
     for _ in range(repeat):
         fn()
-    return (time.perf_counter() - t) / repeat / n * 1e9
+    return (time.thread_time() - t) / repeat / n * 1e9
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--elements", type=int, default=1 << 18, help="elements per block (the engine's: 262144)")
-    ap.add_argument("--repeat", type=int, default=200)
-    ap.add_argument("--results", type=Path, default=BENCH / "results")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    n = args.elements
+def candidates(n: int, repeat: int) -> list[str]:
     base, m0, m1 = inputs(n)
     ref = torch.empty(n, dtype=torch.bfloat16)
     eager(base, m0, m1, ref)
     bits = ref.view(torch.int16).numpy()
-    rows = [("eager torch (today)", per_element(lambda: eager(base, m0, m1, ref), n, args.repeat), True, 0.0)]
+    rows = [("eager torch", per_element(lambda: eager(base, m0, m1, ref), n, repeat), True, 0.0)]
 
     t = time.perf_counter()
     fn = compiled()
@@ -101,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         got = fn(base, m0, m1)
         cold = time.perf_counter() - t
         same = bool(np.array_equal(got.view(torch.int16).numpy(), bits))
-        rows.append(("torch.compile (inductor C++)", per_element(lambda: fn(base, m0, m1), n, args.repeat), same,
-                     cold))
+        rows.append(("torch.compile (inductor C++)", per_element(lambda: fn(base, m0, m1), n, repeat), same, cold))
     except Exception as exc:  # no compiler, or an inductor failure: say so
         print(f"torch.compile failed: {exc}", file=sys.stderr)
 
@@ -114,22 +130,259 @@ def main(argv: list[str] | None = None) -> int:
         w0, w1 = np.float32(W0), np.float32(W1)
         kernel(bb, a0, a1, w0, w1, out)
         cold = time.perf_counter() - t
-        rows.append(("numba (scalar loop)", per_element(lambda: kernel(bb, a0, a1, w0, w1, out), n, args.repeat),
+        rows.append(("numba, scalar loop with a bit-cast array", per_element(lambda: kernel(bb, a0, a1, w0, w1, out),
+                                                                            n, repeat),
+                     bool(np.array_equal(out, bits.view(np.uint16))), cold))
+        from streammerge import kernels
+
+        t = time.perf_counter()
+        k = kernels.kernels()
+        ms, w = (a0, a1), kernels.f32([W0, W1])
+        one = np.float32(1.0)
+        k.delta_sum(bb, ms, w, one, one, out)
+        cold = time.perf_counter() - t
+        rows.append(("streammerge.kernels.delta_sum (shipped)",
+                     per_element(lambda: k.delta_sum(bb, ms, w, one, one, out), n, repeat),
                      bool(np.array_equal(out, bits.view(np.uint16))), cold))
     except ImportError:
         print("numba is not installed: pip install numba", file=sys.stderr)
 
     today = rows[0][1]
-    lines = [f"# Fused kernels: task arithmetic of one {n}-element block, bf16 in and out, 1 thread", "",
-             f"torch {torch.__version__}" + (f", numba {sys.modules['numba'].__version__}" if "numba" in sys.modules
-                                             else ""), "",
-             "| kernel | ns / element | speed-up | bytes identical to today's | cold compile s |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {ns:.2f} | {today / ns:.1f}x | {'yes' if same else 'NO'} | {cold:.1f} |"
+    lines = [f"## Candidates: task arithmetic of one {n}-element block, bf16 in and out, 1 thread", "",
+             "| kernel | ns / element | speed-up | bytes identical to eager | cold compile (or cache load) s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {ns:.2f} | {today / ns:.1f}x | {'yes' if same else 'NO'} | {cold:.2f} |"
               for name, ns, same, cold in rows]
+    return lines
+
+
+def methods(n: int, repeat: int) -> list[str]:
+    """Eager against fused, per pass, with the engine's TensorMerge objects on one (rows, 896) bf16 block."""
+    from streammerge import kernels
+    from streammerge.methods import Rule, TensorTask, get_method
+
+    cols = 896
+    rows = max(64, n // cols // 64 * 64)
+    n = rows * cols
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    models = [(base.float() + 0.002 * torch.randn(rows, cols, generator=g)).to(torch.bfloat16) for _ in range(2)]
+    task = TensorTask("bench", (rows, cols), Rule.MATRIX, 64, exact_products=True)
+    out_e, out_f = (torch.empty(rows, cols, dtype=torch.bfloat16) for _ in range(2))
+    lines = [f"## Per method and pass: one {rows} x {cols} block, bf16, 2 models, 1 thread (ns per tensor element)", "",
+             "| method | pass | eager ns | fused ns | speed-up | bytes identical |", "|---|---|---|---|---|---|"]
+
+    def row(method: str, what: str, e: float, f: float, same: bool | None) -> None:
+        lines.append(f"| {method} | {what} | {e:.2f} | {f:.2f} | {e / f:.1f}x | "
+                     f"{'-' if same is None else 'yes' if same else 'NO'} |")
+
+    for name, params in (("task_arithmetic", {}), ("ties", {"density": 0.5}), ("widen", {})):
+        m = get_method(name)
+        p = m.resolve_params(params, 2)
+        passes = m.stat_passes(Rule.MATRIX, p)
+        eager_m, fused_m = m.start(task, p, 2), m.start(task, p, 2)
+        for pi in range(passes):  # each pass timed on merges that have finished the passes before it
+            def fresh(upto: int = pi):  # type: ignore[no-untyped-def]
+                t = m.start(task, p, 2)
+                for q in range(upto):
+                    t.accumulate(q, 0, base.float(), models)
+                    t.end_pass(q)
+                return t
+
+            te, tf = fresh(), fresh()
+            e = per_element(lambda: fresh_accumulate(te, pi, base, models, False), n, max(3, repeat // 20))
+            f = per_element(lambda: fresh_accumulate(tf, pi, base, models, True), n, max(3, repeat // 20))
+            row(name, f"statistics {pi + 1}", e, f, None)
+            eager_m.accumulate(pi, 0, base.float(), models)
+            fused_m.accumulate_raw(pi, 0, base, models)
+            eager_m.end_pass(pi)
+            fused_m.end_pass(pi)
+        same = eager_m.state_dict().keys() == fused_m.state_dict().keys() and all(
+            torch.equal(a, b) for a, b in zip(eager_m.state_dict().values(), fused_m.state_dict().values()))
+
+        def rewind(t) -> None:  # type: ignore[no-untyped-def]
+            for sp in getattr(t, "sparsifiers", []):
+                sp.rewind()
+
+        def emit_eager() -> None:
+            rewind(eager_m)
+            out_e.copy_(eager_m.emit(0, base.float(), models))
+
+        def emit_fused() -> None:
+            rewind(fused_m)
+            assert fused_m.emit_raw(0, base, models, out_f) == 0
+
+        e, f = per_element(emit_eager, n, repeat // 4), per_element(emit_fused, n, repeat // 4)
+        row(name, "merge (and the cast)", e, f, same and torch.equal(out_e.view(torch.int16), out_f.view(torch.int16)))
+    lines += ["", f"numba {sys.modules['numba'].__version__}, backend {kernels.backend()}", ""]
+
+    data = np.random.default_rng(0).integers(0, 255, 1 << 26, dtype=np.uint8)
+    rates = []
+    for label, fn in (("zlib", zlib.crc32), ("ISA-L (isal)", _isal())):
+        if fn is None:
+            continue
+        fn(memoryview(data))
+        t = time.perf_counter()
+        for _ in range(5):
+            fn(memoryview(data))
+        rates.append(f"{label} {5 * data.nbytes / (time.perf_counter() - t) / 1e9:.1f} GB/s")
+    lines += ["CRC-32 of 64 MiB, one thread: " + ", ".join(rates)]
+    return lines
+
+
+def fresh_accumulate(t, pass_index: int, base: torch.Tensor, models: list[torch.Tensor],  # type: ignore[no-untyped-def]
+                     fused: bool) -> None:
+    """One statistics block (rows 0..); the TileFeeder's order check is reset so the block can be fed again."""
+    feeder = getattr(t, "_feeder", None)
+    if feeder is not None:
+        feeder._next_row = 0
+    if fused:
+        assert t.accumulate_raw(pass_index, 0, base, models)
+    else:
+        t.accumulate(pass_index, 0, base.float(), models)
+
+
+def _isal() -> Callable[..., int] | None:
+    try:
+        from isal.isal_zlib import crc32
+    except ImportError:
+        return None
+    return crc32
+
+
+def casts() -> list[str]:
+    """Every float32 bit pattern through the kernels' casts to bfloat16 and float16 against torch's ``.to()``
+    (NaN payloads aside: a NaN output is refused anyway), and the non-finite counts."""
+    from streammerge import kernels
+
+    k = kernels.kernels()
+    step, found = 1 << 24, {torch.bfloat16: 0, torch.float16: 0}
+    for start in range(0, 1 << 32, step):
+        x = np.arange(start, start + step, dtype=np.uint64).astype(np.uint32).view(np.float32)
+        nan = np.isnan(x)
+        for dtype in found:
+            want = torch.from_numpy(x).to(dtype)
+            got = np.empty(step, dtype=np.uint16 if dtype == torch.bfloat16 else np.int16)
+            bad = k.convert(x, got)
+            differ = (got != want.view(torch.int16).numpy().view(got.dtype)) & ~nan
+            found[dtype] += int(differ.sum()) + (bad != int((~torch.isfinite(want)).sum()))
+    return ["## Casts: all 2^32 float32 bit patterns", "",
+            *(f"- to {dtype}: {'every pattern as torch' if n == 0 else f'{n} differences'}"
+              for dtype, n in found.items())]
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------
+def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_ram: str,
+        baseline: Path | None) -> tuple[str, dict]:
+    from run import time_v
+    from threads import DEFAULT_PARAMS, merge_cmd, warm
+
+    warm(models)
+    rows: list[dict] = []
+    fixed: dict[str, float] = {}
+    # (label, the command's first words instead of the console script, STREAMMERGE_KERNELS)
+    runs: list[tuple[str, list[str] | None, str]] = [("eager", None, "eager"), ("numba", None, "numba")]
+    if baseline is not None:  # another source tree (e.g. `git archive` of the commit before) first on sys.path
+        runs.insert(0, ("before", [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(baseline)!r}); "
+                                   "from streammerge._entry import main; main()"], "eager"))
+    backends = [label for label, _, _ in runs]
+
+    def command(prefix: list[str] | None, cmd: list[str]) -> list[str]:
+        return cmd if prefix is None else [*prefix, *cmd[1:]]
+
+    with tempfile.TemporaryDirectory(dir=BENCH / "work" if (BENCH / "work").is_dir() else None) as tmp:
+        work = Path(tmp)
+        tiny = work / "tiny"
+        subprocess.run([sys.executable, "-c", f"from streammerge.examples import write_family; "
+                        f"write_family({str(tiny)!r})"], check=True)
+        for label, prefix, backend in runs:  # the start-up: a merge of the tiny example, best of three
+            cmd = command(prefix, [str(Path(sys.executable).with_name("streammerge")), "merge", "--base",
+                                   str(tiny / "base"), "--model", str(tiny / "chat"), "--model",
+                                   str(tiny / "multilingual"), "--out", str(work / "tiny-out"), "--force", "-q"])
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, env={**os.environ, ENV: backend}, stdout=subprocess.DEVNULL)
+                times.append(time.perf_counter() - t0)
+            fixed[label] = min(times)
+        for method in methods_:
+            for t in threads:
+                best: dict[str, dict] = {}
+                for _ in range(rounds):
+                    for label, prefix, backend in runs:
+                        out = work / f"out-{label}"
+                        cmd = command(prefix, merge_cmd(sys.executable, models, method,
+                                                        DEFAULT_PARAMS.get(method, []), t, out, max_ram))
+                        r = time_v(cmd, env={**os.environ, ENV: backend})
+                        if r["returncode"] != 0:
+                            raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
+                        if label not in best or r["wall_s"] < best[label]["wall_s"]:
+                            best[label] = r
+                        print(f"{method:16} threads {t} {label:6}: {r['wall_s']:6.2f} s wall, {r['cpu_s']:6.2f} s "
+                              f"CPU", file=sys.stderr)
+                for label in backends:
+                    same = all((work / "out-eager" / f.name).read_bytes() == f.read_bytes()
+                               for f in sorted((work / f"out-{label}").glob("*.safetensors")))
+                    r = best[label]
+                    rows.append({"method": method, "threads": t, "kernels": label, "wall_s": r["wall_s"],
+                                 "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
+                                 "compute_s": max(0.0, r["wall_s"] - fixed[label]), "same_bytes": same})
+    lines = [f"## End to end: {models.name}, warm page cache, --max-ram {max_ram}, {len(os.sched_getaffinity(0))} "
+             f"cores, best of {rounds}", "",
+             "Start-up (tiny example merge): " + ", ".join(f"{b} {v:.2f} s" for b, v in fixed.items()), "",
+             "| method | threads | build | wall s | CPU s | compute s | compute / eager's | peak RSS MiB | "
+             "bytes = eager's |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = next(x for x in rows if x["method"] == r["method"] and x["threads"] == r["threads"]
+                 and x["kernels"] == "eager")
+        ratio = r["compute_s"] / e["compute_s"] if e["compute_s"] else float("nan")
+        lines.append(f"| {r['method']} | {r['threads']} | {r['kernels']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
+                     f"{r['compute_s']:.2f} | {ratio:.2f} | {r['peak_rss'] / 2**20:.0f} | "
+                     f"{'yes' if r['same_bytes'] else 'NO'} |")
+    return "\n".join(lines) + "\n", {"startup_s": fixed, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--elements", type=int, default=1 << 18, help="elements per block (the engine's: 262144)")
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--e2e", type=Path, default=None, metavar="FAMILY",
+                    help="time whole merges of this family folder (base, chat, multilingual) eager vs fused")
+    ap.add_argument("--method", default="task_arithmetic,ties,widen", help="--e2e: comma-separated methods")
+    ap.add_argument("--threads", default="2", help="--e2e: comma-separated --threads values")
+    ap.add_argument("--rounds", type=int, default=2, help="--e2e: runs of each merge per backend (best kept)")
+    ap.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                    help="--e2e: also time the streammerge package in DIR (e.g. `git archive HEAD streammerge | tar "
+                    "-x -C DIR`), as 'before', in the same run")
+    ap.add_argument("--max-ram", default="1GiB")
+    ap.add_argument("--casts", action="store_true", help="also check the casts on all 2^32 float32 patterns (1 min)")
+    ap.add_argument("--results", type=Path, default=BENCH / "results")
+    args = ap.parse_args(argv)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    args.results.mkdir(parents=True, exist_ok=True)
+    if args.e2e is not None:
+        models = args.e2e.resolve()
+        report, data = e2e(models, [m for m in args.method.split(",") if m], [int(t) for t in args.threads.split(",")],
+                           args.rounds, args.max_ram, args.baseline_src.resolve() if args.baseline_src else None)
+        print(report)
+        path = args.results / f"{stamp}-kernels-e2e-{models.name}"
+        path.with_name(path.name + ".md").write_text(report)
+        path.with_name(path.name + ".json").write_text(json.dumps(data, indent=2))
+        print(f"wrote {path}.{{md,json}}", file=sys.stderr)
+        return 0
+    torch.set_num_threads(1)
+    lines = [f"# Fused kernels, torch {torch.__version__}", ""]
+    lines += candidates(args.elements, args.repeat)
+    lines.append("")
+    try:
+        lines += methods(args.elements, args.repeat)
+        if args.casts:
+            lines += ["", *casts()]
+    except ImportError:
+        lines.append("(numba is not installed: no per-method comparison)")
     report = "\n".join(lines) + "\n"
     print(report)
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-kernels.md"
+    path = args.results / f"{stamp}-kernels.md"
     path.write_text(report)
     print(f"wrote {path}", file=sys.stderr)
     return 0

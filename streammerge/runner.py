@@ -10,6 +10,11 @@ For each step: statistics steps feed the method float32 rows of every source blo
 reduction tiles); emit steps ask the method for the float32 result of each block, check it is finite, cast it
 into the output buffer at the planned dtype and hand the chunk to ``io.write``; copies write the base's rows (as
 stored, or cast); a tied head copies its embedding's merged output. Stop requests are honoured between blocks.
+
+With the fused kernels (:mod:`streammerge.kernels`, decided once per tensor) a block goes to the method's
+``accumulate_raw``/``emit_raw`` first, with every source's rows as stored and, to merge, the output rows to fill in
+their dtype: the same bytes in one pass. The eager path above runs where the method has no fused path for the
+inputs, and for a block whose fused result is not finite (it names the problem).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import kernels
 from ._torch import torch
 from .errors import NonFiniteError
 from .formats.dtypes import DTYPES
@@ -95,6 +101,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
     if not schedule.steps:
         return TensorResult(t.name, 0)
     merger = plan.method.start(t.task, t.params, len(plan.models)) if t.rule.merged else None
+    fused = merger is not None and kernels.enabled()
     held: dict[int, Parts] = {}  # staged reads still in use, by index
     written = 0
     for step in schedule.steps:
@@ -106,7 +113,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
             parts = held[step.read]
         if step.op is Op.STATS:
             assert merger is not None
-            _stats(plan, t, merger, step, schedule.read_of(step), parts, io)
+            _stats(plan, t, merger, step, schedule.read_of(step), parts, io, fused)
         elif step.op is Op.END_PASS:
             assert merger is not None
             merger.end_pass(step.pass_index)
@@ -122,7 +129,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
             merger.restore_cursor(job.cursor)
         elif step.op is Op.EMIT:
             assert merger is not None
-            _emit(plan, t, merger, step, schedule.read_of(step), parts, io)
+            _emit(plan, t, merger, step, schedule.read_of(step), parts, io, fused)
         elif step.op is Op.COPY:
             _copy(plan, t, step, schedule.read_of(step), parts, io)
         elif step.op is Op.TIED_COPY:
@@ -135,10 +142,15 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
 
 
 # ---- the steps ------------------------------------------------------------------------------------------------
-def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts, io: TensorIO) -> None:
+def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts, io: TensorIO,
+           fused: bool) -> None:
     io.phase(t, f"statistics {step.pass_index + 1}/{t.stat_passes}")
     for b0, b1 in t.blocks(step.r0, step.r1, stats=True):
         io.check_stop()
+        if fused:
+            raw = _raw_rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0)
+            if raw is not None and merger.accumulate_raw(step.pass_index, b0, raw[0], raw[1:]):
+                continue
         base, *models = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         merger.accumulate(step.pass_index, b0, base, models)
         del base, models  # before the next block's copies are made (not beside them)
@@ -146,16 +158,21 @@ def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Rea
 
 
 def _emit(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts,
-          io: TensorIO) -> None:
+          io: TensorIO, fused: bool) -> None:
     io.phase(t, "merge")
     buffer, raw = io.output_buffer()
     host, nbytes = _out_view(t, raw, step.r0, step.r1)
     out = io.compute.output_like(host)
     for b0, b1 in t.blocks(step.r0, step.r1, stats=False):
         io.check_stop()
+        dst = out[b0 - step.r0 : b1 - step.r0] if out.dim() else out
+        if fused:
+            stored = _raw_rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0)
+            if stored is not None and merger.emit_raw(b0, stored[0], stored[1:], dst) == 0:
+                continue  # else no fused path, or a non-finite value that the eager path names
         block = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         result = merger.emit(b0, block[0], block[1:])
-        _store(plan, t, out[b0 - step.r0 : b1 - step.r0] if out.dim() else out, b0, result, block)
+        _store(plan, t, dst, b0, result, block)
         del block, result  # before the next block's copies are made (not beside them)
     io.compute.download(out, host)
     del out
@@ -210,6 +227,18 @@ def _rows(sources: Sequence[InputSource], parts: Parts, r0: int, a: int, b: int,
     for src, p in zip(sources[1:], parts[1:]):
         raw = src.raw(p, r0, a, b) if raw_models else None
         out.append(raw if raw is not None else src.floats(p, r0, a, b))
+    return out
+
+
+def _raw_rows(sources: Sequence[InputSource], parts: Parts, r0: int, a: int, b: int) -> list[torch.Tensor] | None:
+    """Rows [a, b) of every source as stored (read-only views, see :meth:`InputSource.raw`), for the fused kernels;
+    None when a source has none (its rows must be converted: FP8, a LoRA product)."""
+    out = []
+    for src, p in zip(sources, parts):
+        raw = src.raw(p, r0, a, b)
+        if raw is None:
+            return None
+        out.append(raw)
     return out
 
 

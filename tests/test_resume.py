@@ -980,6 +980,7 @@ def test_a_signal_inside_a_long_statistics_pass_stops_at_the_next_block(signum, 
 
     fam, out = big_embedding, tmp_path / "out"
     real = widen._MatrixMerge.accumulate
+    monkeypatch.setenv("STREAMMERGE_KERNELS", "eager")  # accumulate, not the fused accumulate_raw, sees every block
     calls = {"embedding": 0, "after": 0}
 
     def accumulate(self, pass_index, r0, base, models):  # type: ignore[no-untyped-def]

@@ -86,6 +86,7 @@ def test_a_failure_in_one_worker_stops_them_all_and_keeps_the_work(fam, tmp_path
 
     ref = _merge(fam, tmp_path / "ref", "widen", threads=1)
     real = widen._MatrixMerge.emit
+    monkeypatch.setenv("STREAMMERGE_KERNELS", "eager")  # emit, not the fused emit_raw, computes every block
 
     def emit(self, r0, base, models):  # type: ignore[no-untyped-def]
         out = real(self, r0, base, models)

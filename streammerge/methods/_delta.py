@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import kernels
 from .._torch import torch
 from ._rng import keep_mask, stream_key, uniform
 from ._select import BINS, TopK
@@ -179,6 +180,19 @@ class _Selection(Sparsifier):
     def rewind(self) -> None:
         for s in self._topks():
             s.seen_ties = 0
+
+    def kernel_spec(self) -> list[int] | None:
+        """What :meth:`keep` keeps from the next block, for the fused kernel: the hi TopK's (tau, ties to keep) then
+        the lo one's (``TopK.kernel_spec``; without a lo, a tau that drops nothing); None when nothing is dropped."""
+        if not self.active:
+            return None
+        return [*self.hi.kernel_spec(), *(self.lo.kernel_spec() if self.lo is not None else (1 << 31, 0))]
+
+    def met_ties(self, hi: int, lo: int) -> None:
+        """Advance the tie cursors past a fused block that met ``hi`` and ``lo`` elements equal to each tau."""
+        self.hi.met_ties(hi)
+        if self.lo is not None:
+            self.lo.met_ties(lo)
 
     def export(self) -> list[int]:
         return [x for s in self._topks() for x in s.export()]
@@ -432,6 +446,89 @@ class _DeltaTensorMerge(TensorMerge):
         if self.p["lambda"] != 1:
             mixed.mul_(self.p["lambda"])
         return mixed.add_(base)
+
+    # ---- fused kernels (streammerge.kernels): the same bytes as accumulate/emit and the engine's cast -------------
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """The radix-select passes by ``histogram_high``/``histogram_low`` (the L1 pass stays eager)."""
+        if pass_index >= self.select_passes:
+            return False
+        got = kernels.arrays(base, models)
+        if got is None:
+            return False
+        b, ms, _ = got
+        k = kernels.kernels()
+        for sp, m in zip(self.sparsifiers, ms):
+            if not isinstance(sp, _Selection):
+                continue
+            topks = [s for s in sp._topks() if not s.trivial]
+            if not topks:
+                continue
+            two = len(topks) == 2
+            if pass_index == 0:
+                h = [s.high_counts().numpy() for s in topks]
+                k.histogram_high(b, m, h[0], h[-1], two)
+            else:
+                targets = [s.low_counts() for s in topks]
+                k.histogram_low(b, m, targets[0][0], targets[0][1].numpy(), targets[-1][0], targets[-1][1].numpy(),
+                                two)
+        return True
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass: ``delta_sum`` without a sparsifier or consensus, else
+        ``sparse_merge`` (selections as thresholds, DARE's and DELLA's keep factors computed as :meth:`emit` does)."""
+        got = kernels.arrays(base, models, out)
+        if got is None:
+            return None
+        b, ms, o = got
+        k = kernels.kernels()
+        weights, n = self.p["weight"], len(ms)
+        lam = kernels.f32([self.p["lambda"]])[0]
+        if not self.sparsifiers and not self.m.consensus:
+            return int(k.delta_sum(b, ms, kernels.f32(weights), self._sum_divisor(), lam, o))
+        modes = np.zeros(n, dtype=np.int64)
+        sel = np.zeros((n, 4), dtype=np.int64)
+        keep_value = np.ones(n, dtype=np.float32)
+        scale = kernels.f32(self.scales)  # applied with a keep factor only, as emit does
+        empty = np.zeros(0, dtype=np.float32)
+        factors = [empty] * n
+        for i, sp in enumerate(self.sparsifiers):
+            if isinstance(sp, _Selection):
+                spec = sp.kernel_spec()
+                if spec is None:
+                    continue
+                modes[i], sel[i] = 1, spec
+                if self.inverse and sp.density > 0:  # _inverse: keep / density, in float32
+                    keep_value[i] = np.float32(1.0) / np.float32(sp.density)
+            else:
+                d = None
+                if sp.needs_magnitude:
+                    d = (models[i] - base.to(torch.float32)).abs_()
+                keep = sp.keep(r0, d if d is not None else base, self.inverse)
+                if keep is None:
+                    continue
+                if keep.dtype != torch.float32 or keep.device.type != "cpu":
+                    return None
+                modes[i], factors[i] = 2, keep.contiguous().reshape(-1).numpy()
+        combine = 1 if self.m.consensus else 0
+        normalize = 0
+        minw = np.float32(0.0)
+        if self.m.consensus and self.p["normalize"]:
+            normalize, minw = (1, kernels.f32([min(weights) / 2])[0]) if min(weights) > 0 else (2, minw)
+        ties = np.zeros((n, 4), dtype=np.int64)
+        bad = int(k.sparse_merge(b, ms, modes, sel, tuple(factors), keep_value, scale, kernels.f32(weights), combine,
+                                 normalize, minw, self._sum_divisor(), lam, o, ties))
+        if bad == 0:
+            for i, sp in enumerate(self.sparsifiers):
+                if modes[i] == 1:
+                    sp.met_ties(int(ties[i, 2]), int(ties[i, 3]))  # type: ignore[attr-defined]
+        return bad
+
+    def _sum_divisor(self) -> np.float32:
+        """plain_sum's divisor as the float32 a tensor is divided by (1, an exact identity, without normalize)."""
+        if not self.p["normalize"] or self.m.consensus:
+            return np.float32(1.0)
+        divisor = sum(self.p["weight"])
+        return kernels.f32([1.0 if abs(divisor) < 1e-8 else divisor])[0]
 
 
 class DeltaMethod(Method):

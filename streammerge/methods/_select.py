@@ -90,6 +90,36 @@ class TopK:
         self.ties = need - above
         self._hist_lo = torch.zeros(0, dtype=torch.int64)
 
+    # ---- the fused kernels' view (streammerge.kernels._numba: histogram_high, histogram_low, sparse_merge) ----------
+    def high_counts(self) -> torch.Tensor:
+        """Pass A's histogram (65 536 int64 counts, CPU) for a kernel to add a block's counts to (as :meth:`pass_a`
+        does); only when not trivial."""
+        if self._hist_hi is None:
+            self._hist_hi = torch.zeros(BINS, dtype=torch.int64)
+        return self._hist_hi
+
+    def low_counts(self) -> tuple[int, torch.Tensor]:
+        """Pass B's target bin and histogram, for a kernel to add a block's counts to (as :meth:`pass_b` does)."""
+        if self._hist_lo is None:
+            self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
+        return self._bin, self._hist_lo
+
+    def kernel_spec(self) -> tuple[int, int]:
+        """(tau, ties still to keep) for the next block in row order, what :meth:`factor` keeps: ``|x|`` (int32 bits)
+        above tau, and the first ``ties − seen_ties`` elements equal to it; tau is -1 to keep every element and
+        2^31 to keep none (no bit pattern equals either)."""
+        if self.k == self.numel:
+            return -1, 0
+        if self.k == 0:
+            return 1 << 31, 0
+        assert self.tau_bits is not None, "kernel_spec() before passes A and B"
+        return self.tau_bits, max(0, self.ties - self.seen_ties)
+
+    def met_ties(self, met: int) -> None:
+        """After a fused block that met ``met`` elements equal to tau: the cursor :meth:`factor` would leave."""
+        if self.k not in (0, self.numel) and self.seen_ties < self.ties:
+            self.seen_ties += met
+
     def export(self) -> list[int]:
         """[k, tau_bits, ties] after pass B (tau_bits -1 when trivial), to journal."""
         return [self.k, -1 if self.tau_bits is None else self.tau_bits, self.ties]

@@ -159,6 +159,22 @@ class TensorMerge:
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    # Fused kernels (streammerge.kernels): optional, byte-identical to accumulate and emit.
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """:meth:`accumulate` by a fused kernel: ``base`` and ``models`` are the block's rows as stored (CPU, read-only
+        views; bfloat16, float16 or float32), not float32 copies. True when done; False (having changed nothing) to
+        have the engine call :meth:`accumulate` instead."""
+        return False
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the engine's cast by a fused kernel, writing the output dtype directly: ``base`` and
+        ``models`` as for :meth:`accumulate_raw`, ``out`` the block's output rows (bfloat16, float16 or float32, on
+        the CPU) to fill with exactly the bytes :meth:`emit` and the cast would give. Returns the number of
+        non-finite output elements: 0, done; more, the merge's state is as before the call (``out`` is undefined)
+        and the engine runs :meth:`emit` on the block to say what is wrong. None when there is no fused path for
+        these inputs (the engine calls :meth:`emit`)."""
+        return None
+
     # Resume support: what the statistics passes produced, and where the emit pass stands.
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The result of the statistics passes (journaled so a resumed run skips them)."""

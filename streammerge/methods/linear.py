@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from .. import kernels
 from .._torch import torch
 from ..errors import MethodError
 from . import register
@@ -25,6 +26,14 @@ class _LinearMerge(TensorMerge):
         for w, m in zip(self.weights[1:], models[1:]):
             acc.add_(m * w)
         return acc.div_(self.divisor) if self.divisor != 1.0 else acc
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass (streammerge.kernels ``weighted_sum``)."""
+        got = kernels.arrays(None, models, out)
+        if got is None:
+            return None
+        _, ms, o = got
+        return int(kernels.kernels().weighted_sum(ms, kernels.f32(self.weights), kernels.f32([self.divisor])[0], o))
 
 
 @register

@@ -19,6 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from .. import kernels
 from .._torch import torch
 from . import register
 from ._tiles import TileFeeder, add_column_sums, row_sums, tile_products_bytes
@@ -102,6 +105,7 @@ class _MatrixMerge(TensorMerge):
         # float64 accumulators, made on the device of the first chunk: (1 + 2N, rows) by rows, (1 + 2N) x cols else
         self._shape = (k, rows) if self.by_rows else (k * cols,)
         self._stats: torch.Tensor | None = None
+        self._partial: np.ndarray | None = None  # fused kernels: the float64 column sums of the tile in progress
         self.weights: torch.Tensor | None = None  # (N, n) float32
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
@@ -117,6 +121,33 @@ class _MatrixMerge(TensorMerge):
                 self._stats[:, t0 : t0 + b.shape[0]] = row_sums(vals).T
             else:
                 add_column_sums(self._stats, vals, self.task.tile)
+
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """:meth:`accumulate` by the fused kernels, the same sums: by columns ``widen_column_sums`` (products and tile
+        sums in one pass, a tile in progress kept as float64 partial sums rather than stashed rows); by rows
+        ``widen_products`` then the same :func:`row_sums`. Not after an eager block (the feeder's stash)."""
+        assert self._feeder is not None
+        got = kernels.arrays(base, models)
+        if got is None or self._feeder._next_row != r0 or self._feeder._pending is not None:
+            return False
+        b, ms, _ = got
+        rows = base.shape[0] if base.dim() else 1
+        cols = b.shape[0] // max(rows, 1)
+        k = kernels.kernels()
+        exact = self.task.exact_products
+        if self._stats is None:
+            self._stats = torch.zeros(self._shape, dtype=torch.float64)
+        if self.by_rows:
+            vals = torch.empty((rows, 1 + 2 * self.n_models, cols), dtype=torch.float32 if exact else torch.float64)
+            k.widen_products(b, ms, cols, exact, vals.numpy())
+            self._stats[:, r0 : r0 + rows] = row_sums(vals).T
+        else:
+            if self._partial is None:
+                self._partial = np.zeros(self._shape[0], dtype=np.float64)
+            k.widen_column_sums(b, ms, cols, r0, self.task.tile, self.task.rows, exact, self._stats.numpy(),
+                                self._partial)
+        self._feeder._next_row = r0 + rows  # (the eager path's order check)
+        return True
 
     def _products(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         """(rows, 1 + 2N, cols) products [b², m_k², m_k·b]; float32 when exact (16-bit inputs), else float64."""
@@ -136,7 +167,7 @@ class _MatrixMerge(TensorMerge):
         stats = stats.reshape(1 + 2 * self.n_models, -1)
         n = self.n_models
         self.weights = column_weights(stats[0], stats[1 : 1 + n], stats[1 + n :], self.t, self.s)
-        self._stats = self._feeder = None  # free the accumulators
+        self._stats = self._feeder = self._partial = None  # free the accumulators
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"weights": self.weights} if self.weights is not None else {}
@@ -156,6 +187,17 @@ class _MatrixMerge(TensorMerge):
         flat = [x.reshape(x.shape[0], -1) for x in models]
         return weighted_delta_sum(base.reshape(base.shape[0], -1), flat, ws).reshape(base.shape)
 
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass (streammerge.kernels ``widen_emit``)."""
+        assert self.weights is not None, "emit before the statistics pass"
+        got = kernels.arrays(base, models, out)
+        if got is None or self.weights.device.type != "cpu" or self.weights.dtype != torch.float32:
+            return None
+        b, ms, o = got
+        weights = self.weights.contiguous().numpy()
+        cols = base.reshape(base.shape[0], -1).shape[1] if base.dim() else 1
+        return int(kernels.kernels().widen_emit(b, ms, weights, cols, self.by_rows, r0, o))
+
 
 class _ExpertsMerge(TensorMerge):
     """3-D stacked experts [E, out, in] (transformers v5 MoE layout): each expert is its own matrix, merged by the
@@ -173,6 +215,15 @@ class _ExpertsMerge(TensorMerge):
             self.experts[r0 + i].accumulate(pass_index, 0, base[i].reshape(self.matrix),
                                             [m[i].reshape(self.matrix) for m in models])
 
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        if kernels.arrays(base, models) is None:
+            return False
+        for i in range(base.shape[0]):
+            done = self.experts[r0 + i].accumulate_raw(pass_index, 0, base[i].reshape(self.matrix),
+                                                       [m[i].reshape(self.matrix) for m in models])
+            assert done, "an expert's statistics come in one block"
+        return True
+
     def end_pass(self, pass_index: int) -> None:
         for expert in self.experts:
             expert.end_pass(pass_index)
@@ -185,6 +236,19 @@ class _ExpertsMerge(TensorMerge):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for expert, weights in zip(self.experts, state["weights"]):
             expert.load_state_dict({"weights": weights})
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        if kernels.arrays(base, models, out) is None:
+            return None
+        bad = 0
+        for i in range(base.shape[0]):
+            got = self.experts[r0 + i].emit_raw(0, base[i].reshape(self.matrix), [m[i].reshape(self.matrix)
+                                                                                  for m in models],
+                                                out[i].reshape(self.matrix))
+            if got is None:
+                return None
+            bad += got
+        return bad
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack([

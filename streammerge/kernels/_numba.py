@@ -1,0 +1,508 @@
+"""The numba kernels behind :mod:`streammerge.kernels` (imported only when numba is the backend).
+
+Every kernel is a loop over the elements of one compute block (in steps of :data:`STEP` elements), compiled with
+``fastmath=False`` (IEEE semantics: no FMA contraction, checked in the machine code and by a test; no
+reassociation; no reciprocal for a division; LLVM may still vectorise a loop, which keeps every lane's operations
+and their order), ``nogil=True`` (the engine's compute workers run concurrently) and ``cache=True`` (compiled once
+per dtype signature, then loaded from ``__pycache__``). Each element's operations are the eager torch code's, in
+its order, each rounded to float32 as torch rounds it; the docstrings name the eager function mirrored. Scalars
+are passed as float32 values, as torch casts a Python number to a float32 tensor's dtype before a binary op.
+
+Arrays are flat (1-D, C-contiguous) numpy views of the torch tensors. Element types:
+
+- inputs: ``uint16`` holds bfloat16 bits, ``int16`` float16 bits, ``float32`` itself; each is widened to float32
+  exactly in a register (:func:`load`);
+- outputs: the same three; float32 is rounded to the output type round-to-nearest-even with subnormals, as
+  ``Tensor.copy_`` does (:func:`store`). A NaN is written as a NaN, whose payload is unspecified: a non-finite
+  output is refused by the engine, which reruns the block eagerly to say why.
+
+Every emit kernel returns the number of non-finite output elements (after the cast, so an overflow of the output
+type counts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+JIT = {"fastmath": False, "nogil": True, "cache": True}
+
+U32 = np.uint32
+F32 = np.float32
+
+
+@intrinsic
+def _f32_from_bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """The float32 whose bits are the uint32 ``x`` (an LLVM bitcast)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_of_f32(typingctx, x):  # type: ignore[no-untyped-def]
+    """The uint32 bits of the float32 ``x`` (an LLVM bitcast)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _bf16_to_f32(h):  # type: ignore[no-untyped-def]
+    """bfloat16 bits -> float32: the high half of the float32 (exact)."""
+    return _f32_from_bits(U32(h) << U32(16))
+
+
+@njit(inline="always")
+def _f16_to_f32(h):  # type: ignore[no-untyped-def]
+    """float16 bits (int16) -> float32, exact: the exponent and mantissa moved to float32's places and scaled by
+    2^112 (a power of two: exact, and it makes a float16 subnormal a float32 normal); infinities and NaNs get the
+    all-ones exponent."""
+    u = U32(h) & U32(0xFFFF)
+    em = u & U32(0x7FFF)
+    sign = (u & U32(0x8000)) << U32(16)
+    if em >= U32(0x7C00):
+        return _f32_from_bits(sign | U32(0x7F800000) | ((em & U32(0x3FF)) << U32(13)))
+    mag = _f32_from_bits(em << U32(13)) * _f32_from_bits(U32((127 + 112) << 23))
+    return _f32_from_bits(_bits_of_f32(mag) | sign)
+
+
+@njit(inline="always")
+def _f32_to_bf16(x):  # type: ignore[no-untyped-def]
+    """float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's round_to_nearest_even); NaN -> 0x7FC0."""
+    b = _bits_of_f32(x)
+    if (b & U32(0x7FFFFFFF)) > U32(0x7F800000):
+        return np.uint16(0x7FC0)
+    return np.uint16((b + U32(0x7FFF) + ((b >> U32(16)) & U32(1))) >> U32(16))
+
+
+@njit(inline="always")
+def _f32_to_f16(x):  # type: ignore[no-untyped-def]
+    """float32 -> float16 bits (int16), round to nearest even with subnormals (IEEE 754's conversion, as
+    c10::Half and F16C do), in integer arithmetic (so no floating-point mode can change it); NaN -> 0x7E00."""
+    b = _bits_of_f32(x)
+    a = b & U32(0x7FFFFFFF)
+    sign = (b >> U32(16)) & U32(0x8000)
+    if a > U32(0x7F800000):
+        h = U32(0x7E00)
+    elif a >= U32(0x477FF000):  # 65520 and above round to infinity
+        h = U32(0x7C00)
+    elif a >= U32(0x38800000):  # a float16 normal: rebias the exponent, round the 13 dropped bits
+        h = (a - U32(0x38000000) + U32(0xFFF) + ((a >> U32(13)) & U32(1))) >> U32(13)
+    elif a >= U32(0x33000000):  # a float16 subnormal (or 0 / the smallest normal after rounding)
+        shift = U32(126) - (a >> U32(23))  # 14..24
+        m = (a & U32(0x7FFFFF)) | U32(0x800000)
+        h = m >> shift
+        rest = m & ((U32(1) << shift) - U32(1))
+        half = U32(1) << (shift - U32(1))
+        if rest > half or (rest == half and (h & U32(1)) == U32(1)):
+            h += U32(1)
+    else:  # below half the smallest subnormal: 0
+        h = U32(0)
+    return np.int16(np.uint16(h | sign))
+
+
+def load(a, i):  # type: ignore[no-untyped-def]
+    """Element ``i`` of input ``a`` as float32 (see the module docstring for the element types)."""
+
+
+@overload(load, inline="always")
+def _load(a, i):  # type: ignore[no-untyped-def]
+    if a.dtype == types.uint16:
+        return lambda a, i: _bf16_to_f32(a[i])
+    if a.dtype == types.int16:
+        return lambda a, i: _f16_to_f32(a[i])
+    if a.dtype == types.float32:
+        return lambda a, i: a[i]
+    return None
+
+
+def store(out, i, x):  # type: ignore[no-untyped-def]
+    """Write float32 ``x`` to ``out[i]`` in the output's type; 1 if the written value is not finite, else 0."""
+
+
+@overload(store, inline="always")
+def _store(out, i, x):  # type: ignore[no-untyped-def]
+    if out.dtype == types.uint16:
+        def store_bf16(out, i, x):  # type: ignore[no-untyped-def]
+            h = _f32_to_bf16(x)
+            out[i] = h
+            return 1 if (h & np.uint16(0x7F80)) == np.uint16(0x7F80) else 0
+        return store_bf16
+    if out.dtype == types.int16:
+        def store_f16(out, i, x):  # type: ignore[no-untyped-def]
+            h = _f32_to_f16(x)
+            out[i] = h
+            return 1 if (h & np.int16(0x7C00)) == np.int16(0x7C00) else 0
+        return store_f16
+    if out.dtype == types.float32:
+        def store_f32(out, i, x):  # type: ignore[no-untyped-def]
+            out[i] = x
+            return 1 if (_bits_of_f32(x) & U32(0x7F800000)) == U32(0x7F800000) else 0
+        return store_f32
+    return None
+
+
+@njit(inline="always")
+def _abs_bits(d):  # type: ignore[no-untyped-def]
+    """The int32 bit pattern of ``|d|`` (torch's ``abs_().view(int32)``; monotone in the value), as int64."""
+    return np.int64(_bits_of_f32(d) & U32(0x7FFFFFFF))
+
+
+# ---- conversions alone (tests: every bit pattern against torch) ----------------------------------------------------
+@njit(**JIT)
+def convert(x, out):  # type: ignore[no-untyped-def]
+    """``out[i] = x[i]`` through :func:`load` and :func:`store`; returns the non-finite count."""
+    bad = 0
+    for i in range(x.shape[0]):
+        bad += store(out, i, load(x, i))
+    return bad
+
+
+# ---- the block structure ---------------------------------------------------------------------------------------
+#: elements per step of a kernel's loop: each step runs model by model over this many elements, in float32 scratch
+#: rows that stay in the L1/L2 cache, so the models are picked from their tuple once per step, not per element,
+#: and every inner loop is a plain loop LLVM vectorises. Each step slices its rows out of the arrays and indexes
+#: them from 0: an index known to be non-negative needs no wrap-around test, which would stop the vectorising.
+STEP = 1024
+
+
+@njit(inline="always")
+def _widen(x, n, dst):  # type: ignore[no-untyped-def]
+    """``dst[:n] = x[:n]`` as float32 (exact)."""
+    for i in range(n):
+        dst[i] = load(x, i)
+
+
+# ---- task arithmetic, linear -------------------------------------------------------------------------------------
+@njit(**JIT)
+def delta_sum(base, models, w, div, lam, out):  # type: ignore[no-untyped-def]
+    """``B + lam·((Σ_k (M_k − B)·w_k) / div)``, the sum left to right (methods/_delta.py: emit with plain_sum).
+
+    base: (n,); models: tuple of N (n,) arrays of one type; w: (N,) float32; div, lam: float32 (1 for none: an
+    exact identity, as the eager code's skipped operation); out: (n,). Eager: ``d = m − base; d.mul_(w)``, then
+    ``mixed = d_1; mixed.add_(d_k)...; mixed.div_(div); mixed.mul_(lam); mixed.add_(base)``; ``-0.0`` starts
+    the sum, the exact identity of IEEE addition (so the first term is kept bit for bit, a -0 included).
+    """
+    bad = 0
+    n = base.shape[0]
+    b = np.empty(STEP, dtype=np.float32)
+    acc = np.empty(STEP, dtype=np.float32)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        _widen(base[s : s + m], m, b)
+        acc[:m] = F32(-0.0)
+        for k in range(len(models)):
+            x, wk = models[k][s : s + m], w[k]
+            for i in range(m):
+                acc[i] = acc[i] + (load(x, i) - b[i]) * wk
+        o = out[s : s + m]
+        for i in range(m):
+            bad += store(o, i, (acc[i] / div) * lam + b[i])
+    return bad
+
+
+@njit(**JIT)
+def weighted_sum(models, w, div, out):  # type: ignore[no-untyped-def]
+    """``(Σ_k M_k·w_k) / div``, left to right (methods/linear.py ``_LinearMerge.emit``). Shapes as
+    :func:`delta_sum`."""
+    bad = 0
+    n = out.shape[0]
+    acc = np.empty(STEP, dtype=np.float32)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        acc[:m] = F32(-0.0)
+        for k in range(len(models)):
+            x, wk = models[k][s : s + m], w[k]
+            for i in range(m):
+                acc[i] = acc[i] + load(x, i) * wk
+        o = out[s : s + m]
+        for i in range(m):
+            bad += store(o, i, acc[i] / div)
+    return bad
+
+
+# ---- WIDEN ---------------------------------------------------------------------------------------------------------
+@njit(**JIT)
+def widen_emit(base, models, weights, cols, by_rows, r0, out):  # type: ignore[no-untyped-def]
+    """``B + ((Δ_1·w_1 + Δ_2·w_2) + ...)`` with per-column weights (methods/widen.py ``weighted_delta_sum``).
+
+    base, models, out: (rows·cols,) row-major; weights: (N, C) float32, one weight per column and model, where a
+    column is a stored column (``by_rows`` false: element (i, j) takes ``weights[k, j]``) or a stored row
+    (embeddings, Conv1D: element (i, j) takes ``weights[k, r0 + i]``). One row at a time.
+    """
+    bad = 0
+    rows = base.shape[0] // cols if cols else 0
+    b = np.empty(cols, dtype=np.float32)
+    acc = np.empty(cols, dtype=np.float32)
+    for r in range(rows):
+        s = r * cols
+        _widen(base[s : s + cols], cols, b)
+        acc[:] = F32(-0.0)
+        for k in range(len(models)):
+            x = models[k][s : s + cols]
+            if by_rows:
+                wk = weights[k, r0 + r]
+                for j in range(cols):
+                    acc[j] = acc[j] + (load(x, j) - b[j]) * wk
+            else:
+                wr = weights[k]
+                for j in range(cols):
+                    acc[j] = acc[j] + (load(x, j) - b[j]) * wr[j]
+        o = out[s : s + cols]
+        for j in range(cols):
+            bad += store(o, j, acc[j] + b[j])
+    return bad
+
+
+# ---- TIES, Breadcrumbs, DARE, DELLA: keep, rescale, weigh, elect ----------------------------------------------------
+NO_FACTOR, SELECT, FACTOR = 0, 1, 2  # a model's keep: none, a selection (sel), or a float32 factor array
+SUM, CONSENSUS = 0, 1
+#: a TopK's tau that keeps every element (every |Δ| bit pattern is above it) and one that keeps none
+KEEP_ALL, KEEP_NONE = -1, 1 << 31
+
+
+@njit(inline="always")
+def _select_step(x, m, b, sel, k, keep_value, scale, wk, dst, ties):  # type: ignore[no-untyped-def]
+    """``dst[:m]`` = model ``k``'s elements ``x[:m]`` (minus the base's, ``b``) kept by its selection, times
+    ``scale``, times ``wk``.
+
+    A selection keeps the top ``hi`` and not the top ``lo`` (``_Selection.keep``): ``|Δ| > tau`` (int32 bits)
+    for each TopK, and, while ``ties[k, t] < budget`` (the TopK's ties not yet kept: ``TopK.factor`` keeps the
+    first ones in flat order), an element equal to tau too. ``ties[k, 2 + t]`` counts the elements equal to tau
+    met. A plain comparison first (vectorised); then, only in a step that meets ties while some are still to
+    keep, the elements equal to a tau are decided again in flat order."""
+    hi_tau, hi_budget, lo_tau, lo_budget = sel[k, 0], sel[k, 1], sel[k, 2], sel[k, 3]
+    hi_met, lo_met = 0, 0
+    for i in range(m):
+        d = load(x, i) - b[i]
+        ab = _abs_bits(d)
+        d = d * (keep_value if ab > hi_tau and not ab > lo_tau else F32(0.0))
+        dst[i] = (d * scale) * wk
+        hi_met += 1 if ab == hi_tau else 0
+        lo_met += 1 if ab == lo_tau else 0
+    hi_taken, lo_taken = ties[k, 0], ties[k, 1]
+    if (hi_met and hi_taken < hi_budget) or (lo_met and lo_taken < lo_budget):
+        for i in range(m):
+            d = load(x, i) - b[i]
+            ab = _abs_bits(d)
+            if ab == hi_tau or ab == lo_tau:
+                hi = ab > hi_tau
+                if ab == hi_tau and hi_taken < hi_budget:
+                    hi_taken += 1
+                    hi = True
+                lo = ab > lo_tau
+                if ab == lo_tau and lo_taken < lo_budget:
+                    lo_taken += 1
+                    lo = True
+                d = d * (keep_value if hi and not lo else F32(0.0))
+                dst[i] = (d * scale) * wk
+        ties[k, 0], ties[k, 1] = hi_taken, lo_taken
+    ties[k, 2] += hi_met
+    ties[k, 3] += lo_met
+
+
+@njit(**JIT)
+def sparse_merge(base, models, keep_mode, sel, factors, keep_value, scale, w, combine, normalize, minw, div, lam,
+                 out, ties):  # type: ignore[no-untyped-def]
+    """The merge pass of the delta methods with a sparsifier (methods/_delta.py ``_DeltaTensorMerge.emit``).
+
+    Per element and model k (in model order): ``d = M_k − B``; then by ``keep_mode[k]``: SELECT, ``d·keep`` with
+    keep ``keep_value[k]`` (1, or 1/density for inverse_density) if ``|d|`` is in the selection ``sel[k]`` else 0
+    (:func:`_select_step`), then ``·scale[k]``; FACTOR, ``d·factors[k][i]`` (a precomputed keep factor: DARE,
+    DELLA) then ``·scale[k]``; NO_FACTOR, ``d`` as it is. Then ``·w[k]``. Combined (``plain_sum`` /
+    ``sign_consensus``) by ``combine``:
+
+    - SUM: ``Σ d_k``, divided by ``div`` (1 for none, an exact identity);
+    - CONSENSUS (TIES): elected sign ``copysign(1, Σ d_k)``; agreement ``a_k = 1 if d_k·elected > 0 else 0``
+      (``sign().clamp(min=0)``: a NaN agrees with nothing, so NaN·0 keeps it NaN); ``mixed = Σ d_k·a_k``; with
+      ``normalize`` 1: ``mixed / max(Σ a_k·w_k, minw)`` (``minw`` is min(weights)/2 > 0), 2: the divisor 1 where
+      ``Σ a_k·w_k == 0``.
+
+    Then ``·lam`` and ``+ B``. Sums left to right from -0.0 (the identity), as the eager in-place adds.
+
+    base, out: (n,); models: tuple of N (n,) arrays; keep_mode: (N,) int64; sel: (N, 4) int64, per model
+    ``hi_tau, hi_budget, lo_tau, lo_budget`` (tau as int32 bits, :data:`KEEP_ALL` or :data:`KEEP_NONE`; budget
+    the ties still to keep); factors: tuple of N float32 arrays ((n,) for FACTOR, else any); keep_value, scale, w:
+    (N,) float32; combine, normalize: int64; minw, div, lam: float32; ties: (N, 4) int64, set to the ties kept
+    (hi, lo) and the elements equal to each tau met (hi, lo) in this block (the TopKs' tie cursors).
+    """
+    bad = 0
+    n, n_models = base.shape[0], len(models)
+    ties[:, :] = 0
+    b = np.empty(STEP, dtype=np.float32)
+    d = np.empty((n_models, STEP), dtype=np.float32)
+    total = np.empty(STEP, dtype=np.float32)
+    mixed = np.empty(STEP, dtype=np.float32)
+    divisor = np.empty(STEP, dtype=np.float32)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        _widen(base[s : s + m], m, b)
+        for k in range(n_models):
+            x, dk, wk, mode = models[k][s : s + m], d[k], w[k], keep_mode[k]
+            if mode == SELECT:
+                _select_step(x, m, b, sel, k, keep_value[k], scale[k], wk, dk, ties)
+            elif mode == FACTOR:
+                f, sk = factors[k][s : s + m], scale[k]
+                for i in range(m):
+                    dk[i] = (((load(x, i) - b[i]) * f[i]) * sk) * wk
+            else:
+                for i in range(m):
+                    dk[i] = (load(x, i) - b[i]) * wk
+        mixed[:m] = F32(-0.0)
+        if combine == CONSENSUS:
+            total[:m] = F32(-0.0)
+            for k in range(n_models):
+                dk = d[k]
+                for i in range(m):
+                    total[i] = total[i] + dk[i]
+            for i in range(m):
+                total[i] = np.copysign(F32(1.0), total[i])  # the elected sign
+            divisor[:m] = F32(-0.0)
+            for k in range(n_models):
+                dk, wk = d[k], w[k]
+                for i in range(m):
+                    agree = F32(1.0) if dk[i] * total[i] > F32(0.0) else F32(0.0)
+                    mixed[i] = mixed[i] + dk[i] * agree
+                    divisor[i] = divisor[i] + agree * wk
+            if normalize == 1:
+                for i in range(m):
+                    mixed[i] = mixed[i] / (divisor[i] if divisor[i] >= minw else minw)
+            elif normalize == 2:
+                for i in range(m):
+                    mixed[i] = mixed[i] / (F32(1.0) if divisor[i] == F32(0.0) else divisor[i])
+        else:
+            for k in range(n_models):
+                dk = d[k]
+                for i in range(m):
+                    mixed[i] = mixed[i] + dk[i]
+            for i in range(m):
+                mixed[i] = mixed[i] / div
+        o = out[s : s + m]
+        for i in range(m):
+            bad += store(o, i, mixed[i] * lam + b[i])
+    return bad
+
+
+@njit(**JIT)
+def histogram_high(base, model, h1, h2, two):  # type: ignore[no-untyped-def]
+    """Radix select's pass A (methods/_select.py ``TopK.pass_a``) on one model's ``|M − B|``: ``h[bits >> 16] +=
+    1`` for every element, into ``h1`` and, with ``two``, ``h2`` too (a second TopK of the same model); ``bits``
+    the int32 pattern of ``|M − B|`` in float32. base, model: (n,); h1, h2: (65536,) int64, accumulated into.
+    Per step, the keys first (a vectorised loop), then the counting."""
+    n = base.shape[0]
+    keys = np.empty(STEP, dtype=np.int32)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        b, x = base[s : s + m], model[s : s + m]
+        for i in range(m):
+            keys[i] = np.int32(_abs_bits(load(x, i) - load(b, i)) >> 16)
+        for i in range(m):
+            h1[keys[i]] += 1
+        if two:
+            for i in range(m):
+                h2[keys[i]] += 1
+
+
+@njit(**JIT)
+def histogram_low(base, model, bin1, h1, bin2, h2, two):  # type: ignore[no-untyped-def]
+    """Radix select's pass B (``TopK.pass_b``): ``h[bits & 0xFFFF] += 1`` for the elements whose high bits are the
+    TopK's target bin (``bin1`` into ``h1``; with ``two``, ``bin2`` into ``h2``). Shapes as :func:`histogram_high`.
+    Per step, the keys (bits minus the bin's first pattern) and whether any falls in the bin first (vectorised);
+    the counting only in a step with one."""
+    n = base.shape[0]
+    keys = np.empty(STEP, dtype=np.int64)
+    first1, first2 = np.int64(bin1) << 16, np.int64(bin2) << 16
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        b, x = base[s : s + m], model[s : s + m]
+        hits = 0
+        for i in range(m):
+            keys[i] = _abs_bits(load(x, i) - load(b, i))
+            hits += 1 if (keys[i] >> 16) == bin1 or (two and (keys[i] >> 16) == bin2) else 0
+        if hits:
+            for i in range(m):
+                k1 = keys[i] - first1
+                if 0 <= k1 < 65536:
+                    h1[k1] += 1
+                if two:
+                    k2 = keys[i] - first2
+                    if 0 <= k2 < 65536:
+                        h2[k2] += 1
+
+
+# ---- WIDEN's statistics pass ---------------------------------------------------------------------------------------
+@njit(inline="always")
+def _product(x, y, exact):  # type: ignore[no-untyped-def]
+    """``x·y`` of two float32 values as methods/widen.py ``_products`` makes it, as float64: a float32 product
+    when the inputs are 16-bit (exact), else the product of the float64 values."""
+    if exact:
+        return np.float64(x * y)
+    return np.float64(x) * np.float64(y)
+
+
+@njit(**JIT)
+def widen_column_sums(base, models, cols, row0, tile, rows_total, exact, acc, partial):  # type: ignore[no-untyped-def]
+    """WIDEN's column statistics of a block of rows (methods/widen.py ``_MatrixMerge.accumulate``, Linear rule):
+    the products ``[b², m_1², ..., m_N², m_1·b, ..., m_N·b]`` of every element, summed per column in float64.
+
+    The order is ``_tiles.add_column_sums``': rows are grouped into aligned tiles of ``tile`` rows (the tensor's
+    last tile may be shorter); a tile's sum per column is ``((0 + v_0) + v_1) + ...`` in row order (numpy's
+    outer-axis reduction), and tile sums are added to the accumulator in row order. ``partial`` holds the sums of
+    the tile in progress, so a tile may span blocks (the eager code stashes its rows instead), with the same bits.
+
+    base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; acc, partial:
+    ((1 + 2N)·cols,) float64 (product kind major, as ``_products``' (rows, 1 + 2N, cols) layout flattened).
+    """
+    n_models = len(models)
+    rows = base.shape[0] // cols if cols else 0
+    b = np.empty(cols, dtype=np.float32)
+    for r in range(rows):
+        s = r * cols
+        _widen(base[s : s + cols], cols, b)
+        p = partial[0:cols]
+        for j in range(cols):
+            p[j] = p[j] + _product(b[j], b[j], exact)
+        for k in range(n_models):
+            x = models[k][s : s + cols]
+            sq = partial[(1 + k) * cols : (2 + k) * cols]
+            dot = partial[(1 + n_models + k) * cols : (2 + n_models + k) * cols]
+            for j in range(cols):
+                m = load(x, j)
+                sq[j] = sq[j] + _product(m, m, exact)
+                dot[j] = dot[j] + _product(m, b[j], exact)
+        row = row0 + r + 1
+        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
+            for c in range(acc.shape[0]):
+                acc[c] = acc[c] + partial[c]
+                partial[c] = 0.0
+
+
+@njit(**JIT)
+def widen_products(base, models, cols, exact, out):  # type: ignore[no-untyped-def]
+    """``_products``: ``out[r, 0, :] = b²``, ``out[r, 1 + k, :] = m_k²``, ``out[r, 1 + N + k, :] = m_k·b`` per row
+    ``r``, float32 (exact, 16-bit inputs) or float64 as ``out``'s type. base, models: (rows·cols,) row-major;
+    out: (rows, 1 + 2N, cols)."""
+    n_models = len(models)
+    rows = base.shape[0] // cols if cols else 0
+    b = np.empty(cols, dtype=np.float32)
+    for r in range(rows):
+        s = r * cols
+        _widen(base[s : s + cols], cols, b)
+        o = out[r]
+        for j in range(cols):
+            o[0, j] = _product(b[j], b[j], exact)
+        for k in range(n_models):
+            x = models[k][s : s + cols]
+            for j in range(cols):
+                m = load(x, j)
+                o[1 + k, j] = _product(m, m, exact)
+                o[1 + n_models + k, j] = _product(m, b[j], exact)

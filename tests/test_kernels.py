@@ -1,0 +1,371 @@
+"""The fused element-wise kernels (streammerge.kernels): a merge gives the same bytes with them as with eager torch,
+for every method that has them, in bfloat16, float32 and float16, at any chunk size and number of workers; a
+non-finite value is refused with the eager path's message; the conversions round as torch does; and without numba
+(or with ``STREAMMERGE_KERNELS=eager``) the eager path runs."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import assert_same_output
+from safetensors.torch import load_file, save_file
+
+from streammerge import api, kernels
+from streammerge.cli import main
+from streammerge.errors import NonFiniteError
+from streammerge.examples import write_family
+from streammerge.methods import Rule, TensorTask, get_method
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed (pip install 'streammerge[fast]'): "
+                                 "no fused kernels to compare with the eager path")
+
+#: the kernels each method's merge must call (statistics and merge pass)
+KERNELS = {
+    "task_arithmetic": {"delta_sum"},
+    "ties": {"histogram_high", "histogram_low", "sparse_merge"},
+    "breadcrumbs": {"histogram_high", "histogram_low", "sparse_merge"},
+    "breadcrumbs_ties": {"histogram_high", "histogram_low", "sparse_merge"},
+    "dare_linear": {"sparse_merge"},
+    "dare_ties": {"sparse_merge"},
+    "della": {"sparse_merge"},
+    "linear": {"weighted_sum"},
+    "widen": {"widen_column_sums", "widen_products", "widen_emit"},
+}
+NAMES = sorted({name for names in KERNELS.values() for name in names})
+
+#: (method, params): the fused methods, each kind of selection, rescale, normalisation and consensus
+CASES = [
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"weight": "0.3,0.9", "lambda": 0.7, "normalize": True}),
+    ("ties", {"density": 0.5}),
+    ("ties", {"density": 0.4, "rescale": True}),  # the L1 pass stays eager, the rest is fused
+    ("ties", {"density": 0.3, "weight": "1,-0.5", "rescale": True, "rescale_mode": "inverse_density"}),
+    ("ties", {"density": 0.5, "weight": "0,1"}),  # a zero weight: the divisor 1 where no model counts
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}),
+    ("dare_linear", {"density": 0.5, "rescale_mode": "inverse_density"}),
+    ("dare_ties", {"density": 0.5}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("linear", {"weight": "0.3,0.9"}),
+    ("widen", {}),
+]
+#: (chunk_rows, threads) of the fused runs: odd chunks (tiles, selections' ties and blocks split across chunks),
+#: whole tensors, one and two workers
+GRID = [(3, 1), (3, 2), (7, 1), (7, 2), (None, 1), (None, 2)]
+MAIN = ("task_arithmetic", "ties", "widen")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """The tiny family stored as bfloat16, float32 and float16."""
+    root = tmp_path_factory.mktemp("kernels")
+    return {dtype: write_family(root / dtype, "tiny", dtype=dtype) for dtype in ("bf16", "f32", "f16")}
+
+
+@contextlib.contextmanager
+def spying() -> Iterator[Counter[str]]:
+    """Count the calls of every kernel (the methods look them up on the module at each call)."""
+    calls: Counter[str] = Counter()
+    with pytest.MonkeyPatch.context() as mp:
+        module = kernels._load()
+        for name in NAMES if module is not None else ():
+            real = getattr(module, name)
+
+            def spy(*args, _real=real, _name=name):  # type: ignore[no-untyped-def]
+                calls[_name] += 1
+                return _real(*args)
+
+            mp.setattr(module, name, spy)
+        yield calls
+
+
+def merge(fam: dict[str, Path], out: Path, method: str, params: dict, backend: str, monkeypatch: pytest.MonkeyPatch,
+          **options: object) -> Counter[str]:
+    """Merge the family with ``backend``; the kernels called."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with spying() as calls:
+        monkeypatch.setenv(kernels.ENV, backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, params, shard_size="60KB",
+                      **options)
+    return calls
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    return case[0] + "".join(f"-{k}={v}" for k, v in case[1].items())
+
+
+@needs_numba
+@pytest.mark.parametrize("case,dtype", [(c, d) for c in CASES for d in ("bf16", "f32", "f16")
+                                        if d != "f16" or c[0] in MAIN],
+                         ids=lambda x: case_id(x) if isinstance(x, tuple) else x)
+def test_fused_merges_give_the_eager_bytes(case, dtype, families, tmp_path, monkeypatch):
+    """Every file of the output, byte for byte, at every chunk size and number of workers (float16 inputs: the
+    main methods)."""
+    method, params = case
+    grid = GRID if method in MAIN and dtype == "bf16" else [(3, 1), (7, 2), (None, 2)] if method in MAIN else [(3, 2)]
+    fam = families[dtype]
+    ref = tmp_path / "eager"
+    assert not merge(fam, ref, method, params, "eager", monkeypatch), "eager: no kernel runs"
+    for chunk_rows, threads in grid:
+        out = tmp_path / f"fused-{chunk_rows}-{threads}"
+        calls = merge(fam, out, method, params, "numba", monkeypatch, chunk_rows=chunk_rows, threads=threads)
+        assert set(calls) == KERNELS[method], f"kernels called: {dict(calls)}"
+        assert_same_output(out, ref)
+
+
+@needs_numba
+def test_the_cli_merges_with_the_kernels_to_the_eager_bytes(families, tmp_path, monkeypatch):
+    fam = families["bf16"]
+    outs = {}
+    for backend in ("eager", "auto"):
+        monkeypatch.setenv(kernels.ENV, backend)
+        outs[backend] = tmp_path / backend
+        r = CliRunner().invoke(main, ["merge", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model",
+                                      str(fam["multilingual"]), "--method", "ties", "--param", "density=0.3",
+                                      "--dtype", "float16", "--out", str(outs[backend]), "-q"])
+        assert r.exit_code == 0, r.output
+    assert_same_output(outs["auto"], outs["eager"])
+
+
+# ---- non-finite values ----------------------------------------------------------------------------------------
+def with_nan(model: Path, to: Path) -> Path:
+    """A copy of ``model`` with a NaN in one element of a weight."""
+    to.mkdir()
+    for f in model.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(to / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
+    return to
+
+
+@needs_numba
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.5}), ("widen", {})])
+def test_a_nan_input_is_refused_with_the_eager_message(method, params, families, tmp_path, monkeypatch):
+    fam = dict(families["bf16"])
+    fam["multilingual"] = with_nan(fam["multilingual"], tmp_path / "nan")
+    messages = {}
+    for backend in ("eager", "numba"):
+        with pytest.raises(NonFiniteError) as info:
+            merge(fam, tmp_path / backend / "out", method, params, backend, monkeypatch, threads=1)
+        messages[backend] = str(info.value).replace(str(tmp_path / backend), "TMP")
+    assert messages["numba"] == messages["eager"] and "model 2" in messages["eager"]
+
+
+@needs_numba
+def test_an_overflow_of_the_output_dtype_is_refused_with_the_eager_message(families, tmp_path, monkeypatch):
+    """Finite in float32, too large for float16: the kernel counts the cast's infinity, the eager path names it."""
+    errors = {}
+    for backend in ("eager", "numba"):
+        with pytest.raises(NonFiniteError) as info:
+            merge(families["bf16"], tmp_path / backend / "out", "task_arithmetic", {"weight": 1e7}, backend,
+                  monkeypatch, dtype="float16", threads=1)
+        errors[backend] = (str(info.value).replace(str(tmp_path / backend), "TMP"), info.value.overflow)
+    assert errors["numba"] == errors["eager"] and errors["eager"][1], errors
+
+
+# ---- the kernels against the eager code, element by element -------------------------------------------------------
+def to_bits(x: torch.Tensor) -> np.ndarray:
+    return x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32).numpy().copy()
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_output_casts_round_as_torch_does(dtype):
+    """float32 -> bfloat16/float16 round to nearest even with subnormals and overflow to infinity, as
+    ``Tensor.copy_``: a sample of every 997th float32 bit pattern and the boundaries (bench: all 2^32 patterns
+    agree), and the count of non-finite results."""
+    k = kernels.kernels()
+    edges = [0, 1, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FFFFF, 0x38800000,
+             0x387FFFFF, 0x33000000, 0x33000001, 0x32FFFFFF, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x7F7F8000]
+    bits = np.concatenate([np.arange(0, 1 << 32, 997, dtype=np.uint64).astype(np.uint32),
+                           np.array(edges, dtype=np.uint32)])
+    bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
+    x = bits.view(np.float32)
+    want = torch.from_numpy(x).to(dtype)
+    got = np.empty(len(x), dtype=np.uint16 if dtype == torch.bfloat16 else np.int16)
+    bad = k.convert(x, got)
+    want_bits = to_bits(want).view(got.dtype)
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want_bits[~nan])
+    assert torch.isnan(torch.from_numpy(got.view(np.int16)).view(dtype)[torch.from_numpy(nan)]).all()
+    assert bad == int((~torch.isfinite(want)).sum())
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_inputs_widen_exactly(dtype):
+    """Every 16-bit pattern -> float32, as torch's ``.float()`` (NaNs stay NaN)."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    x = torch.from_numpy(bits.view(np.int16).copy()).view(dtype)
+    got = np.empty(1 << 16, dtype=np.float32)
+    kernels.kernels().convert(kernels.array(x), got)
+    want = x.float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32)) and np.isnan(got[nan]).all()
+
+
+@needs_numba
+def test_no_multiply_add_is_contracted():
+    """``acc + (m − b)·w`` rounded twice, as the eager code: on elements where a fused multiply-add would round
+    once to another value, the task-arithmetic kernel gives the eager bits."""
+    g = np.random.default_rng(3)
+    b = (g.standard_normal(1 << 16) * 0.02).astype(np.float32)
+    m0 = b + (g.standard_normal(1 << 16) * 0.003).astype(np.float32)
+    m1 = b + (g.standard_normal(1 << 16) * 0.003).astype(np.float32)
+    w = np.float32(0.3), np.float32(0.7)
+    d0 = (m0 - b) * w[0]
+    fma = ((m1 - b).astype(np.float64) * np.float64(w[1]) + d0.astype(np.float64)).astype(np.float32)
+    split = d0 + (m1 - b) * w[1]
+    differ = fma != split
+    assert differ.sum() > 100, "the witnesses: elements where an FMA changes the sum"
+    base, models = torch.from_numpy(b), [torch.from_numpy(m0), torch.from_numpy(m1)]
+    method = get_method("task_arithmetic")
+    params = method.resolve_params({"weight": "0.3,0.7"}, 2)
+    merger = method.start(TensorTask("x", (1 << 16,), Rule.VECTOR, 64), params, 2)
+    out = torch.empty(1 << 16)
+    assert merger.emit_raw(0, base, models, out) == 0
+    eager = merger.emit(0, base.clone(), models)
+    assert torch.equal(out.view(torch.int32), eager.view(torch.int32))
+    assert np.array_equal(out.numpy()[differ], (split + b)[differ])
+
+
+def run_passes(merger, base: torch.Tensor, models: list[torch.Tensor], passes: int, step: int, fused: bool) -> None:
+    for p in range(passes):
+        for a in range(0, base.shape[0], step):
+            rows = base[a : a + step], [m[a : a + step] for m in models]
+            if fused:
+                assert merger.accumulate_raw(p, a, *rows)
+            else:
+                merger.accumulate(p, a, rows[0].float(), [m.float() for m in rows[1]])
+        merger.end_pass(p)
+
+
+@needs_numba
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.37}), ("breadcrumbs", {"density": 0.3, "gamma": 0.2}),
+    ("breadcrumbs_ties", {"density": 0.45, "gamma": 0.1, "rescale": True, "rescale_mode": "inverse_density"}),
+])
+def test_selections_keep_the_same_ties_block_by_block(method, params):
+    """Deltas of a few distinct sizes, so thousands of elements equal each threshold: the kernels keep the first
+    ties in flat order across blocks, as ``TopK.factor`` does, and leave the same cursor after every block."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols = 60, 50
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    levels = torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0]) * 2 ** -9
+    models = [(base.float() + levels[torch.randint(0, 6, (rows, cols), generator=g)]).to(torch.bfloat16)
+              for _ in range(2)]
+    m = get_method(method)
+    p = m.resolve_params(params, 2)
+    task = TensorTask("x", (rows, cols), Rule.MATRIX, 64, exact_products=True)
+    passes = m.stat_passes(Rule.MATRIX, p)
+    eager, fused = m.start(task, p, 2), m.start(task, p, 2)
+    run_passes(eager, base, models, passes, 7, fused=False)
+    run_passes(fused, base, models, passes, 11, fused=True)
+    assert eager.state_dict()["select"].tolist() == fused.state_dict()["select"].tolist()
+    ties = [s.ties for sp in fused.sparsifiers for s in sp._topks()]
+    assert max(ties) >= 10, f"ties kept at the thresholds: {ties}"
+    for a in range(0, rows, 4):
+        want = eager.emit(a, base[a : a + 4].float(), [x[a : a + 4] for x in models]).to(torch.bfloat16)
+        got = torch.empty(want.shape, dtype=torch.bfloat16)
+        assert fused.emit_raw(a, base[a : a + 4], [x[a : a + 4] for x in models], got) == 0
+        assert torch.equal(to_bits_t(got), to_bits_t(want)), f"rows {a}..{a + 4}"
+        assert fused.cursor() == eager.cursor()
+
+
+def to_bits_t(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16)
+
+
+@needs_numba
+@pytest.mark.parametrize("rule,shape", [(Rule.TENSOR, (3, 8, 6)), (Rule.EMBEDDING, (70, 9)), (Rule.MATRIX, (130, 5)),
+                                        (Rule.CONV, (6, 2, 3, 3))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_widen_statistics_and_merge_by_rule(rule, shape, dtype):
+    """Stacked experts, embeddings (columns are rows), matrices of several tiles fed in blocks that split them,
+    convolution kernels: the fused statistics give the same weights, the fused merge the same values."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(shape, generator=g).to(dtype)
+    models = [(base.float() + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(2)]
+    widen = get_method("widen")
+    params = widen.resolve_params({}, 2)
+    task = TensorTask("x", shape, rule, 64, exact_products=dtype == torch.bfloat16)
+    step = shape[0] if rule is Rule.TENSOR else 29
+    eager, fused = widen.start(task, params, 2), widen.start(task, params, 2)
+    run_passes(eager, base, models, 1, step, fused=False)
+    run_passes(fused, base, models, 1, step, fused=True)
+    assert torch.equal(eager.state_dict()["weights"], fused.state_dict()["weights"])
+    want = eager.emit(0, base.float(), models).to(dtype)
+    got = torch.empty(shape, dtype=dtype)
+    assert fused.emit_raw(0, base, models, got) == 0
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@needs_numba
+def test_mixed_model_dtypes_take_the_eager_path(families, tmp_path, monkeypatch):
+    """Models stored in different dtypes are not one kernel's tuple: emit_raw declines, the merge is eager's."""
+    fam = {**families["bf16"], "multilingual": families["f32"]["multilingual"]}
+    ref = tmp_path / "eager"
+    merge(fam, ref, "task_arithmetic", {}, "eager", monkeypatch)
+    calls = merge(fam, tmp_path / "auto", "task_arithmetic", {}, "auto", monkeypatch)
+    assert not calls
+    assert_same_output(tmp_path / "auto", ref)
+
+
+# ---- choosing the backend ------------------------------------------------------------------------------------------
+def test_the_backend_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "eager")
+    assert kernels.backend() == "eager" and not kernels.enabled()
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(kernels.KernelsError, match="STREAMMERGE_KERNELS='fast': expected one of auto, eager, numba"):
+        kernels.backend()
+    monkeypatch.delenv(kernels.ENV)
+    assert kernels.backend() == ("numba" if HAVE_NUMBA else "eager")
+
+
+@pytest.fixture
+def no_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba as if it were not installed."""
+    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_missing", "No module named 'numba'")
+
+
+def test_without_numba_the_eager_path_runs(no_numba, families, tmp_path, monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.backend() == "eager"
+    monkeypatch.setenv(kernels.ENV, "numba")
+    with pytest.raises(kernels.KernelsUnavailable, match=r"STREAMMERGE_KERNELS=numba but numba cannot be imported"):
+        kernels.backend()
+    ref = tmp_path / "eager"
+    merge(families["bf16"], ref, "ties", {"density": 0.5}, "eager", monkeypatch)
+    assert not merge(families["bf16"], tmp_path / "auto", "ties", {"density": 0.5}, "auto", monkeypatch)
+    assert_same_output(tmp_path / "auto", ref)
+
+
+def test_the_arrays_a_kernel_takes():
+    """bfloat16 as uint16 bits, float16 as int16 bits, float32 as itself, sharing memory; others, non-contiguous
+    views and models of mixed dtypes are declined."""
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert kernels.array(x.to(torch.bfloat16)).dtype == np.uint16
+    assert kernels.array(x.to(torch.float16)).dtype == np.int16
+    a = kernels.array(x)
+    a[0] = 7.0
+    assert x[0, 0] == 7.0
+    assert kernels.array(x.double()) is None and kernels.array(x.T) is None
+    assert kernels.arrays(x, [x, x.to(torch.bfloat16)]) is None
+    assert kernels.arrays(x, [x[:1], x]) is None
+    b, ms, o = kernels.arrays(x, [x, x], x)  # type: ignore[misc]
+    assert len(ms) == 2 and b.shape == o.shape == (6,)
