@@ -208,6 +208,14 @@ class Plan:
     def tensor(self, name: str) -> TensorPlan:
         return self._by_name[name]
 
+    @cached_property
+    def fused_kernels(self) -> bool:
+        """Whether the merge runs the fused kernels (:func:`streammerge.kernels.enabled`, from the elements it merges);
+        decided once, on first use (numba is imported then, and only then)."""
+        from . import kernels  # noqa: PLC0415
+
+        return kernels.enabled(sum(t.rows * t.row_numel for t in self.tensors if t.rule.merged))
+
     @property
     def threads_per_worker(self) -> int:
         """torch intra-op threads of each compute worker: ``--threads`` shared by the workers (1 when there are as

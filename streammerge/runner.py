@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import kernels
 from ._torch import torch
 from .errors import NonFiniteError
 from .formats.dtypes import DTYPES
@@ -101,7 +100,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
     if not schedule.steps:
         return TensorResult(t.name, 0)
     merger = plan.method.start(t.task, t.params, len(plan.models)) if t.rule.merged else None
-    fused = merger is not None and kernels.enabled()
+    fused = merger is not None and plan.fused_kernels
     held: dict[int, Parts] = {}  # staged reads still in use, by index
     written = 0
     for step in schedule.steps:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -129,14 +130,14 @@ def test_fused_merges_give_the_eager_bytes(case, dtype, families, tmp_path, monk
 def test_the_cli_merges_with_the_kernels_to_the_eager_bytes(families, tmp_path, monkeypatch):
     fam = families["bf16"]
     outs = {}
-    for backend in ("eager", "auto"):
+    for backend in ("eager", "numba"):
         monkeypatch.setenv(kernels.ENV, backend)
         outs[backend] = tmp_path / backend
         r = CliRunner().invoke(main, ["merge", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model",
                                       str(fam["multilingual"]), "--method", "ties", "--param", "density=0.3",
                                       "--dtype", "float16", "--out", str(outs[backend]), "-q"])
         assert r.exit_code == 0, r.output
-    assert_same_output(outs["auto"], outs["eager"])
+    assert_same_output(outs["numba"], outs["eager"])
 
 
 # ---- non-finite values ----------------------------------------------------------------------------------------
@@ -369,3 +370,24 @@ def test_the_arrays_a_kernel_takes():
     assert kernels.arrays(x, [x[:1], x]) is None
     b, ms, o = kernels.arrays(x, [x, x], x)  # type: ignore[misc]
     assert len(ms) == 2 and b.shape == o.shape == (6,)
+
+
+def test_auto_leaves_small_merges_to_the_eager_path_without_importing_numba(families, tmp_path, monkeypatch):
+    """numba's import and the cached kernels cost a process about 0.5 s: auto uses them only for merges large
+    enough to repay it (a test or the quick start stays eager), and a small merge never imports numba."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(kernels.ENV, "auto")
+    assert not kernels.enabled(kernels.AUTO_MIN_ELEMENTS - 1)
+    assert kernels.enabled(kernels.AUTO_MIN_ELEMENTS) == (kernels._load() is not None)
+    monkeypatch.setenv(kernels.ENV, "numba" if kernels._load() is not None else "eager")
+    assert kernels.enabled(10) == (kernels._load() is not None)  # forced: any size
+    fam = families["bf16"]
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); import streammerge; "
+            f"streammerge.merge({str(fam['base'])!r}, [{str(fam['chat'])!r}, {str(fam['multilingual'])!r}], "
+            f"{str(tmp_path / 'out')!r}, 'ties'); print('numba' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, kernels.ENV: "auto"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"

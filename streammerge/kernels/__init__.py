@@ -81,8 +81,19 @@ def backend() -> str:
     return "eager"
 
 
-def enabled() -> bool:
-    """Whether the fused kernels are used (:func:`backend` is numba)."""
+#: ``auto`` uses the kernels for merges of at least this many merged elements (about 100M parameters): loading numba
+#: and the cached kernels costs a process about 0.5 s, which they repay at 1.5–5 ns saved per element and pass
+#: (bench/kernels.py); a small merge (a test, the quick start) starts faster without them
+AUTO_MIN_ELEMENTS = 100_000_000
+
+
+def enabled(elements: int | None = None) -> bool:
+    """Whether the fused kernels are used for a merge of ``elements`` merged elements (None: any size): always with
+    ``numba``, never with ``eager``, and with ``auto`` when numba imports and the merge is large enough
+    (:data:`AUTO_MIN_ELEMENTS`; a smaller one does not import numba at all)."""
+    asked = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if asked == "auto" and elements is not None and elements < AUTO_MIN_ELEMENTS:
+        return False
     return backend() == "numba"
 
 
