@@ -234,3 +234,25 @@ def task_examples(n: int, seed: int, lo: int, hi: int, evaluation: bool) -> list
         seen.add(prompt)
         out.append((task, prompt, answer))
     return out
+
+
+#: ``--ft-style format``: the base's own prompt formats for the tasks (pre-training), unlike the FT/evaluation format
+#: ``reverse: abc =>cba`` (other markers). The first is "the base's format" in the scores; a base pre-trained with
+#: several (``base_task_formats``) has seen that the markers vary, as a large model's pre-training data does.
+PRETRAIN_PROMPTS = ("Q: {task} {word}\nA: ", "{task}({word}) = ", "Task: {task}\nInput: {word}\nOutput: ",
+                    "[{task}] {word} -> ")
+
+
+def pretrain_format(examples: list[tuple[str, str, str]], formats: int = 1) -> list[tuple[str, str, str]]:
+    """The same (task, prompt, answer) triples with each prompt rewritten from the FT format (``reverse: abc =>``)
+    to one of the first ``formats`` of :data:`PRETRAIN_PROMPTS` in turn (``Q: reverse abc\\nA: ``, ...); the
+    answers are unchanged. Training and held-out words stay as they were split (by the CRC-32 of the FT-format
+    prompt)."""
+    out = []
+    for i, (task, prompt, answer) in enumerate(examples):
+        head, tail = f"{task}: ", " =>"
+        if not (prompt.startswith(head) and prompt.endswith(tail)):
+            raise ValueError(f"not an FT-format prompt of {task!r}: {prompt!r}")
+        template = PRETRAIN_PROMPTS[(i // len(TASKS)) % formats]  # tasks come in turn: every task gets every format
+        out.append((task, template.format(task=task, word=prompt[len(head):-len(tail)]), answer))
+    return out

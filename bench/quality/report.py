@@ -38,7 +38,9 @@ def markdown(result: dict) -> str:
         f"{result['seeds']} seed(s): a seed changes the FT and PT training (data order, initial RNG) and the "
         "merge's `--seed`; the base is shared. Cells: mean over the seeds (min–max).",
         "",
-        f"FT variant: {_ft_training(result)}."
+        f"FT variant: {_ft_training(result)}. PT variant: `--pt-style "
+        f"{result['settings'].get('pt_style', 'full')}`, {result['settings']['pt_steps']} steps, lr "
+        f"{result['settings']['pt_lr']:g}."
         + (f" Base: not trained here, `--base-from {result['base']['from']}`." if result["base"].get("from") else ""),
         "",
         f"Time: {sec['total']:.0f} s in all (corpus {sec['corpus']:.0f} s, base {sec['base']:.0f} s, FT "
@@ -57,22 +59,27 @@ def markdown(result: dict) -> str:
         conflict = f"{c['sign_conflict']:.1%}" if c.get("sign_conflict") is not None else "-"
         lines.append(f"| {seed} | {c['ft']:.2%} | {c['pt']:.2%} | {c['pt_over_ft']:.1f}x | {cos} | {conflict} | "
                      f"{c['source']} |")
+    pre = _has_pre(result)  # --ft-style format: also the tasks in the base's own prompt format
     lines += ["", "## Scores", "",
               f"| model | inputs | parameters | FT exact match % ↑ | FT answer bits/token ↓ | {lname} bits/byte ↓ "
-              "| English bits/byte ↓ |", "|---|---|---|---|---|---|---|"]
+              "| English bits/byte ↓ |" + (" base-format exact match % ↑ | base-format answer bits/token ↓ |"
+                                         if pre else ""),
+              "|---|---|---|---|---|---|---|" + ("---|---|" if pre else "")]
     for r in result["rows"]:
         sm = r["summary"]
         errors = [v["error"] for v in r["per_seed"].values() if "error" in v]
         if not sm["seeds_ok"]:
             first = errors[0].splitlines()
             why = (first[1] if len(first) > 1 else first[0]).strip().replace("|", "\\|")[:160]
-            lines.append(f"| {r['label']} | {r['call']} | {_params(r)} | failed: {why} | | | |")
+            lines.append(f"| {r['label']} | {r['call']} | {_params(r)} | failed: {why} | | | |"
+                         + (" | |" if pre else ""))
             continue
         name = f"**{r['label']}**" if r["kind"] == "source" else r["label"]
         note = f" ({len(errors)} seed(s) failed)" if errors else ""
         lines.append(f"| {name}{note} | {r['call']} | {_params(r) if r['kind'] == 'merge' else '-'} | "
                      f"{_cell(sm, 'ft_exact_match', 100, 1)} | {_cell(sm, 'ft_answer_bits')} | "
-                     f"{_cell(sm, 'new_bpb')} | {_cell(sm, 'en_bpb')} |")
+                     f"{_cell(sm, 'new_bpb')} | {_cell(sm, 'en_bpb')} |"
+                     + (f" {_cell(sm, 'pre_exact_match', 100, 1)} | {_cell(sm, 'pre_answer_bits')} |" if pre else ""))
     lines += ["", "Per task exact match % of the source models (mean over the seeds):", "",
               "| model | " + " | ".join(_tasks(result)) + " |", "|---|" + "---|" * len(_tasks(result))]
     for r in result["rows"]:
@@ -80,6 +87,15 @@ def markdown(result: dict) -> str:
             per = [v["ft_per_task"] for v in r["per_seed"].values() if "ft_per_task" in v]
             lines.append(f"| {r['label']} | " + " | ".join(
                 f"{100 * sum(p[t] for p in per) / len(per):.1f}" for t in _tasks(result)) + " |")
+    if pre:
+        lines += ["", "The same in the base's own prompt format (`Q: reverse abc\\nA: `, which the base was "
+                  "pre-trained on):", "", "| model | " + " | ".join(_tasks(result)) + " |",
+                  "|---|" + "---|" * len(_tasks(result))]
+        for r in result["rows"]:
+            if r["kind"] == "source":
+                per = [v["pre_per_task"] for v in r["per_seed"].values() if "pre_per_task" in v]
+                lines.append(f"| {r['label']} | " + " | ".join(
+                    f"{100 * sum(p[t] for p in per) / len(per):.1f}" for t in _tasks(result)) + " |")
     ev = result["eval"]
     lines += [
         "",
@@ -90,16 +106,32 @@ def markdown(result: dict) -> str:
         "`inputs` \"FT + PT (FT as --base)\": methods that take exactly one model besides the base, run as "
         "`--base FT --model PT`.",
     ]
+    if pre:
+        lines += ["", "Base-format columns (`--ft-style format`): the same held-out prompts rewritten as `Q: <task> "
+                  "<word>\\nA: `, the format the base saw in pre-training (its task rows); the FT columns use the "
+                  "evaluation format `<task>: <word> =>`, which only the FT variant was trained on."]
     if "plot" in result:
         lines += ["", f"![FT exact match against {lname} bits per byte]({result['plot']})"]
     return "\n".join(lines) + "\n"
 
 
-def _ft_training(result: dict) -> str:
+def _ft_training(result: dict, short: bool = False) -> str:
     """How the FT variant trained (``--ft-style``; results from before the option were all ``adam``)."""
     st = result["settings"]
     optimizer = {"adamw": "AdamW", "sgd": "SGD (momentum 0.9)"}.get(st.get("ft_optimizer", "adamw"))
-    return f"`--ft-style {st.get('ft_style', 'adam')}`, {optimizer}, lr {st['ft_lr']:g}, {st['ft_steps']} steps"
+    text = f"`--ft-style {st.get('ft_style', 'adam')}`, {optimizer}, lr {st['ft_lr']:g}, {st['ft_steps']} steps"
+    if st.get("base_task_rows") and not short:
+        formats = st.get("base_task_formats", 1)
+        text += (f"; each batch {st['ft_rows']} rows of FT-format examples, {st.get('ft_replay_rows', 0)} rows in the "
+                 f"base's format(s), {st['ft_text_rows']} of English. The base was pre-trained with "
+                 f"{st['base_task_rows']} of its {st['batch']} rows of task examples in its own "
+                 + ("format (`Q: <task> <word>\\nA: `)" if formats == 1 else
+                    f"{formats} formats (the first `Q: <task> <word>\\nA: `; `corpus.PRETRAIN_PROMPTS`)"))
+    return text
+
+
+def _has_pre(result: dict) -> bool:
+    return any("pre_exact_match" in v for r in result["rows"] for v in r["per_seed"].values())
 
 
 def _tasks(result: dict) -> list[str]:
@@ -173,7 +205,10 @@ def plot(result: dict, path: Path) -> None:
             axes[row][col].set_ylabel(ylabels[ykey])
     n = result["seeds"]
     fig.suptitle(f"Merging an FT and a PT variant of a {result['base']['params'] / 1e6:.1f}M-parameter byte-level "
-                 f"Qwen2 ({result['mode']} mode; FT: {_ft_training(result).replace('`', '')}): mean of {n} seed(s), "
+                 f"Qwen2 ({result['mode']} mode; FT: {_ft_training(result, short=True).replace('`', '')}"
+                 + (f"; PT: --pt-style {pt}" if (pt := result["settings"].get("pt_style", "full")) != "full" else "")
+                 + "): "
+                 f"mean of {n} seed(s), "
                  "bars span min–max", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from corpus import build_corpus, task_examples
+from corpus import build_corpus, pretrain_format, task_examples
 from report import markdown, plot
 from tinylm import (
     SIZES,
@@ -83,6 +83,10 @@ class Settings:
     sparse_variants: bool
     ft_style: str = "adam"  # see FT_STYLES
     ft_optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9)
+    base_task_rows: int = 0  # base batch: rows of packed task examples in the base's own prompt format (else 0)
+    base_task_formats: int = 1  # how many of corpus.PRETRAIN_PROMPTS those rows use, in turn
+    ft_replay_rows: int = 0  # FT batch: rows of task examples in the base's formats (keeps them; else forgotten)
+    pt_style: str = "full"  # see PT_STYLES
 
 
 MODES = {
@@ -105,6 +109,20 @@ FT_STYLES: dict[str, dict[str, dict]] = {
     "adam": {"smoke": {}, "default": {}},
     "sgd": {"smoke": {"ft_style": "sgd", "ft_optimizer": "sgd", "ft_lr": 0.1},
             "default": {"ft_style": "sgd", "ft_optimizer": "sgd", "ft_lr": 0.1, "ft_steps": 400}},
+    "format": {"smoke": {"ft_style": "format", "base_task_rows": 2, "base_task_formats": 4, "ft_optimizer": "sgd",
+                         "ft_lr": 0.01, "ft_rows": 4, "ft_replay_rows": 2, "ft_text_rows": 0},
+               "default": {"ft_style": "format", "base_task_rows": 6, "base_task_formats": 4, "ft_optimizer": "sgd",
+                           "ft_lr": 0.003, "ft_steps": 300, "ft_rows": 12, "ft_replay_rows": 6, "ft_text_rows": 0}},
+}
+
+
+#: ``--pt-style``: overrides for the PT variant, per mode. ``full`` (the default): 600 steps at lr 3e-3 (‖Δ‖/‖B‖ about
+#: 55-58%, far above the paper's PT, about 0.5%). ``light``: 200 steps at lr 3e-4 (about 9% from the ``format`` base):
+#: less Vietnamese, but it keeps more of what the base could do. See README "A third FT variant".
+PT_STYLES: dict[str, dict[str, dict]] = {
+    "full": {"smoke": {}, "default": {}},
+    "light": {"smoke": {"pt_style": "light", "pt_lr": 1e-3}, "default": {"pt_style": "light", "pt_lr": 3e-4,
+                                                                          "pt_steps": 200}},
 }
 
 
@@ -205,30 +223,50 @@ class Scorer:
     def __init__(self, corpus, settings: Settings, context: int) -> None:
         self.examples = task_examples(settings.eval_examples, seed=99, lo=settings.word_len[0],
                                       hi=settings.word_len[1], evaluation=True)
+        # --ft-style format: the same held-out prompts in the base's own format (what pre-training taught)
+        self.pre_examples = pretrain_format(self.examples) if settings.base_task_rows else None
         self.new_windows = fixed_windows(corpus.new_test, settings.eval_windows, context)
         self.en_windows = fixed_windows(corpus.en_test, settings.eval_windows, context)
 
     def __call__(self, path: Path) -> dict:
         model = load(path)
         tasks = task_scores(model, self.examples)
-        return {"ft_exact_match": tasks["exact_match"], "ft_per_task": tasks["per_task"],
-                "ft_answer_bits": tasks["answer_bits_per_byte"],
-                "new_bpb": bits_per_byte(model, self.new_windows), "en_bpb": bits_per_byte(model, self.en_windows)}
+        out = {"ft_exact_match": tasks["exact_match"], "ft_per_task": tasks["per_task"],
+               "ft_answer_bits": tasks["answer_bits_per_byte"],
+               "new_bpb": bits_per_byte(model, self.new_windows), "en_bpb": bits_per_byte(model, self.en_windows)}
+        if self.pre_examples:
+            pre = task_scores(model, self.pre_examples)
+            out.update(pre_exact_match=pre["exact_match"], pre_per_task=pre["per_task"],
+                       pre_answer_bits=pre["answer_bits_per_byte"])
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
 def train_base(corpus, s: Settings, out: Path, seed: int) -> dict:
+    """English from scratch. With ``s.base_task_rows`` (``--ft-style format``), that many rows of each batch are
+    packed task examples in the base's own prompt formats (``Q: reverse abc\\nA: cba``, ...; ``s.base_task_formats``
+    of ``corpus.PRETRAIN_PROMPTS`` in turn; the answers and ``</s>`` are the targets), so the base can already do
+    the tasks, in formats the evaluation does not use."""
     size = SIZES[s.size]
     model = new_model(size, seed)
     rng = np.random.default_rng(seed)
     docs_share = corpus.en_docs.size / (corpus.en_docs.size + 3 * corpus.en_msgids.size)  # msgids weighted x3
+    text_rows = s.batch - s.base_task_rows
+    if s.base_task_rows:
+        examples = pretrain_format(task_examples(20000, seed=500 + seed, lo=s.word_len[0], hi=s.word_len[1],
+                                                 evaluation=False), s.base_task_formats)
+        task_rng = random.Random(500 + seed)
 
     def batch() -> dict:
-        n_docs = int(rng.binomial(s.batch, docs_share))
+        n_docs = int(rng.binomial(text_rows, docs_share))
         parts = [random_windows(corpus.en_docs, n_docs, size.context, rng)] if n_docs else []
-        if s.batch - n_docs:
-            parts.append(random_windows(corpus.en_msgids, s.batch - n_docs, size.context, rng))
-        return lm_batch(torch.cat(parts))
+        if text_rows - n_docs:
+            parts.append(random_windows(corpus.en_msgids, text_rows - n_docs, size.context, rng))
+        text = lm_batch(torch.cat(parts))
+        if not s.base_task_rows:
+            return text
+        tasks = packed_task_batch(examples, s.base_task_rows, size.context + 1, task_rng)
+        return {k: torch.cat([text[k], tasks[k]]) for k in ("input_ids", "labels")}
 
     t0 = time.perf_counter()
     losses = train(model, batch, s.base_steps, s.base_lr, warmup=max(10, s.base_steps // 15), weight_decay=0.1,
@@ -244,11 +282,19 @@ def train_ft(base: Path, corpus, s: Settings, out: Path, seed: int) -> dict:
     forgets English."""
     model = load(base)
     examples = task_examples(20000, seed=seed, lo=s.word_len[0], hi=s.word_len[1], evaluation=False)
+    if s.ft_replay_rows:  # --ft-style format: the base's own formats, so that the FT does not overwrite them
+        replay = pretrain_format(task_examples(20000, seed=seed + 7, lo=s.word_len[0], hi=s.word_len[1],
+                                               evaluation=False), s.base_task_formats)
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
 
     def batch() -> dict:
         tasks = packed_task_batch(examples, s.ft_rows, s.ft_length, rng)
+        if s.ft_replay_rows:
+            old = packed_task_batch(replay, s.ft_replay_rows, s.ft_length, rng)
+            tasks = {k: torch.cat([tasks[k], old[k]]) for k in ("input_ids", "labels")}
+        if not s.ft_text_rows:
+            return tasks
         text = lm_batch(random_windows(corpus.en_docs, s.ft_text_rows, s.ft_length - 1, np_rng))
         return {k: torch.cat([tasks[k], text[k]]) for k in ("input_ids", "labels")}
 
@@ -275,8 +321,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     out)."""
     good = [v for v in per_seed.values() if "error" not in v]
     out: dict = {"seeds_ok": len(good)}
-    for key in ("ft_exact_match", "ft_answer_bits", "new_bpb", "en_bpb"):
-        vals = [v[key] for v in good]
+    for key in ("ft_exact_match", "ft_answer_bits", "new_bpb", "en_bpb", "pre_exact_match", "pre_answer_bits"):
+        vals = [v[key] for v in good if key in v]
         if vals:
             out[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals),
                         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
@@ -289,8 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=2, help="seeds (FT/PT training and merge seed); default 2")
     ap.add_argument("--language", default="vi", help="the PT variant's language (gettext catalogs); default vi")
     ap.add_argument("--ft-style", choices=sorted(FT_STYLES), default="adam",
-                    help="how the FT variant trains: adam (default; AdamW lr 1e-3) or sgd (SGD momentum 0.9, lr 0.1: "
-                    "a smaller weight change); see FT_STYLES")
+                    help="how the FT variant trains: adam (default; AdamW lr 1e-3), sgd (SGD momentum 0.9, lr 0.1: "
+                    "a smaller weight change) or format (the base is pre-trained with the tasks in another prompt "
+                    "format; the FT only teaches the evaluation's format); see FT_STYLES")
+    ap.add_argument("--pt-style", choices=sorted(PT_STYLES), default="full",
+                    help="how the PT variant trains: full (default; 600 steps, lr 3e-3) or light (200 steps, lr 3e-4: "
+                    "a smaller change that forgets less); see PT_STYLES")
     ap.add_argument("--base-from", type=Path, default=None,
                     help="use this base (trained by an earlier run of the same mode) instead of training one")
     ap.add_argument("--work", type=Path, default=None,
@@ -303,16 +353,17 @@ def main(argv: list[str] | None = None) -> int:
 
     wall0 = time.perf_counter()
     mode = "smoke" if args.smoke else "default"
-    s = replace(MODES[mode], **FT_STYLES[args.ft_style][mode])
+    s = replace(MODES[mode], **FT_STYLES[args.ft_style][mode], **PT_STYLES[args.pt_style][mode])
+    pt_tag = "" if args.pt_style == "full" else f"-pt{args.pt_style}"
     if args.work is None:
-        args.work = BENCH / "work" / ("quality" if args.ft_style == "adam" else f"quality-{args.ft_style}")
+        args.work = BENCH / "work" / (("quality" if args.ft_style == "adam" else f"quality-{args.ft_style}") + pt_tag)
     cli = args.streammerge or str(Path(sys.executable).parent / "streammerge")
     if not Path(cli).exists():
         cli = shutil.which("streammerge") or cli
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    stem = f"{started}-quality" + ("" if args.ft_style == "adam" else f"-{args.ft_style}") + \
+    stem = f"{started}-quality" + ("" if args.ft_style == "adam" else f"-{args.ft_style}") + pt_tag + \
         ("-smoke" if args.smoke else "")
     phases: dict[str, float] = {}
     load_start = os.getloadavg()
