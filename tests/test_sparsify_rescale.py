@@ -179,3 +179,18 @@ def test_sce_with_identical_models_follows_mergekit(pair, tmp_path):
         got = load_file(out / "model.safetensors")
         for n in base:
             assert torch.allclose(got[n], want[n], atol=1e-6), (topk, n)
+
+
+def test_della_ascending_order_is_torchs_stable_argsort():
+    """MagPrune ranks by a keyed numpy sort on the CPU: the same order as torch's stable argsort, ties by index,
+    zeros, NaN, infinity and denormals included, for rows of vectors, matrices and stacked experts."""
+    from streammerge.methods._delta import ascending_order
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 12), (7, 13), (5, 300), (3, 4, 6), (2, 257, 3)]:
+        x = torch.randn(*shape, generator=g).abs()
+        x.view(-1)[:4] = 0.0
+        x.view(-1)[5], x.view(-1)[7], x.view(-1)[9] = float("nan"), float("inf"), 1e-45
+        if x.shape[1] > 4:
+            x[:, 4] = x[:, 2]
+        assert torch.equal(ascending_order(x), torch.argsort(x, dim=1, stable=True)), shape

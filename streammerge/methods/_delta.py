@@ -273,7 +273,7 @@ class MagPrune(Sparsifier):
         if n <= 1:
             return torch.full(absd.shape, self.density, dtype=torch.float32, device=absd.device)
         # the 0-based ascending rank of every element (ties by index): one stable sort, its inverse by scattering
-        order = torch.argsort(x, dim=1, stable=True)
+        order = ascending_order(x)
         steps = torch.arange(n, dtype=torch.float32, device=x.device).reshape((1, n) + (1,) * (x.dim() - 2))
         ranks = torch.empty(x.shape, dtype=torch.float32, device=x.device).scatter_(1, order, steps.expand(x.shape))
         del order
@@ -291,6 +291,23 @@ class MagPrune(Sparsifier):
         u = uniform(self.key, r0 * self.task.row_numel, absd.numel(), absd.device).reshape(absd.shape)
         keep = (u >= 1.0 - p.to(torch.float64)).to(torch.float32)
         return keep.div_(p) if inverse_density else keep
+
+
+def ascending_order(x: torch.Tensor) -> torch.Tensor:
+    """``torch.argsort(x, dim=1, stable=True)`` of non-negative float32 ``x`` (int64, x's shape): the same order.
+    On the CPU each element's key is its float32 bits (monotone for non-negative values, NaN last as torch sorts it)
+    above its index, so keys are unique and numpy's in-place sort (3x faster than torch's stable argsort here,
+    bench: 75 vs 222 ms for 896 rows of 4864) gives the stable order; the index is the key's low half."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return torch.argsort(x, dim=1, stable=True)
+    import numpy as np  # noqa: PLC0415
+
+    n = x.shape[1]
+    index = torch.arange(n, dtype=torch.int64).reshape((1, n) + (1,) * (x.dim() - 2))
+    keys = (x.contiguous().view(torch.int32).to(torch.int64) << 32).bitwise_or_(index).numpy()
+    keys.sort(axis=1)
+    np.bitwise_and(keys, 0xFFFFFFFF, out=keys)
+    return torch.from_numpy(keys)
 
 
 SPARSIFIERS: dict[str, type[Sparsifier]] = {"magnitude": Magnitude, "outliers": Outliers, "random": Bernoulli,
