@@ -333,7 +333,7 @@ def shape_hint(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
     return ""
 
 
-def _rows_differ(name: str, a: Located, b: Located, embedding: str | None) -> bool:
+def rows_differ(name: str, a: Located, b: Located, embedding: str | None) -> bool:
     """Whether ``a`` and ``b`` are a vocabulary-indexed tensor differing only in rows (tokens)."""
     return (name in TOKEN_EMBEDDINGS or name in HEAD_NAMES or name == embedding) \
         and len(a.info.shape) == len(b.info.shape) == 2 and a.info.shape[1] == b.info.shape[1]
@@ -453,7 +453,7 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
             other = m.tensors.get(name)
             if other is None or from_base(name) or name in skip:
                 continue
-            if other.info.shape != loc.info.shape and not (vocab_rows_vary and _rows_differ(name, other, loc, embedding)):
+            if other.info.shape != loc.info.shape and not (vocab_rows_vary and rows_differ(name, other, loc, embedding)):
                 hint = shape_hint(name, other.info.shape, loc.info.shape)
                 raise IncompatibleModelsError(
                     f"tensor {name}: shape {list(other.info.shape)} in {who} but {list(loc.info.shape)} in the base"
@@ -481,7 +481,7 @@ def check_homologous(base: Checkpoint, models: list[Checkpoint],
                     f"the first --embedding name the base stores), but {who}'s output head is "
                     f"{list(loc.info.shape)}: --embedding must name the token embedding (one row per token)")
             if loc.info.shape != base.tensors[embedding].info.shape and not (
-                    vocab_rows_vary and _rows_differ(embedding, loc, base.tensors[embedding], embedding)):
+                    vocab_rows_vary and rows_differ(embedding, loc, base.tensors[embedding], embedding)):
                 raise IncompatibleModelsError(
                     f"{who} ({c.folder}): its output head is {list(loc.info.shape)} but the base's embedding is "
                     f"{list(base.tensors[embedding].info.shape)}" + shape_hint(embedding, loc.info.shape,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .classify import exclude_regex, is_derived_buffer, layout_difference, shape_hint
+from .classify import exclude_regex, is_derived_buffer, layout_difference, rows_differ, shape_hint
 from .errors import QuantizationError
 from .formats.checkpoint import Checkpoint
 from .quantization import dequantization
@@ -67,7 +67,7 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
         if base.model_type and m.model_type and base.model_type != m.model_type:
             out.append(Difference(who, f"model_type {m.model_type!r}, the base's is {base.model_type!r}", BLOCKS,
                                   "merge checkpoints of one architecture"))
-        vocab_rows = _vocab_rows(base, embedding, head), _vocab_rows(m, embedding, head)
+        vocab_rows = base.matrix_rows((embedding, head)), m.matrix_rows((embedding, head))
         if base.vocab_size and m.vocab_size and base.vocab_size != m.vocab_size \
                 or None not in vocab_rows and vocab_rows[0] != vocab_rows[1]:
             what = (f"vocabulary: {vocab_rows[1] or m.vocab_size} embedding rows, the base's "
@@ -76,7 +76,7 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
             out.append(Difference(who, what, NEEDS_OPTION, MAP_ROWS) if not lacking else Difference(
                 who, f"{what}, and {' and '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no "
                 f"{TOKENIZER_JSON} to map rows through", BLOCKS,
-                f"give every input its {TOKENIZER_JSON} (then {MAP_ROWS.split(' maps ')[0]} maps the rows), or "
+                f"give every input its {TOKENIZER_JSON} (then {MAP_OPTION} maps the rows), or "
                 "resize the embeddings to one vocabulary"))
         else:
             differ = tokenizer_difference(base.folder, m.folder)
@@ -127,7 +127,7 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
                                          "leaves them out (the base has none)")))
         shapes = [n for n, loc in base.tensors.items()
                   if n in m.tensors and n not in skip and m.tensors[n].info.shape != loc.info.shape
-                  and not (n in (*TOKEN_EMBEDDINGS, *HEAD_NAMES) and m.tensors[n].info.shape[1:] == loc.info.shape[1:])]
+                  and not rows_differ(n, m.tensors[n], loc, embedding)]  # other vocabularies: reported above
         if shapes:
             n = shapes[0]
             hint = shape_hint(n, m.tensors[n].info.shape, base.tensors[n].info.shape)
@@ -147,14 +147,9 @@ def compare(base: Checkpoint, models: list[Checkpoint]) -> list[Difference]:
 
 
 #: what maps rows between vocabularies (streammerge.vocabulary)
-MAP_ROWS = ("--tokenizer-source union (or base) maps every input's embedding and head rows through its "
+MAP_OPTION = "--tokenizer-source union (or base)"
+MAP_ROWS = (f"{MAP_OPTION} maps every input's embedding and head rows through its "
             "tokenizer.json onto one vocabulary (in a recipe: tokenizer_source)")
-
-
-def _vocab_rows(c: Checkpoint, embedding: str | None, head: str) -> int | None:
-    """The rows of ``c``'s token embedding (or its head)."""
-    loc = c.tensors.get(embedding or "") or c.tensors.get(head)
-    return loc.info.shape[0] if loc is not None and loc.info.shape else None
 
 
 def verdict(differences: list[Difference]) -> str:

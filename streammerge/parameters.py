@@ -35,8 +35,6 @@ from .methods.base import IGNORED_NAMES
 
 #: a layer's index in a tensor name: ``model.layers.12.``, GPT-2's ``h.12.`` (group 1; also streammerge.slices)
 LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
-#: parameters mergekit accepts that change only how it uses memory: accepted, and change nothing here
-IGNORED_PARAMETERS = IGNORED_NAMES
 
 
 def evaluate(setting: Any, tensor: str, t: float) -> Any:
@@ -103,11 +101,11 @@ def check_levels(method: Method, parameters: Mapping[str, Any], model_parameters
     naming it (mergekit ignores both silently)."""
     specs = {p.name: p for p in method.params}
     for key in parameters:
-        if key not in specs and key not in IGNORED_PARAMETERS:
+        if key not in specs and key not in IGNORED_NAMES:
             method.resolve_params({key: None}, 1)  # raises the "did you mean" error
     for k, level in enumerate(model_parameters, 1):
         for key in level:
-            if key in IGNORED_PARAMETERS:
+            if key in IGNORED_NAMES:
                 continue
             if key not in specs:
                 method.resolve_params({key: None}, 1)

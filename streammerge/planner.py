@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -196,8 +197,8 @@ class Plan:
         r = self.recipe
         given = {"dtype": r.dtype, "exclude": list(r.exclude), "embedding": list(r.embedding_names or ()),
                  "keep_vision": r.keep_vision,
-                 "tokenizer_source": "union" if r.vocabulary == "union" else r.tokenizer_from.resolve().name
-                 if r.tokenizer_from else "base" if r.vocabulary else None,
+                 "tokenizer_source": r.tokenizer_source.resolve().name if isinstance(r.tokenizer_source, Path)
+                 else r.tokenizer_source,
                  "pad_to_multiple_of": r.pad_to_multiple_of}
         return {k: v for k, v in given.items() if v}
 
@@ -453,9 +454,7 @@ def _vocabulary(recipe: Recipe, method: Method, params: dict[str, Any], base: Ch
     for k, (folder, ckpt) in enumerate(zip(folders, (base, *models))):
         adapter = recipe.adapter(k)
         key = (str(folder.resolve()), str(adapter.resolve()) if adapter else None)
-        rows = next((ckpt.tensors[n].info.shape[0] for n in (*recipe.embeddings, *HEAD_NAMES)
-                     if n in ckpt.tensors and (n in TOKEN_EMBEDDINGS or n in HEAD_NAMES)
-                     and len(ckpt.tensors[n].info.shape) == 2), None)
+        rows = ckpt.matrix_rows((*(n for n in recipe.embeddings if n in TOKEN_EMBEDDINGS), *HEAD_NAMES))
         name = "the base" if k == 0 else f"model {k}"
         if rows is None:
             raise PlanError(f"{name} ({folder}) stores no known token embedding, so its rows cannot be mapped onto "

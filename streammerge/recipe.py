@@ -188,6 +188,14 @@ class Recipe:
             raise StreamMergeError("--restart discards the interrupted run's work and --redo-changed keeps what the "
                                    "change does not affect: give one of them")
 
+    @property
+    def tokenizer_source(self) -> str | Path | None:
+        """mergekit's ``tokenizer_source`` for this recipe (the inverse of :func:`tokenizer_source_fields`):
+        ``"union"``, a model folder, ``"base"``, or None when rows merge as stored."""
+        if self.vocabulary == "union":
+            return "union"
+        return self.tokenizer_from if self.tokenizer_from is not None else "base" if self.vocabulary else None
+
     def adapter(self, k: int) -> Path | None:
         """The LoRA adapter of input ``k`` (0: the base, k: model k), or None."""
         return self.adapters[k] if self.adapters else None

@@ -116,7 +116,10 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
             raise PlanError(f"output layer {i} ({_from(recipe, i)}) has other tensors or shapes than output layer 0: "
                             "stacked layers must come from models of one architecture and size")
     head_of = {"first": of(recipe.slices[0].model), "last": of(recipe.slices[-1].model)}
-    rows = {where: _vocab_rows(c, head=where == "last") for where, (c, _) in head_of.items()}
+    # the first model's token embedding, the last one's output head (its embedding where it ties them)
+    rows = {"first": head_of["first"][0].matrix_rows(TOKEN_EMBEDDINGS),
+            "last": head_of["last"][0].matrix_rows((*(HEAD_NAMES if not head_of["last"][0].tied() else ()),
+                                                    *TOKEN_EMBEDDINGS))}
     if None not in rows.values() and rows["first"] != rows["last"]:
         raise PlanError(f"the embeddings come from the first slice's model ({recipe.slices[0].model}, {rows['first']} "
                         f"token rows) and the head from the last slice's ({recipe.slices[-1].model}, {rows['last']} "
@@ -134,14 +137,6 @@ def classify_slices(recipe: Recipe, base: Checkpoint, models: list[Checkpoint],
     notes += dequantization_notes(list(read_as.values()), out_dtype)
     out.sort(key=lambda c: natural_key(c.name))
     return Classification(out, _config_updates(recipe, config_ckpt, layer, of), tuple(notes))
-
-
-def _vocab_rows(ckpt: Checkpoint, head: bool) -> int | None:
-    """The token rows of ``ckpt``'s token embedding, or (``head``) of its output head (its own, or the embedding
-    when tied); None when it stores neither."""
-    names = HEAD_NAMES + TOKEN_EMBEDDINGS if head and not ckpt.tied() else TOKEN_EMBEDDINGS
-    return next((ckpt.tensors[n].info.shape[0] for n in names if n in ckpt.tensors
-                 and len(ckpt.tensors[n].info.shape) == 2), None)
 
 
 def _copy(name: str, loc: Any, d: Any, recipe: Recipe, levels: tuple[dict[str, Any], ...], t: float,

@@ -307,9 +307,8 @@ def plan_vocabulary(inputs: Sequence[VocabInput], union: bool, source: Path, sou
     if nobody:
         notes.append(f"{len(nobody)} token{'s' if len(nobody) > 1 else ''} no input has ({', '.join(nobody[:5])}"
                      f"{', ...' if len(nobody) > 5 else ''}) get zero rows (mergekit: 'not found in any model')")
-    plan = VocabularyPlan(n_tokens, rows, maps, source, tuple(added), ())
     for k, i in enumerate(inputs):
-        c = plan.counts(k)
+        c = segment_counts(maps[k], k)
         lacking = c["other"] + c[MEAN] + c[ZERO]
         if lacking or c[PADDING_MEAN]:
             notes.append(f"{i.name}: {lacking} token rows from the other inputs (tokens it lacks)"

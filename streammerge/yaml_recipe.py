@@ -46,7 +46,7 @@ from typing import Any
 
 from .errors import StreamMergeError
 from .hub import is_hub_id
-from .recipe import LayerSlice, Recipe
+from .recipe import LayerSlice, Recipe, tokenizer_source_fields
 
 #: top-level keys read here
 KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
@@ -308,9 +308,9 @@ def dump(recipe: Recipe) -> str:
         from .output import TORCH_DTYPE_NAMES  # noqa: PLC0415
 
         doc["out_dtype"] = TORCH_DTYPE_NAMES[parse_output_dtype(recipe.dtype).name]
-    if recipe.vocabulary is not None or recipe.tokenizer_from is not None:
-        source = "union" if recipe.vocabulary == "union" else \
-            recipe.reference(recipe.tokenizer_from) if recipe.tokenizer_from is not None else "base"
+    source = recipe.tokenizer_source
+    if source is not None:
+        source = recipe.reference(source) if isinstance(source, Path) else source
         if recipe.tokens or recipe.pad_to_multiple_of is not None:
             doc["tokenizer"] = {"source": source,
                                 **({"tokens": {t: _dump_token(recipe, d) for t, d in recipe.tokens.items()}}
@@ -441,15 +441,13 @@ def _tokenizer(doc: dict[str, Any], path: Path, what: dict[str, Any]) -> dict[st
         inputs = [what.get("base"), *(what.get("models") or ())]
         for token, cfg in _mapping(tok.get("tokens"), path, "tokenizer.tokens").items():
             tokens[str(token)] = _token(str(token), cfg, path, inputs)
-    if source is None:
-        return {"tokenizer_from": None, "vocabulary": None, "tokens": tokens}
-    if source in ("base", "union"):
-        return {"tokenizer_from": None, "vocabulary": "tokenizer" if source == "base" else "union", "tokens": tokens}
+    if source is None or source in ("base", "union"):
+        return {**tokenizer_source_fields(source), "tokens": tokens}
     near = difflib.get_close_matches(str(source), ["base", "union"], n=1, cutoff=0.6)
     if near and not _names(str(source), path):
         raise RecipeError(f"{path}: tokenizer_source {source!r} is not a folder; did you mean {near[0]!r}? (base, "
                           "union, or a model)")
-    return {"tokenizer_from": _folder(source, path, "tokenizer_source"), "vocabulary": "tokenizer", "tokens": tokens}
+    return {**tokenizer_source_fields(_folder(source, path, "tokenizer_source")), "tokens": tokens}
 
 
 def _token(token: str, cfg: Any, path: Path, inputs: list[Path | None]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Pickled checkpoints (``*.bin``, ``*.pt``, ``*.ckpt``) are refused, never loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,13 @@ class Checkpoint:
         if v is None and isinstance(self.config.get("text_config"), dict):
             v = self.config["text_config"].get("vocab_size")
         return v if isinstance(v, int) else None
+
+    def matrix_rows(self, names: Iterable[str | None]) -> int | None:
+        """The rows of the first of ``names`` this checkpoint stores as a 2-D tensor (for a token embedding or an
+        output head: one row per token), or None when it stores none of them."""
+        loc = next((self.tensors[n] for n in names if n in self.tensors and len(self.tensors[n].info.shape) == 2),
+                   None)
+        return loc.info.shape[0] if loc is not None else None
 
     def tied(self, head_name: str = "lm_head.weight") -> bool:
         """Whether the output head is tied to the input embedding.

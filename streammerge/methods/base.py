@@ -277,7 +277,7 @@ def _split_per_model(value: Any) -> list[Any]:
     return [value]
 
 
-#: mergekit switches accepted anywhere a parameter is, without effect (streammerge.parameters.IGNORED_PARAMETERS)
+#: mergekit switches that only change how mergekit uses memory: accepted anywhere a parameter is, without effect
 IGNORED_NAMES = ("int8_mask", "lazy_unpickle")
 
 
