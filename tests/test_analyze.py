@@ -444,7 +444,7 @@ def test_the_plot_without_matplotlib_names_the_extra_before_reading_anything(fam
     monkeypatch.setattr(core, "run_statistics", lambda *a, **k: pytest.fail("the analysis ran"))
     result = invoke("analyze", "--base", fam["base"], "--model", fam["chat"], "--plot", tmp_path / "p.png")
     assert result.exit_code == 1
-    assert "--plot needs matplotlib, which is not installed: pip install 'streammerge[plot]'" in result.stderr
+    assert "needs matplotlib, which is not installed: pip install 'streammerge[plot]'" in result.stderr
     assert not (tmp_path / "p.png").exists()
 
 

@@ -25,7 +25,8 @@ PANEL_PX = 260
 MARGIN_PX = 90
 #: the cosine axis reaches at least ±COSINE_REACH
 COSINE_REACH = 0.25
-MISSING = "--plot needs matplotlib, which is not installed: pip install 'streammerge[plot]'"
+MISSING = ("the plot (--plot, or plot= in Python) needs matplotlib, which is not installed: "
+           "pip install 'streammerge[plot]'")
 
 
 class PlotError(StreamMergeError):
@@ -36,15 +37,15 @@ def check_plot_path(path: Path, inputs: list[Path]) -> None:
     """Refuse a plot file that is not a .png, whose folder does not exist, or that lies inside an input folder
     (analyze never writes into a model folder)."""
     if path.suffix.lower() != ".png":
-        raise PlotError(f"--plot {path}: the plot is a PNG image; give a file name ending in .png")
+        raise PlotError(f"plot file {path}: the plot is a PNG image; give a file name ending in .png")
     if not path.parent.resolve().is_dir():
-        raise PlotError(f"--plot {path}: the folder {path.parent} does not exist")
+        raise PlotError(f"plot file {path}: the folder {path.parent} does not exist")
     if path.is_dir():
-        raise PlotError(f"--plot {path} is a folder; give a file name ending in .png")
+        raise PlotError(f"plot file {path} is a folder; give a file name ending in .png")
     real = path.resolve()
     for folder in inputs:
         if folder.resolve() in real.parents:
-            raise PlotError(f"--plot {path} is inside the input folder {folder}; analyze writes nothing into model "
+            raise PlotError(f"plot file {path} is inside the input folder {folder}; analyze writes nothing into model "
                             "folders: choose a file elsewhere")
 
 
@@ -108,7 +109,7 @@ def render(a: Analysis, path: str | Path) -> Path:
     else:
         ax.set_ylim(bottom=0)
     ax.set_ylabel("relative change\n‖Δ‖ / ‖B‖ (%" + (", log scale)" if spans_decades else ")"))
-    ax.legend(loc="best", fontsize=9)
+    _legend(ax)
     ax.grid(True, which="both", alpha=0.3)
 
     if len(a.models) >= 2:
@@ -125,7 +126,7 @@ def render(a: Analysis, path: str | Path) -> Path:
         ax.set_ylim(-reach, reach)
         ax.axhline(0.0, color="grey", linestyle="--", linewidth=1, label="0: unrelated changes")
         ax.set_ylabel("cosine of the deltas\ncos(Δi, Δj) (−1 to 1)")
-        ax.legend(loc="best", fontsize=9)
+        _legend(ax)
         ax.grid(True, alpha=0.3)
 
         ax = axes[2]
@@ -137,7 +138,7 @@ def render(a: Analysis, path: str | Path) -> Path:
         ax.axhline(50.0, color="grey", linestyle="--", linewidth=1, label="50%: unrelated changes")
         ax.set_ylim(0, min(top, 100))
         ax.set_ylabel("sign conflict (%)\nof elements both changed")
-        ax.legend(loc="best", fontsize=9)
+        _legend(ax)
         ax.grid(True, alpha=0.3)
 
         if a.top_k:
@@ -150,7 +151,7 @@ def render(a: Analysis, path: str | Path) -> Path:
             ax.axhline(a.top_k, color="grey", linestyle="--", linewidth=1, label=f"{a.top_k:g}%: chance")
             ax.set_ylim(0, min(top, 100))
             ax.set_ylabel(f"top-{a.top_k:g}% overlap (%)\nlargest |Δ| in both")
-            ax.legend(loc="best", fontsize=9)
+            _legend(ax)
             ax.grid(True, alpha=0.3)
 
     bottom = axes[-1]
@@ -162,6 +163,12 @@ def render(a: Analysis, path: str | Path) -> Path:
         bottom.set_xlabel("module kind")
     fig.savefig(path, format="png", dpi=DPI)
     return path
+
+
+def _legend(ax: Any) -> None:
+    """The panel's legend beside it, right of the axes, where it covers no line (with three models or more the
+    pair panels have three lines or more)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9)
 
 
 def _scaled(x: float | None, factor: float) -> float:

@@ -6,8 +6,11 @@ as such; streammerge measures no quality. Thresholds:
 
 - a **gap** is a ratio of at least :data:`GAP` between the largest and the smallest relative change ``‖Δ‖/‖B‖`` of
   the weights (every tensor of two or more dimensions but norms: norm weights near 1, and biases, would otherwise
-  weigh in ``‖B‖`` out of proportion to their share of the parameters): the paper's fine-tuned (FT) models change their parameters by about 0.0005–0.002 and its continually
-  pre-trained (PT) one by about 0.005, a ratio of 2.5 to 10;
+  weigh in ``‖B‖`` out of proportion to their share of the parameters). The paper's fine-tuned (FT) models change
+  their parameters by about 0.0005–0.002 and its continually pre-trained (PT) one by about 0.005, a ratio of 2.5
+  to 10. Those are absolute changes per parameter (weight units, compared here with the mean ``|Δ|``), not
+  fractions of the weights; the ratio, unlike the sizes, does not depend on the scale of the weights, so the gap is
+  judged on the relative change;
 - two models' changes are **alike** at a cosine of at least 0.5, **unrelated** at a cosine within ±0.1 with a sign
   conflict of at least 40% (unrelated changes give a cosine near 0 and a sign conflict near 50%);
 - a model is a **sparse update** when at least half of its elements are unchanged;
@@ -99,15 +102,17 @@ def make_verdict(whole: Figures, modules: tuple[Figures, ...], names: tuple[str,
         if ratio >= GAP:
             findings.append(
                 f"{shift}: a gap like that between a continually pre-trained (PT) and a fine-tuned (FT) model. "
-                f"{PAPER[0].upper() + PAPER[1:]} reports FT changes of about 0.0005–0.002 against about 0.005 for "
-                "PT, and that merging an FT model (Qwen1.5-Chat) with a PT one (Sailor), task arithmetic, TIES, "
+                f"{PAPER[0].upper() + PAPER[1:]} reports FT changes of about 0.0005–0.002 per parameter (weight "
+                "units, like the mean |Δ|) against about 0.005 for PT, and that merging an FT model (Qwen1.5-Chat) with a PT one (Sailor), task arithmetic, TIES, "
                 "Breadcrumbs and DARE usually either lost both abilities or kept only the FT model's, while WIDEN "
                 "kept most of both (14B, multilingual average: WIDEN 59.67, Sailor 59.90, best of average and task "
                 "arithmetic 40.72, best of TIES, Breadcrumbs and DARE 28.69).")
             suggestions.append("widen: the paper's method for this case; it ranks each model's changes within that "
                                "model, so the larger shift does not swamp the smaller one")
             suggestions.append(f"task_arithmetic, ties, dare_ties: per the paper, likely to lose the ability of "
-                               f"{who[hi.model]} here; if you try them, compare with widen")
+                               f"{who[hi.model]} here; in streammerge's own miniature of this setting (bench/quality) "
+                               f"TIES dropped the smaller change instead (here model {lo.model}'s); if you try them, "
+                               "compare with widen")
         else:
             findings.append(f"{shift}: changes of a similar size (under {GAP}×), the setting the classic merges were "
                             "designed for (several fine-tuned models of one base).")
@@ -150,5 +155,6 @@ def make_verdict(whole: Figures, modules: tuple[Figures, ...], names: tuple[str,
         if m.relative_change is not None:
             findings.append(f"{who[1]}: ‖Δ‖/‖B‖ {_pct(m.relative_change)}, mean |Δ| {m.mean_abs_change:.3g}. For "
                             f"scale, {PAPER} reports parameter changes of about 0.0005–0.002 for fine-tuned and about "
-                            "0.005 for continually pre-trained Qwen1.5 models.")
+                            "0.005 for continually pre-trained Qwen1.5 models, in weight units (compare the mean "
+                            "|Δ|).")
     return Verdict(tuple(findings), tuple(suggestions), ratio, largest, smallest)
