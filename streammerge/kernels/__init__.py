@@ -132,6 +132,11 @@ def arrays(base: torch.Tensor | None, models: Sequence[torch.Tensor],
     return b, ms, o  # type: ignore[return-value]
 
 
+#: how a model's keep factor reaches ``sparse_merge``/``l1_sums``: none, a selection's thresholds, a float32 factor
+#: array, or DARE's drop mask drawn in the kernel
+NO_FACTOR, SELECT, FACTOR, RANDOM = 0, 1, 2, 3
+
+
 def f32(values: Sequence[float]) -> np.ndarray:
     """Python numbers as float32, as torch casts a Python number to a float32 tensor's dtype (round to nearest)."""
     import numpy as np  # noqa: PLC0415

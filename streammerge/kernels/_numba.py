@@ -27,6 +27,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from . import FACTOR, RANDOM, SELECT  # a model's keep factor: how sparse_merge and l1_sums get it
+
 JIT = {"fastmath": False, "nogil": True, "cache": True}
 
 U32 = np.uint32
@@ -263,8 +265,22 @@ def widen_emit(base, models, weights, cols, by_rows, r0, out):  # type: ignore[n
     return bad
 
 
+# ---- DARE's drop mask: methods/_rng.py's counter-based generator -------------------------------------------------
+PHI, MIX1, MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+@njit(inline="always")
+def _mixed(key, index):  # type: ignore[no-untyped-def]
+    """``mix64(key + (index + 1)·φ)``, uint64 with wrap-around (``_rng._mixed_blocks``' value for flat element
+    ``index`` of the stream ``key``); DARE keeps the element iff it is ``>= cut`` (``_rng.keep_mask``). Every
+    operand is uint64: numba would take a mix with int64 to float64."""
+    z = key + (np.uint64(index) + np.uint64(1)) * PHI
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return z ^ (z >> np.uint64(31))
+
+
 # ---- TIES, Breadcrumbs, DARE, DELLA: keep, rescale, weigh, elect ----------------------------------------------------
-NO_FACTOR, SELECT, FACTOR = 0, 1, 2  # a model's keep: none, a selection (sel), or a float32 factor array
 SUM, CONSENSUS = 0, 1
 #: a TopK's tau that keeps every element (every |Δ| bit pattern is above it) and one that keeps none
 KEEP_ALL, KEEP_NONE = -1, 1 << 31
@@ -311,14 +327,16 @@ def _select_step(x, m, b, sel, k, keep_value, scale, wk, dst, ties):  # type: ig
 
 
 @njit(**JIT)
-def sparse_merge(base, models, keep_mode, sel, factors, keep_value, scale, w, combine, normalize, minw, div, lam,
-                 out, ties):  # type: ignore[no-untyped-def]
+def sparse_merge(base, models, keep_mode, sel, factors, keys, cuts, start, keep_value, scale, w, combine, normalize,
+                 minw, div, lam, out, ties):  # type: ignore[no-untyped-def]
     """The merge pass of the delta methods with a sparsifier (methods/_delta.py ``_DeltaTensorMerge.emit``).
 
     Per element and model k (in model order): ``d = M_k − B``; then by ``keep_mode[k]``: SELECT, ``d·keep`` with
     keep ``keep_value[k]`` (1, or 1/density for inverse_density) if ``|d|`` is in the selection ``sel[k]`` else 0
-    (:func:`_select_step`), then ``·scale[k]``; FACTOR, ``d·factors[k][i]`` (a precomputed keep factor: DARE,
-    DELLA) then ``·scale[k]``; NO_FACTOR, ``d`` as it is. Then ``·w[k]``. Combined (``plain_sum`` /
+    (:func:`_select_step`), then ``·scale[k]``; FACTOR, ``d·factors[k][i]`` (a precomputed keep factor: DELLA)
+    then ``·scale[k]``; RANDOM (DARE), ``d·keep`` with keep ``keep_value[k]`` where the element's draw
+    (:func:`_mixed` of ``keys[k]`` and its flat index ``start + i`` in the tensor) is ``>= cuts[k]``, else 0, then
+    ``·scale[k]``; NO_FACTOR, ``d`` as it is. Then ``·w[k]``. Combined (``plain_sum`` /
     ``sign_consensus``) by ``combine``:
 
     - SUM: ``Σ d_k``, divided by ``div`` (1 for none, an exact identity);
@@ -331,7 +349,8 @@ def sparse_merge(base, models, keep_mode, sel, factors, keep_value, scale, w, co
 
     base, out: (n,); models: tuple of N (n,) arrays; keep_mode: (N,) int64; sel: (N, 4) int64, per model
     ``hi_tau, hi_budget, lo_tau, lo_budget`` (tau as int32 bits, :data:`KEEP_ALL` or :data:`KEEP_NONE`; budget
-    the ties still to keep); factors: tuple of N float32 arrays ((n,) for FACTOR, else any); keep_value, scale, w:
+    the ties still to keep); factors: tuple of N float32 arrays ((n,) for FACTOR, else any); keys, cuts: (N,)
+    uint64 (RANDOM; a model that drops everything: cut 0 and keep_value 0); start: int; keep_value, scale, w:
     (N,) float32; combine, normalize: int64; minw, div, lam: float32; ties: (N, 4) int64, set to the ties kept
     (hi, lo) and the elements equal to each tau met (hi, lo) in this block (the TopKs' tie cursors).
     """
@@ -354,6 +373,11 @@ def sparse_merge(base, models, keep_mode, sel, factors, keep_value, scale, w, co
                 f, sk = factors[k][s : s + m], scale[k]
                 for i in range(m):
                     dk[i] = (((load(x, i) - b[i]) * f[i]) * sk) * wk
+            elif mode == RANDOM:
+                key, cut, kv, sk = keys[k], cuts[k], keep_value[k], scale[k]
+                for i in range(m):
+                    f = kv if _mixed(key, start + s + i) >= cut else F32(0.0)
+                    dk[i] = (((load(x, i) - b[i]) * f) * sk) * wk
             else:
                 for i in range(m):
                     dk[i] = (load(x, i) - b[i]) * wk
@@ -390,6 +414,64 @@ def sparse_merge(base, models, keep_mode, sel, factors, keep_value, scale, w, co
         for i in range(m):
             bad += store(o, i, mixed[i] * lam + b[i])
     return bad
+
+
+@njit(**JIT)
+def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols, row0, tile, rows_total, acc, partial,
+            ties):  # type: ignore[no-untyped-def]
+    """The L1 rescale's statistics pass (methods/_delta.py ``_DeltaTensorMerge.accumulate`` after the selections):
+    per model k and column, ``Σ|Δ_k|`` and ``Σ keep_k·|Δ_k|`` in float64, ``keep_k`` the 0/1 keep factor of
+    :func:`sparse_merge`'s modes (``keep_value`` 1, or 0 for a model that drops everything).
+
+    The order is ``_tiles.ColumnSums``' (``add_column_sums``), as :func:`widen_column_sums`: per column, a tile's
+    sum is ``((0 + v_0) + v_1) + ...`` in row order, and tile sums are added to ``acc`` in row order; ``partial``
+    holds the tile in progress. A selection's kept ``|Δ|`` is ``|Δ·keep|`` (:func:`_select_step` with factors 1,
+    the same value: ``keep`` is 0 or 1), which also moves the ties as the eager ``TopK.factor`` does.
+
+    base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; acc, partial:
+    (2N·cols,) float64, ``[|Δ_1|, kept_1, |Δ_2|, kept_2, ...]`` (``ColumnSums``' stacking) flattened; other
+    arguments as :func:`sparse_merge`'s (``factors[k]`` the block's keep factors, flat).
+    """
+    n_models = len(models)
+    rows = base.shape[0] // cols if cols else 0
+    ties[:, :] = 0
+    b = np.empty(cols, dtype=np.float32)
+    kept = np.empty(cols, dtype=np.float32)
+    one = F32(1.0)
+    for r in range(rows):
+        s = r * cols
+        _widen(base[s : s + cols], cols, b)
+        for k in range(n_models):
+            x, mode = models[k][s : s + cols], keep_mode[k]
+            every = partial[2 * k * cols : (2 * k + 1) * cols]
+            some = partial[(2 * k + 1) * cols : (2 * k + 2) * cols]
+            if mode == SELECT:
+                _select_step(x, cols, b, sel, k, one, one, one, kept, ties)
+                for j in range(cols):
+                    every[j] = every[j] + np.float64(abs(load(x, j) - b[j]))
+                    some[j] = some[j] + np.float64(abs(kept[j]))
+            elif mode == FACTOR:
+                f = factors[k][s : s + cols]
+                for j in range(cols):
+                    a = abs(load(x, j) - b[j])
+                    every[j] = every[j] + np.float64(a)
+                    some[j] = some[j] + np.float64(f[j] * a)
+            elif mode == RANDOM:
+                key, cut, kv, first = keys[k], cuts[k], keep_value[k], (row0 + r) * cols
+                for j in range(cols):
+                    a = abs(load(x, j) - b[j])
+                    every[j] = every[j] + np.float64(a)
+                    some[j] = some[j] + np.float64((kv if _mixed(key, first + j) >= cut else F32(0.0)) * a)
+            else:
+                for j in range(cols):
+                    a = np.float64(abs(load(x, j) - b[j]))
+                    every[j] = every[j] + a
+                    some[j] = some[j] + a
+        row = row0 + r + 1
+        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
+            for c in range(acc.shape[0]):
+                acc[c] = acc[c] + partial[c]
+                partial[c] = 0.0
 
 
 @njit(**JIT)

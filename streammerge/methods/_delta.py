@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import kernels
 from .._torch import torch
-from ._rng import keep_mask, stream_key, uniform
+from ._rng import drop_threshold, keep_mask, stream_key, uniform
 from ._select import BINS, TopK
 from ._tiles import ColumnSums
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
@@ -466,14 +466,14 @@ class _DeltaTensorMerge(TensorMerge):
 
     # ---- fused kernels (streammerge.kernels): the same bytes as accumulate/emit and the engine's cast -------------
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
-        """The radix-select passes by ``histogram_high``/``histogram_low`` (the L1 pass stays eager)."""
-        if pass_index >= self.select_passes:
-            return False
+        """The radix-select passes by ``histogram_high``/``histogram_low``, the L1 pass by ``l1_sums``."""
         got = kernels.arrays(base, models)
         if got is None:
             return False
         b, ms, _ = got
         k = kernels.kernels()
+        if pass_index >= self.select_passes:
+            return self._l1_raw(r0, base, models, b, ms)
         for sp, m in zip(self.sparsifiers, ms):
             if not isinstance(sp, _Selection):
                 continue
@@ -490,9 +490,73 @@ class _DeltaTensorMerge(TensorMerge):
                                 two)
         return True
 
+    def _l1_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], b: np.ndarray,
+                ms: tuple[np.ndarray, ...]) -> bool:
+        """:meth:`accumulate`'s L1 pass by ``l1_sums`` into the same :class:`ColumnSums`."""
+        assert self.sums is not None
+        rows = base.shape[0] if base.dim() else 0
+        keeps = self._keeps(r0, base, models, inverse=False) if rows else None
+        accumulators = self.sums.raw_accumulators(r0, rows) if keeps is not None else None
+        if keeps is None or accumulators is None:
+            return False
+        modes, sel, factors, keys, cuts, keep_value = keeps
+        ties = np.zeros((len(ms), 4), dtype=np.int64)
+        kernels.kernels().l1_sums(b, ms, modes, sel, factors, keys, cuts, keep_value, self.task.row_numel, r0,
+                                  self.task.tile, self.task.rows, *accumulators, ties)
+        self._met_ties(modes, ties)
+        return True
+
+    def _keeps(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], inverse: bool) -> tuple | None:
+        """How each model's keep factor of the block at row ``r0`` is made in a kernel (``sparse_merge``'s
+        ``keep_mode, sel, factors, keys, cuts, keep_value``), the same factors as :meth:`Sparsifier.keep` with
+        ``inverse``: selections as thresholds, DARE's mask drawn in the kernel, DELLA's factors computed here;
+        None when a factor is not a CPU float32 tensor."""
+        n = len(models)
+        modes = np.zeros(n, dtype=np.int64)
+        sel = np.zeros((n, 4), dtype=np.int64)
+        keys = np.zeros(n, dtype=np.uint64)
+        cuts = np.zeros(n, dtype=np.uint64)
+        keep_value = np.ones(n, dtype=np.float32)
+        empty = np.zeros(0, dtype=np.float32)
+        factors = [empty] * n
+        for i, sp in enumerate(self.sparsifiers):
+            if isinstance(sp, _Selection):
+                spec = sp.kernel_spec()
+                if spec is None:
+                    continue
+                modes[i], sel[i] = kernels.SELECT, spec
+                if inverse and sp.density > 0:  # _inverse: keep / density, in float32
+                    keep_value[i] = np.float32(1.0) / np.float32(sp.density)
+            elif isinstance(sp, Bernoulli):
+                if not sp.active:
+                    continue
+                modes[i], keys[i] = kernels.RANDOM, sp.key
+                cut = drop_threshold(sp.density)
+                if cut is None:  # density 0: every element dropped (a 0 factor, not divided by the density)
+                    keep_value[i] = 0.0
+                else:
+                    cuts[i] = cut
+                    if inverse:
+                        keep_value[i] = np.float32(1.0) / np.float32(sp.density)
+            else:
+                d = (models[i] - base.to(torch.float32)).abs_() if sp.needs_magnitude else None
+                keep = sp.keep(r0, d if d is not None else base, inverse)
+                if keep is None:
+                    continue
+                if keep.dtype != torch.float32 or keep.device.type != "cpu":
+                    return None
+                modes[i], factors[i] = kernels.FACTOR, keep.contiguous().reshape(-1).numpy()
+        return modes, sel, tuple(factors), keys, cuts, keep_value
+
+    def _met_ties(self, modes: np.ndarray, ties: np.ndarray) -> None:
+        """Advance the selections' tie cursors past a fused block (``ties`` as the kernel set it)."""
+        for i, sp in enumerate(self.sparsifiers):
+            if modes[i] == kernels.SELECT:
+                sp.met_ties(int(ties[i, 2]), int(ties[i, 3]))  # type: ignore[attr-defined]
+
     def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
         """:meth:`emit` and the cast in one pass: ``delta_sum`` without a sparsifier or consensus, else
-        ``sparse_merge`` (selections as thresholds, DARE's and DELLA's keep factors computed as :meth:`emit` does)."""
+        ``sparse_merge`` (keep factors from :meth:`_keeps`)."""
         got = kernels.arrays(base, models, out)
         if got is None:
             return None
@@ -502,42 +566,27 @@ class _DeltaTensorMerge(TensorMerge):
         lam = kernels.f32([self.p["lambda"]])[0]
         if not self.sparsifiers and not self.m.consensus:
             return int(k.delta_sum(b, ms, kernels.f32(weights), self._sum_divisor(), lam, o))
-        modes = np.zeros(n, dtype=np.int64)
-        sel = np.zeros((n, 4), dtype=np.int64)
-        keep_value = np.ones(n, dtype=np.float32)
+        if self.sparsifiers:
+            keeps = self._keeps(r0, base, models, self.inverse)
+            if keeps is None:
+                return None
+        else:
+            keeps = (np.zeros(n, dtype=np.int64), np.zeros((n, 4), dtype=np.int64),
+                     (np.zeros(0, dtype=np.float32),) * n, np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64),
+                     np.ones(n, dtype=np.float32))
+        modes, sel, factors, keys, cuts, keep_value = keeps
         scale = kernels.f32(self.scales)  # applied with a keep factor only, as emit does
-        empty = np.zeros(0, dtype=np.float32)
-        factors = [empty] * n
-        for i, sp in enumerate(self.sparsifiers):
-            if isinstance(sp, _Selection):
-                spec = sp.kernel_spec()
-                if spec is None:
-                    continue
-                modes[i], sel[i] = 1, spec
-                if self.inverse and sp.density > 0:  # _inverse: keep / density, in float32
-                    keep_value[i] = np.float32(1.0) / np.float32(sp.density)
-            else:
-                d = None
-                if sp.needs_magnitude:
-                    d = (models[i] - base.to(torch.float32)).abs_()
-                keep = sp.keep(r0, d if d is not None else base, self.inverse)
-                if keep is None:
-                    continue
-                if keep.dtype != torch.float32 or keep.device.type != "cpu":
-                    return None
-                modes[i], factors[i] = 2, keep.contiguous().reshape(-1).numpy()
         combine = 1 if self.m.consensus else 0
         normalize = 0
         minw = np.float32(0.0)
         if self.m.consensus and self.p["normalize"]:
             normalize, minw = (1, kernels.f32([min(weights) / 2])[0]) if min(weights) > 0 else (2, minw)
         ties = np.zeros((n, 4), dtype=np.int64)
-        bad = int(k.sparse_merge(b, ms, modes, sel, tuple(factors), keep_value, scale, kernels.f32(weights), combine,
-                                 normalize, minw, self._sum_divisor(), lam, o, ties))
+        start = r0 * self.task.row_numel
+        bad = int(k.sparse_merge(b, ms, modes, sel, factors, keys, cuts, start, keep_value, scale, kernels.f32(weights),
+                                 combine, normalize, minw, self._sum_divisor(), lam, o, ties))
         if bad == 0:
-            for i, sp in enumerate(self.sparsifiers):
-                if modes[i] == 1:
-                    sp.met_ties(int(ties[i, 2]), int(ties[i, 3]))  # type: ignore[attr-defined]
+            self._met_ties(modes, ties)
         return bad
 
     def _sum_divisor(self) -> np.float32:

@@ -92,25 +92,32 @@ def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu"
     return torch.from_numpy(out)
 
 
+def drop_threshold(density: float) -> int | None:
+    """The mixed value from which DARE keeps an element at ``density``: kept iff ``mix64(...) >= cut``, that is
+    ``u >= 1 − density`` compared as integers (``u = top53 / 2⁵³ >= p`` iff ``top53 >= ceil(p·2⁵³)``, i.e. the
+    mixed value ``>= ceil(p·2⁵³)·2¹¹`` before the final shift); None at density 0 (nothing is kept)."""
+    threshold = math.ceil((1.0 - density) * (1 << 53))
+    return None if threshold >= 1 << 53 else threshold << 11
+
+
 def keep_mask(key: int, start: int, count: int, density: float, dtype: type = bool,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's keep mask for flat indices ``start .. start + count - 1``: kept iff ``u >= 1 − density``; as
     ``dtype`` (bool, or a float type for a 0/1 factor to multiply by), on ``device``.
 
-    Same values as comparing :func:`uniform`, compared as integers: ``u = top53 / 2⁵³ >= p`` iff
-    ``top53 >= ceil(p·2⁵³)``, i.e. ``z >= ceil(p·2⁵³)·2¹¹`` before the final shift. On the CPU it is computed on
-    uint64 in cache-sized blocks (numpy wraps on overflow and shifts logically); elsewhere with torch on the device.
+    Same values as comparing :func:`uniform` (:func:`drop_threshold`). On the CPU it is computed on uint64 in
+    cache-sized blocks (numpy wraps on overflow and shifts logically); elsewhere with torch on the device.
     """
-    threshold = math.ceil((1.0 - density) * (1 << 53))
+    cut = drop_threshold(density)
     if torch.device(device).type != "cpu":
-        keep = _top53(key, start, count, device) >= threshold
+        top = _top53(key, start, count, device)
+        keep = top >= (cut >> 11) if cut is not None else torch.zeros_like(top, dtype=torch.bool)
         return keep if dtype is bool else keep.to(torch.float32 if dtype is np.float32 else torch.float64)
     out = np.zeros(count, dtype=dtype)
-    if threshold >= 1 << 53:  # density 0: nothing is kept
+    if cut is None:  # density 0: nothing is kept
         return torch.from_numpy(out)
-    cut = np.uint64(threshold << 11)
     for b0, zz in _mixed_blocks(key, start, count):
-        np.greater_equal(zz, cut, out=out[b0: b0 + len(zz)])
+        np.greater_equal(zz, np.uint64(cut), out=out[b0: b0 + len(zz)])
     return torch.from_numpy(out)
 
 

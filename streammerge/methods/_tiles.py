@@ -149,6 +149,7 @@ class ColumnSums:
         self._feeder = TileFeeder(max(rows, 1), tile)
         self._size = n_sums * row_numel
         self._total: torch.Tensor | None = None  # (n_sums · row_numel) per-column sums, on the first chunk's device
+        self._partial: np.ndarray | None = None  # fused kernels: the sums of the tile in progress
 
     @staticmethod
     def per_element(n_inputs: int) -> int:
@@ -165,6 +166,23 @@ class ColumnSums:
             if self._total is None:
                 self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
             add_column_sums(self._total, vals, self.tile)
+
+    def raw_accumulators(self, r0: int, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """For a fused kernel that adds rows ``[r0, r0 + rows)`` itself, in this class's order
+        (``kernels._numba.l1_sums``): the float64 accumulator and the sums of the tile in progress, as numpy arrays
+        (the kernel updates both); None when the eager path holds stashed rows or the sums are on a GPU. Every
+        block of a tensor takes one path (the engine decides per tensor), so the two never mix."""
+        feeder = self._feeder
+        if feeder._next_row != r0 or feeder._pending is not None:
+            return None
+        if self._total is None:
+            self._total = torch.zeros(self._size, dtype=torch.float64)
+        elif self._total.device.type != "cpu":
+            return None
+        if self._partial is None:
+            self._partial = np.zeros(self._size, dtype=np.float64)
+        feeder._next_row = r0 + rows  # (the eager path's order check)
+        return self._total.numpy(), self._partial
 
     def column_totals(self) -> np.ndarray:
         """(n_sums, row_numel) float64 sums over the rows, one per element position of a row, on the CPU."""
