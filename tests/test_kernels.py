@@ -38,7 +38,8 @@ KERNELS = {
     "breadcrumbs_ties": {"histogram_high", "histogram_low", "sparse_merge"},
     "dare_linear": {"sparse_merge"},
     "dare_ties": {"sparse_merge"},
-    "della": {"sparse_merge"},
+    "della": {"sparse_merge", "magprune_factors"},
+    "della_linear": {"sparse_merge", "magprune_factors"},
     "linear": {"weighted_sum"},
     "widen": {"widen_column_sums", "widen_products", "widen_emit"},
 }
@@ -70,6 +71,8 @@ CASES = [
     ("dare_ties", {"density": 0.5}),
     ("dare_ties", {"density": "0.7,1", "rescale": False}),  # one model kept whole
     ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("della", {"density": "0.3,0.8", "epsilon": 0.15, "rescale_mode": "inverse_density"}),  # 1/p per element
+    ("della_linear", {"density": "0.5,1", "epsilon": 0.05}),  # one model kept whole
     ("linear", {"weight": "0.3,0.9"}),
     ("widen", {}),
 ]
@@ -297,6 +300,30 @@ def test_selections_keep_the_same_ties_block_by_block(method, params):
         assert fused.emit_raw(a, base[a : a + 4], [x[a : a + 4] for x in models], got) == 0
         assert torch.equal(to_bits_t(got), to_bits_t(want)), f"rows {a}..{a + 4}"
         assert fused.cursor() == eager.cursor()
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(40, 300), (7, 1), (1, 2048), (500,), (1,)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_della_keep_factors_are_the_eager_ones(shape, inverse):
+    """``magprune_factors`` against ``MagPrune.keep`` on one block: deltas of a few sizes (many equal ranks, ordered
+    by index), a NaN and an infinity (ranked last), rows of one element (the density itself), a vector (one row)."""
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    levels = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]) * 2 ** -9
+    model = (base.float() + levels[torch.randint(0, 5, shape, generator=g)]).to(torch.bfloat16)
+    if model.numel() > 4:
+        model.view(-1)[1], model.view(-1)[3] = float("nan"), float("inf")
+    m = get_method("della")
+    p = m.resolve_params({"density": 0.4, "epsilon": 0.2}, 1)
+    task = TensorTask("x", shape, Rule.MATRIX if len(shape) == 2 else Rule.VECTOR, 64, exact_products=True)
+    sp = m.start(task, p, 1).sparsifiers[0]
+    for r0 in (0, 3):
+        want = sp.keep(r0, (model - base.float()).abs(), inverse)
+        got = sp.kernel_factors(r0, base, model, inverse)
+        assert got is not None and want is not None
+        assert np.array_equal(got.view(np.int32), want.reshape(-1).numpy().view(np.int32))
+    assert sp.kernel_factors(0, base.reshape(1, 1, -1), model.reshape(1, 1, -1)) is None  # 3-D: the eager path
 
 
 def to_bits_t(x: torch.Tensor) -> torch.Tensor:

@@ -474,6 +474,83 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols,
                 partial[c] = 0.0
 
 
+# ---- DELLA's MAGPRUNE keep factors ----------------------------------------------------------------------------------
+#: digits of the rank sort: three passes of 11 bits cover a non-negative float32's 31 bits
+RADIX_BITS, RADIX_SHIFTS = 11, (0, 11, 22)
+
+
+@njit(inline="always")
+def _row_ranks(keys, n, idx, spare_keys, spare_idx, counts, ranks):  # type: ignore[no-untyped-def]
+    """``ranks[i]`` = the 0-based ascending rank of ``keys[i]`` among ``keys[:n]`` (uint32), ties by index: what
+    ``torch.argsort(stable=True)`` and its inverse give (methods/_delta.py ``ascending_order``). A stable LSD radix
+    sort of (key, index) in three 11-bit passes (a pass whose digit is the same for every key is skipped); ``keys``
+    is overwritten, the other arrays are scratch of n elements (counts: 2048)."""
+    for i in range(n):
+        idx[i] = i
+    src_k, src_i, dst_k, dst_i = keys, idx, spare_keys, spare_idx
+    for shift in RADIX_SHIFTS:
+        counts[:] = 0
+        for i in range(n):
+            counts[(src_k[i] >> U32(shift)) & U32(2047)] += 1
+        if counts[(src_k[0] >> U32(shift)) & U32(2047)] == n:
+            continue
+        total = 0
+        for c in range(2048):
+            t = counts[c]
+            counts[c] = total
+            total += t
+        for i in range(n):
+            d = (src_k[i] >> U32(shift)) & U32(2047)
+            at = counts[d]
+            counts[d] = at + 1
+            dst_k[at] = src_k[i]
+            dst_i[at] = src_i[i]
+        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+    for j in range(n):
+        ranks[src_i[j]] = j
+
+
+@njit(**JIT)
+def magprune_factors(base, model, n, density, spread, low, key, start, inverse, out):  # type: ignore[no-untyped-def]
+    """DELLA's keep factors of a block (methods/_delta.py ``MagPrune.keep``): in each row of ``n`` elements, the
+    element of ascending ``|M − B|`` rank ``r`` (0-based, ties by index) gets the keep probability
+    ``p = min(max(r / (n − 1), 0), 1)·spread + low`` (float32, each operation rounded as torch's ``div_``,
+    ``clamp_``, ``mul_``, ``add_``; ``spread`` = float32(2ε), ``low`` = float32(density − ε); a row of one element
+    gets ``density``), and is kept iff its draw ``u`` (``_rng.uniform``: the top 53 bits of :func:`_mixed` of
+    ``key`` and its flat index ``start + i``, over 2⁵³, in float64) is ``>= 1 − p`` in float64. The factor is 1
+    or 0 (float32), divided by ``p`` with ``inverse``.
+
+    base, model: (rows·n,) row-major; density, spread, low: float32; key: uint64; start: int; out: (rows·n,)
+    float32.
+    """
+    rows = base.shape[0] // n if n else 0
+    keys = np.empty(n, dtype=np.uint32)
+    spare_keys = np.empty(n, dtype=np.uint32)
+    idx = np.empty(n, dtype=np.int32)
+    spare_idx = np.empty(n, dtype=np.int32)
+    ranks = np.empty(n, dtype=np.int32)
+    counts = np.empty(2048, dtype=np.int64)
+    last = F32(n - 1)
+    scale = 1.0 / 9007199254740992.0  # 2⁻⁵³
+    for r in range(rows):
+        s = r * n
+        b, x, o = base[s : s + n], model[s : s + n], out[s : s + n]
+        for i in range(n):
+            keys[i] = _bits_of_f32(load(x, i) - load(b, i)) & U32(0x7FFFFFFF)
+        if n > 1:
+            _row_ranks(keys, n, idx, spare_keys, spare_idx, counts, ranks)
+        for i in range(n):
+            if n > 1:
+                q = F32(ranks[i]) / last
+                q = min(max(q, F32(0.0)), F32(1.0))
+                p = q * spread + low
+            else:
+                p = density
+            u = np.float64(_mixed(key, start + s + i) >> np.uint64(11)) * scale
+            f = F32(1.0) if u >= 1.0 - np.float64(p) else F32(0.0)
+            o[i] = f / p if inverse else f
+
+
 @njit(**JIT)
 def histogram_high(base, model, h1, h2, two):  # type: ignore[no-untyped-def]
     """Radix select's pass A (methods/_select.py ``TopK.pass_a``) on one model's ``|M − B|``: ``h[bits >> 16] +=

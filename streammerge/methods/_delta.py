@@ -282,6 +282,22 @@ class MagPrune(Sparsifier):
         p = rank_norm.mul_(2 * self.epsilon).add_(self.density - self.epsilon)
         return p.reshape(absd.shape)
 
+    def kernel_factors(self, r0: int, base: torch.Tensor, model: torch.Tensor,
+                       inverse_density: bool = False) -> np.ndarray | None:
+        """:meth:`keep` of the chunk ``model − base`` (stored rows; a row along dim 1, a vector one row) by the fused
+        kernel ``magprune_factors``, flat float32; None where :meth:`keep` is no factor (density 0 or 1), for a
+        tensor of more than two dimensions, or inputs a kernel does not take."""
+        got = kernels.arrays(base, [model])
+        if not 0 < self.density < 1 or base.dim() > 2 or got is None:
+            return None
+        b, (m,), _ = got
+        n = base.shape[1] if base.dim() == 2 else b.shape[0]
+        out = np.empty(b.shape[0], dtype=np.float32)
+        spread, low, density = kernels.f32([2 * self.epsilon, self.density - self.epsilon, self.density])
+        kernels.kernels().magprune_factors(b, m, n, density, spread, low, np.uint64(self.key),
+                                           r0 * self.task.row_numel, inverse_density, out)
+        return out
+
     def keep(self, r0: int, absd: torch.Tensor, inverse_density: bool = False) -> torch.Tensor | None:
         if self.density >= 1:
             return None
@@ -539,6 +555,10 @@ class _DeltaTensorMerge(TensorMerge):
                     if inverse:
                         keep_value[i] = np.float32(1.0) / np.float32(sp.density)
             else:
+                fused = sp.kernel_factors(r0, base, models[i], inverse) if isinstance(sp, MagPrune) else None
+                if fused is not None:
+                    modes[i], factors[i] = kernels.FACTOR, fused
+                    continue
                 d = (models[i] - base.to(torch.float32)).abs_() if sp.needs_magnitude else None
                 keep = sp.keep(r0, d if d is not None else base, inverse)
                 if keep is None:
