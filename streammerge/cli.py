@@ -257,6 +257,7 @@ def _with_adapter(d: dict[str, Any], k: int, folder: str) -> str:
 
 
 def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
+    from .kernels import RUNTIME_BYTES  # noqa: PLC0415
     lines = [
         f"method      {d['method']} ({', '.join(f'{k}={v}' for k, v in d['params'].items()) or 'no parameters'})"
         + ("; --json lists each tensor's" if VARIES in d["params"].values() else ""),
@@ -268,7 +269,8 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
         f"budget      {format_size(d['budget']['max_ram'])} ({d['budget']['source']})",
         f"threads     {d['budget']['threads']} ({d['budget']['threads_source']}): {d['workers']} tensor(s) merged at "
         "once" + (" (one per GPU)" if d['device'] != "cpu" else ""),
-        f"peak RAM    {format_size(d['predicted_peak_ram'])} predicted for buffers (plus the interpreter)",
+        f"peak RAM    {format_size(d['predicted_peak_ram'])} predicted for buffers (plus the interpreter)"
+        + (f"; {format_size(RUNTIME_BYTES)} of it for the fused kernels' runtime" if d.get("fused_kernels") else ""),
         *([f"GPU memory  {format_size(d['budget']['max_vram'])} ({d['budget']['vram_source']}); "
            f"{format_size(d['predicted_peak_vram'])} predicted for tensors"] if d.get("predicted_peak_vram") else []),
         ("reads once  every tensor: no statistics passes" if not d["read_once"] + d["read_per_pass"] else

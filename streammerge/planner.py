@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import kernels
 from ._version import __version__
 from .budget import Budget
 from .chat_template import resolve as resolve_template
@@ -175,7 +176,8 @@ class Plan:
     shards: tuple[ShardLayout, ...]
     depth: int  # input slots and output buffers, per worker
     tile: int  # rows per reduction tile
-    peak_ram: int  # every planned buffer: per worker, depth input slots + depth output buffers + the largest scratch
+    peak_ram: int  # every planned buffer: per worker, depth input slots + depth output buffers + the largest scratch;
+    # and the fused kernels' runtime when they run
     slot_bytes: int  # one input slot: a chunk of every input, as stored
     out_buffer_bytes: int  # one output buffer: a chunk of output bytes
     scratch_bytes: int  # the largest per-tensor state + compute-block temporaries
@@ -191,6 +193,9 @@ class Plan:
     config_updates: dict[str, Any] = field(default_factory=dict, repr=False)  # for the output's config.json
     chat_template: str | None = field(default=None, repr=False)  # the output's chat template (None: as copied)
     vocabulary: VocabularyPlan | None = field(default=None, repr=False)  # the inputs' rows mapped onto the output's
+    #: whether the merge runs the fused kernels (:func:`streammerge.kernels.enabled`, from the elements it merges;
+    #: never on a GPU): decided here, before the budget is shared out, because their runtime takes memory too
+    fused_kernels: bool = False
 
     def options(self) -> dict[str, Any]:
         """The options besides the method that shape the output (only those given)."""
@@ -208,14 +213,6 @@ class Plan:
 
     def tensor(self, name: str) -> TensorPlan:
         return self._by_name[name]
-
-    @cached_property
-    def fused_kernels(self) -> bool:
-        """Whether the merge runs the fused kernels (:func:`streammerge.kernels.enabled`, from the elements it merges);
-        decided once, on first use (numba is imported then, and only then)."""
-        from . import kernels  # noqa: PLC0415
-
-        return kernels.enabled(sum(t.rows * t.row_numel for t in self.tensors if t.rule.merged))
 
     @property
     def threads_per_worker(self) -> int:
@@ -259,6 +256,7 @@ class Plan:
                           if self.budget.max_vram else {})},
             "workers": self.workers,
             "predicted_peak_ram": self.peak_ram,
+            "fused_kernels": self.fused_kernels,
             **({"predicted_peak_vram": self.peak_vram} if self.peak_vram else {}),
             "buffers": {"input_slots": self.depth * self.workers, "slot_bytes": self.slot_bytes,
                         "output_buffers": self.depth * self.workers,
@@ -344,7 +342,11 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     out_dtypes = {c.name: c.out_dtype for c in classes}
     sizing = [_size(c, method, tensor_params.get(c.name, params), len(models), tile, on_gpu, out_dtypes)
               for c in classes]
+    # the fused kernels' runtime (numba and its compiled code) lives beside the buffers: taken off the budget first
     usable = int(budget.max_ram * BUDGET_USABLE)
+    fused = not on_gpu and kernels.enabled(sum(math.prod(c.shape) for c in classes if c.rule.merged), usable)
+    runtime = kernels.RUNTIME_BYTES if fused else 0
+    usable -= runtime
     max_state = max((s.state for s in sizing), default=0)
     max_per_elem = max((s.per_elem for s in sizing), default=1) or 1
     per_elem_buffers = depth * (max((s.in_bytes for s in sizing), default=0) + max((s.out_bytes for s in sizing), default=0))
@@ -397,8 +399,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             lo, hi = (lo, mid) if all(c >= 1 for c in settle(mid)[4]) else (mid, hi)
         tightest = next((s.cls.name for s, c in zip(sizing, settle(lo)[4]) if c < 1),
                         next(s.cls.name for s, c in zip(sizing, chunks) if c < 1))
-        least = math.ceil(hi / BUDGET_USABLE)
-        while int(least * BUDGET_USABLE) < hi:  # float rounding of the usable share
+        least = math.ceil((hi + runtime) / BUDGET_USABLE)
+        while int(least * BUDGET_USABLE) - runtime < hi:  # float rounding of the usable share
             least += 1
         shown = format_size(least, up=True)
         if shown == format_size(budget.max_ram):  # so close that the rounded figures would read the same
@@ -406,6 +408,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         raise PlanError(
             f"--max-ram {format_size(budget.max_ram)} is too small: tensor {tightest} needs at least {shown} "
             f"(--max-ram {least}B) for one row chunk; raise --max-ram to at least that"
+            + (f" ({format_size(runtime)} of it for the fused kernels' runtime, which {kernels.ENV}=eager frees)"
+               if runtime else "")
         )
 
     tensors: list[TensorPlan] = []
@@ -422,7 +426,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
-    peak = workers * (depth * (slot + out_buffer) + fixed)
+    peak = workers * (depth * (slot + out_buffer) + fixed) + runtime
     peak_vram = 0
     if on_gpu:
         peak_vram = gpu_state + max(
@@ -433,7 +437,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
                 + (vocab.notes if vocab is not None else ()), doc, base, tuple(models),
                 classification.config_updates, resolve_template(recipe.chat_template,
                                                                  list(dict.fromkeys([recipe.base, *recipe.models]))),
-                vocab)
+                vocab, fused)
 
 
 def base_is_averaged(recipe: Recipe, method: Method, params: dict[str, Any]) -> bool:

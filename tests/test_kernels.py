@@ -431,3 +431,30 @@ def test_auto_leaves_small_merges_to_the_eager_path_without_importing_numba(fami
                        env={**os.environ, kernels.ENV: "auto"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False"
+
+
+@needs_numba
+def test_the_plan_takes_the_kernels_runtime_off_the_budget(families, tmp_path, monkeypatch):
+    """Decided once, in the plan: with the kernels their runtime is part of the predicted peak and comes off the
+    budget before the buffers share it; without them (or on a small merge under ``auto``) nothing is taken."""
+    from streammerge.planner import BUDGET_USABLE
+
+    fam = families["bf16"]
+    plans = {}
+    for backend in ("eager", "numba", "auto"):
+        monkeypatch.setenv(kernels.ENV, backend)
+        plans[backend] = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / backend,
+                                  "task_arithmetic", max_ram="1GiB")
+    eager, fused = plans["eager"], plans["numba"]
+    assert (eager.fused_kernels, fused.fused_kernels, plans["auto"].fused_kernels) == (False, True, False)
+    assert plans["auto"].peak_ram == eager.peak_ram
+    budget = int(eager.budget.max_ram * BUDGET_USABLE)
+    assert eager.peak_ram <= budget and kernels.RUNTIME_BYTES < fused.peak_ram <= budget + kernels.RUNTIME_BYTES
+    monkeypatch.setenv(kernels.ENV, "numba")
+    with pytest.raises(Exception, match=r"too small: .* needs at least .* of it for the fused kernels' runtime, "
+                                        r"which STREAMMERGE_KERNELS=eager frees"):
+        api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "small", "task_arithmetic",
+                 max_ram="2MiB")
+    monkeypatch.setenv(kernels.ENV, "auto")  # auto leaves the kernels out rather than fail
+    assert not kernels.enabled(10 * kernels.AUTO_MIN_ELEMENTS, 4 * kernels.RUNTIME_BYTES - 1)
+    assert kernels.enabled(10 * kernels.AUTO_MIN_ELEMENTS, 4 * kernels.RUNTIME_BYTES)

@@ -87,12 +87,20 @@ def backend() -> str:
 AUTO_MIN_ELEMENTS = 100_000_000
 
 
-def enabled(elements: int | None = None) -> bool:
-    """Whether the fused kernels are used for a merge of ``elements`` merged elements (None: any size): always with
-    ``numba``, never with ``eager``, and with ``auto`` when numba imports and the merge is large enough
-    (:data:`AUTO_MIN_ELEMENTS`; a smaller one does not import numba at all)."""
+#: memory the kernels' runtime adds to a merging process, which the plan takes off the budget: numba's import
+#: (about 59 MiB of RSS) and the first compiled kernels loaded from the cache (about 46 MiB more), measured beside
+#: ``import streammerge.cli, torch`` (224 MiB) with numba 0.68; rounded up
+RUNTIME_BYTES = 128 << 20
+
+
+def enabled(elements: int | None = None, budget: int | None = None) -> bool:
+    """Whether the fused kernels are used for a merge of ``elements`` merged elements (None: any size) within
+    ``budget`` bytes for its buffers (None: any): always with ``numba``, never with ``eager``, and with ``auto``
+    when numba imports, the merge is large enough (:data:`AUTO_MIN_ELEMENTS`; a smaller one does not import numba
+    at all) and the runtime takes at most a quarter of the budget (:data:`RUNTIME_BYTES`)."""
     asked = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if asked == "auto" and elements is not None and elements < AUTO_MIN_ELEMENTS:
+    if asked == "auto" and ((elements is not None and elements < AUTO_MIN_ELEMENTS)
+                            or (budget is not None and 4 * RUNTIME_BYTES > budget)):
         return False
     return backend() == "numba"
 
