@@ -467,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows": list(rows.values()),
     }
     png = args.results / f"{stem}.png"
-    plot(result, png)
     result["plot"] = png.name
-    md = markdown(result)
+    # the figures first: a plotting error must not lose a run (bench/quality/report.py redraws from the JSON)
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md = markdown(result)
     (args.results / f"{stem}.md").write_text(md)
+    plot(result, png)
     print(md)
     log(f"wrote {args.results / stem}.{{json,md,png}} in {phases['total']:.0f} s")
     return 0
