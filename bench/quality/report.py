@@ -51,14 +51,18 @@ def markdown(result: dict) -> str:
     ]
     if result["corpus"].get("language_note"):
         lines += ["", f"Language: {result['corpus']['language_note']}."]
-    lines += ["", "## How far each variant moved (‖Δ‖/‖B‖, whole model)", "",
-              "| seed | FT | PT | PT / FT | cosine(ΔFT, ΔPT) | sign conflict | from |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## How far each variant moved (whole model)", "",
+              "‖Δ‖/‖B‖ is relative to the base's weights; mean |Δ| is per parameter, in weight units, the unit of the "
+              "WIDEN paper's figures (FT about 0.0005–0.002, PT about 0.005).", "",
+              "| seed | FT ‖Δ‖/‖B‖ | PT ‖Δ‖/‖B‖ | PT / FT | FT mean \\|Δ\\| | PT mean \\|Δ\\| | cosine(ΔFT, ΔPT) "
+              "| sign conflict | from |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for seed, c in result["relative_change"].items():
         cos = f"{c['cosine']:.3f}" if c.get("cosine") is not None else "-"
         conflict = f"{c['sign_conflict']:.1%}" if c.get("sign_conflict") is not None else "-"
-        lines.append(f"| {seed} | {c['ft']:.2%} | {c['pt']:.2%} | {c['pt_over_ft']:.1f}x | {cos} | {conflict} | "
-                     f"{c['source']} |")
+        mean_abs = [f"{c[k]:.2g}" if c.get(k) is not None else "-" for k in ("ft_mean_abs", "pt_mean_abs")]
+        lines.append(f"| {seed} | {c['ft']:.2%} | {c['pt']:.2%} | {c['pt_over_ft']:.1f}x | {mean_abs[0]} | "
+                     f"{mean_abs[1]} | {cos} | {conflict} | {c['source']} |")
     pre = _has_pre(result)  # --ft-style format: also the tasks in the base's own prompt format
     lines += ["", "## Scores", "",
               f"| model | inputs | parameters | FT exact match % ↑ | FT answer bits/token ↓ | {lname} bits/byte ↓ "

@@ -199,14 +199,18 @@ def relative_change_fallback(base: Path, models: list[Path]) -> list[float]:
 
 def analyze(cli: str, base: Path, ft: Path, pt: Path, json_path: Path, png_path: Path) -> dict:
     """``streammerge analyze --json --plot`` of FT and PT against the base; the whole-model figures."""
-    ok, out, seconds = run_cli([cli, "analyze", "--base", str(base), "--model", str(ft), "--model", str(pt),
+    # folders relative to the working directory, so the committed figures name no machine's absolute paths
+    folders = [os.path.relpath(p) for p in (base, ft, pt)]
+    ok, out, seconds = run_cli([cli, "analyze", "--base", folders[0], "--model", folders[1], "--model", folders[2],
                                 "--device", "cpu", "--json", "-q", "--plot", str(png_path)])
     if ok:
         json_path.write_text(out)
         data = json.loads(out)
-        ft_rc, pt_rc = (m["relative_change"] for m in data["model"]["models"])
+        ft_m, pt_m = data["model"]["models"]
+        ft_rc, pt_rc = ft_m["relative_change"], pt_m["relative_change"]
         pair = data["model"]["pairs"][0]
         return {"source": "streammerge analyze", "ft": ft_rc, "pt": pt_rc, "pt_over_ft": pt_rc / ft_rc,
+                "ft_mean_abs": ft_m["mean_abs_change"], "pt_mean_abs": pt_m["mean_abs_change"],
                 "cosine": pair["cosine"], "sign_conflict": pair["sign_conflict"],
                 "verdict": data.get("verdict"), "json": json_path.name, "plot": png_path.name,
                 "seconds": round(seconds, 2)}
