@@ -41,6 +41,10 @@ KERNELS = {
     "della": {"sparse_merge", "magprune_factors"},
     "della_linear": {"sparse_merge", "magprune_factors"},
     "linear": {"weighted_sum"},
+    "model_stock": {"pair_sums", "mean_interpolate"},
+    "karcher": {"pair_sums", "weighted_sum"},
+    "multislerp": {"pair_sums", "delta_sum"},
+    "nuslerp": {"pair_sums", "delta_sum"},
     "widen": {"widen_column_sums", "widen_products", "widen_emit"},
 }
 NAMES = sorted({name for names in KERNELS.values() for name in names} | {"l1_sums"})
@@ -54,7 +58,11 @@ def expected_kernels(method: str, params: dict) -> set[str]:
     densities = [float(x) for x in str(params.get("density", defaults.get("density", 1.0))).split(",")]
     l1 = (params.get("rescale", defaults.get("rescale", False)) and params.get("rescale_mode", "l1") == "l1"
           and any(d < 1 for d in densities))
-    return KERNELS[method] | ({"l1_sums"} if l1 else set())
+    combine = set()
+    if str(params.get("use_base", True)).lower() == "false":  # a Gram merge of the weights themselves
+        combine = {"weighted_sum"}
+    names = KERNELS[method] - {"delta_sum"} | combine if combine else KERNELS[method]
+    return names | ({"l1_sums"} if l1 else set())
 
 #: (method, params): the fused methods, each kind of selection, rescale, normalisation and consensus
 CASES = [
@@ -74,6 +82,11 @@ CASES = [
     ("della", {"density": "0.3,0.8", "epsilon": 0.15, "rescale_mode": "inverse_density"}),  # 1/p per element
     ("della_linear", {"density": "0.5,1", "epsilon": 0.05}),  # one model kept whole
     ("linear", {"weight": "0.3,0.9"}),
+    ("model_stock", {}),
+    ("karcher", {}),
+    ("multislerp", {"weight": "0.3,0.9"}),
+    ("multislerp", {"use_base": False}),
+    ("nuslerp", {"weight": "0.3,0.7"}),
     ("widen", {}),
 ]
 #: (chunk_rows, threads) of the fused runs: odd chunks (tiles, selections' ties and blocks split across chunks),

@@ -232,6 +232,63 @@ def weighted_sum(models, w, div, out):  # type: ignore[no-untyped-def]
     return bad
 
 
+@njit(**JIT)
+def mean_interpolate(base, models, n, ratio, rest, out):  # type: ignore[no-untyped-def]
+    """Model Stock's merge (methods/model_stock.py ``_ModelStockMerge.emit``): ``((M_1 + M_2 + ...) / n)·ratio +
+    B·rest``, the sum left to right from the first model, every scalar float32 (``n`` the model count, ``ratio``
+    r and ``rest`` float32(1 − r) as torch casts them). Shapes as :func:`delta_sum`."""
+    bad = 0
+    size = base.shape[0]
+    acc = np.empty(STEP, dtype=np.float32)
+    for s in range(0, size, STEP):
+        m = min(STEP, size - s)
+        acc[:m] = F32(-0.0)
+        for k in range(len(models)):
+            x = models[k][s : s + m]
+            for i in range(m):
+                acc[i] = acc[i] + load(x, i)
+        b, o = base[s : s + m], out[s : s + m]
+        for i in range(m):
+            bad += store(o, i, (acc[i] / n) * ratio + load(b, i) * rest)
+    return bad
+
+
+@njit(**JIT)
+def pair_sums(base, models, use_base, first, second, cols, row0, tile, rows_total, acc, partial):  # type: ignore[no-untyped-def]
+    """The Gram statistics pass (methods/_tiles.py ``PairSums``, for _gram.GramMerge and model_stock): per pair p
+    and column, ``Σ v_first[p]·v_second[p]`` in float64, ``v_k = M_k − B`` in float32 with ``use_base``, else
+    ``M_k``, each widened to float64 before the product. The order is ``ColumnSums``' (as :func:`l1_sums`).
+
+    base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; first, second: (P,)
+    int64 model indices; acc, partial: (P·cols,) float64, pair-major.
+    """
+    n_models = len(models)
+    rows = base.shape[0] // cols if cols else 0
+    b = np.empty(cols, dtype=np.float32)
+    v = np.empty((n_models, cols), dtype=np.float64)
+    for r in range(rows):
+        s = r * cols
+        _widen(base[s : s + cols], cols, b)
+        for k in range(n_models):
+            x, vk = models[k][s : s + cols], v[k]
+            if use_base:
+                for j in range(cols):
+                    vk[j] = np.float64(load(x, j) - b[j])
+            else:
+                for j in range(cols):
+                    vk[j] = np.float64(load(x, j))
+        for p in range(first.shape[0]):
+            a, c = v[first[p]], v[second[p]]
+            part = partial[p * cols : (p + 1) * cols]
+            for j in range(cols):
+                part[j] = part[j] + a[j] * c[j]
+        row = row0 + r + 1
+        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
+            for c in range(acc.shape[0]):
+                acc[c] = acc[c] + partial[c]
+                partial[c] = 0.0
+
+
 # ---- WIDEN ---------------------------------------------------------------------------------------------------------
 @njit(**JIT)
 def widen_emit(base, models, weights, cols, by_rows, r0, out):  # type: ignore[no-untyped-def]

@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
+from .. import kernels
 from .._torch import torch
 from ._tiles import PairSums
 from .base import Footprint, TensorMerge, TensorTask
@@ -57,6 +60,10 @@ class GramMerge(TensorMerge):
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         self.sums.add(r0, [m - base for m in models] if self.use_base else list(models))
 
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """:meth:`accumulate` by the fused kernel ``pair_sums``."""
+        return self.sums.add_raw(r0, base, models, self.use_base)
+
     def end_pass(self, pass_index: int) -> None:
         gram = [[0.0] * self.n for _ in range(self.n)]
         for (i, j), s in zip(self.pairs, self.sums.finish()):
@@ -71,6 +78,17 @@ class GramMerge(TensorMerge):
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         return combine(self.coef, base, models, self.use_base)
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass: :func:`combine` is ``delta_sum`` (with the base) or
+        ``weighted_sum`` with the coefficients as weights, no divisor and no lambda (exact identities)."""
+        got = kernels.arrays(base, models, out)
+        if got is None:
+            return None
+        b, ms, o = got
+        k, one = kernels.kernels(), np.float32(1.0)
+        coef = kernels.f32(self.coef)
+        return int(k.delta_sum(b, ms, coef, one, one, o) if self.use_base else k.weighted_sum(ms, coef, one, o))
 
 
 def gram_footprint(task: TensorTask, n: int, use_base: bool) -> Footprint:

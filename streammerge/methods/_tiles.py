@@ -230,3 +230,20 @@ class PairSums(ColumnSums):
 
     def _block_values(self, block: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
+
+    def add_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], use_base: bool) -> bool:
+        """:meth:`add` of ``[M_k − B]`` (``use_base``) or ``[M_k]`` from the stored rows, by the fused kernel
+        ``pair_sums`` (the same sums); False when the inputs are not a kernel's (the caller then adds eagerly)."""
+        from .. import kernels  # noqa: PLC0415
+
+        got = kernels.arrays(base, models)
+        rows = base.shape[0] if base.dim() else 0
+        accumulators = self.raw_accumulators(r0, rows) if got is not None and rows else None
+        if accumulators is None:
+            return False
+        b, ms, _ = got  # type: ignore[misc]
+        first = np.array([i for i, _ in self.pairs], dtype=np.int64)
+        second = np.array([j for _, j in self.pairs], dtype=np.int64)
+        kernels.kernels().pair_sums(b, ms, use_base, first, second, self._size // self.n_sums, r0, self.tile,
+                                    self._feeder.rows, *accumulators)
+        return True

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import kernels
 from .._torch import torch
 from ..errors import MethodError
 from . import register
@@ -50,6 +51,10 @@ class _ModelStockMerge(TensorMerge):
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         self.sums.add(r0, [m - base for m in models])
 
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """:meth:`accumulate` by the fused kernel ``pair_sums``."""
+        return self.sums.add_raw(r0, base, models, True)
+
     def end_pass(self, pass_index: int) -> None:
         self.ratio = model_stock_ratio(self.n, dict(zip(self.pairs, self.sums.finish())), self.name)
 
@@ -65,6 +70,15 @@ class _ModelStockMerge(TensorMerge):
             mean.add_(m)
         mean.div_(len(models))
         return mean.mul_(self.ratio).add_(base * (1.0 - self.ratio))
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass (the fused kernel ``mean_interpolate``)."""
+        got = kernels.arrays(base, models, out)
+        if got is None:
+            return None
+        b, ms, o = got
+        n, ratio, rest = kernels.f32([len(models), self.ratio, 1.0 - self.ratio])
+        return int(kernels.kernels().mean_interpolate(b, ms, n, ratio, rest, o))
 
 
 class _FilterWiseMerge(TensorMerge):
