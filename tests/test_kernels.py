@@ -42,6 +42,10 @@ KERNELS = {
     "della_linear": {"sparse_merge", "magprune_factors"},
     "linear": {"weighted_sum"},
     "model_stock": {"pair_sums", "mean_interpolate"},
+    "ram": {"ram_emit"},
+    "slerp": {"pair_sums", "weighted_sum"},
+    "nearswap": {"nearswap_emit"},
+    "ramplus_tl": {"ram_counts", "ram_emit"},
     "karcher": {"pair_sums", "weighted_sum"},
     "multislerp": {"pair_sums", "delta_sum"},
     "nuslerp": {"pair_sums", "delta_sum"},
@@ -83,6 +87,11 @@ CASES = [
     ("della_linear", {"density": "0.5,1", "epsilon": 0.05}),  # one model kept whole
     ("linear", {"weight": "0.3,0.9"}),
     ("model_stock", {}),
+    ("slerp", {"t": 0.3}),
+    ("nearswap", {"t": 0.001}),  # a threshold inside the deltas' range: both branches of w
+    ("ram", {}),
+    ("ram", {"epsilon": 0.004}),  # a threshold inside the deltas' range: unique, shared and uncounted elements
+    ("ramplus_tl", {"epsilon": 0.004, "r": 0.5, "alpha": 3.0}),
     ("karcher", {}),
     ("multislerp", {"weight": "0.3,0.9"}),
     ("multislerp", {"use_base": False}),
@@ -127,8 +136,8 @@ def merge(fam: dict[str, Path], out: Path, method: str, params: dict, backend: s
         monkeypatch.setenv(kernels.ENV, backend)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            api.merge(fam["base"], [fam["chat"], fam["multilingual"]], out, method, params, shard_size="60KB",
-                      **options)
+            models = [fam["chat"]] if get_method(method).max_models == 1 else [fam["chat"], fam["multilingual"]]
+            api.merge(fam["base"], models, out, method, params, shard_size="60KB", **options)
     return calls
 
 

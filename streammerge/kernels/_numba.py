@@ -3,8 +3,9 @@
 Every kernel is a loop over the elements of one compute block (in steps of :data:`STEP` elements), compiled with
 ``fastmath=False`` (IEEE semantics: no FMA contraction, checked in the machine code and by a test; no
 reassociation; no reciprocal for a division; LLVM may still vectorise a loop, which keeps every lane's operations
-and their order), ``nogil=True`` (the engine's compute workers run concurrently) and ``cache=True`` (compiled once
-per dtype signature, then loaded from ``__pycache__``). Each element's operations are the eager torch code's, in
+and their order), ``error_model="numpy"`` (a division by zero gives an infinity or a NaN, as in torch, rather than
+raising as in Python), ``nogil=True`` (the engine's compute workers run concurrently) and ``cache=True`` (compiled
+once per dtype signature, then loaded from ``__pycache__``). Each element's operations are the eager torch code's, in
 its order, each rounded to float32 as torch rounds it; the docstrings name the eager function mirrored. Scalars
 are passed as float32 values, as torch casts a Python number to a float32 tensor's dtype before a binary op.
 
@@ -29,7 +30,7 @@ from numba.extending import intrinsic, overload
 
 from . import FACTOR, RANDOM, SELECT  # a model's keep factor: how sparse_merge and l1_sums get it
 
-JIT = {"fastmath": False, "nogil": True, "cache": True}
+JIT = {"fastmath": False, "nogil": True, "cache": True, "error_model": "numpy"}
 
 U32 = np.uint32
 F32 = np.float32
@@ -287,6 +288,85 @@ def pair_sums(base, models, use_base, first, second, cols, row0, tile, rows_tota
             for c in range(acc.shape[0]):
                 acc[c] = acc[c] + partial[c]
                 partial[c] = 0.0
+
+
+# ---- NearSwap ------------------------------------------------------------------------------------------------------
+@njit(**JIT)
+def nearswap_emit(base, model, t, out):  # type: ignore[no-untyped-def]
+    """NearSwap's merge (methods/nearswap.py ``_NearSwapMerge.emit``): ``w = (1 / |B − M|)·t`` (float32; a NaN or an
+    infinity becomes 1, as ``nan_to_num``), clamped to [0, 1]; ``w·M + (1 − w)·B``. base, model, out: (n,); t:
+    float32."""
+    bad = 0
+    for i in range(base.shape[0]):
+        b, m = load(base, i), load(model, i)
+        w = (F32(1.0) / abs(b - m)) * t  # torch's ``t / x`` for a Python t: ``x.reciprocal() * t``
+        if np.isnan(w) or np.isinf(w):
+            w = F32(1.0)
+        w = min(max(w, F32(0.0)), F32(1.0))
+        bad += store(out, i, w * m + (F32(1.0) - w) * b)
+    return bad
+
+
+# ---- RAM, RAM+ ---------------------------------------------------------------------------------------------------
+@njit(**JIT)
+def ram_counts(base, models, eps, shared, unique):  # type: ignore[no-untyped-def]
+    """ramplus_tl's counting pass (methods/ram.py ``_RamMerge.accumulate``): model k counts an element where
+    ``|M_k − B| > eps`` (float32; a NaN counts nowhere); ``unique[k]`` += the elements only model k counts,
+    ``shared[k]`` += those it counts with another. base, models: (n,); eps: float32; shared, unique: (N,) int64."""
+    n, n_models = base.shape[0], len(models)
+    b = np.empty(STEP, dtype=np.float32)
+    total = np.empty(STEP, dtype=np.int64)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        _widen(base[s : s + m], m, b)
+        total[:m] = 0
+        for k in range(n_models):
+            x = models[k][s : s + m]
+            for i in range(m):
+                total[i] += 1 if abs(load(x, i) - b[i]) > eps else 0
+        for k in range(n_models):
+            x = models[k][s : s + m]
+            alone = 0
+            counted = 0
+            for i in range(m):
+                c = 1 if abs(load(x, i) - b[i]) > eps else 0
+                counted += c
+                alone += c if total[i] == 1 else 0
+            unique[k] += alone
+            shared[k] += counted - alone
+
+
+@njit(**JIT)
+def ram_emit(base, models, eps, lam, out):  # type: ignore[no-untyped-def]
+    """RAM's merge (``_RamMerge.emit``): with ``d_k = (M_k − B)·[|M_k − B| > eps]`` and ``c`` the models that count,
+    ``B + Σ_k (d_k / max(c, 1))·(lam[k] where c = 1 and lam[k] ≠ 1)``, the terms added in model order (float32;
+    ``lam`` (N,) float32, all 1 for ``ram``). Shapes as :func:`delta_sum`."""
+    bad = 0
+    n, n_models = base.shape[0], len(models)
+    b = np.empty(STEP, dtype=np.float32)
+    total = np.empty(STEP, dtype=np.float32)
+    acc = np.empty(STEP, dtype=np.float32)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        _widen(base[s : s + m], m, b)
+        total[:m] = F32(0.0)
+        for k in range(n_models):
+            x = models[k][s : s + m]
+            for i in range(m):
+                total[i] = total[i] + (F32(1.0) if abs(load(x, i) - b[i]) > eps else F32(0.0))
+        acc[:m] = F32(-0.0)
+        for k in range(n_models):
+            x, lk = models[k][s : s + m], lam[k]
+            for i in range(m):
+                d = load(x, i) - b[i]
+                term = (d * (F32(1.0) if abs(d) > eps else F32(0.0))) / max(total[i], F32(1.0))
+                if lk != F32(1.0) and total[i] == F32(1.0):
+                    term = term * lk
+                acc[i] = acc[i] + term
+        o = out[s : s + m]
+        for i in range(m):
+            bad += store(o, i, acc[i] + b[i])
+    return bad
 
 
 # ---- WIDEN ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import kernels
 from .._torch import torch
 from . import register
 from .base import Footprint, Method, ParamSpec, TensorMerge, TensorTask
@@ -27,6 +28,14 @@ class _NearSwapMerge(TensorMerge):
         torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0, out=w).clamp_(0.0, 1.0)
         rest = torch.rsub(w, 1.0).mul_(base)  # (1 - w)·B
         return w.mul_(m).add_(rest)  # w·M + (1 - w)·B
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass (the fused kernel ``nearswap_emit``)."""
+        got = kernels.arrays(base, models, out)
+        if got is None or got[0].dtype != got[1][0].dtype:  # the kernel takes one input type
+            return None
+        b, (m,), o = got
+        return int(kernels.kernels().nearswap_emit(b, m, kernels.f32([self.t])[0], o))
 
 
 @register

@@ -23,6 +23,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from .. import kernels
 from .._torch import torch
 from . import register
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
@@ -93,6 +96,18 @@ class _RamMerge(TensorMerge):
             self.unique[k] += unique
             self.shared[k] += int(mask.sum()) - unique  # counted, and by another model too
 
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """:meth:`accumulate` by the fused kernel ``ram_counts`` (the same integer counts)."""
+        got = kernels.arrays(base, models)
+        if got is None:
+            return False
+        b, ms, _ = got
+        shared, unique = np.zeros(self.n, dtype=np.int64), np.zeros(self.n, dtype=np.int64)
+        kernels.kernels().ram_counts(b, ms, kernels.f32([self.eps])[0], shared, unique)
+        self.shared = [a + int(x) for a, x in zip(self.shared, shared)]
+        self.unique = [a + int(x) for a, x in zip(self.unique, unique)]
+        return True
+
     def end_pass(self, pass_index: int) -> None:
         self.lam = ramplus_lambdas(self.shared, self.unique, self.r, self.alpha, self.eps).tolist()
 
@@ -120,6 +135,15 @@ class _RamMerge(TensorMerge):
             merged = term if merged is None else merged.add_(term)
         assert merged is not None
         return merged.add_(base)
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass (the fused kernel ``ram_emit``)."""
+        got = kernels.arrays(base, models, out) if models else None
+        if got is None:
+            return None
+        b, ms, o = got
+        lam = np.asarray(self.lam if self.plus else [1.0] * self.n, dtype=np.float32)
+        return int(kernels.kernels().ram_emit(b, ms, kernels.f32([self.eps])[0], lam, o))
 
 
 @register

@@ -11,6 +11,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from .. import kernels
 from .._torch import torch
 from . import register
 from ._tiles import PairSums
@@ -42,6 +45,10 @@ class _SlerpMerge(TensorMerge):
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         self.sums.add(r0, [base, models[0]])
 
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """:meth:`accumulate` by the fused kernel ``pair_sums`` (the base and the model as its two inputs)."""
+        return self.sums.add_raw(r0, base, [base, models[0]], False)
+
     def end_pass(self, pass_index: int) -> None:
         self.coef = slerp_coefficients(self.t, *self.sums.finish())
 
@@ -55,6 +62,14 @@ class _SlerpMerge(TensorMerge):
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         s0, s1 = self.coef
         return (base * s0).add_(models[0] * s1)
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass: ``weighted_sum`` of the base and the model."""
+        got = kernels.arrays(base, [base, models[0]], out)
+        if got is None:
+            return None
+        _, inputs, o = got
+        return int(kernels.kernels().weighted_sum(inputs, kernels.f32(self.coef), np.float32(1.0), o))
 
 
 @register
