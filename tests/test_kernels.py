@@ -43,6 +43,7 @@ KERNELS = {
     "linear": {"weighted_sum"},
     "model_stock": {"pair_sums", "mean_interpolate"},
     "ram": {"ram_emit"},
+    "sce": {"square_sums", "sce_emit"},
     "slerp": {"pair_sums", "weighted_sum"},
     "nearswap": {"nearswap_emit"},
     "ramplus_tl": {"ram_counts", "ram_emit"},
@@ -62,6 +63,8 @@ def expected_kernels(method: str, params: dict) -> set[str]:
     densities = [float(x) for x in str(params.get("density", defaults.get("density", 1.0))).split(",")]
     l1 = (params.get("rescale", defaults.get("rescale", False)) and params.get("rescale_mode", "l1") == "l1"
           and any(d < 1 for d in densities))
+    if method == "sce" and float(params.get("select_topk", 1.0)) < 1:
+        return set()
     combine = set()
     if str(params.get("use_base", True)).lower() == "false":  # a Gram merge of the weights themselves
         combine = {"weighted_sum"}
@@ -89,6 +92,8 @@ CASES = [
     ("model_stock", {}),
     ("slerp", {"t": 0.3}),
     ("nearswap", {"t": 0.001}),  # a threshold inside the deltas' range: both branches of w
+    ("sce", {}),
+    ("sce", {"select_topk": 0.5}),  # the selection stays eager
     ("ram", {}),
     ("ram", {"epsilon": 0.004}),  # a threshold inside the deltas' range: unique, shared and uncounted elements
     ("ramplus_tl", {"epsilon": 0.004, "r": 0.5, "alpha": 3.0}),

@@ -290,6 +290,69 @@ def pair_sums(base, models, use_base, first, second, cols, row0, tile, rows_tota
                 partial[c] = 0.0
 
 
+# ---- SCE ---------------------------------------------------------------------------------------------------------
+@njit(**JIT)
+def square_sums(base, models, cols, row0, tile, rows_total, acc, partial):  # type: ignore[no-untyped-def]
+    """SCE's weights pass without a selection (methods/sce.py ``_SceMerge.accumulate``): per model k and column,
+    ``Σ τ_k²`` in float64 of the float32 squares ``τ_k² = (M_k − B)²``, in ``ColumnSums``' order (as
+    :func:`l1_sums`). acc, partial: (N·cols,) float64, model-major; other arguments as :func:`pair_sums`."""
+    n_models = len(models)
+    rows = base.shape[0] // cols if cols else 0
+    b = np.empty(cols, dtype=np.float32)
+    for r in range(rows):
+        s = r * cols
+        _widen(base[s : s + cols], cols, b)
+        for k in range(n_models):
+            x = models[k][s : s + cols]
+            part = partial[k * cols : (k + 1) * cols]
+            for j in range(cols):
+                t = load(x, j) - b[j]
+                part[j] = part[j] + np.float64(t * t)
+        row = row0 + r + 1
+        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
+            for c in range(acc.shape[0]):
+                acc[c] = acc[c] + partial[c]
+                partial[c] = 0.0
+
+
+@njit(**JIT)
+def sce_emit(base, models, w, floor, out):  # type: ignore[no-untyped-def]
+    """SCE's merge without a selection (``_SceMerge.emit``): ``τ_k = M_k − B``; the elected sign ``copysign(1,
+    Σ τ_k)``; ``s_k = a_k·w_k`` with ``a_k`` 1 where ``τ_k`` has the elected sign (``agreement``); ``B +
+    (Σ τ_k·s_k) / max(Σ s_k, floor)``, sums left to right (float32; w: (N,) float32, floor float32(1e-6)). Shapes as
+    :func:`delta_sum`."""
+    bad = 0
+    n, n_models = base.shape[0], len(models)
+    b = np.empty(STEP, dtype=np.float32)
+    d = np.empty((n_models, STEP), dtype=np.float32)
+    total = np.empty(STEP, dtype=np.float32)
+    merged = np.empty(STEP, dtype=np.float32)
+    divisor = np.empty(STEP, dtype=np.float32)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        _widen(base[s : s + m], m, b)
+        total[:m] = F32(-0.0)
+        for k in range(n_models):
+            x, dk = models[k][s : s + m], d[k]
+            for i in range(m):
+                dk[i] = load(x, i) - b[i]
+                total[i] = total[i] + dk[i]
+        for i in range(m):
+            total[i] = np.copysign(F32(1.0), total[i])  # the elected sign
+        merged[:m] = F32(-0.0)
+        divisor[:m] = F32(-0.0)
+        for k in range(n_models):
+            dk, wk = d[k], w[k]
+            for i in range(m):
+                share = (F32(1.0) if dk[i] * total[i] > F32(0.0) else F32(0.0)) * wk
+                merged[i] = merged[i] + dk[i] * share
+                divisor[i] = divisor[i] + share
+        o = out[s : s + m]
+        for i in range(m):
+            bad += store(o, i, merged[i] / max(divisor[i], floor) + b[i])
+    return bad
+
+
 # ---- NearSwap ------------------------------------------------------------------------------------------------------
 @njit(**JIT)
 def nearswap_emit(base, model, t, out):  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import kernels
 from .._torch import torch
 from . import register
 from ._delta import HISTOGRAM_BYTES, agreement, elected_sign, unit_interval
@@ -45,7 +46,7 @@ def task_vector_variance(tvs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class _SceMerge(TensorMerge):
     def __init__(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
-        self.n, self.numel = n_models, task.numel
+        self.n, self.numel, self._rows = n_models, task.numel, task.rows
         self.topk = params["select_topk"]
         self.select = 0 < self.topk < 1
         # k is int(topk · #nonzero variances), known only after the first pass: start non-trivial, set it then
@@ -75,6 +76,19 @@ class _SceMerge(TensorMerge):
                 self.selector.pass_b(var)
             return
         self.sums.add(r0, [t.square_() for t in self._masked(base, models)])
+
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """The weights pass without a selection by the fused kernel ``square_sums`` (a selection stays eager)."""
+        got = kernels.arrays(base, models)
+        rows = base.shape[0] if base.dim() else 0
+        if got is None or self.selector is not None or self.topk <= 0 or not rows:
+            return False
+        accumulators = self.sums.raw_accumulators(r0, rows)
+        if accumulators is None:
+            return False
+        b, ms, _ = got
+        kernels.kernels().square_sums(b, ms, b.shape[0] // rows, r0, self.sums.tile, self._rows, *accumulators)
+        return True
 
     def end_pass(self, pass_index: int) -> None:
         if self.selector is not None and pass_index == 0:
@@ -120,6 +134,15 @@ class _SceMerge(TensorMerge):
             divisor = share if divisor is None else divisor.add_(share)
         assert merged is not None and divisor is not None
         return merged.div_(divisor.clamp_(min=WEIGHT_EPS)).add_(base)
+
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass without a selection (the fused kernel ``sce_emit``)."""
+        got = kernels.arrays(base, models, out)
+        if got is None or self.selector is not None or self.topk <= 0:
+            return None
+        b, ms, o = got
+        w = kernels.f32(self.weights)
+        return int(kernels.kernels().sce_emit(b, ms, w, kernels.f32([WEIGHT_EPS])[0], o))
 
 
 @register
