@@ -16,6 +16,7 @@ import click
 from . import api
 from ._version import __version__
 from .analysis.command import analyze_command
+from .cli_types import ModelReference
 from .errors import StreamMergeError
 from .examples import SHAPES, model_bytes, write_example
 from .execute import execute
@@ -60,10 +61,10 @@ def _merge_options(f: Any, out_required: bool = True) -> Any:
     """The options shared by ``merge`` and ``plan``."""
     options = [
         click.argument("recipe_file", required=False, type=click.Path(path_type=Path), metavar="[RECIPE.yaml]"),
-        click.option("--base", "base", type=click.Path(path_type=Path),
+        click.option("--base", "base", type=ModelReference(),
                      help="Base model folder, or Hub ID org/name[@revision] from the Hugging Face cache (the common "
                           "ancestor the others were trained from); required without a recipe."),
-        click.option("--model", "models", multiple=True, type=click.Path(path_type=Path),
+        click.option("--model", "models", multiple=True, type=ModelReference(),
                      help="A model folder (or Hub ID) to merge; repeat for each (order matters for per-model "
                           "parameters); required without a recipe. MODEL+ADAPTER merges a PEFT LoRA adapter into "
                           "MODEL on the fly (mergekit's model+lora; nothing is materialised), and a LoRA adapter "

@@ -54,10 +54,16 @@ class Resolved:
         return f"{self.repo_id}@{self.commit}" if self.repo_id else str(self.folder)
 
 
+def written_as_path(text: str) -> bool:
+    """Whether a reference is written as a file system path (``./x``, ``../x``, ``/x``, ``~/x``), never a Hub ID."""
+    return text.startswith(("./", "../", "/", "~", ".\\", "..\\")) or text in (".", "..")
+
+
 def is_hub_id(ref: str | Path) -> bool:
     """Whether ``ref`` reads as a Hub ID and names no local folder (a local folder always wins)."""
     text = str(ref)
-    return not Path(text).expanduser().exists() and HUB_ID.match(text) is not None and not text.startswith(".")
+    return (not Path(text).expanduser().exists() and HUB_ID.match(text) is not None and not text.startswith(".")
+            and not written_as_path(text))
 
 
 def resolve(ref: str | Path, offline: bool = False) -> Resolved:

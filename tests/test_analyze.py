@@ -332,6 +332,36 @@ def test_the_verdict_for_similar_changes(fam):
     assert any("task_arithmetic" in s for s in a.verdict.suggestions)
 
 
+def scaled_copy(fam: dict[str, Path], variant: str, scale: float, to: Path) -> Path:
+    """The variant with its delta from the base times ``scale`` (computed in float32, stored as bfloat16)."""
+    base = load_file(fam["base"] / "model.safetensors")
+    return edited_copy(fam[variant], to, lambda t: t.update(
+        {k: (base[k].float() + scale * (v.float() - base[k].float())).to(v.dtype) for k, v in t.items()}))
+
+
+def test_a_stronger_copy_of_the_same_change_is_no_pt_like_gap(fam, tmp_path):
+    """A model whose change is another's, three times longer: a ratio above the gap, but the same direction; the
+    verdict says so, and does not quote the paper's FT + PT claims (what would the larger change lose?)."""
+    a = streammerge.analyze(fam["base"], [fam["chat"], scaled_copy(fam, "chat", 3.0, tmp_path / "chat3")])
+    v = a.verdict
+    assert v.change_ratio > 2.5 and a.weights.pairs[0].cosine > 0.99
+    assert "in the same direction" in v.findings[0] and "not a different kind of training" in v.findings[0]
+    assert not any("likely to lose" in s for s in v.suggestions) and "lost both abilities" not in v.findings[0]
+
+
+def test_a_gap_between_two_changes_within_the_ft_band_is_hedged(fam, tmp_path):
+    """Unrelated changes with a ratio above the gap, both within the paper's FT band (mean |Δ| up to 0.002): maybe
+    two fine-tunes of different strength, said so, without the paper's FT + PT merging results."""
+    small = scaled_copy(fam, "chat", 0.2, tmp_path / "chat-small")
+    code = scaled_copy(fam, "code", 0.7, tmp_path / "code")
+    a = streammerge.analyze(fam["base"], [small, code])
+    v = a.verdict
+    assert v.change_ratio > 2.5 and abs(a.weights.pairs[0].cosine) < 0.1
+    assert max(m.mean_abs_change for m in a.weights.models) <= 0.002
+    assert "within the paper's FT band" in v.findings[0] and "two fine-tunes of different strength" in v.findings[0]
+    assert "lost both abilities" not in v.findings[0] and v.suggestions[0].startswith("widen")
+
+
 def test_a_model_identical_to_the_base_and_a_single_model(fam):
     a = streammerge.analyze(fam["base"], [fam["base"], fam["chat"]])
     assert a.model.model(1).relative_change == 0 and a.model.model(1).unchanged == 1.0
@@ -448,11 +478,26 @@ def test_the_plot_without_matplotlib_names_the_extra_before_reading_anything(fam
     assert not (tmp_path / "p.png").exists()
 
 
-def test_a_plot_file_that_is_not_a_png_is_refused(fam, tmp_path):
-    result = invoke("analyze", "--base", fam["base"], "--model", fam["chat"], "--plot", tmp_path / "p.svg")
-    assert result.exit_code == 1 and "ending in .png" in result.stderr
+def test_a_plot_file_of_another_format_is_refused_and_svg_and_pdf_are_written(fam, tmp_path):
+    result = invoke("analyze", "--base", fam["base"], "--model", fam["chat"], "--plot", tmp_path / "p.jpg")
+    assert result.exit_code == 1 and "ending in .png, .svg or .pdf" in result.stderr
     missing = invoke("analyze", "--base", fam["base"], "--model", fam["chat"], "--plot", tmp_path / "no" / "p.png")
     assert missing.exit_code == 1 and "does not exist" in missing.stderr
+    for name, magic in (("p.svg", b"<?xml"), ("p.pdf", b"%PDF")):
+        done = invoke("analyze", "--base", fam["base"], "--model", fam["chat"], "--plot", tmp_path / name, "-q")
+        assert done.exit_code == 0 and (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_a_missing_folder_written_as_a_path_is_not_looked_up_on_the_hub(fam, tmp_path, monkeypatch):
+    """``./demo/nope`` names a folder, not the Hub ID ``demo/nope``: refused by name before any lookup."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = invoke("analyze", "--base", fam["base"], "--model", "./demo/nope")
+    assert result.exit_code == 1 and str(tmp_path / "here" / "demo" / "nope") in result.stderr
+    assert "Hub" not in result.stderr
+    merge = invoke("merge", "--base", "../nope", "--model", fam["chat"], "--out", tmp_path / "out")
+    assert merge.exit_code == 1 and str(tmp_path / "here" / ".." / "nope") in merge.stderr
+    assert "Hub" not in merge.stderr
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import click
 
+from ..cli_types import ModelReference
 from ..errors import StreamMergeError
 from ..stopping import MergeInterrupted
 from . import DEFAULT_TOP_K
 
 
 @click.command("analyze")
-@click.option("--base", "base", required=True, type=click.Path(path_type=Path),
+@click.option("--base", "base", required=True, type=ModelReference(),
               help="Base model folder, or Hub ID org/name[@revision] from the Hugging Face cache.")
-@click.option("--model", "models", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.option("--model", "models", multiple=True, required=True, type=ModelReference(),
               help="A model folder (or Hub ID) to compare with the base; repeat for each.")
 @click.option("--top-k", "top_k", type=click.FloatRange(0, 100), default=DEFAULT_TOP_K, show_default=True,
               metavar="PERCENT",
@@ -44,7 +45,7 @@ from . import DEFAULT_TOP_K
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout (instead of the tables).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="FILE.png",
               help="Also draw the per-layer plot (relative change per model, cosine, sign conflict, top-k overlap) "
-                   "into FILE.png; needs matplotlib: pip install 'streammerge[plot]'.")
+                   "into FILE.png (or .svg, .pdf); needs matplotlib: pip install 'streammerge[plot]'.")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Add a row per tensor to the tables.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
 def analyze_command(base: Path, models: tuple[Path, ...], top_k: float, max_ram: str | None, device: str,

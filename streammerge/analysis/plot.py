@@ -23,6 +23,8 @@ DPI = 100
 WIDTH_PX = 1000
 PANEL_PX = 260
 MARGIN_PX = 90
+#: the file formats by name ending (matplotlib's Agg, SVG and PDF backends, all in the base install)
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 #: the cosine axis reaches at least ±COSINE_REACH
 COSINE_REACH = 0.25
 MISSING = ("the plot (--plot, or plot= in Python) needs matplotlib, which is not installed: "
@@ -34,14 +36,15 @@ class PlotError(StreamMergeError):
 
 
 def check_plot_path(path: Path, inputs: list[Path]) -> None:
-    """Refuse a plot file that is not a .png, whose folder does not exist, or that lies inside an input folder
+    """Refuse a plot file that is not a .png, .svg or .pdf, whose folder does not exist, or that lies inside an input folder
     (analyze never writes into a model folder)."""
-    if path.suffix.lower() != ".png":
-        raise PlotError(f"plot file {path}: the plot is a PNG image; give a file name ending in .png")
+    if path.suffix.lower() not in FORMATS:
+        raise PlotError(f"plot file {path}: the plot is written as PNG, SVG or PDF; give a file name ending in "
+                        ".png, .svg or .pdf")
     if not path.parent.resolve().is_dir():
         raise PlotError(f"plot file {path}: the folder {path.parent} does not exist")
     if path.is_dir():
-        raise PlotError(f"plot file {path} is a folder; give a file name ending in .png")
+        raise PlotError(f"plot file {path} is a folder; give a file name ending in .png, .svg or .pdf")
     real = path.resolve()
     for folder in inputs:
         if folder.resolve() in real.parents:
@@ -80,7 +83,7 @@ def size_px(a: Analysis) -> tuple[int, int]:
 def render(a: Analysis, path: str | Path) -> Path:
     """Draw the plot of ``a`` into the PNG file ``path`` (replaced if it exists); returns the path."""
     Figure, FigureCanvasAgg = _matplotlib()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     path = Path(path)
     groups: list[Figures] = list(a.layers) or list(a.modules)
     by_layer = bool(a.layers)
@@ -105,10 +108,15 @@ def render(a: Analysis, path: str | Path) -> Path:
     spans_decades = bool(values) and min(values) > 0 and max(values) / min(values) >= 10
     if spans_decades:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 0.1, 1, 10 rather than 10^-1, ...
+        # ticks at 1, 2 and 5 of every decade, written 0.2, 0.5, 1 rather than 10^-1, ...: a value between two
+        # decades can be read off the axis
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_ylim(bottom=0)
-    ax.set_ylabel("relative change\n‖Δ‖ / ‖B‖ (%" + (", log scale)" if spans_decades else ")"))
+    ax.set_ylabel("relative change\n‖Δ‖ / ‖B‖ (%" + (", log scale)" if spans_decades else ")")
+                  + "\nall tensors, norms too")
     _legend(ax)
     ax.grid(True, which="both", alpha=0.3)
 
@@ -161,7 +169,7 @@ def render(a: Analysis, path: str | Path) -> Path:
     else:
         bottom.set_xticks(xs, [g.name for g in groups])
         bottom.set_xlabel("module kind")
-    fig.savefig(path, format="png", dpi=DPI)
+    fig.savefig(path, format=FORMATS[path.suffix.lower()], dpi=DPI)
     return path
 
 

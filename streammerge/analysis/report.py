@@ -66,6 +66,7 @@ def render(a: Analysis, tensors: bool = False) -> str:
                   ["‖Δ‖/‖B‖ (relative change)", *(_pct(m.relative_change) for m in w.models)],
                   ["‖Δ‖/‖B‖ of the weights (no norms)", *(_pct(m.relative_change) for m in a.weights.models)],
                   ["mean |Δ| (weight units)", *(_num(m.mean_abs_change) for m in w.models)],
+                  ["mean |Δ| of the weights (no norms)", *(_num(m.mean_abs_change) for m in a.weights.models)],
                   ["unchanged elements", *(_pct(m.unchanged) for m in w.models)],
                   ["column |‖m‖−‖b‖| p50 / p90 / max", *(_quantiles(m.magnitude) for m in w.models)],
                   ["column 1−cos(m, b) p50 / p90 / max", *(_quantiles(m.direction) for m in w.models)]]

@@ -4,13 +4,17 @@ The figures are weight statistics. Claims about merge quality are the WIDEN pape
 Merging from Fine-Tuned to Pre-Trained Large Language Models via Weight Disentanglement*, arXiv:2408.03092), cited
 as such; streammerge measures no quality. Thresholds:
 
+- the figures quoted are those of the **weights**: every tensor of two or more dimensions but norms (the table's
+  "weights (no norms)" rows);
 - a **gap** is a ratio of at least :data:`GAP` between the largest and the smallest relative change ``‖Δ‖/‖B‖`` of
   the weights (every tensor of two or more dimensions but norms: norm weights near 1, and biases, would otherwise
   weigh in ``‖B‖`` out of proportion to their share of the parameters). The paper's fine-tuned (FT) models change
   their parameters by about 0.0005–0.002 and its continually pre-trained (PT) one by about 0.005, a ratio of 2.5
   to 10. Those are absolute changes per parameter (weight units, compared here with the mean ``|Δ|``), not
   fractions of the weights; the ratio, unlike the sizes, does not depend on the scale of the weights, so the gap is
-  judged on the relative change;
+  judged on the relative change. A gap is called PT-like only when the changes are not alike (a model whose change
+  points the same way as another's, only longer, is a stronger copy of it) and the larger change is above the
+  paper's FT band (mean ``|Δ|`` over :data:`FT_BAND_TOP`); otherwise the verdict says what the gap is not;
 - two models' changes are **alike** at a cosine of at least 0.5, **unrelated** at a cosine within ±0.1 with a sign
   conflict of at least 40% (unrelated changes give a cosine near 0 and a sign conflict near 50%);
 - a model is a **sparse update** when at least half of its elements are unchanged;
@@ -27,6 +31,10 @@ from .figures import Figures, PairFigures
 
 #: ratio of the largest to the smallest relative change from which the models are said to differ like PT and FT
 GAP = 2.5
+#: the top of the paper's FT band: fine-tuned models change their parameters by about 0.0005–0.002 (mean |Δ|)
+FT_BAND_TOP = 0.002
+#: the cosine of two models' deltas from which their changes are called alike
+ALIKE = 0.5
 CAVEAT = ("These are weight statistics: they say how the models differ from the base, not how well a merge will "
           "work. Merge quality is not measured here; evaluate the merged model on the tasks you care about.")
 PAPER = "the WIDEN paper (Yu et al. 2024, arXiv:2408.03092)"
@@ -96,15 +104,33 @@ def make_verdict(whole: Figures, modules: tuple[Figures, ...], names: tuple[str,
         lo = min(changed, key=lambda m: m.relative_change or 0.0)
         ratio, largest, smallest = (hi.relative_change or 0.0) / (lo.relative_change or 1.0), hi.model, lo.model
         times = f"{ratio:.1f}" if ratio < 10 else f"{ratio:.0f}"
-        shift = (f"{who[hi.model]} changed its weights {times}× as much as {who[lo.model]} (‖Δ‖/‖B‖ "
-                 f"{_pct(hi.relative_change or 0.0)} against {_pct(lo.relative_change or 0.0)}; mean |Δ| "
+        shift = (f"{who[hi.model]} changed its weights {times}× as much as {who[lo.model]} (weights, no norms: "
+                 f"‖Δ‖/‖B‖ {_pct(hi.relative_change or 0.0)} against {_pct(lo.relative_change or 0.0)}; mean |Δ| "
                  f"{hi.mean_abs_change:.3g} against {lo.mean_abs_change:.3g})")
-        if ratio >= GAP:
+        pair = next((p for p in whole.pairs if set(p.models) == {hi.model, lo.model}), None)
+        alike = pair is not None and pair.cosine is not None and pair.cosine >= ALIKE
+        if ratio >= GAP and alike:
+            assert pair is not None and pair.cosine is not None
+            findings.append(f"{shift}, in the same direction (cosine of the deltas {pair.cosine:+.2f}): the larger "
+                            "change is a stronger version of the smaller one, not a different kind of training; "
+                            f"{PAPER}'s FT/PT gap is between unrelated changes.")
+            suggestions.append("task_arithmetic, ties, dare_ties or widen: the changes point the same way, so a "
+                               "merge mostly sets how far along it to go (a weight or lambda)")
+        elif ratio >= GAP and hi.mean_abs_change <= FT_BAND_TOP:
+            findings.append(
+                f"{shift}: a ratio like the one {PAPER} reports between a continually pre-trained (PT) and a "
+                f"fine-tuned (FT) model, but both changes are within the paper's FT band (mean |Δ| up to about "
+                f"{FT_BAND_TOP:g} per parameter, weight units), so these may be two fine-tunes of different strength "
+                "rather than an FT and a PT model. The paper's merging results are for an FT model with a PT one.")
+            suggestions.append("widen: it ranks each model's changes within that model, so the larger change does "
+                               "not swamp the smaller one; task_arithmetic, ties or dare_ties with a smaller weight "
+                               "for the larger change are the classic alternative; compare them")
+        elif ratio >= GAP:
             findings.append(
                 f"{shift}: a gap like that between a continually pre-trained (PT) and a fine-tuned (FT) model. "
                 f"{PAPER[0].upper() + PAPER[1:]} reports FT changes of about 0.0005–0.002 per parameter (weight "
-                "units, like the mean |Δ|) against about 0.005 for PT, and that merging an FT model (Qwen1.5-Chat) with a PT one (Sailor), task arithmetic, TIES, "
-                "Breadcrumbs and DARE usually either lost both abilities or kept only the FT model's, while WIDEN "
+                "units, like the mean |Δ|) against about 0.005 for PT, and that merging an FT model (Qwen1.5-Chat) "
+                "with a PT one (Sailor), task arithmetic, TIES, Breadcrumbs and DARE usually either lost both abilities or kept only the FT model's, while WIDEN "
                 "kept most of both (14B, multilingual average: WIDEN 59.67, Sailor 59.90, best of average and task "
                 "arithmetic 40.72, best of TIES, Breadcrumbs and DARE 28.69).")
             suggestions.append("widen: the paper's method for this case; it ranks each model's changes within that "
