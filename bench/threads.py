@@ -62,7 +62,9 @@ class Busy:
 
 def merge_cmd(python: str, models: Path, method: str, params: list[str], threads: int | None, out: Path,
               max_ram: str) -> list[str]:
-    variants = [v for v in ("chat", "multilingual") if (models / v).is_dir()]
+    from streammerge.methods import get_method
+
+    variants = [v for v in ("chat", "multilingual") if (models / v).is_dir()][:get_method(method).max_models or None]
     return [script(python), "merge", "--base", str(models / "base"),
             *(a for v in variants for a in ("--model", str(models / v))), "--method", method,
             *(a for p in params for a in ("--param", p)), "--max-ram", max_ram, "--out", str(out), "--force", "-q",

@@ -170,6 +170,18 @@ def convert(x, out):  # type: ignore[no-untyped-def]
     return bad
 
 
+# ---- column sums in tiles ------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _close_tile(row, tile, rows_total, acc, partial):  # type: ignore[no-untyped-def]
+    """After row ``row`` (0-based, in the tensor) of a column-sums kernel: when it completes its aligned tile of
+    ``tile`` rows (or the tensor's last, shorter one), add the tile's sums ``partial`` to ``acc`` and start the
+    next from 0 (methods/_tiles.py ``add_column_sums``' order: tile sums added in row order)."""
+    if (row + 1) % tile == 0 or row + 1 == rows_total:
+        for c in range(acc.shape[0]):
+            acc[c] = acc[c] + partial[c]
+            partial[c] = 0.0
+
+
 # ---- the block structure ---------------------------------------------------------------------------------------
 #: elements per step of a kernel's loop: each step runs model by model over this many elements, in float32 scratch
 #: rows that stay in the L1/L2 cache, so the models are picked from their tuple once per step, not per element,
@@ -283,11 +295,7 @@ def pair_sums(base, models, use_base, first, second, cols, row0, tile, rows_tota
             part = partial[p * cols : (p + 1) * cols]
             for j in range(cols):
                 part[j] = part[j] + a[j] * c[j]
-        row = row0 + r + 1
-        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
-            for c in range(acc.shape[0]):
-                acc[c] = acc[c] + partial[c]
-                partial[c] = 0.0
+        _close_tile(row0 + r, tile, rows_total, acc, partial)
 
 
 # ---- SCE ---------------------------------------------------------------------------------------------------------
@@ -308,11 +316,7 @@ def square_sums(base, models, cols, row0, tile, rows_total, acc, partial):  # ty
             for j in range(cols):
                 t = load(x, j) - b[j]
                 part[j] = part[j] + np.float64(t * t)
-        row = row0 + r + 1
-        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
-            for c in range(acc.shape[0]):
-                acc[c] = acc[c] + partial[c]
-                partial[c] = 0.0
+        _close_tile(row0 + r, tile, rows_total, acc, partial)
 
 
 @njit(**JIT)
@@ -667,11 +671,7 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols,
                     a = np.float64(abs(load(x, j) - b[j]))
                     every[j] = every[j] + a
                     some[j] = some[j] + a
-        row = row0 + r + 1
-        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
-            for c in range(acc.shape[0]):
-                acc[c] = acc[c] + partial[c]
-                partial[c] = 0.0
+        _close_tile(row0 + r, tile, rows_total, acc, partial)
 
 
 # ---- DELLA's MAGPRUNE keep factors ----------------------------------------------------------------------------------
@@ -838,11 +838,7 @@ def widen_column_sums(base, models, cols, row0, tile, rows_total, exact, acc, pa
                 m = load(x, j)
                 sq[j] = sq[j] + _product(m, m, exact)
                 dot[j] = dot[j] + _product(m, b[j], exact)
-        row = row0 + r + 1
-        if row % tile == 0 or row == rows_total:  # the tile is complete: add its sums, start the next
-            for c in range(acc.shape[0]):
-                acc[c] = acc[c] + partial[c]
-                partial[c] = 0.0
+        _close_tile(row0 + r, tile, rows_total, acc, partial)
 
 
 @njit(**JIT)
