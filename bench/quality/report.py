@@ -386,7 +386,34 @@ def _points(result: dict, xkey: str, ykey: str, styles: dict) -> list[dict]:
     return points
 
 
+#: the methods whose weight rows (FT weight 1, PT weight w; run.py's SPARSE_VARIANTS) are drawn as a curve through
+#: their default (w = 1): the trade-off a user gets by tuning the one knob, for the other methods to be read against
+CURVES = {"task_arithmetic": "tab:purple", "linear": "tab:olive"}
+
+
+def _pt_weight(row: dict) -> float | None:
+    """The PT model's weight of a task_arithmetic/linear row (1 at the defaults), None for another row."""
+    if row.get("method") not in CURVES or row.get("kind") != "merge":
+        return None
+    params = row.get("params") or {}
+    if not params:
+        return 1.0
+    weights = str(params.get("weight", "")).split(",")
+    return float(weights[1]) if set(params) == {"weight"} and len(weights) == 2 and weights[0] == "1" else None
+
+
+def _curves(ax, points: list[dict]) -> None:
+    """A dashed line per method of :data:`CURVES` through its rows, in the order of the PT weight."""
+    for method, color in CURVES.items():
+        on = sorted((w, p["x"], p["y"]) for p in points if p["row"].get("method") == method
+                    and (w := _pt_weight(p["row"])) is not None)
+        if len(on) >= 2:
+            ax.plot([x for _, x, _ in on], [y for _, _, y in on], ls="--", lw=1.0, color=color, alpha=0.8,
+                    zorder=2)
+
+
 def _draw(ax, points: list[dict]) -> None:
+    _curves(ax, points)
     for p in points:
         (x0, x1), (y0, y1) = p["xr"], p["yr"]
         # the mean of equal values can lie an ulp outside them: clip, matplotlib refuses a negative bar
@@ -614,6 +641,11 @@ def _side(ax, fig, result: dict, groups: list[dict], styles: dict, renderer) -> 
     handles = [Line2D([], [], ls="none", **styles[k]) for k in ("base", "FT", "PT")]
     handles += [Line2D([], [], ls="none", label="WIDEN merge", **styles["widen"]),
                 Line2D([], [], ls="none", label="other merges (numbered, see below)", **styles["merge"])]
+    handles += [Line2D([], [], ls="--", color=color, label=f"{method} with the PT weight at 0.5, 0.75, 0.9 and 1 "
+                       "(FT weight 1): the one knob tuned")
+                for method, color in CURVES.items()
+                if sum(_pt_weight(r) is not None and r["summary"]["seeds_ok"] > 0 for r in result["rows"]) > 1
+                and sum(r.get("method") == method and _pt_weight(r) is not None for r in result["rows"]) > 1]
     legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, 1), frameon=False, fontsize=9,
                        borderaxespad=0, handletextpad=0.4, labelspacing=0.6)
     for t in legend.get_texts():

@@ -52,10 +52,15 @@ REPO = BENCH.parent
 
 #: parameters given beyond the defaults, as extra rows: mergekit's usual sparsity (every density defaults to 1.0
 #: here, which keeps every delta element); breadcrumbs keeps its default gamma 0.01
+#: rows beyond the defaults (default mode): the sparse methods at a density that drops something, and task
+#: arithmetic and linear with the PT model's weight turned down (FT weight 1, PT 0.5 / 0.75 / 0.9), the one knob
+#: a user would tune first; their trade-off curve is what a method at its defaults is compared with
 SPARSE_VARIANTS = {
-    "ties": {"density": "0.5"}, "dare_linear": {"density": "0.5"}, "dare_ties": {"density": "0.5"},
-    "della": {"density": "0.5"}, "della_linear": {"density": "0.5"},
-    "breadcrumbs": {"density": "0.9"}, "breadcrumbs_ties": {"density": "0.9"},
+    "ties": [{"density": "0.5"}], "dare_linear": [{"density": "0.5"}], "dare_ties": [{"density": "0.5"}],
+    "della": [{"density": "0.5"}], "della_linear": [{"density": "0.5"}],
+    "breadcrumbs": [{"density": "0.9"}], "breadcrumbs_ties": [{"density": "0.9"}],
+    "task_arithmetic": [{"weight": f"1,{w}"} for w in ("0.5", "0.75", "0.9")],
+    "linear": [{"weight": f"1,{w}"} for w in ("0.5", "0.75", "0.9")],
 }
 
 
@@ -153,7 +158,7 @@ def list_methods(cli: str) -> list[dict]:
 
 
 def variants(methods: list[dict], sparse: bool) -> list[dict]:
-    """One merge per method at its defaults, plus (``sparse``) the density rows of :data:`SPARSE_VARIANTS`.
+    """One merge per method at its defaults, plus (``sparse``) the rows of :data:`SPARSE_VARIANTS`.
 
     A method that takes exactly one model besides the base cannot take FT and PT onto the base: it runs as
     mergekit's two-model form instead, ``--base FT --model PT`` (the FT model as the base endpoint)."""
@@ -164,11 +169,11 @@ def variants(methods: list[dict], sparse: bool) -> list[dict]:
         seeded = "seed" in m["params"]  # --seed is refused by methods that draw no random masks
         out.append({"label": m["name"], "method": m["name"], "params": {}, "call": call, "pair": pair,
                     "seeded": seeded})
-        extra = SPARSE_VARIANTS.get(m["name"])
-        if sparse and extra and set(extra) <= set(m["params"]):
-            label = m["name"] + " " + " ".join(f"{k}={v}" for k, v in extra.items())
-            out.append({"label": label, "method": m["name"], "params": extra, "call": call, "pair": pair,
-                        "seeded": seeded})
+        for extra in SPARSE_VARIANTS.get(m["name"], []) if sparse else []:
+            if set(extra) <= set(m["params"]):
+                label = m["name"] + " " + " ".join(f"{k}={v}" for k, v in extra.items())
+                out.append({"label": label, "method": m["name"], "params": extra, "call": call, "pair": pair,
+                            "seeded": seeded})
     return out
 
 

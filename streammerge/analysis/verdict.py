@@ -136,9 +136,10 @@ def make_verdict(whole: Figures, modules: tuple[Figures, ...], names: tuple[str,
             suggestions.append("widen: the paper's method for this case; it ranks each model's changes within that "
                                "model, so the larger shift does not swamp the smaller one")
             suggestions.append(f"task_arithmetic, ties, dare_ties: per the paper, likely to lose the ability of "
-                               f"{who[hi.model]} here; in streammerge's own miniature of this setting (bench/quality) "
-                               f"TIES dropped the smaller change instead (here model {lo.model}'s); if you try them, "
-                               "compare with widen")
+                               f"{who[hi.model]} here at equal weights; in streammerge's own miniature of this setting "
+                               f"(bench/quality) TIES dropped the smaller change instead (here model {lo.model}'s), "
+                               "and task arithmetic with the larger change's weight turned down to about 0.75 matched "
+                               "widen: if you try them, tune that weight and compare")
         else:
             findings.append(f"{shift}: changes of a similar size (under {GAP}×), the setting the classic merges were "
                             "designed for (several fine-tuned models of one base).")
