@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pt-style", choices=sorted(PT_STYLES), default="full",
                     help="how the PT variant trains: full (default; 600 steps, lr 3e-3) or light (200 steps, lr 3e-4: "
                     "a smaller change that forgets less); see PT_STYLES")
+    ap.add_argument("--ft-lr", type=float, default=None,
+                    help="the FT variant's learning rate instead of its style's (a larger one moves the weights "
+                    "further: with --ft-style format, 0.006 puts the FT's mean |Δ| inside the paper's FT band)")
     ap.add_argument("--base-from", type=Path, default=None,
                     help="use this base (trained by an earlier run of the same mode) instead of training one")
     ap.add_argument("--work", type=Path, default=None,
@@ -363,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = time.perf_counter()
     mode = "smoke" if args.smoke else "default"
     s = replace(MODES[mode], **FT_STYLES[args.ft_style][mode], **PT_STYLES[args.pt_style][mode])
-    pt_tag = "" if args.pt_style == "full" else f"-pt{args.pt_style}"
+    if args.ft_lr is not None:
+        s = replace(s, ft_lr=args.ft_lr)
+    pt_tag = ("" if args.pt_style == "full" else f"-pt{args.pt_style}") + \
+        ("" if args.ft_lr is None else f"-ftlr{args.ft_lr:g}")
     if args.work is None:
         args.work = BENCH / "work" / (("quality" if args.ft_style == "adam" else f"quality-{args.ft_style}") + pt_tag)
     cli = args.streammerge or str(Path(sys.executable).parent / "streammerge")

@@ -261,6 +261,40 @@ class MagPrune(Sparsifier):
         super().__init__(task, params, k)
         self.epsilon = params["epsilon"][k]
         self.key = stream_key(params["seed"], k, task.name)
+        # the keep decisions of the L1 pass, one bit per element, each stored row padded to whole bytes (blocks are
+        # whole rows, and one worker runs a tensor's blocks in row order): the merge pass reads them instead of
+        # ranking every row again (kernel path only; :meth:`cache_bytes` is in the plan's footprint)
+        self._bits: np.ndarray | None = None
+        self._bits_rows = 0
+
+    @staticmethod
+    def cache_bytes(task: TensorTask) -> int:
+        """Bytes of the remembered keep decisions of one model's tensor (:meth:`remember`)."""
+        return task.rows * -(-task.row_numel // 8)
+
+    def remember(self, r0: int, factors: np.ndarray) -> None:
+        """Keep the 0/1 factors of the rows from ``r0`` (flat float32, whole rows, in row order from row 0) as
+        bits; the merge pass :meth:`recall` s them once every row is in."""
+        rn = self.task.row_numel
+        rows = factors.shape[0] // rn if rn else 0
+        if r0 != self._bits_rows or not rows:  # not in row order from 0: remember nothing
+            self._bits, self._bits_rows = None, -1
+            return
+        stride = -(-rn // 8)
+        if self._bits is None:
+            self._bits = np.empty(self.cache_bytes(self.task), dtype=np.uint8)
+        self._bits[r0 * stride : (r0 + rows) * stride] = np.packbits(factors.reshape(rows, rn) != 0, axis=1).ravel()
+        self._bits_rows += rows
+
+    def recall(self, r0: int, rows: int) -> np.ndarray | None:
+        """The factors :meth:`remember` kept for rows ``[r0, r0 + rows)`` (flat float32 0/1), or None when the L1
+        pass did not remember every row."""
+        if self._bits is None or self._bits_rows != self.task.rows:
+            return None
+        rn = self.task.row_numel
+        stride = -(-rn // 8)
+        bits = self._bits[r0 * stride : (r0 + rows) * stride].reshape(rows, stride)
+        return np.unpackbits(bits, axis=1, count=rn).astype(np.float32).reshape(-1)
 
     @property
     def active(self) -> bool:
@@ -511,7 +545,7 @@ class _DeltaTensorMerge(TensorMerge):
         """:meth:`accumulate`'s L1 pass by ``l1_sums`` into the same :class:`ColumnSums`."""
         assert self.sums is not None
         rows = base.shape[0] if base.dim() else 0
-        keeps = self._keeps(r0, base, models, inverse=False) if rows else None
+        keeps = self._keeps(r0, base, models, inverse=False, remember=True) if rows else None
         accumulators = self.sums.raw_accumulators(r0, rows) if keeps is not None else None
         if keeps is None or accumulators is None:
             return False
@@ -522,12 +556,15 @@ class _DeltaTensorMerge(TensorMerge):
         self._met_ties(modes, ties)
         return True
 
-    def _keeps(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], inverse: bool) -> tuple | None:
+    def _keeps(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], inverse: bool,
+               remember: bool = False) -> tuple | None:
         """How each model's keep factor of the block at row ``r0`` is made in a kernel (``sparse_merge``'s
         ``keep_mode, sel, factors, keys, cuts, keep_value``), the same factors as :meth:`Sparsifier.keep` with
-        ``inverse``: selections as thresholds, DARE's mask drawn in the kernel, DELLA's factors computed here;
-        None when a factor is not a CPU float32 tensor."""
+        ``inverse``: selections as thresholds, DARE's mask drawn in the kernel, DELLA's factors computed here (in
+        the L1 pass, ``remember``, also kept as bits, which the merge pass reads back instead of ranking the rows
+        again); None when a factor is not a CPU float32 tensor."""
         n = len(models)
+        rows = base.shape[0] if base.dim() else 1
         modes = np.zeros(n, dtype=np.int64)
         sel = np.zeros((n, 4), dtype=np.int64)
         keys = np.zeros(n, dtype=np.uint64)
@@ -555,7 +592,13 @@ class _DeltaTensorMerge(TensorMerge):
                     if inverse:
                         keep_value[i] = np.float32(1.0) / np.float32(sp.density)
             else:
-                fused = sp.kernel_factors(r0, base, models[i], inverse) if isinstance(sp, MagPrune) else None
+                fused = None
+                if isinstance(sp, MagPrune):
+                    fused = None if inverse or not self.l1 or remember else sp.recall(r0, rows)
+                    if fused is None:
+                        fused = sp.kernel_factors(r0, base, models[i], inverse)
+                        if fused is not None and remember:
+                            sp.remember(r0, fused)
                 if fused is not None:
                     modes[i], factors[i] = kernels.FACTOR, fused
                     continue
@@ -667,7 +710,8 @@ class DeltaMethod(Method):
         ``m - base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the
         drop factor too (12), DELLA its ranks (the sort's int64 indices, float32 ranks), probabilities and
         uniforms (float64), 28 at the peak; sign
-        election the elected sign and two agreement factors (8 in all, alive with the selection's gone). Statistics
+        election the elected sign and two agreement factors (8 in all, alive with the selection's gone); DELLA with
+        the L1 pass keeps its keep decisions as bits from that pass to the merge (``MagPrune.cache_bytes``). Statistics
         passes: the base, the previous |delta|, the upcast and the new |delta| (12 beyond the base's copy); the L1
         pass per model |delta| and the kept |delta| (8), their float64 copies (16) and stack (16): 40n. State: one 65 536-bin
         int64 histogram per selection, two more while a pass ends; DARE's mask generator keeps three 65 536-element
@@ -681,12 +725,13 @@ class DeltaMethod(Method):
         l1 = self.l1_pass(params)
         l1_stats = 40 * n + 8 + (extra if self.sparsify == "della" else 0)
         rows, rn = task.rows, task.row_numel
+        remembered = n * MagPrune.cache_bytes(task) if self.sparsify == "della" and l1 else 0  # DELLA's keep bits
         return Footprint(
             stats_per_element=max(12 if selections else 0, l1_stats if l1 else 0),
             emit_per_element=4 * n + 4 + extra,
-            stats_state=selections * HISTOGRAM_BYTES + (16 * n * rn if l1 else 0),
-            end_of_pass=(selections + 2) * HISTOGRAM_BYTES if selections else 0,
-            emit_state=3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0,
+            stats_state=selections * HISTOGRAM_BYTES + (16 * n * rn if l1 else 0) + remembered,
+            end_of_pass=((selections + 2) * HISTOGRAM_BYTES if selections else 0) + remembered,
+            emit_state=(3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0) + remembered,
             partial_tile=ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn if l1 else 0,
             gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4
             + (24 * n if l1 else 0),
