@@ -138,8 +138,9 @@ def make_verdict(whole: Figures, modules: tuple[Figures, ...], names: tuple[str,
             suggestions.append(f"task_arithmetic, ties, dare_ties: per the paper, likely to lose the ability of "
                                f"{who[hi.model]} here at equal weights; in streammerge's own miniature of this setting "
                                f"(bench/quality) TIES dropped the smaller change instead (here model {lo.model}'s), "
-                               "and task arithmetic with the larger change's weight turned down to about 0.75 matched "
-                               "widen: if you try them, tune that weight and compare")
+                               "and task arithmetic with the larger change's weight turned down to 0.75–0.9 came "
+                               "close to widen (level with it when the FT change was below the paper's band, behind "
+                               "it inside the band): if you try them, tune that weight and compare")
         else:
             findings.append(f"{shift}: changes of a similar size (under {GAP}×), the setting the classic merges were "
                             "designed for (several fine-tuned models of one base).")
