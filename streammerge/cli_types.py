@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,5 +23,5 @@ class ModelReference(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         text = str(value)
         if "+" not in text and written_as_path(text) and not Path(text).expanduser().exists():
-            return Path(text).expanduser().absolute()
+            return Path(os.path.abspath(os.path.expanduser(text)))  # normalised: /a/b/../c is /a/c
         return super().convert(value, param, ctx)
