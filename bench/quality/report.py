@@ -641,11 +641,13 @@ def _side(ax, fig, result: dict, groups: list[dict], styles: dict, renderer) -> 
     handles = [Line2D([], [], ls="none", **styles[k]) for k in ("base", "FT", "PT")]
     handles += [Line2D([], [], ls="none", label="WIDEN merge", **styles["widen"]),
                 Line2D([], [], ls="none", label="other merges (numbered, see below)", **styles["merge"])]
-    handles += [Line2D([], [], ls="--", color=color, label=f"{method} with the PT weight at 0.5, 0.75, 0.9 and 1 "
-                       "(FT weight 1): the one knob tuned")
-                for method, color in CURVES.items()
-                if sum(_pt_weight(r) is not None and r["summary"]["seeds_ok"] > 0 for r in result["rows"]) > 1
-                and sum(r.get("method") == method and _pt_weight(r) is not None for r in result["rows"]) > 1]
+    for method, color in CURVES.items():
+        weights = sorted({w for r in result["rows"] if r.get("method") == method and r["summary"]["seeds_ok"]
+                          and (w := _pt_weight(r)) is not None})
+        if len(weights) > 1:
+            shown = ", ".join(f"{w:g}" for w in weights[:-1]) + f" and {weights[-1]:g}"
+            handles.append(Line2D([], [], ls="--", color=color, label=f"{method} with the PT weight at {shown} "
+                                  "(FT weight 1): the one knob tuned"))
     legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, 1), frameon=False, fontsize=9,
                        borderaxespad=0, handletextpad=0.4, labelspacing=0.6)
     for t in legend.get_texts():

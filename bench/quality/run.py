@@ -53,13 +53,14 @@ REPO = BENCH.parent
 #: parameters given beyond the defaults, as extra rows: mergekit's usual sparsity (every density defaults to 1.0
 #: here, which keeps every delta element); breadcrumbs keeps its default gamma 0.01
 #: rows beyond the defaults (default mode): the sparse methods at a density that drops something, and task
-#: arithmetic and linear with the PT model's weight turned down (FT weight 1, PT 0.5 / 0.75 / 0.9), the one knob
+#: arithmetic and linear with the PT model's weight turned down (FT weight 1, PT 0.5 / 0.75 / 0.9, and 0.8 for task
+#: arithmetic, where its best trade-off lay in the runs of 2026-12-01), the one knob
 #: a user would tune first; their trade-off curve is what a method at its defaults is compared with
 SPARSE_VARIANTS = {
     "ties": [{"density": "0.5"}], "dare_linear": [{"density": "0.5"}], "dare_ties": [{"density": "0.5"}],
     "della": [{"density": "0.5"}], "della_linear": [{"density": "0.5"}],
     "breadcrumbs": [{"density": "0.9"}], "breadcrumbs_ties": [{"density": "0.9"}],
-    "task_arithmetic": [{"weight": f"1,{w}"} for w in ("0.5", "0.75", "0.9")],
+    "task_arithmetic": [{"weight": f"1,{w}"} for w in ("0.5", "0.75", "0.8", "0.9")],
     "linear": [{"weight": f"1,{w}"} for w in ("0.5", "0.75", "0.9")],
 }
 
