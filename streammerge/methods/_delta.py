@@ -551,8 +551,9 @@ class _DeltaTensorMerge(TensorMerge):
             return False
         modes, sel, factors, keys, cuts, keep_value = keeps
         ties = np.zeros((len(ms), 4), dtype=np.int64)
-        kernels.kernels().l1_sums(b, ms, modes, sel, factors, keys, cuts, keep_value, self.task.row_numel, r0,
-                                  self.task.tile, self.task.rows, *accumulators, ties)
+        sums = self.sums
+        kernels.kernels().l1_sums(b, ms, modes, sel, factors, keys, cuts, keep_value, sums.row_numel, r0, sums.tile,
+                                  sums.rows, *accumulators, ties)
         self._met_ties(modes, ties)
         return True
 
@@ -594,7 +595,7 @@ class _DeltaTensorMerge(TensorMerge):
             else:
                 fused = None
                 if isinstance(sp, MagPrune):
-                    fused = None if inverse or not self.l1 or remember else sp.recall(r0, rows)
+                    fused = None if inverse or remember else sp.recall(r0, rows)  # (only the L1 pass remembers)
                     if fused is None:
                         fused = sp.kernel_factors(r0, base, models[i], inverse)
                         if fused is not None and remember:
@@ -629,14 +630,9 @@ class _DeltaTensorMerge(TensorMerge):
         lam = kernels.f32([self.p["lambda"]])[0]
         if not self.sparsifiers and not self.m.consensus:
             return int(k.delta_sum(b, ms, kernels.f32(weights), self._sum_divisor(), lam, o))
-        if self.sparsifiers:
-            keeps = self._keeps(r0, base, models, self.inverse)
-            if keeps is None:
-                return None
-        else:
-            keeps = (np.zeros(n, dtype=np.int64), np.zeros((n, 4), dtype=np.int64),
-                     (np.zeros(0, dtype=np.float32),) * n, np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64),
-                     np.ones(n, dtype=np.float32))
+        keeps = self._keeps(r0, base, models, self.inverse)  # without sparsifiers: every model NO_FACTOR
+        if keeps is None:
+            return None
         modes, sel, factors, keys, cuts, keep_value = keeps
         scale = kernels.f32(self.scales)  # applied with a keep factor only, as emit does
         combine = 1 if self.m.consensus else 0

@@ -144,6 +144,7 @@ class ColumnSums:
     """Chunk-independent float64 sums over a whole tensor of each of several same-shaped inputs (``Σ x``)."""
 
     def __init__(self, rows: int, row_numel: int, n_sums: int, tile: int) -> None:
+        self.rows, self.row_numel = rows, row_numel
         self.n_sums = n_sums
         self.tile = tile
         self._feeder = TileFeeder(max(rows, 1), tile)
@@ -244,6 +245,6 @@ class PairSums(ColumnSums):
         b, ms, _ = got  # type: ignore[misc]
         first = np.array([i for i, _ in self.pairs], dtype=np.int64)
         second = np.array([j for _, j in self.pairs], dtype=np.int64)
-        kernels.kernels().pair_sums(b, ms, use_base, first, second, self._size // self.n_sums, r0, self.tile,
-                                    self._feeder.rows, *accumulators)
+        kernels.kernels().pair_sums(b, ms, use_base, first, second, self.row_numel, r0, self.tile, self.rows,
+                                    *accumulators)
         return True

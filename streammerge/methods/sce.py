@@ -46,7 +46,7 @@ def task_vector_variance(tvs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class _SceMerge(TensorMerge):
     def __init__(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
-        self.n, self.numel, self._rows = n_models, task.numel, task.rows
+        self.n, self.numel = n_models, task.numel
         self.topk = params["select_topk"]
         self.select = 0 < self.topk < 1
         # k is int(topk · #nonzero variances), known only after the first pass: start non-trivial, set it then
@@ -87,7 +87,8 @@ class _SceMerge(TensorMerge):
         if accumulators is None:
             return False
         b, ms, _ = got
-        kernels.kernels().square_sums(b, ms, b.shape[0] // rows, r0, self.sums.tile, self._rows, *accumulators)
+        sums = self.sums
+        kernels.kernels().square_sums(b, ms, sums.row_numel, r0, sums.tile, sums.rows, *accumulators)
         return True
 
     def end_pass(self, pass_index: int) -> None:
