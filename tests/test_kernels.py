@@ -329,27 +329,48 @@ def test_selections_keep_the_same_ties_block_by_block(method, params):
         assert fused.cursor() == eager.cursor()
 
 
+def _della_deltas(kind: str, shape: tuple[int, ...], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, model) whose |Δ| rows exercise one way of ``magprune_factors``' row ranking."""
+    n = shape[-1]
+    if kind == "levels":  # bfloat16, deltas of five levels: many equal keys; a NaN and an infinity (ranked last)
+        base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        levels = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]) * 2 ** -9
+        model = (base.float() + levels[torch.randint(0, 5, shape, generator=g)]).to(torch.bfloat16)
+        if model.numel() > 4:
+            model.view(-1)[1], model.view(-1)[3] = float("nan"), float("inf")
+        return base, model
+    base = torch.randn(shape, generator=g) * 0.02
+    if kind == "float32":  # distinct keys: buckets of several keys, decided by their rank bounds
+        return base, base + torch.randn(shape, generator=g) * 1e-3
+    if kind == "equal":  # one nonzero |Δ| in every row, zeros between: equal keys rank by index
+        return base, base + torch.where(torch.rand(shape, generator=g) < 0.3, 0.0, 2.0 ** -10)
+    assert kind == "cluster"  # a dense cluster in one bucket, stretched by two outliers: ranked whole
+    delta = 1e-3 * (1 + torch.rand(shape, generator=g) * 1e-4)
+    delta.view(-1, n)[:, 0], delta.view(-1, n)[:, -1] = 1e-30, 1e30
+    return base, base + delta
+
+
 @needs_numba
 @pytest.mark.parametrize("shape", [(40, 300), (7, 1), (1, 2048), (500,), (1,)])
+@pytest.mark.parametrize("kind", ["levels", "float32", "equal", "cluster"])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_della_keep_factors_are_the_eager_ones(shape, inverse):
-    """``magprune_factors`` against ``MagPrune.keep`` on one block: deltas of a few sizes (many equal ranks, ordered
-    by index), a NaN and an infinity (ranked last), rows of one element (the density itself), a vector (one row)."""
+def test_della_keep_factors_are_the_eager_ones(shape, kind, inverse):
+    """``magprune_factors`` against ``MagPrune.keep`` on one block: rows of one element (the density itself), a
+    vector (one row), and |Δ| rows whose ranks come each way (see ``_della_deltas``): exact in one counting pass,
+    decided by a bucket's rank bounds, counted one by one, or by ranking the row."""
     g = torch.Generator().manual_seed(11)
-    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-    levels = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]) * 2 ** -9
-    model = (base.float() + levels[torch.randint(0, 5, shape, generator=g)]).to(torch.bfloat16)
-    if model.numel() > 4:
-        model.view(-1)[1], model.view(-1)[3] = float("nan"), float("inf")
+    base, model = _della_deltas(kind, shape, g)
     m = get_method("della")
     p = m.resolve_params({"density": 0.4, "epsilon": 0.2}, 1)
     task = TensorTask("x", shape, Rule.MATRIX if len(shape) == 2 else Rule.VECTOR, 64, exact_products=True)
     sp = m.start(task, p, 1).sparsifiers[0]
-    for r0 in (0, 3):
-        want = sp.keep(r0, (model - base.float()).abs(), inverse)
-        got = sp.kernel_factors(r0, base, model, inverse)
-        assert got is not None and want is not None
-        assert np.array_equal(got.view(np.int32), want.reshape(-1).numpy().view(np.int32))
+    for epsilon in (0.2, -0.1):  # (refused as a parameter) larger deltas get lower probabilities: no rank bounds
+        sp.epsilon = epsilon
+        for r0 in (0, 3):
+            want = sp.keep(r0, (model.float() - base.float()).abs(), inverse)
+            got = sp.kernel_factors(r0, base, model, inverse)
+            assert got is not None and want is not None
+            assert np.array_equal(got.view(np.int32), want.reshape(-1).numpy().view(np.int32)), (epsilon, r0)
     assert sp.kernel_factors(0, base.reshape(1, 1, -1), model.reshape(1, 1, -1)) is None  # 3-D: the eager path
 
 
