@@ -285,6 +285,7 @@ class Journal:
         """Make the shard bytes written so far durable (before the lines that describe them are appended)."""
         for fd in fds:
             fsio.sync_data(fd)
+            fsio.drop_cached(fd)  # those bytes are on disk: their pages can serve the writes to come
 
     def _append_lines(self, lines: list[str]) -> None:
         fsio.append(self.path, ("\n".join(lines) + "\n").encode())

@@ -128,3 +128,68 @@ def test_the_package_api_is_still_there():
     assert streammerge.Recipe.__name__ == "Recipe"
     with pytest.raises(AttributeError):
         streammerge.nothing_here  # noqa: B018
+
+
+
+def _resident_pages(path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages of ``path``), by Linux ``mincore`` on a shared read-only map."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vec), pages
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise as on Linux")
+def test_drop_cached_leaves_the_bytes_and_frees_the_synced_pages(tmp_path):
+    path = tmp_path / "f.bin"
+    data = os.urandom(64 * 4096)
+    fd = fsio.open_file(path, create=True)
+    try:
+        fsio.pwrite_all(fd, data, 0)
+        assert _resident_pages(path)[0] == 64  # dirty pages stay whatever the hint
+        fsio.sync_data(fd)
+        fsio.drop_cached(fd)
+        assert _resident_pages(path)[0] == 0
+    finally:
+        fsio.close(fd)
+    assert path.read_bytes() == data
+    fsio.drop_cached(fd)  # a closed descriptor: a hint, no error
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise as on Linux")
+def test_a_merge_leaves_its_output_out_of_the_page_cache_and_syncs_before_dropping(tmp_path, monkeypatch):
+    """The journal drops the output shards' pages after each group commit's fdatasync, never before it: the
+    output does not fill the page cache (the inputs stay), and no unsynced page is asked to go."""
+    fam = write_family(tmp_path / "fam", "tiny", dtype="bf16")
+    events: list[tuple[str, int]] = []
+    sync, drop = fsio.sync_data, fsio.drop_cached
+    monkeypatch.setattr(fsio, "sync_data", lambda fd: (events.append(("sync", fd)), sync(fd))[1])
+    monkeypatch.setattr(fsio, "drop_cached", lambda fd: (events.append(("drop", fd)), drop(fd))[1])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["merge", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model",
+                                  str(fam["multilingual"]), "--out", str(out), "-q", "--max-ram", "64MiB"])
+    assert r.exit_code == 0, r.output
+    drops = [i for i, (kind, _) in enumerate(events) if kind == "drop"]
+    assert drops, "no page was dropped"
+    for i in drops:
+        assert events[i - 1] == ("sync", events[i][1])
+    resident, pages = _resident_pages(out / "model.safetensors")
+    assert resident < pages / 4, f"{resident} of {pages} output pages still cached"
