@@ -989,3 +989,7 @@ def widen_products(base, models, cols, exact, out):  # type: ignore[no-untyped-d
                 m = load(x, j)
                 o[1 + k, j] = _product(m, m, exact)
                 o[1 + n_models + k, j] = _product(m, b[j], exact)
+
+
+# arcee_fusion's kernels live in their own module, which imports the helpers above (so this comes last)
+from ._numba_fusion import fusion_emit, fusion_high, fusion_low  # noqa: E402,F401

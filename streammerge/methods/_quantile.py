@@ -81,6 +81,28 @@ class OrderStatistics:
             part = counts[i * BINS : (i + 1) * BINS]
             self._low[b] = part.clone() if b not in self._low else self._low[b].add_(part)
 
+    # ---- for a fused kernel that counts a block itself (arcee_fusion's ``fusion_high``/``fusion_low``) -------------
+    def on_cpu(self) -> bool:
+        """Whether the histograms there are are CPU tensors, which a kernel can add to."""
+        held = ([self._hist] if self._hist is not None else []) + list(self._low.values())
+        return all(x.device.type == "cpu" for x in held)
+
+    def high_counts(self) -> torch.Tensor:
+        """Pass A's histogram (65 536 int64 counts of the keys' high 16 bits + 32768, CPU), for a kernel to add a
+        block's counts to as :meth:`pass_a` does."""
+        if self._hist is None:
+            self._hist = torch.zeros(BINS, dtype=torch.int64)
+        return self._hist
+
+    def low_counts(self) -> tuple[list[int], list[torch.Tensor]]:
+        """Pass B's distinct target bins (at most one per k) and their histograms (65 536 int64 counts of the low 16
+        bits each, CPU), for a kernel to add a block's counts to as :meth:`pass_b` does."""
+        targets = list(dict.fromkeys(self._bins))
+        for t in targets:
+            if t not in self._low:
+                self._low[t] = torch.zeros(BINS, dtype=torch.int64)
+        return targets, [self._low[t] for t in targets]
+
     def end_b(self) -> None:
         self.keys = []
         for b, rank in zip(self._bins, self._rank):

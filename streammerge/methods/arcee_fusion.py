@@ -17,6 +17,11 @@ not the other. ``KL_row`` is computed once, in the first statistics pass, kept p
 by the second pass and the merge (and journaled), so every pass sees the same importance bits. The softmax is torch's
 on the CPU (one kernel per row, mergekit's values exactly) and on other devices ``exp(x − max) / Σ`` with the same
 fixed-order sum, so a row's values never depend on the chunk around it.
+
+With the fused kernels (:mod:`streammerge.kernels`; ``kernels/_numba_fusion.py``) each pass is one loop over the
+stored rows with the same bytes: the first statistics pass still computes ``KL_row`` with torch (on float32 copies
+of the block), then the importance, its order keys and the pass-A histogram in one kernel; the second the importance
+and the pass-B histograms; the merge the importance, the mask, ``B + (M − B)·mask`` and the cast to the output.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from .. import kernels
 from .._torch import torch
 from . import register
 from ._quantile import HISTOGRAM_BYTES, OrderStatistics
@@ -105,6 +113,43 @@ class _FusionMerge(TensorMerge):
         importance = self._importance(r0, base, torch.sub(models[0], base))
         (self.select.pass_a if pass_index == 0 else self.select.pass_b)(importance)
 
+    # ---- fused kernels (streammerge.kernels._numba_fusion): the same bytes as accumulate/emit and the engine's cast -
+    def _raw_arrays(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor],
+                    out: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, slice] | None:
+        """(base, model, out) as a kernel's arrays and the block's slice of the KL rows; None when they are not a
+        kernel's arrays or the statistics are not on the CPU."""
+        got = kernels.arrays(base, models, out)
+        if got is None or (self.kl is not None and self.kl.device.type != "cpu") \
+                or (self.select is not None and not self.select.on_cpu()):
+            return None
+        b, (m,), o = got
+        return b, m, o, self._kl_rows(r0, base)
+
+    def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+        """:meth:`accumulate` with the importance, its order keys and their histogram in one kernel over the stored
+        rows, adding to ``select``'s own histograms: pass 0 ``row_kl`` (torch, on float32 copies of the block, as
+        the eager path) then ``fusion_high``; pass 1 ``fusion_low`` (the cached KL alone)."""
+        if self.select is None:
+            return True
+        got = self._raw_arrays(r0, base, models)
+        if got is None or (pass_index > 0 and self.kl is None):
+            return False
+        b, m, _, rows = got
+        width = self.shape[-1] if self.shape else 1
+        k = kernels.kernels()
+        if pass_index == 0:
+            if self.kl is None:
+                self.kl = torch.empty(self.n_rows, dtype=torch.float32)
+            self.kl[rows] = row_kl(as_softmax_rows(models[0].float()), as_softmax_rows(base.float()))
+            k.fusion_high(b, m, self.kl[rows].numpy(), width, self.select.high_counts().numpy())
+        else:
+            assert self.kl is not None
+            targets, hists = self.select.low_counts()  # fusion_low takes three places: -1 for none, a repeat
+            bins = np.array(targets + [-1] * (3 - len(targets)), dtype=np.int64)
+            h = [x.numpy() for x in hists]
+            k.fusion_low(b, m, self.kl[rows].numpy(), width, bins, h[0], h[min(1, len(h) - 1)], h[-1])
+        return True
+
     def end_pass(self, pass_index: int) -> None:
         if self.select is None:
             return
@@ -136,6 +181,18 @@ class _FusionMerge(TensorMerge):
         keep = self._importance(r0, base, delta).ge_(self.threshold)  # 1.0 kept, 0.0 not (NaN: not)
         return delta.mul_(keep.reshape(delta.shape)).add_(base)  # B + (M − B)·mask
 
+    def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
+        """:meth:`emit` and the cast in one pass (``fusion_emit``) from the cached KL and the threshold."""
+        if self.select is None:
+            return None
+        got = self._raw_arrays(r0, base, models, out)
+        if got is None or self.kl is None:
+            return None
+        b, m, o, rows = got
+        width = self.shape[-1] if self.shape else 1
+        threshold = kernels.f32([self.threshold])[0]
+        return int(kernels.kernels().fusion_emit(b, m, self.kl[rows].numpy(), width, threshold, o))
+
 
 @register
 class ArceeFusion(Method):
@@ -155,7 +212,9 @@ class ArceeFusion(Method):
         their high and low halves (pass B: 16). Merge: the importance (the mask) and the delta (8). State: the
         per-row KL (4 bytes per row of the last dimension) and the histograms: pass B keeps one per distinct quartile
         bin (three at most) and counts into a bincount of one more (four), beside a 65 536-entry int32 table (seven
-        histograms' worth, measured)."""
+        histograms' worth, measured). The fused kernels need less (measured): the first statistics pass makes the
+        float32 copies of the block itself (in place of the runner's) and both softmaxes, 16 bytes per element in
+        all; the second pass and the merge no per-element scratch; pass B counts into its histograms alone."""
         width = task.shape[-1] if task.shape else 1
         kl = 4 * (task.numel // width if width else 0)
         histograms = 7 * HISTOGRAM_BYTES
