@@ -501,14 +501,18 @@ def _select_step(x, m, b, sel, k, keep_value, scale, wk, dst, ties):  # type: ig
     met. A plain comparison first (vectorised); then, only in a step that meets ties while some are still to
     keep, the elements equal to a tau are decided again in flat order."""
     hi_tau, hi_budget, lo_tau, lo_budget = sel[k, 0], sel[k, 1], sel[k, 2], sel[k, 3]
+    # the first loop in uint32, which LLVM vectorises 8 wide: |d|'s bits are in [0, 2^31), so ``> tau`` is
+    # ``>= tau + 1`` and ``== tau`` never holds for KEEP_ALL (all ones) or KEEP_NONE (2^31)
+    hi_above, lo_above = U32(hi_tau + 1), U32(lo_tau + 1)
+    hi_at, lo_at = U32(hi_tau & 0xFFFFFFFF), U32(lo_tau & 0xFFFFFFFF)
     hi_met, lo_met = 0, 0
     for i in range(m):
         d = load(x, i) - b[i]
-        ab = _abs_bits(d)
-        d = d * (keep_value if ab > hi_tau and not ab > lo_tau else F32(0.0))
+        ab = _bits_of_f32(d) & U32(0x7FFFFFFF)
+        d = d * (keep_value if (ab >= hi_above) & (ab < lo_above) else F32(0.0))
         dst[i] = (d * scale) * wk
-        hi_met += 1 if ab == hi_tau else 0
-        lo_met += 1 if ab == lo_tau else 0
+        hi_met += np.int32(ab == hi_at)
+        lo_met += np.int32(ab == lo_at)
     hi_taken, lo_taken = ties[k, 0], ties[k, 1]
     if (hi_met and hi_taken < hi_budget) or (lo_met and lo_taken < lo_budget):
         for i in range(m):
@@ -593,7 +597,7 @@ def sparse_merge(base, models, keep_mode, sel, factors, keys, cuts, start, keep_
                 for i in range(m):
                     total[i] = total[i] + dk[i]
             for i in range(m):
-                total[i] = np.copysign(F32(1.0), total[i])  # the elected sign
+                total[i] = _f32_from_bits((_bits_of_f32(total[i]) & U32(0x80000000)) | U32(0x3F800000))  # copysign(1, ·)
             divisor[:m] = F32(-0.0)
             for k in range(n_models):
                 dk, wk = d[k], w[k]

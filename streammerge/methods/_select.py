@@ -26,6 +26,15 @@ def _bits(absx: torch.Tensor) -> torch.Tensor:
     return absx.contiguous().view(torch.int32)
 
 
+def _top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """For a histogram of counts (BINS int64, any device) and 1 <= k <= its total: the highest bin ``b`` with at
+    least ``k`` elements at or above it, and how many elements lie above ``b``. numpy on the CPU (a few tens of
+    microseconds, where torch's flip, cumsum and nonzero took half a millisecond per selection)."""
+    from_top = np.cumsum(hist.cpu().numpy()[::-1])  # from_top[j]: elements in bins >= BINS - 1 - j
+    j = int(np.searchsorted(from_top, k, side="left"))  # the first j holding k (from_top never decreases)
+    return BINS - 1 - j, int(from_top[j - 1]) if j else 0
+
+
 class TopK:
     """Streams one model's ``|Δ|`` through passes A and B to find the threshold for keeping exactly ``k``."""
 
@@ -58,11 +67,7 @@ class TopK:
             return
         if self._hist_hi is None:
             self._hist_hi = torch.zeros(BINS, dtype=torch.int64)
-        self._hist_hi = self._hist_hi.cpu()
-        # counts of elements with high bits >= b, for every b (suffix sums)
-        at_or_above = self._hist_hi.flip(0).cumsum(0).flip(0)
-        self._bin = int((at_or_above >= self.k).nonzero().max())
-        self._above_bin = int(at_or_above[self._bin + 1]) if self._bin + 1 < BINS else 0
+        self._bin, self._above_bin = _top_bin(self._hist_hi, self.k)
         self._hist_hi = torch.zeros(0, dtype=torch.int64)
 
     def pass_b(self, absx: torch.Tensor) -> None:
@@ -81,11 +86,8 @@ class TopK:
             return
         if self._hist_lo is None:
             self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
-        self._hist_lo = self._hist_lo.cpu()
         need = self.k - self._above_bin  # elements to take from the target bin, >= 1
-        at_or_above = self._hist_lo.flip(0).cumsum(0).flip(0)
-        lo = int((at_or_above >= need).nonzero().max())
-        above = int(at_or_above[lo + 1]) if lo + 1 < BINS else 0
+        lo, above = _top_bin(self._hist_lo, need)
         self.tau_bits = (self._bin << 16) | lo
         self.ties = need - above
         self._hist_lo = torch.zeros(0, dtype=torch.int64)
