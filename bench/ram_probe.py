@@ -2,21 +2,28 @@
 """CPU memory per tensor and per run: the real peak RSS against what the plan predicted, for every method.
 
     python bench/ram_probe.py [--budgets 40MiB,128MiB,1GiB] [--methods ties,widen] [--family mid|edges]
-                              [--results bench/results]
+                              [--kernels eager|numba|both] [--fused-budgets 192MiB,512MiB,1GiB] [--results bench/results]
 
 For one synthetic family (``mid``: one Qwen2-0.5B-wide layer with an untied 32000-token vocabulary, 138 MiB per
 model in bf16, written once to ``bench/work/ram-probe/models``), every method is planned and merged on the CPU
 under several ``--max-ram`` budgets: a small one (every 2-D tensor in row chunks, compute blocks shrunk), a medium
 one (the layer's tensors whole, the embedding and head chunked) and one where every tensor fits whole. Each
-(method, budget) runs in a fresh subprocess, so runs cannot leave memory behind for each other. In it:
+(method, budget) runs in a fresh subprocess, so runs cannot leave memory behind for each other. ``--kernels``
+(default both) sets ``STREAMMERGE_KERNELS`` of the subprocesses: ``eager`` at ``--budgets``, ``numba`` (the fused
+kernels, ``Plan.fused_kernels``) at ``--fused-budgets`` (192 MiB, 512 MiB, 1 GiB), since the plan takes numba's
+runtime (``kernels.RUNTIME_BYTES``, 128 MiB) off the budget first and refuses a budget that leaves too little. In it:
 
 - **whole run**: the highest RSS (``VmHWM``) during ``streammerge.api.merge`` minus the interpreter's RSS right
   after ``import torch, streammerge`` (as ``bench/run.py`` counts it), against ``Plan.peak_ram``; also minus the
-  RSS just before the merge (after a warm-up merge), which leaves out code pages and Python objects.
+  RSS just before the merge (after a warm-up merge), which leaves out code pages and Python objects. numba is not
+  imported at the baseline, so with the fused kernels the whole-run figure includes their runtime, as ``peak_ram``
+  does (it adds ``RUNTIME_BYTES`` when ``plan.fused_kernels``).
 - **per tensor**: ``streammerge.execute.run_tensor`` is wrapped; before each tensor freed heap memory is given
   back (``malloc_trim``), the peak is reset (``5`` into ``/proc/self/clear_refs``) and ``VmRSS`` read; after it,
   ``VmHWM`` − that ``VmRSS`` is the tensor's compute memory, against its ``TensorPlan.scratch_bytes`` (state kept
-  across passes + one compute block's temporaries: what the methods' per-element figures decide).
+  across passes + one compute block's temporaries: what the methods' per-element figures decide). The planner
+  sizes the fused path with the eager figures, so a fused tensor should measure at most its prediction. The runner's
+  ``_rows``/``_raw_rows`` are counted to say which path each tensor's blocks took (fused, mixed, eager).
 
 Stable numbers need the buffers and the allocator out of the way:
 
@@ -32,8 +39,13 @@ Stable numbers need the buffers and the allocator out of the way:
   settings (the whole-run figure as users get it; the per-tensor figures are then unreliable).
 - ``torch.set_num_threads(1)`` (and ``OMP_NUM_THREADS=1``): this is a shared 2-core machine, and one intra-op
   thread keeps kernels from adding per-thread buffers that depend on the core count.
-- A warm-up merge of the ``tiny`` family (for ``edges``: with the same kinds of tensor) with the same method first, so the code pages of the kernels used are
-  already resident (``VmHWM`` counts file-backed pages too); the JSON keeps each tensor's ``RssFile`` change.
+- A warm-up merge of the ``tiny`` family (for ``edges``: with the same kinds of tensor) with the same method and
+  backend first, so the code pages of the kernels used are already resident (``VmHWM`` counts file-backed pages
+  too); the JSON keeps each tensor's ``RssFile`` change. With numba the warm-up imports it and loads the method's
+  compiled kernels from numba's cache; an unmeasured process runs the warm-up once per method before, so that
+  cache is filled (compiling would leave LLVM's memory in the measured process). Kernels first loaded during the
+  measured merge anyway (``kernels_loaded_in_merge``), or compiled in a measured process (``kernels_compiled``: the
+  kernels' sources changed during the run), are listed.
 
 ``--family edges`` measures the inputs beyond plain bf16 matrices on the same layer: the base's projection weights
 stored as FP8 (``F8_E4M3`` codes with 128×128 float32 block scales, dequantized on the fly), a 3-D stacked-experts
@@ -43,8 +55,9 @@ kernel ``visual.patch_embed.proj.weight`` [1280, 3, 2, 14, 14] in every model.
 Tensors whose predicted compute-block part (``scratch_bytes − state_bytes``, what the per-element figures decide)
 is under ``--min-block`` (1 MiB: norms and biases, whose figures are page and Python-object noise) are listed in the
 JSON but left out of the worst ratios. Writes ``<UTC timestamp>-ram-probe.{json,md}`` under --results; the exit status
-is 1 if a merge failed or a run's peak over the baseline exceeded its --max-ram. About 2.5 minutes on 2 cores for
-10 methods x 3 budgets (the family is written once, in a few seconds).
+is 1 if a merge failed or a run's peak over the baseline exceeded its --max-ram (the JSON also has
+``within_peak_ram``). About 10 minutes on 2 cores for the 20 methods x (3 eager + 3 fused budgets); ``edges``
+with 2 GiB added, about 9 (the families are written once, in a few seconds).
 """
 
 from __future__ import annotations
@@ -72,6 +85,10 @@ METHODS: dict[str, dict[str, str]] = {
     "ram": {"epsilon": "0.002"}, "ramplus_tl": {"epsilon": "0.002"},
 }
 BUDGETS = ["40MiB", "128MiB", "1GiB"]
+#: the fused runs' budgets: numba's runtime (kernels.RUNTIME_BYTES, 128 MiB) comes off the budget first, so 40 MiB
+#: and 128 MiB are refused. On ``mid`` as BUDGETS do eagerly: 192 MiB chunks most 2-D tensors, 512 MiB the embedding
+#: and head, 1 GiB fits every tensor whole (``auto`` would use the kernels only from 512 MiB: 4 × RUNTIME_BYTES)
+FUSED_BUDGETS = ["192MiB", "512MiB", "1GiB"]
 #: (hidden, intermediate, layers, heads, kv_heads, vocab, tied): vram_probe's "mid" family
 MID = (896, 4864, 1, 14, 2, 32000, False)
 #: the extra tensors of the ``edges`` family (name: shape), besides its FP8 base
@@ -112,11 +129,13 @@ def child(spec: dict) -> dict:
 
     import streammerge.execute as execute
     import streammerge.pipeline as pipeline
-    from streammerge import api
+    import streammerge.runner as runner
+    from streammerge import api, kernels
 
     torch.set_num_threads(1)
     libc = ctypes.CDLL("libc.so.6")
-    baseline = status()  # the interpreter with torch and streammerge imported
+    baseline = status()  # the interpreter with torch and streammerge imported (numba is imported on first use)
+    numba_at_baseline = "numba" in sys.modules
     method, params, budget = spec["method"], spec["params"], spec["budget"]
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
@@ -130,8 +149,14 @@ def child(spec: dict) -> dict:
         one = get_method(method).max_models == 1
         return root / "base", [root / "chat"] if one else [root / "chat", root / "multilingual"]
 
+    # the warm-up runs the measured backend (STREAMMERGE_KERNELS, set by the driver): with numba it imports numba and
+    # loads the method's compiled kernels from numba's cache, so the measured merge finds them resident; the fused
+    # path reserves kernels.RUNTIME_BYTES, so its budget must leave room for that
     base, models = models_of("tiny-edges" if spec["family"] == "edges" else "tiny")
-    api.merge(base, models, work / "warmup", method, params, max_ram="64MiB", device="cpu", force=True)
+    warm_ram = "64MiB" if spec["kernels"] == "eager" else "1GiB"
+    api.merge(base, models, work / "warmup", method, params, max_ram=warm_ram, device="cpu", threads=1, force=True)
+    if spec.get("prime"):  # only fill numba's cache (a process that compiled keeps LLVM's memory: never measured)
+        return {"primed": method}
 
     def touched(nbytes: int) -> torch.Tensor:
         buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
@@ -154,10 +179,10 @@ def child(spec: dict) -> dict:
                 self.allocated.set()
             super()._run()
 
-    start = execute.LocalIO.start
+    start_feed = execute.LocalIO.start_feed
 
-    def start_touched(self, jobs):  # type: ignore[no-untyped-def]
-        start(self, jobs)
+    def start_touched(self, feed):  # type: ignore[no-untyped-def]  (one worker: it owns every output buffer)
+        start_feed(self, feed)
         self.prefetch.allocated.wait()
         for i in range(len(self.writer._buffers)):
             self.writer._buffers[i] = touched(self.writer.buffer_bytes)
@@ -165,12 +190,25 @@ def child(spec: dict) -> dict:
     tensors: list[dict] = []
     hwm = [0]  # the highest VmHWM of the merge, across the resets
     run_tensor = execute.run_tensor
+    # which path each tensor's blocks took: the runner makes eager float32 rows with _rows, and tries a fused
+    # kernel on rows as stored from _raw_rows (falling back to _rows where the method has no fused path for them)
+    rows_fn, raw_rows_fn = runner._rows, runner._raw_rows
+    calls = {"eager": 0, "fused": 0}
+
+    def counted_rows(*args):  # type: ignore[no-untyped-def]
+        calls["eager"] += 1
+        return rows_fn(*args)
+
+    def counted_raw_rows(*args):  # type: ignore[no-untyped-def]
+        calls["fused"] += 1
+        return raw_rows_fn(*args)
 
     def measured(plan, job, io):  # type: ignore[no-untyped-def]
         hwm[0] = max(hwm[0], status()["VmHWM"])  # what happened since the last reading (between tensors)
         libc.malloc_trim(0)
         reset_peak()
         before = status()
+        calls["eager"] = calls["fused"] = 0
         t0 = time.perf_counter()
         result = run_tensor(plan, job, io)
         wall = time.perf_counter() - t0
@@ -178,11 +216,16 @@ def child(spec: dict) -> dict:
         hwm[0] = max(hwm[0], after["VmHWM"])
         t = job.tensor
         peak = after["VmHWM"] - before["VmRSS"]
+        # each block tries a kernel first when the plan is fused, and makes eager rows only where that fell back
+        # (no fused path for these inputs, e.g. an FP8 source): fused, mixed, or eager (never tried, or every
+        # block fell back)
+        path = ("copy" if not t.rule.merged else "fused" if calls["fused"] and not calls["eager"] else
+                "mixed" if 0 < calls["eager"] < calls["fused"] else "eager")
         tensors.append({
             "name": t.name, "rule": t.rule.value, "shape": list(t.shape), "rows": t.rows, "row_numel": t.row_numel,
             "chunk_rows": t.chunk_rows, "block_rows": t.block_rows, "stat_block_rows": t.stat_block_rows,
             "stat_passes": t.stat_passes, "resident": t.resident, "state_bytes": t.state_bytes,
-            "scratch_bytes": t.scratch_bytes, "measured": peak,
+            "scratch_bytes": t.scratch_bytes, "measured": peak, "path": path,
             "ratio": round(peak / t.scratch_bytes, 3) if t.scratch_bytes else None,
             "rss_file_change": after["RssFile"] - before["RssFile"],
             "left_resident": after["VmRSS"] - before["VmRSS"], "wall_s": round(wall, 3),
@@ -191,8 +234,11 @@ def child(spec: dict) -> dict:
 
     base, models = models_of(spec["family"])
     out = work / "out"
-    plan = api.plan(base, models, out, method, params, max_ram=budget, device="cpu", force=True)
-    execute.Prefetcher, execute.LocalIO.start, execute.run_tensor = Prefetcher, start_touched, measured
+    plan = api.plan(base, models, out, method, params, max_ram=budget, device="cpu", threads=1, force=True)
+    assert plan.workers == 1, "per-tensor peaks need one tensor at a time"
+    loaded = kernel_signatures()
+    execute.Prefetcher, execute.LocalIO.start_feed, execute.run_tensor = Prefetcher, start_touched, measured
+    runner._rows, runner._raw_rows = counted_rows, counted_raw_rows
     libc.malloc_trim(0)
     pre = status()
     reset_peak()
@@ -200,11 +246,19 @@ def child(spec: dict) -> dict:
     try:
         execute.execute(plan, show_progress=False)
     finally:
-        execute.Prefetcher, execute.LocalIO.start, execute.run_tensor = pipeline.Prefetcher, start, run_tensor
+        execute.Prefetcher, execute.LocalIO.start_feed, execute.run_tensor = pipeline.Prefetcher, start_feed, run_tensor
+        runner._rows, runner._raw_rows = rows_fn, raw_rows_fn
     wall = time.perf_counter() - t0
     hwm[0] = max(hwm[0], status()["VmHWM"])
+    after = kernel_signatures()
     return {
         "method": method, "params": params, "max_ram": budget, "max_ram_bytes": plan.budget.max_ram,
+        "kernels": spec["kernels"], "fused_kernels": plan.fused_kernels, "runtime_bytes":
+        kernels.RUNTIME_BYTES if plan.fused_kernels else 0, "numba_at_baseline": numba_at_baseline,
+        # numba kernels (or type signatures) first loaded during the measured merge: their code was not resident
+        "kernels_loaded_in_merge": sorted(k for k, n in after.items() if n > loaded.get(k, 0)),
+        # kernels compiled in this process (numba's cache was stale: the sources changed after the unmeasured warm-up)
+        "kernels_compiled": kernels_compiled(),
         "wall_s": round(wall, 2), "torch_threads": torch.get_num_threads(),
         "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
         "plan": {"peak_ram": plan.peak_ram, "slot_bytes": plan.slot_bytes, "out_buffer_bytes": plan.out_buffer_bytes,
@@ -213,6 +267,27 @@ def child(spec: dict) -> dict:
         "run_over_baseline": hwm[0] - baseline["VmRSS"], "run_over_pre_merge": hwm[0] - pre["VmRSS"],
         "tensors": tensors,
     }
+
+
+def numba_kernels() -> dict[str, object]:
+    """Every numba kernel (dispatcher) of the engine, by name; none when numba was not imported."""
+    if "numba" not in sys.modules:
+        return {}
+    import streammerge.kernels._numba as compiled
+    import streammerge.kernels._numba_fusion as fusion
+
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{k}": v for m in (compiled, fusion) for k, v in vars(m).items()
+            if hasattr(v, "signatures") and hasattr(v, "py_func")}
+
+
+def kernel_signatures() -> dict[str, int]:
+    """Compiled type signatures of every numba kernel loaded so far."""
+    return {k: len(v.signatures) for k, v in numba_kernels().items()}  # type: ignore[attr-defined]
+
+
+def kernels_compiled() -> list[str]:
+    """Kernels this process compiled rather than loaded from numba's cache (LLVM's memory then stays resident)."""
+    return sorted(k for k, v in numba_kernels().items() if sum(v.stats.cache_misses.values()))  # type: ignore[attr-defined]
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
@@ -260,7 +335,7 @@ def add_edges(family: Path, extra_shapes: dict[str, tuple[int, ...]]) -> None:
 
 
 def run_child(spec: dict, glibc_defaults: bool) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", STREAMMERGE_KERNELS=spec["kernels"])
     for k in MALLOC_ENV:
         env.pop(k, None)
     if not glibc_defaults:
@@ -269,7 +344,7 @@ def run_child(spec: dict, glibc_defaults: bool) -> dict:
                           text=True)
     if proc.returncode != 0:
         return {"method": spec["method"], "params": spec["params"], "max_ram": spec["budget"],
-                "error": (proc.stderr or proc.stdout).strip()[-2000:]}
+                "kernels": spec["kernels"], "error": (proc.stderr or proc.stdout).strip()[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -284,11 +359,15 @@ def summarize(row: dict, min_block: int) -> None:
     if big:
         hi = max(big, key=lambda t: t["measured"] / t["scratch_bytes"])
         lo = min(big, key=lambda t: t["measured"] / t["scratch_bytes"])
-        row["worst_high"] = {k: hi[k] for k in ("name", "ratio", "measured", "scratch_bytes", "chunk_rows", "rows")}
-        row["worst_low"] = {k: lo[k] for k in ("name", "ratio", "measured", "scratch_bytes", "chunk_rows", "rows")}
+        keys = ("name", "ratio", "measured", "scratch_bytes", "chunk_rows", "rows", "path")
+        row["worst_high"] = {k: hi[k] for k in keys if k in hi}
+        row["worst_low"] = {k: lo[k] for k in keys if k in lo}
+    row["backend"] = "fused" if row["fused_kernels"] else "eager"
+    row["paths"] = {p: sum(1 for t in row["tensors"] if t["path"] == p) for p in ("fused", "mixed", "eager", "copy")}
     row["run_ratio"] = round(row["run_over_baseline"] / row["plan"]["peak_ram"], 3)
     row["run_ratio_pre_merge"] = round(row["run_over_pre_merge"] / row["plan"]["peak_ram"], 3)
     row["within_max_ram"] = row["run_over_baseline"] <= row["max_ram_bytes"]
+    row["within_peak_ram"] = row["run_over_baseline"] <= row["plan"]["peak_ram"]
 
 
 def mib(n: int) -> str:
@@ -302,7 +381,9 @@ def short(name: str) -> str:
 def render(result: dict) -> str:
     band = f"[{BAND[0]}, {BAND[1]}]"
     L = [f"# CPU memory per tensor and per run vs the plan ({result['started_utc']})", "",
-         f"- machine: {result['machine']}; python {result['python']}, torch {result['torch']}, git {result['git']}",
+         f"- machine: {result['machine']}; python {result['python']}, torch {result['torch']}, git {result['git']}"
+         + (f" (**{result['git_at_start']} at the start: the engine changed during the run**)"
+            if result.get("git_at_start", result["git"]) != result["git"] else ""),
          f"- family: {result['family']} ({mib(result['family_bytes'])} MiB for the base); each (method, "
          f"budget) in a fresh subprocess, torch threads 1, allocator: {result['allocator']}",
          "- **run**: peak RSS of the merge − RSS after `import torch, streammerge` (`run/plan`: over `peak_ram`; "
@@ -311,23 +392,43 @@ def render(result: dict) -> str:
          f"- **per tensor**: peak RSS while `run_tensor` ran − RSS before it (after `malloc_trim`), over the "
          f"tensor's `scratch_bytes`; highest and lowest ratio among tensors whose compute-block part "
          f"(`scratch_bytes − state_bytes`) is ≥ {mib(result['min_block'])} MiB. Outside {band}: the declared figures "
-         f"are off by more than 25%.",
+         f"are off by more than 25%; a tensor the fused kernels computed (sized with the eager figures, so lower is "
+         f"expected) is marked only above 1; `eager` after a fused run's tensor: it fell back to the eager path.",
+         "- **kernels**: `STREAMMERGE_KERNELS` of the run; backend: `fused` when the plan runs the numba kernels "
+         "(`Plan.fused_kernels`: `peak_ram` then includes their runtime, `kernels.RUNTIME_BYTES`; the warm-up merge "
+         "imports numba and loads the method's kernels, so `warm` = RSS before the merge − baseline includes them), "
+         "tensors as fused/mixed/eager (mixed: some blocks fell back to the eager path).",
          *([f"- note: {result['note']}"] if result.get("note") else []), "",
-         "| method | --max-ram | peak_ram MiB | run MiB | within --max-ram | run/plan | pre/plan | "
-         "max tensor ratio (tensor, chunk/rows) | predicted → measured MiB | min tensor ratio (tensor) | wall s |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| method | --max-ram | backend (tensors fused/mixed/eager) | peak_ram MiB | run MiB | warm MiB | "
+         "within --max-ram | run/plan | pre/plan | max tensor ratio (tensor, chunk/rows) | predicted → measured MiB "
+         "| min tensor ratio (tensor) | wall s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        backend = r.get("kernels", "auto")  # (results before --kernels: auto)
         if "error" in r:
-            L.append(f"| {r['method']} | {r['max_ram']} | - | - | - | - | - | failed: {r['error'][-120:]!r} | | | |")
+            L.append(f"| {r['method']} | {r['max_ram']} | {backend} | - | - | - | - | - | - | "
+                     f"failed: {r['error'][-120:]!r} | | | |")
             continue
+        if "backend" in r:
+            p = r["paths"]
+            backend = f"{r['backend']} ({p['fused']}/{p['mixed']}/{p['eager']})"
         hi, lo = r.get("worst_high"), r.get("worst_low")
-        flag = (lambda x: f"**{x}**" if not BAND[0] <= x <= BAND[1] else f"{x}")
-        hi_s = f"{flag(hi['ratio'])} ({short(hi['name'])}, {hi['chunk_rows']}/{hi['rows']})" if hi else "-"
+
+        def flag(t: dict) -> str:  # a fused tensor is only flagged above its (eager) prediction
+            band = (float("-inf"), 1.0) if t.get("path") == "fused" else BAND
+            return f"**{t['ratio']}**" if not band[0] <= t["ratio"] <= band[1] else f"{t['ratio']}"
+
+        def eager_in_fused(t: dict, r: dict = r) -> str:  # a tensor a fused run computed eagerly (an FP8 source)
+            return ", eager" if r.get("fused_kernels") and t.get("path") != "fused" else ""
+
+        hi_s = f"{flag(hi)} ({short(hi['name'])}, {hi['chunk_rows']}/{hi['rows']}{eager_in_fused(hi)})" if hi else "-"
         pm = f"{mib(hi['scratch_bytes'])} → {mib(hi['measured'])}" if hi else "-"
-        lo_s = f"{flag(lo['ratio'])} ({short(lo['name'])})" if lo else "-"
+        lo_s = f"{flag(lo)} ({short(lo['name'])}{eager_in_fused(lo)})" if lo else "-"
         within = "yes" if r["within_max_ram"] else "**no**"
-        L.append(f"| {r['method']} | {r['max_ram']} | {mib(r['plan']['peak_ram'])} | {mib(r['run_over_baseline'])} | "
-                 f"{within} | {r['run_ratio']} | {r['run_ratio_pre_merge']} | {hi_s} | {pm} | {lo_s} | {r['wall_s']} |")
+        warm = mib(r["pre_merge_rss"] - r["baseline_rss"])
+        L.append(f"| {r['method']} | {r['max_ram']} | {backend} | {mib(r['plan']['peak_ram'])} | "
+                 f"{mib(r['run_over_baseline'])} | {warm} | {within} | {r['run_ratio']} | {r['run_ratio_pre_merge']} | "
+                 f"{hi_s} | {pm} | {lo_s} | {r['wall_s']} |")
     L += ["", "Every compared tensor: measured/predicted (`-`: compute-block part under "
           f"{mib(result['min_block'])} MiB).", ""]
     names: list[str] = []
@@ -335,7 +436,7 @@ def render(result: dict) -> str:
         for t in r.get("tensors", []):
             if counted(t, result["min_block"]) and short(t["name"]) not in names:
                 names.append(short(t["name"]))
-    L += ["| method | --max-ram | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    L += ["| method | --max-ram | kernels | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in result["rows"]:
         if "error" in r:
             continue
@@ -343,8 +444,20 @@ def render(result: dict) -> str:
         cells = []
         for n in names:
             t = by.get(n)
-            cells.append("-" if t is None or not counted(t, result["min_block"]) else f"{t['ratio']}")
-        L.append(f"| {r['method']} | {r['max_ram']} | " + " | ".join(cells) + " |")
+            cells.append("-" if t is None or not counted(t, result["min_block"]) else
+                         f"{t['ratio']}" + ("" if t.get("path") in ("fused", None) or r.get("kernels") == "eager"
+                                            else f" ({t['path']})"))
+        L.append(f"| {r['method']} | {r['max_ram']} | {r.get('kernels', 'auto')} | " + " | ".join(cells) + " |")
+    late = [f"{r['method']} {r['max_ram']}: {', '.join(r['kernels_loaded_in_merge'])}" for r in result["rows"]
+            if r.get("kernels_loaded_in_merge")]
+    if late:
+        L += ["", "Numba kernels first loaded during the measured merge (not warmed up; their code pages fall in "
+              "a tensor's figure): " + "; ".join(late) + "."]
+    compiled = [f"{r['method']} {r['max_ram']}: {', '.join(r['kernels_compiled'])}" for r in result["rows"]
+                if r.get("kernels_compiled")]
+    if compiled:
+        L += ["", "Numba kernels compiled in a measured process (a stale cache; LLVM's memory is in its `warm` and "
+              "run figures): " + "; ".join(compiled) + "."]
     return "\n".join(L) + "\n"
 
 
@@ -359,13 +472,30 @@ def git_commit() -> str:
         return "?"
 
 
+def report(method: str, budget: str, backend: str, row: dict, min_block: int) -> None:
+    """Summarize ``row`` and print its line."""
+    if "error" in row:
+        print(f"{method:16} {budget:7} {backend:5} FAILED\n{row['error']}", flush=True)
+        return
+    summarize(row, min_block)
+    hi = row.get("worst_high") or {}
+    print(f"{method:16} {budget:7} {backend:5} {row['backend']:5} plan {mib(row['plan']['peak_ram']):>6} MiB run "
+          f"{mib(row['run_over_baseline']):>6} MiB ({row['run_ratio']:.2f}, pre {row['run_ratio_pre_merge']:.2f})"
+          f"  tensor max {hi.get('ratio', '-')} ({short(hi.get('name', '-'))}) min "
+          f"{(row.get('worst_low') or {}).get('ratio', '-')}  {row['wall_s']} s", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "ram-probe",
                     help="models (kept for the next run) and scratch output")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
-    ap.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated --max-ram values")
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated --max-ram values (eager runs)")
+    ap.add_argument("--fused-budgets", default=",".join(FUSED_BUDGETS),
+                    help="comma-separated --max-ram values of the numba runs (the runtime's 128 MiB come off first)")
+    ap.add_argument("--kernels", choices=("eager", "numba", "both"), default="both",
+                    help="STREAMMERGE_KERNELS of the runs: the eager torch path, the fused numba kernels, or both")
     ap.add_argument("--min-block", type=int, default=1 << 20,
                     help="tensors whose predicted compute-block part is below this many bytes are left out of the "
                          "worst ratios")
@@ -381,6 +511,9 @@ def main() -> int:
         return 0
     if args.render:
         result = json.loads(args.render.read_text())
+        for row in result["rows"]:
+            if "tensors" in row and "fused_kernels" in row:  # (again: results from before the paths were kept)
+                summarize(row, result["min_block"])
         args.render.with_suffix(".md").write_text(render(result))
         return 0
     if not Path("/proc/self/clear_refs").exists():
@@ -393,33 +526,35 @@ def main() -> int:
     if unknown:
         print(f"ram_probe: unknown method(s) {unknown}; choose from {list(METHODS)}", file=sys.stderr)
         return 2
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    backends = ["eager", "numba"] if args.kernels == "both" else [args.kernels]
+    budgets = {"eager": [b.strip() for b in args.budgets.split(",") if b.strip()],
+               "numba": [b.strip() for b in args.fused_budgets.split(",") if b.strip()]}
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    git_at_start = git_commit()
     fams = families(args.work / "models")
     family_bytes = sum(p.stat().st_size for p in (Path(fams[args.family]) / "base").glob("*.safetensors"))
     rows = []
     for method in methods:
-        for budget in budgets:
-            spec = {"method": method, "params": METHODS[method], "budget": budget, "families": fams,
-                    "family": args.family, "work": str(args.work / "scratch")}
-            row = run_child(spec, args.glibc_defaults)
-            if "error" not in row:
-                summarize(row, args.min_block)
-                hi = row.get("worst_high") or {}
-                print(f"{method:16} {budget:7} plan {mib(row['plan']['peak_ram']):>6} MiB run "
-                      f"{mib(row['run_over_baseline']):>6} MiB ({row['run_ratio']:.2f}, pre {row['run_ratio_pre_merge']:.2f})"
-                      f"  tensor max {hi.get('ratio', '-')} ({short(hi.get('name', '-'))}) min "
-                      f"{(row.get('worst_low') or {}).get('ratio', '-')}  {row['wall_s']} s", flush=True)
-            else:
-                print(f"{method:16} {budget:7} FAILED\n{row['error']}", flush=True)
-            rows.append(row)
+        for backend in backends:
+            base_spec = {"method": method, "params": METHODS[method], "families": fams, "family": args.family,
+                         "work": str(args.work / "scratch"), "kernels": backend}
+            if backend == "numba":  # compile what numba's cache lacks in a process that is not measured
+                primed = run_child({**base_spec, "budget": "-", "prime": True}, args.glibc_defaults)
+                if "error" in primed:
+                    print(f"{method:16} numba warm-up FAILED\n{primed['error']}", flush=True)
+            for budget in budgets[backend]:
+                row = run_child({**base_spec, "budget": budget}, args.glibc_defaults)
+                rows.append(row)
+                report(method, budget, backend, row, args.min_block)
     shutil.rmtree(args.work / "scratch", ignore_errors=True)
     result = {
-        "started_utc": started, "git": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+        "started_utc": started, "git": git_commit(), "git_at_start": git_at_start,
+        "python": platform.python_version(), "torch": torch.__version__,
         "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
                    f"load {os.getloadavg()[0]:.2f}",
         "family": f"{args.family}: Shape{MID}" + (f" + FP8 base + {EDGE_TENSORS}" if args.family == "edges" else ""),
         "family_bytes": family_bytes, "min_block": args.min_block, "note": args.note,
+        "kernels": args.kernels,
         "allocator": "glibc defaults" if args.glibc_defaults else
                      ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
         "rows": rows,
