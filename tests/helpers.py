@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -237,3 +240,14 @@ def write_vocabulary_family(root) -> None:  # type: ignore[no-untyped-def]
     shutil.copyfile(root / "plain" / "model.safetensors", root / "multilingual" / "model.safetensors")
     shutil.copyfile(root / "plain" / "config.json", root / "multilingual" / "config.json")
     set_vocab_rows(root / "multilingual", [*inverse, n, n + 1])  # row perm[i] is plain's row i (token t{i})
+
+
+def with_nan(model: Path, to: Path) -> Path:
+    """A copy of ``model`` with a NaN in one element of a weight."""
+    to.mkdir()
+    for f in model.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(to / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
+    return to

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_same_output
-from safetensors.torch import load_file, save_file
+from helpers import assert_same_output, with_nan
 
 from streammerge import api, kernels
 from streammerge.cli import main
@@ -184,17 +183,6 @@ def test_the_cli_merges_with_the_kernels_to_the_eager_bytes(families, tmp_path, 
 
 
 # ---- non-finite values ----------------------------------------------------------------------------------------
-def with_nan(model: Path, to: Path) -> Path:
-    """A copy of ``model`` with a NaN in one element of a weight."""
-    to.mkdir()
-    for f in model.iterdir():
-        (to / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(to / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
-    save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
-    return to
-
-
 @needs_numba
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.5}), ("widen", {})])
 def test_a_nan_input_is_refused_with_the_eager_message(method, params, families, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_output
+from helpers import assert_same_output, with_nan
 from safetensors.torch import load_file, save_file
 
 from streammerge import api, kernels
@@ -133,17 +133,6 @@ def test_fused_merges_give_the_eager_bytes(base_dtype, model_dtype, families, tm
         calls = merge(base, model, out, "numba", monkeypatch, chunk_rows=chunk_rows, threads=threads)
         assert set(calls) == set(FUSION), f"kernels called: {dict(calls)}"
         assert_same_output(out, ref)
-
-
-def with_nan(model: Path, to: Path) -> Path:
-    """A copy of ``model`` with a NaN in one element of a weight."""
-    to.mkdir()
-    for f in model.iterdir():
-        (to / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(to / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
-    save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
-    return to
 
 
 def test_a_nan_input_is_refused_with_the_eager_message(families, tmp_path, monkeypatch):
