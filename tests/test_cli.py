@@ -1276,6 +1276,7 @@ def test_an_output_published_by_another_run_while_this_one_starts_is_not_overwri
 def test_a_ctrl_c_during_torchs_import_arrives_after_it(delay):
     """torch's start-up runs Python callbacks from C++: an interrupt raised inside one aborts the process. The
     import holds a Ctrl-C and delivers it as a KeyboardInterrupt once torch is imported."""
+    import signal
     import subprocess
     import sys
 
@@ -1290,5 +1291,8 @@ try:
 except KeyboardInterrupt:
     print("interrupted", "torch" in sys.modules)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # a process started from a terminal: Ctrl-C at its default. A child inherits an ignored SIGINT, and pytest has
+    # one when it runs as a background job of a non-interactive shell (a CI run started that way failed here)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert r.returncode == 0 and r.stdout.strip() == "interrupted True", (r.returncode, r.stdout, r.stderr[-500:])
