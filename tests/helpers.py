@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -251,3 +255,23 @@ def with_nan(model: Path, to: Path) -> Path:
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
     return to
+
+
+@contextlib.contextmanager
+def spying(names: Iterable[str]) -> Iterator[Counter[str]]:
+    """Count the calls of the fused kernels ``names`` (the methods look them up on the kernels' module at each call);
+    nothing is counted when numba is not there."""
+    from streammerge import kernels
+
+    calls: Counter[str] = Counter()
+    with pytest.MonkeyPatch.context() as mp:
+        module = kernels._load()
+        for name in names if module is not None else ():
+            real = getattr(module, name)
+
+            def spy(*args, _real=real, _name=name):  # type: ignore[no-untyped-def]
+                calls[_name] += 1
+                return _real(*args)
+
+            mp.setattr(module, name, spy)
+        yield calls

@@ -5,19 +5,17 @@ non-finite value is refused with the eager path's message; the conversions round
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_same_output, with_nan
+from helpers import assert_same_output, spying, with_nan
 
 from streammerge import api, kernels
 from streammerge.cli import main
@@ -115,28 +113,11 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pa
     return {dtype: write_family(root / dtype, "tiny", dtype=dtype) for dtype in ("bf16", "f32", "f16")}
 
 
-@contextlib.contextmanager
-def spying() -> Iterator[Counter[str]]:
-    """Count the calls of every kernel (the methods look them up on the module at each call)."""
-    calls: Counter[str] = Counter()
-    with pytest.MonkeyPatch.context() as mp:
-        module = kernels._load()
-        for name in NAMES if module is not None else ():
-            real = getattr(module, name)
-
-            def spy(*args, _real=real, _name=name):  # type: ignore[no-untyped-def]
-                calls[_name] += 1
-                return _real(*args)
-
-            mp.setattr(module, name, spy)
-        yield calls
-
-
 def merge(fam: dict[str, Path], out: Path, method: str, params: dict, backend: str, monkeypatch: pytest.MonkeyPatch,
           **options: object) -> Counter[str]:
     """Merge the family with ``backend``; the kernels called."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with spying() as calls:
+    with spying(NAMES) as calls:
         monkeypatch.setenv(kernels.ENV, backend)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -378,7 +359,7 @@ def test_della_ranks_each_row_once_with_the_l1_rescale(cols, monkeypatch):
     assert m.stat_passes(Rule.MATRIX, p) == 1
     eager, fused = m.start(task, p, 2), m.start(task, p, 2)
     run_passes(eager, base, models, 1, 7, fused=False)
-    with spying() as calls:
+    with spying(NAMES) as calls:
         run_passes(fused, base, models, 1, 7, fused=True)
         assert calls["magprune_factors"] == 2 * 6 and calls["l1_sums"] == 6
         assert fused.scales == eager.scales

@@ -6,17 +6,15 @@ NaN is refused with the eager message; inputs no kernel takes go the eager way."
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_output, with_nan
+from helpers import assert_same_output, spying, with_nan
 from safetensors.torch import load_file, save_file
 
 from streammerge import api, kernels
@@ -85,28 +83,11 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pa
     return out
 
 
-@contextlib.contextmanager
-def spying() -> Iterator[Counter[str]]:
-    """Count the calls of the fusion kernels (the method looks them up on ``kernels.kernels()`` at each call)."""
-    calls: Counter[str] = Counter()
-    with pytest.MonkeyPatch.context() as mp:
-        module = kernels.kernels()
-        for name in FUSION:
-            real = getattr(module, name)
-
-            def spy(*args, _real=real, _name=name):  # type: ignore[no-untyped-def]
-                calls[_name] += 1
-                return _real(*args)
-
-            mp.setattr(module, name, spy)
-        yield calls
-
-
 def merge(base: Path, model: Path, out: Path, backend: str, monkeypatch: pytest.MonkeyPatch,
           **options: object) -> Counter[str]:
     """arcee_fusion of ``model`` onto ``base`` with ``backend``; the fusion kernels called."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with spying() as calls:
+    with spying(FUSION) as calls:
         monkeypatch.setenv(kernels.ENV, backend)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
