@@ -596,8 +596,8 @@ def sparse_merge(base, models, keep_mode, sel, factors, keys, cuts, start, keep_
                 dk = d[k]
                 for i in range(m):
                     total[i] = total[i] + dk[i]
-            for i in range(m):
-                total[i] = _f32_from_bits((_bits_of_f32(total[i]) & U32(0x80000000)) | U32(0x3F800000))  # copysign(1, ·)
+            for i in range(m):  # the elected sign: copysign(1, total), as a bit copy
+                total[i] = _f32_from_bits((_bits_of_f32(total[i]) & U32(0x80000000)) | U32(0x3F800000))
             divisor[:m] = F32(-0.0)
             for k in range(n_models):
                 dk, wk = d[k], w[k]

@@ -80,7 +80,7 @@ def as_softmax_rows(x: torch.Tensor) -> torch.Tensor:
 class _FusionMerge(TensorMerge):
     def __init__(self, task: TensorTask) -> None:
         self.name, self.shape, n = task.name, task.shape, task.numel
-        width = self.shape[-1] if self.shape else 1
+        self.width = width = self.shape[-1] if self.shape else 1  # elements of a softmax row
         self.n_rows = n // width if width else 0  # softmax rows in the whole tensor
         # softmax rows per stored row; a vector is one softmax row, so it must arrive whole (the planner's VECTOR rule)
         self.per_stored_row = task.row_numel // width if len(self.shape) >= 2 and width else 0
@@ -95,6 +95,15 @@ class _FusionMerge(TensorMerge):
         start = r0 * self.per_stored_row
         return slice(start, start + as_softmax_rows(base).shape[0])
 
+    def _store_kl(self, r0: int, base: torch.Tensor, model: torch.Tensor) -> slice:
+        """Pass 0: compute and keep ``KL_row`` of the block's softmax rows (float32 ``base``/``model``); returns their
+        slice of the cached KL."""
+        if self.kl is None:
+            self.kl = torch.empty(self.n_rows, dtype=torch.float32, device=base.device)
+        rows = self._kl_rows(r0, base)
+        self.kl[rows] = row_kl(as_softmax_rows(model), as_softmax_rows(base))
+        return rows
+
     def _importance(self, r0: int, base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """|M − B|·KL_row as a new (rows, width) float32 tensor, from ``delta`` = M − B and the cached KL."""
         assert self.kl is not None, "importance before the first statistics pass"
@@ -107,9 +116,7 @@ class _FusionMerge(TensorMerge):
         if self.select is None:
             return
         if pass_index == 0:
-            if self.kl is None:
-                self.kl = torch.empty(self.n_rows, dtype=torch.float32, device=base.device)
-            self.kl[self._kl_rows(r0, base)] = row_kl(as_softmax_rows(models[0]), as_softmax_rows(base))
+            self._store_kl(r0, base, models[0])
         importance = self._importance(r0, base, torch.sub(models[0], base))
         (self.select.pass_a if pass_index == 0 else self.select.pass_b)(importance)
 
@@ -135,19 +142,16 @@ class _FusionMerge(TensorMerge):
         if got is None or (pass_index > 0 and self.kl is None):
             return False
         b, m, _, rows = got
-        width = self.shape[-1] if self.shape else 1
         k = kernels.kernels()
         if pass_index == 0:
-            if self.kl is None:
-                self.kl = torch.empty(self.n_rows, dtype=torch.float32)
-            self.kl[rows] = row_kl(as_softmax_rows(models[0].float()), as_softmax_rows(base.float()))
-            k.fusion_high(b, m, self.kl[rows].numpy(), width, self.select.high_counts().numpy())
+            self._store_kl(r0, base.float(), models[0].float())
+            k.fusion_high(b, m, self.kl[rows].numpy(), self.width, self.select.high_counts().numpy())
         else:
             assert self.kl is not None
             targets, hists = self.select.low_counts()  # fusion_low takes three places: -1 for none, a repeat
             bins = np.array(targets + [-1] * (3 - len(targets)), dtype=np.int64)
             h = [x.numpy() for x in hists]
-            k.fusion_low(b, m, self.kl[rows].numpy(), width, bins, h[0], h[min(1, len(h) - 1)], h[-1])
+            k.fusion_low(b, m, self.kl[rows].numpy(), self.width, bins, h[0], h[min(1, len(h) - 1)], h[-1])
         return True
 
     def end_pass(self, pass_index: int) -> None:
@@ -189,9 +193,8 @@ class _FusionMerge(TensorMerge):
         if got is None or self.kl is None:
             return None
         b, m, o, rows = got
-        width = self.shape[-1] if self.shape else 1
         threshold = kernels.f32([self.threshold])[0]
-        return int(kernels.kernels().fusion_emit(b, m, self.kl[rows].numpy(), width, threshold, o))
+        return int(kernels.kernels().fusion_emit(b, m, self.kl[rows].numpy(), self.width, threshold, o))
 
 
 @register
