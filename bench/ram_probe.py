@@ -2,7 +2,8 @@
 """CPU memory per tensor and per run: the real peak RSS against what the plan predicted, for every method.
 
     python bench/ram_probe.py [--budgets 40MiB,128MiB,1GiB] [--methods ties,widen] [--family mid|edges]
-                              [--kernels eager|numba|both] [--fused-budgets 192MiB,512MiB,1GiB] [--results bench/results]
+                              [--kernels eager|numba|both] [--fused-budgets 192MiB,512MiB,1GiB]
+                              [--results bench/results]
 
 For one synthetic family (``mid``: one Qwen2-0.5B-wide layer with an untied 32000-token vocabulary, 138 MiB per
 model in bf16, written once to ``bench/work/ram-probe/models``), every method is planned and merged on the CPU
@@ -287,7 +288,8 @@ def kernel_signatures() -> dict[str, int]:
 
 def kernels_compiled() -> list[str]:
     """Kernels this process compiled rather than loaded from numba's cache (LLVM's memory then stays resident)."""
-    return sorted(k for k, v in numba_kernels().items() if sum(v.stats.cache_misses.values()))  # type: ignore[attr-defined]
+    compiled = numba_kernels().items()
+    return sorted(k for k, v in compiled if sum(v.stats.cache_misses.values()))  # type: ignore[attr-defined]
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
