@@ -61,22 +61,37 @@ def test_the_bytes_do_not_depend_on_the_number_of_workers(method, fam, tmp_path)
 
 
 def test_workers_take_the_largest_tensors_first_and_a_tied_head_last(fam, tmp_path, monkeypatch):
-    from streammerge import runner
+    """The readers claim the largest tensor first and the tied head last, and the head is computed only once its
+    embedding is finished. (Which worker starts its claimed tensor first is up to the scheduler: a worker that
+    claimed a small tensor early may start it after the head.)"""
+    from streammerge import runner, workers
 
-    order: list[str] = []
-    real = runner.run_tensor
+    claimed: list[str] = []
+    events: list[tuple[str, str]] = []
+    real_claim, real_run = workers.JobQueue.claim, runner.run_tensor
     lock = threading.Lock()
+
+    def claim(self):  # type: ignore[no-untyped-def]
+        with lock:
+            item = real_claim(self)
+            if item is not None:
+                claimed.append(item[1].tensor.name)
+            return item
 
     def run_tensor(plan, job, io):  # type: ignore[no-untyped-def]
         with lock:
-            order.append(job.tensor.name)
-        return real(plan, job, io)
+            events.append(("start", job.tensor.name))
+        real_run(plan, job, io)
+        with lock:
+            events.append(("end", job.tensor.name))
 
+    monkeypatch.setattr(workers.JobQueue, "claim", claim)
     monkeypatch.setattr("streammerge.execute.run_tensor", run_tensor)
     p = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", "widen", threads=3)
     _merge(fam, tmp_path / "out", "widen", threads=3)
-    assert sorted(order) == sorted(t.name for t in p.tensors) and order[-1] == "lm_head.weight"
-    assert order[0] == max(p.tensors, key=lambda t: t.planned_read_bytes).name
+    assert sorted(claimed) == sorted(t.name for t in p.tensors) and claimed[-1] == "lm_head.weight"
+    assert claimed[0] == max(p.tensors, key=lambda t: t.planned_read_bytes).name
+    assert events.index(("end", "model.embed_tokens.weight")) < events.index(("start", "lm_head.weight"))
 
 
 def test_a_failure_in_one_worker_stops_them_all_and_keeps_the_work(fam, tmp_path, monkeypatch):
