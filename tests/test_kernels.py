@@ -344,11 +344,11 @@ def test_della_keep_factors_are_the_eager_ones(shape, kind, inverse):
 
 
 @needs_numba
-@pytest.mark.parametrize("cols", [50, 13])  # rows of whole bytes of bits, and rows padded to a byte
+@pytest.mark.parametrize("cols", [48, 13])  # rows that start on a whole byte of bits, and rows that start inside one
 def test_della_ranks_each_row_once_with_the_l1_rescale(cols, monkeypatch):
-    """DELLA with the L1 rescale: the L1 pass ranks the rows and keeps its decisions as bits; the merge pass reads
-    them back (no second ranking) and merges to the eager bytes. A merge pass that did not see the whole L1 pass
-    (a resumed run) ranks the rows again, to the same bytes."""
+    """DELLA with the L1 rescale: the L1 pass's kernel ranks the rows and keeps its decisions as bits; the merge
+    pass reads them back (no second ranking) and merges to the eager bytes. A merge pass that did not see the whole
+    L1 pass (a resumed run) ranks the rows again (``magprune_factors``), to the same bytes."""
     g = torch.Generator().manual_seed(3)
     rows = 40
     base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
@@ -361,7 +361,7 @@ def test_della_ranks_each_row_once_with_the_l1_rescale(cols, monkeypatch):
     run_passes(eager, base, models, 1, 7, fused=False)
     with spying(NAMES) as calls:
         run_passes(fused, base, models, 1, 7, fused=True)
-        assert calls["magprune_factors"] == 2 * 6 and calls["l1_sums"] == 6
+        assert calls["magprune_factors"] == 0 and calls["l1_sums"] == 6
         assert fused.scales == eager.scales
         resumed = m.start(task, p, 2)
         resumed.load_state_dict(fused.state_dict())
@@ -371,8 +371,8 @@ def test_della_ranks_each_row_once_with_the_l1_rescale(cols, monkeypatch):
                 got = torch.empty(want.shape, dtype=torch.bfloat16)
                 assert merger.emit_raw(a, base[a : a + 9], [x[a : a + 9] for x in models], got) == 0
                 assert torch.equal(to_bits_t(got), to_bits_t(want)), f"rows {a}..{a + 9}"
-        assert calls["magprune_factors"] == 2 * 6 + 2 * 5  # the resumed merger ranks again, the other does not
-    assert m.footprint(task, 2, p).emit_state >= 2 * rows * -(-cols // 8)
+        assert calls["magprune_factors"] == 2 * 5  # the resumed merger ranks again, the other does not
+    assert m.footprint(task, 2, p).emit_state >= 2 * -(-rows * cols // 8)
 
 
 def to_bits_t(x: torch.Tensor) -> torch.Tensor:

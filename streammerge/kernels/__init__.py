@@ -141,8 +141,9 @@ def arrays(base: torch.Tensor | None, models: Sequence[torch.Tensor],
 
 
 #: how a model's keep factor reaches ``sparse_merge``/``l1_sums``: none, a selection's thresholds, a float32 factor
-#: array, or DARE's drop mask drawn in the kernel
-NO_FACTOR, SELECT, FACTOR, RANDOM = 0, 1, 2, 3
+#: array, DARE's drop mask drawn in the kernel, DELLA's decisions made in ``l1_sums`` and written as bits
+#: (MAGPRUNE), or those bits read back by ``sparse_merge`` (BITS)
+NO_FACTOR, SELECT, FACTOR, RANDOM, MAGPRUNE, BITS = 0, 1, 2, 3, 4, 5
 
 
 def f32(values: Sequence[float]) -> np.ndarray:

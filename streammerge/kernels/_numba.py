@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from . import FACTOR, RANDOM, SELECT  # a model's keep factor: how sparse_merge and l1_sums get it
+from . import BITS, FACTOR, MAGPRUNE, RANDOM, SELECT  # a model's keep factor: how sparse_merge and l1_sums get it
 
 JIT = {"fastmath": False, "nogil": True, "cache": True, "error_model": "numpy"}
 
@@ -484,6 +484,246 @@ def _mixed(key, index):  # type: ignore[no-untyped-def]
     return z ^ (z >> np.uint64(31))
 
 
+# ---- DELLA's MAGPRUNE keep factors ----------------------------------------------------------------------------------
+#: digits of the rank sort: three passes of 11 bits cover a non-negative float32's 31 bits
+RADIX_BITS, RADIX_SHIFTS = 11, (0, 11, 22)
+
+
+@njit(inline="always")
+def _row_ranks(keys, n, idx, spare_keys, spare_idx, counts, ranks):  # type: ignore[no-untyped-def]
+    """``ranks[i]`` = the 0-based ascending rank of ``keys[i]`` among ``keys[:n]`` (uint32), ties by index: what
+    ``torch.argsort(stable=True)`` and its inverse give (methods/_delta.py ``ascending_order``). A stable LSD radix
+    sort of (key, index) in three 11-bit passes (a pass whose digit is the same for every key is skipped); ``keys``
+    is overwritten, the other arrays are scratch of n elements (counts: 2048)."""
+    for i in range(n):
+        idx[i] = i
+    src_k, src_i, dst_k, dst_i = keys, idx, spare_keys, spare_idx
+    for shift in RADIX_SHIFTS:
+        counts[:] = 0
+        for i in range(n):
+            counts[(src_k[i] >> U32(shift)) & U32(2047)] += 1
+        if counts[(src_k[0] >> U32(shift)) & U32(2047)] == n:
+            continue
+        total = 0
+        for c in range(2048):
+            t = counts[c]
+            counts[c] = total
+            total += t
+        for i in range(n):
+            d = (src_k[i] >> U32(shift)) & U32(2047)
+            at = counts[d]
+            counts[d] = at + 1
+            dst_k[at] = src_k[i]
+            dst_i[at] = src_i[i]
+        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+    for j in range(n):
+        ranks[src_i[j]] = j
+
+
+@njit(inline="always")
+def _bit_length(x):  # type: ignore[no-untyped-def]
+    """Bits needed to write the uint32 ``x`` (0 for 0)."""
+    b = 0
+    while x:
+        x >>= U32(1)
+        b += 1
+    return b
+
+
+#: pending elements up to which a row counts their exact ranks one by one (a pass over the row each); beyond, the
+#: row is ranked whole (:func:`_row_ranks`), which costs about as much as that many passes
+EXACT_LIMIT = 32
+#: :func:`_row_keep` counts a row of n elements into at most 8n buckets, and at most 2¹³ (a count past what the
+#: caches hold costs more than the exact ranks it saves; measured on rows of 896 and 4864 bfloat16 deltas)
+BUCKETS_PER_ELEMENT, MAX_BUCKET_BITS = 8, 13
+#: a bucket's key when it holds more than one distinct key (no |Δ| has these bits: the sign bit is cleared)
+MIXED = U32(0xFFFFFFFF)
+#: 2⁵³: a draw ``u`` is an integer below it over it
+TWO53 = 9007199254740992.0
+
+
+@njit(inline="always")
+def _bucket_bits(n):  # type: ignore[no-untyped-def]
+    """log2 of the most buckets :func:`_row_keep` counts a row of ``n`` elements into."""
+    return min(_bit_length(U32(BUCKETS_PER_ELEMENT * n)) - 1, MAX_BUCKET_BITS)
+
+
+@njit(inline="always")
+def _keep_scratch(n):  # type: ignore[no-untyped-def]
+    """The scratch arrays of :func:`_row_keep` for rows of ``n`` elements."""
+    b = 1 << _bucket_bits(n)
+    return (np.empty(b, dtype=np.uint64), np.empty(2 * b + 2, dtype=np.int32), np.empty(n, dtype=np.uint64),
+            np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32),
+            np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32), np.empty(2048, dtype=np.int64))
+
+
+@njit(inline="always")
+def _keep_table(n, density, spread, low, p_of, cut):  # type: ignore[no-untyped-def]
+    """MAGPRUNE's keep probability ``p_of[r]`` of rank ``r`` in a row of ``n`` (float32: ``min(max(r / (n − 1), 0),
+    1)·spread + low``, each operation rounded as torch's ``div_``, ``clamp_``, ``mul_``, ``add_``; ``density`` for a
+    row of one element) and its draw threshold ``cut[r]`` (uint64): a draw ``u = v / 2⁵³`` (``v`` a 53-bit integer)
+    is ``>= 1 − p`` in float64 iff ``v >= ceil((1 − p)·2⁵³)`` (the product is exact: a power of two). Returns
+    whether ``cut`` never increases with the rank (epsilon >= 0), so a rank's bounds bound the decision."""
+    last = F32(n - 1)
+    falling = True
+    for r in range(n):
+        if n > 1:
+            q = F32(r) / last
+            q = min(max(q, F32(0.0)), F32(1.0))
+            p_of[r] = q * spread + low
+        else:
+            p_of[r] = density
+        c = np.ceil((1.0 - np.float64(p_of[r])) * TWO53)
+        # below 0: every draw passes; above 2⁵³ (or NaN, which no draw is >= to): none does
+        cut[r] = np.uint64(0) if c <= 0.0 else (np.uint64(c) if c <= TWO53 else np.uint64(TWO53 + 1.0))
+        if r and cut[r] > cut[r - 1]:
+            falling = False
+    return falling
+
+
+@njit(inline="always")
+def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  # type: ignore[no-untyped-def]
+    """One row's keep factors by rank: element ``i`` of ascending rank ``r`` (ties by index) is kept iff its draw
+    (the top 53 bits of :func:`_mixed` of ``key`` and its flat index ``first + i``) is ``>= cut[r]``, with factor
+    1, or ``1 / p_of[r]`` with ``inverse`` (:func:`_keep_table`).
+
+    Ranking the whole row is a sort (11 ns per element); most elements need less. The nonzero keys' span is cut
+    into equal buckets (:func:`_bucket_bits`) and counted; zeros are one more bucket, ranked first. An element
+    whose bucket holds one distinct key (the rule for 16-bit weights, whose deltas have few significant bits) ranks
+    right after the keys of the buckets below and the equal keys before it: exact, in one pass. Elsewhere the
+    bucket bounds the rank, which decides the element when ``bounds`` (``cut`` never increases with the rank) and
+    ``cut`` is on one side of its draw across the bound. The few left are ranked by counting, or past
+    :data:`EXACT_LIMIT` by ranking the row (:func:`_row_ranks`). The draws are made first, in a loop of their own
+    (vectorised), and the decisions compare integers.
+
+    keys: (n,) uint32 (the |Δ| bits), modified; p_of: (n,) float32 and cut: (n,) uint64 by rank; scratch: the
+    arrays of :func:`_keep_scratch`; out: (n,) float32."""
+    record, pos, draws, pending, ranks, idx, spare_keys, spare_idx, radix = scratch
+    zeros = 0
+    lo_key, hi_key = MIXED, U32(0)
+    for i in range(n):
+        k = keys[i]
+        zeros += 1 if k == U32(0) else 0
+        lo_key = min(lo_key, k if k != U32(0) else MIXED)
+        hi_key = max(hi_key, k)
+    for i in range(n):
+        draws[i] = _mixed(key, np.uint64(first + i)) >> np.uint64(11)
+    # pos[2c]: the next rank of bucket c; pos[2c + 1]: its last rank when it holds several keys, else -1. The
+    # nonzero keys' buckets, then the zeros'
+    shift, buckets = U32(0), 0
+    if zeros < n:
+        span_bits, n_bits = _bit_length(hi_key - lo_key), _bucket_bits(n)
+        shift = U32(span_bits - n_bits) if span_bits > n_bits else U32(0)
+        buckets = int((hi_key - lo_key) >> shift) + 1
+        record[:buckets] = 0
+        for i in range(n):  # per bucket: its count (high half), and its key while it has only one (else MIXED)
+            k = keys[i]
+            if k != U32(0):
+                c = (k - lo_key) >> shift
+                v = record[c]
+                held = U32(v & np.uint64(0xFFFFFFFF))
+                same = (held == U32(0)) | (held == k)
+                record[c] = ((v >> np.uint64(32)) + np.uint64(1)) << np.uint64(32) | np.uint64(k if same else MIXED)
+        below = zeros
+        for c in range(buckets):
+            v = record[c]
+            count = np.int32(v >> np.uint64(32))
+            pos[2 * c] = below
+            pos[2 * c + 1] = below + count - 1 if U32(v & np.uint64(0xFFFFFFFF)) == MIXED else -1
+            below += count
+    pos[2 * buckets], pos[2 * buckets + 1] = 0, -1
+    waiting = 0
+    for i in range(n):
+        k, u = keys[i], draws[i]
+        c = np.int64((k - lo_key) >> shift) if k != U32(0) else np.int64(buckets)
+        last = pos[2 * c + 1]
+        if last < 0:
+            rank = pos[2 * c]
+            pos[2 * c] = rank + 1
+            f = F32(1.0) if u >= cut[rank] else F32(0.0)
+            out[i] = f / p_of[rank] if inverse else f
+        elif bounds and u >= cut[pos[2 * c]]:
+            out[i] = F32(1.0)
+        elif bounds and u < cut[last]:
+            out[i] = F32(0.0)
+        else:
+            pending[waiting] = i
+            waiting += 1
+    if waiting > EXACT_LIMIT:
+        _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
+    for w in range(waiting):
+        i = pending[w]
+        if waiting > EXACT_LIMIT:
+            rank = ranks[i]
+        else:
+            k = keys[i]
+            rank = 0
+            for j in range(i):  # equal keys rank by index
+                rank += 1 if keys[j] <= k else 0
+            for j in range(i, n):
+                rank += 1 if keys[j] < k else 0
+        f = F32(1.0) if draws[i] >= cut[rank] else F32(0.0)
+        out[i] = f / p_of[rank] if inverse else f
+
+
+@njit(inline="always")
+def _abs_keys(x, b, n, keys):  # type: ignore[no-untyped-def]
+    """``keys[:n]`` = the bits of ``|x − b|`` (uint32; ``x`` and ``b`` any input type, :func:`load`)."""
+    for i in range(n):
+        keys[i] = _bits_of_f32(load(x, i) - load(b, i)) & U32(0x7FFFFFFF)
+
+
+@njit(inline="always")
+def _pack_bits(f, n, bit0, bits):  # type: ignore[no-untyped-def]
+    """OR the 0/1 factors ``f[:n]`` into ``bits`` (uint8, zeroed before) from bit ``bit0`` on, bit ``j`` of byte
+    ``j >> 3`` at ``j & 7`` (little-endian bit order), a whole byte at a time inside the run."""
+    j = 0
+    while j < n and (bit0 + j) & 7:
+        if f[j] != F32(0.0):
+            bits[(bit0 + j) >> 3] |= np.uint8(1 << ((bit0 + j) & 7))
+        j += 1
+    while j + 8 <= n:
+        v = 0
+        for t in range(8):
+            v |= (1 if f[j + t] != F32(0.0) else 0) << t
+        bits[(bit0 + j) >> 3] = np.uint8(v)
+        j += 8
+    while j < n:
+        if f[j] != F32(0.0):
+            bits[(bit0 + j) >> 3] |= np.uint8(1 << ((bit0 + j) & 7))
+        j += 1
+
+
+@njit(inline="always")
+def _bit(bits, j):  # type: ignore[no-untyped-def]
+    """Bit ``j`` of ``bits`` (:func:`_pack_bits`' order) as a float32 0 or 1."""
+    return F32((bits[j >> 3] >> np.uint8(j & 7)) & np.uint8(1))
+
+
+@njit(**JIT)
+def magprune_factors(base, model, n, density, spread, low, key, start, inverse, out):  # type: ignore[no-untyped-def]
+    """DELLA's keep factors of a block (methods/_delta.py ``MagPrune.keep``): in each row of ``n`` elements, the
+    element of ascending ``|M − B|`` rank ``r`` (0-based, ties by index) gets the keep probability ``p_of[r]``
+    (:func:`_keep_table`: ``spread`` = float32(2ε), ``low`` = float32(density − ε)), and is kept iff its draw
+    ``u`` (``_rng.uniform``: the top 53 bits of :func:`_mixed` of ``key`` and its flat index ``start + i``, over
+    2⁵³, in float64) is ``>= 1 − p`` in float64. The factor is 1 or 0 (float32), divided by ``p`` with
+    ``inverse``. Each row ranks only the elements whose decision needs it (:func:`_row_keep`); every decision is
+    the one its exact rank gives.
+
+    base, model: (rows·n,) row-major; density, spread, low: float32; key: uint64; start: int; out: (rows·n,)
+    float32.
+    """
+    rows = base.shape[0] // n if n else 0
+    keys = np.empty(n, dtype=np.uint32)
+    scratch = _keep_scratch(n)
+    p_of, cut = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.uint64)
+    bounds = _keep_table(n, density, spread, low, p_of, cut)
+    for r in range(rows):
+        s = r * n
+        _abs_keys(model[s : s + n], base[s : s + n], n, keys)
+        _row_keep(keys, n, key, start + s, p_of, cut, bounds and not inverse, inverse, scratch, out[s : s + n])
+
+
 # ---- TIES, Breadcrumbs, DARE, DELLA: keep, rescale, weigh, elect ----------------------------------------------------
 SUM, CONSENSUS = 0, 1
 #: a TopK's tau that keeps every element (every |Δ| bit pattern is above it) and one that keeps none
@@ -535,14 +775,15 @@ def _select_step(x, m, b, sel, k, keep_value, scale, wk, dst, ties):  # type: ig
 
 
 @njit(**JIT)
-def sparse_merge(base, models, keep_mode, sel, factors, keys, cuts, start, keep_value, scale, w, combine, normalize,
-                 minw, div, lam, out, ties):  # type: ignore[no-untyped-def]
+def sparse_merge(base, models, keep_mode, sel, factors, bits, keys, cuts, start, keep_value, scale, w, combine,
+                 normalize, minw, div, lam, out, ties):  # type: ignore[no-untyped-def]
     """The merge pass of the delta methods with a sparsifier (methods/_delta.py ``_DeltaTensorMerge.emit``).
 
     Per element and model k (in model order): ``d = M_k − B``; then by ``keep_mode[k]``: SELECT, ``d·keep`` with
     keep ``keep_value[k]`` (1, or 1/density for inverse_density) if ``|d|`` is in the selection ``sel[k]`` else 0
     (:func:`_select_step`), then ``·scale[k]``; FACTOR, ``d·factors[k][i]`` (a precomputed keep factor: DELLA)
-    then ``·scale[k]``; RANDOM (DARE), ``d·keep`` with keep ``keep_value[k]`` where the element's draw
+    then ``·scale[k]``; BITS, the same with the factor 0 or 1 read from bit ``start + i`` of ``bits[k]`` (DELLA's
+    decisions as ``l1_sums`` wrote them); RANDOM (DARE), ``d·keep`` with keep ``keep_value[k]`` where the element's draw
     (:func:`_mixed` of ``keys[k]`` and its flat index ``start + i`` in the tensor) is ``>= cuts[k]``, else 0, then
     ``·scale[k]``; NO_FACTOR, ``d`` as it is. Then ``·w[k]``. Combined (``plain_sum`` /
     ``sign_consensus``) by ``combine``:
@@ -557,7 +798,8 @@ def sparse_merge(base, models, keep_mode, sel, factors, keys, cuts, start, keep_
 
     base, out: (n,); models: tuple of N (n,) arrays; keep_mode: (N,) int64; sel: (N, 4) int64, per model
     ``hi_tau, hi_budget, lo_tau, lo_budget`` (tau as int32 bits, :data:`KEEP_ALL` or :data:`KEEP_NONE`; budget
-    the ties still to keep); factors: tuple of N float32 arrays ((n,) for FACTOR, else any); keys, cuts: (N,)
+    the ties still to keep); factors: tuple of N float32 arrays ((n,) for FACTOR, else any); bits: tuple of N uint8
+    arrays (BITS: the tensor's, :func:`_pack_bits`' order; else any); keys, cuts: (N,)
     uint64 (RANDOM; a model that drops everything: cut 0 and keep_value 0); start: int; keep_value, scale, w:
     (N,) float32; combine, normalize: int64; minw, div, lam: float32; ties: (N, 4) int64, set to the ties kept
     (hi, lo) and the elements equal to each tau met (hi, lo) in this block (the TopKs' tie cursors).
@@ -581,6 +823,10 @@ def sparse_merge(base, models, keep_mode, sel, factors, keys, cuts, start, keep_
                 f, sk = factors[k][s : s + m], scale[k]
                 for i in range(m):
                     dk[i] = (((load(x, i) - b[i]) * f[i]) * sk) * wk
+            elif mode == BITS:
+                bk, sk, first = bits[k], scale[k], start + s
+                for i in range(m):
+                    dk[i] = (((load(x, i) - b[i]) * _bit(bk, first + i)) * sk) * wk
             elif mode == RANDOM:
                 key, cut, kv, sk = keys[k], cuts[k], keep_value[k], scale[k]
                 for i in range(m):
@@ -625,8 +871,8 @@ def sparse_merge(base, models, keep_mode, sel, factors, keys, cuts, start, keep_
 
 
 @njit(**JIT)
-def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols, row0, tile, rows_total, acc, partial,
-            ties):  # type: ignore[no-untyped-def]
+def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune, bits, cols, row0, tile, rows_total,
+            acc, partial, ties):  # type: ignore[no-untyped-def]
     """The L1 rescale's statistics pass (methods/_delta.py ``_DeltaTensorMerge.accumulate`` after the selections):
     per model k and column, ``Σ|Δ_k|`` and ``Σ keep_k·|Δ_k|`` in float64, ``keep_k`` the 0/1 keep factor of
     :func:`sparse_merge`'s modes (``keep_value`` 1, or 0 for a model that drops everything).
@@ -639,6 +885,11 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols,
     base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; acc, partial:
     (2N·cols,) float64, ``[|Δ_1|, kept_1, |Δ_2|, kept_2, ...]`` (``ColumnSums``' stacking) flattened; other
     arguments as :func:`sparse_merge`'s (``factors[k]`` the block's keep factors, flat).
+
+    MAGPRUNE (DELLA): each row's decisions are made here, as :func:`magprune_factors` makes them (``prune[k]`` its
+    density, spread and low, ``keys[k]`` its stream key, the row one of ``cols`` elements), and written into
+    ``bits[k]`` (the tensor's, zeroed before the pass; :func:`_pack_bits` from bit ``(row0 + r)·cols``) for the
+    merge pass (BITS).
     """
     n_models = len(models)
     rows = base.shape[0] // cols if cols else 0
@@ -646,6 +897,17 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols,
     b = np.empty(cols, dtype=np.float32)
     kept = np.empty(cols, dtype=np.float32)
     one = F32(1.0)
+    pruning = False
+    for k in range(n_models):
+        pruning |= keep_mode[k] == MAGPRUNE
+    p_of = np.empty((n_models, cols), dtype=np.float32)  # MAGPRUNE's tables (:func:`_keep_table`) and scratch
+    p_cut = np.empty((n_models, cols), dtype=np.uint64)
+    falling = np.zeros(n_models, dtype=np.bool_)
+    for k in range(n_models):
+        if keep_mode[k] == MAGPRUNE:
+            falling[k] = _keep_table(cols, prune[k, 0], prune[k, 1], prune[k, 2], p_of[k], p_cut[k])
+    row_keys = np.empty(cols if pruning else 0, dtype=np.uint32)
+    scratch = _keep_scratch(cols if pruning else 1)
     for r in range(rows):
         s = r * cols
         _widen(base[s : s + cols], cols, b)
@@ -658,8 +920,13 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols,
                 for j in range(cols):
                     every[j] = every[j] + np.float64(abs(load(x, j) - b[j]))
                     some[j] = some[j] + np.float64(abs(kept[j]))
-            elif mode == FACTOR:
-                f = factors[k][s : s + cols]
+            elif mode == FACTOR or mode == MAGPRUNE:
+                f = factors[k][s : s + cols] if mode == FACTOR else kept
+                if mode == MAGPRUNE:
+                    first = (row0 + r) * cols
+                    _abs_keys(x, b, cols, row_keys)
+                    _row_keep(row_keys, cols, keys[k], first, p_of[k], p_cut[k], falling[k], False, scratch, kept)
+                    _pack_bits(kept, cols, first, bits[k])
                 for j in range(cols):
                     a = abs(load(x, j) - b[j])
                     every[j] = every[j] + np.float64(a)
@@ -676,211 +943,6 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, cols,
                     every[j] = every[j] + a
                     some[j] = some[j] + a
         _close_tile(row0 + r, tile, rows_total, acc, partial)
-
-
-# ---- DELLA's MAGPRUNE keep factors ----------------------------------------------------------------------------------
-#: digits of the rank sort: three passes of 11 bits cover a non-negative float32's 31 bits
-RADIX_BITS, RADIX_SHIFTS = 11, (0, 11, 22)
-
-
-@njit(inline="always")
-def _row_ranks(keys, n, idx, spare_keys, spare_idx, counts, ranks):  # type: ignore[no-untyped-def]
-    """``ranks[i]`` = the 0-based ascending rank of ``keys[i]`` among ``keys[:n]`` (uint32), ties by index: what
-    ``torch.argsort(stable=True)`` and its inverse give (methods/_delta.py ``ascending_order``). A stable LSD radix
-    sort of (key, index) in three 11-bit passes (a pass whose digit is the same for every key is skipped); ``keys``
-    is overwritten, the other arrays are scratch of n elements (counts: 2048)."""
-    for i in range(n):
-        idx[i] = i
-    src_k, src_i, dst_k, dst_i = keys, idx, spare_keys, spare_idx
-    for shift in RADIX_SHIFTS:
-        counts[:] = 0
-        for i in range(n):
-            counts[(src_k[i] >> U32(shift)) & U32(2047)] += 1
-        if counts[(src_k[0] >> U32(shift)) & U32(2047)] == n:
-            continue
-        total = 0
-        for c in range(2048):
-            t = counts[c]
-            counts[c] = total
-            total += t
-        for i in range(n):
-            d = (src_k[i] >> U32(shift)) & U32(2047)
-            at = counts[d]
-            counts[d] = at + 1
-            dst_k[at] = src_k[i]
-            dst_i[at] = src_i[i]
-        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
-    for j in range(n):
-        ranks[src_i[j]] = j
-
-
-@njit(inline="always")
-def _bit_length(x):  # type: ignore[no-untyped-def]
-    """Bits needed to write the uint32 ``x`` (0 for 0)."""
-    b = 0
-    while x:
-        x >>= U32(1)
-        b += 1
-    return b
-
-
-#: pending elements up to which a row counts their exact ranks one by one (a pass over the row each); beyond, the
-#: row is ranked whole (:func:`_row_ranks`), which costs about as much as that many passes
-EXACT_LIMIT = 32
-
-
-@njit(inline="always")
-def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  # type: ignore[no-untyped-def]
-    """One row's keep factors by rank: element ``i`` of ascending rank ``r`` (ties by index) is kept iff its draw
-    ``u_i`` (flat index ``first + i``) is ``>= cut[r]``, with factor 1, or ``1 / p_of[r]`` with ``inverse``.
-
-    Ranking the whole row is a sort (11 ns per element); most elements need less (5–6 ns per element in all, on
-    bfloat16 rows of 896 and 4864). The nonzero keys' span is cut into equal buckets (:func:`_bucket_bits`) and
-    counted. Zeros rank first, by index; an element whose bucket holds one distinct key (the rule for 16-bit
-    weights, whose deltas have few significant bits) ranks right after the keys of the buckets below and the equal
-    keys before it: exact, in one pass. Elsewhere the bucket bounds the rank, which decides the element when
-    ``bounds`` (``cut`` never increases with the rank) and ``cut`` is on one side of ``u_i`` across the bound.
-    The few left are ranked by counting, or past :data:`EXACT_LIMIT` by ranking the row (:func:`_row_ranks`).
-
-    keys: (n,) uint32 (the |Δ| bits), modified; p_of: (n,) float32 and cut: (n,) float64 by rank; scratch: the
-    arrays of :func:`_keep_scratch`; out: (n,) float32."""
-    record, start, last, pending, drawn, ranks, idx, spare_keys, spare_idx, radix = scratch
-    scale = 1.0 / 9007199254740992.0  # 2⁻⁵³
-    zeros = 0
-    lo_key, hi_key = U32(0xFFFFFFFF), U32(0)
-    for i in range(n):
-        k = keys[i]
-        zeros += 1 if k == U32(0) else 0
-        if k != U32(0):
-            lo_key = min(lo_key, k)
-            hi_key = max(hi_key, k)
-    shift = U32(0)
-    if zeros < n:
-        span_bits, n_bits = _bit_length(hi_key - lo_key), _bucket_bits(n)
-        shift = U32(span_bits - n_bits) if span_bits > n_bits else U32(0)
-        buckets = int((hi_key - lo_key) >> shift) + 1
-        record[:buckets] = 0
-        for i in range(n):  # per bucket: its count (high half), and its key while it has only one (else MIXED)
-            k = keys[i]
-            if k != U32(0):
-                c = (k - lo_key) >> shift
-                v = record[c]
-                same = (v == np.uint64(0)) | (U32(v & np.uint64(0xFFFFFFFF)) == k)
-                record[c] = ((v >> np.uint64(32)) + np.uint64(1)) << np.uint64(32) | np.uint64(k if same else MIXED)
-        below = 0
-        for c in range(buckets):  # start: the nonzero keys of the buckets below (the next rank, as it is used)
-            v = record[c]
-            count = np.int64(v >> np.uint64(32))
-            start[c] = below
-            last[c] = below + count - 1 if U32(v & np.uint64(0xFFFFFFFF)) == MIXED else -1
-            below += count
-    seen_zeros = 0
-    waiting = 0
-    for i in range(n):
-        u = np.float64(_mixed(key, first + i) >> np.uint64(11)) * scale
-        k = keys[i]
-        rank = -1
-        if k == U32(0):
-            rank = seen_zeros
-            seen_zeros += 1
-        else:
-            c = (k - lo_key) >> shift
-            if last[c] < 0:
-                rank = zeros + start[c]
-                start[c] += 1
-            elif bounds:
-                if u >= cut[zeros + start[c]]:
-                    out[i] = F32(1.0)
-                    continue
-                if u < cut[zeros + last[c]]:
-                    out[i] = F32(0.0)
-                    continue
-        if rank < 0:
-            pending[waiting] = i
-            drawn[waiting] = u
-            waiting += 1
-            continue
-        f = F32(1.0) if u >= cut[rank] else F32(0.0)
-        out[i] = f / p_of[rank] if inverse else f
-    if waiting > EXACT_LIMIT:
-        _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
-    for w in range(waiting):
-        i = pending[w]
-        if waiting > EXACT_LIMIT:
-            rank = ranks[i]
-        else:
-            k = keys[i]
-            rank = 0
-            for j in range(i):  # equal keys rank by index
-                rank += 1 if keys[j] <= k else 0
-            for j in range(i, n):
-                rank += 1 if keys[j] < k else 0
-        f = F32(1.0) if drawn[w] >= cut[rank] else F32(0.0)
-        out[i] = f / p_of[rank] if inverse else f
-
-
-#: :func:`_row_keep` counts a row of n elements into at most 8n buckets, and at most 2¹³ (a count past what the
-#: caches hold costs more than the exact ranks it saves; measured on rows of 896 and 4864 bfloat16 deltas)
-BUCKETS_PER_ELEMENT, MAX_BUCKET_BITS = 8, 13
-#: a bucket's key when it holds more than one distinct key (no |Δ| has these bits: the sign bit is cleared)
-MIXED = U32(0xFFFFFFFF)
-
-
-@njit(inline="always")
-def _bucket_bits(n):  # type: ignore[no-untyped-def]
-    """log2 of the most buckets :func:`_row_keep` counts a row of ``n`` elements into."""
-    return min(_bit_length(U32(BUCKETS_PER_ELEMENT * n)) - 1, MAX_BUCKET_BITS)
-
-
-@njit(inline="always")
-def _keep_scratch(n):  # type: ignore[no-untyped-def]
-    """The scratch arrays of :func:`_row_keep` for rows of ``n`` elements."""
-    b = 1 << _bucket_bits(n)
-    return (np.empty(b, dtype=np.uint64), np.empty(b, dtype=np.int32), np.empty(b, dtype=np.int32),
-            np.empty(n, dtype=np.int32), np.empty(n, dtype=np.float64), np.empty(n, dtype=np.int32),
-            np.empty(n, dtype=np.int32), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32),
-            np.empty(2048, dtype=np.int64))
-
-
-@njit(**JIT)
-def magprune_factors(base, model, n, density, spread, low, key, start, inverse, out):  # type: ignore[no-untyped-def]
-    """DELLA's keep factors of a block (methods/_delta.py ``MagPrune.keep``): in each row of ``n`` elements, the
-    element of ascending ``|M − B|`` rank ``r`` (0-based, ties by index) gets the keep probability
-    ``p = min(max(r / (n − 1), 0), 1)·spread + low`` (float32, each operation rounded as torch's ``div_``,
-    ``clamp_``, ``mul_``, ``add_``; ``spread`` = float32(2ε), ``low`` = float32(density − ε); a row of one element
-    gets ``density``), and is kept iff its draw ``u`` (``_rng.uniform``: the top 53 bits of :func:`_mixed` of
-    ``key`` and its flat index ``start + i``, over 2⁵³, in float64) is ``>= 1 − p`` in float64. The factor is 1
-    or 0 (float32), divided by ``p`` with ``inverse``.
-
-    ``p`` depends on the rank alone: it is tabled once per call, and each row ranks only the elements whose
-    decision needs it (:func:`_row_keep`); every decision is the one its exact rank gives.
-
-    base, model: (rows·n,) row-major; density, spread, low: float32; key: uint64; start: int; out: (rows·n,)
-    float32.
-    """
-    rows = base.shape[0] // n if n else 0
-    keys = np.empty(n, dtype=np.uint32)
-    scratch = _keep_scratch(n)
-    p_of = np.empty(n, dtype=np.float32)  # p by rank
-    cut = np.empty(n, dtype=np.float64)  # 1 − p by rank: kept iff u >= cut
-    last = F32(n - 1)
-    bounds = True  # cut never increases with the rank (ε >= 0): a rank's bounds bound the decision
-    for r in range(n):
-        if n > 1:
-            q = F32(r) / last
-            q = min(max(q, F32(0.0)), F32(1.0))
-            p_of[r] = q * spread + low
-        else:
-            p_of[r] = density
-        cut[r] = 1.0 - np.float64(p_of[r])
-        if r and not cut[r] <= cut[r - 1]:  # (a NaN too)
-            bounds = False
-    for r in range(rows):
-        s = r * n
-        b, x = base[s : s + n], model[s : s + n]
-        for i in range(n):
-            keys[i] = _bits_of_f32(load(x, i) - load(b, i)) & U32(0x7FFFFFFF)
-        _row_keep(keys, n, key, start + s, p_of, cut, bounds and not inverse, inverse, scratch, out[s : s + n])
 
 
 @njit(**JIT)

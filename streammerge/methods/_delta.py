@@ -24,6 +24,7 @@ float64 sums per model, chunk-independent, ``_tiles.ColumnSums``); then the merg
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -261,7 +262,7 @@ class MagPrune(Sparsifier):
         super().__init__(task, params, k)
         self.epsilon = params["epsilon"][k]
         self.key = stream_key(params["seed"], k, task.name)
-        # the keep decisions of the L1 pass, one bit per element, each stored row padded to whole bytes (blocks are
+        # the keep decisions of the L1 pass, one bit per element in flat order, written by its kernel (blocks are
         # whole rows, and one worker runs a tensor's blocks in row order): the merge pass reads them instead of
         # ranking every row again (kernel path only; :meth:`cache_bytes` is in the plan's footprint)
         self._bits: np.ndarray | None = None
@@ -269,32 +270,35 @@ class MagPrune(Sparsifier):
 
     @staticmethod
     def cache_bytes(task: TensorTask) -> int:
-        """Bytes of the remembered keep decisions of one model's tensor (:meth:`remember`)."""
-        return task.rows * -(-task.row_numel // 8)
+        """Bytes of the remembered keep decisions of one model's tensor (:meth:`bits_to_fill`)."""
+        return -(-task.numel // 8)
 
-    def remember(self, r0: int, factors: np.ndarray) -> None:
-        """Keep the 0/1 factors of the rows from ``r0`` (flat float32, whole rows, in row order from row 0) as
-        bits; the merge pass :meth:`recall` s them once every row is in."""
-        rn = self.task.row_numel
-        rows = factors.shape[0] // rn if rn else 0
-        if r0 != self._bits_rows or not rows:  # not in row order from 0: remember nothing
+    def kernel_table(self) -> tuple[float, float, float]:
+        """``(density, spread, low)`` as the kernels take them (``kernels._numba._keep_table``): float32 of the
+        density, 2ε and density − ε."""
+        density, spread, low = kernels.f32([self.density, 2 * self.epsilon, self.density - self.epsilon])
+        return density, spread, low
+
+    def bits_to_fill(self, r0: int, base: torch.Tensor) -> np.ndarray | None:
+        """Where the L1 pass's kernel writes the keep decisions of the block of rows from ``r0`` (the tensor's bit
+        array, zeroed when the pass starts at row 0): only for a matrix whose blocks come in row order from 0 and
+        whose every decision is a 0/1 factor; None otherwise, and nothing is remembered from then on. The block
+        counts once :meth:`filled`."""
+        if not self.active or base.dim() != 2 or r0 != self._bits_rows:
             self._bits, self._bits_rows = None, -1
-            return
-        stride = -(-rn // 8)
-        if self._bits is None:
-            self._bits = np.empty(self.cache_bytes(self.task), dtype=np.uint8)
-        self._bits[r0 * stride : (r0 + rows) * stride] = np.packbits(factors.reshape(rows, rn) != 0, axis=1).ravel()
-        self._bits_rows += rows
-
-    def recall(self, r0: int, rows: int) -> np.ndarray | None:
-        """The factors :meth:`remember` kept for rows ``[r0, r0 + rows)`` (flat float32 0/1), or None when the L1
-        pass did not remember every row."""
-        if self._bits is None or self._bits_rows != self.task.rows:
             return None
-        rn = self.task.row_numel
-        stride = -(-rn // 8)
-        bits = self._bits[r0 * stride : (r0 + rows) * stride].reshape(rows, stride)
-        return np.unpackbits(bits, axis=1, count=rn).astype(np.float32).reshape(-1)
+        if self._bits is None:
+            self._bits = np.zeros(self.cache_bytes(self.task), dtype=np.uint8)
+        return self._bits
+
+    def filled(self, rows: int) -> None:
+        """The kernel wrote the decisions of the next ``rows`` rows (:meth:`bits_to_fill`)."""
+        if self._bits_rows >= 0:
+            self._bits_rows += rows
+
+    def recall(self) -> np.ndarray | None:
+        """The bits the L1 pass wrote (:meth:`bits_to_fill`), once it has written every row; else None."""
+        return self._bits if self._bits is not None and self._bits_rows == self.task.rows else None
 
     @property
     def active(self) -> bool:
@@ -424,6 +428,32 @@ def plain_sum(deltas: list[torch.Tensor], weights: Sequence[float], normalize: b
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class KernelKeeps:
+    """How each of N models' keep factors reach ``sparse_merge``/``l1_sums`` (kernels/_numba.py, which documents
+    each field): ``modes`` (N,) int64 (kernels.NO_FACTOR, SELECT, FACTOR, RANDOM, MAGPRUNE, BITS); ``sel`` (N, 4)
+    int64 selection thresholds; ``factors`` N float32 arrays (FACTOR); ``bits`` N uint8 arrays (MAGPRUNE writes
+    them, BITS reads them); ``keys``/``cuts`` (N,) uint64 (RANDOM, and MAGPRUNE's stream key); ``keep_value``
+    (N,) float32; ``prune`` (N, 3) float32 (MAGPRUNE's density, 2ε, density − ε)."""
+
+    modes: np.ndarray
+    sel: np.ndarray
+    factors: tuple[np.ndarray, ...]
+    bits: tuple[np.ndarray, ...]
+    keys: np.ndarray
+    cuts: np.ndarray
+    keep_value: np.ndarray
+    prune: np.ndarray
+
+    @classmethod
+    def none(cls, n: int) -> KernelKeeps:
+        """Every model NO_FACTOR (its delta as it is)."""
+        empty = (np.zeros(0, dtype=np.float32),) * n
+        return cls(np.zeros(n, dtype=np.int64), np.zeros((n, 4), dtype=np.int64), empty,
+                   (np.zeros(0, dtype=np.uint8),) * n, np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64),
+                   np.ones(n, dtype=np.float32), np.zeros((n, 3), dtype=np.float32))
+
+
 class _DeltaTensorMerge(TensorMerge):
 
     def __init__(self, method: DeltaMethod, task: TensorTask, params: Mapping[str, Any], n_models: int) -> None:
@@ -542,37 +572,34 @@ class _DeltaTensorMerge(TensorMerge):
 
     def _l1_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], b: np.ndarray,
                 ms: tuple[np.ndarray, ...]) -> bool:
-        """:meth:`accumulate`'s L1 pass by ``l1_sums`` into the same :class:`ColumnSums`."""
+        """:meth:`accumulate`'s L1 pass by ``l1_sums`` into the same :class:`ColumnSums`; DELLA's keep decisions are
+        made there (MAGPRUNE) and kept as bits for the merge pass."""
         assert self.sums is not None
         rows = base.shape[0] if base.dim() else 0
-        keeps = self._keeps(r0, base, models, inverse=False, remember=True) if rows else None
+        keeps = self._keeps(r0, base, models, inverse=False, l1_pass=True) if rows else None
         accumulators = self.sums.raw_accumulators(r0, rows) if keeps is not None else None
         if keeps is None or accumulators is None:
             return False
-        modes, sel, factors, keys, cuts, keep_value = keeps
         ties = np.zeros((len(ms), 4), dtype=np.int64)
         sums = self.sums
-        kernels.kernels().l1_sums(b, ms, modes, sel, factors, keys, cuts, keep_value, sums.row_numel, r0, sums.tile,
-                                  sums.rows, *accumulators, ties)
-        self._met_ties(modes, ties)
+        kernels.kernels().l1_sums(b, ms, keeps.modes, keeps.sel, keeps.factors, keeps.keys, keeps.cuts,
+                                  keeps.keep_value, keeps.prune, keeps.bits, sums.row_numel, r0, sums.tile, sums.rows,
+                                  *accumulators, ties)
+        self._met_ties(keeps.modes, ties)
+        for sp, mode in zip(self.sparsifiers, keeps.modes):
+            if mode == kernels.MAGPRUNE:
+                sp.filled(rows)  # type: ignore[attr-defined]
         return True
 
     def _keeps(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], inverse: bool,
-               remember: bool = False) -> tuple | None:
-        """How each model's keep factor of the block at row ``r0`` is made in a kernel (``sparse_merge``'s
-        ``keep_mode, sel, factors, keys, cuts, keep_value``), the same factors as :meth:`Sparsifier.keep` with
-        ``inverse``: selections as thresholds, DARE's mask drawn in the kernel, DELLA's factors computed here (in
-        the L1 pass, ``remember``, also kept as bits, which the merge pass reads back instead of ranking the rows
-        again); None when a factor is not a CPU float32 tensor."""
-        n = len(models)
-        rows = base.shape[0] if base.dim() else 1
-        modes = np.zeros(n, dtype=np.int64)
-        sel = np.zeros((n, 4), dtype=np.int64)
-        keys = np.zeros(n, dtype=np.uint64)
-        cuts = np.zeros(n, dtype=np.uint64)
-        keep_value = np.ones(n, dtype=np.float32)
-        empty = np.zeros(0, dtype=np.float32)
-        factors = [empty] * n
+               l1_pass: bool = False) -> KernelKeeps | None:
+        """How each model's keep factor of the block at row ``r0`` is made in a kernel, the same factors as
+        :meth:`Sparsifier.keep` with ``inverse``: selections as thresholds, DARE's mask drawn in the kernel, DELLA's
+        decisions made in the L1 pass's kernel and kept as bits (MAGPRUNE), which the merge pass reads (BITS), or,
+        where that cannot be, its factors computed here; None when a factor is not a CPU float32 tensor."""
+        keeps = KernelKeeps.none(len(models))
+        modes, sel, keys, cuts, keep_value = keeps.modes, keeps.sel, keeps.keys, keeps.cuts, keeps.keep_value
+        factors, bits = list(keeps.factors), list(keeps.bits)
         for i, sp in enumerate(self.sparsifiers):
             if isinstance(sp, _Selection):
                 spec = sp.kernel_spec()
@@ -594,12 +621,14 @@ class _DeltaTensorMerge(TensorMerge):
                         keep_value[i] = np.float32(1.0) / np.float32(sp.density)
             else:
                 fused = None
+                if isinstance(sp, MagPrune) and not inverse:
+                    kept = sp.bits_to_fill(r0, base) if l1_pass else sp.recall()
+                    if kept is not None:
+                        modes[i], bits[i], keys[i] = (kernels.MAGPRUNE if l1_pass else kernels.BITS), kept, sp.key
+                        keeps.prune[i] = sp.kernel_table()
+                        continue
                 if isinstance(sp, MagPrune):
-                    fused = None if inverse or remember else sp.recall(r0, rows)  # (only the L1 pass remembers)
-                    if fused is None:
-                        fused = sp.kernel_factors(r0, base, models[i], inverse)
-                        if fused is not None and remember:
-                            sp.remember(r0, fused)
+                    fused = sp.kernel_factors(r0, base, models[i], inverse)
                 if fused is not None:
                     modes[i], factors[i] = kernels.FACTOR, fused
                     continue
@@ -610,7 +639,8 @@ class _DeltaTensorMerge(TensorMerge):
                 if keep.dtype != torch.float32 or keep.device.type != "cpu":
                     return None
                 modes[i], factors[i] = kernels.FACTOR, keep.contiguous().reshape(-1).numpy()
-        return modes, sel, tuple(factors), keys, cuts, keep_value
+        keeps.factors, keeps.bits = tuple(factors), tuple(bits)
+        return keeps
 
     def _met_ties(self, modes: np.ndarray, ties: np.ndarray) -> None:
         """Advance the selections' tie cursors past a fused block (``ties`` as the kernel set it)."""
@@ -633,7 +663,6 @@ class _DeltaTensorMerge(TensorMerge):
         keeps = self._keeps(r0, base, models, self.inverse)  # without sparsifiers: every model NO_FACTOR
         if keeps is None:
             return None
-        modes, sel, factors, keys, cuts, keep_value = keeps
         scale = kernels.f32(self.scales)  # applied with a keep factor only, as emit does
         combine = 1 if self.m.consensus else 0
         normalize = 0
@@ -642,10 +671,11 @@ class _DeltaTensorMerge(TensorMerge):
             normalize, minw = (1, kernels.f32([min(weights) / 2])[0]) if min(weights) > 0 else (2, minw)
         ties = np.zeros((n, 4), dtype=np.int64)
         start = r0 * self.task.row_numel
-        bad = int(k.sparse_merge(b, ms, modes, sel, factors, keys, cuts, start, keep_value, scale, kernels.f32(weights),
-                                 combine, normalize, minw, self._sum_divisor(), lam, o, ties))
+        bad = int(k.sparse_merge(b, ms, keeps.modes, keeps.sel, keeps.factors, keeps.bits, keeps.keys, keeps.cuts,
+                                 start, keeps.keep_value, scale, kernels.f32(weights), combine, normalize, minw,
+                                 self._sum_divisor(), lam, o, ties))
         if bad == 0:
-            self._met_ties(modes, ties)
+            self._met_ties(keeps.modes, ties)
         return bad
 
     def _sum_divisor(self) -> np.float32:
