@@ -694,10 +694,26 @@ def _pack_bits(f, n, bit0, bits):  # type: ignore[no-untyped-def]
         j += 1
 
 
+#: the eight bits of each byte value as float32 0/1, low bit first (a constant of the compiled code)
+_BYTE_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float32)
+
+
 @njit(inline="always")
-def _bit(bits, j):  # type: ignore[no-untyped-def]
-    """Bit ``j`` of ``bits`` (:func:`_pack_bits`' order) as a float32 0 or 1."""
-    return F32((bits[j >> 3] >> np.uint8(j & 7)) & np.uint8(1))
+def _unpack_bits(bits, first, m, dst):  # type: ignore[no-untyped-def]
+    """``dst[:m]`` = bits ``first ..`` of ``bits`` (:func:`_pack_bits`' order) as float32 0 or 1, a whole byte at
+    a time inside the run (eight floats copied from :data:`_BYTE_BITS`)."""
+    j = 0
+    while j < m and (first + j) & 7:
+        dst[j] = F32((bits[(first + j) >> 3] >> ((first + j) & 7)) & 1)
+        j += 1
+    while j + 8 <= m:
+        row = _BYTE_BITS[bits[(first + j) >> 3]]
+        for t in range(8):
+            dst[j + t] = row[t]
+        j += 8
+    while j < m:
+        dst[j] = F32((bits[(first + j) >> 3] >> ((first + j) & 7)) & 1)
+        j += 1
 
 
 @njit(**JIT)
@@ -812,6 +828,7 @@ def sparse_merge(base, models, keep_mode, sel, factors, bits, keys, cuts, start,
     total = np.empty(STEP, dtype=np.float32)
     mixed = np.empty(STEP, dtype=np.float32)
     divisor = np.empty(STEP, dtype=np.float32)
+    kept = np.empty(STEP, dtype=np.float32)  # BITS: a step's factors
     for s in range(0, n, STEP):
         m = min(STEP, n - s)
         _widen(base[s : s + m], m, b)
@@ -824,9 +841,10 @@ def sparse_merge(base, models, keep_mode, sel, factors, bits, keys, cuts, start,
                 for i in range(m):
                     dk[i] = (((load(x, i) - b[i]) * f[i]) * sk) * wk
             elif mode == BITS:
-                bk, sk, first = bits[k], scale[k], start + s
+                sk = scale[k]
+                _unpack_bits(bits[k], start + s, m, kept)
                 for i in range(m):
-                    dk[i] = (((load(x, i) - b[i]) * _bit(bk, first + i)) * sk) * wk
+                    dk[i] = (((load(x, i) - b[i]) * kept[i]) * sk) * wk
             elif mode == RANDOM:
                 key, cut, kv, sk = keys[k], cuts[k], keep_value[k], scale[k]
                 for i in range(m):
