@@ -273,7 +273,7 @@ def casts() -> list[str]:
 
 # ---- end to end ----------------------------------------------------------------------------------------------
 def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_ram: str,
-        baseline: Path | None) -> tuple[str, dict]:
+        baseline: Path | None, baseline_backend: str = "eager") -> tuple[str, dict]:
     from run import time_v
     from threads import DEFAULT_PARAMS, merge_cmd, warm
 
@@ -284,7 +284,7 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
     runs: list[tuple[str, list[str] | None, str]] = [("eager", None, "eager"), ("numba", None, "numba")]
     if baseline is not None:  # another source tree (e.g. `git archive` of the commit before) first on sys.path
         runs.insert(0, ("before", [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(baseline)!r}); "
-                                   "from streammerge._entry import main; main()"], "eager"))
+                                   "from streammerge._entry import main; main()"], baseline_backend))
     backends = [label for label, _, _ in runs]
 
     def command(prefix: list[str] | None, cmd: list[str]) -> list[str]:
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                     help="--e2e: also time the streammerge package in DIR (e.g. `git archive HEAD streammerge | tar "
                     "-x -C DIR`), as 'before', in the same run")
+    ap.add_argument("--baseline-kernels", default="eager", choices=("eager", "numba"),
+                    help="--e2e: the STREAMMERGE_KERNELS the --baseline-src build runs with (default eager)")
     ap.add_argument("--max-ram", default="1GiB")
     ap.add_argument("--casts", action="store_true", help="also check the casts on all 2^32 float32 patterns (1 min)")
     ap.add_argument("--results", type=Path, default=BENCH / "results")
@@ -363,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.e2e is not None:
         models = args.e2e.resolve()
         report, data = e2e(models, [m for m in args.method.split(",") if m], [int(t) for t in args.threads.split(",")],
-                           args.rounds, args.max_ram, args.baseline_src.resolve() if args.baseline_src else None)
+                           args.rounds, args.max_ram, args.baseline_src.resolve() if args.baseline_src else None,
+                           args.baseline_kernels)
         print(report)
         path = args.results / f"{stamp}-kernels-e2e-{models.name}"
         path.with_name(path.name + ".md").write_text(report)
