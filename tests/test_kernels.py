@@ -344,6 +344,27 @@ def test_della_keep_factors_are_the_eager_ones(shape, kind, inverse):
 
 
 @needs_numba
+def test_della_integer_thresholds_decide_as_the_float64_comparison():
+    """``_keep_table``'s thresholds: a 53-bit draw ``v`` passes iff ``v / 2⁵³ >= 1 − p`` in float64 (the eager
+    ``uniform >= 1 − p``), tried at the threshold and one either side for every rank of rows of several lengths."""
+    from numba import njit
+
+    from streammerge.kernels import _numba
+
+    @njit
+    def table(n, density, spread, low, p_of, cut):  # type: ignore[no-untyped-def]
+        return _numba._keep_table(n, density, spread, low, p_of, cut)
+
+    for n, density, epsilon in ((1, 0.3, 0.1), (7, 0.5, 0.15), (896, 0.4, 0.2), (4864, 0.9, 0.05)):
+        p_of, cut = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.uint64)
+        d, spread, low = kernels.f32([density, 2 * epsilon, density - epsilon])
+        assert table(n, d, spread, low, p_of, cut)  # ε >= 0: the thresholds never rise with the rank
+        for r in range(0, n, max(1, n // 97)):
+            for v in (int(cut[r]) - 1, int(cut[r]), int(cut[r]) + 1):
+                assert (v >= int(cut[r])) == (v / 2.0 ** 53 >= 1.0 - float(p_of[r])), (n, r, v)
+
+
+@needs_numba
 @pytest.mark.parametrize("cols", [48, 13])  # rows that start on a whole byte of bits, and rows that start inside one
 def test_della_ranks_each_row_once_with_the_l1_rescale(cols, monkeypatch):
     """DELLA with the L1 rescale: the L1 pass's kernel ranks the rows and keeps its decisions as bits; the merge
