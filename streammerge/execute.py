@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from . import fsio
+from . import fsio, heap
 from ._torch import load_torch, torch
 from .device import compute_class, gpu_memory_peak, make_compute
 from .errors import NonFiniteError, StreamMergeError
@@ -171,6 +171,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     if not work_folder_for(recipe.out).is_dir():  # nothing to continue: the output must be free (or --force)
         check_output_free(plan)
     load_torch()  # the seconds this takes pass before anything is written
+    heap.keep_freed_memory(plan.peak_ram)  # a block's temporaries reuse the last block's pages
     shown = make_progress(plan.bytes_read if unit is None else unit_plan(plan, unit).bytes_read, show_progress)
     work = WorkFolder.open(plan, notify) if unit is None else PartFolder.open_unit(plan, unit, notify)
     plan = work.plan  # a part's: its tensors and shards
