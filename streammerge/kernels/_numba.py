@@ -600,11 +600,11 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     arrays of :func:`_keep_scratch`; out: (n,) float32."""
     record, pos, draws, pending, ranks, idx, spare_keys, spare_idx, radix = scratch
     zeros = 0
-    lo_key, hi_key = MIXED, U32(0)
+    lo_key, hi_key = U32(0xFFFFFFFF), U32(0)  # the nonzero keys' least and greatest
     for i in range(n):
         k = keys[i]
         zeros += 1 if k == U32(0) else 0
-        lo_key = min(lo_key, k if k != U32(0) else MIXED)
+        lo_key = min(lo_key, k if k != U32(0) else U32(0xFFFFFFFF))
         hi_key = max(hi_key, k)
     for i in range(n):
         draws[i] = _mixed(key, np.uint64(first + i)) >> np.uint64(11)
@@ -670,7 +670,7 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
 def _abs_keys(x, b, n, keys):  # type: ignore[no-untyped-def]
     """``keys[:n]`` = the bits of ``|x − b|`` (uint32; ``x`` and ``b`` any input type, :func:`load`)."""
     for i in range(n):
-        keys[i] = _bits_of_f32(load(x, i) - load(b, i)) & U32(0x7FFFFFFF)
+        keys[i] = U32(_abs_bits(load(x, i) - load(b, i)))
 
 
 @njit(inline="always")
@@ -915,14 +915,13 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
     b = np.empty(cols, dtype=np.float32)
     kept = np.empty(cols, dtype=np.float32)
     one = F32(1.0)
-    pruning = False
-    for k in range(n_models):
-        pruning |= keep_mode[k] == MAGPRUNE
     p_of = np.empty((n_models, cols), dtype=np.float32)  # MAGPRUNE's tables (:func:`_keep_table`) and scratch
     p_cut = np.empty((n_models, cols), dtype=np.uint64)
     falling = np.zeros(n_models, dtype=np.bool_)
+    pruning = False
     for k in range(n_models):
         if keep_mode[k] == MAGPRUNE:
+            pruning = True
             falling[k] = _keep_table(cols, prune[k, 0], prune[k, 1], prune[k, 2], p_of[k], p_cut[k])
     row_keys = np.empty(cols if pruning else 0, dtype=np.uint32)
     scratch = _keep_scratch(cols if pruning else 1)

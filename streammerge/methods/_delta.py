@@ -331,7 +331,7 @@ class MagPrune(Sparsifier):
         b, (m,), _ = got
         n = base.shape[1] if base.dim() == 2 else b.shape[0]
         out = np.empty(b.shape[0], dtype=np.float32)
-        spread, low, density = kernels.f32([2 * self.epsilon, self.density - self.epsilon, self.density])
+        density, spread, low = self.kernel_table()
         kernels.kernels().magprune_factors(b, m, n, density, spread, low, np.uint64(self.key),
                                            r0 * self.task.row_numel, inverse_density, out)
         return out
