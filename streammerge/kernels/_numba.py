@@ -530,14 +530,12 @@ def _bit_length(x):  # type: ignore[no-untyped-def]
     return b
 
 
-#: pending elements up to which a row counts their exact ranks one by one (a pass over the row each); beyond, the
-#: row is ranked whole (:func:`_row_ranks`), which costs about as much as that many passes
-EXACT_LIMIT = 32
-#: :func:`_row_keep` counts a row of n elements into at most 8n buckets, and at most 2¹³ (a count past what the
-#: caches hold costs more than the exact ranks it saves; measured on rows of 896 and 4864 bfloat16 deltas)
-BUCKETS_PER_ELEMENT, MAX_BUCKET_BITS = 8, 13
-#: a bucket's key when it holds more than one distinct key (no |Δ| has these bits: the sign bit is cleared)
-MIXED = U32(0xFFFFFFFF)
+#: pending elements up to which a row counts their exact ranks one by one (a vectorised pass over the row each);
+#: beyond, the row is ranked whole (:func:`_row_ranks`, about 100 such passes on rows of 896 and 4864)
+EXACT_LIMIT = 64
+#: :func:`_row_keep` counts a row of n elements into at most 2^(floor(log2 n) + 1) buckets (2n at most; more cost
+#: more in the prefix than they save, measured on rows of 896 and 4864 bfloat16 deltas), and at most 2¹³
+MAX_BUCKET_BITS = 13
 #: 2⁵³: a draw ``u`` is an integer below it over it
 TWO53 = 9007199254740992.0
 
@@ -545,16 +543,16 @@ TWO53 = 9007199254740992.0
 @njit(inline="always")
 def _bucket_bits(n):  # type: ignore[no-untyped-def]
     """log2 of the most buckets :func:`_row_keep` counts a row of ``n`` elements into."""
-    return min(_bit_length(U32(BUCKETS_PER_ELEMENT * n)) - 1, MAX_BUCKET_BITS)
+    return min(_bit_length(U32(n)), MAX_BUCKET_BITS)
 
 
 @njit(inline="always")
 def _keep_scratch(n):  # type: ignore[no-untyped-def]
     """The scratch arrays of :func:`_row_keep` for rows of ``n`` elements."""
-    b = 1 << _bucket_bits(n)
-    return (np.empty(b, dtype=np.uint64), np.empty(2 * b + 2, dtype=np.int32), np.empty(n, dtype=np.uint64),
+    return (np.empty((1 << _bucket_bits(n)) + 2, dtype=np.int32), np.empty(n, dtype=np.uint64),
             np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32),
-            np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32), np.empty(2048, dtype=np.int64))
+            np.empty(n, dtype=np.int32), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32),
+            np.empty(2048, dtype=np.int64))
 
 
 @njit(inline="always")
@@ -587,68 +585,67 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     (the top 53 bits of :func:`_mixed` of ``key`` and its flat index ``first + i``) is ``>= cut[r]``, with factor
     1, or ``1 / p_of[r]`` with ``inverse`` (:func:`_keep_table`).
 
-    Ranking the whole row is a sort (11 ns per element); most elements need less. The nonzero keys' span is cut
-    into equal buckets (:func:`_bucket_bits`) and counted; zeros are one more bucket, ranked first. An element
-    whose bucket holds one distinct key (the rule for 16-bit weights, whose deltas have few significant bits) ranks
-    right after the keys of the buckets below and the equal keys before it: exact, in one pass. Elsewhere the
-    bucket bounds the rank, which decides the element when ``bounds`` (``cut`` never increases with the rank) and
-    ``cut`` is on one side of its draw across the bound. The few left are ranked by counting, or past
-    :data:`EXACT_LIMIT` by ranking the row (:func:`_row_ranks`). The draws are made first, in a loop of their own
-    (vectorised), and the decisions compare integers.
+    With ``bounds`` (``cut`` never increases with the rank) and factors of 1, most elements need no rank: a draw
+    ``>= cut[0]`` keeps its element whatever the rank, one ``< cut[n − 1]`` drops it, and only the 2ε of draws in
+    between (the band) need more. The nonzero keys' span is cut into equal buckets (:func:`_bucket_bits`) and
+    counted, zeros in a bucket of their own, ranked first; a band element's bucket bounds its rank, which decides
+    it unless ``cut`` at the bucket's lowest and highest rank lie on either side of its draw (equal keys, mostly).
+    Those few are ranked exactly, by counting over the row, or past :data:`EXACT_LIMIT` by ranking the row
+    (:func:`_row_ranks`). Without ``bounds``, or with ``inverse``, every element is ranked (:func:`_row_ranks`).
+    Every decision is the one its exact rank gives; the loops are branch-free where the draws are random.
 
     keys: (n,) uint32 (the |Δ| bits), modified; p_of: (n,) float32 and cut: (n,) uint64 by rank; scratch: the
     arrays of :func:`_keep_scratch`; out: (n,) float32."""
-    record, pos, draws, pending, ranks, idx, spare_keys, spare_idx, radix = scratch
-    zeros = 0
+    at, draws, band, pending, ranks, idx, spare_keys, spare_idx, radix = scratch
+    if not bounds or inverse:
+        for i in range(n):
+            draws[i] = _mixed(key, np.uint64(first + i)) >> np.uint64(11)
+        _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
+        for i in range(n):
+            rank = ranks[i]
+            f = F32(1.0) if draws[i] >= cut[rank] else F32(0.0)
+            out[i] = f / p_of[rank] if inverse else f
+        return
+    top, bottom = cut[0], cut[n - 1]
+    for i in range(n):  # the draws (a vectorised loop), and the decisions outside the band
+        u = _mixed(key, np.uint64(first + i)) >> np.uint64(11)
+        draws[i] = u
+        out[i] = F32(1.0) if u >= top else F32(0.0)
+    width, banded = top - bottom, 0
+    for i in range(n):  # the band's elements, in index order
+        band[banded] = i
+        banded += 1 if draws[i] - bottom < width else 0
+    if banded == 0:
+        return
     lo_key, hi_key = U32(0xFFFFFFFF), U32(0)  # the nonzero keys' least and greatest
     for i in range(n):
         k = keys[i]
-        zeros += 1 if k == U32(0) else 0
         lo_key = min(lo_key, k if k != U32(0) else U32(0xFFFFFFFF))
         hi_key = max(hi_key, k)
+    lo_key = min(lo_key, hi_key)  # every key zero: one (empty) nonzero bucket
+    span_bits, n_bits = _bit_length(hi_key - lo_key), _bucket_bits(n)
+    shift = U32(span_bits - n_bits) if span_bits > n_bits else U32(0)
+    buckets = int((hi_key - lo_key) >> shift) + 1
+    # at[c]: the count of bucket c (0: the zeros, c + 1: nonzero bucket c), then the least rank in it
+    at[: buckets + 1] = 0
     for i in range(n):
-        draws[i] = _mixed(key, np.uint64(first + i)) >> np.uint64(11)
-    # pos[2c]: the next rank of bucket c; pos[2c + 1]: its last rank when it holds several keys, else -1. The
-    # nonzero keys' buckets, then the zeros'
-    shift, buckets = U32(0), 0
-    if zeros < n:
-        span_bits, n_bits = _bit_length(hi_key - lo_key), _bucket_bits(n)
-        shift = U32(span_bits - n_bits) if span_bits > n_bits else U32(0)
-        buckets = int((hi_key - lo_key) >> shift) + 1
-        record[:buckets] = 0
-        for i in range(n):  # per bucket: its count (high half), and its key while it has only one (else MIXED)
-            k = keys[i]
-            if k != U32(0):
-                c = (k - lo_key) >> shift
-                v = record[c]
-                held = U32(v & np.uint64(0xFFFFFFFF))
-                same = (held == U32(0)) | (held == k)
-                record[c] = ((v >> np.uint64(32)) + np.uint64(1)) << np.uint64(32) | np.uint64(k if same else MIXED)
-        below = zeros
-        for c in range(buckets):
-            v = record[c]
-            count = np.int32(v >> np.uint64(32))
-            pos[2 * c] = below
-            pos[2 * c + 1] = below + count - 1 if U32(v & np.uint64(0xFFFFFFFF)) == MIXED else -1
-            below += count
-    pos[2 * buckets], pos[2 * buckets + 1] = 0, -1
+        k = keys[i]
+        at[((k - lo_key) >> shift) + U32(1) if k != U32(0) else U32(0)] += 1
+    below = 0
+    for c in range(buckets + 1):
+        count = at[c]
+        at[c] = below
+        below += count
+    at[buckets + 1] = n
     waiting = 0
-    for i in range(n):
+    for j in range(banded):
+        i = band[j]
         k, u = keys[i], draws[i]
-        c = np.int64((k - lo_key) >> shift) if k != U32(0) else np.int64(buckets)
-        last = pos[2 * c + 1]
-        if last < 0:
-            rank = pos[2 * c]
-            pos[2 * c] = rank + 1
-            f = F32(1.0) if u >= cut[rank] else F32(0.0)
-            out[i] = f / p_of[rank] if inverse else f
-        elif bounds and u >= cut[pos[2 * c]]:
-            out[i] = F32(1.0)
-        elif bounds and u < cut[last]:
-            out[i] = F32(0.0)
-        else:
-            pending[waiting] = i
-            waiting += 1
+        c = ((k - lo_key) >> shift) + U32(1) if k != U32(0) else U32(0)
+        kept = u >= cut[at[c]]
+        out[i] = F32(1.0) if kept else F32(0.0)
+        pending[waiting] = i
+        waiting += 1 if (not kept) & (u >= cut[at[c + 1] - 1]) else 0
     if waiting > EXACT_LIMIT:
         _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
     for w in range(waiting):
@@ -656,14 +653,11 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
         if waiting > EXACT_LIMIT:
             rank = ranks[i]
         else:
-            k = keys[i]
-            rank = 0
-            for j in range(i):  # equal keys rank by index
-                rank += 1 if keys[j] <= k else 0
-            for j in range(i, n):
-                rank += 1 if keys[j] < k else 0
-        f = F32(1.0) if draws[i] >= cut[rank] else F32(0.0)
-        out[i] = f / p_of[rank] if inverse else f
+            k, rank = keys[i], np.int32(0)
+            for j in range(n):  # equal keys rank by index
+                other = keys[j]
+                rank += np.int32((other < k) | ((other == k) & (j < i)))
+        out[i] = F32(1.0) if draws[i] >= cut[rank] else F32(0.0)
 
 
 @njit(inline="always")
