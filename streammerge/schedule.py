@@ -32,7 +32,7 @@ class Op(str, Enum):
     LOAD_STATE = "load_state"  # restore the statistics a previous run saved (instead of the statistics passes)
     STATS = "stats"  # feed rows [r0, r1) to statistics pass ``pass_index``
     END_PASS = "end_pass"  # finish statistics pass ``pass_index`` (rank, select, solve)
-    SAVE_STATE = "save_state"  # make the statistics durable, so a resumed run skips the passes
+    SAVE_STATE = "save_state"  # make the statistics durable, so a run resumed mid-emit skips the passes
     RESTORE_CURSOR = "restore_cursor"  # continue the emit pass at row r0 (the journaled emit cursor)
     EMIT = "emit"  # merge rows [r0, r1) and write them
     COPY = "copy"  # write the base's rows [r0, r1) (cast to the output dtype if it differs)
@@ -115,7 +115,8 @@ def make_schedule(t: TensorPlan, rows_done: int, complete: bool, state_loaded: b
                 steps += [Step(Op.STATS, r0, r1, p, read=read(r0, r1, p == 0) if whole is None else whole)
                           for r0, r1 in t.chunks()]
                 steps.append(Step(Op.END_PASS, pass_index=p))
-            steps.append(Step(Op.SAVE_STATE))
+            if len(t.chunks()) > 1:  # only then can a later run resume inside the emit pass and use them
+                steps.append(Step(Op.SAVE_STATE))
             sweep = False  # the first statistics pass was the sweep
         if rows_done:
             steps.append(Step(Op.RESTORE_CURSOR, rows_done))
