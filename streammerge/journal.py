@@ -178,7 +178,8 @@ class Journal:
             return
         self._pending.append(json.dumps({"t": name, "r0": r0, "r1": r1, "crc": checksum, "cur": cursor}))
         self._pending_bytes += nbytes
-        if self._pending_bytes >= COMMIT_BYTES or time.monotonic() - self._last_commit >= COMMIT_SECONDS:
+        due = self._pending_bytes >= COMMIT_BYTES or time.monotonic() - self._last_commit >= COMMIT_SECONDS
+        if due and not self._committing():  # else the lines wait for the next chunk after that commit is done
             self.commit()
 
     def record_inputs(self, name: str, sums: InputSums) -> None:
@@ -266,6 +267,10 @@ class Journal:
             self._join()
         except BaseException:
             pass
+
+    def _committing(self) -> bool:
+        """Whether a commit is still in flight (its syncs or append not done)."""
+        return self._worker is not None and self._worker.is_alive()
 
     def _join(self) -> None:
         if self._worker is not None:
