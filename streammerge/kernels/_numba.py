@@ -580,6 +580,20 @@ def _keep_table(n, density, spread, low, p_of, cut):  # type: ignore[no-untyped-
 
 
 @njit(inline="always")
+def _draw(key, index):  # type: ignore[no-untyped-def]
+    """The 53-bit integer of flat element ``index``'s draw in the stream ``key`` (uint64): ``_rng.uniform`` is it
+    over 2⁵³, the top 53 bits of :func:`_mixed`."""
+    return _mixed(key, np.uint64(index)) >> np.uint64(11)
+
+
+@njit(inline="always")
+def _bucket(k, lo_key, shift):  # type: ignore[no-untyped-def]
+    """:func:`_row_keep`'s bucket of the key ``k``: 0 for zero, ranked first; else 1 + its nonzero bucket
+    ``(k − lo_key) >> shift``. One definition for the count and for the lookups, which must agree."""
+    return ((k - lo_key) >> shift) + U32(1) if k != U32(0) else U32(0)
+
+
+@njit(inline="always")
 def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  # type: ignore[no-untyped-def]
     """One row's keep factors by rank: element ``i`` of ascending rank ``r`` (ties by index) is kept iff its draw
     (the top 53 bits of :func:`_mixed` of ``key`` and its flat index ``first + i``) is ``>= cut[r]``, with factor
@@ -599,7 +613,7 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     at, draws, band, pending, ranks, idx, spare_keys, spare_idx, radix = scratch
     if not bounds or inverse:
         for i in range(n):
-            draws[i] = _mixed(key, np.uint64(first + i)) >> np.uint64(11)
+            draws[i] = _draw(key, first + i)
         _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
         for i in range(n):
             rank = ranks[i]
@@ -608,7 +622,7 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
         return
     top, bottom = cut[0], cut[n - 1]
     for i in range(n):  # the draws (a vectorised loop), and the decisions outside the band
-        u = _mixed(key, np.uint64(first + i)) >> np.uint64(11)
+        u = _draw(key, first + i)
         draws[i] = u
         out[i] = F32(1.0) if u >= top else F32(0.0)
     width, banded = top - bottom, 0
@@ -629,8 +643,7 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     # at[c]: the count of bucket c (0: the zeros, c + 1: nonzero bucket c), then the least rank in it
     at[: buckets + 1] = 0
     for i in range(n):
-        k = keys[i]
-        at[((k - lo_key) >> shift) + U32(1) if k != U32(0) else U32(0)] += 1
+        at[_bucket(keys[i], lo_key, shift)] += 1
     below = 0
     for c in range(buckets + 1):
         count = at[c]
@@ -640,8 +653,7 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     waiting = 0
     for j in range(banded):
         i = band[j]
-        k, u = keys[i], draws[i]
-        c = ((k - lo_key) >> shift) + U32(1) if k != U32(0) else U32(0)
+        c, u = _bucket(keys[i], lo_key, shift), draws[i]
         kept = u >= cut[at[c]]
         out[i] = F32(1.0) if kept else F32(0.0)
         pending[waiting] = i
