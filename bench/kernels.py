@@ -274,12 +274,13 @@ def casts() -> list[str]:
 # ---- end to end ----------------------------------------------------------------------------------------------
 def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_ram: str,
         baseline: Path | None, baseline_backend: str = "eager") -> tuple[str, dict]:
-    from run import time_v
+    from run import stolen, time_v
     from threads import DEFAULT_PARAMS, merge_cmd, warm
 
     warm(models)
     rows: list[dict] = []
     fixed: dict[str, float] = {}
+    fixed_cpu: dict[str, float] = {}  # the start-up's CPU seconds (best-wall run), for the cores busy in compute
     # (label, the command's first words instead of the console script, STREAMMERGE_KERNELS)
     runs: list[tuple[str, list[str] | None, str]] = [("eager", None, "eager"), ("numba", None, "numba")]
     if baseline is not None:  # another source tree (e.g. `git archive` of the commit before) first on sys.path
@@ -299,12 +300,11 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
             cmd = command(prefix, [str(Path(sys.executable).with_name("streammerge")), "merge", "--base",
                                    str(tiny / "base"), "--model", str(tiny / "chat"), "--model",
                                    str(tiny / "multilingual"), "--out", str(work / "tiny-out"), "--force", "-q"])
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, env={**os.environ, ENV: backend}, stdout=subprocess.DEVNULL)
-                times.append(time.perf_counter() - t0)
-            fixed[label] = min(times)
+            runs_ = [time_v(cmd, env={**os.environ, ENV: backend}) for _ in range(3)]
+            if any(r["returncode"] != 0 for r in runs_):
+                raise SystemExit(f"{' '.join(cmd)} failed: {runs_[-1]['stderr_tail']}")
+            quickest = min(runs_, key=lambda r: r["wall_s"])
+            fixed[label], fixed_cpu[label] = quickest["wall_s"], quickest["cpu_s"]
         for method in methods_:
             for t in threads:
                 best: dict[str, dict] = {}
@@ -319,27 +319,37 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
                         if label not in best or r["wall_s"] < best[label]["wall_s"]:
                             best[label] = r
                         print(f"{method:16} threads {t} {label:6}: {r['wall_s']:6.2f} s wall, {r['cpu_s']:6.2f} s "
-                              f"CPU", file=sys.stderr)
+                              f"CPU, {stolen(r)} s stolen", file=sys.stderr)
                 for label in backends:
                     same = all((work / "out-eager" / f.name).read_bytes() == f.read_bytes()
                                for f in sorted((work / f"out-{label}").glob("*.safetensors")))
                     r = best[label]
                     rows.append({"method": method, "threads": t, "kernels": label, "wall_s": r["wall_s"],
-                                 "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
-                                 "compute_s": max(0.0, r["wall_s"] - fixed[label]), "same_bytes": same})
+                                 "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"], "steal_s": r["steal_s"],
+                                 "compute_s": max(0.0, r["wall_s"] - fixed[label]), "same_bytes": same,
+                                 "compute_cpu_s": max(0.0, r["cpu_s"] - fixed_cpu[label])})
     lines = [f"## End to end: {models.name}, warm page cache, --max-ram {max_ram}, {len(os.sched_getaffinity(0))} "
              f"cores, best of {rounds}", "",
              "Start-up (tiny example merge): " + ", ".join(f"{b} {v:.2f} s" for b, v in fixed.items()), "",
-             "| method | threads | build | wall s | CPU s | compute s | compute / eager's | peak RSS MiB | "
-             "bytes = eager's |", "|---|---|---|---|---|---|---|---|---|"]
+             "Start-up CPU: " + ", ".join(f"{b} {v:.2f} s" for b, v in fixed_cpu.items()), "",
+             "Stolen: CPU time the hypervisor gave other guests during the run (/proc/stat), all CPUs together. Cores "
+             "busy: (CPU − start-up CPU) / compute; `--threads 1` is above 1 because the reader, writer and commit "
+             "threads run beside the compute thread, which bounds what a second core can add.", "",
+             "| method | threads | build | wall s | CPU s | stolen s | compute s | cores busy | compute / eager's | "
+             "peak RSS MiB | bytes = eager's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = next(x for x in rows if x["method"] == r["method"] and x["threads"] == r["threads"]
                  and x["kernels"] == "eager")
         ratio = r["compute_s"] / e["compute_s"] if e["compute_s"] else float("nan")
         lines.append(f"| {r['method']} | {r['threads']} | {r['kernels']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
-                     f"{r['compute_s']:.2f} | {ratio:.2f} | {r['peak_rss'] / 2**20:.0f} | "
+                     f"{stolen(r)} | {r['compute_s']:.2f} | {busy(r)} | {ratio:.2f} | {r['peak_rss'] / 2**20:.0f} | "
                      f"{'yes' if r['same_bytes'] else 'NO'} |")
-    return "\n".join(lines) + "\n", {"startup_s": fixed, "rows": rows}
+    return "\n".join(lines) + "\n", {"startup_s": fixed, "startup_cpu_s": fixed_cpu, "rows": rows}
+
+
+def busy(r: dict) -> str:
+    """The cores a run kept busy in its compute time (CPU beyond the start-up's over the wall beyond it)."""
+    return f"{r['compute_cpu_s'] / r['compute_s']:.2f}" if r["compute_s"] > 0 else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from run import time_v  # noqa: E402  (bench/run.py's /usr/bin/time wrapper)
+from run import stolen, time_v  # noqa: E402  (bench/run.py's /usr/bin/time wrapper)
 
 DEFAULT_PARAMS = {"ties": ["density=0.5"], "dare_ties": ["density=0.5"], "breadcrumbs": [], "della": ["density=0.5"]}
 
@@ -135,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                     if r["returncode"] != 0:
                         raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
                     row = {"method": method, "build": label, "threads": t, "busy": k, "wall_s": r["wall_s"],
-                           "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
+                           "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"], "steal_s": r["steal_s"],
                            "compute_s": max(0.0, r["wall_s"] - fixed[python])}
                     rows.append(row)
                     print(f"{method:16} {label:11} threads {t or '-':>2} busy {k}: {row['wall_s']:6.1f} s wall, "
-                          f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB", file=sys.stderr)
+                          f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB, {stolen(row, 1)} s stolen",
+                          file=sys.stderr)
     report = render(rows, fixed, cores, models.name, args.max_ram)
     print(report)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -158,15 +159,17 @@ def main(argv: list[str] | None = None) -> int:
 def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, max_ram: str) -> str:
     lines = [f"# Compute workers: {shape}, warm page cache, --max-ram {max_ram}, {cores} cores", "",
              "Start-up (tiny example merge): " + ", ".join(f"{v:.2f} s" for v in fixed.values()), "",
-             "| method | build | threads | busy | wall s | CPU s | compute s | peak RSS MiB | wall / quiet | bound |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Stolen: CPU time the hypervisor gave other guests during the run (/proc/stat), all CPUs together.", "",
+             "| method | build | threads | busy | wall s | CPU s | stolen s | compute s | peak RSS MiB | wall / quiet | "
+             "bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         quiet = next(q for q in rows if q["method"] == r["method"] and q["build"] == r["build"]
                      and q["threads"] == r["threads"] and q["busy"] == min(x["busy"] for x in rows))
         ratio = r["wall_s"] / quiet["wall_s"] if quiet["wall_s"] else float("nan")
         bound = 1.5 * (r["busy"] + 1) / cores if r["busy"] else 1.0
         lines.append(f"| {r['method']} | {r['build']} | {r['threads'] or '-'} | {r['busy']} | {r['wall_s']:.1f} | "
-                     f"{r['cpu_s']:.1f} | {r['compute_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | {ratio:.2f} | "
+                     f"{r['cpu_s']:.1f} | {stolen(r, 1)} | {r['compute_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
+                     f"{ratio:.2f} | "
                      f"{'≤ ' + format(bound, '.2f') if r['busy'] else '-'} |")
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,7 @@ from . import BITS, FACTOR, MAGPRUNE, RANDOM, SELECT  # a model's keep factor: h
 
 JIT = {"fastmath": False, "nogil": True, "cache": True, "error_model": "numpy"}
 
-U32 = np.uint32
+U32, U64 = np.uint32, np.uint64
 F32 = np.float32
 
 
@@ -549,8 +549,8 @@ def _bucket_bits(n):  # type: ignore[no-untyped-def]
 @njit(inline="always")
 def _keep_scratch(n):  # type: ignore[no-untyped-def]
     """The scratch arrays of :func:`_row_keep` for rows of ``n`` elements."""
-    return (np.empty((1 << _bucket_bits(n)) + 2, dtype=np.int32), np.empty(n, dtype=np.uint64),
-            np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32),
+    return (np.empty((1 << _bucket_bits(n)) + 2, dtype=np.uint32), np.empty(n, dtype=np.uint64),
+            np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32),
             np.empty(n, dtype=np.int32), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32),
             np.empty(2048, dtype=np.int64))
 
@@ -625,10 +625,12 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
         u = _draw(key, first + i)
         draws[i] = u
         out[i] = F32(1.0) if u >= top else F32(0.0)
-    width, banded = top - bottom, 0
+    # indices read back from the scratch arrays are unsigned: numba adds a negative-index wrap-around to every
+    # signed index, which doubled the cost of the band's gathers
+    width, banded = top - bottom, U64(0)
     for i in range(n):  # the band's elements, in index order
-        band[banded] = i
-        banded += 1 if draws[i] - bottom < width else 0
+        band[banded] = U32(i)
+        banded += U64(1) if draws[i] - bottom < width else U64(0)
     if banded == 0:
         return
     lo_key, hi_key = U32(0xFFFFFFFF), U32(0)  # the nonzero keys' least and greatest
@@ -639,25 +641,25 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     lo_key = min(lo_key, hi_key)  # every key zero: one (empty) nonzero bucket
     span_bits, n_bits = _bit_length(hi_key - lo_key), _bucket_bits(n)
     shift = U32(span_bits - n_bits) if span_bits > n_bits else U32(0)
-    buckets = int((hi_key - lo_key) >> shift) + 1
+    buckets = U64((hi_key - lo_key) >> shift) + U64(1)
     # at[c]: the count of bucket c (0: the zeros, c + 1: nonzero bucket c), then the least rank in it
-    at[: buckets + 1] = 0
+    at[: buckets + U64(1)] = 0
     for i in range(n):
-        at[_bucket(keys[i], lo_key, shift)] += 1
-    below = 0
-    for c in range(buckets + 1):
+        at[_bucket(keys[i], lo_key, shift)] += U32(1)
+    below = U32(0)
+    for c in range(buckets + U64(1)):
         count = at[c]
         at[c] = below
         below += count
-    at[buckets + 1] = n
-    waiting = 0
+    at[buckets + U64(1)] = U32(n)
+    waiting = U64(0)
     for j in range(banded):
-        i = band[j]
-        c, u = _bucket(keys[i], lo_key, shift), draws[i]
-        kept = u >= cut[at[c]]
+        i = U64(band[j])
+        c, u = U64(_bucket(keys[i], lo_key, shift)), draws[i]
+        kept = u >= cut[U64(at[c])]
         out[i] = F32(1.0) if kept else F32(0.0)
-        pending[waiting] = i
-        waiting += 1 if (not kept) & (u >= cut[at[c + 1] - 1]) else 0
+        pending[waiting] = U32(i)
+        waiting += U64(1) if (not kept) & (u >= cut[U64(at[c + U64(1)]) - U64(1)]) else U64(0)
     if waiting > EXACT_LIMIT:
         _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
     for w in range(waiting):
