@@ -319,24 +319,26 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
                         if label not in best or r["wall_s"] < best[label]["wall_s"]:
                             best[label] = r
                         print(f"{method:16} threads {t} {label:6}: {r['wall_s']:6.2f} s wall, {r['cpu_s']:6.2f} s "
-                              f"CPU, {stolen(r)} s stolen", file=sys.stderr)
+                              f"CPU, {stolen(r)} s stolen / iowait", file=sys.stderr)
                 for label in backends:
                     same = all((work / "out-eager" / f.name).read_bytes() == f.read_bytes()
                                for f in sorted((work / f"out-{label}").glob("*.safetensors")))
                     r = best[label]
                     rows.append({"method": method, "threads": t, "kernels": label, "wall_s": r["wall_s"],
-                                 "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"], "steal_s": r["steal_s"],
+                                 "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
+                                 "steal_s": r["steal_s"], "iowait_s": r["iowait_s"],
                                  "compute_s": max(0.0, r["wall_s"] - fixed[label]), "same_bytes": same,
                                  "compute_cpu_s": max(0.0, r["cpu_s"] - fixed_cpu[label])})
     lines = [f"## End to end: {models.name}, warm page cache, --max-ram {max_ram}, {len(os.sched_getaffinity(0))} "
              f"cores, best of {rounds}", "",
              "Start-up (tiny example merge): " + ", ".join(f"{b} {v:.2f} s" for b, v in fixed.items()), "",
              "Start-up CPU: " + ", ".join(f"{b} {v:.2f} s" for b, v in fixed_cpu.items()), "",
-             "Stolen: CPU time the hypervisor gave other guests during the run (/proc/stat), all CPUs together. Cores "
+             "Stolen / iowait: CPU time the hypervisor gave other guests, and idle time waiting for the disk, "
+             "during the run (/proc/stat), all CPUs together. Cores "
              "busy: (CPU − start-up CPU) / compute; `--threads 1` is above 1 because the reader, writer and commit "
              "threads run beside the compute thread, which bounds what a second core can add.", "",
-             "| method | threads | build | wall s | CPU s | stolen s | compute s | cores busy | compute / eager's | "
-             "peak RSS MiB | bytes = eager's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | threads | build | wall s | CPU s | stolen / iowait s | compute s | cores busy | "
+             "compute / eager's | peak RSS MiB | bytes = eager's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = next(x for x in rows if x["method"] == r["method"] and x["threads"] == r["threads"]
                  and x["kernels"] == "eager")

@@ -128,21 +128,25 @@ class MemoryCgroup:
             log(f"could not remove {self.path}: {exc}")
 
 
-def host_steal_s() -> float | None:
-    """CPU time the hypervisor has taken from this virtual machine's CPUs since boot, all CPUs together (the
-    ``steal`` column of /proc/stat's ``cpu`` line), seconds; None where the kernel does not report it. A run whose
-    steal grows by a good part of its wall time ran on CPUs another guest was using: its timing is not a measure
-    of the code."""
+def host_cpu_s() -> dict[str, float]:
+    """This machine's CPU time since boot by state, all CPUs together, seconds (/proc/stat's ``cpu`` line):
+    ``steal``, what the hypervisor gave other guests, and ``iowait``, idle with disk I/O outstanding; empty where
+    the kernel does not report them. A run during which either grows by a good part of its wall time waited for
+    another guest's CPU or for the disk: its timing is not a measure of the code."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return {"iowait": int(fields[5]) / tick, "steal": int(fields[8]) / tick}
     except (OSError, IndexError, ValueError):
-        return None
+        return {}
 
 
 def stolen(r: dict, digits: int = 2) -> str:
-    """A :func:`time_v` result's stolen CPU seconds for a table, or '?' where unknown (no /proc, older JSON)."""
-    return "?" if r.get("steal_s") is None else f"{r['steal_s']:.{digits}f}"
+    """A :func:`time_v` result's stolen and I/O-wait CPU seconds for a table (``stolen / iowait``), or '?' where
+    unknown (no /proc, older JSON)."""
+    if r.get("steal_s") is None:
+        return "?"
+    return f"{r['steal_s']:.{digits}f} / {r.get('iowait_s') or 0:.{digits}f}"
 
 
 def time_v(cmd: list[str], sample: bool = False, env: dict | None = None) -> dict:
@@ -150,7 +154,7 @@ def time_v(cmd: list[str], sample: bool = False, env: dict | None = None) -> dic
     time_bin = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"
     report_fd_r, report_fd_w = os.pipe()
     full = [time_bin, "-v", "-o", f"/dev/fd/{report_fd_w}", *cmd]
-    steal0 = host_steal_s()
+    host0 = host_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(report_fd_w,), env=env)
     os.close(report_fd_w)
@@ -195,7 +199,7 @@ def time_v(cmd: list[str], sample: bool = False, env: dict | None = None) -> dic
     rt.start()
     out, err = proc.communicate()
     wall_outer = time.perf_counter() - t0
-    steal1 = host_steal_s()
+    host1 = host_cpu_s()
     stop.set()
     if sample:
         th.join()
@@ -232,7 +236,8 @@ def time_v(cmd: list[str], sample: bool = False, env: dict | None = None) -> dic
         "sys_s": sys_,
         "cpu_s": None if user is None or sys_ is None else round(user + sys_, 2),
         "cpu_percent": fields.get("Percent of CPU this job got"),
-        "steal_s": None if steal0 is None or steal1 is None else round(steal1 - steal0, 2),
+        "steal_s": round(host1["steal"] - host0["steal"], 2) if host0 and host1 else None,
+        "iowait_s": round(host1["iowait"] - host0["iowait"], 2) if host0 and host1 else None,
         "peak_rss": None if num("Maximum resident set size (kbytes)", int) is None
         else num("Maximum resident set size (kbytes)", int) * 1024,
         "major_faults": num("Major (requiring I/O) page faults", int),

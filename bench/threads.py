@@ -135,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                     if r["returncode"] != 0:
                         raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
                     row = {"method": method, "build": label, "threads": t, "busy": k, "wall_s": r["wall_s"],
-                           "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"], "steal_s": r["steal_s"],
+                           "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
+                           "steal_s": r["steal_s"], "iowait_s": r["iowait_s"],
                            "compute_s": max(0.0, r["wall_s"] - fixed[python])}
                     rows.append(row)
                     print(f"{method:16} {label:11} threads {t or '-':>2} busy {k}: {row['wall_s']:6.1f} s wall, "
-                          f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB, {stolen(row, 1)} s stolen",
+                          f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB, "
+                          f"{stolen(row, 1)} s stolen / iowait",
                           file=sys.stderr)
     report = render(rows, fixed, cores, models.name, args.max_ram)
     print(report)
@@ -159,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
 def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, max_ram: str) -> str:
     lines = [f"# Compute workers: {shape}, warm page cache, --max-ram {max_ram}, {cores} cores", "",
              "Start-up (tiny example merge): " + ", ".join(f"{v:.2f} s" for v in fixed.values()), "",
-             "Stolen: CPU time the hypervisor gave other guests during the run (/proc/stat), all CPUs together.", "",
-             "| method | build | threads | busy | wall s | CPU s | stolen s | compute s | peak RSS MiB | wall / quiet | "
-             "bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Stolen / iowait: CPU time the hypervisor gave other guests, and idle time waiting for the disk, "
+             "during the run (/proc/stat), all CPUs together.", "",
+             "| method | build | threads | busy | wall s | CPU s | stolen / iowait s | compute s | peak RSS MiB | "
+             "wall / quiet | bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         quiet = next(q for q in rows if q["method"] == r["method"] and q["build"] == r["build"]
                      and q["threads"] == r["threads"] and q["busy"] == min(x["busy"] for x in rows))
