@@ -121,19 +121,19 @@ def array(x: torch.Tensor) -> np.ndarray | None:
 
     if x.device.type != "cpu" or not x.is_contiguous():
         return None
-    element = _ELEMENT.get(x.dtype)
-    if element is None:
+    if x.dtype == torch.bfloat16:
+        kind = np.dtype(np.uint16)
+    elif x.dtype == torch.float16:
+        kind = np.dtype(np.int16)
+    elif x.dtype == torch.float32:
+        kind = np.dtype(np.float32)
+    else:
         return None
-    kind = np.dtype(element)
     if x.numel() == 0:
         return np.empty(0, dtype=kind)
     memory = (ctypes.c_char * (x.numel() * kind.itemsize)).from_address(x.data_ptr())
     memory.owner = x  # type: ignore[attr-defined]  (keeps the tensor's storage alive)
     return np.frombuffer(memory, dtype=kind)
-
-
-#: a kernel's element type for each tensor dtype (numpy type names: numpy is imported on first use)
-_ELEMENT = {torch.bfloat16: "uint16", torch.float16: "int16", torch.float32: "float32"}
 
 
 def arrays(base: torch.Tensor | None, models: Sequence[torch.Tensor],
