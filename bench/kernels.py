@@ -21,8 +21,8 @@ Without ``--e2e``, one thread, in one process:
 With ``--e2e``: warm page cache, ``streammerge merge ... --threads N`` of the family with ``STREAMMERGE_KERNELS=eager``
 and ``=numba`` alternately (``--rounds`` times each, the best kept), under ``/usr/bin/time``, and with
 ``--baseline-src`` the same merge by another source tree ("before"); the compute time is the wall time minus the
-start-up (the tiny example's merge, per build,
-the quickest of five: three before the merges, two after); every output is compared with eager's.
+start-up (the tiny example's merge per build, the quickest of five: three before the merges, two after); every
+output is compared with eager's.
 
 Prints Markdown; writes ``bench/results/<UTC timestamp>-kernels.md`` (``-kernels-e2e-<shape>.{md,json}``). numba
 is optional (``pip install 'streammerge[fast]'``); torch.compile needs a C++ compiler.

@@ -172,8 +172,7 @@ def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, ma
         bound = 1.5 * (r["busy"] + 1) / cores if r["busy"] else 1.0
         lines.append(f"| {r['method']} | {r['build']} | {r['threads'] or '-'} | {r['busy']} | {r['wall_s']:.1f} | "
                      f"{r['cpu_s']:.1f} | {stolen(r, 1)} | {r['compute_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
-                     f"{ratio:.2f} | "
-                     f"{'≤ ' + format(bound, '.2f') if r['busy'] else '-'} |")
+                     f"{ratio:.2f} | {'≤ ' + format(bound, '.2f') if r['busy'] else '-'} |")
     return "\n".join(lines) + "\n"
 
 
