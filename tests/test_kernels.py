@@ -333,7 +333,9 @@ def test_della_keep_factors_are_the_eager_ones(shape, kind, inverse):
     p = m.resolve_params({"density": 0.4, "epsilon": 0.2}, 1)
     task = TensorTask("x", shape, Rule.MATRIX if len(shape) == 2 else Rule.VECTOR, 64, exact_products=True)
     sp = m.start(task, p, 1).sparsifiers[0]
-    for epsilon in (0.2, -0.1):  # (refused as a parameter) larger deltas get lower probabilities: no rank bounds
+    # 0: one keep probability, no band; -0.1 (refused as a parameter): larger deltas get lower probabilities, so no
+    # rank bounds
+    for epsilon in (0.2, 0.0, -0.1):
         sp.epsilon = epsilon
         for r0 in (0, 3):
             want = sp.keep(r0, (model.float() - base.float()).abs(), inverse)

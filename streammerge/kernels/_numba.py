@@ -625,13 +625,8 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
         u = _draw(key, first + i)
         draws[i] = u
         out[i] = F32(1.0) if u >= top else F32(0.0)
-    # indices read back from the scratch arrays are unsigned: numba adds a negative-index wrap-around to every
-    # signed index, which doubled the cost of the band's gathers
-    width, banded = top - bottom, U64(0)
-    for i in range(n):  # the band's elements, in index order
-        band[banded] = U32(i)
-        banded += U64(1) if draws[i] - bottom < width else U64(0)
-    if banded == 0:
+    width = top - bottom
+    if width == 0:  # no band (epsilon 0): every decision is made
         return
     lo_key, hi_key = U32(0xFFFFFFFF), U32(0)  # the nonzero keys' least and greatest
     for i in range(n):
@@ -642,10 +637,18 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     span_bits, n_bits = _bit_length(hi_key - lo_key), _bucket_bits(n)
     shift = U32(span_bits - n_bits) if span_bits > n_bits else U32(0)
     buckets = U64((hi_key - lo_key) >> shift) + U64(1)
-    # at[c]: the count of bucket c (0: the zeros, c + 1: nonzero bucket c), then the least rank in it
+    # at[c]: the count of bucket c (0: the zeros, c + 1: nonzero bucket c), then the least rank in it; counted in
+    # the loop that lists the band's elements (in index order): two scalar loops in one ran 10-20% quicker.
+    # Indices read back from the scratch arrays are unsigned: numba adds a negative-index wrap-around to every
+    # signed index, which doubled the cost of the band's gathers
     at[: buckets + U64(1)] = 0
+    banded = U64(0)
     for i in range(n):
+        band[banded] = U32(i)
+        banded += U64(1) if draws[i] - bottom < width else U64(0)
         at[_bucket(keys[i], lo_key, shift)] += U32(1)
+    if banded == 0:
+        return
     below = U32(0)
     for c in range(buckets + U64(1)):
         count = at[c]
@@ -667,10 +670,13 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
         if waiting > EXACT_LIMIT:
             rank = ranks[i]
         else:
+            # the keys below, then the equal keys before (ties rank by index): two loops from 0 vectorise, where
+            # one loop with both tests ran 1.7-2.3 times slower per comparison (rows of 896 and 4864)
             k, rank = keys[i], np.int32(0)
-            for j in range(n):  # equal keys rank by index
-                other = keys[j]
-                rank += np.int32((other < k) | ((other == k) & (j < i)))
+            for j in range(n):
+                rank += np.int32(keys[j] < k)
+            for j in range(U64(i)):
+                rank += np.int32(keys[j] == k)
         out[i] = F32(1.0) if draws[i] >= cut[rank] else F32(0.0)
 
 
@@ -683,19 +689,24 @@ def _abs_keys(x, b, n, keys):  # type: ignore[no-untyped-def]
 
 @njit(inline="always")
 def _pack_bits(f, n, bit0, bits):  # type: ignore[no-untyped-def]
-    """OR the 0/1 factors ``f[:n]`` into ``bits`` (uint8, zeroed before) from bit ``bit0`` on, bit ``j`` of byte
-    ``j >> 3`` at ``j & 7`` (little-endian bit order), a whole byte at a time inside the run."""
+    """OR the factors ``f[:n]`` (float32, each exactly 0.0 or 1.0) into ``bits`` (uint8, zeroed before) from bit
+    ``bit0`` on, bit ``j`` of byte ``j >> 3`` at ``j & 7`` (little-endian bit order), whole bytes inside the run.
+
+    A whole byte is one expression of its eight factors' bit 29 (set in 1.0's pattern 0x3F800000, clear in 0.0's),
+    which LLVM vectorises over the bytes: 0.12 ns per factor against 0.6 for a loop over the eight bits."""
     j = 0
     while j < n and (bit0 + j) & 7:
         if f[j] != F32(0.0):
             bits[(bit0 + j) >> 3] |= np.uint8(1 << ((bit0 + j) & 7))
         j += 1
-    while j + 8 <= n:
-        v = 0
-        for t in range(8):
-            v |= (1 if f[j + t] != F32(0.0) else 0) << t
-        bits[(bit0 + j) >> 3] = np.uint8(v)
-        j += 8
+    whole = (n - j) >> 3
+    w, o, s = f[j : j + 8 * whole].view(np.uint32), bits[(bit0 + j) >> 3 :], U32(29)
+    for q in range(whole):
+        o[q] = np.uint8((w[8 * q] >> s) | ((w[8 * q + 1] >> s) << U32(1)) | ((w[8 * q + 2] >> s) << U32(2))
+                        | ((w[8 * q + 3] >> s) << U32(3)) | ((w[8 * q + 4] >> s) << U32(4))
+                        | ((w[8 * q + 5] >> s) << U32(5)) | ((w[8 * q + 6] >> s) << U32(6))
+                        | ((w[8 * q + 7] >> s) << U32(7)))
+    j += 8 * whole
     while j < n:
         if f[j] != F32(0.0):
             bits[(bit0 + j) >> 3] |= np.uint8(1 << ((bit0 + j) & 7))
