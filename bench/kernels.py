@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -274,8 +273,8 @@ def casts() -> list[str]:
 
 # ---- end to end ----------------------------------------------------------------------------------------------
 def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_ram: str,
-        baseline: Path | None, baseline_backend: str = "eager") -> tuple[str, dict]:
-    from run import stolen, time_v
+        baseline: Path | None, baseline_backend: str = "eager", work_arg: Path | None = None) -> tuple[str, dict]:
+    from run import StartUp, filesystem, stolen, time_v, work_root
     from threads import DEFAULT_PARAMS, merge_cmd, warm
 
     warm(models)
@@ -292,26 +291,13 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
     def command(prefix: list[str] | None, cmd: list[str]) -> list[str]:
         return cmd if prefix is None else [*prefix, *cmd[1:]]
 
-    with tempfile.TemporaryDirectory(dir=BENCH / "work" if (BENCH / "work").is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(dir=work_root(work_arg)) as tmp:
         work = Path(tmp)
-        tiny = work / "tiny"
-        subprocess.run([sys.executable, "-c", f"from streammerge.examples import write_family; "
-                        f"write_family({str(tiny)!r})"], check=True)
-        tiny_runs: dict[str, list[dict]] = {label: [] for label in backends}
-
-        def startup_round() -> None:
-            """One merge of the tiny example per build (the start-up; taken as the quickest of all of them)."""
-            for label, prefix, backend in runs:
-                cmd = command(prefix, [str(Path(sys.executable).with_name("streammerge")), "merge", "--base",
-                                       str(tiny / "base"), "--model", str(tiny / "chat"), "--model",
-                                       str(tiny / "multilingual"), "--out", str(work / "tiny-out"), "--force", "-q"])
-                r = time_v(cmd, env={**os.environ, ENV: backend})
-                if r["returncode"] != 0:
-                    raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
-                tiny_runs[label].append(r)
-
-        for _ in range(3):  # before the merges, and twice more after them: a slow spell at the start (or the end)
-            startup_round()  # cannot make every compute time short (or long)
+        outputs_on = filesystem(work)
+        start_up = StartUp(work, {label: (command(prefix, [str(Path(sys.executable).with_name("streammerge"))]),
+                                          {**os.environ, ENV: backend}) for label, prefix, backend in runs})
+        for _ in range(3):  # three rounds before the merges, two after (StartUp)
+            start_up.round()
         for method in methods_:
             for t in threads:
                 best: dict[str, dict] = {}
@@ -336,15 +322,15 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
                                  "steal_s": r["steal_s"], "iowait_s": r["iowait_s"],
                                  "same_bytes": same})
         for _ in range(2):
-            startup_round()
-    for label, done in tiny_runs.items():
-        quickest = min(done, key=lambda r: r["wall_s"])
+            start_up.round()
+    for label in backends:
+        quickest = start_up.quickest(label)
         fixed[label], fixed_cpu[label] = quickest["wall_s"], quickest["cpu_s"]
     for r in rows:
         r["compute_s"] = max(0.0, r["wall_s"] - fixed[r["kernels"]])
         r["compute_cpu_s"] = max(0.0, r["cpu_s"] - fixed_cpu[r["kernels"]])
     lines = [f"## End to end: {models.name}, warm page cache, --max-ram {max_ram}, {len(os.sched_getaffinity(0))} "
-             f"cores, best of {rounds}", "",
+             f"cores, best of {rounds}, outputs written to {outputs_on}", "",
              "Start-up (tiny example merge): " + ", ".join(f"{b} {v:.2f} s" for b, v in fixed.items()), "",
              "Start-up CPU: " + ", ".join(f"{b} {v:.2f} s" for b, v in fixed_cpu.items()), "",
              "Stolen / iowait: CPU time the hypervisor gave other guests, and idle time waiting for the disk, "
@@ -360,8 +346,8 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
         lines.append(f"| {r['method']} | {r['threads']} | {r['kernels']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
                      f"{stolen(r)} | {r['compute_s']:.2f} | {busy(r)} | {ratio:.2f} | {r['peak_rss'] / 2**20:.0f} | "
                      f"{'yes' if r['same_bytes'] else 'NO'} |")
-    return "\n".join(lines) + "\n", {"startup_s": fixed, "startup_cpu_s": fixed_cpu,
-                                     "startup_walls_s": {b: [r["wall_s"] for r in v] for b, v in tiny_runs.items()},
+    return "\n".join(lines) + "\n", {"startup_s": fixed, "startup_cpu_s": fixed_cpu, "outputs_on": outputs_on,
+                                     "startup_walls_s": start_up.walls(),
                                      "rows": rows}
 
 
@@ -385,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-kernels", default="eager", choices=("eager", "numba"),
                     help="--e2e: the STREAMMERGE_KERNELS the --baseline-src build runs with (default eager)")
     ap.add_argument("--max-ram", default="1GiB")
+    ap.add_argument("--work", type=Path, default=None, metavar="DIR",
+                    help="--e2e: write the outputs under DIR (e.g. /dev/shm, to leave the disk's writes out)")
     ap.add_argument("--casts", action="store_true", help="also check the casts on all 2^32 float32 patterns (1 min)")
     ap.add_argument("--results", type=Path, default=BENCH / "results")
     args = ap.parse_args(argv)
@@ -394,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         models = args.e2e.resolve()
         report, data = e2e(models, [m for m in args.method.split(",") if m], [int(t) for t in args.threads.split(",")],
                            args.rounds, args.max_ram, args.baseline_src.resolve() if args.baseline_src else None,
-                           args.baseline_kernels)
+                           args.baseline_kernels, args.work)
         print(report)
         path = args.results / f"{stamp}-kernels-e2e-{models.name}"
         path.with_name(path.name + ".md").write_text(report)

@@ -255,6 +255,64 @@ def time_v(cmd: list[str], sample: bool = False, env: dict | None = None) -> dic
     return res
 
 
+def work_root(arg: Path | None) -> Path | None:
+    """Where a warm-cache bench writes its outputs: ``--work`` (e.g. ``/dev/shm``: on tmpfs the figures leave out
+    the disk's writes and fsyncs, which on a shared VM's disk vary by seconds from run to run), else
+    ``bench/work/`` if it exists, else the system's temporary folder (None)."""
+    if arg is not None:
+        arg.mkdir(parents=True, exist_ok=True)
+        return arg
+    return BENCH / "work" if (BENCH / "work").is_dir() else None
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (``/proc/mounts``: the longest mount point above it), or '?'."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "?"
+    real = str(path.resolve())
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else "?"
+
+
+class StartUp:
+    """The fixed cost of a merge, per build: merges of the embedded tiny example under :func:`time_v`, the quickest
+    of all the rounds taken. Run rounds before and after the timed merges (e.g. three and two): a slow spell at
+    either end then cannot make every compute time (wall − start-up) short, or long.
+
+    ``builds``: label → (the words that start the ``streammerge`` CLI: its console script, or ``python -c ...``;
+    the environment, None for this one's)."""
+
+    def __init__(self, work: Path, builds: dict[str, tuple[list[str], dict | None]]) -> None:
+        self.builds, self.work, self.tiny = builds, work, work / "tiny"
+        self.runs: dict[str, list[dict]] = {label: [] for label in builds}
+        if not self.tiny.is_dir():
+            subprocess.run([sys.executable, "-c", "from streammerge.examples import write_family; "
+                            f"write_family({str(self.tiny)!r})"], check=True)
+
+    def round(self) -> None:
+        """One merge of the tiny example per build; SystemExit with its stderr if one fails."""
+        for label, (launcher, env) in self.builds.items():
+            cmd = [*launcher, "merge", "--base", str(self.tiny / "base"), "--model", str(self.tiny / "chat"),
+                   "--model", str(self.tiny / "multilingual"), "--out", str(self.work / "tiny-out"), "--force", "-q"]
+            r = time_v(cmd, env=env)
+            if r["returncode"] != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
+            self.runs[label].append(r)
+
+    def quickest(self, label: str) -> dict:
+        """The :func:`time_v` record of the build's quickest tiny merge so far (KeyError before any round)."""
+        if not self.runs[label]:
+            raise KeyError(label)
+        return min(self.runs[label], key=lambda r: r["wall_s"])
+
+    def walls(self) -> dict[str, list[float]]:
+        """Every tiny merge's wall seconds, per build, in run order."""
+        return {label: [r["wall_s"] for r in runs] for label, runs in self.runs.items()}
+
+
 def tree_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
 

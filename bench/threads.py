@@ -6,9 +6,10 @@
 
 For each method, thread count and number of busy processes (``python -c "while True: pass"``, started before the
 merge and killed after it), one ``streammerge merge ... --threads N --force -q`` with the inputs in the page cache
-(read once before), under ``/usr/bin/time``: wall, user+sys CPU and peak RSS. The start-up (a merge of the
-embedded tiny example, same interpreter, same run) is subtracted to give the compute time. The issue's figure of
-merit under load: wall(k busy) / wall(quiet), against the fair-share bound 1.5·(k + 1)/cores.
+(read once before), under ``/usr/bin/time``: wall, user+sys CPU and peak RSS. The start-up (the quickest merge
+of the embedded tiny example, three before the merges and two after, same interpreter, same run) is subtracted to
+give the compute time. The issue's figure of merit under load: wall(k busy) / wall(quiet), against the fair-share
+bound 1.5·(k + 1)/cores.
 
 ``--baseline-python`` runs the same grid with another installation (e.g. a checkout of the commit before the
 compute workers, ``--threads`` dropped) in the same run, for a before/after table.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from run import stolen, time_v  # noqa: E402  (bench/run.py's /usr/bin/time wrapper)
+from run import StartUp, filesystem, stolen, time_v, work_root  # noqa: E402  (bench/run.py's helpers)
 
 DEFAULT_PARAMS = {"ties": ["density=0.5"], "dare_ties": ["density=0.5"], "breadcrumbs": [], "della": ["density=0.5"]}
 
@@ -77,23 +78,6 @@ def script(python: str) -> str:
     return str(Path(python).with_name("streammerge"))
 
 
-def startup(python: str, work: Path) -> float:
-    """Wall seconds of a merge of the embedded tiny example (the fixed cost), best of three."""
-    tiny = work / "tiny"
-    if not tiny.is_dir():
-        subprocess.run([python, "-c", f"from streammerge.examples import write_family; write_family({str(tiny)!r})"],
-                       check=True, cwd=work)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        subprocess.run([script(python), "merge", "--base", str(tiny / "base"), "--model", str(tiny / "chat"),
-                        "--model", str(tiny / "multilingual"), "--out", str(work / "tiny-out"), "--force", "-q"],
-                       check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, required=True, help="family folder from make_models.py")
@@ -101,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default=None, help="comma-separated --threads values (default 1 and every core)")
     ap.add_argument("--busy", default="0,2,4", help="comma-separated numbers of busy processes beside the merge")
     ap.add_argument("--max-ram", default="1GiB")
+    ap.add_argument("--work", type=Path, default=None, metavar="DIR",
+                    help="write the outputs under DIR (e.g. /dev/shm, to leave the disk's writes out)")
     ap.add_argument("--baseline-python", default=None,
                     help="another installation's python to measure in the same run (without --threads)")
     ap.add_argument("--results", type=Path, default=BENCH / "results")
@@ -122,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_python:
         runs.append(("baseline", args.baseline_python, None))
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(dir=BENCH / "work" if (BENCH / "work").is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(dir=work_root(args.work)) as tmp:
         work = Path(tmp)
-        fixed = {python: startup(python, work) for _, python, _ in runs}
+        outputs_on = filesystem(work)
+        start_up = StartUp(work, {python: ([script(python)], None) for _, python, _ in runs})
+        for _ in range(3):  # three rounds before the merges, two after (StartUp)
+            start_up.round()
         for method in methods:
             params = DEFAULT_PARAMS.get(method, [])
             for k in busy:
@@ -136,19 +125,24 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
                     row = {"method": method, "build": label, "threads": t, "busy": k, "wall_s": r["wall_s"],
                            "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
-                           "steal_s": r["steal_s"], "iowait_s": r["iowait_s"],
-                           "compute_s": max(0.0, r["wall_s"] - fixed[python])}
+                           "steal_s": r["steal_s"], "iowait_s": r["iowait_s"], "python": python}
                     rows.append(row)
                     print(f"{method:16} {label:11} threads {t or '-':>2} busy {k}: {row['wall_s']:6.1f} s wall, "
                           f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB, "
                           f"{stolen(row, 1)} s stolen / iowait",
                           file=sys.stderr)
-    report = render(rows, fixed, cores, models.name, args.max_ram)
+        for _ in range(2):
+            start_up.round()
+        fixed = {python: start_up.quickest(python)["wall_s"] for python in start_up.builds}
+    for row in rows:
+        row["compute_s"] = max(0.0, row["wall_s"] - fixed[row.pop("python")])
+    report = render(rows, fixed, cores, models.name, args.max_ram, outputs_on)
     print(report)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     base = f"{stamp}-threads-{models.name}"  # (not Path.with_suffix: a name like qwen2-0.5b has a dot)
-    (args.results / f"{base}.json").write_text(json.dumps({"cores": cores, "startup_s": fixed, "rows": rows}, indent=2))
+    data = {"cores": cores, "startup_s": fixed, "outputs_on": outputs_on, "rows": rows}
+    (args.results / f"{base}.json").write_text(json.dumps(data, indent=2))
     (args.results / f"{base}.md").write_text(report)
     try:
         plot(rows, cores, args.results / f"{base}.png")
@@ -158,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, max_ram: str) -> str:
-    lines = [f"# Compute workers: {shape}, warm page cache, --max-ram {max_ram}, {cores} cores", "",
+def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, max_ram: str,
+           outputs_on: str = "?") -> str:
+    lines = [f"# Compute workers: {shape}, warm page cache, --max-ram {max_ram}, {cores} cores, outputs written to "
+             f"{outputs_on}", "",
              "Start-up (tiny example merge): " + ", ".join(f"{v:.2f} s" for v in fixed.values()), "",
              "Stolen / iowait: CPU time the hypervisor gave other guests, and idle time waiting for the disk, "
              "during the run (/proc/stat), all CPUs together.", "",
