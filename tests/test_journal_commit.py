@@ -48,3 +48,77 @@ def test_a_due_commit_starts_as_soon_as_the_previous_one_is_done(tmp_path, monke
     j.record_chunk("w", 2, 4, 12, {}, 8)  # due and nothing in flight: committed now
     j._join()
     assert _lines(j) == [(0, 2), (2, 4)]
+
+
+def test_commits_queue_behind_one_in_flight_without_blocking_and_land_in_order(tmp_path, monkeypatch):
+    """The per-tensor commit (``commit()``, from the writer thread) never waits for a sync in flight: it queues its
+    batch for the one commit thread, which makes the batches durable in the order they were asked for."""
+    def committers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "streammerge-commit"}
+
+    before = committers()  # (other tests' journals' threads, idling until they exit)
+    j = Journal(tmp_path)
+    release, syncing = threading.Event(), threading.Event()
+    synced: list[int] = []
+
+    def slow_sync(fds: list[int]) -> None:
+        syncing.set()
+        assert release.wait(30)
+        synced.append(len(synced))
+
+    monkeypatch.setattr(Journal, "_sync_data", staticmethod(slow_sync))
+    j.record_chunk("w", 0, 2, 11, {}, 8)
+    j.commit()  # batch 1 blocks in its sync
+    assert syncing.wait(30)
+    done = threading.Event()
+
+    def more() -> None:
+        for i in range(1, 4):
+            j.record_chunk("w", 2 * i, 2 * i + 2, 11 + i, {}, 8)
+            j.commit()  # queued: batch 1 is still syncing
+        done.set()
+
+    threading.Thread(target=more, daemon=True).start()
+    assert done.wait(30), "a commit blocked its caller while the previous one was syncing"
+    assert _lines(j) == []
+    ours = committers() - before
+    assert len(ours) == 1  # one thread serves every commit
+    release.set()
+    j.flush()
+    assert synced == [0, 1, 2, 3]  # each batch synced before its lines were appended
+    assert _lines(j) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    j.close()
+    assert not any(t.is_alive() for t in ours)  # close stops it
+
+
+def test_a_failed_commit_is_raised_by_the_next_and_the_batches_after_it_are_dropped(tmp_path, monkeypatch):
+    """A sync that fails: its lines and those of every batch queued behind it stay out of the journal (their bytes
+    may not be durable), and the next commit or flush raises the error."""
+    j = Journal(tmp_path)
+    release, syncing = threading.Event(), threading.Event()
+    calls = []
+
+    def failing_sync(fds: list[int]) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            syncing.set()
+            assert release.wait(30)
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Journal, "_sync_data", staticmethod(failing_sync))
+    j.record_chunk("w", 0, 2, 11, {}, 8)
+    j.flush()  # batch 1 durable
+    j.record_chunk("w", 2, 4, 12, {}, 8)
+    j.commit()  # batch 2: fails in its sync
+    assert syncing.wait(30)
+    j.record_chunk("w", 4, 6, 13, {}, 8)
+    j.commit()  # batch 3: queued behind the failing one
+    release.set()
+    try:
+        j.flush()
+    except OSError as exc:
+        assert exc.errno == 5
+    else:
+        raise AssertionError("the failed commit was not raised")
+    assert _lines(j) == [(0, 2)]
+    j.close()
