@@ -241,7 +241,8 @@ class Journal:
         """Make the shard bytes written so far durable, then the pending journal lines.
 
         The fdatasyncs and the append run on the journal's commit thread, one batch at a time in the order they
-        were asked for, so the merge goes on computing (and the writer writing) while the disk catches up; ``wait``
+        were asked for (commits asked for while one is in flight make one batch, one sync), so the merge goes on
+        computing (and the writer writing) while the disk catches up; ``wait``
         (or :meth:`flush`) blocks until everything asked for is done. A failed batch is raised by the next commit
         or flush, and the batches after it are dropped (their lines may describe bytes that were not synced).
 
@@ -255,7 +256,12 @@ class Journal:
             lines, fds = self._pending, list(self._sync_fds)
             self._pending, self._pending_bytes = [], 0
             with self._lock:
-                self._batches.append((lines, fds))
+                if self._batches:  # one waiting behind the batch in flight: these lines go with it (one sync)
+                    waiting, synced = self._batches[-1]
+                    waiting.extend(lines)
+                    synced.extend(fd for fd in fds if fd not in synced)
+                else:
+                    self._batches.append((lines, fds))
                 if self._thread is None:
                     self._stopping = False
                     self._thread = threading.Thread(target=self._commit_loop, name="streammerge-commit", daemon=True)

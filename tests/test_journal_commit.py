@@ -52,7 +52,8 @@ def test_a_due_commit_starts_as_soon_as_the_previous_one_is_done(tmp_path, monke
 
 def test_commits_queue_behind_one_in_flight_without_blocking_and_land_in_order(tmp_path, monkeypatch):
     """The per-tensor commit (``commit()``, from the writer thread) never waits for a sync in flight: it queues its
-    batch for the one commit thread, which makes the batches durable in the order they were asked for."""
+    lines for the one commit thread, which makes them durable in the order they were asked for; commits asked for
+    while one is in flight go together, with one sync."""
     def committers() -> set[threading.Thread]:
         return {t for t in threading.enumerate() if t.name == "streammerge-commit"}
 
@@ -85,7 +86,7 @@ def test_commits_queue_behind_one_in_flight_without_blocking_and_land_in_order(t
     assert len(ours) == 1  # one thread serves every commit
     release.set()
     j.flush()
-    assert synced == [0, 1, 2, 3]  # each batch synced before its lines were appended
+    assert synced == [0, 1]  # the three commits behind the first: one batch, synced before its lines went in
     assert _lines(j) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     j.close()
     assert not any(t.is_alive() for t in ours)  # close stops it
