@@ -242,30 +242,37 @@ class Journal:
 
         The fdatasyncs and the append run on the journal's commit thread, one batch at a time in the order they
         were asked for (commits asked for while one is in flight make one batch, one sync), so the merge goes on
-        computing (and the writer writing) while the disk catches up; ``wait``
-        (or :meth:`flush`) blocks until everything asked for is done. A failed batch is raised by the next commit
-        or flush, and the batches after it are dropped (their lines may describe bytes that were not synced).
+        computing (and the writer writing) while the disk catches up; ``wait`` (or :meth:`flush`) blocks until
+        everything asked for is done. A failed batch drops the batches queued behind it (their lines may describe
+        bytes that were not synced) and is raised by the next call that commits or waits for the commits (this
+        one, :meth:`flush`, :meth:`truncate`, :meth:`reset`), before it takes any pending line.
 
         One long-lived thread, not one per commit: a commit per finished tensor (~300 for a 0.5B model) started a
         thread each, and ``Thread.start`` waits for the new thread to take the GIL, which beside busy compute
         workers cost the writer thread 0.6 s, and joining the previous commit 0.4 s more (py-spy, 2-thread WIDEN),
         while the workers waited 1.6 s for output buffers."""
-        self._raise()
-        self._last_commit = time.monotonic()
-        if self.enabled and self._pending:
-            lines, fds = self._pending, list(self._sync_fds)
-            self._pending, self._pending_bytes = [], 0
-            with self._lock:
+        with self._lock:  # (the failure check and the queueing under one lock: no batch slips in behind a failure)
+            self._raise()
+            self._last_commit = time.monotonic()
+            if self.enabled and self._pending:
+                lines, fds, nbytes = self._pending, list(self._sync_fds), self._pending_bytes
                 if self._batches:  # one waiting behind the batch in flight: these lines go with it (one sync)
                     waiting, synced = self._batches[-1]
                     waiting.extend(lines)
                     synced.extend(fd for fd in fds if fd not in synced)
                 else:
                     self._batches.append((lines, fds))
-                if self._thread is None:
+                self._pending, self._pending_bytes = [], 0
+                if self._thread is None:  # (no thread: nothing was queued before this batch)
+                    thread = threading.Thread(target=self._commit_loop, name="streammerge-commit", daemon=True)
                     self._stopping = False
-                    self._thread = threading.Thread(target=self._commit_loop, name="streammerge-commit", daemon=True)
-                    self._thread.start()
+                    try:
+                        thread.start()
+                    except BaseException:  # e.g. no thread can be started: the lines stay pending, nothing queued
+                        self._batches.clear()
+                        self._pending, self._pending_bytes = lines, nbytes
+                        raise
+                    self._thread = thread
                 self._lock.notify_all()
         if wait:
             self._join()
@@ -328,8 +335,10 @@ class Journal:
         self._raise()
 
     def _raise(self) -> None:
-        if self._error is not None:
+        """Raise a failed batch's error, once."""
+        with self._lock:
             exc, self._error = self._error, None
+        if exc is not None:
             raise exc
 
     def _append(self, entry: dict[str, Any]) -> None:

@@ -123,3 +123,37 @@ def test_a_failed_commit_is_raised_by_the_next_and_the_batches_after_it_are_drop
         raise AssertionError("the failed commit was not raised")
     assert _lines(j) == [(0, 2)]
     j.close()
+
+
+def test_a_commit_thread_that_cannot_start_leaves_the_lines_pending_and_nothing_hangs(tmp_path, monkeypatch):
+    """``Thread.start`` failing (no thread can be started) is raised by the commit; its lines stay pending, nothing
+    is queued, and a later commit starts the thread and makes them durable; flush and close return."""
+    j = Journal(tmp_path)
+    real_start = threading.Thread.start
+
+    def failing_start(self: threading.Thread) -> None:
+        if self.name == "streammerge-commit":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    j.record_chunk("w", 0, 2, 11, {}, 8)
+    try:
+        j.commit()
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failed start was not raised")
+    assert not j._committing()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    done = threading.Event()
+
+    def later() -> None:
+        j.record_chunk("w", 2, 4, 12, {}, 8)
+        j.flush()
+        j.close()
+        done.set()
+
+    threading.Thread(target=later, daemon=True).start()
+    assert done.wait(30), "flush or close hung after a failed thread start"
+    assert _lines(j) == [(0, 2), (2, 4)]
