@@ -905,7 +905,10 @@ def test_ctrl_c_during_start_up_exits_130_with_one_line(delay, fam, out):
     import time
 
     args = [sys.executable, "-m", "streammerge", *map(str, merge_args(fam, out, "-q"))]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal leaves it: a shell's background job (e.g. a CI script started with `&`) inherits it
+    # ignored, and CPython then installs no KeyboardInterrupt handler (the merge would just finish)
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
