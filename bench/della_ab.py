@@ -55,27 +55,30 @@ def load_kernels(src: Path) -> types.ModuleType:
     return module
 
 
-def shape_of(folder: Path, name: str) -> tuple[int, int]:
-    """(rows, row length) of the 2-D tensor ``name`` in the model folder."""
+def stored_in(folder: Path, name: str) -> Path:
+    """The ``*.safetensors`` file of the model folder that holds tensor ``name``."""
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
             if name in h.keys():
-                rows, n = h.get_slice(name).get_shape()
-                return rows, n
+                return f
     raise SystemExit(f"{name} is not in {folder}")
+
+
+def shape_of(folder: Path, name: str) -> tuple[int, int]:
+    """(rows, row length) of the 2-D tensor ``name`` in the model folder."""
+    with safe_open(str(stored_in(folder, name)), "pt") as h:
+        rows, n = h.get_slice(name).get_shape()
+    return rows, n
 
 
 def rows_of(folder: Path, name: str, first: int, count: int) -> np.ndarray:
     """Rows [first, first + count) of tensor ``name`` in the model folder, as stored (bfloat16 as uint16), flat."""
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            if name in h.keys():
-                import torch
+    import torch
 
-                t = h.get_slice(name)[first:first + count].contiguous()
-                return (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16
-                        else t.float().numpy()).reshape(-1).copy()
-    raise SystemExit(f"{name} is not in {folder}")
+    with safe_open(str(stored_in(folder, name)), "pt") as h:
+        t = h.get_slice(name)[first:first + count].contiguous()
+    return (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16
+            else t.float().numpy()).reshape(-1).copy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=work_root(args.work)) as tmp:
         work = Path(tmp)
         outputs_on = filesystem(work)
-        start_up = StartUp(work, {python: ([script(python)], None) for _, python, _ in runs})
+        start_up = StartUp(work, {label: ([script(python)], None) for label, python, _ in runs})
         for _ in range(3):  # three rounds before the merges, two after (StartUp)
             start_up.round()
         for method in methods:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
                     row = {"method": method, "build": label, "threads": t, "busy": k, "wall_s": r["wall_s"],
                            "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
-                           "steal_s": r["steal_s"], "iowait_s": r["iowait_s"], "python": python}
+                           "steal_s": r["steal_s"], "iowait_s": r["iowait_s"]}
                     rows.append(row)
                     print(f"{method:16} {label:11} threads {t or '-':>2} busy {k}: {row['wall_s']:6.1f} s wall, "
                           f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB, "
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
         for _ in range(2):
             start_up.round()
-        fixed = {python: start_up.quickest(python)["wall_s"] for python in start_up.builds}
+        fixed = {label: start_up.quickest(label)["wall_s"] for label in start_up.builds}
     for row in rows:
-        row["compute_s"] = max(0.0, row["wall_s"] - fixed[row.pop("python")])
+        row["compute_s"] = max(0.0, row["wall_s"] - fixed[row["build"]])
     report = render(rows, fixed, cores, models.name, args.max_ram, outputs_on)
     print(report)
     args.results.mkdir(parents=True, exist_ok=True)
