@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -36,17 +38,24 @@ TENSORS = ("model.layers.3.mlp.down_proj.weight", "model.layers.3.mlp.up_proj.we
 DENSITY, EPSILON = 0.5, 0.15
 
 
-def load_kernels(src: Path) -> types.ModuleType:
+def load_kernels(src: Path, scratch: Path) -> types.ModuleType:
     """The kernels module of the tree at ``src``, imported as package ``baseline_kernels`` (its ``from . import``
-    of the keep-mode constants served by a stand-in ``__init__``)."""
+    of the keep-mode constants served by a stand-in ``__init__``) from a copy in ``scratch``: numba caches compiled
+    code beside the source, keyed by its path, and a cache written under this package name would break the tree's
+    own runs (``ModuleNotFoundError: baseline_kernels``)."""
     from streammerge import kernels
 
+    folder = scratch / "baseline_kernels"
+    folder.mkdir()
+    for f in (src / "streammerge" / "kernels").glob("*.py"):
+        shutil.copy2(f, folder / f.name)
+    src = folder
     pkg = types.ModuleType("baseline_kernels")
-    pkg.__path__ = [str(src / "streammerge" / "kernels")]  # type: ignore[attr-defined]
+    pkg.__path__ = [str(folder)]  # type: ignore[attr-defined]
     for name in ("NO_FACTOR", "SELECT", "FACTOR", "RANDOM", "MAGPRUNE", "BITS"):
         setattr(pkg, name, getattr(kernels, name))
     sys.modules["baseline_kernels"] = pkg
-    spec = importlib.util.spec_from_file_location("baseline_kernels._numba", src / "streammerge/kernels/_numba.py")
+    spec = importlib.util.spec_from_file_location("baseline_kernels._numba", src / "_numba.py")
     if spec is None or spec.loader is None:
         raise SystemExit(f"no kernels in {src}")
     module = importlib.util.module_from_spec(spec)
@@ -93,7 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     from streammerge.kernels import MAGPRUNE
     from streammerge.kernels import _numba as this
 
-    other = load_kernels(args.baseline_src.resolve())
+    with tempfile.TemporaryDirectory(prefix="della-ab-") as scratch:  # (the copy's cache compiles once per run)
+        report = compare(args, this, load_kernels(args.baseline_src.resolve(), Path(scratch)), MAGPRUNE)
+    print(report)
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-della-ab-{args.models.name}.md"
+    path.write_text(report)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def compare(args: argparse.Namespace, this: types.ModuleType, other: types.ModuleType, magprune: int) -> str:
+    """The Markdown report: both builds' ``l1_sums`` on the same rows of each of :data:`TENSORS`."""
     folders = [args.models / sub for sub in ("base", "chat", "multilingual")]
     keys = np.array([7, 9], np.uint64)
     prune = np.array([[DENSITY, 2 * EPSILON, DENSITY - EPSILON]] * 2, np.float32)
@@ -108,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         first = rows_total // 3 if rows_total > 4 * args.rows else 0  # the embedding: rows from its middle
         count = min(args.rows, rows_total - first)
         b, m1, m2 = (rows_of(f, name, first, count) for f in folders)
-        modes = np.array([MAGPRUNE, MAGPRUNE], np.int64)
+        modes = np.array([magprune, magprune], np.int64)
         sel, cuts, keep = np.zeros((2, 4), np.int64), np.zeros(2, np.uint64), np.ones(2, np.float32)
         unused = tuple(np.ones(1, np.float32) for _ in range(2))
 
@@ -129,13 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {n} | {per['other']:.2f} | {per['this']:.2f} | {per['this'] / per['other']:.2f} | "
                      f"{'yes' if same else 'NO'} |")
         print(lines[-1], file=sys.stderr)
-    report = "\n".join(lines) + "\n"
-    print(report)
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-della-ab-{args.models.name}.md"
-    path.write_text(report)
-    print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

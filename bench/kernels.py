@@ -3,7 +3,7 @@
 
     python bench/kernels.py [--elements 262144] [--repeat 200] [--casts]
     python bench/kernels.py --e2e bench/models/qwen2-0.5b [--method task_arithmetic,ties,widen] [--threads 1,2]
-        [--rounds 2] [--baseline-src DIR]
+        [--rounds 2] [--baseline-src DIR [--baseline-kernels numba] [--no-eager]]
 
 Without ``--e2e``, one thread, in one process:
 
@@ -22,7 +22,9 @@ With ``--e2e``: warm page cache, ``streammerge merge ... --threads N`` of the fa
 and ``=numba`` alternately (``--rounds`` times each, the best kept), under ``/usr/bin/time``, and with
 ``--baseline-src`` the same merge by another source tree ("before"); the compute time is the wall time minus the
 start-up (the tiny example's merge per build, the quickest of five: three before the merges, two after); every
-output is compared with eager's.
+output is compared with eager's (with ``--no-eager``, which leaves the eager runs out, with the first build's). With
+task_arithmetic among the methods, a second table gives each method's compute time over task arithmetic's, per
+build and thread count (the issue's "every other method ≤ 2.5× its task_arithmetic time").
 
 Prints Markdown; writes ``bench/results/<UTC timestamp>-kernels.md`` (``-kernels-e2e-<shape>.{md,json}``). numba
 is optional (``pip install 'streammerge[fast]'``); torch.compile needs a C++ compiler.
@@ -273,7 +275,8 @@ def casts() -> list[str]:
 
 # ---- end to end ----------------------------------------------------------------------------------------------
 def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_ram: str,
-        baseline: Path | None, baseline_backend: str = "eager", work_arg: Path | None = None) -> tuple[str, dict]:
+        baseline: Path | None, baseline_backend: str = "eager", work_arg: Path | None = None,
+        with_eager: bool = True) -> tuple[str, dict]:
     from run import StartUp, filesystem, stolen, time_v, work_root
     from threads import DEFAULT_PARAMS, merge_cmd, warm
 
@@ -282,11 +285,13 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
     fixed: dict[str, float] = {}
     fixed_cpu: dict[str, float] = {}  # the start-up's CPU seconds (best-wall run), for the cores busy in compute
     # (label, the command's first words instead of the console script, STREAMMERGE_KERNELS)
-    runs: list[tuple[str, list[str] | None, str]] = [("eager", None, "eager"), ("numba", None, "numba")]
+    runs: list[tuple[str, list[str] | None, str]] = [("eager", None, "eager")] if with_eager else []
+    runs.append(("numba", None, "numba"))
     if baseline is not None:  # another source tree (e.g. `git archive` of the commit before) first on sys.path
         runs.insert(0, ("before", [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(baseline)!r}); "
                                    "from streammerge._entry import main; main()"], baseline_backend))
     backends = [label for label, _, _ in runs]
+    reference = "eager" if with_eager else backends[0]  # the build every output and compute time is compared with
 
     def command(prefix: list[str] | None, cmd: list[str]) -> list[str]:
         return cmd if prefix is None else [*prefix, *cmd[1:]]
@@ -314,7 +319,7 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
                         print(f"{method:16} threads {t} {label:6}: {r['wall_s']:6.2f} s wall, {r['cpu_s']:6.2f} s "
                               f"CPU, {stolen(r)} s stolen / iowait", file=sys.stderr)
                 for label in backends:
-                    same = all((work / "out-eager" / f.name).read_bytes() == f.read_bytes()
+                    same = all((work / f"out-{reference}" / f.name).read_bytes() == f.read_bytes()
                                for f in sorted((work / f"out-{label}").glob("*.safetensors")))
                     r = best[label]
                     rows.append({"method": method, "threads": t, "kernels": label, "wall_s": r["wall_s"],
@@ -338,17 +343,34 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
              "busy: (CPU − start-up CPU) / compute; `--threads 1` is above 1 because the reader, writer and commit "
              "threads run beside the compute thread, which bounds what a second core can add.", "",
              "| method | threads | build | wall s | CPU s | stolen / iowait s | compute s | cores busy | "
-             "compute / eager's | peak RSS MiB | bytes = eager's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"compute / {reference}'s | peak RSS MiB | bytes = {reference}'s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = next(x for x in rows if x["method"] == r["method"] and x["threads"] == r["threads"]
-                 and x["kernels"] == "eager")
+                 and x["kernels"] == reference)
         ratio = r["compute_s"] / e["compute_s"] if e["compute_s"] else float("nan")
         lines.append(f"| {r['method']} | {r['threads']} | {r['kernels']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
                      f"{stolen(r)} | {r['compute_s']:.2f} | {busy(r)} | {ratio:.2f} | {r['peak_rss'] / 2**20:.0f} | "
                      f"{'yes' if r['same_bytes'] else 'NO'} |")
+    lines += over_task_arithmetic(rows)
     return "\n".join(lines) + "\n", {"startup_s": fixed, "startup_cpu_s": fixed_cpu, "outputs_on": outputs_on,
                                      "startup_walls_s": start_up.walls(),
                                      "rows": rows}
+
+
+def over_task_arithmetic(rows: list[dict]) -> list[str]:
+    """Markdown: each method's compute time over task_arithmetic's (same build and threads); none without it."""
+    ta = {(r["kernels"], r["threads"]): r["compute_s"] for r in rows if r["method"] == "task_arithmetic"}
+    others = [r for r in rows if r["method"] != "task_arithmetic" and ta.get((r["kernels"], r["threads"]))]
+    if not others:
+        return []
+    lines = ["", "Compute time over task_arithmetic's (the same build and threads):", "",
+             "| method | threads | build | compute s | task_arithmetic s | ratio |", "|---|---|---|---|---|---|"]
+    for r in others:
+        t = ta[(r["kernels"], r["threads"])]
+        lines.append(f"| {r['method']} | {r['threads']} | {r['kernels']} | {r['compute_s']:.2f} | {t:.2f} | "
+                     f"{r['compute_s'] / t:.2f} |")
+    return lines
 
 
 def busy(r: dict) -> str:
@@ -370,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                     "-x -C DIR`), as 'before', in the same run")
     ap.add_argument("--baseline-kernels", default="eager", choices=("eager", "numba"),
                     help="--e2e: the STREAMMERGE_KERNELS the --baseline-src build runs with (default eager)")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="--e2e: leave out the eager runs (DELLA's take minutes); outputs and compute times are then "
+                    "compared with the first build's")
     ap.add_argument("--max-ram", default="1GiB")
     ap.add_argument("--work", type=Path, default=None, metavar="DIR",
                     help="--e2e: write the outputs under DIR (e.g. /dev/shm, to leave the disk's writes out)")
@@ -382,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         models = args.e2e.resolve()
         report, data = e2e(models, [m for m in args.method.split(",") if m], [int(t) for t in args.threads.split(",")],
                            args.rounds, args.max_ram, args.baseline_src.resolve() if args.baseline_src else None,
-                           args.baseline_kernels, args.work)
+                           args.baseline_kernels, args.work, with_eager=not args.no_eager)
         print(report)
         path = args.results / f"{stamp}-kernels-e2e-{models.name}"
         path.with_name(path.name + ".md").write_text(report)

@@ -478,7 +478,14 @@ def _mixed(key, index):  # type: ignore[no-untyped-def]
     """``mix64(key + (index + 1)·φ)``, uint64 with wrap-around (``_rng._mixed_blocks``' value for flat element
     ``index`` of the stream ``key``); DARE keeps the element iff it is ``>= cut`` (``_rng.keep_mask``). Every
     operand is uint64: numba would take a mix with int64 to float64."""
-    z = key + (np.uint64(index) + np.uint64(1)) * PHI
+    return _finish(key + (np.uint64(index) + np.uint64(1)) * PHI)
+
+
+@njit(inline="always")
+def _finish(z):  # type: ignore[no-untyped-def]
+    """:func:`_mixed` after its first step: ``z`` = ``key + (index + 1)·φ``. A loop over consecutive indices keeps
+    ``z`` as a running sum (``z += φ``, the same uint64 with wrap-around) instead of a product per element: 3% of
+    DELLA's L1 pass."""
     z = (z ^ (z >> np.uint64(30))) * MIX1
     z = (z ^ (z >> np.uint64(27))) * MIX2
     return z ^ (z >> np.uint64(31))
@@ -530,11 +537,13 @@ def _bit_length(x):  # type: ignore[no-untyped-def]
     return b
 
 
-#: pending elements up to which a row counts their exact ranks one by one (a vectorised pass over the row each);
-#: beyond, the row is ranked whole (:func:`_row_ranks`, about 100 such passes on rows of 896 and 4864)
+#: vectorised passes over a row (one per key of its undecided elements, two where that key's bucket holds other keys
+#: too) up to which :func:`_row_keep` ranks them by counting; past them, the rest of the row is ranked whole
+#: (:func:`_row_ranks`, about 100 such passes on rows of 896 and 4864)
 EXACT_LIMIT = 64
-#: :func:`_row_keep` counts a row of n elements into at most 2^(floor(log2 n) + 1) buckets (2n at most; more cost
-#: more in the prefix than they save, measured on rows of 896 and 4864 bfloat16 deltas), and at most 2¹³
+#: :func:`_row_keep` counts a row of n elements into at most 2^floor(log2 n) buckets (n at most: twice as many cost
+#: more in the prefix than they save in undecided elements, 1-8% on rows of 896, 1536 and 4864 bfloat16 deltas; four
+#: times fewer cost 2-8% more), and at most 2¹³
 MAX_BUCKET_BITS = 13
 #: 2⁵³: a draw ``u`` is an integer below it over it
 TWO53 = 9007199254740992.0
@@ -543,7 +552,7 @@ TWO53 = 9007199254740992.0
 @njit(inline="always")
 def _bucket_bits(n):  # type: ignore[no-untyped-def]
     """log2 of the most buckets :func:`_row_keep` counts a row of ``n`` elements into."""
-    return min(_bit_length(U32(n)), MAX_BUCKET_BITS)
+    return min(max(_bit_length(U32(n)) - 1, 0), MAX_BUCKET_BITS)
 
 
 @njit(inline="always")
@@ -552,7 +561,8 @@ def _keep_scratch(n):  # type: ignore[no-untyped-def]
     return (np.empty((1 << _bucket_bits(n)) + 2, dtype=np.uint32), np.empty(n, dtype=np.uint64),
             np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32),
             np.empty(n, dtype=np.int32), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int32),
-            np.empty(2048, dtype=np.int64))
+            np.empty(2048, dtype=np.int64), np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.bool_),
+            np.empty(n, dtype=np.uint32))
 
 
 @njit(inline="always")
@@ -604,16 +614,19 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     between (the band) need more. The nonzero keys' span is cut into equal buckets (:func:`_bucket_bits`) and
     counted, zeros in a bucket of their own, ranked first; a band element's bucket bounds its rank, which decides
     it unless ``cut`` at the bucket's lowest and highest rank lie on either side of its draw (equal keys, mostly).
-    Those few are ranked exactly, by counting over the row, or past :data:`EXACT_LIMIT` by ranking the row
-    (:func:`_row_ranks`). Without ``bounds``, or with ``inverse``, every element is ranked (:func:`_row_ranks`).
-    Every decision is the one its exact rank gives; the loops are branch-free where the draws are random.
+    Those few are ranked exactly a key at a time, by counting over the row, or past :data:`EXACT_LIMIT` passes by
+    ranking the row (:func:`_row_ranks`). Without ``bounds``, or with ``inverse``, every element is ranked
+    (:func:`_row_ranks`). Every decision is the one its exact rank gives; the loops are branch-free where the draws
+    are random.
 
     keys: (n,) uint32 (the |Δ| bits), modified; p_of: (n,) float32 and cut: (n,) uint64 by rank; scratch: the
     arrays of :func:`_keep_scratch`; out: (n,) float32."""
-    at, draws, band, pending, ranks, idx, spare_keys, spare_idx, radix = scratch
+    at, draws, band, pending, ranks, idx, spare_keys, spare_idx, radix, equal_before, resolved, ids = scratch
     if not bounds or inverse:
+        z = key + (np.uint64(first) + np.uint64(1)) * PHI
         for i in range(n):
-            draws[i] = _draw(key, first + i)
+            draws[i] = _finish(z) >> np.uint64(11)
+            z += PHI
         _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
         for i in range(n):
             rank = ranks[i]
@@ -621,8 +634,10 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
             out[i] = f / p_of[rank] if inverse else f
         return
     top, bottom = cut[0], cut[n - 1]
+    z = key + (np.uint64(first) + np.uint64(1)) * PHI  # _mixed's first step, as a running sum: one product less
     for i in range(n):  # the draws (a vectorised loop), and the decisions outside the band
-        u = _draw(key, first + i)
+        u = _finish(z) >> np.uint64(11)
+        z += PHI
         draws[i] = u
         out[i] = F32(1.0) if u >= top else F32(0.0)
     width = top - bottom
@@ -641,12 +656,14 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     # the loop that lists the band's elements (in index order): two scalar loops in one ran 10-20% quicker.
     # Indices read back from the scratch arrays are unsigned: numba adds a negative-index wrap-around to every
     # signed index, which doubled the cost of the band's gathers
+    for i in range(n):  # the buckets first (a vectorised loop): the two scalar loops below only read them
+        ids[i] = _bucket(keys[i], lo_key, shift)
     at[: buckets + U64(1)] = 0
     banded = U64(0)
     for i in range(n):
         band[banded] = U32(i)
         banded += U64(1) if draws[i] - bottom < width else U64(0)
-        at[_bucket(keys[i], lo_key, shift)] += U32(1)
+        at[U64(ids[i])] += U32(1)
     if banded == 0:
         return
     below = U32(0)
@@ -658,26 +675,51 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     waiting = U64(0)
     for j in range(banded):
         i = U64(band[j])
-        c, u = U64(_bucket(keys[i], lo_key, shift)), draws[i]
+        c, u = U64(ids[i]), draws[i]
         kept = u >= cut[U64(at[c])]
         out[i] = F32(1.0) if kept else F32(0.0)
         pending[waiting] = U32(i)
         waiting += U64(1) if (not kept) & (u >= cut[U64(at[c + U64(1)]) - U64(1)]) else U64(0)
-    if waiting > EXACT_LIMIT:
-        _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
+    # the waiting elements' exact ranks, a key at a time: one vectorised pass over the row counts the keys equal to
+    # it, noting the count before each waiting element of that key (ties rank by index); if they are all of its
+    # bucket's keys (bfloat16 deltas repeat: 96% of the waiting elements on rows of 8960), the keys below it are the
+    # bucket's least rank, else a second pass counts them. One pass per key where there was one per element and a
+    # half: on rows of 8960, 19 passes for 37 waiting elements. Past EXACT_LIMIT passes, the rest of the row is
+    # ranked whole (:func:`_row_ranks`, which overwrites ``keys``)
+    resolved[:waiting] = False
+    passes, ranked = 0, False
     for w in range(waiting):
-        i = pending[w]
-        if waiting > EXACT_LIMIT:
-            rank = ranks[i]
+        if resolved[w]:
+            continue
+        if not ranked and passes + 2 > EXACT_LIMIT:
+            _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
+            ranked = True
+        if ranked:
+            i = U64(pending[w])
+            out[i] = F32(1.0) if draws[i] >= cut[U64(ranks[i])] else F32(0.0)
+            continue
+        k = keys[U64(pending[w])]
+        seen, j0 = U32(0), U64(0)
+        for v in range(w, waiting):
+            i = U64(pending[v])
+            if not resolved[v] and keys[i] == k:
+                for j in range(j0, i):
+                    seen += U32(keys[j] == k)
+                equal_before[v], j0 = seen, i
+        for j in range(j0, U64(n)):
+            seen += U32(keys[j] == k)
+        c = U64(_bucket(k, lo_key, shift))
+        if seen == at[c + U64(1)] - at[c]:  # every key of the bucket equals k
+            below_k, passes = at[c], passes + 1
         else:
-            # the keys below, then the equal keys before (ties rank by index): two loops from 0 vectorise, where
-            # one loop with both tests ran 1.7-2.3 times slower per comparison (rows of 896 and 4864)
-            k, rank = keys[i], np.int32(0)
+            below_k, passes = U32(0), passes + 2
             for j in range(n):
-                rank += np.int32(keys[j] < k)
-            for j in range(U64(i)):
-                rank += np.int32(keys[j] == k)
-        out[i] = F32(1.0) if draws[i] >= cut[rank] else F32(0.0)
+                below_k += U32(keys[j] < k)
+        for v in range(w, waiting):
+            i = U64(pending[v])
+            if not resolved[v] and keys[i] == k:
+                resolved[v] = True
+                out[i] = F32(1.0) if draws[i] >= cut[U64(below_k) + U64(equal_before[v])] else F32(0.0)
 
 
 @njit(inline="always")
@@ -866,8 +908,10 @@ def sparse_merge(base, models, keep_mode, sel, factors, bits, keys, cuts, start,
                     dk[i] = (((load(x, i) - b[i]) * kept[i]) * sk) * wk
             elif mode == RANDOM:
                 key, cut, kv, sk = keys[k], cuts[k], keep_value[k], scale[k]
+                z = key + (np.uint64(start + s) + np.uint64(1)) * PHI  # _mixed's first step, as a running sum
                 for i in range(m):
-                    f = kv if _mixed(key, start + s + i) >= cut else F32(0.0)
+                    f = kv if _finish(z) >= cut else F32(0.0)
+                    z += PHI
                     dk[i] = (((load(x, i) - b[i]) * f) * sk) * wk
             else:
                 for i in range(m):
@@ -968,11 +1012,13 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
                     every[j] = every[j] + np.float64(a)
                     some[j] = some[j] + np.float64(f[j] * a)
             elif mode == RANDOM:
-                key, cut, kv, first = keys[k], cuts[k], keep_value[k], (row0 + r) * cols
+                key, cut, kv = keys[k], cuts[k], keep_value[k]
+                z = key + (np.uint64((row0 + r) * cols) + np.uint64(1)) * PHI  # _mixed's first step, as a running sum
                 for j in range(cols):
                     a = abs(load(x, j) - b[j])
                     every[j] = every[j] + np.float64(a)
-                    some[j] = some[j] + np.float64((kv if _mixed(key, first + j) >= cut else F32(0.0)) * a)
+                    some[j] = some[j] + np.float64((kv if _finish(z) >= cut else F32(0.0)) * a)
+                    z += PHI
             else:
                 for j in range(cols):
                     a = np.float64(abs(load(x, j) - b[j]))
