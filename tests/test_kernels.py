@@ -308,6 +308,11 @@ def _della_deltas(kind: str, shape: tuple[int, ...], g: torch.Generator) -> tupl
         if model.numel() > 4:
             model.view(-1)[1], model.view(-1)[3] = float("nan"), float("inf")
         return base, model
+    if kind == "close":  # bfloat16, levels 2^-7 apart beside ones far apart: buckets of several repeated keys
+        base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        levels = torch.tensor([0.0, 1.0, 1.0 + 2 ** -7, 2.0, 2.0 + 2 ** -6, 5.0, 40.0]) * 2 ** -10
+        picked = levels[torch.randint(0, len(levels), shape, generator=g)]
+        return base, (base.float() + picked * torch.sign(torch.randn(shape, generator=g))).to(torch.bfloat16)
     base = torch.randn(shape, generator=g) * 0.02
     if kind == "float32":  # distinct keys: buckets of several keys, decided by their rank bounds
         return base, base + torch.randn(shape, generator=g) * 1e-3
@@ -321,12 +326,12 @@ def _della_deltas(kind: str, shape: tuple[int, ...], g: torch.Generator) -> tupl
 
 @needs_numba
 @pytest.mark.parametrize("shape", [(40, 300), (7, 1), (1, 2048), (500,), (1,)])
-@pytest.mark.parametrize("kind", ["levels", "float32", "equal", "cluster"])
+@pytest.mark.parametrize("kind", ["levels", "close", "float32", "equal", "cluster"])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_della_keep_factors_are_the_eager_ones(shape, kind, inverse):
     """``magprune_factors`` against ``MagPrune.keep`` on one block: rows of one element (the density itself), a
-    vector (one row), and |Δ| rows whose ranks come each way (see ``_della_deltas``): exact in one counting pass,
-    decided by a bucket's rank bounds, counted one by one, or by ranking the row."""
+    vector (one row), and |Δ| rows whose ranks come each way (see ``_della_deltas``): decided by a bucket's rank
+    bounds, counted a key at a time (in a bucket of that key alone, or of several), or by ranking the row."""
     g = torch.Generator().manual_seed(11)
     base, model = _della_deltas(kind, shape, g)
     m = get_method("della")
