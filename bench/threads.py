@@ -33,7 +33,11 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from run import StartUp, filesystem, stolen, time_v, work_root  # noqa: E402  (bench/run.py's helpers)
 
-DEFAULT_PARAMS = {"ties": ["density=0.5"], "dare_ties": ["density=0.5"], "breadcrumbs": [], "della": ["density=0.5"]}
+#: each method's parameters in the benches: mergekit's example densities (a density of 1, the default, keeps every
+#: delta and skips the method's own work)
+DEFAULT_PARAMS = {"ties": ["density=0.5"], "dare_ties": ["density=0.5"], "dare_linear": ["density=0.5"],
+                  "breadcrumbs": ["density=0.9"], "breadcrumbs_ties": ["density=0.9"], "della": ["density=0.5"],
+                  "della_linear": ["density=0.5"]}
 
 
 def warm(folder: Path) -> None:

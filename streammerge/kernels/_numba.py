@@ -1028,11 +1028,11 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
 
 
 @njit(**JIT)
-def histogram_high(base, model, h1, h2, two):  # type: ignore[no-untyped-def]
+def histogram_high(base, model, h):  # type: ignore[no-untyped-def]
     """Radix select's pass A (methods/_select.py ``TopK.pass_a``) on one model's ``|M − B|``: ``h[bits >> 16] +=
-    1`` for every element, into ``h1`` and, with ``two``, ``h2`` too (a second TopK of the same model); ``bits``
-    the int32 pattern of ``|M − B|`` in float32. base, model: (n,); h1, h2: (65536,) int64, accumulated into.
-    Per step, the keys first (a vectorised loop), then the counting."""
+    1`` for every element; ``bits`` the int32 pattern of ``|M − B|`` in float32 (a selection's second TopK takes
+    these counts: ``_Selection.counting``). base, model: (n,); h: (65536,) int64, accumulated into. Per step, the
+    keys first (a vectorised loop), then the counting."""
     n = base.shape[0]
     keys = np.empty(STEP, dtype=np.int32)
     for s in range(0, n, STEP):
@@ -1041,10 +1041,7 @@ def histogram_high(base, model, h1, h2, two):  # type: ignore[no-untyped-def]
         for i in range(m):
             keys[i] = np.int32(_abs_bits(load(x, i) - load(b, i)) >> 16)
         for i in range(m):
-            h1[keys[i]] += 1
-        if two:
-            for i in range(m):
-                h2[keys[i]] += 1
+            h[keys[i]] += 1
 
 
 @njit(**JIT)

@@ -154,11 +154,23 @@ class _Selection(Sparsifier):
     def _topks(self) -> list[TopK]:
         return [s for s in (self.hi, self.lo) if s is not None]
 
+    def counting(self, pass_index: int) -> list[TopK]:
+        """The TopKs that count pass ``pass_index``'s histograms: in pass B each non-trivial one (its own target
+        bin); in pass A only the first, as every TopK of the selection counts the same ``|Δ|`` (the others take its
+        counts at the end of the pass: Breadcrumbs' two thresholds, one histogram)."""
+        topks = [s for s in self._topks() if not s.trivial]
+        return topks[:1] if pass_index == 0 else topks
+
     def accumulate(self, pass_index: int, absd: torch.Tensor) -> None:
-        for s in self._topks():
+        for s in self.counting(pass_index):
             (s.pass_a if pass_index == 0 else s.pass_b)(absd)
 
     def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            counted = self.counting(0)
+            for s in self._topks():
+                if counted and s is not counted[0]:
+                    s.share_high(counted[0])
         for s in self._topks():
             (s.end_a if pass_index == 0 else s.end_b)()
 
@@ -557,13 +569,12 @@ class _DeltaTensorMerge(TensorMerge):
         for sp, m in zip(self.sparsifiers, ms):
             if not isinstance(sp, _Selection):
                 continue
-            topks = [s for s in sp._topks() if not s.trivial]
+            topks = sp.counting(pass_index)
             if not topks:
                 continue
             two = len(topks) == 2
             if pass_index == 0:
-                h = [s.high_counts().numpy() for s in topks]
-                k.histogram_high(b, m, h[0], h[-1], two)
+                k.histogram_high(b, m, topks[0].high_counts().numpy())
             else:
                 targets = [s.low_counts() for s in topks]
                 k.histogram_low(b, m, targets[0][0], targets[0][1].numpy(), targets[-1][0], targets[-1][1].numpy(),

@@ -62,6 +62,12 @@ class TopK:
             else:
                 self._hist_hi += counts
 
+    def share_high(self, other: TopK) -> None:
+        """Take pass A's histogram from ``other``, which counted the same ``|Δ|`` (the two TopKs of one selection,
+        which then count it once): a copy of its counts, called before ``other.end_a``."""
+        if not self.trivial:
+            self._hist_hi = None if other._hist_hi is None else other._hist_hi.clone()
+
     def end_a(self) -> None:
         if self.trivial:
             return
