@@ -478,14 +478,20 @@ def _mixed(key, index):  # type: ignore[no-untyped-def]
     """``mix64(key + (index + 1)·φ)``, uint64 with wrap-around (``_rng._mixed_blocks``' value for flat element
     ``index`` of the stream ``key``); DARE keeps the element iff it is ``>= cut`` (``_rng.keep_mask``). Every
     operand is uint64: numba would take a mix with int64 to float64."""
-    return _finish(key + (np.uint64(index) + np.uint64(1)) * PHI)
+    return _finish(_start(key, index))
+
+
+@njit(inline="always")
+def _start(key, index):  # type: ignore[no-untyped-def]
+    """:func:`_mixed`'s first step, ``key + (index + 1)·φ`` (uint64). A loop over consecutive indices takes it once
+    and keeps it as a running sum (``z += φ``, the same uint64 with wrap-around) instead of a product per element:
+    3% of DELLA's L1 pass."""
+    return key + (np.uint64(index) + np.uint64(1)) * PHI
 
 
 @njit(inline="always")
 def _finish(z):  # type: ignore[no-untyped-def]
-    """:func:`_mixed` after its first step: ``z`` = ``key + (index + 1)·φ``. A loop over consecutive indices keeps
-    ``z`` as a running sum (``z += φ``, the same uint64 with wrap-around) instead of a product per element: 3% of
-    DELLA's L1 pass."""
+    """:func:`_mixed` after its first step ``z`` (:func:`_start`)."""
     z = (z ^ (z >> np.uint64(30))) * MIX1
     z = (z ^ (z >> np.uint64(27))) * MIX2
     return z ^ (z >> np.uint64(31))
@@ -590,10 +596,10 @@ def _keep_table(n, density, spread, low, p_of, cut):  # type: ignore[no-untyped-
 
 
 @njit(inline="always")
-def _draw(key, index):  # type: ignore[no-untyped-def]
-    """The 53-bit integer of flat element ``index``'s draw in the stream ``key`` (uint64): ``_rng.uniform`` is it
-    over 2⁵³, the top 53 bits of :func:`_mixed`."""
-    return _mixed(key, np.uint64(index)) >> np.uint64(11)
+def _draw(z):  # type: ignore[no-untyped-def]
+    """The 53-bit integer of a flat element's draw (uint64), ``z`` its :func:`_start` in the stream: ``_rng.uniform``
+    is it over 2⁵³, the top 53 bits of :func:`_mixed`."""
+    return _finish(z) >> np.uint64(11)
 
 
 @njit(inline="always")
@@ -623,9 +629,9 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
     arrays of :func:`_keep_scratch`; out: (n,) float32."""
     at, draws, band, pending, ranks, idx, spare_keys, spare_idx, radix, equal_before, resolved, ids = scratch
     if not bounds or inverse:
-        z = key + (np.uint64(first) + np.uint64(1)) * PHI
+        z = _start(key, first)
         for i in range(n):
-            draws[i] = _finish(z) >> np.uint64(11)
+            draws[i] = _draw(z)
             z += PHI
         _row_ranks(keys, n, idx, spare_keys, spare_idx, radix, ranks)
         for i in range(n):
@@ -634,9 +640,9 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
             out[i] = f / p_of[rank] if inverse else f
         return
     top, bottom = cut[0], cut[n - 1]
-    z = key + (np.uint64(first) + np.uint64(1)) * PHI  # _mixed's first step, as a running sum: one product less
+    z = _start(key, first)
     for i in range(n):  # the draws (a vectorised loop), and the decisions outside the band
-        u = _finish(z) >> np.uint64(11)
+        u = _draw(z)
         z += PHI
         draws[i] = u
         out[i] = F32(1.0) if u >= top else F32(0.0)
@@ -708,7 +714,7 @@ def _row_keep(keys, n, key, first, p_of, cut, bounds, inverse, scratch, out):  #
                 equal_before[v], j0 = seen, i
         for j in range(j0, U64(n)):
             seen += U32(keys[j] == k)
-        c = U64(_bucket(k, lo_key, shift))
+        c = U64(ids[U64(pending[w])])
         if seen == at[c + U64(1)] - at[c]:  # every key of the bucket equals k
             below_k, passes = at[c], passes + 1
         else:
@@ -908,7 +914,7 @@ def sparse_merge(base, models, keep_mode, sel, factors, bits, keys, cuts, start,
                     dk[i] = (((load(x, i) - b[i]) * kept[i]) * sk) * wk
             elif mode == RANDOM:
                 key, cut, kv, sk = keys[k], cuts[k], keep_value[k], scale[k]
-                z = key + (np.uint64(start + s) + np.uint64(1)) * PHI  # _mixed's first step, as a running sum
+                z = _start(key, start + s)
                 for i in range(m):
                     f = kv if _finish(z) >= cut else F32(0.0)
                     z += PHI
@@ -1013,7 +1019,7 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
                     some[j] = some[j] + np.float64(f[j] * a)
             elif mode == RANDOM:
                 key, cut, kv = keys[k], cuts[k], keep_value[k]
-                z = key + (np.uint64((row0 + r) * cols) + np.uint64(1)) * PHI  # _mixed's first step, as a running sum
+                z = _start(key, (row0 + r) * cols)
                 for j in range(cols):
                     a = abs(load(x, j) - b[j])
                     every[j] = every[j] + np.float64(a)
