@@ -32,7 +32,7 @@ import numpy as np
 from .. import kernels
 from .._torch import torch
 from ._rng import drop_threshold, keep_mask, stream_key, uniform
-from ._select import BINS, TopK
+from ._select import BINS, NO_CANDIDATES, TopK
 from ._tiles import ColumnSums
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
@@ -58,7 +58,8 @@ def one_of(*choices: str):  # type: ignore[no-untyped-def]
 
 
 WEIGHT = ParamSpec("weight", float, 1.0, "scale of each model's delta", per_model=True, check=finite)
-DENSITY = ParamSpec("density", float, 1.0, "share of each model's delta elements kept", per_model=True, check=unit_interval)
+DENSITY = ParamSpec("density", float, 1.0, "share of each model's delta elements kept", per_model=True,
+                    check=unit_interval)
 GAMMA = ParamSpec("gamma", float, 0.01, "share of the largest |delta| elements removed (Breadcrumbs)", per_model=True,
                   check=unit_interval)
 EPSILON = ParamSpec("epsilon", float, 0.15, "spread of DELLA's keep probabilities: density ± epsilon from the "
@@ -156,12 +157,20 @@ class _Selection(Sparsifier):
 
     def counting(self, pass_index: int) -> list[TopK]:
         """The TopKs that count pass ``pass_index``'s histograms: in pass B each non-trivial one (its own target
-        bin); in pass A only the first, as every TopK of the selection counts the same ``|Δ|`` (the others take its
-        counts at the end of the pass: Breadcrumbs' two thresholds, one histogram)."""
-        topks = [s for s in self._topks() if not s.trivial]
-        return topks[:1] if pass_index == 0 else topks
+        bin) that pass A's candidates did not settle (``TopK.early``); in pass A only the first, as every TopK of the
+        selection counts the same ``|Δ|`` (the others take its counts at the end of the pass: Breadcrumbs' two
+        thresholds, one histogram)."""
+        topks = self.collecting()
+        return topks[:1] if pass_index == 0 else [s for s in topks if not s.early]
+
+    def collecting(self) -> list[TopK]:
+        """The non-trivial TopKs: in pass A each keeps its own candidates for pass B (``TopK.collect_args``)."""
+        return [s for s in self._topks() if not s.trivial]
 
     def accumulate(self, pass_index: int, absd: torch.Tensor) -> None:
+        if pass_index == 0:
+            for s in self.collecting():  # counted eagerly: pass B will run
+                s.stop_collecting()
         for s in self.counting(pass_index):
             (s.pass_a if pass_index == 0 else s.pass_b)(absd)
 
@@ -574,12 +583,30 @@ class _DeltaTensorMerge(TensorMerge):
                 continue
             two = len(topks) == 2
             if pass_index == 0:
-                k.histogram_high(b, m, topks[0].high_counts().numpy())
+                self._pass_a_raw(b, m, topks[0].high_counts().numpy(), sp.collecting())
             else:
                 targets = [s.low_counts() for s in topks]
                 k.histogram_low(b, m, targets[0][0], targets[0][1].numpy(), targets[-1][0], targets[-1][1].numpy(),
                                 two)
         return True
+
+    @staticmethod
+    def _pass_a_raw(b: np.ndarray, m: np.ndarray, hist: np.ndarray, topks: list[TopK]) -> None:
+        """Pass A by ``histogram_high``: the counts into ``hist``, and each TopK's candidates for pass B
+        (``TopK.collect_args``). The first block counts first, then chooses the windows and keeps its candidates."""
+        k = kernels.kernels()
+        count = True
+        if any(s.window is None for s in topks):
+            k.histogram_high(b, m, hist, True, 0, 0, NO_CANDIDATES, 0, 0, NO_CANDIDATES, np.full(2, -1))
+            for s in topks:
+                s.choose_window(hist)
+            count = False
+        args = [s.collect_args() for s in topks] + [(0, 0, NO_CANDIDATES)] * (2 - len(topks))
+        if count or any(length for _, length, _ in args):
+            filled = np.array([s.filled for s in topks] + [-1] * (2 - len(topks)), dtype=np.int64)
+            k.histogram_high(b, m, hist, count, *args[0], *args[1], filled)
+            for s, f in zip(topks, filled.tolist()):
+                s.collected(f, b.shape[0])
 
     def _l1_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], b: np.ndarray,
                 ms: tuple[np.ndarray, ...]) -> bool:
@@ -709,7 +736,8 @@ class DeltaMethod(Method):
     def passes(self) -> str:  # type: ignore[override]
         rescale = any(p.name == "rescale" for p in self.params)
         if self.sparsify in ("magnitude", "outliers"):
-            text = "3 (two exact radix-select passes over |delta|, then merge); 1 when every density is 1"
+            text = ("3 (two exact radix-select passes over |delta|, the second usually settled by the first's "
+                    "candidates, then merge); 1 when every density is 1")
             return text + ("; with rescale (l1) one more: the L1 norms" if rescale else "")
         if rescale:
             return "2 with rescale (l1: the L1 norms of the deltas, kept and all, then merge); else 1"
@@ -743,16 +771,16 @@ class DeltaMethod(Method):
         return self.selection_passes(params) + int(self.l1_pass(params))
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
-        """Measured on the CPU (bench/ram_probe.py). Merge pass: every model's delta, and the float32 upcast that
-        ``m - base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the
-        drop factor too (12), DELLA its ranks (the sort's int64 indices, float32 ranks), probabilities and
-        uniforms (float64), 28 at the peak; sign
-        election the elected sign and two agreement factors (8 in all, alive with the selection's gone); DELLA with
-        the L1 pass keeps its keep decisions as bits from that pass to the merge (``MagPrune.cache_bytes``). Statistics
-        passes: the base, the previous |delta|, the upcast and the new |delta| (12 beyond the base's copy); the L1
-        pass per model |delta| and the kept |delta| (8), their float64 copies (16) and stack (16): 40n. State: one 65 536-bin
-        int64 histogram per selection, two more while a pass ends; DARE's mask generator keeps three 65 536-element
-        uint64 work arrays; the L1 sums 16n bytes per row element."""
+        """Measured on the CPU (bench/ram_probe.py). Merge pass: every model's delta, and the float32 upcast that ``m -
+        base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the drop
+        factor too (12), DELLA its ranks (the sort's int64 indices, float32 ranks), probabilities and uniforms
+        (float64), 28 at the peak; sign election the elected sign and two agreement factors (8 in all, alive with the
+        selection's gone); DELLA with the L1 pass keeps its keep decisions as bits from that pass to the merge
+        (``MagPrune.cache_bytes``). Statistics passes: the base, the previous |delta|, the upcast and the new |delta|
+        (12 beyond the base's copy); the L1 pass per model |delta| and the kept |delta| (8), their float64 copies (16)
+        and stack (16): 40n. State: one 65 536-bin int64 histogram per selection, two more while a pass ends, and its
+        candidates for pass B (``TopK.candidate_bytes``, at most 1/8 byte per element); DARE's mask generator keeps
+        three 65 536-element uint64 work arrays; the L1 sums 16n bytes per row element."""
         n = n_models
         selections = {"magnitude": n, "outliers": 2 * n}.get(self.sparsify, 0) if self.selection_passes(params) else 0
         extra = {"none": 0, "magnitude": 8, "outliers": 12, "random": 0, "della": 28}[self.sparsify]
@@ -763,11 +791,12 @@ class DeltaMethod(Method):
         l1_stats = 40 * n + 8 + (extra if self.sparsify == "della" else 0)
         rows, rn = task.rows, task.row_numel
         remembered = n * MagPrune.cache_bytes(task) if self.sparsify == "della" and l1 else 0  # DELLA's keep bits
+        candidates = selections * TopK.candidate_bytes(task.numel)  # pass B's, kept through pass A (kernels only)
         return Footprint(
             stats_per_element=max(12 if selections else 0, l1_stats if l1 else 0),
             emit_per_element=4 * n + 4 + extra,
-            stats_state=selections * HISTOGRAM_BYTES + (16 * n * rn if l1 else 0) + remembered,
-            end_of_pass=((selections + 2) * HISTOGRAM_BYTES if selections else 0) + remembered,
+            stats_state=selections * HISTOGRAM_BYTES + candidates + (16 * n * rn if l1 else 0) + remembered,
+            end_of_pass=((selections + 2) * HISTOGRAM_BYTES if selections else 0) + candidates + remembered,
             emit_state=(3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0) + remembered,
             partial_tile=ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn if l1 else 0,
             gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4

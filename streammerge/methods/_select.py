@@ -9,7 +9,16 @@ that order, exactly k of them. Non-negative float32 values order like their int3
 - the emit pass keeps ``|x| > tau`` and the first ``ties`` elements equal to ``tau`` in flat-index order, which a
   pass in row order can count.
 
-Memory: two 65 536-bin int64 histograms per target, whatever the tensor size.
+The fused kernels usually spare pass B (:meth:`TopK.choose_window`, :meth:`TopK.collect_args`): from the first
+block's histogram, pass A guesses a window of bins around the k-th element and keeps the bits of the elements in it
+whose low 16 bits are not zero (few: the difference of two bfloat16 weights of one binade has at most 8 significant
+bits, so its low half is zero). If the target bin lies in the window, its elements are those candidates and the
+rest of its count, whose low bits are zero, which pins tau and ties as pass B would, without reading the tensor
+again (:meth:`TopK._settle`). Otherwise (or when the candidates outgrow their buffer, or a block was counted
+eagerly) pass B runs as above. Either way the same tau and ties.
+
+Memory: two 65 536-bin int64 histograms per target, whatever the tensor size; with the kernels, a candidate buffer
+of at most one element in :data:`CANDIDATE_SHARE` (:meth:`TopK.candidate_bytes`).
 """
 
 from __future__ import annotations
@@ -19,6 +28,16 @@ import numpy as np
 from .._torch import torch
 
 BINS = 1 << 16
+#: pass B's candidates (:meth:`TopK.collect_args`) are kept for at most one element of the tensor in this many; a
+#: collection that would keep more stops, and pass B runs
+CANDIDATE_SHARE = 32
+#: the window of candidates spans the bins of the first block's elements ranked within this share of it either side
+#: of the k-th (and one bin more each side)
+WINDOW_SHARE = 0.02
+#: the room a kernel step may write past a candidate buffer's fill (``kernels._numba.STEP``)
+CANDIDATE_SLACK = 1024
+#: a window's buffer when it keeps no candidates
+NO_CANDIDATES = np.empty(0, dtype=np.uint32)
 
 
 def _bits(absx: torch.Tensor) -> torch.Tensor:
@@ -30,9 +49,16 @@ def _top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """For a histogram of counts (BINS int64, any device) and 1 <= k <= its total: the highest bin ``b`` with at
     least ``k`` elements at or above it, and how many elements lie above ``b``. numpy on the CPU (a few tens of
     microseconds, where torch's flip, cumsum and nonzero took half a millisecond per selection)."""
-    from_top = np.cumsum(hist.cpu().numpy()[::-1])  # from_top[j]: elements in bins >= BINS - 1 - j
-    j = int(np.searchsorted(from_top, k, side="left"))  # the first j holding k (from_top never decreases)
-    return BINS - 1 - j, int(from_top[j - 1]) if j else 0
+    return _bin_of_rank(np.cumsum(hist.cpu().numpy()), k)
+
+
+def _bin_of_rank(below: np.ndarray, k: int) -> tuple[int, int]:
+    """:func:`_top_bin` from the running sums of a histogram (``below[b]``: elements in bins <= b): the highest
+    ``b`` whose bins at or above hold ``k``, i.e. whose bins below hold at most ``total − k`` (a forward cumsum: the
+    reversed one took four times as long)."""
+    total = int(below[-1])
+    b = int(np.searchsorted(below, total - k, side="right"))
+    return b, total - int(below[b])
 
 
 class TopK:
@@ -48,6 +74,12 @@ class TopK:
         self._bin = -1
         self._above_bin = 0  # elements whose high bits exceed the target bin
         self.seen_ties = 0  # emit cursor: elements equal to tau met so far (counting stops at ``ties``)
+        # pass B's candidates (:meth:`collect_args`): the window (first bin, bins), None until the first block chose it
+        self.window: tuple[int, int] | None = None
+        self._candidates: np.ndarray | None = None
+        self.filled = 0  # candidates kept; -1 once the collection stopped (pass B will run)
+        self._counted = 0  # elements counted into the candidates' window
+        self.early = False  # tau and ties found at the end of pass A, from the candidates (pass B not needed)
 
     @property
     def trivial(self) -> bool:
@@ -56,6 +88,7 @@ class TopK:
 
     def pass_a(self, absx: torch.Tensor) -> None:
         if not self.trivial:
+            self.stop_collecting()  # counted eagerly: no candidates from these elements
             counts = torch.bincount((_bits(absx) >> 16).reshape(-1), minlength=BINS)
             if self._hist_hi is None:
                 self._hist_hi = counts
@@ -74,10 +107,12 @@ class TopK:
         if self._hist_hi is None:
             self._hist_hi = torch.zeros(BINS, dtype=torch.int64)
         self._bin, self._above_bin = _top_bin(self._hist_hi, self.k)
+        self.early = self._settle()
         self._hist_hi = torch.zeros(0, dtype=torch.int64)
+        self._candidates = None
 
     def pass_b(self, absx: torch.Tensor) -> None:
-        if not self.trivial:
+        if not self.trivial and not self.early:
             # low bits + 1 of the elements in the target bin land in bins 1..BINS; everything else in 0 or BINS + 1
             # (integer arithmetic on every element is much faster than gathering the few in the bin)
             key = (_bits(absx).reshape(-1) - ((self._bin << 16) - 1)).clamp_(0, BINS + 1)
@@ -88,7 +123,7 @@ class TopK:
                 self._hist_lo += counts
 
     def end_b(self) -> None:
-        if self.trivial:
+        if self.trivial or self.early:
             return
         if self._hist_lo is None:
             self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
@@ -97,6 +132,77 @@ class TopK:
         self.tau_bits = (self._bin << 16) | lo
         self.ties = need - above
         self._hist_lo = torch.zeros(0, dtype=torch.int64)
+
+    # ---- pass B's candidates, kept by pass A's kernel (``kernels._numba.histogram_high``) ---------------------------
+    @staticmethod
+    def candidate_bytes(numel: int) -> int:
+        """Bytes of one TopK's candidate buffer for a tensor of ``numel`` elements (allocated, touched as filled)."""
+        return 4 * (numel // CANDIDATE_SHARE + CANDIDATE_SLACK)
+
+    @property
+    def collecting(self) -> bool:
+        """The candidates are complete so far: every block of pass A went through the kernel, within the buffer."""
+        return self.window is not None and self.window[1] > 0 and self.filled >= 0
+
+    def stop_collecting(self) -> None:
+        """Give up the candidates (a block counted eagerly, or too many): pass B runs."""
+        self.window, self.filled, self._candidates = (0, 0), -1, None
+
+    def choose_window(self, hist: np.ndarray) -> None:
+        """From pass A's counts of the first block (65 536 int64), the window of bins to keep candidates from: the
+        bins of the elements ranked within :data:`WINDOW_SHARE` of the block either side of the k-th (in the
+        tensor's proportion), and one more each side."""
+        below = np.cumsum(hist)
+        total = int(below[-1])
+        if self.trivial or total == 0:
+            self.stop_collecting()
+            return
+        share = self.k / self.numel
+        top, _ = _bin_of_rank(below, min(max(int((share - WINDOW_SHARE) * total), 1), total))
+        bottom, _ = _bin_of_rank(below, min(max(int((share + WINDOW_SHARE) * total), 1), total))
+        top, bottom = min(top + 1, BINS - 1), max(bottom - 1, 0)
+        self.window = (bottom, top - bottom + 1)
+        self._candidates = np.empty(self.numel // CANDIDATE_SHARE + CANDIDATE_SLACK, dtype=np.uint32)
+        self.filled, self._counted = 0, 0
+
+    def collect_args(self) -> tuple[int, int, np.ndarray]:
+        """(first bin, bins, buffer) for the kernel; no window when not collecting."""
+        if not self.collecting:
+            return 0, 0, NO_CANDIDATES
+        assert self.window is not None and self._candidates is not None
+        return self.window[0], self.window[1], self._candidates
+
+    def collected(self, filled: int, elements: int) -> None:
+        """After the kernel counted ``elements`` more: its fill (-1: the buffer was full). After the first block, a
+        collection on course to overflow its buffer stops at once (a float32 model's deltas, whose low bits are
+        rarely zero)."""
+        if not self.collecting:
+            return
+        first = self._counted == 0
+        self._counted += elements
+        if filled < 0 or (first and filled * self.numel > 0.75 * (self.numel // CANDIDATE_SHARE) * elements):
+            self.stop_collecting()
+        else:
+            self.filled = filled
+
+    def _settle(self) -> bool:
+        """At the end of pass A, when the candidates cover the target bin: tau and ties as pass B would find them.
+        The bin's elements are its candidates (low bits not zero) and the rest, whose low bits are zero; the
+        ``need``-th largest of them is tau's low half."""
+        if not self.collecting or self._counted != self.numel or self._hist_hi is None:
+            return False
+        assert self.window is not None and self._candidates is not None
+        lo, bins = self.window
+        if not lo <= self._bin < lo + bins:
+            return False
+        kept = self._candidates[: self.filled]
+        lows = np.sort(kept[(kept >> np.uint32(16)) == np.uint32(self._bin)] & np.uint32(0xFFFF))  # ascending
+        need = self.k - self._above_bin  # elements to take from the target bin, >= 1
+        low = int(lows[len(lows) - need]) if need <= len(lows) else 0
+        above = len(lows) - int(np.searchsorted(lows, low, side="right"))
+        self.tau_bits = (self._bin << 16) | low
+        self.ties = need - above
+        return True
 
     # ---- the fused kernels' view (streammerge.kernels._numba: histogram_high, histogram_low, sparse_merge) ----------
     def high_counts(self) -> torch.Tensor:
