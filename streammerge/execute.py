@@ -18,7 +18,7 @@ import errno
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,6 +73,10 @@ class LocalIO:
         if staged.sums is not None:  # journaled ahead of the work done with these rows
             assert self.writer is not None
             self.writer.submit(self.work.record_inputs, read.tensor, staged.sums)
+        if staged.skipped:  # a settled pass's read, left unread: done all the same
+            self.shown.skipped(read.nbytes)
+            self.prefetch.release(staged)
+            return []
         self.shown.read(read.nbytes)
         if read.compute and self.compute.copies:  # copied to the device: the slot goes back to the reader at once
             parts = staged.parts
@@ -91,6 +95,10 @@ class LocalIO:
         if staged is not None:
             assert self.prefetch is not None
             self.prefetch.release(staged)
+
+    def skip(self, reads: Sequence[Read]) -> None:
+        assert self.prefetch is not None
+        self.prefetch.skip(reads)
 
     def output_buffer(self) -> tuple[int, torch.Tensor]:
         assert self.writer is not None

@@ -55,6 +55,7 @@ class Staged:
     parts: list[tuple[torch.Tensor, ...]]
     slot: int
     sums: InputSums | None = None
+    skipped: bool = False  # left unread (:meth:`Prefetcher.skip`): no parts
 
 
 def _buffer(nbytes: int, pin: bool) -> torch.Tensor:
@@ -88,6 +89,7 @@ class Prefetcher:
         self._ready: queue.Queue[Staged | BaseException | None] = queue.Queue()
         self._closed = False
         self._sweep = Sweep() if checksum else None
+        self._skipping: set[int] = set()  # ids of reads not to perform (:meth:`skip`)
         self._thread = threading.Thread(target=self._run, name="streammerge-reader", daemon=True)
         self._thread.start()
 
@@ -97,7 +99,11 @@ class Prefetcher:
                 slot = self._free.get()
                 if slot is None or self._closed:
                     return
-                self._ready.put(self._read(read, slot))
+                if id(read) in self._skipping:
+                    self._skipping.discard(id(read))
+                    self._ready.put(Staged(read, [], slot, skipped=True))
+                else:
+                    self._ready.put(self._read(read, slot))
             self._ready.put(None)
         except ReadCancelled:  # closing: nobody waits for this read
             return
@@ -136,6 +142,13 @@ class Prefetcher:
             raise RuntimeError(f"read schedule out of step: staged {item.read.tensor} rows [{item.read.r0}, "
                                f"{item.read.r1}), asked for {read.tensor} rows [{read.r0}, {read.r1})")
         return item
+
+    def skip(self, reads: Iterable[Read]) -> None:
+        """Leave these reads (of the schedule, not yet consumed; never a checksum read) unread: :meth:`get` stages
+        each without its bytes. One the reader has already read is simply not used."""
+        for read in reads:
+            assert not read.checksum, f"{read.tensor}: a checksum read must be read"
+            self._skipping.add(id(read))
 
     def release(self, staged: Staged) -> None:
         """Give a staged read's slot back for the reader to refill (its views must no longer be used)."""

@@ -113,6 +113,13 @@ class Progress:
             if self.bar is not None and nbytes:
                 self.bar.update(nbytes)
 
+    def skipped(self, nbytes: int) -> None:
+        """``nbytes`` of the plan's reads were left unread (a statistics pass the merge settled early): the bar
+        moves on, the bytes read do not."""
+        with self._lock:
+            if self.bar is not None and nbytes:
+                self.bar.update(nbytes)
+
     def wrote(self, nbytes: int) -> None:
         with self._lock:
             self.bytes_written += nbytes

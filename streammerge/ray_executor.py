@@ -126,6 +126,12 @@ class _ReportingProgress(Progress):
             self.at += nbytes
         self._send()
 
+    def skipped(self, nbytes: int) -> None:
+        super().skipped(nbytes)
+        with self._lock:
+            self.at += nbytes
+        self._send()
+
     def close(self) -> None:
         self._send(force=True)
         super().close()

@@ -52,6 +52,10 @@ class TensorIO(Protocol):
     def release(self, read: Read) -> None:
         """``read``'s rows are no longer needed."""
 
+    def skip(self, reads: Sequence[Read]) -> None:
+        """These later reads' rows will not be used (a statistics pass the merge settled early): they may be left
+        unread. :meth:`take` still returns each in its turn, perhaps with no parts, and counts it as done."""
+
     def output_buffer(self) -> tuple[int, torch.Tensor]:
         """A free output buffer: (its id, a uint8 host tensor of the plan's output-buffer size)."""
 
@@ -102,6 +106,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
     merger = plan.method.start(t.task, t.params, len(plan.models)) if t.rule.merged else None
     fused = merger is not None and plan.fused_kernels
     held: dict[int, Parts] = {}  # staged reads still in use, by index
+    settled: set[int] = set()  # statistics passes with nothing left to count (TensorMerge.settled)
     written = 0
     for step in schedule.steps:
         io.check_stop()
@@ -112,10 +117,14 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
             parts = held[step.read]
         if step.op is Op.STATS:
             assert merger is not None
-            _stats(plan, t, merger, step, schedule.read_of(step), parts, io, fused)
+            if step.pass_index not in settled:
+                _stats(plan, t, merger, step, schedule.read_of(step), parts, io, fused)
         elif step.op is Op.END_PASS:
             assert merger is not None
             merger.end_pass(step.pass_index)
+            if merger.settled(step.pass_index + 1):
+                settled.add(step.pass_index + 1)
+                io.skip(schedule.reads_only_of_pass(step.pass_index + 1))
         elif step.op is Op.SAVE_STATE:
             assert merger is not None
             io.save_state(t, merger.state_dict())

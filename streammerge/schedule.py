@@ -14,6 +14,11 @@ Every step that needs input rows names the read that holds them, and the runner 
 ``step.r0 - read.r0``: a read covering the whole tensor (a tensor that fits the budget, read once for every pass)
 serves an emit that starts mid-tensor without any other code deciding where its rows are. The reader thread
 consumes ``reads`` and the runner consumes ``steps``; both come from this one list, so they cannot disagree.
+
+One thing is learnt only while running: a merge may find a later statistics pass settled by the ones before it
+(``TensorMerge.settled``: TIES's pass B, when pass A's candidates pinned the thresholds). Its steps stay in the
+schedule and do nothing; the reads only they use (:meth:`TensorSchedule.reads_only_of_pass`) are handed to the
+reader to leave unread, and still come to the runner in their turn, empty.
 """
 
 from __future__ import annotations
@@ -83,6 +88,15 @@ class TensorSchedule:
     def read_of(self, step: Step) -> Read:
         assert step.read is not None, f"{step.op.value} step has no read"
         return self.reads[step.read]
+
+    def reads_only_of_pass(self, pass_index: int) -> list[Read]:
+        """The reads that only statistics pass ``pass_index``'s steps use (none for a tensor read whole, whose one
+        read serves every pass)."""
+        users: dict[int, set[tuple[Op, int]]] = {}
+        for s in self.steps:
+            if s.read is not None:
+                users.setdefault(s.read, set()).add((s.op, s.pass_index if s.op is Op.STATS else -1))
+        return [self.reads[i] for i, u in sorted(users.items()) if u == {(Op.STATS, pass_index)}]
 
 
 def make_schedule(t: TensorPlan, rows_done: int, complete: bool, state_loaded: bool) -> TensorSchedule:

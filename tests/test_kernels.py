@@ -403,6 +403,38 @@ def test_pass_b_runs_when_the_candidates_cannot_settle_a_threshold(case):
     assert calls["histogram_low"] > 0
 
 
+@needs_numba
+def test_a_settled_pass_b_leaves_its_reads_unread(families, tmp_path, monkeypatch):
+    """A TIES merge of tensors read chunk by chunk (a read per chunk and pass): where pass A's candidates settled
+    every threshold, pass B's reads are left unread, so those tensors are read twice (pass A, merge) rather than
+    three times; the output is the eager one's."""
+    from streammerge import pipeline
+
+    real = pipeline.Prefetcher._read
+
+    depth = []
+
+    def counted(reads: Counter[str]):  # type: ignore[no-untyped-def]
+        def spy(self, read, slot):  # type: ignore[no-untyped-def]
+            reads[read.tensor] += 1
+            depth.append(len(self._slots))
+            return real(self, read, slot)
+        return spy
+
+    runs = {}
+    for backend in ("eager", "numba"):
+        runs[backend] = Counter()
+        monkeypatch.setattr(pipeline.Prefetcher, "_read", counted(runs[backend]))
+        merge(families["bf16"], tmp_path / backend, "ties", {"density": 0.5}, backend, monkeypatch, chunk_rows=3,
+              threads=1)
+    assert_same_output(tmp_path / "numba", tmp_path / "eager")
+    fewer = [t for t, n in runs["eager"].items() if runs["numba"][t] != n]
+    assert fewer, "no pass B was settled by pass A"
+    for t in fewer:  # pass B's reads, but for the few the reader had made before pass A ended (its slots)
+        chunks = runs["eager"][t] // 3
+        assert 2 * chunks <= runs["numba"][t] <= 2 * chunks + max(depth), (t, runs["eager"][t], runs["numba"][t])
+
+
 def _della_deltas(kind: str, shape: tuple[int, ...], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, model) whose |Δ| rows exercise one way of ``magprune_factors``' row ranking."""
     n = shape[-1]

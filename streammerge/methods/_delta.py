@@ -514,6 +514,11 @@ class _DeltaTensorMerge(TensorMerge):
             self.scales[k] = 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
             sp.rewind()
 
+    def settled(self, pass_index: int) -> bool:
+        """Pass B, when pass A's candidates settled every selection's thresholds (``TopK.early``)."""
+        return 0 < pass_index < self.select_passes and not any(
+            sp.counting(pass_index) for sp in self.sparsifiers if isinstance(sp, _Selection))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         exported = [x for sp in self.sparsifiers for x in sp.export()]

@@ -156,6 +156,12 @@ class TensorMerge:
     def end_pass(self, pass_index: int) -> None:
         """Called after the last chunk of a statistics pass (the place to rank, select, solve)."""
 
+    def settled(self, pass_index: int) -> bool:
+        """Whether statistics pass ``pass_index`` has nothing left to count, asked when the pass before it ends
+        (the schedule still holds it: its steps then do nothing, and the reads only they use may be left unread).
+        The statistics are the same either way; only the work differs."""
+        return False
+
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
