@@ -99,8 +99,7 @@ class Prefetcher:
                 slot = self._free.get()
                 if slot is None or self._closed:
                     return
-                if id(read) in self._skipping:
-                    self._skipping.discard(id(read))
+                if id(read) in self._skipping:  # (the consumer forgets the id once it takes the read)
                     self._ready.put(Staged(read, [], slot, skipped=True))
                 else:
                     self._ready.put(self._read(read, slot))
@@ -141,6 +140,7 @@ class Prefetcher:
         if item.read is not read:
             raise RuntimeError(f"read schedule out of step: staged {item.read.tensor} rows [{item.read.r0}, "
                                f"{item.read.r1}), asked for {read.tensor} rows [{read.r0}, {read.r1})")
+        self._skipping.discard(id(read))  # consumed: its id may belong to another read later
         return item
 
     def skip(self, reads: Iterable[Read]) -> None:
