@@ -371,16 +371,68 @@ def _eager_selection(method: str, params: dict, base: torch.Tensor, models: list
 @needs_numba
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("ties", {"density": 0.03}),
                                            ("breadcrumbs_ties", {"density": 0.9, "gamma": 0.01})])
-def test_pass_a_candidates_settle_the_thresholds_without_pass_b(method, params):
+@pytest.mark.parametrize("noise", ["relative", "additive"])
+def test_pass_a_candidates_settle_the_thresholds_without_pass_b(method, params, noise):
     """bfloat16 fine-tune deltas (most differences of two weights of one binade, whose low 16 bits are zero): pass
-    A's candidates give every TopK its tau and ties, as two passes do, and pass B reads nothing."""
+    A's candidates give every TopK its tau and ties, as two passes do, and pass B reads nothing. With additive
+    noise more deltas cross a binade (more candidates; a threshold with a non-zero low half: the next test)."""
     g = torch.Generator().manual_seed(11)
     base = (torch.randn(300, 96, generator=g) * 0.02).to(torch.bfloat16)
-    models = [(base.float() * (1 + torch.randn(300, 96, generator=g) * 0.01)).to(torch.bfloat16) for _ in range(2)]
+    if noise == "relative":
+        models = [(base.float() * (1 + torch.randn(300, 96, generator=g) * 0.01)).to(torch.bfloat16)
+                  for _ in range(2)]
+    else:
+        models = [(base.float() + torch.randn(300, 96, generator=g) * 1e-3).to(torch.bfloat16) for _ in range(2)]
     state, early, calls = _selection_run(method, params, base, models, 40)
     assert state == _eager_selection(method, params, base, models)
     assert early and all(early), early
     assert "histogram_low" not in calls
+
+
+@needs_numba
+@pytest.mark.parametrize("edge", ["last bin of the window", "first bin past it", "first bin of the window",
+                                  "last bin before it"])
+def test_the_window_settles_its_own_bins_and_no_others(edge):
+    """A window that ends (or starts) at the target bin settles the threshold; one that ends just before it (or
+    starts just after) leaves it to pass B; the same tau and ties either way."""
+    from streammerge.kernels import _numba as nb
+    from streammerge.methods._select import TopK
+
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(20000, generator=g) * 0.02).to(torch.bfloat16)
+    model = (base.float() + torch.randn(20000, generator=g) * 1e-3).to(torch.bfloat16)
+    absd = (model.float() - base.float()).abs()
+    desc = np.sort(absd.view(torch.int32).numpy())[::-1]
+    # a k-th |Δ| whose low half is not zero, with other such values in its bin above and below it
+    inexact = desc[(desc & 0xFFFF) != 0]
+    k = next(i + 1 for i in range(8000, len(desc)) if desc[i] & 0xFFFF
+             and ((inexact >> 16 == desc[i] >> 16) & (inexact > desc[i])).any()
+             and ((inexact >> 16 == desc[i] >> 16) & (inexact < desc[i])).any())
+    ref = TopK(k, absd.numel())
+    ref.pass_a(absd)
+    ref.end_a()
+    ref.pass_b(absd)
+    ref.end_b()
+    target = ref.tau_bits >> 16
+    lo = {"last bin of the window": target - 4, "first bin past it": target - 5, "first bin of the window": target,
+          "last bin before it": target + 1}[edge]
+    b, m = _bf16_bits(base), _bf16_bits(model)
+    t = TopK(k, absd.numel())
+    h = t.high_counts().numpy()
+    nb.histogram_high(b, m, h, True, 0, 0, np.empty(0, np.uint32), 0, 0, np.empty(0, np.uint32), np.full(2, -1))
+    t.choose_window(h)
+    t.window = (lo, 5)
+    filled = np.array([0, -1], dtype=np.int64)
+    nb.histogram_high(b, m, h, False, *t.collect_args(), 0, 0, np.empty(0, np.uint32), filled)
+    t.collected(int(filled[0]), absd.numel())
+    t.end_a()
+    assert t.early == edge.endswith("window")
+    if not t.early:
+        bin_, lows = t.low_counts()
+        nb.histogram_low(b, m, bin_, lows.numpy(), 0, lows.numpy(), False)
+        t.end_b()
+    assert (t.tau_bits, t.ties) == (ref.tau_bits, ref.ties)
+    assert ref.tau_bits & 0xFFFF, "a threshold whose low half is not zero"
 
 
 @needs_numba

@@ -1067,8 +1067,9 @@ def histogram_high(base, model, h, count, lo1, len1, buf1, lo2, len2, buf2, fill
     >> 16] += 1`` for every element; ``bits`` the uint32 pattern of ``|M − B|`` in float32 (a selection's second
     TopK takes these counts: ``_Selection.counting``). And pass B's candidates (``TopK.collect_args``): for each
     window ``t`` of ``len_t`` high-bit bins from ``lo_t`` (length 0: none), the bits whose high half lies in it and
-    whose low half is not zero are appended to ``buf_t`` at ``filled[t]``, in index order; a window that would fill
-    its buffer past ``len(buf_t) − STEP`` stops, with ``filled[t]`` −1 (a −1 on entry: no window).
+    whose low half is not zero are appended to ``buf_t`` at ``filled[t]``, in index order. Before each step of
+    STEP elements a window whose fill is past ``len(buf_t) − STEP`` (no room for a whole step) stops, with
+    ``filled[t]`` −1 (a −1 on entry: no window).
 
     base, model: (n,); h: (65536,) int64, accumulated into; lo_t, len_t: int; buf_t: uint32; filled: (2,) int64.
     Per step, the keys first (a vectorised loop), then the counting and the windows. Indices are unsigned: numba

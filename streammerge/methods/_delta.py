@@ -602,7 +602,7 @@ class _DeltaTensorMerge(TensorMerge):
         k = kernels.kernels()
         count = True
         if any(s.window is None for s in topks):
-            k.histogram_high(b, m, hist, True, 0, 0, NO_CANDIDATES, 0, 0, NO_CANDIDATES, np.full(2, -1))
+            k.histogram_high(b, m, hist, True, 0, 0, NO_CANDIDATES, 0, 0, NO_CANDIDATES, np.full(2, -1, np.int64))
             for s in topks:
                 s.choose_window(hist)
             count = False
@@ -796,12 +796,13 @@ class DeltaMethod(Method):
         l1_stats = 40 * n + 8 + (extra if self.sparsify == "della" else 0)
         rows, rn = task.rows, task.row_numel
         remembered = n * MagPrune.cache_bytes(task) if self.sparsify == "della" and l1 else 0  # DELLA's keep bits
-        candidates = selections * TopK.candidate_bytes(task.numel)  # pass B's, kept through pass A (kernels only)
+        # pass B's candidates, kept through pass A by the CPU kernels; twice at its end (TopK._settle's temporaries)
+        candidates = 0 if task.on_gpu else selections * TopK.candidate_bytes(task.numel)
         return Footprint(
             stats_per_element=max(12 if selections else 0, l1_stats if l1 else 0),
             emit_per_element=4 * n + 4 + extra,
             stats_state=selections * HISTOGRAM_BYTES + candidates + (16 * n * rn if l1 else 0) + remembered,
-            end_of_pass=((selections + 2) * HISTOGRAM_BYTES if selections else 0) + candidates + remembered,
+            end_of_pass=((selections + 2) * HISTOGRAM_BYTES if selections else 0) + 2 * candidates + remembered,
             emit_state=(3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0) + remembered,
             partial_tile=ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn if l1 else 0,
             gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4

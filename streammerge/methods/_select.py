@@ -28,8 +28,8 @@ import numpy as np
 from .._torch import torch
 
 BINS = 1 << 16
-#: pass B's candidates (:meth:`TopK.collect_args`) are kept for at most one element of the tensor in this many; a
-#: collection that would keep more stops, and pass B runs
+#: pass B's candidates (:meth:`TopK.collect_args`) are kept for about one element of the tensor in this many (and
+#: :data:`CANDIDATE_SLACK` more); a collection that would keep more stops, and pass B runs
 CANDIDATE_SHARE = 32
 #: the window of candidates spans the bins of the first block's elements ranked within this share of it either side
 #: of the k-th (and one bin more each side)
@@ -173,9 +173,9 @@ class TopK:
         return self.window[0], self.window[1], self._candidates
 
     def collected(self, filled: int, elements: int) -> None:
-        """After the kernel counted ``elements`` more: its fill (-1: the buffer was full). After the first block, a
-        collection on course to overflow its buffer stops at once (a float32 model's deltas, whose low bits are
-        rarely zero)."""
+        """After the kernel counted ``elements`` more: its fill (-1: the buffer had no room for a step). After the
+        first block, a collection on course to overflow its buffer stops at once (a float32 model's deltas, whose
+        low bits are rarely zero)."""
         if not self.collecting:
             return
         first = self._counted == 0
@@ -196,7 +196,9 @@ class TopK:
         if not lo <= self._bin < lo + bins:
             return False
         kept = self._candidates[: self.filled]
-        lows = np.sort(kept[(kept >> np.uint32(16)) == np.uint32(self._bin)] & np.uint32(0xFFFF))  # ascending
+        lows = kept[(kept >> np.uint32(16)) == np.uint32(self._bin)]  # (temporaries: 5 bytes per candidate)
+        lows &= np.uint32(0xFFFF)
+        lows.sort()  # ascending
         need = self.k - self._above_bin  # elements to take from the target bin, >= 1
         low = int(lows[len(lows) - need]) if need <= len(lows) else 0
         above = len(lows) - int(np.searchsorted(lows, low, side="right"))
