@@ -124,6 +124,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
             merger.end_pass(step.pass_index)
             if merger.settled(step.pass_index + 1):
                 settled.add(step.pass_index + 1)
+                io.phase(t, f"statistics {step.pass_index + 2}/{t.stat_passes} settled by the pass before")
                 io.skip(schedule.reads_only_of_pass(step.pass_index + 1))
         elif step.op is Op.SAVE_STATE:
             assert merger is not None
