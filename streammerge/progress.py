@@ -110,12 +110,15 @@ class Progress:
     def read(self, nbytes: int) -> None:
         with self._lock:
             self.bytes_read += nbytes
-            if self.bar is not None and nbytes:
-                self.bar.update(nbytes)
+        self.moved(nbytes)
 
     def skipped(self, nbytes: int) -> None:
         """``nbytes`` of the plan's reads were left unread (a statistics pass the merge settled early): the bar
         moves on, the bytes read do not."""
+        self.moved(nbytes)
+
+    def moved(self, nbytes: int) -> None:
+        """``nbytes`` more of the plan's reads are done, read or left unread: the bar moves on."""
         with self._lock:
             if self.bar is not None and nbytes:
                 self.bar.update(nbytes)

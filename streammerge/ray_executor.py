@@ -120,15 +120,9 @@ class _ReportingProgress(Progress):
         self.at = done_bytes
         self._send(force=True)
 
-    def read(self, nbytes: int) -> None:
-        super().read(nbytes)
+    def moved(self, nbytes: int) -> None:
+        super().moved(nbytes)
         with self._lock:  # (the compute workers report from their threads)
-            self.at += nbytes
-        self._send()
-
-    def skipped(self, nbytes: int) -> None:
-        super().skipped(nbytes)
-        with self._lock:
             self.at += nbytes
         self._send()
 

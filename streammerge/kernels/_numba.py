@@ -1077,7 +1077,7 @@ def histogram_high(base, model, h, count, lo1, len1, buf1, lo2, len2, buf2, fill
     n = base.shape[0]
     keys = np.empty(STEP, dtype=np.uint32)
     flag = np.zeros(STEP, dtype=np.uint8)
-    lo, length = (U32(lo1), U32(lo2)), (U32(len1), U32(len2))
+    lo, length, bufs = (U32(lo1), U32(lo2)), (U32(len1), U32(len2)), (buf1, buf2)
     room = (buf1.shape[0] - STEP, buf2.shape[0] - STEP)
     fill = [U64(max(filled[0], 0)), U64(max(filled[1], 0))]
     live = [len1 > 0 and filled[0] >= 0 and room[0] >= 0, len2 > 0 and filled[1] >= 0 and room[1] >= 0]
@@ -1089,16 +1089,13 @@ def histogram_high(base, model, h, count, lo1, len1, buf1, lo2, len2, buf2, fill
         if count:
             for i in range(m):
                 h[U64(keys[i] >> U32(16))] += 1
-        if live[0]:
-            if fill[0] > U64(room[0]):
-                live[0], filled[0] = False, -1
+        for t in range(2):
+            if not live[t]:
+                continue
+            if fill[t] > U64(room[t]):
+                live[t], filled[t] = False, -1
             else:
-                fill[0] = _collect(keys, m, lo[0], length[0], buf1, fill[0], flag)
-        if live[1]:
-            if fill[1] > U64(room[1]):
-                live[1], filled[1] = False, -1
-            else:
-                fill[1] = _collect(keys, m, lo[1], length[1], buf2, fill[1], flag)
+                fill[t] = _collect(keys, m, lo[t], length[t], bufs[t], fill[t], flag)
     for t in range(2):
         if live[t]:
             filled[t] = np.int64(fill[t])

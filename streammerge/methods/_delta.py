@@ -160,16 +160,17 @@ class _Selection(Sparsifier):
         bin) that pass A's candidates did not settle (``TopK.early``); in pass A only the first, as every TopK of the
         selection counts the same ``|Δ|`` (the others take its counts at the end of the pass: Breadcrumbs' two
         thresholds, one histogram)."""
-        topks = self.collecting()
+        topks = self.nontrivial()
         return topks[:1] if pass_index == 0 else [s for s in topks if not s.early]
 
-    def collecting(self) -> list[TopK]:
-        """The non-trivial TopKs: in pass A each keeps its own candidates for pass B (``TopK.collect_args``)."""
+    def nontrivial(self) -> list[TopK]:
+        """The TopKs that select something: in pass A each keeps its own candidates for pass B
+        (``TopK.collect_args``)."""
         return [s for s in self._topks() if not s.trivial]
 
     def accumulate(self, pass_index: int, absd: torch.Tensor) -> None:
         if pass_index == 0:
-            for s in self.collecting():  # counted eagerly: pass B will run
+            for s in self.nontrivial():  # counted eagerly: pass B will run
                 s.stop_collecting()
         for s in self.counting(pass_index):
             (s.pass_a if pass_index == 0 else s.pass_b)(absd)
@@ -588,7 +589,7 @@ class _DeltaTensorMerge(TensorMerge):
                 continue
             two = len(topks) == 2
             if pass_index == 0:
-                self._pass_a_raw(b, m, topks[0].high_counts().numpy(), sp.collecting())
+                self._pass_a_raw(b, m, topks[0].high_counts().numpy(), sp.nontrivial())
             else:
                 targets = [s.low_counts() for s in topks]
                 k.histogram_low(b, m, targets[0][0], targets[0][1].numpy(), targets[-1][0], targets[-1][1].numpy(),
