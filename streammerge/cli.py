@@ -278,7 +278,9 @@ def _print_plan_summary(d: dict[str, Any], stream: Any) -> None:
          f"reads once  {d['read_once']} tensor(s) with statistics passes are read once (they fit the budget whole); "
          f"{d['read_per_pass']} are read again for each pass"),
         _chunking_line(d["tensors"]),
-        f"reads       {format_size(d['bytes_read'])}",
+        f"reads       {format_size(d['bytes_read'])}" + (
+            f" at most; about {format_size(d['bytes_read_settled'])} where each selection's first pass settles its "
+            "second, usual with 16-bit inputs" if d["bytes_read_settled"] < d["bytes_read"] else ""),
         "tensors     " + ", ".join(f"{n} {rule}" for rule, n in sorted(d["rules"].items())),
         *(f"{'copied' if why in ('passthrough', 'copy') else 'base value':<11} {len(names)} ({why}): {_some(names)}"
           for why, names in d.get("kept_from_base", {}).items()),

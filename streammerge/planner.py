@@ -197,6 +197,20 @@ class Plan:
     #: never on a GPU): decided here, before the budget is shared out, because their runtime takes memory too
     fused_kernels: bool = False
 
+    @property
+    def bytes_read_settled(self) -> int:
+        """:attr:`bytes_read` less the reads of the statistics passes that the pass before usually settles
+        (``Method.settleable_passes``), where the fused kernels merge 16-bit inputs on the CPU and the tensor is read
+        again for each pass: what a merge usually reads (at least this, at most :attr:`bytes_read`)."""
+        if not self.fused_kernels:
+            return self.bytes_read
+        saved = 0
+        for t in self.tensors:
+            if t.rule.merged and t.stat_passes and not t.resident and not t.on_gpu \
+                    and all(s.narrow_float and s.raw_exact for s in t.sources):
+                saved += len(self.method.settleable_passes(t.params)) * t.rows * t.read_bytes_per_row
+        return self.bytes_read - saved
+
     def options(self) -> dict[str, Any]:
         """The options besides the method that shape the output (only those given)."""
         r = self.recipe
@@ -265,6 +279,7 @@ class Plan:
             "read_once": sum(1 for t in self.tensors if t.stat_passes and t.resident),
             "read_per_pass": sum(1 for t in self.tensors if t.stat_passes and not t.resident),
             "bytes_read": self.bytes_read,
+            "bytes_read_settled": self.bytes_read_settled,
             "bytes_written": self.bytes_written,
             "fingerprint": self.fingerprint,
             "engine": self.fingerprint_doc["engine"],

@@ -22,6 +22,7 @@ from streammerge.cli import main
 from streammerge.errors import NonFiniteError
 from streammerge.examples import write_family
 from streammerge.methods import Rule, TensorTask, get_method
+from streammerge.units import format_size
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed (pip install 'streammerge[fast]'): "
@@ -485,6 +486,31 @@ def test_a_settled_pass_b_leaves_its_reads_unread(families, tmp_path, monkeypatc
     for t in fewer:  # pass B's reads, but for the few the reader had made before pass A ended (its slots)
         chunks = runs["eager"][t] // 3
         assert 2 * chunks <= runs["numba"][t] <= 2 * chunks + max(depth), (t, runs["eager"][t], runs["numba"][t])
+
+
+@needs_numba
+def test_the_plan_counts_the_reads_a_settled_pass_b_leaves_unread(families, tmp_path, monkeypatch):
+    """The plan's reads: at most every pass of a tensor read chunk by chunk; about one pass less for each 16-bit
+    tensor whose selection's pass B pass A usually settles (fused kernels on the CPU). Without the kernels, with
+    float32 inputs, or for a method without a top-k selection, nothing is taken off."""
+    def planned(fam: dict[str, Path], method: str, backend: str):  # type: ignore[no-untyped-def]
+        monkeypatch.setenv(kernels.ENV, backend)
+        return api.plan(fam["base"], [fam["chat"], fam["multilingual"]], None, method, {"density": 0.5},
+                        chunk_rows=3, device="cpu")
+
+    ties = planned(families["bf16"], "ties", "numba")
+    chunked = [t for t in ties.tensors if t.stat_passes and not t.resident and all(s.narrow_float for s in t.sources)]
+    assert chunked and ties.fused_kernels
+    assert ties.bytes_read - ties.bytes_read_settled == sum(t.rows * t.read_bytes_per_row for t in chunked)
+    for fam, method, backend in (("f32", "ties", "numba"), ("bf16", "ties", "eager"), ("bf16", "della", "numba")):
+        p = planned(families[fam], method, backend)
+        assert p.bytes_read_settled == p.bytes_read, (fam, method, backend)
+    monkeypatch.setenv(kernels.ENV, "numba")
+    fam = families["bf16"]
+    text = CliRunner().invoke(main, ["plan", "--base", str(fam["base"]), "--model", str(fam["chat"]), "--model",
+                                     str(fam["multilingual"]), "--method", "ties", "--param", "density=0.5",
+                                     "--chunk-rows", "3", "--device", "cpu"]).output
+    assert f"at most; about {format_size(ties.bytes_read_settled)} where each selection's first pass" in text
 
 
 def _della_deltas(kind: str, shape: tuple[int, ...], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

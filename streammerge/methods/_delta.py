@@ -776,6 +776,11 @@ class DeltaMethod(Method):
     def stat_passes(self, rule: Rule, params: Mapping[str, Any]) -> int:
         return self.selection_passes(params) + int(self.l1_pass(params))
 
+    def settleable_passes(self, params: Mapping[str, Any]) -> tuple[int, ...]:
+        """A top-k selection's pass B: pass A keeps the candidates that settle it (``TopK.choose_window``), which
+        bfloat16 and float16 deltas usually allow."""
+        return (1,) if self.selection_passes(params) == 2 else ()
+
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """Measured on the CPU (bench/ram_probe.py). Merge pass: every model's delta, and the float32 upcast that ``m -
         base`` makes of a 16-bit model (4n + 4); selecting adds |delta| and the keep factor (8), outliers the drop

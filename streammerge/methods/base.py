@@ -266,6 +266,12 @@ class Method:
         """How many statistics passes a tensor with this rule needs with these parameters (for the plan)."""
         return 0
 
+    def settleable_passes(self, params: Mapping[str, Any]) -> tuple[int, ...]:
+        """The statistics passes that the pass before usually settles (:meth:`TensorMerge.settled`) when the fused
+        kernels merge 16-bit inputs on the CPU, so that their reads are left unread; the plan shows the bytes a merge
+        then reads. A prediction for the plan's summary only: the schedule keeps every pass either way."""
+        return ()
+
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """The memory this method's work on ``task`` needs (see :class:`Footprint`); the planner sizes chunks and
         compute blocks from it. The default: an element-wise merge with one accumulator and one temporary."""
