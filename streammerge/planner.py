@@ -208,7 +208,8 @@ class Plan:
         for t in self.tensors:
             if t.rule.merged and t.stat_passes and not t.resident and not t.on_gpu \
                     and all(s.narrow_float and s.raw_exact for s in t.sources):
-                saved += len(self.method.settleable_passes(t.params)) * t.rows * t.read_bytes_per_row
+                per_pass = t.planned_read_bytes // (t.stat_passes + 1)  # read once for each pass
+                saved += len(self.method.settleable_passes(t.params)) * per_pass
         return self.bytes_read - saved
 
     def options(self) -> dict[str, Any]:

@@ -489,7 +489,7 @@ def test_a_settled_pass_b_leaves_its_reads_unread(families, tmp_path, monkeypatc
 
 
 @needs_numba
-def test_the_plan_counts_the_reads_a_settled_pass_b_leaves_unread(families, tmp_path, monkeypatch):
+def test_the_plan_counts_the_reads_a_settled_pass_b_leaves_unread(families, monkeypatch):
     """The plan's reads: at most every pass of a tensor read chunk by chunk; about one pass less for each 16-bit
     tensor whose selection's pass B pass A usually settles (fused kernels on the CPU). Without the kernels, with
     float32 inputs, or for a method without a top-k selection, nothing is taken off."""
