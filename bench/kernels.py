@@ -171,7 +171,7 @@ def methods(n: int, repeat: int) -> list[str]:
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
     models = [(base.float() + 0.002 * torch.randn(rows, cols, generator=g)).to(torch.bfloat16) for _ in range(2)]
-    task = TensorTask("bench", (rows, cols), Rule.MATRIX, 64, exact_products=True)
+    matrix = TensorTask("bench", (rows, cols), Rule.MATRIX, 64, exact_products=True)
     out_e, out_f = (torch.empty(rows, cols, dtype=torch.bfloat16) for _ in range(2))
     lines = [f"## Per method and pass: one {rows} x {cols} block, bf16, 2 models, 1 thread (ns per tensor element)", "",
              "| method | pass | eager ns | fused ns | speed-up | bytes identical |", "|---|---|---|---|---|---|"]
@@ -180,13 +180,15 @@ def methods(n: int, repeat: int) -> list[str]:
         lines.append(f"| {method} | {what} | {e:.2f} | {f:.2f} | {e / f:.1f}x | "
                      f"{'-' if same is None else 'yes' if same else 'NO'} |")
 
-    for name, params in (("task_arithmetic", {}), ("ties", {"density": 0.5}), ("widen", {})):
-        m = get_method(name)
+    embedding = TensorTask("bench", (rows, cols), Rule.EMBEDDING, 64, exact_products=True)  # a token per row
+    for name, params, task in (("task_arithmetic", {}, matrix), ("ties", {"density": 0.5}, matrix),
+                               ("widen", {}, matrix), ("widen (embedding rule)", {}, embedding)):
+        m = get_method(name.split()[0])
         p = m.resolve_params(params, 2)
-        passes = m.stat_passes(Rule.MATRIX, p)
+        passes = m.stat_passes(task.rule, p)
         eager_m, fused_m = m.start(task, p, 2), m.start(task, p, 2)
         for pi in range(passes):  # each pass timed on merges that have finished the passes before it
-            def fresh(upto: int = pi):  # type: ignore[no-untyped-def]
+            def fresh(upto: int = pi, task: TensorTask = task):  # type: ignore[no-untyped-def]
                 t = m.start(task, p, 2)
                 for q in range(upto):
                     t.accumulate(q, 0, base.float(), models)

@@ -22,6 +22,7 @@ from streammerge.cli import main
 from streammerge.errors import NonFiniteError
 from streammerge.examples import write_family
 from streammerge.methods import Rule, TensorTask, get_method
+from streammerge.methods._tiles import row_sums
 from streammerge.units import format_size
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
@@ -48,7 +49,7 @@ KERNELS = {
     "karcher": {"pair_sums", "weighted_sum"},
     "multislerp": {"pair_sums", "delta_sum"},
     "nuslerp": {"pair_sums", "delta_sum"},
-    "widen": {"widen_column_sums", "widen_products", "widen_emit"},
+    "widen": {"widen_column_sums", "widen_row_sums", "widen_emit"},
 }
 NAMES = sorted({name for names in KERNELS.values() for name in names} | {"l1_sums"})
 #: kernels a merge may skip: pass B runs only for the thresholds pass A's candidates did not settle
@@ -645,6 +646,33 @@ def test_widen_statistics_and_merge_by_rule(rule, shape, dtype):
     assert fused.emit_raw(0, base, models, got) == 0
     assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@needs_numba
+@pytest.mark.parametrize("cols", [1, 7, 8, 13, 128, 129, 896, 1000, 8192, 8200, 20000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_widen_row_sums_add_in_numpys_order(cols, dtype):
+    """An embedding's per-token sums, fused, have the bits of numpy's reduction of the stored products: pairwise,
+    by 8192-element buffers where float32 products are cast (past 8192 columns). Values over 16 binades, so
+    another order would show; a zero base row against negative models (sums of -0.0) and an all-zero row."""
+    g = torch.Generator().manual_seed(cols)
+    rows = 5
+    base = torch.randn((rows, cols), generator=g) * torch.exp(4 * torch.randn((rows, cols), generator=g))
+    base[1] = 0.0
+    models = [base + torch.randn((rows, cols), generator=g) * torch.exp(4 * torch.randn((rows, cols), generator=g))
+              for _ in range(2)]
+    models[0][1] = -torch.rand(cols, generator=g) - 0.5
+    models[0][2], models[1][2], base[2] = 0.0, 0.0, 0.0
+    base, models = base.to(dtype), [m.to(dtype) for m in models]
+    task = TensorTask("x", (rows, cols), Rule.EMBEDDING, 64, exact_products=dtype == torch.bfloat16)
+    widen = get_method("widen")
+    merger = widen.start(task, widen.resolve_params({}, 2), 2)
+    want = row_sums(merger._products(base.float(), [m.float() for m in models])).T
+    got = torch.full((5, rows + 3), 7.0, dtype=torch.float64)
+    b, ms, _ = kernels.arrays(base, models)
+    kernels.kernels().widen_row_sums(b, ms, cols, 2, task.exact_products, got.numpy())
+    assert torch.equal(got[:, 2 : 2 + rows].contiguous().view(torch.int64), want.contiguous().view(torch.int64))
+    assert (got[:, :2] == 7.0).all() and (got[:, 2 + rows :] == 7.0).all()  # only its rows are written
 
 
 @needs_numba

@@ -1173,26 +1173,138 @@ def widen_column_sums(base, models, cols, row0, tile, rows_total, exact, acc, pa
         _close_tile(row0 + r, tile, rows_total, acc, partial)
 
 
+#: numpy's ufunc buffer, in elements (``np.getbufsize()``'s default): a reduction that casts its input (float32
+#: products summed in float64) is handed to the sum this many elements at a time
+NUMPY_BUFSIZE = 8192
+#: numpy's pairwise sum adds runs of at most this many elements with 8 partial sums (``PW_BLOCKSIZE``)
+_PW_BLOCK = 128
+
+
+@njit(inline="always")
+def _pairwise_leaf(v, a, n):  # type: ignore[no-untyped-def]
+    """numpy's ``pairwise_sum`` of ``v[a : a + n]`` for ``n <= 128``: under 8 elements one running sum from 0;
+    else 8 partial sums over strides of 8, added as ``((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))``, then
+    the last ``n % 8`` elements one by one. (Indexed from 0 in a slice: no wrap-around tests, 2× quicker.)"""
+    w = v[a : a + n]
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += w[i]
+        return res
+    r0, r1, r2, r3 = w[0], w[1], w[2], w[3]
+    r4, r5, r6, r7 = w[4], w[5], w[6], w[7]
+    end = n - n % 8
+    for q in range(1, end // 8):
+        i = q * 8
+        r0 += w[i]
+        r1 += w[i + 1]
+        r2 += w[i + 2]
+        r3 += w[i + 3]
+        r4 += w[i + 4]
+        r5 += w[i + 5]
+        r6 += w[i + 6]
+        r7 += w[i + 7]
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(end, n):
+        res += w[i]
+    return res
+
+
+@njit(inline="always")
+def _sum_plan(n, buffer, starts, counts, ops):  # type: ignore[no-untyped-def]
+    """The order in which ``np.add.reduce`` adds ``n`` values, as a program for :func:`_planned_sum`; returns its
+    length. Runs of ``buffer`` elements (numpy casts a buffer at a time; ``buffer`` = n without a cast) are each
+    summed pairwise and added in order to a float64 0. numpy's ``pairwise_sum`` of a run: above 128 elements the
+    sum of the first ``n2`` and of the rest, ``n2 = n // 2`` rounded down to a multiple of 8 (recursively); runs of
+    at most 128 by :func:`_pairwise_leaf`. ``ops`` in postfix: ``ops[i] >= 0``: push the sum of the leaf
+    ``starts[ops[i]]``, ``counts[ops[i]]``; ``-1``: add the two sums on top (the left one first); ``-2``: add the
+    top to the running total. ``starts``, ``counts``: room for every leaf; ``ops``: 3 entries a leaf."""
+    leaves = 0
+    size = 0
+    todo_s = np.empty(192, dtype=np.int64)  # ranges still to visit, 64 levels deep at most
+    todo_c = np.empty(192, dtype=np.int64)
+    for s0 in range(0, n, buffer):
+        todo_s[0], todo_c[0] = s0, min(buffer, n - s0)
+        top = 1
+        while top:
+            top -= 1
+            s, c = todo_s[top], todo_c[top]
+            if c < 0:  # both halves are summed
+                ops[size] = -1
+                size += 1
+            elif c <= _PW_BLOCK:
+                starts[leaves], counts[leaves] = s, c
+                ops[size] = leaves
+                leaves += 1
+                size += 1
+            else:
+                n2 = c // 2
+                n2 -= n2 % 8
+                todo_s[top], todo_c[top] = s, -1  # then add them
+                todo_s[top + 1], todo_c[top + 1] = s + n2, c - n2  # then the right half
+                todo_s[top + 2], todo_c[top + 2] = s, n2  # the left half first
+                top += 3
+        ops[size] = -2
+        size += 1
+    return size
+
+
+@njit(inline="always")
+def _planned_sum(v, starts, counts, ops, size, sums):  # type: ignore[no-untyped-def]
+    """``np.add.reduce`` of ``v`` by the program :func:`_sum_plan` made for its length."""
+    total = 0.0
+    depth = 0
+    for i in range(size):
+        op = ops[i]
+        if op >= 0:
+            sums[depth] = _pairwise_leaf(v, starts[op], counts[op])
+            depth += 1
+        elif op == -1:
+            depth -= 1
+            sums[depth - 1] = sums[depth - 1] + sums[depth]
+        else:
+            total += sums[0]
+            depth = 0
+    return total
+
+
 @njit(**JIT)
-def widen_products(base, models, cols, exact, out):  # type: ignore[no-untyped-def]
-    """``_products``: ``out[r, 0, :] = b²``, ``out[r, 1 + k, :] = m_k²``, ``out[r, 1 + N + k, :] = m_k·b`` per row
-    ``r``, float32 (exact, 16-bit inputs) or float64 as ``out``'s type. base, models: (rows·cols,) row-major;
-    out: (rows, 1 + 2N, cols)."""
+def widen_row_sums(base, models, cols, r0, exact, acc):  # type: ignore[no-untyped-def]
+    """WIDEN's per-token statistics of a block of an embedding's rows (methods/widen.py ``_MatrixMerge.accumulate``,
+    columns are rows): ``acc[:, r0 + r] = [Σ b², Σ m_1², ..., Σ m_N², Σ m_1·b, ..., Σ m_N·b]`` over row ``r``.
+
+    The same bits as the eager ``row_sums(_products(...))``, without the (rows, 1 + 2N, cols) products: each kind
+    of product of a row goes into one float64 scratch row and is summed in ``np.add.reduce``'s order (numpy 1.x and
+    2.x, default buffer size): pairwise (:func:`_sum_plan`), by runs of :data:`NUMPY_BUFSIZE` when the products are
+    float32 (``exact``: 16-bit inputs), which numpy casts to float64 a buffer at a time.
+
+    base, models: (rows·cols,) row-major; acc: (1 + 2N, rows of the tensor) float64.
+    """
     n_models = len(models)
     rows = base.shape[0] // cols if cols else 0
     b = np.empty(cols, dtype=np.float32)
+    m = np.empty(cols, dtype=np.float32)
+    v = np.empty(cols, dtype=np.float64)
+    leaves = cols // 8 + 2
+    starts = np.empty(leaves, dtype=np.int64)
+    counts = np.empty(leaves, dtype=np.int64)
+    ops = np.empty(3 * leaves, dtype=np.int64)
+    size = _sum_plan(cols, NUMPY_BUFSIZE if exact else max(cols, 1), starts, counts, ops)
+    sums = np.empty(65, dtype=np.float64)
     for r in range(rows):
         s = r * cols
         _widen(base[s : s + cols], cols, b)
-        o = out[r]
         for j in range(cols):
-            o[0, j] = _product(b[j], b[j], exact)
+            v[j] = _product(b[j], b[j], exact)
+        acc[0, r0 + r] = _planned_sum(v, starts, counts, ops, size, sums)
         for k in range(n_models):
-            x = models[k][s : s + cols]
+            _widen(models[k][s : s + cols], cols, m)
             for j in range(cols):
-                m = load(x, j)
-                o[1 + k, j] = _product(m, m, exact)
-                o[1 + n_models + k, j] = _product(m, b[j], exact)
+                v[j] = _product(m[j], m[j], exact)
+            acc[1 + k, r0 + r] = _planned_sum(v, starts, counts, ops, size, sums)
+            for j in range(cols):
+                v[j] = _product(m[j], b[j], exact)
+            acc[1 + n_models + k, r0 + r] = _planned_sum(v, starts, counts, ops, size, sums)
 
 
 # arcee_fusion's kernels live in their own module, which imports the helpers above (so this comes last)

@@ -96,7 +96,8 @@ def add_tile_tree_sums(acc: torch.Tensor, rows: torch.Tensor, tile: int) -> None
 
 
 def row_sums(values: torch.Tensor) -> torch.Tensor:
-    """float64 sums over the last dim (on the CPU numpy's pairwise sum: fixed order for a given length)."""
+    """float64 sums over the last dim (on the CPU numpy's pairwise sum: fixed order for a given length; the fused
+    ``widen_row_sums`` kernel reproduces that order bit for bit, so the two change together)."""
     if values.device.type == "cpu":
         return torch.from_numpy(np.add.reduce(values.numpy(), axis=-1, dtype=np.float64))
     return tree_sum(values, dim=-1)

@@ -125,7 +125,8 @@ class _MatrixMerge(TensorMerge):
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """:meth:`accumulate` by the fused kernels, the same sums: by columns ``widen_column_sums`` (products and tile
         sums in one pass, a tile in progress kept as float64 partial sums rather than stashed rows); by rows
-        ``widen_products`` then the same :func:`row_sums`. Not after an eager block (the feeder's stash)."""
+        ``widen_row_sums`` (the products of a row summed in :func:`row_sums`' order, never stored). Not after an
+        eager block (the feeder's stash)."""
         assert self._feeder is not None
         got = kernels.arrays(base, models)
         if got is None or self._feeder._next_row != r0 or self._feeder._pending is not None:
@@ -138,9 +139,7 @@ class _MatrixMerge(TensorMerge):
         if self._stats is None:
             self._stats = torch.zeros(self._shape, dtype=torch.float64)
         if self.by_rows:
-            vals = torch.empty((rows, 1 + 2 * self.n_models, cols), dtype=torch.float32 if exact else torch.float64)
-            k.widen_products(b, ms, cols, exact, vals.numpy())
-            self._stats[:, r0 : r0 + rows] = row_sums(vals).T
+            k.widen_row_sums(b, ms, cols, r0, exact, self._stats.numpy())
         else:
             if self._partial is None:
                 self._partial = np.zeros(self._shape[0], dtype=np.float64)
