@@ -50,6 +50,9 @@ SHAPES: dict[str, Shape] = {
     # every tensor shape of Qwen1.5-14B but 8 of its 40 layers: 8.2 GB per model, so base + 2 and the output fit a
     # 64 GB disk (the full family and its output need 113 GB)
     "qwen1.5-14b-8layers": Shape(5120, 13696, 8, 40, 40, 152064, tied=False),
+    # Qwen2-0.5B's embedding and 2 of its 24 layers: the embedding holds 82% of the elements, one tensor that would
+    # keep one compute worker busy while the others idle (bench/README.md, workers helping with a large tensor)
+    "qwen2-0.5b-2layers": Shape(896, 4864, 2, 14, 2, 151936, tied=True),
 }
 
 #: Variants of the base written by :func:`write_family`: (folder name, relative delta size).

@@ -100,6 +100,9 @@ class LocalIO:
         assert self.prefetch is not None
         self.prefetch.skip(reads)
 
+    def run_blocks(self, blocks: Sequence[tuple[int, int]], work: Callable[[int, int], None]) -> None:
+        self.jobs.run_blocks(blocks, work)
+
     def output_buffer(self) -> tuple[int, torch.Tensor]:
         assert self.writer is not None
         return self.writer.buffer(self.check_stop)

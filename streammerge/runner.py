@@ -19,7 +19,7 @@ inputs, and for a block whose fused result is not finite (it names the problem).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +55,11 @@ class TensorIO(Protocol):
     def skip(self, reads: Sequence[Read]) -> None:
         """These later reads' rows will not be used (a statistics pass the merge settled early): they may be left
         unread. :meth:`take` still returns each in its turn, perhaps with no parts, and counts it as done."""
+
+    def run_blocks(self, blocks: Sequence[tuple[int, int]], work: Callable[[int, int], None]) -> None:
+        """``work(b0, b1)`` for every block: blocks independent of one another (``TensorMerge.independent_blocks``),
+        so they may run in any order and on other threads (:meth:`streammerge.workers.JobQueue.run_blocks`).
+        Returns when all are done; raises the first failure."""
 
     def output_buffer(self) -> tuple[int, torch.Tensor]:
         """A free output buffer: (its id, a uint8 host tensor of the plan's output-buffer size)."""
@@ -154,15 +159,17 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
 def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read, parts: Parts, io: TensorIO,
            fused: bool) -> None:
     io.phase(t, f"statistics {step.pass_index + 1}/{t.stat_passes}")
-    for b0, b1 in t.blocks(step.r0, step.r1, stats=True):
+
+    def block(b0: int, b1: int) -> None:
         io.check_stop()
         if fused:
             raw = _raw_rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0)
             if raw is not None and merger.accumulate_raw(step.pass_index, b0, raw[0], raw[1:]):
-                continue
+                return
         base, *models = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
-        merger.accumulate(step.pass_index, b0, base, models)
-        del base, models  # before the next block's copies are made (not beside them)
+        merger.accumulate(step.pass_index, b0, base, models)  # (the copies go before the next block's are made)
+
+    _blocks(io, merger, step.pass_index, t.blocks(step.r0, step.r1, stats=True), block)
     io.checkpoint("stats-chunk")
 
 
@@ -172,20 +179,31 @@ def _emit(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read
     buffer, raw = io.output_buffer()
     host, nbytes = _out_view(t, raw, step.r0, step.r1)
     out = io.compute.output_like(host)
-    for b0, b1 in t.blocks(step.r0, step.r1, stats=False):
+
+    def block(b0: int, b1: int) -> None:
         io.check_stop()
         dst = out[b0 - step.r0 : b1 - step.r0] if out.dim() else out
         if fused:
             stored = _raw_rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0)
             if stored is not None and merger.emit_raw(b0, stored[0], stored[1:], dst) == 0:
-                continue  # else no fused path, or a non-finite value that the eager path names
-        block = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
-        result = merger.emit(b0, block[0], block[1:])
-        _store(plan, t, dst, b0, result, block)
-        del block, result  # before the next block's copies are made (not beside them)
+                return  # else no fused path, or a non-finite value that the eager path names
+        rows = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
+        _store(plan, t, dst, b0, merger.emit(b0, rows[0], rows[1:]), rows)  # (freed before the next block's)
+
+    _blocks(io, merger, None, t.blocks(step.r0, step.r1, stats=False), block)
     io.compute.download(out, host)
-    del out
     io.write(t, step.r0, step.r1, buffer, raw[:nbytes], merger.cursor())
+
+
+def _blocks(io: TensorIO, merger: TensorMerge, pass_index: int | None, blocks: list[tuple[int, int]],
+            block: Callable[[int, int], None]) -> None:
+    """Every block of a chunk: shared with idle workers where the merge's blocks are independent, else in row
+    order here."""
+    if merger.independent_blocks(pass_index):
+        io.run_blocks(blocks, block)
+    else:
+        for b0, b1 in blocks:
+            block(b0, b1)
 
 
 def _copy(plan: Plan, t: TensorPlan, step: Step, read: Read, parts: Parts, io: TensorIO) -> None:

@@ -13,6 +13,12 @@ workers have no barrier; a descheduled one delays only its own tensor.
 
 With one worker (a GPU, ``--threads 1``, or a budget too small for more) the tensors run in the calling thread,
 in the plan's order.
+
+A worker with nothing left to claim (the queue is empty, or its next job is a tied head waiting for its embedding)
+helps the others: where a merge declares a pass's blocks independent (``TensorMerge.independent_blocks``: each
+block reads the merge's state and writes only its own rows), the worker computing a chunk shares its blocks
+(:meth:`JobQueue.run_blocks`), so a large tensor (an embedding) does not leave the other cores idle at the end of
+a run. Each block is computed once, by one thread, into its own rows: the bytes do not depend on who computes it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,57 @@ class WorkerAborted(Exception):
     """Another worker failed: this one stops at its next check (never reaches the caller)."""
 
 
+Block = tuple[int, int]
+
+
+class SharedBlocks:
+    """The blocks of one chunk, each computed once by ``work(b0, b1)``: by the worker that owns the chunk and by
+    helpers. The first failure stops the handing out of blocks; the owner raises it once no block is in flight."""
+
+    def __init__(self, blocks: Sequence[Block], work: Callable[[int, int], None]) -> None:
+        self._blocks, self._work = list(blocks), work
+        self._next = 0
+        self._in_flight = 0
+        self._cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.helped = 0  # blocks computed by helpers
+
+    def open(self) -> bool:
+        """Whether blocks are left to hand out."""
+        return self.error is None and self._next < len(self._blocks)
+
+    def _take(self) -> Block | None:
+        with self._cond:
+            if not self.open():
+                return None
+            self._next += 1
+            self._in_flight += 1
+            return self._blocks[self._next - 1]
+
+    def compute(self, helper: bool) -> None:
+        """Compute blocks until none is left to hand out; a failure is kept for the owner (a helper's too)."""
+        while (block := self._take()) is not None:
+            try:
+                self._work(*block)
+            except BaseException as exc:  # handed to the owner
+                with self._cond:
+                    self.error = self.error or exc
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
+                    self.helped += helper
+                    self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Until no block is in flight (a helper's writes into the owner's buffers are done); then raise the first
+        failure, if any. Blocks are short, so this waits without polling for a stop."""
+        with self._cond:
+            while self._in_flight:
+                self._cond.wait()
+        if self.error is not None:
+            raise self.error
+
+
 class JobQueue:
     """The jobs of a run, claimed one by one by the workers' readers. With several workers the largest come first
     (so no large tensor starts last while the other workers idle); tied heads always come last, and one waits
@@ -47,6 +104,11 @@ class JobQueue:
             self._pending.put(item)
         self._finished = {j.tensor.name: threading.Event() for j in jobs}
         self.aborted = threading.Event()
+        self._help = threading.Condition()  # guards the three below; notified when work to help with appears
+        self._shared: list[SharedBlocks] = []  # chunks whose blocks other workers may compute
+        self._idle = 0  # workers ready to help
+        self._unfinished = len(jobs)
+        self.helped = 0  # blocks computed by helpers in this run
 
     def claim(self) -> tuple[int, TensorJob] | None:
         """The next job and its position in the run (0-based), or None when every job is taken."""
@@ -57,12 +119,57 @@ class JobQueue:
 
     def finish(self, job: TensorJob) -> None:
         self._finished[job.tensor.name].set()
+        with self._help:
+            self._unfinished -= 1
+            self._help.notify_all()
 
     def wait_finished(self, name: str, check: Callable[[], None]) -> None:
-        """Wait until tensor ``name`` is finished (a tied head's embedding), calling ``check`` meanwhile."""
+        """Wait until tensor ``name`` is finished (a tied head's embedding), helping meanwhile, calling ``check``."""
         done = self._finished.get(name)
-        while done is not None and not done.wait(POLL_SECONDS):
-            check()
+        if done is not None:
+            self.help(check, done.is_set)
+
+    def run_blocks(self, blocks: Sequence[Block], work: Callable[[int, int], None]) -> None:
+        """``work(b0, b1)`` for every block, independent of one another: here, and shared with workers that have
+        nothing else to do when there are any. Returns when every block is done; raises the first failure."""
+        if len(blocks) < 2 or not self._idle:  # (read without the lock: at worst one chunk goes unshared)
+            for block in blocks:
+                work(*block)
+            return
+        shared = SharedBlocks(blocks, work)
+        with self._help:
+            self._shared.append(shared)
+            self._help.notify_all()
+        try:
+            shared.compute(helper=False)
+        finally:
+            with self._help:
+                self._shared.remove(shared)
+            shared.wait()
+            with self._help:
+                self.helped += shared.helped
+
+    def help(self, check: Callable[[], None], until: Callable[[], bool] | None = None) -> None:
+        """Compute other workers' shared blocks until ``until()`` (default: every job is finished) or an abort;
+        ``check`` between blocks and while waiting."""
+        done = until or (lambda: self._unfinished == 0)
+        with self._help:
+            self._idle += 1
+        try:
+            while True:
+                with self._help:
+                    shared = next((x for x in self._shared if x.open()), None)
+                    if shared is None and not done() and not self.aborted.is_set():
+                        self._help.wait(POLL_SECONDS)
+                        shared = next((x for x in self._shared if x.open()), None)
+                if done() or self.aborted.is_set():
+                    return
+                check()
+                if shared is not None:
+                    shared.compute(helper=True)
+        finally:
+            with self._help:
+                self._idle -= 1
 
     def check(self) -> None:
         if self.aborted.is_set():
@@ -110,6 +217,7 @@ def run_workers(jobs: JobQueue, workers: Sequence[Worker], compute: Callable[[Wo
                 jobs.wait_finished(job.tensor.copy_of, w.check_stop)
             compute(w, index, job)
             jobs.finish(job)
+        jobs.help(w.check_stop)  # nothing left to claim: help the workers still computing
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads_each)  # also the default of the threads started below (torch copies it)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import streammerge
 from streammerge import api
 from streammerge.budget import make_budget, resolve_threads, usable_cores
 from streammerge.errors import NonFiniteError, StreamMergeError
-from streammerge.examples import write_family
+from streammerge.examples import SHAPES, write_family
 from streammerge.stopping import MergeInterrupted
 
 #: a method of each kind: statistics passes with tie cursors (ties, sce), random masks (dare_ties, della), a
@@ -92,6 +94,74 @@ def test_workers_take_the_largest_tensors_first_and_a_tied_head_last(fam, tmp_pa
     assert sorted(claimed) == sorted(t.name for t in p.tensors) and claimed[-1] == "lm_head.weight"
     assert claimed[0] == max(p.tensors, key=lambda t: t.planned_read_bytes).name
     assert events.index(("end", "model.embed_tokens.weight")) < events.index(("start", "lm_head.weight"))
+
+
+def test_shared_blocks_are_computed_once_and_a_helpers_failure_reaches_the_owner():
+    """A chunk's independent blocks go to the owner and to an idle worker, each block once; a block that fails on
+    the helper fails the owner's call, after the helper's block in flight is done."""
+    from streammerge.workers import JobQueue
+
+    queue = JobQueue([], 2)
+    stop = threading.Event()
+    helper = threading.Thread(target=queue.help, args=(lambda: None, stop.is_set), name="helper")
+    helper.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not queue._idle and time.monotonic() < deadline:
+            time.sleep(0.001)
+        done: list[tuple[int, str]] = []
+
+        def work(b0: int, b1: int) -> None:
+            time.sleep(0.005)
+            done.append((b0, threading.current_thread().name))
+
+        queue.run_blocks([(i, i + 1) for i in range(40)], work)
+        assert sorted(b for b, _ in done) == list(range(40))
+        assert {who for _, who in done} == {"helper", threading.current_thread().name} and queue.helped > 0
+
+        def failing(b0: int, b1: int) -> None:
+            time.sleep(0.005)
+            if threading.current_thread().name == "helper":
+                raise ValueError(f"block {b0}")
+
+        with pytest.raises(ValueError, match="block"):
+            queue.run_blocks([(i, i + 1) for i in range(40)], failing)
+    finally:
+        stop.set()
+        helper.join(30)
+    assert not helper.is_alive()
+
+
+@pytest.mark.parametrize("method", ["widen", "task_arithmetic"])
+def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(method, tmp_path, monkeypatch):
+    """An embedding much larger than the rest: the workers that finish the small tensors compute blocks of its
+    chunks (WIDEN's statistics and merge, task arithmetic's merge), to the bytes one worker writes. Each shared
+    chunk waits until a worker is idle and its blocks are slowed, so the helpers surely take some."""
+    from streammerge import workers
+
+    family = write_family(tmp_path / "fam", replace(SHAPES["tiny"], layers=1, vocab=20000), dtype="bf16")
+    models = [family["chat"], family["multilingual"]]
+    ref = api.merge(family["base"], models, tmp_path / "one", method, METHODS[method], threads=1)
+    real = workers.JobQueue.run_blocks
+    helped: list[int] = []
+
+    def run_blocks(self, blocks, work):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 30
+        while len(blocks) > 1 and not self._idle and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+        def slow(b0: int, b1: int) -> None:
+            time.sleep(0.002)
+            work(b0, b1)
+
+        before = self.helped
+        real(self, blocks, slow)
+        helped.append(self.helped - before)
+
+    monkeypatch.setattr(workers.JobQueue, "run_blocks", run_blocks)
+    out = api.merge(family["base"], models, tmp_path / "three", method, METHODS[method], threads=3)
+    assert sum(helped) > 0
+    assert_same_output(out, ref)
 
 
 def test_a_failure_in_one_worker_stops_them_all_and_keeps_the_work(fam, tmp_path, monkeypatch):

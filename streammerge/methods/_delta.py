@@ -515,6 +515,12 @@ class _DeltaTensorMerge(TensorMerge):
             self.scales[k] = 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
             sp.rewind()
 
+    def independent_blocks(self, pass_index: int | None) -> bool:
+        """The merge pass of a plain weighted sum of the deltas (no sparsifier, no sign consensus: task arithmetic):
+        each block is a function of its own rows. A selection counts its ties in row order, and its statistics
+        passes add into shared histograms, so those keep the rows' order."""
+        return pass_index is None and not self.sparsifiers and not self.m.consensus
+
     def settled(self, pass_index: int) -> bool:
         """Pass B, when pass A's candidates settled every selection's thresholds (``TopK.early``)."""
         return 0 < pass_index < self.select_passes and not any(

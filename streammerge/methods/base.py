@@ -165,6 +165,14 @@ class TensorMerge:
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def independent_blocks(self, pass_index: int | None) -> bool:
+        """Whether the blocks of statistics pass ``pass_index`` (None: the merge pass) may be computed by several
+        threads at once, in any order: each block reads the merge's state only and writes only its own rows (of
+        the output, or of the statistics), so its bytes cannot depend on which thread computes it or when. The
+        engine then shares a chunk's blocks with compute workers that have nothing else to do (a large tensor
+        at the end of a run). Default False: blocks arrive in row order, one at a time."""
+        return False
+
     # Fused kernels (streammerge.kernels): optional, byte-identical to accumulate and emit.
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """:meth:`accumulate` by a fused kernel: ``base`` and ``models`` are the block's rows as stored (CPU, read-only

@@ -16,6 +16,7 @@ patch, so it is merged as its [out, in·∏kernel] view (docs/widen.md, "Which r
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -101,50 +102,65 @@ class _MatrixMerge(TensorMerge):
         rows, cols = task.rows, task.row_numel
         self.by_rows = task.rule.columns_are_rows
         k = 1 + 2 * n_models  # [b², m_1², ..., m_N², m_1·b, ..., m_N·b]
-        self._feeder: TileFeeder | None = TileFeeder(rows, task.tile)
+        self._feeder: TileFeeder | None = None if self.by_rows else TileFeeder(rows, task.tile)  # rows in order
+        self._lock = threading.Lock()  # (blocks of an embedding's statistics may come from several threads)
         # float64 accumulators, made on the device of the first chunk: (1 + 2N, rows) by rows, (1 + 2N) x cols else
         self._shape = (k, rows) if self.by_rows else (k * cols,)
         self._stats: torch.Tensor | None = None
         self._partial: np.ndarray | None = None  # fused kernels: the float64 column sums of the tile in progress
         self.weights: torch.Tensor | None = None  # (N, n) float32
 
+    def independent_blocks(self, pass_index: int | None) -> bool:
+        """The merge pass always (weights fixed per column); the statistics of an embedding (a token per row, its
+        sums complete inside the row), not the column sums of a matrix (added tile after tile in row order)."""
+        return pass_index is None or self.by_rows
+
+    def _accumulators(self, device: torch.device) -> torch.Tensor:
+        """The float64 sums, made at the first block (once, whichever thread gets there first)."""
+        if self._stats is None:
+            with self._lock:
+                if self._stats is None:
+                    self._stats = torch.zeros(self._shape, dtype=torch.float64, device=device)
+        return self._stats
+
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         # Work one aligned 64-row tile at a time: small temporaries, and a reduction order fixed by the tiles.
-        assert self._feeder is not None
-        if self._stats is None:
-            self._stats = torch.zeros(self._shape, dtype=torch.float64, device=base.device)
+        stats = self._accumulators(base.device)
         flat = [x.reshape(x.shape[0], -1) for x in (base, *models)]  # a view (a kernel's [rows, in·∏kernel])
+        if self.by_rows:
+            # one token per stored row: its sums are complete inside the row (reduce over the hidden dim), so the
+            # rows need no feeder and the blocks no order; a tile's rows at a time keeps the products small
+            for t0 in range(0, flat[0].shape[0], self.task.tile):
+                b, *ms = (x[t0 : t0 + self.task.tile] for x in flat)
+                stats[:, r0 + t0 : r0 + t0 + b.shape[0]] = row_sums(self._products(b, ms)).T
+            return
+        assert self._feeder is not None
         for t0, (b, *ms) in self._feeder.feed(r0, flat):
-            vals = self._products(b, ms)  # (rows, 1 + 2N, cols)
-            if self.by_rows:
-                # one token per stored row: its sums are complete inside the row (reduce over the hidden dim)
-                self._stats[:, t0 : t0 + b.shape[0]] = row_sums(vals).T
-            else:
-                add_column_sums(self._stats, vals, self.task.tile)
+            add_column_sums(stats, self._products(b, ms), self.task.tile)  # vals: (rows, 1 + 2N, cols)
 
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """:meth:`accumulate` by the fused kernels, the same sums: by columns ``widen_column_sums`` (products and tile
         sums in one pass, a tile in progress kept as float64 partial sums rather than stashed rows); by rows
-        ``widen_row_sums`` (the products of a row summed in :func:`row_sums`' order, never stored). Not after an
-        eager block (the feeder's stash)."""
-        assert self._feeder is not None
+        ``widen_row_sums`` (the products of a row summed in :func:`row_sums`' order, never stored). By columns, not
+        after an eager block (the feeder's stash)."""
         got = kernels.arrays(base, models)
-        if got is None or self._feeder._next_row != r0 or self._feeder._pending is not None:
+        if got is None:
             return False
         b, ms, _ = got
         rows = base.shape[0] if base.dim() else 1
         cols = b.shape[0] // max(rows, 1)
         k = kernels.kernels()
         exact = self.task.exact_products
-        if self._stats is None:
-            self._stats = torch.zeros(self._shape, dtype=torch.float64)
         if self.by_rows:
-            k.widen_row_sums(b, ms, cols, r0, exact, self._stats.numpy())
-        else:
-            if self._partial is None:
-                self._partial = np.zeros(self._shape[0], dtype=np.float64)
-            k.widen_column_sums(b, ms, cols, r0, self.task.tile, self.task.rows, exact, self._stats.numpy(),
-                                self._partial)
+            k.widen_row_sums(b, ms, cols, r0, exact, self._accumulators(base.device).numpy())
+            return True
+        assert self._feeder is not None
+        if self._feeder._next_row != r0 or self._feeder._pending is not None:
+            return False
+        if self._partial is None:
+            self._partial = np.zeros(self._shape[0], dtype=np.float64)
+        k.widen_column_sums(b, ms, cols, r0, self.task.tile, self.task.rows, exact,
+                            self._accumulators(base.device).numpy(), self._partial)
         self._feeder._next_row = r0 + rows  # (the eager path's order check)
         return True
 
