@@ -103,6 +103,9 @@ class LocalIO:
     def run_blocks(self, blocks: Sequence[tuple[int, int]], work: Callable[[int, int], None]) -> None:
         self.jobs.run_blocks(blocks, work)
 
+    def helpers_idle(self) -> bool:
+        return self.jobs.idle()
+
     def output_buffer(self) -> tuple[int, torch.Tensor]:
         assert self.writer is not None
         return self.writer.buffer(self.check_stop)

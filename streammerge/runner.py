@@ -61,6 +61,9 @@ class TensorIO(Protocol):
         so they may run in any order and on other threads (:meth:`streammerge.workers.JobQueue.run_blocks`).
         Returns when all are done; raises the first failure."""
 
+    def helpers_idle(self) -> bool:
+        """Whether another worker is idle now, ready to compute shared blocks (:meth:`run_blocks`)."""
+
     def output_buffer(self) -> tuple[int, torch.Tensor]:
         """A free output buffer: (its id, a uint8 host tensor of the plan's output-buffer size)."""
 
@@ -190,9 +193,37 @@ def _emit(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read
         rows = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         _store(plan, t, dst, b0, merger.emit(b0, rows[0], rows[1:]), rows)  # (freed before the next block's)
 
-    _blocks(io, merger, None, t.blocks(step.r0, step.r1, stats=False), block)
+    blocks = t.blocks(step.r0, step.r1, stats=False)
+    counted = fused and _count_blocks(t, merger, read, parts, io, blocks)
+    try:
+        _blocks(io, merger, None, blocks, block)
+    finally:
+        if counted:
+            merger.end_blocks()
     io.compute.download(out, host)
     io.write(t, step.r0, step.r1, buffer, raw[:nbytes], merger.cursor())
+
+
+def _count_blocks(t: TensorPlan, merger: TensorMerge, read: Read, parts: Parts, io: TensorIO,
+                  blocks: list[tuple[int, int]]) -> bool:
+    """Where the merge pass's blocks depend on one another only through counts (``TensorMerge.counted_blocks``)
+    and other workers are idle: count every block (shared with them), and start the blocks out of order
+    (``TensorMerge.start_blocks``; True, and the caller ends them). Counting is extra work, so not for one worker."""
+    if len(blocks) < 2 or not merger.counted_blocks() or not io.helpers_idle():
+        return False
+    counts: dict[int, Any] = {}
+
+    def count(b0: int, b1: int) -> None:
+        io.check_stop()
+        stored = _raw_rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0)
+        counts[b0] = None if stored is None else merger.count_raw(b0, stored[0], stored[1:])
+
+    io.run_blocks(blocks, count)
+    found = [counts[b0] for b0, _ in blocks]
+    if any(c is None for c in found):
+        return False
+    merger.start_blocks([b0 for b0, _ in blocks], found)
+    return True
 
 
 def _blocks(io: TensorIO, merger: TensorMerge, pass_index: int | None, blocks: list[tuple[int, int]],

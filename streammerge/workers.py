@@ -19,6 +19,9 @@ helps the others: where a merge declares a pass's blocks independent (``TensorMe
 block reads the merge's state and writes only its own rows), the worker computing a chunk shares its blocks
 (:meth:`JobQueue.run_blocks`), so a large tensor (an embedding) does not leave the other cores idle at the end of
 a run. Each block is computed once, by one thread, into its own rows: the bytes do not depend on who computes it.
+Where a merge pass's blocks depend on the blocks before them only through counts (TIES's ties, kept first in row
+order: ``TensorMerge.counted_blocks``), and only then while workers are idle, the chunk's blocks are counted first
+(shared the same way), each block's start found from the counts in row order, and the blocks shared.
 """
 
 from __future__ import annotations
@@ -129,10 +132,14 @@ class JobQueue:
         if done is not None:
             self.help(check, done.is_set)
 
+    def idle(self) -> bool:
+        """Whether a worker is waiting to help (read without the lock: a hint, at worst one chunk goes unshared)."""
+        return self._idle > 0
+
     def run_blocks(self, blocks: Sequence[Block], work: Callable[[int, int], None]) -> None:
         """``work(b0, b1)`` for every block, independent of one another: here, and shared with workers that have
         nothing else to do when there are any. Returns when every block is done; raises the first failure."""
-        if len(blocks) < 2 or not self._idle:  # (read without the lock: at worst one chunk goes unshared)
+        if len(blocks) < 2 or not self.idle():
             for block in blocks:
                 work(*block)
             return
@@ -158,10 +165,10 @@ class JobQueue:
         try:
             while True:
                 with self._help:
-                    shared = next((x for x in self._shared if x.open()), None)
+                    shared = self._open_shared()
                     if shared is None and not done() and not self.aborted.is_set():
                         self._help.wait(POLL_SECONDS)
-                        shared = next((x for x in self._shared if x.open()), None)
+                        shared = self._open_shared()
                 if done() or self.aborted.is_set():
                     return
                 check()
@@ -170,6 +177,10 @@ class JobQueue:
         finally:
             with self._help:
                 self._idle -= 1
+
+    def _open_shared(self) -> SharedBlocks | None:
+        """A shared chunk with blocks left to hand out (under ``_help``)."""
+        return next((x for x in self._shared if x.open()), None)
 
     def check(self) -> None:
         if self.aborted.is_set():

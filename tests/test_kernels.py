@@ -10,6 +10,7 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,9 +33,9 @@ needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed 
 #: the kernels each method's merge must call (statistics and merge pass)
 KERNELS = {
     "task_arithmetic": {"delta_sum"},
-    "ties": {"histogram_high", "histogram_low", "sparse_merge"},
-    "breadcrumbs": {"histogram_high", "histogram_low", "sparse_merge"},
-    "breadcrumbs_ties": {"histogram_high", "histogram_low", "sparse_merge"},
+    "ties": {"histogram_high", "histogram_low", "sparse_merge", "tie_counts"},
+    "breadcrumbs": {"histogram_high", "histogram_low", "sparse_merge", "tie_counts"},
+    "breadcrumbs_ties": {"histogram_high", "histogram_low", "sparse_merge", "tie_counts"},
     "dare_linear": {"sparse_merge"},
     "dare_ties": {"sparse_merge"},
     "della": {"sparse_merge", "magprune_factors"},
@@ -51,9 +52,10 @@ KERNELS = {
     "nuslerp": {"pair_sums", "delta_sum"},
     "widen": {"widen_column_sums", "widen_row_sums", "widen_emit"},
 }
-NAMES = sorted({name for names in KERNELS.values() for name in names} | {"l1_sums"})
-#: kernels a merge may skip: pass B runs only for the thresholds pass A's candidates did not settle
-OPTIONAL = {"histogram_low"}
+NAMES = sorted({name for names in KERNELS.values() for name in names} | {"l1_sums", "tie_counts"})
+#: kernels a merge may skip: pass B runs only for the thresholds pass A's candidates did not settle; a selection's
+#: ties are counted ahead only when workers are idle to share a chunk's blocks
+OPTIONAL = {"histogram_low", "tie_counts"}
 
 
 def expected_kernels(method: str, params: dict) -> set[str]:
@@ -279,6 +281,19 @@ def run_passes(merger, base: torch.Tensor, models: list[torch.Tensor], passes: i
 def test_selections_keep_the_same_ties_block_by_block(method, params):
     """Deltas of a few distinct sizes, so thousands of elements equal each threshold: the kernels keep the first
     ties in flat order across blocks, as ``TopK.factor`` does, and leave the same cursor after every block."""
+    base, models, eager, fused = _tied_selection(method, params)
+    rows = base.shape[0]
+    for a in range(0, rows, 4):
+        want = eager.emit(a, base[a : a + 4].float(), [x[a : a + 4] for x in models]).to(torch.bfloat16)
+        got = torch.empty(want.shape, dtype=torch.bfloat16)
+        assert fused.emit_raw(a, base[a : a + 4], [x[a : a + 4] for x in models], got) == 0
+        assert torch.equal(to_bits_t(got), to_bits_t(want)), f"rows {a}..{a + 4}"
+        assert fused.cursor() == eager.cursor()
+
+
+def _tied_selection(method: str, params: dict) -> tuple[torch.Tensor, list[torch.Tensor], Any, Any]:
+    """60 x 50 bfloat16 deltas of six sizes (thousands of ties at each threshold), and the eager and fused merges
+    of ``method`` after their statistics passes (the same thresholds)."""
     g = torch.Generator().manual_seed(5)
     rows, cols = 60, 50
     base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
@@ -295,12 +310,40 @@ def test_selections_keep_the_same_ties_block_by_block(method, params):
     assert eager.state_dict()["select"].tolist() == fused.state_dict()["select"].tolist()
     ties = [s.ties for sp in fused.sparsifiers for s in sp._topks()]
     assert max(ties) >= 10, f"ties kept at the thresholds: {ties}"
-    for a in range(0, rows, 4):
-        want = eager.emit(a, base[a : a + 4].float(), [x[a : a + 4] for x in models]).to(torch.bfloat16)
-        got = torch.empty(want.shape, dtype=torch.bfloat16)
-        assert fused.emit_raw(a, base[a : a + 4], [x[a : a + 4] for x in models], got) == 0
-        assert torch.equal(to_bits_t(got), to_bits_t(want)), f"rows {a}..{a + 4}"
+    return base, models, eager, fused
+
+
+@needs_numba
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.37}), ("breadcrumbs", {"density": 0.3, "gamma": 0.2}),
+    ("breadcrumbs_ties", {"density": 0.45, "gamma": 0.1, "rescale": True, "rescale_mode": "inverse_density"}),
+])
+def test_blocks_counted_ahead_keep_the_same_ties_in_any_order(method, params):
+    """A chunk's blocks counted ahead (``count_raw``: the ties each meets), started (``start_blocks``) and merged
+    last to first, some fused and some eagerly (a block the kernel refuses): the bytes of blocks merged in row
+    order, and the cursors they leave after every chunk."""
+    base, models, eager, fused = _tied_selection(method, params)
+    rows, step = base.shape[0], 4
+    for c0 in range(0, rows, 20):  # chunks of 5 blocks
+        blocks = [(a, min(a + step, rows)) for a in range(c0, min(c0 + 20, rows), step)]
+        assert fused.counted_blocks() == any(sp.open_ties for sp in fused.sparsifiers)
+        if fused.counted_blocks():
+            fused.start_blocks([a for a, _ in blocks], [fused.count_raw(a, base[a:b], [x[a:b] for x in models])
+                                                        for a, b in blocks])
+        assert fused.independent_blocks(None)
+        got = {}
+        for i, (a, b) in enumerate(reversed(blocks)):
+            if i % 2:
+                got[a] = fused.emit(a, base[a:b].float(), [x[a:b] for x in models]).to(torch.bfloat16)
+            else:
+                got[a] = torch.empty((b - a, base.shape[1]), dtype=torch.bfloat16)
+                assert fused.emit_raw(a, base[a:b], [x[a:b] for x in models], got[a]) == 0
+        fused.end_blocks()
+        for a, b in blocks:
+            want = eager.emit(a, base[a:b].float(), [x[a:b] for x in models]).to(torch.bfloat16)
+            assert torch.equal(to_bits_t(got[a]), to_bits_t(want)), f"rows {a}..{b}"
         assert fused.cursor() == eager.cursor()
+    assert not fused.counted_blocks()
 
 
 def _bf16_bits(x: torch.Tensor) -> np.ndarray:

@@ -132,35 +132,60 @@ def test_shared_blocks_are_computed_once_and_a_helpers_failure_reaches_the_owner
     assert not helper.is_alive()
 
 
-@pytest.mark.parametrize("method", ["widen", "task_arithmetic"])
+#: the merges whose blocks idle workers share: WIDEN's statistics and merge; the merge pass of the delta methods
+#: (a sum; a sign election; DARE's and DELLA's draws; a selection's ties, counted ahead while some are open)
+SHARED = {"widen": {}, "task_arithmetic": {}, "ties": {"density": 0.5}, "breadcrumbs": {"density": 0.5, "gamma": 0.05},
+          "dare_ties": {"density": 0.6}, "della": {"density": 0.6, "epsilon": 0.1}}
+
+
+@pytest.mark.parametrize("method", list(SHARED))
 def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(method, tmp_path, monkeypatch):
     """An embedding much larger than the rest: the workers that finish the small tensors compute blocks of its
-    chunks (WIDEN's statistics and merge, task arithmetic's merge), to the bytes one worker writes. Each shared
-    chunk waits until a worker is idle and its blocks are slowed, so the helpers surely take some."""
-    from streammerge import workers
+    chunks, to the bytes one worker writes (eagerly, the independent reference). With the fused kernels, a
+    selection's ties are counted ahead in the chunks where some are still to be kept, and the chunk where the last
+    is kept is among those shared. Each shared chunk waits until a worker is idle and its blocks are slowed, so the
+    helpers surely take some."""
+    from streammerge import kernels, workers
+    from streammerge.methods import _delta
 
+    selects = method in ("ties", "breadcrumbs")
+    if selects and kernels._load() is None:
+        pytest.skip("numba is not installed: a selection's ties are counted by a fused kernel")
     family = write_family(tmp_path / "fam", replace(SHAPES["tiny"], layers=1, vocab=20000), dtype="bf16")
     models = [family["chat"], family["multilingual"]]
-    ref = api.merge(family["base"], models, tmp_path / "one", method, METHODS[method], threads=1)
-    real = workers.JobQueue.run_blocks
+    monkeypatch.setenv(kernels.ENV, "eager")
+    ref = api.merge(family["base"], models, tmp_path / "one", method, SHARED[method], threads=1)
+    monkeypatch.setenv(kernels.ENV, "numba" if kernels._load() is not None else "eager")
+    real_idle, real_run, real_start = workers.JobQueue.idle, workers.JobQueue.run_blocks, _delta._Selection.start_blocks
     helped: list[int] = []
+    closed: list[bool] = []  # per chunk counted ahead: whether its last open tie was kept in it
+
+    def idle(self):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 30
+        while not self._idle and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return real_idle(self)
 
     def run_blocks(self, blocks, work):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + 30
-        while len(blocks) > 1 and not self._idle and time.monotonic() < deadline:
-            time.sleep(0.001)
-
         def slow(b0: int, b1: int) -> None:
             time.sleep(0.002)
             work(b0, b1)
 
         before = self.helped
-        real(self, blocks, slow)
+        real_run(self, blocks, slow)
         helped.append(self.helped - before)
 
+    def start_blocks(self, starts, met):  # type: ignore[no-untyped-def]
+        real_start(self, starts, met)
+        closed.append(not self.open_ties)
+
+    monkeypatch.setattr(workers.JobQueue, "idle", idle)
     monkeypatch.setattr(workers.JobQueue, "run_blocks", run_blocks)
-    out = api.merge(family["base"], models, tmp_path / "three", method, METHODS[method], threads=3)
+    monkeypatch.setattr(_delta._Selection, "start_blocks", start_blocks)
+    out = api.merge(family["base"], models, tmp_path / "three", method, SHARED[method], threads=3)
     assert sum(helped) > 0
+    if selects:
+        assert any(closed), f"no shared chunk kept the last tie: {closed}"
     assert_same_output(out, ref)
 
 

@@ -858,6 +858,31 @@ def _select_step(x, m, b, sel, k, keep_value, scale, wk, dst, ties):  # type: ig
 
 
 @njit(**JIT)
+def tie_counts(base, models, sel, counts):  # type: ignore[no-untyped-def]
+    """How many elements of a block equal each selection's tau (``counts[k]`` = hi, lo), as :func:`_select_step`
+    counts them (``ties[k, 2:]``) without deciding anything: what lets a block's tie cursor be known before the
+    blocks before it are merged (``_DeltaTensorMerge.count_raw``). base: (n,); models: tuple of N (n,) arrays;
+    sel: (N, 4) int64 as :func:`sparse_merge`'s (a model without a selection: :data:`KEEP_ALL`/:data:`KEEP_NONE`,
+    which no element equals); counts: (N, 2) int64, set."""
+    n, n_models = base.shape[0], len(models)
+    counts[:, :] = 0
+    b = np.empty(STEP, dtype=np.float32)
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        _widen(base[s : s + m], m, b)
+        for k in range(n_models):
+            x = models[k][s : s + m]
+            hi_at, lo_at = U32(sel[k, 0] & 0xFFFFFFFF), U32(sel[k, 2] & 0xFFFFFFFF)
+            hi_met, lo_met = 0, 0
+            for i in range(m):
+                ab = _bits_of_f32(load(x, i) - b[i]) & U32(0x7FFFFFFF)
+                hi_met += np.int32(ab == hi_at)
+                lo_met += np.int32(ab == lo_at)
+            counts[k, 0] += hi_met
+            counts[k, 1] += lo_met
+
+
+@njit(**JIT)
 def sparse_merge(base, models, keep_mode, sel, factors, bits, keys, cuts, start, keep_value, scale, w, combine,
                  normalize, minw, div, lam, out, ties):  # type: ignore[no-untyped-def]
     """The merge pass of the delta methods with a sparsifier (methods/_delta.py ``_DeltaTensorMerge.emit``).

@@ -151,6 +151,9 @@ class _Selection(Sparsifier):
         n = task.numel
         self.hi = TopK(hi, n)
         self.lo = TopK(lo, n) if lo > 0 else None
+        # the tie cursors (:meth:`cursor`) at the start of each block of a chunk whose blocks are computed out of
+        # order (:meth:`start_blocks`), by the block's first row; None: blocks come in row order
+        self._starts: dict[int, list[int]] | None = None
 
     def _topks(self) -> list[TopK]:
         return [s for s in (self.hi, self.lo) if s is not None]
@@ -187,9 +190,10 @@ class _Selection(Sparsifier):
     def keep(self, r0: int, absd: torch.Tensor, inverse_density: bool = False) -> torch.Tensor | None:
         if not self.active:
             return None
-        keep = self.hi.factor(absd)
+        seen = self._starts[r0] if self._starts is not None else [None, None]
+        keep = self.hi.factor(absd, seen[0])
         if self.lo is not None:  # the top lo are inside the top hi, so keep_hi − keep_lo is 0 or 1
-            drop = self.lo.factor(absd)
+            drop = self.lo.factor(absd, seen[1])
             if drop is not None:
                 keep = drop.neg_().add_(1) if keep is None else keep.sub_(drop)
             elif keep is not None:
@@ -204,18 +208,50 @@ class _Selection(Sparsifier):
         for s in self._topks():
             s.seen_ties = 0
 
-    def kernel_spec(self) -> list[int] | None:
-        """What :meth:`keep` keeps from the next block, for the fused kernel: the hi TopK's (tau, ties to keep) then
-        the lo one's (``TopK.kernel_spec``; without a lo, a tau that drops nothing); None when nothing is dropped."""
+    def kernel_spec(self, r0: int) -> list[int] | None:
+        """What :meth:`keep` keeps from the block at row ``r0``, for the fused kernel: the hi TopK's (tau, ties to
+        keep) then the lo one's (``TopK.kernel_spec``; without a lo, a tau that drops nothing); None when nothing is
+        dropped."""
         if not self.active:
             return None
-        return [*self.hi.kernel_spec(), *(self.lo.kernel_spec() if self.lo is not None else (1 << 31, 0))]
+        seen = self._starts[r0] if self._starts is not None else [None, None]
+        return [*self.hi.kernel_spec(seen[0]),
+                *(self.lo.kernel_spec(seen[1]) if self.lo is not None else (1 << 31, 0))]
 
     def met_ties(self, hi: int, lo: int) -> None:
-        """Advance the tie cursors past a fused block that met ``hi`` and ``lo`` elements equal to each tau."""
+        """Advance the tie cursors past a fused block that met ``hi`` and ``lo`` elements equal to each tau (not
+        for blocks out of order: :meth:`start_blocks` advanced them)."""
+        if self._starts is not None:
+            return
         self.hi.met_ties(hi)
         if self.lo is not None:
             self.lo.met_ties(lo)
+
+    @property
+    def open_ties(self) -> bool:
+        """Whether what a block keeps depends on the ties met before it (``TopK.open_ties``)."""
+        return self.active and any(s.open_ties for s in self._topks())
+
+    def start_blocks(self, starts: Sequence[int], met: Sequence[tuple[int, int]]) -> None:
+        """Blocks beginning at rows ``starts`` (a chunk's, in row order) that meet ``met`` (hi, lo) elements equal
+        to each tau (``kernels._numba.tie_counts``) are computed next, in any order: each block's tie cursors are
+        found here, as blocks in row order would leave them, and the cursors move past the chunk."""
+        topks, starts_of = self._topks(), {}
+        seen = self.cursor()
+        for r0, counts in zip(starts, met):
+            starts_of[r0] = seen + [None] * (2 - len(seen))
+            seen = [s.advanced(x, c) for s, x, c in zip(topks, seen, counts)]
+        self.restore_cursor(seen)
+        self._starts = starts_of
+
+    def end_blocks(self) -> None:
+        """The blocks of :meth:`start_blocks` are done: blocks come in row order again."""
+        self._starts = None
+
+    @property
+    def out_of_order(self) -> bool:
+        """Between :meth:`start_blocks` and :meth:`end_blocks`."""
+        return self._starts is not None
 
     def export(self) -> list[int]:
         return [x for s in self._topks() for x in s.export()]
@@ -515,11 +551,51 @@ class _DeltaTensorMerge(TensorMerge):
             self.scales[k] = 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
             sp.rewind()
 
+    def _selections(self) -> list[_Selection]:
+        return [sp for sp in self.sparsifiers if isinstance(sp, _Selection)]
+
     def independent_blocks(self, pass_index: int | None) -> bool:
-        """The merge pass of a plain weighted sum of the deltas (no sparsifier, no sign consensus: task arithmetic):
-        each block is a function of its own rows. A selection counts its ties in row order, and its statistics
-        passes add into shared histograms, so those keep the rows' order."""
-        return pass_index is None and not self.sparsifiers and not self.m.consensus
+        """The merge pass: each block is a function of its own rows (the sum, the sign election, DARE's and DELLA's
+        per-element draws, DELLA's remembered decisions) and of the statistics, read only; except a selection's
+        ties, which are kept first in row order: while some are still to be kept (``TopK.open_ties``), a block's
+        keeps depend on the ties met before it, unless :meth:`start_blocks` found each block's cursors. The
+        statistics passes add into shared histograms and sums, so they keep the rows' order."""
+        return pass_index is None and (not any(sp.open_ties for sp in self._selections())
+                                       or any(sp.out_of_order for sp in self._selections()))
+
+    def counted_blocks(self) -> bool:
+        """While a selection's ties are still to be kept, the merge pass's blocks depend on one another only
+        through the ties each meets (:meth:`count_raw`)."""
+        return not self.independent_blocks(None)
+
+    def count_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[tuple[int, int]] | None:
+        """Per model, the elements of the block at row ``r0`` (rows as stored) equal to its selection's hi and lo
+        tau (``kernels._numba.tie_counts``; (0, 0) without a selection); None when a kernel does not take the
+        inputs."""
+        got = kernels.arrays(base, models)
+        if got is None:
+            return None
+        b, ms, _ = got
+        k = kernels.kernels()
+        sel = np.tile(np.array([k.KEEP_ALL, 0, k.KEEP_NONE, 0], dtype=np.int64), (len(ms), 1))
+        for i, sp in enumerate(self.sparsifiers):
+            spec = sp.kernel_spec(r0) if isinstance(sp, _Selection) else None
+            if spec is not None:
+                sel[i] = spec
+        counts = np.zeros((len(ms), 2), dtype=np.int64)
+        k.tie_counts(b, ms, sel, counts)
+        return [(int(hi), int(lo)) for hi, lo in counts.tolist()]
+
+    def start_blocks(self, starts: Sequence[int], counts: Sequence[list[tuple[int, int]]]) -> None:
+        """The blocks of a chunk beginning at rows ``starts`` (row order), which :meth:`count_raw` counted, are
+        computed next, in any order (``_Selection.start_blocks``)."""
+        for i, sp in enumerate(self.sparsifiers):
+            if isinstance(sp, _Selection):
+                sp.start_blocks(starts, [c[i] for c in counts])
+
+    def end_blocks(self) -> None:
+        for sp in self._selections():
+            sp.end_blocks()
 
     def settled(self, pass_index: int) -> bool:
         """Pass B, when pass A's candidates settled every selection's thresholds (``TopK.early``)."""
@@ -652,7 +728,7 @@ class _DeltaTensorMerge(TensorMerge):
         factors, bits = list(keeps.factors), list(keeps.bits)
         for i, sp in enumerate(self.sparsifiers):
             if isinstance(sp, _Selection):
-                spec = sp.kernel_spec()
+                spec = sp.kernel_spec(r0)
                 if spec is None:
                     continue
                 modes[i], sel[i] = kernels.SELECT, spec

@@ -220,21 +220,32 @@ class TopK:
             self._hist_lo = torch.zeros(BINS, dtype=torch.int64)
         return self._bin, self._hist_lo
 
-    def kernel_spec(self) -> tuple[int, int]:
+    def kernel_spec(self, seen: int | None = None) -> tuple[int, int]:
         """(tau, ties still to keep) for the next block in row order, what :meth:`factor` keeps: ``|x|`` (int32 bits)
-        above tau, and the first ``ties − seen_ties`` elements equal to it; tau is -1 to keep every element and
-        2^31 to keep none (no bit pattern equals either)."""
+        above tau, and the first ``ties − seen`` elements equal to it (``seen``: the cursor at the block's start,
+        by default :attr:`seen_ties`); tau is -1 to keep every element and 2^31 to keep none (no bit pattern equals
+        either)."""
         if self.k == self.numel:
             return -1, 0
         if self.k == 0:
             return 1 << 31, 0
         assert self.tau_bits is not None, "kernel_spec() before passes A and B"
-        return self.tau_bits, max(0, self.ties - self.seen_ties)
+        return self.tau_bits, max(0, self.ties - (self.seen_ties if seen is None else seen))
+
+    @property
+    def open_ties(self) -> bool:
+        """Whether elements equal to tau are still to be kept: what a block keeps depends on the ties met before
+        it (else every later element equal to tau is dropped, whatever came before)."""
+        return self.k not in (0, self.numel) and self.seen_ties < self.ties
+
+    def advanced(self, seen: int, met: int) -> int:
+        """The cursor after a block that met ``met`` elements equal to tau, from ``seen`` (counting stops once
+        ``ties`` are kept: later values only need to stay at or above it)."""
+        return seen + met if self.k not in (0, self.numel) and seen < self.ties else seen
 
     def met_ties(self, met: int) -> None:
         """After a fused block that met ``met`` elements equal to tau: the cursor :meth:`factor` would leave."""
-        if self.k not in (0, self.numel) and self.seen_ties < self.ties:
-            self.seen_ties += met
+        self.seen_ties = self.advanced(self.seen_ties, met)
 
     def export(self) -> list[int]:
         """[k, tau_bits, ties] after pass B (tau_bits -1 when trivial), to journal."""
@@ -247,9 +258,11 @@ class TopK:
         self.tau_bits = None if tau < 0 else tau
         self.ties = ties
 
-    def factor(self, absx: torch.Tensor) -> torch.Tensor | None:
+    def factor(self, absx: torch.Tensor, seen: int | None = None) -> torch.Tensor | None:
         """float32 keep factor (1 kept, 0 dropped) for the next chunk in row order, same shape as ``absx``; None
-        when every element is kept. A factor to multiply by: float arithmetic, no boolean masks (slow on CPU)."""
+        when every element is kept. A factor to multiply by: float arithmetic, no boolean masks (slow on CPU).
+        ``seen``: the tie cursor at the chunk's start, for a block computed out of order (:attr:`seen_ties` is then
+        left as it is); by default :attr:`seen_ties`, advanced past the chunk."""
         if self.k == self.numel:
             return None
         if self.k == 0:
@@ -257,12 +270,14 @@ class TopK:
         assert self.tau_bits is not None, "factor() before passes A and B"
         bits = _bits(absx)
         keep = (bits - self.tau_bits).clamp_(0, 1)  # 1 iff bits > tau (NaN bits too: NaN stays visible)
-        if self.seen_ties < self.ties:  # once enough ties are kept, later equal elements are simply dropped
+        start = self.seen_ties if seen is None else seen
+        if start < self.ties:  # once enough ties are kept, later equal elements are simply dropped
             flat = bits.reshape(-1)
             if flat.device.type == "cpu":  # flat positions of the ties, in index order
                 at = torch.from_numpy(np.flatnonzero(flat.numpy() == self.tau_bits))
             else:
                 at = (flat == self.tau_bits).nonzero().squeeze(1)
-            keep.view(-1)[at[: self.ties - self.seen_ties]] = 1
-            self.seen_ties += len(at)
+            keep.view(-1)[at[: self.ties - start]] = 1
+            if seen is None:
+                self.seen_ties += len(at)
         return keep.to(torch.float32)

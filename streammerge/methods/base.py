@@ -173,6 +173,26 @@ class TensorMerge:
         at the end of a run). Default False: blocks arrive in row order, one at a time."""
         return False
 
+    def counted_blocks(self) -> bool:
+        """Whether the merge pass's blocks, not independent now, depend on the blocks before them only through
+        counts that :meth:`count_raw` gives (TIES's ties, kept first in row order). With idle workers the engine
+        then counts every block of a chunk (in any order, on any thread), hands the counts to
+        :meth:`start_blocks`, computes the blocks as independent ones, and calls :meth:`end_blocks`."""
+        return False
+
+    def count_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> Any | None:
+        """The counts of the merge pass's block at row ``r0`` (rows as stored, as for :meth:`emit_raw`); None when
+        a kernel cannot count them (the blocks then run in row order)."""
+        return None
+
+    def start_blocks(self, starts: Sequence[int], counts: Sequence[Any]) -> None:
+        """The merge pass's blocks beginning at rows ``starts`` (a chunk's, in row order; ``counts`` from
+        :meth:`count_raw`) come next, in any order: :meth:`independent_blocks` is True until :meth:`end_blocks`,
+        and :meth:`cursor` is the chunk's end."""
+
+    def end_blocks(self) -> None:
+        """The blocks of :meth:`start_blocks` are done."""
+
     # Fused kernels (streammerge.kernels): optional, byte-identical to accumulate and emit.
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """:meth:`accumulate` by a fused kernel: ``base`` and ``models`` are the block's rows as stored (CPU, read-only
