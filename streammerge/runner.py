@@ -228,13 +228,14 @@ def _count_blocks(t: TensorPlan, merger: TensorMerge, read: Read, parts: Parts, 
 
 def _blocks(io: TensorIO, merger: TensorMerge, pass_index: int | None, blocks: list[tuple[int, int]],
             block: Callable[[int, int], None]) -> None:
-    """Every block of a chunk: shared with idle workers where the merge's blocks are independent, else in row
-    order here."""
-    if merger.independent_blocks(pass_index):
-        io.run_blocks(blocks, block)
-    else:
-        for b0, b1 in blocks:
-            block(b0, b1)
+    """Every block of a chunk: in row order here until the merge's blocks are independent (asked again after each:
+    a selection's first block chooses what the others need), then the rest shared with idle workers."""
+    i = 0
+    while i < len(blocks) and not merger.independent_blocks(pass_index):
+        block(*blocks[i])
+        i += 1
+    if i < len(blocks):
+        io.run_blocks(blocks[i:], block)
 
 
 def _copy(plan: Plan, t: TensorPlan, step: Step, read: Read, parts: Parts, io: TensorIO) -> None:

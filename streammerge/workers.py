@@ -19,9 +19,11 @@ helps the others: where a merge declares a pass's blocks independent (``TensorMe
 block reads the merge's state and writes only its own rows), the worker computing a chunk shares its blocks
 (:meth:`JobQueue.run_blocks`), so a large tensor (an embedding) does not leave the other cores idle at the end of
 a run. Each block is computed once, by one thread, into its own rows: the bytes do not depend on who computes it.
-Where a merge pass's blocks depend on the blocks before them only through counts (TIES's ties, kept first in row
-order: ``TensorMerge.counted_blocks``), and only then while workers are idle, the chunk's blocks are counted first
-(shared the same way), each block's start found from the counts in row order, and the blocks shared.
+A pass whose blocks become independent part-way (a selection's first block chooses what the others need) shares
+the rest of the chunk from then on. Where a merge pass's blocks depend on the blocks before them only through
+counts (TIES's ties, kept first in row order: ``TensorMerge.counted_blocks``), and only while workers are idle,
+the chunk's blocks are counted first (shared the same way), each block's start found from the counts in row order,
+and the blocks shared.
 """
 
 from __future__ import annotations

@@ -468,8 +468,9 @@ def test_the_window_settles_its_own_bins_and_no_others(edge):
     t.choose_window(h)
     t.window = (lo, 5)
     filled = np.array([0, -1], dtype=np.int64)
-    nb.histogram_high(b, m, h, False, *t.collect_args(), 0, 0, np.empty(0, np.uint32), filled)
-    t.collected(int(filled[0]), absd.numel())
+    found = np.empty(TopK.scratch_size(absd.numel()), dtype=np.uint32)
+    nb.histogram_high(b, m, h, False, *t.collect_args(), found, 0, 0, np.empty(0, np.uint32), filled)
+    t.collected(found[: filled[0]], absd.numel())
     t.end_a()
     assert t.early == edge.endswith("window")
     if not t.early:

@@ -138,27 +138,30 @@ SHARED = {"widen": {}, "task_arithmetic": {}, "ties": {"density": 0.5}, "breadcr
           "dare_ties": {"density": 0.6}, "della": {"density": 0.6, "epsilon": 0.1}}
 
 
-@pytest.mark.parametrize("method", list(SHARED))
-def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(method, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,dtype", [(m, "bf16") for m in SHARED] + [("ties", "f32")])
+def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(method, dtype, tmp_path, monkeypatch):
     """An embedding much larger than the rest: the workers that finish the small tensors compute blocks of its
     chunks, to the bytes one worker writes (eagerly, the independent reference). With the fused kernels, a
-    selection's ties are counted ahead in the chunks where some are still to be kept, and the chunk where the last
-    is kept is among those shared. Each shared chunk waits until a worker is idle and its blocks are slowed, so the
-    helpers surely take some."""
+    selection's radix-select passes are shared too (helpers count into histograms of their own), and its ties are
+    counted ahead in the chunks where some are still to be kept, the chunk where the last is kept among those
+    (float32 deltas: pass A's candidates cannot settle the threshold, so pass B runs, shared too). Each shared chunk
+    waits until a worker is idle, and its owner until a helper has taken a block, so the helpers surely take some."""
     from streammerge import kernels, workers
     from streammerge.methods import _delta
 
     selects = method in ("ties", "breadcrumbs")
     if selects and kernels._load() is None:
         pytest.skip("numba is not installed: a selection's ties are counted by a fused kernel")
-    family = write_family(tmp_path / "fam", replace(SHAPES["tiny"], layers=1, vocab=20000), dtype="bf16")
+    family = write_family(tmp_path / "fam", replace(SHAPES["tiny"], layers=1, vocab=20000), dtype=dtype)
     models = [family["chat"], family["multilingual"]]
     monkeypatch.setenv(kernels.ENV, "eager")
     ref = api.merge(family["base"], models, tmp_path / "one", method, SHARED[method], threads=1)
     monkeypatch.setenv(kernels.ENV, "numba" if kernels._load() is not None else "eager")
     real_idle, real_run, real_start = workers.JobQueue.idle, workers.JobQueue.run_blocks, _delta._Selection.start_blocks
+    real_hist = _delta._HelperCounts.hist
     helped: list[int] = []
     closed: list[bool] = []  # per chunk counted ahead: whether its last open tie was kept in it
+    helper_passes: set[int] = set()  # the radix-select passes helpers counted blocks of
 
     def idle(self):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + 30
@@ -167,8 +170,13 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
         return real_idle(self)
 
     def run_blocks(self, blocks, work):  # type: ignore[no-untyped-def]
-        def slow(b0: int, b1: int) -> None:
-            time.sleep(0.002)
+        owner, taken = threading.get_ident(), threading.Event()
+
+        def slow(b0: int, b1: int) -> None:  # the owner waits (up to a second) until a helper has taken a block
+            if threading.get_ident() != owner:
+                taken.set()
+            elif len(blocks) > 1:
+                taken.wait(1.0)
             work(b0, b1)
 
         before = self.helped
@@ -181,11 +189,18 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
 
     monkeypatch.setattr(workers.JobQueue, "idle", idle)
     monkeypatch.setattr(workers.JobQueue, "run_blocks", run_blocks)
+    def hist(self, topk, pass_index):  # type: ignore[no-untyped-def]
+        if threading.get_ident() != self._owner:
+            helper_passes.add(pass_index)
+        return real_hist(self, topk, pass_index)
+
     monkeypatch.setattr(_delta._Selection, "start_blocks", start_blocks)
+    monkeypatch.setattr(_delta._HelperCounts, "hist", hist)
     out = api.merge(family["base"], models, tmp_path / "three", method, SHARED[method], threads=3)
     assert sum(helped) > 0
     if selects:
         assert any(closed), f"no shared chunk kept the last tie: {closed}"
+        assert helper_passes == ({0, 1} if dtype == "f32" else {0}), helper_passes
     assert_same_output(out, ref)
 
 

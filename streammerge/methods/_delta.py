@@ -23,6 +23,7 @@ float64 sums per model, chunk-independent, ``_tiles.ColumnSums``); then the merg
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -486,6 +487,39 @@ def plain_sum(deltas: list[torch.Tensor], weights: Sequence[float], normalize: b
 # --------------------------------------------------------------------------------------------------------------
 
 
+class _HelperCounts:
+    """The radix-select histograms of the threads that help with a tensor's blocks (``TensorMerge.independent_blocks``):
+    the tensor's own worker (the thread that made the merge) counts into each TopK's histogram, any other thread into
+    one of its own per TopK (65 536 int64, 512 KiB), added into the TopK's at the end of the pass (:meth:`drain`).
+
+    Memory: a helper is a worker with no tensor of its own left, so its share of the plan (the largest tensor's
+    state and block, ``planner._scratch``) is free; what it holds for a helped block, its block temporaries, these
+    histograms and the block's candidate scratch (``TopK.scratch_size``, 4 bytes per element and window, within
+    the 12 of ``DeltaMethod.footprint``'s eager statistics block), is at most that tensor's own state and block."""
+
+    def __init__(self) -> None:
+        self._owner = threading.get_ident()
+        self._lock = threading.Lock()
+        self._hists: dict[tuple[int, int], tuple[TopK, np.ndarray]] = {}
+
+    def hist(self, topk: TopK, pass_index: int) -> np.ndarray:
+        """Where this thread counts ``topk``'s pass ``pass_index`` (0: A, 1: B)."""
+        me = threading.get_ident()
+        if me == self._owner:
+            return (topk.high_counts() if pass_index == 0 else topk.low_counts()[1]).numpy()
+        with self._lock:
+            got = self._hists.get((me, id(topk)))
+            if got is None:
+                got = self._hists[(me, id(topk))] = (topk, np.zeros(BINS, dtype=np.int64))
+        return got[1]
+
+    def drain(self) -> list[tuple[TopK, np.ndarray]]:
+        """The helpers' histograms of the pass that ends, forgotten here."""
+        with self._lock:
+            got, self._hists = list(self._hists.values()), {}
+        return got
+
+
 @dataclass
 class KernelKeeps:
     """How each of N models' keep factors reach ``sparse_merge``/``l1_sums`` (kernels/_numba.py, which documents
@@ -523,12 +557,16 @@ class _DeltaTensorMerge(TensorMerge):
         self.inverse = bool(params.get("rescale")) and params.get("rescale_mode") == "inverse_density"
         self.scales = [1.0] * n_models
         self.sums = ColumnSums(task.rows, task.row_numel, 2 * n_models, task.tile) if self.l1 else None
+        self._lock = threading.Lock()  # the selections' shared state, while helpers count blocks
+        self._counts = _HelperCounts()
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         if pass_index < self.select_passes:
             for sp, m in zip(self.sparsifiers, models):
                 if sp.passes:
-                    sp.accumulate(pass_index, (m - base).abs_())
+                    absd = (m - base).abs_()
+                    with self._lock:  # into the shared histograms (helpers may be counting other blocks)
+                        sp.accumulate(pass_index, absd)
             return
         assert self.sums is not None
         values = []
@@ -540,6 +578,9 @@ class _DeltaTensorMerge(TensorMerge):
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index < self.select_passes:
+            for topk, counts in self._counts.drain():
+                shared = topk.high_counts() if pass_index == 0 else topk.low_counts()[1]
+                shared += torch.from_numpy(counts)
             for sp in self.sparsifiers:
                 if sp.passes:
                     sp.end_pass(pass_index)
@@ -558,10 +599,18 @@ class _DeltaTensorMerge(TensorMerge):
         """The merge pass: each block is a function of its own rows (the sum, the sign election, DARE's and DELLA's
         per-element draws, DELLA's remembered decisions) and of the statistics, read only; except a selection's
         ties, which are kept first in row order: while some are still to be kept (``TopK.open_ties``), a block's
-        keeps depend on the ties met before it, unless :meth:`start_blocks` found each block's cursors. The
-        statistics passes add into shared histograms and sums, so they keep the rows' order."""
-        return pass_index is None and (not any(sp.open_ties for sp in self._selections())
-                                       or any(sp.out_of_order for sp in self._selections()))
+        keeps depend on the ties met before it, unless :meth:`start_blocks` found each block's cursors.
+
+        The radix-select passes, once pass A's first block has chosen the candidates' windows: a helper counts
+        into histograms of its own (:class:`_HelperCounts`, added at the end of the pass: integer counts, any
+        order), and hands its block's candidates over under a lock (``TopK.collected``: their order does not
+        matter), as the eager path does its counts. The L1 pass adds float64 sums in row order: row order."""
+        if pass_index is None:
+            return not any(sp.open_ties for sp in self._selections()) or any(
+                sp.out_of_order for sp in self._selections())
+        if pass_index < self.select_passes:
+            return pass_index > 0 or all(s.window is not None for sp in self._selections() for s in sp.nontrivial())
+        return False
 
     def counted_blocks(self) -> bool:
         """While a selection's ties are still to be kept, the merge pass's blocks depend on one another only
@@ -671,17 +720,18 @@ class _DeltaTensorMerge(TensorMerge):
                 continue
             two = len(topks) == 2
             if pass_index == 0:
-                self._pass_a_raw(b, m, topks[0].high_counts().numpy(), sp.nontrivial())
+                self._pass_a_raw(b, m, self._counts.hist(topks[0], 0), sp.nontrivial())
             else:
-                targets = [s.low_counts() for s in topks]
-                k.histogram_low(b, m, targets[0][0], targets[0][1].numpy(), targets[-1][0], targets[-1][1].numpy(),
-                                two)
+                bins = [s.target_bin for s in topks]
+                hists = [self._counts.hist(s, 1) for s in topks]
+                k.histogram_low(b, m, bins[0], hists[0], bins[-1], hists[-1], two)
         return True
 
-    @staticmethod
-    def _pass_a_raw(b: np.ndarray, m: np.ndarray, hist: np.ndarray, topks: list[TopK]) -> None:
+    def _pass_a_raw(self, b: np.ndarray, m: np.ndarray, hist: np.ndarray, topks: list[TopK]) -> None:
         """Pass A by ``histogram_high``: the counts into ``hist``, and each TopK's candidates for pass B
-        (``TopK.collect_args``). The first block counts first, then chooses the windows and keeps its candidates."""
+        (``TopK.collect_args``), kept in scratch buffers of the block's size and handed over one block at a time.
+        The first block counts first, then chooses the windows (in row order: the blocks are independent once
+        chosen) and keeps its candidates."""
         k = kernels.kernels()
         count = True
         if any(s.window is None for s in topks):
@@ -689,12 +739,16 @@ class _DeltaTensorMerge(TensorMerge):
             for s in topks:
                 s.choose_window(hist)
             count = False
-        args = [s.collect_args() for s in topks] + [(0, 0, NO_CANDIDATES)] * (2 - len(topks))
-        if count or any(length for _, length, _ in args):
-            filled = np.array([s.filled for s in topks] + [-1] * (2 - len(topks)), dtype=np.int64)
-            k.histogram_high(b, m, hist, count, *args[0], *args[1], filled)
-            for s, f in zip(topks, filled.tolist()):
-                s.collected(f, b.shape[0])
+        windows = [s.collect_args() for s in topks] + [(0, 0)] * (2 - len(topks))
+        if count or any(length for _, length in windows):
+            size = TopK.scratch_size(b.shape[0])
+            found = [np.empty(size if length else 0, dtype=np.uint32) for _, length in windows]
+            filled = np.array([0 if length else -1 for _, length in windows], dtype=np.int64)
+            k.histogram_high(b, m, hist, count, *windows[0], found[0], *windows[1], found[1], filled)
+            with self._lock:
+                for s, f, kept in zip(topks, filled.tolist(), found):
+                    if f >= 0:
+                        s.collected(kept[:f], b.shape[0])
 
     def _l1_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], b: np.ndarray,
                 ms: tuple[np.ndarray, ...]) -> bool:

@@ -165,25 +165,37 @@ class TopK:
         self._candidates = np.empty(self.numel // CANDIDATE_SHARE + CANDIDATE_SLACK, dtype=np.uint32)
         self.filled, self._counted = 0, 0
 
-    def collect_args(self) -> tuple[int, int, np.ndarray]:
-        """(first bin, bins, buffer) for the kernel; no window when not collecting."""
+    def collect_args(self) -> tuple[int, int]:
+        """(first bin, bins) of the window for the kernel, which keeps a block's candidates in a scratch buffer of
+        the block's size (:meth:`scratch_size`); no window (0, 0) when not collecting."""
         if not self.collecting:
-            return 0, 0, NO_CANDIDATES
-        assert self.window is not None and self._candidates is not None
-        return self.window[0], self.window[1], self._candidates
+            return 0, 0
+        assert self.window is not None
+        return self.window
 
-    def collected(self, filled: int, elements: int) -> None:
-        """After the kernel counted ``elements`` more: its fill (-1: the buffer had no room for a step). After the
-        first block, a collection on course to overflow its buffer stops at once (a float32 model's deltas, whose
-        low bits are rarely zero)."""
+    @staticmethod
+    def scratch_size(elements: int) -> int:
+        """uint32 elements of a scratch buffer that keeps any block of ``elements`` elements' candidates (the
+        kernel wants room for a whole step past its fill: ``kernels._numba.STEP``)."""
+        return elements + CANDIDATE_SLACK
+
+    def collected(self, found: np.ndarray, elements: int) -> None:
+        """After the kernel counted a block of ``elements`` more: the candidates it found (uint32 bits, any order:
+        :meth:`_settle` sorts them) join the others, from any thread, one call at a time. A collection that would
+        outgrow its buffer stops, and so does one on course to after the first block (a float32 model's deltas,
+        whose low bits are rarely zero)."""
         if not self.collecting:
             return
+        assert self._candidates is not None
         first = self._counted == 0
         self._counted += elements
-        if filled < 0 or (first and filled * self.numel > 0.75 * (self.numel // CANDIDATE_SHARE) * elements):
+        n = len(found)
+        if self.filled + n > len(self._candidates) or (
+                first and n * self.numel > 0.75 * (self.numel // CANDIDATE_SHARE) * elements):
             self.stop_collecting()
         else:
-            self.filled = filled
+            self._candidates[self.filled : self.filled + n] = found
+            self.filled += n
 
     def _settle(self) -> bool:
         """At the end of pass A, when the candidates cover the target bin: tau and ties as pass B would find them.
@@ -213,6 +225,11 @@ class TopK:
         if self._hist_hi is None:
             self._hist_hi = torch.zeros(BINS, dtype=torch.int64)
         return self._hist_hi
+
+    @property
+    def target_bin(self) -> int:
+        """Pass B's target bin (the high 16 bits of tau), found at the end of pass A."""
+        return self._bin
 
     def low_counts(self) -> tuple[int, torch.Tensor]:
         """Pass B's target bin and histogram, for a kernel to add a block's counts to (as :meth:`pass_b` does)."""
