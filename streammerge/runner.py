@@ -172,7 +172,7 @@ def _stats(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Rea
         base, *models = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         merger.accumulate(step.pass_index, b0, base, models)  # (the copies go before the next block's are made)
 
-    _blocks(io, merger, step.pass_index, t.blocks(step.r0, step.r1, stats=True), block)
+    _run_blocks(t, merger, step.pass_index, read, parts, io, t.blocks(step.r0, step.r1, stats=True), block, fused)
     io.checkpoint("stats-chunk")
 
 
@@ -193,37 +193,42 @@ def _emit(plan: Plan, t: TensorPlan, merger: TensorMerge, step: Step, read: Read
         rows = _rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0, plan.method.raw_models)
         _store(plan, t, dst, b0, merger.emit(b0, rows[0], rows[1:]), rows)  # (freed before the next block's)
 
-    blocks = t.blocks(step.r0, step.r1, stats=False)
-    counted = fused and _count_blocks(t, merger, read, parts, io, blocks)
-    try:
-        _blocks(io, merger, None, blocks, block)
-    finally:
-        if counted:
-            merger.end_blocks()
+    _run_blocks(t, merger, None, read, parts, io, t.blocks(step.r0, step.r1, stats=False), block, fused)
     io.compute.download(out, host)
     io.write(t, step.r0, step.r1, buffer, raw[:nbytes], merger.cursor())
 
 
-def _count_blocks(t: TensorPlan, merger: TensorMerge, read: Read, parts: Parts, io: TensorIO,
-                  blocks: list[tuple[int, int]]) -> bool:
-    """Where the merge pass's blocks depend on one another only through counts (``TensorMerge.counted_blocks``)
-    and other workers are idle: count every block (shared with them), and start the blocks out of order
-    (``TensorMerge.start_blocks``; True, and the caller ends them). Counting is extra work, so not for one worker."""
-    if len(blocks) < 2 or not merger.counted_blocks() or not io.helpers_idle():
+def _ahead(t: TensorPlan, merger: TensorMerge, pass_index: int | None, read: Read, parts: Parts, io: TensorIO,
+           blocks: list[tuple[int, int]]) -> bool:
+    """Where a chunk's blocks need work that is independent of their order (``TensorMerge.blocks_ahead``) and other
+    workers are idle: that work for every block (shared with them), handed to the merge (``start_blocks``; True,
+    and the caller ends the blocks). It is extra work, so not for one worker."""
+    if len(blocks) < 2 or not merger.blocks_ahead(pass_index) or not io.helpers_idle():
         return False
-    counts: dict[int, Any] = {}
+    results: dict[int, Any] = {}
 
-    def count(b0: int, b1: int) -> None:
+    def ahead(b0: int, b1: int) -> None:
         io.check_stop()
         stored = _raw_rows(t.sources, parts, read.r0, b0 - read.r0, b1 - read.r0)
-        counts[b0] = None if stored is None else merger.count_raw(b0, stored[0], stored[1:])
+        results[b0] = None if stored is None else merger.ahead_raw(pass_index, b0, stored[0], stored[1:])
 
-    io.run_blocks(blocks, count)
-    found = [counts[b0] for b0, _ in blocks]
-    if any(c is None for c in found):
+    io.run_blocks(blocks, ahead)
+    found = [results[b0] for b0, _ in blocks]
+    if any(r is None for r in found):
         return False
-    merger.start_blocks([b0 for b0, _ in blocks], found)
+    merger.start_blocks(pass_index, [b0 for b0, _ in blocks], found)
     return True
+
+
+def _run_blocks(t: TensorPlan, merger: TensorMerge, pass_index: int | None, read: Read, parts: Parts, io: TensorIO,
+                blocks: list[tuple[int, int]], block: Callable[[int, int], None], fused: bool) -> None:
+    """A chunk's blocks of one pass: the work ahead where it helps (fused kernels only), then the blocks."""
+    ahead = fused and _ahead(t, merger, pass_index, read, parts, io, blocks)
+    try:
+        _blocks(io, merger, pass_index, blocks, block)
+    finally:
+        if ahead:
+            merger.end_blocks(pass_index)
 
 
 def _blocks(io: TensorIO, merger: TensorMerge, pass_index: int | None, blocks: list[tuple[int, int]],

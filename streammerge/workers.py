@@ -20,10 +20,10 @@ block reads the merge's state and writes only its own rows), the worker computin
 (:meth:`JobQueue.run_blocks`), so a large tensor (an embedding) does not leave the other cores idle at the end of
 a run. Each block is computed once, by one thread, into its own rows: the bytes do not depend on who computes it.
 A pass whose blocks become independent part-way (a selection's first block chooses what the others need) shares
-the rest of the chunk from then on. Where a merge pass's blocks depend on the blocks before them only through
-counts (TIES's ties, kept first in row order: ``TensorMerge.counted_blocks``), and only while workers are idle,
-the chunk's blocks are counted first (shared the same way), each block's start found from the counts in row order,
-and the blocks shared.
+the rest of the chunk from then on. Where a pass's blocks need work that does not depend on their order but would
+otherwise be done in it (``TensorMerge.blocks_ahead``: the ties TIES meets in each block, which tell where the next
+block starts keeping them; DELLA's per-row ranking before its L1 sums), and only while workers are idle, that work
+is done first for every block of the chunk (shared the same way), then the blocks.
 """
 
 from __future__ import annotations

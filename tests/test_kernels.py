@@ -38,8 +38,8 @@ KERNELS = {
     "breadcrumbs_ties": {"histogram_high", "histogram_low", "sparse_merge", "tie_counts"},
     "dare_linear": {"sparse_merge"},
     "dare_ties": {"sparse_merge"},
-    "della": {"sparse_merge", "magprune_factors"},
-    "della_linear": {"sparse_merge", "magprune_factors"},
+    "della": {"sparse_merge", "magprune_factors", "magprune_bits"},
+    "della_linear": {"sparse_merge", "magprune_factors", "magprune_bits"},
     "linear": {"weighted_sum"},
     "model_stock": {"pair_sums", "mean_interpolate"},
     "ram": {"ram_emit"},
@@ -52,10 +52,10 @@ KERNELS = {
     "nuslerp": {"pair_sums", "delta_sum"},
     "widen": {"widen_column_sums", "widen_row_sums", "widen_emit"},
 }
-NAMES = sorted({name for names in KERNELS.values() for name in names} | {"l1_sums", "tie_counts"})
+NAMES = sorted({name for names in KERNELS.values() for name in names} | {"l1_sums", "tie_counts", "magprune_bits"})
 #: kernels a merge may skip: pass B runs only for the thresholds pass A's candidates did not settle; a selection's
-#: ties are counted ahead only when workers are idle to share a chunk's blocks
-OPTIONAL = {"histogram_low", "tie_counts"}
+#: ties are counted ahead, and DELLA's decisions made ahead, only when workers are idle to share a chunk's blocks
+OPTIONAL = {"histogram_low", "tie_counts", "magprune_bits"}
 
 
 def expected_kernels(method: str, params: dict) -> set[str]:
@@ -319,17 +319,17 @@ def _tied_selection(method: str, params: dict) -> tuple[torch.Tensor, list[torch
     ("breadcrumbs_ties", {"density": 0.45, "gamma": 0.1, "rescale": True, "rescale_mode": "inverse_density"}),
 ])
 def test_blocks_counted_ahead_keep_the_same_ties_in_any_order(method, params):
-    """A chunk's blocks counted ahead (``count_raw``: the ties each meets), started (``start_blocks``) and merged
+    """A chunk's blocks counted ahead (``ahead_raw``: the ties each meets), started (``start_blocks``) and merged
     last to first, some fused and some eagerly (a block the kernel refuses): the bytes of blocks merged in row
     order, and the cursors they leave after every chunk."""
     base, models, eager, fused = _tied_selection(method, params)
     rows, step = base.shape[0], 4
     for c0 in range(0, rows, 20):  # chunks of 5 blocks
         blocks = [(a, min(a + step, rows)) for a in range(c0, min(c0 + 20, rows), step)]
-        assert fused.counted_blocks() == any(sp.open_ties for sp in fused.sparsifiers)
-        if fused.counted_blocks():
-            fused.start_blocks([a for a, _ in blocks], [fused.count_raw(a, base[a:b], [x[a:b] for x in models])
-                                                        for a, b in blocks])
+        assert fused.blocks_ahead(None) == any(sp.open_ties for sp in fused.sparsifiers)
+        if fused.blocks_ahead(None):
+            fused.start_blocks(None, [a for a, _ in blocks],
+                               [fused.ahead_raw(None, a, base[a:b], [x[a:b] for x in models]) for a, b in blocks])
         assert fused.independent_blocks(None)
         got = {}
         for i, (a, b) in enumerate(reversed(blocks)):
@@ -338,12 +338,12 @@ def test_blocks_counted_ahead_keep_the_same_ties_in_any_order(method, params):
             else:
                 got[a] = torch.empty((b - a, base.shape[1]), dtype=torch.bfloat16)
                 assert fused.emit_raw(a, base[a:b], [x[a:b] for x in models], got[a]) == 0
-        fused.end_blocks()
+        fused.end_blocks(None)
         for a, b in blocks:
             want = eager.emit(a, base[a:b].float(), [x[a:b] for x in models]).to(torch.bfloat16)
             assert torch.equal(to_bits_t(got[a]), to_bits_t(want)), f"rows {a}..{b}"
         assert fused.cursor() == eager.cursor()
-    assert not fused.counted_blocks()
+    assert not fused.blocks_ahead(None)
 
 
 def _bf16_bits(x: torch.Tensor) -> np.ndarray:
@@ -661,6 +661,45 @@ def test_della_ranks_each_row_once_with_the_l1_rescale(cols, monkeypatch):
                 assert torch.equal(to_bits_t(got), to_bits_t(want)), f"rows {a}..{a + 9}"
         assert calls["magprune_factors"] == 2 * 5  # the resumed merger ranks again, the other does not
     assert m.footprint(task, 2, p).emit_state >= 2 * -(-rows * cols // 8)
+
+
+@needs_numba
+@pytest.mark.parametrize("cols,ahead", [(48, True), (13, False)])  # rows on whole bytes of bits; rows inside bytes
+def test_della_decisions_made_ahead_are_the_l1_passes_own(cols, ahead, monkeypatch):
+    """DELLA with the L1 rescale, its decisions made ahead (``ahead_raw``, ``magprune_bits``) for the chunks' blocks
+    last to first, the L1 sums then reading them in row order: the same bits and scales as the L1 pass's own
+    ranking, and the eager bytes. Rows that do not start on a whole byte (blocks would share one) are not decided
+    ahead."""
+    g = torch.Generator().manual_seed(4)
+    rows = 40
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(rows, cols, generator=g) * 2 ** -8).to(torch.bfloat16) for _ in range(2)]
+    m = get_method("della")
+    p = m.resolve_params({"density": 0.4, "epsilon": 0.2}, 2)
+    task = TensorTask("x", (rows, cols), Rule.MATRIX, 64, exact_products=True)
+    eager, inline, fused = m.start(task, p, 2), m.start(task, p, 2), m.start(task, p, 2)
+    run_passes(eager, base, models, 1, 7, fused=False)
+    run_passes(inline, base, models, 1, 7, fused=True)
+    with spying(NAMES) as calls:
+        for c0 in range(0, rows, 14):  # chunks of two or three blocks of 7 rows (the last shorter)
+            blocks = [(a, min(a + 7, rows)) for a in range(c0, min(c0 + 14, rows), 7)]
+            assert fused.blocks_ahead(0) == ahead
+            if ahead:
+                found = {a: fused.ahead_raw(0, a, base[a:b], [x[a:b] for x in models]) for a, b in reversed(blocks)}
+                fused.start_blocks(0, [a for a, _ in blocks], [found[a] for a, _ in blocks])
+            for a, b in blocks:
+                assert fused.accumulate_raw(0, a, base[a:b], [x[a:b] for x in models])
+            fused.end_blocks(0)
+        fused.end_pass(0)
+        assert calls["magprune_bits"] == (2 * 6 if ahead else 0)
+    assert fused.scales == inline.scales == eager.scales
+    for sp, other in zip(fused.sparsifiers, inline.sparsifiers):
+        assert np.array_equal(sp.recall(), other.recall())
+    for a in range(0, rows, 9):
+        want = eager.emit(a, base[a : a + 9].float(), [x[a : a + 9] for x in models]).to(torch.bfloat16)
+        got = torch.empty(want.shape, dtype=torch.bfloat16)
+        assert fused.emit_raw(a, base[a : a + 9], [x[a : a + 9] for x in models], got) == 0
+        assert torch.equal(to_bits_t(got), to_bits_t(want)), f"rows {a}..{a + 9}"
 
 
 def to_bits_t(x: torch.Tensor) -> torch.Tensor:

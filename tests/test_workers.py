@@ -144,7 +144,8 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
     chunks, to the bytes one worker writes (eagerly, the independent reference). With the fused kernels, a
     selection's radix-select passes are shared too (helpers count into histograms of their own), and its ties are
     counted ahead in the chunks where some are still to be kept, the chunk where the last is kept among those
-    (float32 deltas: pass A's candidates cannot settle the threshold, so pass B runs, shared too). Each shared chunk
+    (float32 deltas: pass A's candidates cannot settle the threshold, so pass B runs, shared too). DELLA's decisions
+    are made ahead of its L1 pass, by the helpers too. Each shared chunk
     waits until a worker is idle, and its owner until a helper has taken a block, so the helpers surely take some."""
     from streammerge import kernels, workers
     from streammerge.methods import _delta
@@ -158,7 +159,8 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
     ref = api.merge(family["base"], models, tmp_path / "one", method, SHARED[method], threads=1)
     monkeypatch.setenv(kernels.ENV, "numba" if kernels._load() is not None else "eager")
     real_idle, real_run, real_start = workers.JobQueue.idle, workers.JobQueue.run_blocks, _delta._Selection.start_blocks
-    real_hist = _delta._HelperCounts.hist
+    real_hist, real_decide = _delta._HelperCounts.hist, _delta.MagPrune.decide_ahead
+    decided: list[int] = []  # DELLA's blocks decided ahead, by their first row
     helped: list[int] = []
     closed: list[bool] = []  # per chunk counted ahead: whether its last open tie was kept in it
     helper_passes: set[int] = set()  # the radix-select passes helpers counted blocks of
@@ -194,13 +196,20 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
             helper_passes.add(pass_index)
         return real_hist(self, topk, pass_index)
 
+    def decide_ahead(self, r0, base, model, lock):  # type: ignore[no-untyped-def]
+        decided.append(r0)
+        return real_decide(self, r0, base, model, lock)
+
     monkeypatch.setattr(_delta._Selection, "start_blocks", start_blocks)
+    monkeypatch.setattr(_delta.MagPrune, "decide_ahead", decide_ahead)
     monkeypatch.setattr(_delta._HelperCounts, "hist", hist)
     out = api.merge(family["base"], models, tmp_path / "three", method, SHARED[method], threads=3)
     assert sum(helped) > 0
     if selects:
         assert any(closed), f"no shared chunk kept the last tie: {closed}"
         assert helper_passes == ({0, 1} if dtype == "f32" else {0}), helper_passes
+    if method == "della" and kernels._load() is not None:
+        assert decided, "no DELLA decisions made ahead"
     assert_same_output(out, ref)
 
 

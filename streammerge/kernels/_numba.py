@@ -807,6 +807,28 @@ def magprune_factors(base, model, n, density, spread, low, key, start, inverse, 
         _row_keep(keys, n, key, start + s, p_of, cut, bounds and not inverse, inverse, scratch, out[s : s + n])
 
 
+@njit(**JIT)
+def magprune_bits(base, model, n, density, spread, low, key, start, bits):  # type: ignore[no-untyped-def]
+    """DELLA's keep decisions of a block as :func:`l1_sums` makes them (MAGPRUNE: the same ranking and draws as
+    :func:`magprune_factors` without ``inverse``), written into ``bits`` (the tensor's, zeroed before; ORed from bit
+    ``start``, :func:`_pack_bits`) without the sums: the L1 pass then reads them (BITS). Blocks whose bits start on
+    whole bytes write disjoint bytes, so several threads may decide blocks of one tensor at once.
+
+    base, model: (rows·n,) row-major; density, spread, low: float32; key: uint64; start: int (the block's first
+    element in the tensor); bits: uint8."""
+    rows = base.shape[0] // n if n else 0
+    keys = np.empty(n, dtype=np.uint32)
+    kept = np.empty(n, dtype=np.float32)
+    scratch = _keep_scratch(n)
+    p_of, cut = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.uint64)
+    falling = _keep_table(n, density, spread, low, p_of, cut)
+    for r in range(rows):
+        s = r * n
+        _abs_keys(model[s : s + n], base[s : s + n], n, keys)
+        _row_keep(keys, n, key, start + s, p_of, cut, falling, False, scratch, kept)
+        _pack_bits(kept, n, start + s, bits)
+
+
 # ---- TIES, Breadcrumbs, DARE, DELLA: keep, rescale, weigh, elect ----------------------------------------------------
 SUM, CONSENSUS = 0, 1
 #: a TopK's tau that keeps every element (every |Δ| bit pattern is above it) and one that keeps none
@@ -861,7 +883,7 @@ def _select_step(x, m, b, sel, k, keep_value, scale, wk, dst, ties):  # type: ig
 def tie_counts(base, models, sel, counts):  # type: ignore[no-untyped-def]
     """How many elements of a block equal each selection's tau (``counts[k]`` = hi, lo), as :func:`_select_step`
     counts them (``ties[k, 2:]``) without deciding anything: what lets a block's tie cursor be known before the
-    blocks before it are merged (``_DeltaTensorMerge.count_raw``). base: (n,); models: tuple of N (n,) arrays;
+    blocks before it are merged (``_DeltaTensorMerge.ahead_raw``). base: (n,); models: tuple of N (n,) arrays;
     sel: (N, 4) int64 as :func:`sparse_merge`'s (a model without a selection: :data:`KEEP_ALL`/:data:`KEEP_NONE`,
     which no element equals); counts: (N, 2) int64, set."""
     n, n_models = base.shape[0], len(models)
@@ -1001,7 +1023,7 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
     MAGPRUNE (DELLA): each row's decisions are made here, as :func:`magprune_factors` makes them (``prune[k]`` its
     density, spread and low, ``keys[k]`` its stream key, the row one of ``cols`` elements), and written into
     ``bits[k]`` (the tensor's, zeroed before the pass; :func:`_pack_bits` from bit ``(row0 + r)·cols``) for the
-    merge pass (BITS).
+    merge pass (BITS). BITS here: the decisions were made ahead (:func:`magprune_bits`) and are read back.
     """
     n_models = len(models)
     rows = base.shape[0] // cols if cols else 0
@@ -1031,13 +1053,15 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
                 for j in range(cols):
                     every[j] = every[j] + np.float64(abs(load(x, j) - b[j]))
                     some[j] = some[j] + np.float64(abs(kept[j]))
-            elif mode == FACTOR or mode == MAGPRUNE:
+            elif mode == FACTOR or mode == MAGPRUNE or mode == BITS:
                 f = factors[k][s : s + cols] if mode == FACTOR else kept
                 if mode == MAGPRUNE:
                     first = (row0 + r) * cols
                     _abs_keys(x, b, cols, row_keys)
                     _row_keep(row_keys, cols, keys[k], first, p_of[k], p_cut[k], falling[k], False, scratch, kept)
                     _pack_bits(kept, cols, first, bits[k])
+                elif mode == BITS:
+                    _unpack_bits(bits[k], (row0 + r) * cols, cols, kept)
                 for j in range(cols):
                     a = abs(load(x, j) - b[j])
                     every[j] = every[j] + np.float64(a)

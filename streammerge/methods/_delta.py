@@ -326,6 +326,8 @@ class MagPrune(Sparsifier):
         # ranking every row again (kernel path only; :meth:`cache_bytes` is in the plan's footprint)
         self._bits: np.ndarray | None = None
         self._bits_rows = 0
+        # the decisions of the chunk's blocks were made ahead (:meth:`decide_ahead`): the L1 pass reads them
+        self.decided_ahead = False
 
     @staticmethod
     def cache_bytes(task: TensorTask) -> int:
@@ -349,6 +351,24 @@ class MagPrune(Sparsifier):
         if self._bits is None:
             self._bits = np.zeros(self.cache_bytes(self.task), dtype=np.uint8)
         return self._bits
+
+    def can_decide_ahead(self) -> bool:
+        """Whether a chunk's decisions can be made ahead, block by block in any order, by several threads at once
+        (:meth:`decide_ahead`): a matrix whose rows start on whole bytes of the bit array (so blocks write disjoint
+        bytes), while its decisions are still being remembered."""
+        return self.active and len(self.task.shape) == 2 and self.task.row_numel % 8 == 0 and self._bits_rows >= 0
+
+    def decide_ahead(self, r0: int, base: np.ndarray, model: np.ndarray, lock: threading.Lock) -> None:
+        """Make and remember the decisions of the block of rows from ``r0`` (stored rows, flat; the kernel
+        ``magprune_bits``, the L1 pass's own ranking) before the L1 pass reaches it, from any thread (``lock``
+        guards the bit array's first allocation)."""
+        with lock:
+            if self._bits is None:
+                self._bits = np.zeros(self.cache_bytes(self.task), dtype=np.uint8)
+            bits = self._bits
+        density, spread, low = self.kernel_table()
+        n = self.task.row_numel
+        kernels.kernels().magprune_bits(base, model, n, density, spread, low, np.uint64(self.key), r0 * n, bits)
 
     def filled(self, rows: int) -> None:
         """The kernel wrote the decisions of the next ``rows`` rows (:meth:`bits_to_fill`)."""
@@ -612,20 +632,31 @@ class _DeltaTensorMerge(TensorMerge):
             return pass_index > 0 or all(s.window is not None for sp in self._selections() for s in sp.nontrivial())
         return False
 
-    def counted_blocks(self) -> bool:
-        """While a selection's ties are still to be kept, the merge pass's blocks depend on one another only
-        through the ties each meets (:meth:`count_raw`)."""
-        return not self.independent_blocks(None)
+    def blocks_ahead(self, pass_index: int | None) -> bool:
+        """The merge pass while a selection's ties are still to be kept: each block's ties met, counted ahead, tell
+        where it starts keeping them. The L1 pass of DELLA: the decisions, made ahead (the ranking of every row,
+        most of the pass), which the L1 sums then read in row order."""
+        if pass_index is None:
+            return not self.independent_blocks(None)
+        return pass_index == self.select_passes and self.l1 and any(
+            isinstance(sp, MagPrune) and sp.can_decide_ahead() for sp in self.sparsifiers)
 
-    def count_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[tuple[int, int]] | None:
-        """Per model, the elements of the block at row ``r0`` (rows as stored) equal to its selection's hi and lo
-        tau (``kernels._numba.tie_counts``; (0, 0) without a selection); None when a kernel does not take the
-        inputs."""
+    def ahead_raw(self, pass_index: int | None, r0: int, base: torch.Tensor,
+                  models: Sequence[torch.Tensor]) -> list[tuple[int, int]] | bool | None:
+        """The merge pass: per model, the elements of the block at row ``r0`` (rows as stored) equal to its
+        selection's hi and lo tau (``kernels._numba.tie_counts``; (0, 0) without a selection). The L1 pass: DELLA's
+        decisions of the block, remembered (``MagPrune.decide_ahead``), and True. None when a kernel does not take
+        the inputs."""
         got = kernels.arrays(base, models)
         if got is None:
             return None
         b, ms, _ = got
         k = kernels.kernels()
+        if pass_index is not None:
+            for sp, m in zip(self.sparsifiers, ms):
+                if isinstance(sp, MagPrune) and sp.can_decide_ahead():
+                    sp.decide_ahead(r0, b, m, self._lock)
+            return True
         sel = np.tile(np.array([k.KEEP_ALL, 0, k.KEEP_NONE, 0], dtype=np.int64), (len(ms), 1))
         for i, sp in enumerate(self.sparsifiers):
             spec = sp.kernel_spec(r0) if isinstance(sp, _Selection) else None
@@ -635,16 +666,24 @@ class _DeltaTensorMerge(TensorMerge):
         k.tie_counts(b, ms, sel, counts)
         return [(int(hi), int(lo)) for hi, lo in counts.tolist()]
 
-    def start_blocks(self, starts: Sequence[int], counts: Sequence[list[tuple[int, int]]]) -> None:
-        """The blocks of a chunk beginning at rows ``starts`` (row order), which :meth:`count_raw` counted, are
-        computed next, in any order (``_Selection.start_blocks``)."""
+    def start_blocks(self, pass_index: int | None, starts: Sequence[int], results: Sequence[Any]) -> None:
+        """The merge pass: each selection's tie cursors at the start of each block (``_Selection.start_blocks``),
+        so the blocks are independent. The L1 pass: DELLA's decisions of the chunk are made."""
+        if pass_index is not None:
+            for sp in self.sparsifiers:
+                if isinstance(sp, MagPrune) and sp.can_decide_ahead():
+                    sp.decided_ahead = True
+            return
         for i, sp in enumerate(self.sparsifiers):
             if isinstance(sp, _Selection):
-                sp.start_blocks(starts, [c[i] for c in counts])
+                sp.start_blocks(starts, [c[i] for c in results])
 
-    def end_blocks(self) -> None:
-        for sp in self._selections():
-            sp.end_blocks()
+    def end_blocks(self, pass_index: int | None) -> None:
+        for sp in self.sparsifiers:
+            if isinstance(sp, _Selection):
+                sp.end_blocks()
+            elif isinstance(sp, MagPrune):
+                sp.decided_ahead = False
 
     def settled(self, pass_index: int) -> bool:
         """Pass B, when pass A's candidates settled every selection's thresholds (``TopK.early``)."""
@@ -767,7 +806,7 @@ class _DeltaTensorMerge(TensorMerge):
                                   *accumulators, ties)
         self._met_ties(keeps.modes, ties)
         for sp, mode in zip(self.sparsifiers, keeps.modes):
-            if mode == kernels.MAGPRUNE:
+            if mode in (kernels.MAGPRUNE, kernels.BITS):
                 sp.filled(rows)  # type: ignore[attr-defined]
         return True
 
@@ -804,7 +843,8 @@ class _DeltaTensorMerge(TensorMerge):
                 if isinstance(sp, MagPrune) and not inverse:
                     kept = sp.bits_to_fill(r0, base) if l1_pass else sp.recall()
                     if kept is not None:
-                        modes[i], bits[i], keys[i] = (kernels.MAGPRUNE if l1_pass else kernels.BITS), kept, sp.key
+                        made = l1_pass and not sp.decided_ahead  # made in the L1 pass's kernel, else read
+                        modes[i], bits[i], keys[i] = (kernels.MAGPRUNE if made else kernels.BITS), kept, sp.key
                         keeps.prune[i] = sp.kernel_table()
                         continue
                 if isinstance(sp, MagPrune):

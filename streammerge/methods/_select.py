@@ -18,7 +18,9 @@ again (:meth:`TopK._settle`). Otherwise (or when the candidates outgrow their bu
 eagerly) pass B runs as above. Either way the same tau and ties.
 
 Memory: two 65 536-bin int64 histograms per target, whatever the tensor size; with the kernels, a candidate buffer
-of at most one element in :data:`CANDIDATE_SHARE` (:meth:`TopK.candidate_bytes`).
+of at most one element in :data:`CANDIDATE_SHARE` (:meth:`TopK.candidate_bytes`), which each block's candidates join
+from a scratch buffer of the block's size (:meth:`TopK.scratch_size`; only the few candidates are written into it),
+so blocks counted by several threads at once (``streammerge.workers``) each keep their own.
 """
 
 from __future__ import annotations

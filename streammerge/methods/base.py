@@ -173,24 +173,25 @@ class TensorMerge:
         at the end of a run). Default False: blocks arrive in row order, one at a time."""
         return False
 
-    def counted_blocks(self) -> bool:
-        """Whether the merge pass's blocks, not independent now, depend on the blocks before them only through
-        counts that :meth:`count_raw` gives (TIES's ties, kept first in row order). With idle workers the engine
-        then counts every block of a chunk (in any order, on any thread), hands the counts to
-        :meth:`start_blocks`, computes the blocks as independent ones, and calls :meth:`end_blocks`."""
+    def blocks_ahead(self, pass_index: int | None) -> bool:
+        """Whether a chunk's blocks of pass ``pass_index`` (None: the merge pass) need work that is independent of
+        their order, and that they would otherwise do in row order (TIES's ties met in each block, which tell
+        where the next block starts keeping them; DELLA's keep decisions, which the L1 pass ranks row by row). With
+        idle workers the engine then does :meth:`ahead_raw` for every block (in any order, on any thread), hands
+        the results to :meth:`start_blocks`, computes the blocks (independent ones shared), and calls
+        :meth:`end_blocks`. Doing the work ahead is extra work, so only where helpers can share it."""
         return False
 
-    def count_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> Any | None:
-        """The counts of the merge pass's block at row ``r0`` (rows as stored, as for :meth:`emit_raw`); None when
-        a kernel cannot count them (the blocks then run in row order)."""
+    def ahead_raw(self, pass_index: int | None, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> Any:
+        """:meth:`blocks_ahead`'s work for the block at row ``r0`` (rows as stored, as for :meth:`emit_raw`), from
+        any thread; None when a kernel cannot do it (the blocks then run as without it)."""
         return None
 
-    def start_blocks(self, starts: Sequence[int], counts: Sequence[Any]) -> None:
-        """The merge pass's blocks beginning at rows ``starts`` (a chunk's, in row order; ``counts`` from
-        :meth:`count_raw`) come next, in any order: :meth:`independent_blocks` is True until :meth:`end_blocks`,
-        and :meth:`cursor` is the chunk's end."""
+    def start_blocks(self, pass_index: int | None, starts: Sequence[int], results: Sequence[Any]) -> None:
+        """The blocks beginning at rows ``starts`` (a chunk's, in row order; ``results`` from :meth:`ahead_raw`)
+        come next: from here until :meth:`end_blocks` they use the work done ahead."""
 
-    def end_blocks(self) -> None:
+    def end_blocks(self, pass_index: int | None) -> None:
         """The blocks of :meth:`start_blocks` are done."""
 
     # Fused kernels (streammerge.kernels): optional, byte-identical to accumulate and emit.
