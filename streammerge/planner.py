@@ -82,7 +82,8 @@ class TensorPlan(RowLayout):
 
     @property
     def task(self) -> TensorTask:
-        return TensorTask(self.name, self.shape, self.rule, self.tile, self.exact_products, self.on_gpu)
+        return TensorTask(self.name, self.shape, self.rule, self.tile, self.exact_products, self.on_gpu,
+                          whole_tile_blocks=self.stat_block_rows % self.tile == 0)
 
     @property
     def out_row_bytes(self) -> int:
@@ -176,8 +177,8 @@ class Plan:
     shards: tuple[ShardLayout, ...]
     depth: int  # input slots and output buffers, per worker
     tile: int  # rows per reduction tile
-    peak_ram: int  # every planned buffer: per worker, depth input slots + depth output buffers + the largest scratch;
-    # and the fused kernels' runtime when they run
+    peak_ram: int  # every planned buffer: per worker, depth input slots + depth output buffers + the largest scratch
+    # + the tile sums that blocks out of turn hold (Footprint.stats_per_chunk_row); and the fused kernels' runtime
     slot_bytes: int  # one input slot: a chunk of every input, as stored
     out_buffer_bytes: int  # one output buffer: a chunk of output bytes
     scratch_bytes: int  # the largest per-tensor state + compute-block temporaries
@@ -393,10 +394,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
             if vram_chunk is not None:
                 chunk_elems = min(chunk_elems, vram_chunk)
-            # a source's parts read whole with every chunk (a LoRA factor) are reserved in each slot first
             chunks = [_chunk_rows(recipe, s.task.rule, s.task.rows, s.task.row_numel,
-                                  chunk_elems - -(-depth * s.fixed_slot // max(per_elem_buffers, 1)), tile)
-                      for s in sizing]
+                                  _chunk_elements(s, chunk_elems, per_elem_buffers, depth), tile) for s in sizing]
             grown = [p or (bool(s.passes) and _partial(max(c, 1), s.task.rows, tile))
                      for s, p, c in zip(sizing, partial, chunks)]
             if grown == partial:
@@ -442,7 +441,9 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
-    peak = workers * (depth * (slot + out_buffer) + fixed) + runtime
+    ahead = max((s.footprint.stats_per_chunk_row * t.chunk_rows for s, t in zip(sizing, tensors) if t.stat_passes),
+                default=0)  # tile sums of blocks out of turn, waiting for theirs (on the CPU)
+    peak = workers * (depth * (slot + out_buffer) + fixed + ahead) + runtime
     peak_vram = 0
     if on_gpu:
         peak_vram = gpu_state + max(
@@ -601,6 +602,18 @@ def _with_sources(fp: Footprint, sources: tuple[InputSource, ...]) -> Footprint:
     return replace(fp, stats_per_element=fp.stats_per_element + elem, emit_per_element=fp.emit_per_element + elem,
                    stats_state=fp.stats_state + fixed, emit_state=fp.emit_state + fixed,
                    gpu_per_element=fp.gpu_per_element + elem, gpu_state=fp.gpu_state + fixed + uploaded)
+
+
+def _chunk_elements(s: TensorSizing, chunk_elems: int, per_elem_buffers: int, depth: int) -> int:
+    """The elements of a chunk of ``s`` when buffers take ``per_elem_buffers`` bytes per element and ``chunk_elems``
+    fit: less a source's parts read whole with every chunk (a LoRA factor, reserved in each slot first), and less
+    what blocks out of turn hold per row of the chunk (``Footprint.stats_per_chunk_row``)."""
+    elems = chunk_elems - -(-depth * s.fixed_slot // max(per_elem_buffers, 1))
+    ahead = s.footprint.stats_per_chunk_row if s.passes else 0
+    if ahead and elems > 0:
+        per_row = per_elem_buffers * max(s.task.row_numel, 1)
+        elems = elems * per_row // (per_row + ahead)
+    return elems
 
 
 def _partial(rows_per_step: int, rows: int, tile: int) -> bool:

@@ -861,3 +861,13 @@ def test_the_plan_takes_the_kernels_runtime_off_the_budget(families, tmp_path, m
     monkeypatch.setenv(kernels.ENV, "auto")  # auto leaves the kernels out rather than fail
     assert not kernels.enabled(10 * kernels.AUTO_MIN_ELEMENTS, 4 * kernels.RUNTIME_BYTES - 1)
     assert kernels.enabled(10 * kernels.AUTO_MIN_ELEMENTS, 4 * kernels.RUNTIME_BYTES)
+
+
+def test_the_candidate_buffers_leave_room_for_a_whole_kernel_step():
+    """Radix select's pass A kernel appends up to one step of candidates past a window's fill before it checks for
+    room again (``kernels._numba.histogram_high``): every candidate buffer's slack must hold a whole step."""
+    from streammerge.methods._select import CANDIDATE_SLACK, TopK
+
+    compiled = pytest.importorskip("streammerge.kernels._numba", reason="numba is not installed")
+    assert CANDIDATE_SLACK >= compiled.STEP
+    assert TopK.scratch_size(0) >= compiled.STEP

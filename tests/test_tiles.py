@@ -66,3 +66,79 @@ def test_the_device_tile_sums_do_not_depend_on_the_chunking(rows):
     assert torch.allclose(results[0], cpu, rtol=1e-12, atol=1e-9)
     for chunk, r in zip((rows, 1, 7, TILE, 100, 512), results):
         assert torch.equal(r, results[0]), chunk
+
+
+@pytest.mark.parametrize("rows,chunk", [(1000, 1000), (1000, 100), (1000, 300), (777, 512), (130, 64), (65, 40)])
+def test_fused_column_sums_added_out_of_turn_by_several_threads_keep_the_eager_bits(rows, chunk):
+    """The engine's sharing of a statistics pass summed per tile: each chunk's first block in turn, the others
+    (whole tiles) on four threads in a shuffled order, their tiles summed apart and added in row order later
+    (``FusedTiles``). The sums equal the eager torch sums of the same rows in row order, bit for bit (float32 deltas
+    of every magnitude, whose float64 squares round in the sums, so a reordered add would show)."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from streammerge import kernels
+    from streammerge.methods._tiles import ColumnSums
+
+    if kernels._load() is None:
+        pytest.skip("numba is not installed: no fused kernel sums tiles")
+    k, cols, n = kernels.kernels(), 37, 2
+    g = torch.Generator().manual_seed(rows + chunk)
+    base = torch.randn(rows, cols, generator=g) * torch.logspace(-3, 3, cols)
+    models = [base + torch.randn(rows, cols, generator=g) * 10 ** (16 * torch.rand(rows, cols, generator=g) - 8)
+              for _ in range(n)]  # deltas of 1e-8 to 1e8: their squares' float64 sums round at almost every add
+    eager = ColumnSums(rows, cols, n, TILE)
+    for r0 in range(0, rows, chunk):
+        b, *ms = (x[r0 : r0 + chunk] for x in (base, *models))
+        eager.add(r0, [(m - b) ** 2 for m in ms])
+
+    fused = ColumnSums(rows, cols, n, TILE, whole_tile_blocks=True)
+    shuffle, out_of_turn, shared = random.Random(rows * chunk), [], 0
+    real_add = fused._fused.add
+
+    def add(r0, nrows, total, kernel):  # type: ignore[no-untyped-def]
+        out_of_turn.append(fused._fused.feeder._next_row != r0)
+        return real_add(r0, nrows, total, kernel)
+
+    fused._fused.add = add  # type: ignore[method-assign]
+
+    def block(b0: int, b1: int) -> None:
+        b, *ms = (x[b0:b1].reshape(-1).numpy() for x in (base, *models))
+        assert fused.add_fused(b0, b1 - b0, lambda *where: k.square_sums(b, tuple(ms), cols, b0, TILE, rows, *where))
+
+    step = 2 * TILE  # blocks of two tiles
+    with ThreadPoolExecutor(4) as pool:
+        for r0 in range(0, rows, chunk):
+            r1 = min(rows, r0 + chunk)
+            edges = sorted({r0, r1, *range((r0 // step + 1) * step, r1, step)})
+            blocks = list(zip(edges, edges[1:]))
+            block(*blocks[0])  # (the first block of the tensor starts the fused path; a chunk's may start mid-tile)
+            assert fused.any_order()
+            rest = blocks[1:]
+            shuffle.shuffle(rest)
+            earliest = min(rest, default=None)
+            rest.sort(key=lambda b: b == earliest)  # (the earliest taken last: the others wait for it)
+            shared += len(rest) > 1
+            list(pool.map(lambda b: block(*b), rest))
+    assert fused.finish() == eager.finish()
+    assert np.array_equal(fused.column_totals(), eager.column_totals())
+    assert any(out_of_turn) or not shared, "no block ran out of turn"
+
+
+def test_fused_column_sums_refuse_a_block_out_of_turn_that_starts_inside_a_tile():
+    """Only whole-tile blocks may run out of turn: one starting inside a tile is refused, nothing added."""
+    import numpy as np
+
+    from streammerge.methods._tiles import ColumnSums
+
+    sums = ColumnSums(300, 4, 1, TILE, whole_tile_blocks=True)
+    calls: list[int] = []
+    assert not sums.any_order()
+    assert sums.add_fused(0, 10, lambda slot0, acc, partial: calls.append(slot0))
+    assert sums.any_order() and calls == [-1]
+    assert not sums.add_fused(70, 10, lambda *where: calls.append(1))  # out of turn, inside a tile
+    assert sums.add_fused(128, 64, lambda slot0, acc, partial: calls.append(slot0) or acc.fill(1.0))
+    assert calls == [-1, 2] and np.array_equal(sums.column_totals(), np.zeros((1, 4)))  # waits for rows 10..128
+    assert not ColumnSums(300, 4, 1, TILE).any_order()  # blocks that are not whole tiles stay in turn

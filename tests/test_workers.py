@@ -138,28 +138,45 @@ SHARED = {"widen": {}, "task_arithmetic": {}, "ties": {"density": 0.5}, "breadcr
           "dare_ties": {"density": 0.6}, "della": {"density": 0.6, "epsilon": 0.1}}
 
 
-@pytest.mark.parametrize("method,dtype", [(m, "bf16") for m in SHARED] + [("ties", "f32")])
-def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(method, dtype, tmp_path, monkeypatch):
+#: the merges whose statistics pass sums columns tile by tile (``_tiles.FusedTiles``: blocks out of turn sum their
+#: tiles apart, added in row order later), with an MLP projection the largest tensor: WIDEN's matrix statistics,
+#: SCE's weights, model_stock's and multislerp's Gram sums, the L1 rescale of DARE (also in chunks that end inside
+#: a tile: the next chunk's first block continues it in turn); their merge passes are shared too
+SUMMED = {"widen": {}, "sce": {}, "model_stock": {}, "multislerp": {}, "dare_ties": {"density": 0.6}}
+#: the merges of :data:`SHARED` whose embedding's statistics are column sums: the L1 rescale's
+L1_RESCALED = {"dare_ties", "della"}
+
+
+@pytest.mark.parametrize("method,dtype,largest,chunk_rows",
+                         [(m, "bf16", "embedding", None) for m in SHARED] + [("ties", "f32", "embedding", None)]
+                         + [(m, "bf16", "mlp", None) for m in SUMMED] + [("dare_ties", "bf16", "mlp", 20000)])
+def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(method, dtype, largest, chunk_rows,
+                                                                             tmp_path, monkeypatch):
     """An embedding much larger than the rest: the workers that finish the small tensors compute blocks of its
     chunks, to the bytes one worker writes (eagerly, the independent reference). With the fused kernels, a
     selection's radix-select passes are shared too (helpers count into histograms of their own), and its ties are
     counted ahead in the chunks where some are still to be kept, the chunk where the last is kept among those
     (float32 deltas: pass A's candidates cannot settle the threshold, so pass B runs, shared too). DELLA's decisions
-    are made ahead of its L1 pass, by the helpers too. Each shared chunk
+    are made ahead of its L1 pass, by the helpers too. Column sums (WIDEN's by a matrix's columns, SCE's, the Gram
+    sums, the L1 rescale's) are shared with blocks out of turn. Each shared chunk
     waits until a worker is idle, and its owner until a helper has taken a block, so the helpers surely take some."""
     from streammerge import kernels, workers
-    from streammerge.methods import _delta
+    from streammerge.methods import _delta, _tiles
 
     selects = method in ("ties", "breadcrumbs")
     if selects and kernels._load() is None:
         pytest.skip("numba is not installed: a selection's ties are counted by a fused kernel")
-    family = write_family(tmp_path / "fam", replace(SHAPES["tiny"], layers=1, vocab=20000), dtype=dtype)
+    params = {**SHARED, **SUMMED}[method] if largest == "mlp" else SHARED[method]
+    shape = replace(SHAPES["tiny"], layers=1, **({"vocab": 20000} if largest == "embedding" else {"intermediate": 30000}))
+    family = write_family(tmp_path / "fam", shape, dtype=dtype)
     models = [family["chat"], family["multilingual"]]
+    options = {"chunk_rows": chunk_rows} if chunk_rows else {}
     monkeypatch.setenv(kernels.ENV, "eager")
-    ref = api.merge(family["base"], models, tmp_path / "one", method, SHARED[method], threads=1)
+    ref = api.merge(family["base"], models, tmp_path / "one", method, params, threads=1, **options)
     monkeypatch.setenv(kernels.ENV, "numba" if kernels._load() is not None else "eager")
     real_idle, real_run, real_start = workers.JobQueue.idle, workers.JobQueue.run_blocks, _delta._Selection.start_blocks
-    real_hist, real_decide = _delta._HelperCounts.hist, _delta.MagPrune.decide_ahead
+    real_hist, real_decide, real_add = _delta._HelperCounts.hist, _delta.MagPrune.decide_ahead, _tiles.FusedTiles.add
+    out_of_turn: list[int] = []  # blocks of column sums added out of turn, by their first row
     decided: list[int] = []  # DELLA's blocks decided ahead, by their first row
     helped: list[int] = []
     closed: list[bool] = []  # per chunk counted ahead: whether its last open tie was kept in it
@@ -200,16 +217,26 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
         decided.append(r0)
         return real_decide(self, r0, base, model, lock)
 
+    def add(self, r0, rows, total, kernel):  # type: ignore[no-untyped-def]
+        if self.feeder._next_row != r0:
+            out_of_turn.append(r0)
+        return real_add(self, r0, rows, total, kernel)
+
+    monkeypatch.setattr(_tiles.FusedTiles, "add", add)
     monkeypatch.setattr(_delta._Selection, "start_blocks", start_blocks)
     monkeypatch.setattr(_delta.MagPrune, "decide_ahead", decide_ahead)
     monkeypatch.setattr(_delta._HelperCounts, "hist", hist)
-    out = api.merge(family["base"], models, tmp_path / "three", method, SHARED[method], threads=3)
+    # (the MLP's three projections are the largest: a fourth worker takes the rest, then helps)
+    threads = 3 if largest == "embedding" else 4
+    out = api.merge(family["base"], models, tmp_path / "three", method, params, threads=threads, **options)
     assert sum(helped) > 0
     if selects:
         assert any(closed), f"no shared chunk kept the last tie: {closed}"
         assert helper_passes == ({0, 1} if dtype == "f32" else {0}), helper_passes
-    if method == "della" and kernels._load() is not None:
-        assert decided, "no DELLA decisions made ahead"
+    if kernels._load() is not None:
+        assert decided or method != "della", "no DELLA decisions made ahead"
+        sums_columns = largest == "mlp" or method in L1_RESCALED
+        assert out_of_turn or not sums_columns, "no block of column sums ran out of turn"
     assert_same_output(out, ref)
 
 

@@ -172,14 +172,23 @@ def convert(x, out):  # type: ignore[no-untyped-def]
 
 # ---- column sums in tiles ------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _close_tile(row, tile, rows_total, acc, partial):  # type: ignore[no-untyped-def]
+def _close_tile(row, tile, rows_total, slot0, acc, partial):  # type: ignore[no-untyped-def]
     """After row ``row`` (0-based, in the tensor) of a column-sums kernel: when it completes its aligned tile of
-    ``tile`` rows (or the tensor's last, shorter one), add the tile's sums ``partial`` to ``acc`` and start the
-    next from 0 (methods/_tiles.py ``add_column_sums``' order: tile sums added in row order)."""
+    ``tile`` rows (or the tensor's last, shorter one), hand the tile's sums ``partial`` on and start the next from 0.
+    ``slot0 < 0``: add them to the running total ``acc[0]`` (methods/_tiles.py ``add_column_sums``' order: tile
+    sums added in row order). Else the block runs out of turn (``_tiles.FusedTiles``): the sums go into the tile's
+    own slot ``acc[row // tile - slot0]``, which is added to the total later, in row order: the same adds."""
     if (row + 1) % tile == 0 or row + 1 == rows_total:
-        for c in range(acc.shape[0]):
-            acc[c] = acc[c] + partial[c]
-            partial[c] = 0.0
+        if slot0 < 0:
+            a = acc[0]
+            for c in range(a.shape[0]):
+                a[c] = a[c] + partial[c]
+                partial[c] = 0.0
+        else:
+            a = acc[row // tile - slot0]
+            for c in range(a.shape[0]):
+                a[c] = partial[c]
+                partial[c] = 0.0
 
 
 # ---- the block structure ---------------------------------------------------------------------------------------
@@ -267,13 +276,15 @@ def mean_interpolate(base, models, n, ratio, rest, out):  # type: ignore[no-unty
 
 
 @njit(**JIT)
-def pair_sums(base, models, use_base, first, second, cols, row0, tile, rows_total, acc, partial):  # type: ignore[no-untyped-def]
+def pair_sums(base, models, use_base, first, second, cols, row0, tile, rows_total, slot0, acc,  # type: ignore[no-untyped-def]
+              partial):
     """The Gram statistics pass (methods/_tiles.py ``PairSums``, for _gram.GramMerge and model_stock): per pair p
     and column, ``Σ v_first[p]·v_second[p]`` in float64, ``v_k = M_k − B`` in float32 with ``use_base``, else
     ``M_k``, each widened to float64 before the product. The order is ``ColumnSums``' (as :func:`l1_sums`).
 
     base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; first, second: (P,)
-    int64 model indices; acc, partial: (P·cols,) float64, pair-major.
+    int64 model indices; partial: (P·cols,) float64, pair-major; slot0, acc: where finished tiles go
+    (:func:`_close_tile`; acc (slots, P·cols) float64).
     """
     n_models = len(models)
     rows = base.shape[0] // cols if cols else 0
@@ -295,15 +306,16 @@ def pair_sums(base, models, use_base, first, second, cols, row0, tile, rows_tota
             part = partial[p * cols : (p + 1) * cols]
             for j in range(cols):
                 part[j] = part[j] + a[j] * c[j]
-        _close_tile(row0 + r, tile, rows_total, acc, partial)
+        _close_tile(row0 + r, tile, rows_total, slot0, acc, partial)
 
 
 # ---- SCE ---------------------------------------------------------------------------------------------------------
 @njit(**JIT)
-def square_sums(base, models, cols, row0, tile, rows_total, acc, partial):  # type: ignore[no-untyped-def]
+def square_sums(base, models, cols, row0, tile, rows_total, slot0, acc, partial):  # type: ignore[no-untyped-def]
     """SCE's weights pass without a selection (methods/sce.py ``_SceMerge.accumulate``): per model k and column,
     ``Σ τ_k²`` in float64 of the float32 squares ``τ_k² = (M_k − B)²``, in ``ColumnSums``' order (as
-    :func:`l1_sums`). acc, partial: (N·cols,) float64, model-major; other arguments as :func:`pair_sums`."""
+    :func:`l1_sums`). partial and a slot of acc: (N·cols,) float64, model-major; other arguments as
+    :func:`pair_sums`."""
     n_models = len(models)
     rows = base.shape[0] // cols if cols else 0
     b = np.empty(cols, dtype=np.float32)
@@ -316,7 +328,7 @@ def square_sums(base, models, cols, row0, tile, rows_total, acc, partial):  # ty
             for j in range(cols):
                 t = load(x, j) - b[j]
                 part[j] = part[j] + np.float64(t * t)
-        _close_tile(row0 + r, tile, rows_total, acc, partial)
+        _close_tile(row0 + r, tile, rows_total, slot0, acc, partial)
 
 
 @njit(**JIT)
@@ -1006,7 +1018,7 @@ def sparse_merge(base, models, keep_mode, sel, factors, bits, keys, cuts, start,
 
 @njit(**JIT)
 def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune, bits, cols, row0, tile, rows_total,
-            acc, partial, ties):  # type: ignore[no-untyped-def]
+            slot0, acc, partial, ties):  # type: ignore[no-untyped-def]
     """The L1 rescale's statistics pass (methods/_delta.py ``_DeltaTensorMerge.accumulate`` after the selections):
     per model k and column, ``Σ|Δ_k|`` and ``Σ keep_k·|Δ_k|`` in float64, ``keep_k`` the 0/1 keep factor of
     :func:`sparse_merge`'s modes (``keep_value`` 1, or 0 for a model that drops everything).
@@ -1016,8 +1028,9 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
     holds the tile in progress. A selection's kept ``|Δ|`` is ``|Δ·keep|`` (:func:`_select_step` with factors 1,
     the same value: ``keep`` is 0 or 1), which also moves the ties as the eager ``TopK.factor`` does.
 
-    base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; acc, partial:
-    (2N·cols,) float64, ``[|Δ_1|, kept_1, |Δ_2|, kept_2, ...]`` (``ColumnSums``' stacking) flattened; other
+    base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; partial:
+    (2N·cols,) float64, ``[|Δ_1|, kept_1, |Δ_2|, kept_2, ...]`` (``ColumnSums``' stacking) flattened; slot0, acc:
+    where finished tiles go (:func:`_close_tile`; acc (slots, 2N·cols) float64); other
     arguments as :func:`sparse_merge`'s (``factors[k]`` the block's keep factors, flat).
 
     MAGPRUNE (DELLA): each row's decisions are made here, as :func:`magprune_factors` makes them (``prune[k]`` its
@@ -1079,7 +1092,7 @@ def l1_sums(base, models, keep_mode, sel, factors, keys, cuts, keep_value, prune
                     a = np.float64(abs(load(x, j) - b[j]))
                     every[j] = every[j] + a
                     some[j] = some[j] + a
-        _close_tile(row0 + r, tile, rows_total, acc, partial)
+        _close_tile(row0 + r, tile, rows_total, slot0, acc, partial)
 
 
 @njit(inline="always")
@@ -1190,7 +1203,8 @@ def _product(x, y, exact):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
-def widen_column_sums(base, models, cols, row0, tile, rows_total, exact, acc, partial):  # type: ignore[no-untyped-def]
+def widen_column_sums(base, models, cols, row0, tile, rows_total, exact, slot0, acc,  # type: ignore[no-untyped-def]
+                      partial):
     """WIDEN's column statistics of a block of rows (methods/widen.py ``_MatrixMerge.accumulate``, Linear rule):
     the products ``[b², m_1², ..., m_N², m_1·b, ..., m_N·b]`` of every element, summed per column in float64.
 
@@ -1199,8 +1213,9 @@ def widen_column_sums(base, models, cols, row0, tile, rows_total, exact, acc, pa
     outer-axis reduction), and tile sums are added to the accumulator in row order. ``partial`` holds the sums of
     the tile in progress, so a tile may span blocks (the eager code stashes its rows instead), with the same bits.
 
-    base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; acc, partial:
-    ((1 + 2N)·cols,) float64 (product kind major, as ``_products``' (rows, 1 + 2N, cols) layout flattened).
+    base, models: (rows·cols,) row-major, rows ``row0 ..`` of a tensor of ``rows_total`` rows; partial:
+    ((1 + 2N)·cols,) float64 (product kind major, as ``_products``' (rows, 1 + 2N, cols) layout flattened); slot0,
+    acc: where finished tiles go (:func:`_close_tile`; acc (slots, (1 + 2N)·cols) float64).
     """
     n_models = len(models)
     rows = base.shape[0] // cols if cols else 0
@@ -1219,7 +1234,7 @@ def widen_column_sums(base, models, cols, row0, tile, rows_total, exact, acc, pa
                 m = load(x, j)
                 sq[j] = sq[j] + _product(m, m, exact)
                 dot[j] = dot[j] + _product(m, b[j], exact)
-        _close_tile(row0 + r, tile, rows_total, acc, partial)
+        _close_tile(row0 + r, tile, rows_total, slot0, acc, partial)
 
 
 #: numpy's ufunc buffer, in elements (``np.getbufsize()``'s default): a reduction that casts its input (float32

@@ -344,7 +344,10 @@ class MagPrune(Sparsifier):
         """Where the L1 pass's kernel writes the keep decisions of the block of rows from ``r0`` (the tensor's bit
         array, zeroed when the pass starts at row 0): only for a matrix whose blocks come in row order from 0 and
         whose every decision is a 0/1 factor; None otherwise, and nothing is remembered from then on. The block
-        counts once :meth:`filled`."""
+        counts once :meth:`filled`. Blocks whose decisions were made ahead (:attr:`decided_ahead`) may come in any
+        order."""
+        if self.decided_ahead and self._bits is not None:
+            return self._bits
         if not self.active or base.dim() != 2 or r0 != self._bits_rows:
             self._bits, self._bits_rows = None, -1
             return None
@@ -369,6 +372,11 @@ class MagPrune(Sparsifier):
         density, spread, low = self.kernel_table()
         n = self.task.row_numel
         kernels.kernels().magprune_bits(base, model, n, density, spread, low, np.uint64(self.key), r0 * n, bits)
+
+    @property
+    def remembering(self) -> bool:
+        """Whether the L1 pass's kernel is still writing the decisions to remember (:meth:`bits_to_fill`)."""
+        return self.active and self._bits_rows >= 0
 
     def filled(self, rows: int) -> None:
         """The kernel wrote the decisions of the next ``rows`` rows (:meth:`bits_to_fill`)."""
@@ -576,7 +584,8 @@ class _DeltaTensorMerge(TensorMerge):
         self.l1 = method.l1_pass(params)
         self.inverse = bool(params.get("rescale")) and params.get("rescale_mode") == "inverse_density"
         self.scales = [1.0] * n_models
-        self.sums = ColumnSums(task.rows, task.row_numel, 2 * n_models, task.tile) if self.l1 else None
+        self.sums = (ColumnSums(task.rows, task.row_numel, 2 * n_models, task.tile, task.whole_tile_blocks)
+                     if self.l1 else None)
         self._lock = threading.Lock()  # the selections' shared state, while helpers count blocks
         self._counts = _HelperCounts()
 
@@ -624,13 +633,20 @@ class _DeltaTensorMerge(TensorMerge):
         The radix-select passes, once pass A's first block has chosen the candidates' windows: a helper counts
         into histograms of its own (:class:`_HelperCounts`, added at the end of the pass: integer counts, any
         order), and hands its block's candidates over under a lock (``TopK.collected``: their order does not
-        matter), as the eager path does its counts. The L1 pass adds float64 sums in row order: row order."""
+        matter), as the eager path does its counts.
+
+        The L1 pass once its fused kernel has added a block (:meth:`_tiles.ColumnSums.any_order`), when blocks are
+        whole tiles (``TensorTask.whole_tile_blocks``): blocks out of turn sum their tiles apart, added in row order
+        later (``_tiles.FusedTiles``); while no selection's ties are open, and DELLA's decisions of the chunk are
+        made ahead (its kernel would make them in row order) or not remembered at all."""
         if pass_index is None:
             return not any(sp.open_ties for sp in self._selections()) or any(
                 sp.out_of_order for sp in self._selections())
         if pass_index < self.select_passes:
             return pass_index > 0 or all(s.window is not None for sp in self._selections() for s in sp.nontrivial())
-        return False
+        return (self.sums is not None and self.sums.any_order()
+                and not any(sp.open_ties for sp in self._selections())
+                and all(sp.decided_ahead or not sp.remembering for sp in self.sparsifiers if isinstance(sp, MagPrune)))
 
     def blocks_ahead(self, pass_index: int | None) -> bool:
         """The merge pass while a selection's ties are still to be kept: each block's ties met, counted ahead, tell
@@ -796,18 +812,19 @@ class _DeltaTensorMerge(TensorMerge):
         assert self.sums is not None
         rows = base.shape[0] if base.dim() else 0
         keeps = self._keeps(r0, base, models, inverse=False, l1_pass=True) if rows else None
-        accumulators = self.sums.raw_accumulators(r0, rows) if keeps is not None else None
-        if keeps is None or accumulators is None:
+        if keeps is None:
             return False
         ties = np.zeros((len(ms), 4), dtype=np.int64)
         sums = self.sums
-        kernels.kernels().l1_sums(b, ms, keeps.modes, keeps.sel, keeps.factors, keeps.keys, keeps.cuts,
-                                  keeps.keep_value, keeps.prune, keeps.bits, sums.row_numel, r0, sums.tile, sums.rows,
-                                  *accumulators, ties)
+        if not sums.add_fused(r0, rows, lambda *where: kernels.kernels().l1_sums(
+                b, ms, keeps.modes, keeps.sel, keeps.factors, keeps.keys, keeps.cuts, keeps.keep_value, keeps.prune,
+                keeps.bits, sums.row_numel, r0, sums.tile, sums.rows, *where, ties)):
+            return False
         self._met_ties(keeps.modes, ties)
-        for sp, mode in zip(self.sparsifiers, keeps.modes):
-            if mode in (kernels.MAGPRUNE, kernels.BITS):
-                sp.filled(rows)  # type: ignore[attr-defined]
+        with self._lock:  # (blocks of a chunk decided ahead may come from several threads)
+            for sp, mode in zip(self.sparsifiers, keeps.modes):
+                if mode in (kernels.MAGPRUNE, kernels.BITS):
+                    sp.filled(rows)  # type: ignore[attr-defined]
         return True
 
     def _keeps(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], inverse: bool,
@@ -863,7 +880,9 @@ class _DeltaTensorMerge(TensorMerge):
         return keeps
 
     def _met_ties(self, modes: np.ndarray, ties: np.ndarray) -> None:
-        """Advance the selections' tie cursors past a fused block (``ties`` as the kernel set it)."""
+        """Advance the selections' tie cursors past a fused block (``ties`` as the kernel set it). Blocks shared
+        out of turn come here only once every tie is kept (or with cursors of their own, ``_Selection.start_blocks``),
+        where a cursor stays as it is (``TopK.advanced``): nothing the helpers' blocks change."""
         for i, sp in enumerate(self.sparsifiers):
             if modes[i] == kernels.SELECT:
                 sp.met_ties(int(ties[i, 2]), int(ties[i, 3]))  # type: ignore[attr-defined]
@@ -987,6 +1006,7 @@ class DeltaMethod(Method):
             end_of_pass=((selections + 2) * HISTOGRAM_BYTES if selections else 0) + 2 * candidates + remembered,
             emit_state=(3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0) + remembered,
             partial_tile=ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn if l1 else 0,
+            stats_per_chunk_row=ColumnSums.ahead_bytes_per_row(2 * n, rn, task) if l1 else 0,
             gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4
             + (24 * n if l1 else 0),
             gpu_state=(2 * n * 2 * HISTOGRAM_BYTES if selections else 0)

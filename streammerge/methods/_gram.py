@@ -54,11 +54,16 @@ class GramMerge(TensorMerge):
     def __init__(self, task: TensorTask, n_inputs: int, use_base: bool, solve: Callable[[Gram], Sequence[float]]) -> None:
         self.n, self.use_base, self.solve = n_inputs, use_base, solve
         self.pairs = [(i, j) for i in range(n_inputs) for j in range(i, n_inputs)]
-        self.sums = PairSums(task.rows, task.row_numel, self.pairs, task.tile)
+        self.sums = PairSums(task.rows, task.row_numel, self.pairs, task.tile, task.whole_tile_blocks)
         self.coef: tuple[float, ...] = ()
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         self.sums.add(r0, [m - base for m in models] if self.use_base else list(models))
+
+    def independent_blocks(self, pass_index: int | None) -> bool:
+        """The merge pass (fixed coefficients, element-wise); the statistics pass by the fused kernel, blocks of
+        whole tiles (``PairSums.any_order``)."""
+        return pass_index is None or self.sums.any_order()
 
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """:meth:`accumulate` by the fused kernel ``pair_sums``."""
@@ -103,6 +108,7 @@ def gram_footprint(task: TensorTask, n: int, use_base: bool) -> Footprint:
         stats_state=PairSums.accumulator_bytes(pairs, rn),
         end_of_pass=PairSums.accumulator_bytes(pairs, rn),
         partial_tile=PairSums.partial_tile_bytes(n, pairs, rows, rn, tile),
+        stats_per_chunk_row=PairSums.ahead_bytes_per_row(pairs, rn, task),
         gpu_per_element=16 * n + 8 * pairs + 8,
         gpu_state=PairSums.gpu_state_bytes(n, pairs, rows, rn, tile),
     )

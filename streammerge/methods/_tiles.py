@@ -16,11 +16,16 @@ GPU and CPU sums agree within float tolerance, and equal inputs give bit-equal s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._torch import torch
+
+if TYPE_CHECKING:
+    from .base import TensorTask
 
 #: tiles handed out together, so per-operation overheads (thread wake-ups) are paid per block, not per tile
 BLOCK_TILES = 8
@@ -67,6 +72,66 @@ class TileFeeder:
             yield r0 + start, [p[start : min(start + step, end)] for p in parts]
         if not last and full < n:
             self._pending = [p[full:].clone() for p in parts]
+
+
+class FusedTiles:
+    """Where the fused column-sums kernels (``kernels._numba._close_tile``) add the blocks of one tensor, in the
+    order of :func:`add_column_sums`: each aligned tile summed from 0 in row order, tile sums added to the running
+    total in row order.
+
+    A block in turn (it starts where the rows added so far end) adds into the total and the tile in progress
+    directly. A block that starts on a tile boundary may also run out of turn, on any thread (idle workers sharing a
+    chunk: workers.JobQueue.run_blocks): its tiles' sums go into slots of its own, which wait until every row before
+    the block is added; whichever block completes that run then adds them to the total one by one, and hands its
+    last, unfinished tile on as the tile in progress. The same float64 adds in the same order: the same bits, in any
+    order of the blocks. What waits is at most a chunk's tiles (:meth:`ahead_bytes_per_row` per row)."""
+
+    def __init__(self, feeder: TileFeeder, size: int) -> None:
+        self.feeder, self.size = feeder, size  # (the feeder's next row is the rows added so far, either path)
+        self.partial: np.ndarray | None = None  # (size,) float64: the sums of the tile in progress
+        #: a kernel has added a block: the tensor's blocks take this path, and may come in any order from now on
+        self.started = False
+        self._waiting: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # by first row: rows, slots, last tile
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def ahead_bytes_per_row(size: int, tile: int) -> int:
+        """The slots of a block out of turn, per row: a float64 ``size``-vector per tile."""
+        return -(-8 * size // max(tile, 1))
+
+    def add(self, r0: int, rows: int, total: np.ndarray,
+            kernel: Callable[[int, np.ndarray, np.ndarray], None]) -> bool:
+        """Rows ``[r0, r0 + rows)`` by ``kernel(slot0, acc, partial)`` (the column-sums kernels' last arguments:
+        slot0 -1, acc the total as (1, size); or the block's first tile and its zeroed (tiles, size) slots, partial
+        zeroed). ``total``: the running sums, (size,) float64, the same array at every call. False, having done
+        nothing, when the eager path holds stashed rows (:class:`TileFeeder`), or the block is out of turn and
+        starts inside a tile (the engine shares only blocks of whole tiles: ``TensorTask.whole_tile_blocks``)."""
+        feeder, tile = self.feeder, self.feeder.tile
+        with self._lock:
+            in_turn = feeder._next_row == r0
+            if feeder._pending is not None or (not in_turn and r0 % tile):
+                return False
+            if self.partial is None:
+                self.partial = np.zeros(self.size)
+        if in_turn:  # nothing else moves the cursor or touches the sums until this block is added
+            kernel(-1, total.reshape(1, -1), self.partial)
+        else:
+            closed = rows // tile + (1 if rows % tile and r0 + rows == feeder.rows else 0)
+            slots, last = np.zeros((closed, self.size)), np.zeros(self.size)
+            kernel(r0 // tile, slots, last)
+        with self._lock:
+            self.started = True
+            if in_turn:
+                feeder._next_row = r0 + rows
+            else:
+                self._waiting[r0] = (rows, slots, last)
+            while (ready := self._waiting.pop(feeder._next_row, None)) is not None:
+                n, tiles, last = ready
+                for tile_sums in tiles:  # (every tile before these is added: the tile in progress is zero)
+                    total += tile_sums
+                self.partial[:] = last
+                feeder._next_row += n
+        return True
 
 
 def add_column_sums(acc: torch.Tensor, values: torch.Tensor, tile: int) -> None:
@@ -144,19 +209,26 @@ def tile_products_bytes(n_products: int, rows: int, row_numel: int, product_byte
 class ColumnSums:
     """Chunk-independent float64 sums over a whole tensor of each of several same-shaped inputs (``Σ x``)."""
 
-    def __init__(self, rows: int, row_numel: int, n_sums: int, tile: int) -> None:
+    def __init__(self, rows: int, row_numel: int, n_sums: int, tile: int, whole_tile_blocks: bool = False) -> None:
         self.rows, self.row_numel = rows, row_numel
+        self.whole_tile_blocks = whole_tile_blocks  # TensorTask's: blocks of whole tiles may come out of turn
         self.n_sums = n_sums
         self.tile = tile
         self._feeder = TileFeeder(max(rows, 1), tile)
         self._size = n_sums * row_numel
         self._total: torch.Tensor | None = None  # (n_sums · row_numel) per-column sums, on the first chunk's device
-        self._partial: np.ndarray | None = None  # fused kernels: the sums of the tile in progress
+        self._fused = FusedTiles(self._feeder, self._size)  # where fused kernels add their blocks
 
     @staticmethod
     def per_element(n_inputs: int) -> int:
         """Bytes per block element while adding: float64 copies of the inputs and their stacked copy."""
         return 16 * n_inputs
+
+    @staticmethod
+    def ahead_bytes_per_row(n_sums: int, row_numel: int, task: TensorTask) -> int:
+        """Bytes per row of a chunk that blocks added out of turn hold until it is theirs (:class:`FusedTiles`, the
+        CPU's fused kernels): ``Footprint.stats_per_chunk_row``."""
+        return 0 if task.on_gpu else FusedTiles.ahead_bytes_per_row(n_sums * row_numel, task.tile)
 
     def _block_values(self, block: list[torch.Tensor]) -> torch.Tensor:
         """(rows, n_sums, row_numel) values to sum, from a block of whole tiles of the float64 inputs."""
@@ -169,22 +241,23 @@ class ColumnSums:
                 self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
             add_column_sums(self._total, vals, self.tile)
 
-    def raw_accumulators(self, r0: int, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """For a fused kernel that adds rows ``[r0, r0 + rows)`` itself, in this class's order
-        (``kernels._numba.l1_sums``): the float64 accumulator and the sums of the tile in progress, as numpy arrays
-        (the kernel updates both); None when the eager path holds stashed rows or the sums are on a GPU. Every
-        block of a tensor takes one path (the engine decides per tensor), so the two never mix."""
-        feeder = self._feeder
-        if feeder._next_row != r0 or feeder._pending is not None:
-            return None
+    def add_fused(self, r0: int, rows: int, kernel: Callable[[int, np.ndarray, np.ndarray], None]) -> bool:
+        """:meth:`add` of rows ``[r0, r0 + rows)`` by a fused kernel that sums them itself, in this class's order
+        (``kernels._numba.l1_sums``): ``kernel(slot0, acc, partial)`` with its last arguments, as
+        :class:`FusedTiles` hands them out (blocks in turn, or starting on a tile boundary, from any thread). False,
+        having done nothing, when the eager path holds stashed rows or the sums are on a GPU. Every block of a
+        tensor takes one path (the engine decides per tensor), so the two never mix."""
         if self._total is None:
             self._total = torch.zeros(self._size, dtype=torch.float64)
         elif self._total.device.type != "cpu":
-            return None
-        if self._partial is None:
-            self._partial = np.zeros(self._size, dtype=np.float64)
-        feeder._next_row = r0 + rows  # (the eager path's order check)
-        return self._total.numpy(), self._partial
+            return False
+        return self._fused.add(r0, rows, self._total.numpy(), kernel)
+
+    def any_order(self) -> bool:
+        """Whether the blocks still to add may come in any order, from any thread (the engine may share them with
+        idle workers: ``TensorMerge.independent_blocks``): they are whole tiles (``TensorTask.whole_tile_blocks``),
+        and the fused path has started (:attr:`FusedTiles.started`), which every later block takes."""
+        return self.whole_tile_blocks and self._fused.started
 
     def column_totals(self) -> np.ndarray:
         """(n_sums, row_numel) float64 sums over the rows, one per element position of a row, on the CPU."""
@@ -226,9 +299,10 @@ class PairSums(ColumnSums):
         return 2 * n_inputs * min(rows, tile) * row_numel * 8 + tile_products_bytes(n_pairs, rows, row_numel, 8, True,
                                                                                      tile)
 
-    def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]], tile: int) -> None:
+    def __init__(self, rows: int, row_numel: int, pairs: Sequence[tuple[int, int]], tile: int,
+                 whole_tile_blocks: bool = False) -> None:
         self.pairs = list(pairs)
-        super().__init__(rows, row_numel, len(self.pairs), tile)
+        super().__init__(rows, row_numel, len(self.pairs), tile, whole_tile_blocks)
 
     def _block_values(self, block: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
@@ -240,12 +314,10 @@ class PairSums(ColumnSums):
 
         got = kernels.arrays(base, models)
         rows = base.shape[0] if base.dim() else 0
-        accumulators = self.raw_accumulators(r0, rows) if got is not None and rows else None
-        if accumulators is None:
+        if got is None or not rows:
             return False
-        b, ms, _ = got  # type: ignore[misc]
+        b, ms, _ = got
         first = np.array([i for i, _ in self.pairs], dtype=np.int64)
         second = np.array([j for _, j in self.pairs], dtype=np.int64)
-        kernels.kernels().pair_sums(b, ms, use_base, first, second, self.row_numel, r0, self.tile, self.rows,
-                                    *accumulators)
-        return True
+        return self.add_fused(r0, rows, lambda *where: kernels.kernels().pair_sums(
+            b, ms, use_base, first, second, self.row_numel, r0, self.tile, self.rows, *where))

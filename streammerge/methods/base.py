@@ -116,6 +116,9 @@ class TensorTask(RowLayout):
     exact_products: bool = False
     #: merged on a GPU (what its memory estimates must count: the GPU sums keep a tree scratch)
     on_gpu: bool = False
+    #: the plan's statistics blocks are whole tiles (each starts on a tile boundary, but a chunk's first after a
+    #: chunk that ended inside a tile), so a pass summed per tile may add blocks out of turn (``_tiles.FusedTiles``)
+    whole_tile_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,10 @@ class Footprint:
     while the statistics passes run (accumulators, histograms), while the merge pass runs (weights, work arrays),
     and at the end of a statistics pass (ranking, scans; the accumulators included). ``partial_tile``: what a
     statistics block or chunk that is not whole reduction tiles adds (the stashed rows of an incomplete tile and
-    one whole tile's products). On a GPU a chunk is one block and the caching allocator keeps whole-chunk
-    temporaries, so it has its own figures: per chunk element (the runner's copies included) and per tensor.
+    one whole tile's products). ``stats_per_chunk_row``: per row of a chunk, what blocks of a statistics pass that
+    ran out of turn hold until it is theirs (tile sums, ``_tiles.FusedTiles``; at most a chunk's). On a GPU a chunk
+    is one block and the caching allocator keeps whole-chunk temporaries, so it has its own figures: per chunk
+    element (the runner's copies included) and per tensor.
     """
 
     stats_per_element: int = 0
@@ -138,6 +143,7 @@ class Footprint:
     emit_state: int = 0
     end_of_pass: int = 0
     partial_tile: int = 0
+    stats_per_chunk_row: int = 0
     gpu_per_element: int = 0
     gpu_state: int = 0
 

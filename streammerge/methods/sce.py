@@ -52,7 +52,7 @@ class _SceMerge(TensorMerge):
         # k is int(topk · #nonzero variances), known only after the first pass: start non-trivial, set it then
         self.selector = TopK(1 if self.numel > 1 else 0, self.numel) if self.select else None
         self.nonzero = 0
-        self.sums = ColumnSums(task.rows, task.row_numel, n_models, task.tile)
+        self.sums = ColumnSums(task.rows, task.row_numel, n_models, task.tile, task.whole_tile_blocks)
         self.weights = [1.0 / n_models] * n_models
 
     def _masked(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -77,19 +77,21 @@ class _SceMerge(TensorMerge):
             return
         self.sums.add(r0, [t.square_() for t in self._masked(base, models)])
 
+    def independent_blocks(self, pass_index: int | None) -> bool:
+        """The merge pass without a selection (fixed weights, element-wise; a selection keeps its ties in row
+        order); the weights pass by the fused kernel, blocks of whole tiles (``ColumnSums.any_order``)."""
+        return self.selector is None if pass_index is None else self.sums.any_order()
+
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """The weights pass without a selection by the fused kernel ``square_sums`` (a selection stays eager)."""
         got = kernels.arrays(base, models)
         rows = base.shape[0] if base.dim() else 0
         if got is None or self.selector is not None or self.topk <= 0 or not rows:
             return False
-        accumulators = self.sums.raw_accumulators(r0, rows)
-        if accumulators is None:
-            return False
         b, ms, _ = got
         sums = self.sums
-        kernels.kernels().square_sums(b, ms, sums.row_numel, r0, sums.tile, sums.rows, *accumulators)
-        return True
+        return sums.add_fused(r0, rows, lambda *where: kernels.kernels().square_sums(
+            b, ms, sums.row_numel, r0, sums.tile, sums.rows, *where))
 
     def end_pass(self, pass_index: int) -> None:
         if self.selector is not None and pass_index == 0:
@@ -173,6 +175,7 @@ class Sce(Method):
             stats_state=8 * n * rn + (HISTOGRAM_BYTES if select else 0),
             end_of_pass=8 * n * rn + (3 * HISTOGRAM_BYTES if select else 0),
             partial_tile=ColumnSums.per_element(n) * min(rows, task.tile) * rn,
+            stats_per_chunk_row=ColumnSums.ahead_bytes_per_row(n, rn, task),
             gpu_per_element=4 * (n + 1) + 8 * n + 16 * n + 32,
             gpu_state=8 * n * rn + ColumnSums.per_element(n) * min(rows, task.tile) * rn
             + (4 * HISTOGRAM_BYTES if select else 0),

@@ -39,11 +39,16 @@ def slerp_coefficients(t: float, ss0: float, ss1: float, dot: float) -> tuple[fl
 class _SlerpMerge(TensorMerge):
     def __init__(self, task: TensorTask, t: float) -> None:
         self.t = t
-        self.sums = PairSums(task.rows, task.row_numel, [(0, 0), (1, 1), (0, 1)], task.tile)
+        self.sums = PairSums(task.rows, task.row_numel, [(0, 0), (1, 1), (0, 1)], task.tile, task.whole_tile_blocks)
         self.coef = (1.0 - t, t)
 
     def accumulate(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         self.sums.add(r0, [base, models[0]])
+
+    def independent_blocks(self, pass_index: int | None) -> bool:
+        """The merge pass (fixed coefficients, element-wise); the statistics pass by the fused kernel, blocks of
+        whole tiles (``PairSums.any_order``)."""
+        return pass_index is None or self.sums.any_order()
 
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """:meth:`accumulate` by the fused kernel ``pair_sums`` (the base and the model as its two inputs)."""
@@ -94,6 +99,7 @@ class Slerp(Method):
             stats_state=PairSums.accumulator_bytes(3, rn),
             end_of_pass=PairSums.accumulator_bytes(3, rn),
             partial_tile=PairSums.partial_tile_bytes(2, 3, rows, rn, tile),
+            stats_per_chunk_row=PairSums.ahead_bytes_per_row(3, rn, task),
             gpu_per_element=52,
             gpu_state=PairSums.gpu_state_bytes(2, 3, rows, rn, tile),
         )

@@ -20,12 +20,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from .. import kernels
 from .._torch import torch
 from . import register
-from ._tiles import TileFeeder, add_column_sums, row_sums, tile_products_bytes
+from ._tiles import (
+    FusedTiles,
+    TileFeeder,
+    add_column_sums,
+    row_sums,
+    tile_products_bytes,
+)
 from .base import Footprint, Method, ParamSpec, Rule, TensorMerge, TensorTask
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -107,13 +111,17 @@ class _MatrixMerge(TensorMerge):
         # float64 accumulators, made on the device of the first chunk: (1 + 2N, rows) by rows, (1 + 2N) x cols else
         self._shape = (k, rows) if self.by_rows else (k * cols,)
         self._stats: torch.Tensor | None = None
-        self._partial: np.ndarray | None = None  # fused kernels: the float64 column sums of the tile in progress
+        # fused kernels by columns: where they add their blocks (the tile in progress; blocks out of turn)
+        self._fused = None if self._feeder is None else FusedTiles(self._feeder, self._shape[0])
         self.weights: torch.Tensor | None = None  # (N, n) float32
 
     def independent_blocks(self, pass_index: int | None) -> bool:
         """The merge pass always (weights fixed per column); the statistics of an embedding (a token per row, its
-        sums complete inside the row), not the column sums of a matrix (added tile after tile in row order)."""
-        return pass_index is None or self.by_rows
+        sums complete inside the row); the column sums of a matrix once the fused kernel has added a block, when
+        blocks are whole tiles (``TensorTask.whole_tile_blocks``): a block out of turn sums its tiles apart, added
+        to the sums in row order later (``_tiles.FusedTiles``)."""
+        return pass_index is None or self.by_rows or (
+            self.task.whole_tile_blocks and self._fused is not None and self._fused.started)
 
     def _accumulators(self, device: torch.device) -> torch.Tensor:
         """The float64 sums, made at the first block (once, whichever thread gets there first)."""
@@ -154,15 +162,12 @@ class _MatrixMerge(TensorMerge):
         if self.by_rows:
             k.widen_row_sums(b, ms, cols, r0, exact, self._accumulators(base.device).numpy())
             return True
-        assert self._feeder is not None
-        if self._feeder._next_row != r0 or self._feeder._pending is not None:
+        assert self._fused is not None
+        stats = self._accumulators(base.device)
+        if stats.device.type != "cpu":
             return False
-        if self._partial is None:
-            self._partial = np.zeros(self._shape[0], dtype=np.float64)
-        k.widen_column_sums(b, ms, cols, r0, self.task.tile, self.task.rows, exact,
-                            self._accumulators(base.device).numpy(), self._partial)
-        self._feeder._next_row = r0 + rows  # (the eager path's order check)
-        return True
+        return self._fused.add(r0, rows, stats.numpy(), lambda *where: k.widen_column_sums(
+            b, ms, cols, r0, self.task.tile, self.task.rows, exact, *where))
 
     def _products(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         """(rows, 1 + 2N, cols) products [b², m_k², m_k·b]; float32 when exact (16-bit inputs), else float64."""
@@ -182,14 +187,14 @@ class _MatrixMerge(TensorMerge):
         stats = stats.reshape(1 + 2 * self.n_models, -1)
         n = self.n_models
         self.weights = column_weights(stats[0], stats[1 : 1 + n], stats[1 + n :], self.t, self.s)
-        self._stats = self._feeder = self._partial = None  # free the accumulators
+        self._stats = self._feeder = self._fused = None  # free the accumulators
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"weights": self.weights} if self.weights is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.weights = state["weights"]
-        self._stats = self._feeder = None
+        self._stats = self._feeder = self._fused = None
 
     def emit(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
         assert self.weights is not None, "emit before the statistics pass"
@@ -348,6 +353,8 @@ class Widen(Method):
             emit_state=4 * n * columns,
             partial_tile=(n + 1) * tile_rows * cols * 4 + tile_products_bytes(1 + 2 * n, rows, cols, product, False,
                                                                               task.tile),
+            stats_per_chunk_row=0 if task.on_gpu or task.rule.columns_are_rows else FusedTiles.ahead_bytes_per_row(
+                (1 + 2 * n) * cols, task.tile),
             gpu_per_element=20 * n + 32,
             gpu_state=(sums + 96 * n * columns + tile_rows * cols * 2 * 4 * (n + 1)
                        + tile_products_bytes(1 + 2 * n, rows, cols, product, True, task.tile)),
