@@ -22,8 +22,9 @@ a run. Each block is computed once, by one thread, into its own rows: the bytes 
 A pass whose blocks become independent part-way (a selection's first block chooses what the others need) shares
 the rest of the chunk from then on. Where a pass's blocks need work that does not depend on their order but would
 otherwise be done in it (``TensorMerge.blocks_ahead``: the ties TIES meets in each block, which tell where the next
-block starts keeping them; DELLA's per-row ranking before its L1 sums), and only while workers are idle, that work
-is done first for every block of the chunk (shared the same way), then the blocks. Float64 column sums, which are
+block starts keeping them, in its merge pass and its L1 pass; DELLA's per-row ranking before its L1 sums), and only
+while workers are idle, that work is done first for every block of the chunk (shared the same way), then the
+blocks. Float64 column sums, which are
 added tile after tile in row order (WIDEN's statistics of a matrix, the L1 rescale's, SCE's, the Gram sums), are
 shared too: a block out of turn sums its tiles apart, and they join the total in row order once every block before
 it has (``methods._tiles.FusedTiles``), the same adds in the same order.

@@ -149,7 +149,8 @@ L1_RESCALED = {"dare_ties", "della"}
 
 @pytest.mark.parametrize("method,dtype,largest,chunk_rows",
                          [(m, "bf16", "embedding", None) for m in SHARED] + [("ties", "f32", "embedding", None)]
-                         + [(m, "bf16", "mlp", None) for m in SUMMED] + [("dare_ties", "bf16", "mlp", 20000)])
+                         + [(m, "bf16", "mlp", None) for m in SUMMED] + [("dare_ties", "bf16", "mlp", 20000)]
+                         + [("ties_rescaled", "bf16", "embedding", None)])
 def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(method, dtype, largest, chunk_rows,
                                                                              tmp_path, monkeypatch):
     """An embedding much larger than the rest: the workers that finish the small tensors compute blocks of its
@@ -163,11 +164,14 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
     from streammerge import kernels, workers
     from streammerge.methods import _delta, _tiles
 
-    selects = method in ("ties", "breadcrumbs")
+    selects = method in ("ties", "breadcrumbs", "ties_rescaled")
     if selects and kernels._load() is None:
         pytest.skip("numba is not installed: a selection's ties are counted by a fused kernel")
-    params = {**SHARED, **SUMMED}[method] if largest == "mlp" else SHARED[method]
-    shape = replace(SHAPES["tiny"], layers=1, **({"vocab": 20000} if largest == "embedding" else {"intermediate": 30000}))
+    params = {**SHARED, **SUMMED}[method] if largest == "mlp" else SHARED[method.removesuffix("_rescaled")]
+    if method.endswith("_rescaled"):  # the L1 pass keeps the ties too, counted ahead as in the merge pass
+        method, params = method.removesuffix("_rescaled"), {**params, "rescale": True}
+    large = {"vocab": 20000} if largest == "embedding" else {"intermediate": 30000}
+    shape = replace(SHAPES["tiny"], layers=1, **large)
     family = write_family(tmp_path / "fam", shape, dtype=dtype)
     models = [family["chat"], family["multilingual"]]
     options = {"chunk_rows": chunk_rows} if chunk_rows else {}
@@ -177,6 +181,7 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
     real_idle, real_run, real_start = workers.JobQueue.idle, workers.JobQueue.run_blocks, _delta._Selection.start_blocks
     real_hist, real_decide, real_add = _delta._HelperCounts.hist, _delta.MagPrune.decide_ahead, _tiles.FusedTiles.add
     out_of_turn: list[int] = []  # blocks of column sums added out of turn, by their first row
+    real_merge_start, ahead_passes = _delta._DeltaTensorMerge.start_blocks, set()  # passes with work done ahead
     decided: list[int] = []  # DELLA's blocks decided ahead, by their first row
     helped: list[int] = []
     closed: list[bool] = []  # per chunk counted ahead: whether its last open tie was kept in it
@@ -206,6 +211,10 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
         real_start(self, starts, met)
         closed.append(not self.open_ties)
 
+    def merge_start_blocks(self, pass_index, starts, results):  # type: ignore[no-untyped-def]
+        ahead_passes.add(pass_index)
+        return real_merge_start(self, pass_index, starts, results)
+
     monkeypatch.setattr(workers.JobQueue, "idle", idle)
     monkeypatch.setattr(workers.JobQueue, "run_blocks", run_blocks)
     def hist(self, topk, pass_index):  # type: ignore[no-untyped-def]
@@ -224,6 +233,7 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
 
     monkeypatch.setattr(_tiles.FusedTiles, "add", add)
     monkeypatch.setattr(_delta._Selection, "start_blocks", start_blocks)
+    monkeypatch.setattr(_delta._DeltaTensorMerge, "start_blocks", merge_start_blocks)
     monkeypatch.setattr(_delta.MagPrune, "decide_ahead", decide_ahead)
     monkeypatch.setattr(_delta._HelperCounts, "hist", hist)
     # (the MLP's three projections are the largest: a fourth worker takes the rest, then helps)
@@ -235,7 +245,9 @@ def test_idle_workers_help_with_a_large_tensor_and_the_bytes_stay_the_same(metho
         assert helper_passes == ({0, 1} if dtype == "f32" else {0}), helper_passes
     if kernels._load() is not None:
         assert decided or method != "della", "no DELLA decisions made ahead"
-        sums_columns = largest == "mlp" or method in L1_RESCALED
+        sums_columns = largest == "mlp" or method in L1_RESCALED or "rescale" in params
+        if "rescale" in params:
+            assert any(p is not None for p in ahead_passes), f"no ties counted ahead of the L1 pass: {ahead_passes}"
         assert out_of_turn or not sums_columns, "no block of column sums ran out of turn"
     assert_same_output(out, ref)
 

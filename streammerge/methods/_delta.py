@@ -637,31 +637,34 @@ class _DeltaTensorMerge(TensorMerge):
 
         The L1 pass once its fused kernel has added a block (:meth:`_tiles.ColumnSums.any_order`), when blocks are
         whole tiles (``TensorTask.whole_tile_blocks``): blocks out of turn sum their tiles apart, added in row order
-        later (``_tiles.FusedTiles``); while no selection's ties are open, and DELLA's decisions of the chunk are
-        made ahead (its kernel would make them in row order) or not remembered at all."""
+        later (``_tiles.FusedTiles``); with a selection's ties as in the merge pass (TIES and Breadcrumbs with
+        rescale), and DELLA's decisions of the chunk made ahead (its kernel would make them in row order) or not
+        remembered at all."""
+        selections = self._selections()
+        ties_free = not any(sp.open_ties for sp in selections) or any(sp.out_of_order for sp in selections)
         if pass_index is None:
-            return not any(sp.open_ties for sp in self._selections()) or any(
-                sp.out_of_order for sp in self._selections())
+            return ties_free
         if pass_index < self.select_passes:
-            return pass_index > 0 or all(s.window is not None for sp in self._selections() for s in sp.nontrivial())
-        return (self.sums is not None and self.sums.any_order()
-                and not any(sp.open_ties for sp in self._selections())
+            return pass_index > 0 or all(s.window is not None for sp in selections for s in sp.nontrivial())
+        return (self.sums is not None and self.sums.any_order() and ties_free
                 and all(sp.decided_ahead or not sp.remembering for sp in self.sparsifiers if isinstance(sp, MagPrune)))
 
     def blocks_ahead(self, pass_index: int | None) -> bool:
-        """The merge pass while a selection's ties are still to be kept: each block's ties met, counted ahead, tell
-        where it starts keeping them. The L1 pass of DELLA: the decisions, made ahead (the ranking of every row,
-        most of the pass), which the L1 sums then read in row order."""
-        if pass_index is None:
-            return not self.independent_blocks(None)
-        return pass_index == self.select_passes and self.l1 and any(
-            isinstance(sp, MagPrune) and sp.can_decide_ahead() for sp in self.sparsifiers)
+        """The merge pass and the L1 pass while a selection's ties are still to be kept: each block's ties met,
+        counted ahead, tell where it starts keeping them. The L1 pass of DELLA: the decisions, made ahead (the
+        ranking of every row, most of the pass), which the L1 sums then read."""
+        if pass_index is not None and (pass_index != self.select_passes or not self.l1):
+            return False
+        if any(sp.open_ties and not sp.out_of_order for sp in self._selections()):
+            return True
+        return pass_index is not None and any(isinstance(sp, MagPrune) and sp.can_decide_ahead()
+                                              for sp in self.sparsifiers)
 
     def ahead_raw(self, pass_index: int | None, r0: int, base: torch.Tensor,
                   models: Sequence[torch.Tensor]) -> list[tuple[int, int]] | bool | None:
-        """The merge pass: per model, the elements of the block at row ``r0`` (rows as stored) equal to its
-        selection's hi and lo tau (``kernels._numba.tie_counts``; (0, 0) without a selection). The L1 pass: DELLA's
-        decisions of the block, remembered (``MagPrune.decide_ahead``), and True. None when a kernel does not take
+        """With selections: per model, the elements of the block at row ``r0`` (rows as stored) equal to its
+        selection's hi and lo tau (``kernels._numba.tie_counts``; (0, 0) without a selection). The L1 pass of DELLA:
+        the block's decisions, remembered (``MagPrune.decide_ahead``), and True. None when a kernel does not take
         the inputs."""
         got = kernels.arrays(base, models)
         if got is None:
@@ -672,6 +675,7 @@ class _DeltaTensorMerge(TensorMerge):
             for sp, m in zip(self.sparsifiers, ms):
                 if isinstance(sp, MagPrune) and sp.can_decide_ahead():
                     sp.decide_ahead(r0, b, m, self._lock)
+        if not self._selections():
             return True
         sel = np.tile(np.array([k.KEEP_ALL, 0, k.KEEP_NONE, 0], dtype=np.int64), (len(ms), 1))
         for i, sp in enumerate(self.sparsifiers):
@@ -683,13 +687,12 @@ class _DeltaTensorMerge(TensorMerge):
         return [(int(hi), int(lo)) for hi, lo in counts.tolist()]
 
     def start_blocks(self, pass_index: int | None, starts: Sequence[int], results: Sequence[Any]) -> None:
-        """The merge pass: each selection's tie cursors at the start of each block (``_Selection.start_blocks``),
-        so the blocks are independent. The L1 pass: DELLA's decisions of the chunk are made."""
+        """Each selection's tie cursors at the start of each block (``_Selection.start_blocks``), so the blocks are
+        independent; in the L1 pass, DELLA's decisions of the chunk are made."""
         if pass_index is not None:
             for sp in self.sparsifiers:
                 if isinstance(sp, MagPrune) and sp.can_decide_ahead():
                     sp.decided_ahead = True
-            return
         for i, sp in enumerate(self.sparsifiers):
             if isinstance(sp, _Selection):
                 sp.start_blocks(starts, [c[i] for c in results])
