@@ -14,7 +14,9 @@ settings here (``tests/test_heap.py``); arcee_fusion's one-thread merge of the 0
 :func:`keep_freed_memory` sets both thresholds once, before the merge allocates its buffers: allocations under
 32 MiB (glibc's largest ``M_MMAP_THRESHOLD``) come from the heaps, and a heap keeps up to the plan's peak of free
 memory for the next block. A heap only keeps memory the merge used before and uses again, so the peak RSS stays
-within the plan's budget (bench/README.md: within 3% of glibc's defaults at 256 and 512 MiB). The setting is the
+within the plan's budget (bench/README.md: within 3% of glibc's defaults at 256 and 512 MiB). Between the eager
+path's many temporaries it keeps holes, as glibc's defaults do: the planner counts those blocks
+``planner.EAGER_HEAP_SLACK`` times over. The setting is the
 process's (in the Python API, the caller's) and stays after the merge. A ``GLIBC_TUNABLES`` that sets a
 ``glibc.malloc`` tunable is the user's choice, and then nothing is changed.
 """

@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 BUDGET_USABLE = 0.85
 #: Share of --max-vram the planned GPU tensors may fill (the caching allocator rounds and fragments).
 VRAM_USABLE = 0.85
+#: The eager path's compute blocks are counted this many times over: torch allocates and frees every operation's
+#: result, and glibc's heaps (with its defaults, and with :func:`heap.keep_freed_memory`) keep the holes between
+#: them, so a tensor's compute memory reached 2-3.1x its blocks' live temporaries (bench/ram_probe.py
+#: --glibc-defaults: TIES's radix-select passes, WIDEN, DARE, SCE), and small budgets went past --max-ram. The fused
+#: kernels allocate a few arrays per block, reused in place, and are counted once.
+EAGER_HEAP_SLACK = 3
 #: elements per compute block of a merge pass: the block's float32 temporaries stay in the CPU caches
 BLOCK_ELEMENTS = 1 << 18
 #: elements per compute block of a statistics pass (at least one reduction tile of rows)
@@ -380,16 +386,18 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             raise PlanError(f"--max-vram {format_size(budget.max_vram or 0)} is too small: one row chunk needs "
                             f"{format_size(need)} of GPU memory; raise --max-vram, or use --device cpu")
         vram_chunk = vram_usable // gpu_elem
+    slack = 1 if fused or on_gpu else EAGER_HEAP_SLACK
+
     def settle(usable: int) -> tuple[list[tuple[int, int]], list[bool], list[int], int, list[int]]:
         """Blocks, partial-tile reserves, scratch, the largest scratch and chunk rows for ``usable`` bytes."""
         # compute blocks take at most a quarter of what the largest per-tensor state leaves
-        cap = max(1, (usable - max_state) // (4 * max_per_elem))
+        cap = max(1, (usable - max_state) // (4 * slack * max_per_elem))
         blocks = [_block_rows(s, cap, tile) for s in sizing]
         # A statistics block or chunk that is not whole tiles needs the partial-tile reserve; whether chunks are
         # depends on the memory left, which depends on the reserves: settle it in a few rounds (reserves only grow).
         partial = [bool(s.passes) and _partial(stat_rows, s.task.rows, tile) for s, (_, stat_rows) in zip(sizing, blocks)]
         for _ in range(4):
-            scratch = [_scratch(s, b, p) for s, b, p in zip(sizing, blocks, partial)]
+            scratch = [_scratch(s, b, p, slack) for s, b, p in zip(sizing, blocks, partial)]
             fixed = max(scratch, default=0)
             chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
             if vram_chunk is not None:
@@ -621,15 +629,16 @@ def _partial(rows_per_step: int, rows: int, tile: int) -> bool:
     return rows_per_step < rows and rows_per_step % tile != 0
 
 
-def _scratch(s: TensorSizing, blocks: tuple[int, int], partial: bool) -> int:
+def _scratch(s: TensorSizing, blocks: tuple[int, int], partial: bool, slack: int = 1) -> int:
     """The most compute memory ``s`` needs on the CPU: the larger of its statistics blocks (with the partial-tile
-    reserve when blocks or chunks are not whole tiles), its merge blocks, and the end of a statistics pass."""
+    reserve when blocks or chunks are not whole tiles), its merge blocks, and the end of a statistics pass; a
+    block's temporaries ``slack`` times over (:data:`EAGER_HEAP_SLACK` on the eager path)."""
     fp, rows, rn = s.footprint, max(s.task.rows, 1), max(s.task.row_numel, 1)
     emit_rows, stat_rows = blocks
-    emit = fp.emit_state + (s.copies + fp.emit_per_element) * min(rows, emit_rows) * rn
+    emit = fp.emit_state + slack * (s.copies + fp.emit_per_element) * min(rows, emit_rows) * rn
     if not s.passes:
         return emit
-    stats = (fp.stats_state + (s.copies + fp.stats_per_element) * min(rows, stat_rows) * rn
+    stats = (fp.stats_state + slack * (s.copies + fp.stats_per_element) * min(rows, stat_rows) * rn
              + (fp.partial_tile if partial else 0))
     return max(emit, stats, fp.end_of_pass)
 
