@@ -85,6 +85,7 @@ class TensorPlan(RowLayout):
     kept_because: str | None = None  # for COPY_BASE: why the base's value is kept (see TensorClass)
     params: dict[str, Any] = field(default_factory=dict)  # the method's parameters for this tensor (merged ones)
     scale: float = 1.0  # for COPY_BASE of a float: the copy is multiplied by it (see TensorClass)
+    fused: bool = False  # the fused kernels compute its blocks (the plan runs them, TensorSizing.kernel_path)
 
     @property
     def task(self) -> TensorTask:
@@ -152,6 +153,8 @@ class TensorSizing:
     copies: int  # bytes per block element of the runner's float32 copies of the inputs
     footprint: Footprint  # the method's own memory (see methods.base.Footprint), plus its sources' (a LoRA product)
     fixed_slot: int = 0  # slot bytes its sources read whole with every chunk (InputSource.fixed_slot_bytes)
+    #: the fused kernels compute it when the plan runs them (TensorMerge.kernel_path, every source raw_exact)
+    kernel_path: bool = False
 
     @property
     def state(self) -> int:
@@ -306,7 +309,7 @@ class Plan:
                     "name": t.name, "shape": list(t.shape), "rule": t.rule.value, "kind": t.kind.value,
                     "dtype": t.out_dtype, "shard": t.shard, "chunk_rows": t.chunk_rows, "chunks": len(t.chunks()),
                     "passes": t.stat_passes + 1, "reads": 1 if t.resident else t.stat_passes + 1,
-                    "scratch_bytes": t.scratch_bytes,
+                    "scratch_bytes": t.scratch_bytes, "fused_kernels": t.fused,
                     **({"params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params.items()}}
                        if t.params else {}),
                     "inputs": [s.describe() for s in t.sources], "fingerprint": t.fingerprint,
@@ -370,8 +373,12 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
     fused = not on_gpu and kernels.enabled(sum(math.prod(c.shape) for c in classes if c.rule.merged), usable)
     runtime = kernels.RUNTIME_BYTES if fused else 0
     usable -= runtime
+    # the fused kernels compute a tensor where they run and the merge has a kernel path; the rest runs eagerly,
+    # its blocks counted EAGER_HEAP_SLACK times over (on a GPU: one chunk, its own figures)
+    tensor_fused = [fused and s.kernel_path for s in sizing]
+    slacks = [1 if f or on_gpu else EAGER_HEAP_SLACK for f in tensor_fused]
     max_state = max((s.state for s in sizing), default=0)
-    max_per_elem = max((s.per_elem for s in sizing), default=1) or 1
+    max_per_elem = max((s.per_elem * k for s, k in zip(sizing, slacks)), default=1) or 1
     per_elem_buffers = depth * (max((s.in_bytes for s in sizing), default=0) + max((s.out_bytes for s in sizing), default=0))
     merged = [s for s in sizing if s.task.rule.merged]
     # a chunk on the GPU: its inputs as stored and as float32, the method's scratch, the result and its cast
@@ -386,18 +393,16 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             raise PlanError(f"--max-vram {format_size(budget.max_vram or 0)} is too small: one row chunk needs "
                             f"{format_size(need)} of GPU memory; raise --max-vram, or use --device cpu")
         vram_chunk = vram_usable // gpu_elem
-    slack = 1 if fused or on_gpu else EAGER_HEAP_SLACK
-
     def settle(usable: int) -> tuple[list[tuple[int, int]], list[bool], list[int], int, list[int]]:
         """Blocks, partial-tile reserves, scratch, the largest scratch and chunk rows for ``usable`` bytes."""
         # compute blocks take at most a quarter of what the largest per-tensor state leaves
-        cap = max(1, (usable - max_state) // (4 * slack * max_per_elem))
+        cap = max(1, (usable - max_state) // (4 * max_per_elem))
         blocks = [_block_rows(s, cap, tile) for s in sizing]
         # A statistics block or chunk that is not whole tiles needs the partial-tile reserve; whether chunks are
         # depends on the memory left, which depends on the reserves: settle it in a few rounds (reserves only grow).
         partial = [bool(s.passes) and _partial(stat_rows, s.task.rows, tile) for s, (_, stat_rows) in zip(sizing, blocks)]
         for _ in range(4):
-            scratch = [_scratch(s, b, p, slack) for s, b, p in zip(sizing, blocks, partial)]
+            scratch = [_scratch(s, b, p, k) for s, b, p, k in zip(sizing, blocks, partial, slacks)]
             fixed = max(scratch, default=0)
             chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
             if vram_chunk is not None:
@@ -436,7 +441,8 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         )
 
     tensors: list[TensorPlan] = []
-    for s, (emit_rows, stat_rows), tensor_scratch, chunk, p in zip(sizing, blocks, scratch, chunks, partial):
+    for s, (emit_rows, stat_rows), tensor_scratch, chunk, p, f in zip(sizing, blocks, scratch, chunks, partial,
+                                                                     tensor_fused):
         c, task, fp = s.cls, s.task, s.footprint
         if on_gpu:  # one kernel per operation on the whole chunk (the GPU has no cache to stay within)
             emit_rows = stat_rows = max(chunk, 1)
@@ -445,7 +451,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
         tensors.append(TensorPlan(c.name, c.shape, c.rule, c.kind, c.out_dtype, shard_of[c.name], c.sources,
                                   max(chunk, 1), s.passes, emit_rows, stat_rows, state, tensor_scratch, tile,
                                   fps[c.name], c.copy_of, task.exact_products, task.on_gpu, c.kept_because,
-                                  tensor_params.get(c.name, {}), c.scale))
+                                  tensor_params.get(c.name, {}), c.scale, f))
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
@@ -595,8 +601,9 @@ def _size(c: TensorClass, method: Method, params: dict[str, Any], n: int, tile: 
                             _with_sources(Footprint(emit_per_element=4 + e_out), c.sources), fixed_slot)
     # the runner's float32 copies of the inputs: the base always, a model unless the method takes it as stored
     copies = 4 + sum(0 if method.raw_models and src.raw_exact else 4 for src in c.sources[1:])
+    kernel_path = all(src.raw_exact for src in c.sources) and method.start(task, params, n).kernel_path()
     return TensorSizing(c, task, in_bytes, e_out, method.stat_passes(c.rule, params), copies,
-                        _with_sources(method.footprint(task, n, params), c.sources), fixed_slot)
+                        _with_sources(method.footprint(task, n, params), c.sources), fixed_slot, kernel_path)
 
 
 def _with_sources(fp: Footprint, sources: tuple[InputSource, ...]) -> Footprint:

@@ -112,7 +112,7 @@ def run_tensor(plan: Plan, job: TensorJob, io: TensorIO) -> TensorResult:
     if not schedule.steps:
         return TensorResult(t.name, 0)
     merger = plan.method.start(t.task, t.params, len(plan.models)) if t.rule.merged else None
-    fused = merger is not None and plan.fused_kernels
+    fused = merger is not None and t.fused  # (the plan's decision: TensorSizing.kernel_path)
     held: dict[int, Parts] = {}  # staged reads still in use, by index
     settled: set[int] = set()  # statistics passes with nothing left to count (TensorMerge.settled)
     written = 0

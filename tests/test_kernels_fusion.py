@@ -291,3 +291,29 @@ def test_fusion_emit_is_emit_and_the_cast(dtype, out_dtype):
     assert torch.equal(bits(out)[finite], bits(want)[finite])
     assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~finite & ~out.isnan()],
                                                                   want[~finite & ~want.isnan()])
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
+def test_the_plan_decides_which_tensors_the_kernels_compute(tmp_path, monkeypatch):
+    """One decision per tensor, in the plan (``TensorPlan.fused``, from ``TensorMerge.kernel_path`` and the sources):
+    the kernels compute a tensor when the plan runs them and its merge has a kernel path, and the runner takes the
+    plan's word. SCE with a selection has none, nor WIDEN's 1-D rule; the planner counts those blocks as the eager
+    path's (``planner.EAGER_HEAP_SLACK``)."""
+    family = write_family(tmp_path / "fam", "tiny")
+    models = [family["chat"], family["multilingual"]]
+    monkeypatch.setenv(kernels.ENV, "numba")
+
+    def plan(method, params):  # type: ignore[no-untyped-def]
+        return api.plan(family["base"], models, tmp_path / "out", method, params, threads=1)
+
+    selected, plain, widen = plan("sce", {"select_topk": 0.5}), plan("sce", {"select_topk": 1.0}), plan("widen", {})
+    assert selected.fused_kernels and plain.fused_kernels
+    assert not any(t.fused for t in selected.tensors)
+    assert all(t.fused for t in plain.tensors if t.rule.merged)
+    assert [t.fused for t in widen.tensors if t.rule.merged] == [t.rule is not Rule.VECTOR for t in widen.tensors
+                                                                  if t.rule.merged]
+    assert {t["fused_kernels"] for t in widen.to_dict()["tensors"]} == {True, False}
+    for params, used in (({"select_topk": 0.5}, False), ({"select_topk": 1.0}, True)):
+        with spying(["square_sums", "sce_emit"]) as calls:
+            api.merge(family["base"], models, tmp_path / f"sce-{used}", "sce", params, threads=1)
+        assert bool(calls["square_sums"]) == bool(calls["sce_emit"]) == used, calls

@@ -201,6 +201,13 @@ class TensorMerge:
         """The blocks of :meth:`start_blocks` are done."""
 
     # Fused kernels (streammerge.kernels): optional, byte-identical to accumulate and emit.
+    def kernel_path(self) -> bool:
+        """Whether the fused kernels compute this merge's blocks (:meth:`accumulate_raw`, :meth:`emit_raw`) when
+        the plan runs them and its sources give rows as stored; asked once, by the planner, which counts the blocks
+        of a merge without one as the eager path's (``planner.EAGER_HEAP_SLACK``) and tells the runner which path a
+        tensor takes (``TensorPlan.fused``). By default: a merge with a fused merge pass."""
+        return type(self).emit_raw is not TensorMerge.emit_raw
+
     def accumulate_raw(self, pass_index: int, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
         """:meth:`accumulate` by a fused kernel: ``base`` and ``models`` are the block's rows as stored (CPU, read-only
         views; bfloat16, float16 or float32), not float32 copies. True when done; False (having changed nothing) to

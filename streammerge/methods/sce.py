@@ -77,6 +77,10 @@ class _SceMerge(TensorMerge):
             return
         self.sums.add(r0, [t.square_() for t in self._masked(base, models)])
 
+    def kernel_path(self) -> bool:
+        """Without a selection, and with something to merge (``select_topk`` > 0)."""
+        return self.selector is None and self.topk > 0
+
     def independent_blocks(self, pass_index: int | None) -> bool:
         """The merge pass without a selection (fixed weights, element-wise; a selection keeps its ties in row
         order); the weights pass by the fused kernel, blocks of whole tiles (``ColumnSums.any_order``)."""
@@ -86,7 +90,7 @@ class _SceMerge(TensorMerge):
         """The weights pass without a selection by the fused kernel ``square_sums`` (a selection stays eager)."""
         got = kernels.arrays(base, models)
         rows = base.shape[0] if base.dim() else 0
-        if got is None or self.selector is not None or self.topk <= 0 or not rows:
+        if got is None or not self.kernel_path() or not rows:
             return False
         b, ms, _ = got
         sums = self.sums
@@ -141,7 +145,7 @@ class _SceMerge(TensorMerge):
     def emit_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> int | None:
         """:meth:`emit` and the cast in one pass without a selection (the fused kernel ``sce_emit``)."""
         got = kernels.arrays(base, models, out)
-        if got is None or self.selector is not None or self.topk <= 0:
+        if got is None or not self.kernel_path():
             return None
         b, ms, o = got
         w = kernels.f32(self.weights)
