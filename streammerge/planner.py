@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,12 @@ from .budget import Budget
 from .chat_template import resolve as resolve_template
 from .classify import Kind, TensorClass, classify
 from .errors import MethodError, PlanError
-from .fingerprint import engine_document, fingerprint_document, run_fingerprint, tensor_fingerprints
+from .fingerprint import (
+    engine_document,
+    fingerprint_document,
+    run_fingerprint,
+    tensor_fingerprints,
+)
 from .formats.checkpoint import Checkpoint
 from .formats.dtypes import DTYPES, parse_output_dtype
 from .manifest import MANIFEST
@@ -34,8 +40,20 @@ from .slices import classify_slices, slice_views
 from .sources import InputSource
 from .sources.base import align
 from .units import format_size
-from .vocabulary import TokenDefault, VocabInput, VocabularyPlan, plan_vocabulary, tokenizer_difference
-from .writer import OutTensor, ShardLayout, layout_shard, shard_filename, split_into_shards
+from .vocabulary import (
+    TokenDefault,
+    VocabInput,
+    VocabularyPlan,
+    plan_vocabulary,
+    tokenizer_difference,
+)
+from .writer import (
+    OutTensor,
+    ShardLayout,
+    layout_shard,
+    shard_filename,
+    split_into_shards,
+)
 
 if TYPE_CHECKING:
     from .parts import WorkUnit
@@ -393,31 +411,40 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
             raise PlanError(f"--max-vram {format_size(budget.max_vram or 0)} is too small: one row chunk needs "
                             f"{format_size(need)} of GPU memory; raise --max-vram, or use --device cpu")
         vram_chunk = vram_usable // gpu_elem
-    def settle(usable: int) -> tuple[list[tuple[int, int]], list[bool], list[int], int, list[int]]:
-        """Blocks, partial-tile reserves, scratch, the largest scratch and chunk rows for ``usable`` bytes."""
+    def settle(usable: int) -> tuple[list[tuple[int, int]], list[bool], list[int], int, list[int], list[int]]:
+        """Blocks, partial-tile reserves, scratch, the largest scratch, chunk rows and the bytes per chunk row
+        that blocks out of turn hold, for ``usable`` bytes."""
         # compute blocks take at most a quarter of what the largest per-tensor state leaves
         cap = max(1, (usable - max_state) // (4 * max_per_elem))
         blocks = [_block_rows(s, cap, tile) for s in sizing]
+        # tile sums of blocks out of turn wait for theirs: where the kernels sum columns, in whole-tile blocks, with
+        # workers to share them; per element of the largest chunk, beside its buffers
+        ahead = [s.footprint.stats_per_chunk_row if f and s.passes and budget.threads > 1 and stat_rows % tile == 0
+                 else 0 for s, f, (_, stat_rows) in zip(sizing, tensor_fused, blocks)]
+        per_elem = per_elem_buffers + max((Fraction(a, max(s.task.row_numel, 1)) for s, a in zip(sizing, ahead)),
+                                          default=Fraction(0))
         # A statistics block or chunk that is not whole tiles needs the partial-tile reserve; whether chunks are
         # depends on the memory left, which depends on the reserves: settle it in a few rounds (reserves only grow).
         partial = [bool(s.passes) and _partial(stat_rows, s.task.rows, tile) for s, (_, stat_rows) in zip(sizing, blocks)]
         for _ in range(4):
             scratch = [_scratch(s, b, p, k) for s, b, p, k in zip(sizing, blocks, partial, slacks)]
             fixed = max(scratch, default=0)
-            chunk_elems = (usable - fixed) // max(per_elem_buffers, 1)
+            chunk_elems = math.floor((usable - fixed) / max(per_elem, Fraction(1)))
             if vram_chunk is not None:
                 chunk_elems = min(chunk_elems, vram_chunk)
+            # a source's parts read whole with every chunk (a LoRA factor) are reserved in each slot first
             chunks = [_chunk_rows(recipe, s.task.rule, s.task.rows, s.task.row_numel,
-                                  _chunk_elements(s, chunk_elems, per_elem_buffers, depth), tile) for s in sizing]
+                                  chunk_elems - -(-depth * s.fixed_slot // max(per_elem_buffers, 1)), tile)
+                      for s in sizing]
             grown = [p or (bool(s.passes) and _partial(max(c, 1), s.task.rows, tile))
                      for s, p, c in zip(sizing, partial, chunks)]
             if grown == partial:
                 break
             partial = grown
-        return blocks, partial, scratch, fixed, chunks
+        return blocks, partial, scratch, fixed, chunks, ahead
 
     workers = _workers(budget, usable, lambda share: all(c >= 1 for c in settle(share)[4]))
-    blocks, partial, scratch, fixed, chunks = settle(usable // workers)
+    blocks, partial, scratch, fixed, chunks, ahead_per_row = settle(usable // workers)
     if any(c < 1 for c in chunks):  # too small: find the least budget that works, and the tensor that needs it
         lo, hi = usable, max(usable, 1) * 2
         while any(c < 1 for c in settle(hi)[4]) and hi < 1 << 60:
@@ -455,8 +482,7 @@ def make_plan(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], budget
 
     slot = max((sum(src.slot_bytes(t.chunk_rows) for src in t.sources) for t in tensors), default=0)
     out_buffer = max((align(t.chunk_rows * t.out_row_bytes) for t in tensors), default=0)
-    ahead = max((s.footprint.stats_per_chunk_row * t.chunk_rows for s, t in zip(sizing, tensors) if t.stat_passes),
-                default=0)  # tile sums of blocks out of turn, waiting for theirs (on the CPU)
+    ahead = max((a * t.chunk_rows for a, t in zip(ahead_per_row, tensors)), default=0)  # (settle's)
     peak = workers * (depth * (slot + out_buffer) + fixed + ahead) + runtime
     peak_vram = 0
     if on_gpu:
@@ -619,18 +645,6 @@ def _with_sources(fp: Footprint, sources: tuple[InputSource, ...]) -> Footprint:
                    gpu_per_element=fp.gpu_per_element + elem, gpu_state=fp.gpu_state + fixed + uploaded)
 
 
-def _chunk_elements(s: TensorSizing, chunk_elems: int, per_elem_buffers: int, depth: int) -> int:
-    """The elements of a chunk of ``s`` when buffers take ``per_elem_buffers`` bytes per element and ``chunk_elems``
-    fit: less a source's parts read whole with every chunk (a LoRA factor, reserved in each slot first), and less
-    what blocks out of turn hold per row of the chunk (``Footprint.stats_per_chunk_row``)."""
-    elems = chunk_elems - -(-depth * s.fixed_slot // max(per_elem_buffers, 1))
-    ahead = s.footprint.stats_per_chunk_row if s.passes else 0
-    if ahead and elems > 0:
-        per_row = per_elem_buffers * max(s.task.row_numel, 1)
-        elems = elems * per_row // (per_row + ahead)
-    return elems
-
-
 def _partial(rows_per_step: int, rows: int, tile: int) -> bool:
     """Whether steps of ``rows_per_step`` rows leave tiles incomplete (a stash) in a tensor of ``rows`` rows."""
     return rows_per_step < rows and rows_per_step % tile != 0
@@ -654,8 +668,8 @@ def _workers(budget: Budget, usable: int, fits: Callable[[int], bool]) -> int:
     """How many tensors are computed at once: on the CPU, one worker per thread (``budget.threads``), each
     single-threaded in its own share of the budget, as many as ``fits(share)`` allows (at least one); on a GPU one,
     its kernels using the device. Workers share nothing a tensor's bytes depend on (each tensor's statistics are
-    reduced by one worker, in row order), so the output is the same for any number. Why workers and not torch's
-    intra-op threads: :mod:`streammerge.workers`."""
+    reduced in row order, whichever worker computes a block), so the output is the same for any number. Why workers
+    and not torch's intra-op threads: :mod:`streammerge.workers`."""
     if budget.device != "cpu" or budget.threads <= 1:
         return 1
     lo, hi = 1, budget.threads  # the most workers whose shares fit: fitting only gets harder with more

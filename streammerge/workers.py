@@ -3,8 +3,9 @@
 Each worker is a thread that computes one tensor at a time with the per-tensor runner, single-threaded inside
 torch, beside its own reader thread, which prefetches the reads of the tensors the worker claims. Workers claim
 tensors from one :class:`JobQueue`, so which worker computes a tensor varies from run to run, but nothing a tensor's
-bytes depend on does: its statistics are reduced by one worker in row order, its chunks are written at their
-planned offsets, and each worker's share of the budget only changes chunk sizes, which the bytes never depend on.
+bytes depend on does: its statistics are reduced in row order whichever thread computes a block, its chunks are
+written at their planned offsets, and each worker's share of the budget only changes chunk sizes, which the bytes
+never depend on.
 
 Why this rather than torch's intra-op threads: those meet at a barrier after every element-wise operation. With
 more runnable threads than cores (other programs busy beside the merge), every barrier waits for a descheduled

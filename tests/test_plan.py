@@ -93,3 +93,29 @@ def test_tiled_column_sums_are_independent_of_chunking_and_threads(threads, dtyp
     assert torch.allclose(results[0], x.double().sum(0).reshape(-1))
     with pytest.raises(RuntimeError, match="in order"):
         list(TileFeeder(301, TILE).feed(5, [x[:5]]))
+
+
+@pytest.mark.parametrize("kernels_env,max_ram", [("eager", "96MiB"), ("eager", "1GiB"), ("numba", "256MiB"),
+                                                 ("numba", "1GiB")])
+@pytest.mark.parametrize("method", ["widen", "dare_ties", "sce", "multislerp"])
+def test_the_planned_peak_fits_the_usable_budget_with_workers_sharing_column_sums(method, kernels_env, max_ram,
+                                                                                   tmp_path, monkeypatch):
+    """With workers to share them, blocks out of turn hold the tile sums of a chunk (``Footprint.
+    stats_per_chunk_row``), beside the input slots and output buffers sized for the largest chunk of any tensor: the
+    planned peak, those included, stays within the budget's usable share (WIDEN's embedding, summed by rows, holds
+    none, yet its chunk sizes the slots)."""
+    import importlib.util
+    from dataclasses import replace
+
+    from streammerge import api, kernels
+    from streammerge.examples import SHAPES
+    from streammerge.planner import BUDGET_USABLE
+
+    if kernels_env == "numba" and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv(kernels.ENV, kernels_env)
+    family = write_family(tmp_path / "fam", replace(SHAPES["tiny"], hidden=512, vocab=16000, layers=1))
+    plan = api.plan(family["base"], [family["chat"], family["multilingual"]], tmp_path / "out", method,
+                    {"density": 0.5} if method == "dare_ties" else {}, max_ram=max_ram, threads=2)
+    assert plan.fused_kernels == (kernels_env == "numba")
+    assert plan.peak_ram <= int(plan.budget.max_ram * BUDGET_USABLE)

@@ -322,8 +322,8 @@ class MagPrune(Sparsifier):
         self.epsilon = params["epsilon"][k]
         self.key = stream_key(params["seed"], k, task.name)
         # the keep decisions of the L1 pass, one bit per element in flat order, written by its kernel (blocks are
-        # whole rows, and one worker runs a tensor's blocks in row order): the merge pass reads them instead of
-        # ranking every row again (kernel path only; :meth:`cache_bytes` is in the plan's footprint)
+        # whole rows, in row order, unless decided ahead: :meth:`decide_ahead`): the merge pass reads them instead
+        # of ranking every row again (kernel path only; :meth:`cache_bytes` is in the plan's footprint)
         self._bits: np.ndarray | None = None
         self._bits_rows = 0
         # the decisions of the chunk's blocks were made ahead (:meth:`decide_ahead`): the L1 pass reads them
@@ -655,7 +655,9 @@ class _DeltaTensorMerge(TensorMerge):
         ranking of every row, most of the pass), which the L1 sums then read."""
         if pass_index is not None and (pass_index != self.select_passes or not self.l1):
             return False
-        if any(sp.open_ties and not sp.out_of_order for sp in self._selections()):
+        # (the L1 sums run out of turn only in blocks of whole tiles: else counting ties ahead gains nothing)
+        sums_any_order = pass_index is None or (self.sums is not None and self.sums.whole_tile_blocks)
+        if sums_any_order and any(sp.open_ties and not sp.out_of_order for sp in self._selections()):
             return True
         return pass_index is not None and any(isinstance(sp, MagPrune) and sp.can_decide_ahead()
                                               for sp in self.sparsifiers)

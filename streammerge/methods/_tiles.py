@@ -84,14 +84,16 @@ class FusedTiles:
     chunk: workers.JobQueue.run_blocks): its tiles' sums go into slots of its own, which wait until every row before
     the block is added; whichever block completes that run then adds them to the total one by one, and hands its
     last, unfinished tile on as the tile in progress. The same float64 adds in the same order: the same bits, in any
-    order of the blocks. What waits is at most a chunk's tiles (:meth:`ahead_bytes_per_row` per row)."""
+    order of the blocks. What waits is at most a chunk's finished tiles (:meth:`ahead_bytes_per_row` per row) and
+    the unfinished one its last block leaves, beside the tile in progress of each block being computed."""
 
     def __init__(self, feeder: TileFeeder, size: int) -> None:
         self.feeder, self.size = feeder, size  # (the feeder's next row is the rows added so far, either path)
         self.partial: np.ndarray | None = None  # (size,) float64: the sums of the tile in progress
         #: a kernel has added a block: the tensor's blocks take this path, and may come in any order from now on
         self.started = False
-        self._waiting: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # by first row: rows, slots, last tile
+        # by first row: rows, the finished tiles' sums, the unfinished last tile's (None when every tile closed)
+        self._waiting: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -116,9 +118,12 @@ class FusedTiles:
         if in_turn:  # nothing else moves the cursor or touches the sums until this block is added
             kernel(-1, total.reshape(1, -1), self.partial)
         else:
-            closed = rows // tile + (1 if rows % tile and r0 + rows == feeder.rows else 0)
+            ends = r0 + rows == feeder.rows
+            closed = rows // tile + (1 if rows % tile and ends else 0)
             slots, last = np.zeros((closed, self.size)), np.zeros(self.size)
             kernel(r0 // tile, slots, last)
+            if not rows % tile or ends:  # every tile closed: nothing to hand on (the kernel zeroed it)
+                last = None
         with self._lock:
             self.started = True
             if in_turn:
@@ -129,7 +134,8 @@ class FusedTiles:
                 n, tiles, last = ready
                 for tile_sums in tiles:  # (every tile before these is added: the tile in progress is zero)
                     total += tile_sums
-                self.partial[:] = last
+                if last is not None:
+                    self.partial[:] = last
                 feeder._next_row += n
         return True
 
@@ -245,8 +251,9 @@ class ColumnSums:
         """:meth:`add` of rows ``[r0, r0 + rows)`` by a fused kernel that sums them itself, in this class's order
         (``kernels._numba.l1_sums``): ``kernel(slot0, acc, partial)`` with its last arguments, as
         :class:`FusedTiles` hands them out (blocks in turn, or starting on a tile boundary, from any thread). False,
-        having done nothing, when the eager path holds stashed rows or the sums are on a GPU. Every block of a
-        tensor takes one path (the engine decides per tensor), so the two never mix."""
+        having done nothing, when the eager path holds stashed rows, the sums are on a GPU, or the block is out of
+        turn and starts inside a tile. Every block of a tensor takes one path (the plan decides per tensor:
+        ``TensorPlan.fused``), so the two never mix."""
         if self._total is None:
             self._total = torch.zeros(self._size, dtype=torch.float64)
         elif self._total.device.type != "cpu":

@@ -174,9 +174,11 @@ class TensorMerge:
     def independent_blocks(self, pass_index: int | None) -> bool:
         """Whether the blocks of statistics pass ``pass_index`` (None: the merge pass) may be computed by several
         threads at once, in any order: each block reads the merge's state only and writes only its own rows (of
-        the output, or of the statistics), so its bytes cannot depend on which thread computes it or when. The
-        engine then shares a chunk's blocks with compute workers that have nothing else to do (a large tensor
-        at the end of a run). Default False: blocks arrive in row order, one at a time."""
+        the output, or of the statistics), or what it adds is combined in an order that does not depend on when
+        it ran (integer counts; tile sums added in row order, ``_tiles.FusedTiles``), so no byte can depend on
+        which thread computes it or when. The engine then shares a chunk's blocks with compute workers that have
+        nothing else to do (a large tensor at the end of a run). Default False: blocks arrive in row order, one at
+        a time."""
         return False
 
     def blocks_ahead(self, pass_index: int | None) -> bool:
