@@ -35,14 +35,33 @@ class TileFeeder:
     """Regroups row chunks of several same-shaped tensors into blocks of whole aligned tiles.
 
     A block starts on a tile boundary and holds up to ``BLOCK_TILES`` complete tiles (the tensor's last block may
-    end with a shorter tile); rows of a tile split across chunks are stashed until it is complete.
+    end with a shorter tile); rows of a tile split across chunks are copied into one tile-sized stash per tensor
+    (allocated on the first split, kept until the tensor's last rows), and the completed tile is handed out as views
+    of the stash. A consumer uses each block before asking for the next: the stash is refilled in place.
     """
 
     def __init__(self, rows: int, tile: int) -> None:
         self.rows = rows
         self.tile = tile
-        self._pending: list[torch.Tensor] | None = None
+        self._stash: list[torch.Tensor] | None = None  # (tile, ...) per tensor: the rows of a split tile
+        self._stashed = 0  # rows in the stash
         self._next_row = 0
+
+    @property
+    def stashed(self) -> bool:
+        """Whether rows of an incomplete tile wait in the stash (the eager path fed a chunk that ended inside one)."""
+        return self._stashed > 0
+
+    def _stash_rows(self, at: int, parts: Sequence[torch.Tensor]) -> None:
+        """Copy ``parts`` (a few rows each) into the stash from row ``at``, allocating it on first use."""
+        if at == 0 and (self._stash is None or any(
+                s.dtype != p.dtype or s.device != p.device or s.shape[1:] != p.shape[1:]
+                for s, p in zip(self._stash, parts))):
+            self._stash = [torch.empty((self.tile, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
+        assert self._stash is not None
+        for s, p in zip(self._stash, parts):
+            s[at : at + p.shape[0]].copy_(p)
+        self._stashed = at + parts[0].shape[0]
 
     def feed(self, r0: int, parts: Sequence[torch.Tensor]) -> Iterator[tuple[int, list[torch.Tensor]]]:
         """Yield (first row, blocks) for the tiles completed by rows [r0, r0 + len); chunks in row order."""
@@ -51,16 +70,15 @@ class TileFeeder:
         n = parts[0].shape[0]
         self._next_row += n
         parts = list(parts)
-        if self._pending is not None:
-            # complete the stashed tile with just the rows it lacks
-            have = self._pending[0].shape[0]
+        if self._stashed:  # complete the stashed tile with just the rows it lacks
+            have = self._stashed
             take = min(self.tile - have, n)
-            merged = [torch.cat([p, x[:take]]) for p, x in zip(self._pending, parts)]
-            self._pending = None
+            self._stash_rows(have, [x[:take] for x in parts])
             if have + take < self.tile and r0 + take < self.rows:
-                self._pending = merged
                 return
-            yield r0 - have, merged
+            assert self._stash is not None
+            self._stashed = 0
+            yield r0 - have, [s[: have + take] for s in self._stash]
             parts = [x[take:] for x in parts]
             r0 += take
             n -= take
@@ -71,7 +89,9 @@ class TileFeeder:
         for start in range(0, end, step):
             yield r0 + start, [p[start : min(start + step, end)] for p in parts]
         if not last and full < n:
-            self._pending = [p[full:].clone() for p in parts]
+            self._stash_rows(0, [p[full:] for p in parts])
+        elif last:
+            self._stash = None  # the tensor's rows are all in
 
 
 class FusedTiles:
@@ -111,7 +131,7 @@ class FusedTiles:
         feeder, tile = self.feeder, self.feeder.tile
         with self._lock:
             in_turn = feeder._next_row == r0
-            if feeder._pending is not None or (not in_turn and r0 % tile):
+            if feeder.stashed or (not in_turn and r0 % tile):
                 return False
             if self.partial is None:
                 self.partial = np.zeros(self.size)
@@ -227,7 +247,10 @@ class ColumnSums:
 
     @staticmethod
     def per_element(n_inputs: int) -> int:
-        """Bytes per block element while adding: float64 copies of the inputs and their stacked copy."""
+        """Bytes per block element while adding, as planned: 16 per input. The float64 copy of a block's rows takes
+        8, and in a tile split across chunks the stash 8 more (:class:`TileFeeder`); each input's sums are added on
+        their own, so nothing is stacked (the figure once counted a stacked copy too; on a GPU it still holds the
+        measured stash with its merged copy)."""
         return 16 * n_inputs
 
     @staticmethod
@@ -236,16 +259,21 @@ class ColumnSums:
         CPU's fused kernels): ``Footprint.stats_per_chunk_row``."""
         return 0 if task.on_gpu else FusedTiles.ahead_bytes_per_row(n_sums * row_numel, task.tile)
 
-    def _block_values(self, block: list[torch.Tensor]) -> torch.Tensor:
-        """(rows, n_sums, row_numel) values to sum, from a block of whole tiles of the float64 inputs."""
-        return torch.stack(block, dim=1)
+    def _block_values(self, block: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The values of each sum in turn, (rows, row_numel) float64, from a block of whole tiles of the float64
+        inputs: the inputs themselves."""
+        return iter(block)
 
     def add(self, r0: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Add rows ``[r0, r0 + rows)`` of each input (any shape with rows first, any float dtype; chunks in row
+        order). Each sum's columns are added on their own (per element the same adds in the same order as a stacked
+        block), so a block never holds more than one sum's values beside its float64 inputs."""
+        rn = self.row_numel
         for _, block in self._feeder.feed(r0, [as_rows(t).to(torch.float64) for t in tensors]):
-            vals = self._block_values(block)
             if self._total is None:
-                self._total = torch.zeros(self._size, dtype=torch.float64, device=vals.device)
-            add_column_sums(self._total, vals, self.tile)
+                self._total = torch.zeros(self._size, dtype=torch.float64, device=block[0].device)
+            for s, values in enumerate(self._block_values(block)):
+                add_column_sums(self._total[s * rn : (s + 1) * rn], values, self.tile)
 
     def add_fused(self, r0: int, rows: int, kernel: Callable[[int, np.ndarray, np.ndarray], None]) -> bool:
         """:meth:`add` of rows ``[r0, r0 + rows)`` by a fused kernel that sums them itself, in this class's order
@@ -286,7 +314,9 @@ class PairSums(ColumnSums):
 
     @staticmethod
     def per_element(n_inputs: int, n_pairs: int) -> int:  # type: ignore[override]
-        """Bytes per block element while adding: float64 copies of the inputs, the products and their stacked copy."""
+        """Bytes per block element while adding, as planned: float64 copies of the inputs (8 each) and 16 per pair
+        (the products are made and summed one pair at a time now, so this over-counts by 16 per pair beyond the
+        first)."""
         return 8 * (n_inputs + 2 * n_pairs)
 
     @staticmethod
@@ -295,8 +325,8 @@ class PairSums(ColumnSums):
 
     @staticmethod
     def partial_tile_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, tile: int) -> int:
-        """What blocks that are not whole tiles add: an incomplete tile of every input stashed (float64), and one
-        whole tile's products with their stacked copy."""
+        """What blocks that are not whole tiles add: an incomplete tile of every input stashed (float64), and room
+        for one whole tile's products, counted two per pair (one pair's products are alive at a time)."""
         return (n_inputs + 2 * n_pairs) * min(rows, tile) * row_numel * 8
 
     @staticmethod
@@ -311,8 +341,8 @@ class PairSums(ColumnSums):
         self.pairs = list(pairs)
         super().__init__(rows, row_numel, len(self.pairs), tile, whole_tile_blocks)
 
-    def _block_values(self, block: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([block[i] * block[j] for i, j in self.pairs], dim=1)  # (rows, pairs, row_numel)
+    def _block_values(self, block: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        return (block[i] * block[j] for i, j in self.pairs)  # one pair's (rows, row_numel) products at a time
 
     def add_raw(self, r0: int, base: torch.Tensor, models: Sequence[torch.Tensor], use_base: bool) -> bool:
         """:meth:`add` of ``[M_k − B]`` (``use_base``) or ``[M_k]`` from the stored rows, by the fused kernel
