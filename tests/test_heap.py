@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -81,24 +82,88 @@ EAGER_MERGE = textwrap.dedent("""
 """)
 
 
-@needs_glibc
-@pytest.mark.parametrize("method,params", [("sce", {"select_topk": 0.5}), ("dare_ties", {"density": 0.5})])
-def test_an_eager_merge_stays_within_max_ram_with_the_heaps_holes(method, params, tmp_path):
-    """The eager path allocates and frees torch temporaries of many sizes per block; the heap keeps the holes
-    between them, which the plan counts (``planner.EAGER_HEAP_SLACK``). A layer of Qwen2-0.5B's width with an
-    untied 32000-token vocabulary (bench/ram_probe.py's ``mid``, 138 MiB per model) merged at 192 MiB as a user's
-    merge runs (no malloc environment of its own: the engine's ``heap.keep_freed_memory`` settings): SCE with a
-    selection went to ~214 MiB above the imports' RSS, and DARE-TIES to ~196, when the blocks were counted once."""
+@pytest.fixture(scope="module")
+def mid_family(tmp_path_factory) -> Path:
+    """A layer of Qwen2-0.5B's width with an untied 32000-token vocabulary (bench/ram_probe.py's ``mid``, 138 MiB
+    per model): base, chat, multilingual."""
     from dataclasses import replace
 
     from streammerge.examples import SHAPES, write_family
 
-    family = write_family(tmp_path / "fam", replace(SHAPES["qwen2-0.5b"], layers=1, vocab=32000, tied=False))
+    folder = tmp_path_factory.mktemp("heap") / "fam"
+    write_family(folder, replace(SHAPES["qwen2-0.5b"], layers=1, vocab=32000, tied=False))
+    return folder
+
+
+def eager_env() -> dict[str, str]:
+    """The eager path, one intra-op thread, and the allocator as a user's merge runs it (no malloc environment of
+    its own: the engine's ``heap.keep_freed_memory`` settings)."""
     env = {**os.environ, "STREAMMERGE_KERNELS": "eager", "OMP_NUM_THREADS": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    run = subprocess.run([sys.executable, "-c", EAGER_MERGE, str(tmp_path / "fam"), str(tmp_path / "out"), method,
-                          repr(params)], capture_output=True, text=True, env=env)
+    return {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
+@needs_glibc
+@pytest.mark.parametrize("method,params", [("sce", {"select_topk": 0.5}), ("dare_ties", {"density": 0.5})])
+def test_an_eager_merge_stays_within_max_ram_with_the_heaps_holes(method, params, mid_family, tmp_path):
+    """The eager path allocates and frees torch temporaries of many sizes per block; the heap keeps the holes
+    between them, which the plan counts (``planner.EAGER_HEAP_SLACK``). Merged at 192 MiB: SCE with a selection
+    went to ~214 MiB above the imports' RSS, and DARE-TIES to ~196, when the blocks were counted once."""
+    run = subprocess.run([sys.executable, "-c", EAGER_MERGE, str(mid_family), str(tmp_path / "out"), method,
+                          repr(params)], capture_output=True, text=True, env=eager_env())
     assert run.returncode == 0, run.stderr[-2000:]
     peak = int(run.stdout.split()[-1])
     assert peak <= 192 << 20, f"{method}: {peak / 2**20:.1f} MiB above the imports' RSS at --max-ram 192MiB"
-    assert family["base"].is_dir()
+
+
+def memory_cgroup(limit: int):  # type: ignore[no-untyped-def]
+    """bench/run.py's ``MemoryCgroup`` (a cgroup-v1 memory group under this process's own with a hard limit), or a
+    skip where one cannot be made here."""
+    import importlib.util
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))  # bench/run.py imports its neighbours
+    try:
+        spec = importlib.util.spec_from_file_location("bench_run", bench / "run.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.MemoryCgroup(limit)
+    except (OSError, StopIteration) as exc:
+        pytest.skip(f"no cgroup-v1 memory group can be made here: {exc}")
+    finally:
+        sys.path.remove(str(bench))
+
+
+def rss_anon_after_imports() -> int:
+    """Anonymous RSS of a fresh interpreter after ``import torch`` and streammerge's CLI and API, in bytes."""
+    code = ("import torch, streammerge.cli, streammerge.api\n"
+            "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('RssAnon')))")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=eager_env()).stdout.split()[-1])
+
+
+@needs_glibc
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/memory").is_dir(), reason="no cgroup-v1 memory controller")
+@pytest.mark.parametrize("method,params,extra_mib,fits", [
+    ("widen", [], 64, True), ("ties", ["--param", "density=0.5"], 64, True), ("widen", [], 24, False)],
+    ids=["widen", "ties", "widen-too-tight"])
+def test_an_eager_merge_at_64mib_fits_a_hard_cap_of_its_budget(method, params, extra_mib, fits, mid_family,
+                                                                 tmp_path):
+    """The laptop case: ``streammerge merge --max-ram 64MiB`` in a memory cgroup capped at the interpreter's
+    anonymous memory after its imports + ``extra_mib``. At 64 MiB WIDEN's and TIES's peak RSS passes the budget by
+    2-3 MiB, all of it torch's code pages touched on first use (file-backed: the kernel reclaims them under the
+    cap); their own memory fits, so the merge ends. At 24 MiB over the imports the cap kills it: the cap binds."""
+    cgroup = memory_cgroup(rss_anon_after_imports() + (extra_mib << 20))
+    try:
+        cmd = [str(Path(sys.executable).with_name("streammerge")), "merge", "--base", str(mid_family / "base"),
+               "--model", str(mid_family / "chat"), "--model", str(mid_family / "multilingual"), "--method", method,
+               *params, "--max-ram", "64MiB", "--threads", "1", "--out", str(tmp_path / "out"), "-q"]
+        run = subprocess.run(cgroup.wrap(cmd), capture_output=True, text=True, env=eager_env())
+        report = cgroup.report()
+    finally:
+        cgroup.remove()
+    if fits:
+        assert run.returncode == 0 and not report["oom_kills"], (report, run.stderr[-2000:])
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+    else:
+        assert run.returncode != 0 and report["oom_kills"], report
