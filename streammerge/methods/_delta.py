@@ -988,8 +988,8 @@ class DeltaMethod(Method):
         (float64), 28 at the peak; sign election the elected sign and two agreement factors (8 in all, alive with the
         selection's gone); DELLA with the L1 pass keeps its keep decisions as bits from that pass to the merge
         (``MagPrune.cache_bytes``). Statistics passes: the base, the previous |delta|, the upcast and the new |delta|
-        (12 beyond the base's copy); the L1 pass per model |delta| and the kept |delta| (8), their float64 copies (16)
-        and stack (16): 40n. State: one 65 536-bin int64 histogram per selection, two more while a pass ends, and its
+        (12 beyond the base's copy); the L1 pass per model |delta| and the kept |delta| (8) and their float64 copies
+        (16): 24n. State: one 65 536-bin int64 histogram per selection, two more while a pass ends, and its
         candidates for pass B (``TopK.candidate_bytes``, at most 1/8 byte per element); DARE's mask generator keeps
         three 65 536-element uint64 work arrays; the L1 sums 16n bytes per row element."""
         n = n_models
@@ -999,7 +999,7 @@ class DeltaMethod(Method):
             extra = max(extra, 8)
         gpu_extra = {"none": 0, "magnitude": 16, "outliers": 24, "random": 24, "della": 48}[self.sparsify]
         l1 = self.l1_pass(params)
-        l1_stats = 40 * n + 8 + (extra if self.sparsify == "della" else 0)
+        l1_stats = 24 * n + 8 + (extra if self.sparsify == "della" else 0)
         rows, rn = task.rows, task.row_numel
         remembered = n * MagPrune.cache_bytes(task) if self.sparsify == "della" and l1 else 0  # DELLA's keep bits
         # pass B's candidates, kept through pass A by the CPU kernels; twice at its end (TopK._settle's temporaries)
@@ -1010,12 +1010,12 @@ class DeltaMethod(Method):
             stats_state=selections * HISTOGRAM_BYTES + candidates + (16 * n * rn if l1 else 0) + remembered,
             end_of_pass=((selections + 2) * HISTOGRAM_BYTES if selections else 0) + 2 * candidates + remembered,
             emit_state=(3 * HISTOGRAM_BYTES if self.sparsify == "random" else 0) + remembered,
-            partial_tile=ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn if l1 else 0,
+            partial_tile=ColumnSums.stash_bytes(2 * n, rows, rn, task.tile) if l1 else 0,
             stats_per_chunk_row=ColumnSums.ahead_bytes_per_row(2 * n, rn, task) if l1 else 0,
             gpu_per_element=4 * (n + 1) + 4 * n + 12 + gpu_extra + (16 if self.consensus else 0) + 4
             + (24 * n if l1 else 0),
             gpu_state=(2 * n * 2 * HISTOGRAM_BYTES if selections else 0)
-            + (ColumnSums.per_element(2 * n) * min(rows, task.tile) * rn + 16 * n * rn if l1 else 0),
+            + (2 * ColumnSums.stash_bytes(2 * n, rows, rn, task.tile) + 16 * n * rn if l1 else 0),
         )
 
     def start(self, task: TensorTask, params: Mapping[str, Any], n_models: int) -> TensorMerge:

@@ -247,11 +247,15 @@ class ColumnSums:
 
     @staticmethod
     def per_element(n_inputs: int) -> int:
-        """Bytes per block element while adding, as planned: 16 per input. The float64 copy of a block's rows takes
-        8, and in a tile split across chunks the stash 8 more (:class:`TileFeeder`); each input's sums are added on
-        their own, so nothing is stacked (the figure once counted a stacked copy too; on a GPU it still holds the
-        measured stash with its merged copy)."""
-        return 16 * n_inputs
+        """Bytes per block element while adding: the float64 copies of the inputs (each input's sums are added on
+        their own, so nothing is stacked)."""
+        return 8 * n_inputs
+
+    @staticmethod
+    def stash_bytes(n_inputs: int, rows: int, row_numel: int, tile: int) -> int:
+        """What blocks that are not whole tiles add: one tile of every input stashed as float64
+        (:class:`TileFeeder`)."""
+        return 8 * n_inputs * min(rows, tile) * row_numel
 
     @staticmethod
     def ahead_bytes_per_row(n_sums: int, row_numel: int, task: TensorTask) -> int:
@@ -314,10 +318,9 @@ class PairSums(ColumnSums):
 
     @staticmethod
     def per_element(n_inputs: int, n_pairs: int) -> int:  # type: ignore[override]
-        """Bytes per block element while adding, as planned: float64 copies of the inputs (8 each) and 16 per pair
-        (the products are made and summed one pair at a time now, so this over-counts by 16 per pair beyond the
-        first)."""
-        return 8 * (n_inputs + 2 * n_pairs)
+        """Bytes per block element while adding: float64 copies of the inputs and the products of two pairs (each
+        pair's are made and summed in turn; the next pair's are made while the last one's are still referenced)."""
+        return 8 * (n_inputs + min(n_pairs, 2))
 
     @staticmethod
     def accumulator_bytes(n_pairs: int, row_numel: int) -> int:
@@ -325,9 +328,9 @@ class PairSums(ColumnSums):
 
     @staticmethod
     def partial_tile_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, tile: int) -> int:
-        """What blocks that are not whole tiles add: an incomplete tile of every input stashed (float64), and room
-        for one whole tile's products, counted two per pair (one pair's products are alive at a time)."""
-        return (n_inputs + 2 * n_pairs) * min(rows, tile) * row_numel * 8
+        """What blocks that are not whole tiles add: an incomplete tile of every input stashed (float64), and one
+        whole tile's products of two pairs (:meth:`per_element`)."""
+        return (n_inputs + min(n_pairs, 2)) * min(rows, tile) * row_numel * 8
 
     @staticmethod
     def gpu_state_bytes(n_inputs: int, n_pairs: int, rows: int, row_numel: int, tile: int) -> int:

@@ -168,7 +168,7 @@ class Sce(Method):
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """The task vectors (4n); the variance's float64 mean, difference and result and its float32 copy (28)
-        and the selection's bit keys (4); the weights pass adds the float64 squares and their stack (16n); the merge pass the elected sign, the
+        and the selection's bit keys (4); the weights pass adds the float64 copies of the squares (8n); the merge pass the elected sign, the
         agreement and the divisor (12). State: the selection's histograms, the per-column float64 sums (8n per row
         element)."""
         n, rows, rn = n_models, task.rows, task.row_numel
@@ -178,10 +178,10 @@ class Sce(Method):
             emit_per_element=4 * n + 12 + (32 if select else 0),
             stats_state=8 * n * rn + (HISTOGRAM_BYTES if select else 0),
             end_of_pass=8 * n * rn + (3 * HISTOGRAM_BYTES if select else 0),
-            partial_tile=ColumnSums.per_element(n) * min(rows, task.tile) * rn,
+            partial_tile=ColumnSums.stash_bytes(n, rows, rn, task.tile),
             stats_per_chunk_row=ColumnSums.ahead_bytes_per_row(n, rn, task),
             gpu_per_element=4 * (n + 1) + 8 * n + 16 * n + 32,
-            gpu_state=8 * n * rn + ColumnSums.per_element(n) * min(rows, task.tile) * rn
+            gpu_state=8 * n * rn + 2 * ColumnSums.stash_bytes(n, rows, rn, task.tile)
             + (4 * HISTOGRAM_BYTES if select else 0),
         )
 
