@@ -168,9 +168,9 @@ class Sce(Method):
 
     def footprint(self, task: TensorTask, n_models: int, params: Mapping[str, Any]) -> Footprint:
         """The task vectors (4n); the variance's float64 mean, difference and result and its float32 copy (28)
-        and the selection's bit keys (4); the weights pass adds the float64 copies of the squares (8n); the merge pass the elected sign, the
-        agreement and the divisor (12). State: the selection's histograms, the per-column float64 sums (8n per row
-        element)."""
+        and the selection's bit keys (4); the weights pass adds the float64 copies of the squares (8n); the merge
+        pass the elected sign, the agreement and the divisor (12). State: the selection's histograms, the per-column
+        float64 sums (8n per row element)."""
         n, rows, rn = n_models, task.rows, task.row_numel
         select = 0 < params["select_topk"] < 1
         return Footprint(
