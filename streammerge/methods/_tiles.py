@@ -54,11 +54,16 @@ class TileFeeder:
 
     def _stash_rows(self, at: int, parts: Sequence[torch.Tensor]) -> None:
         """Copy ``parts`` (a few rows each) into the stash from row ``at``, allocating it on first use."""
-        if at == 0 and (self._stash is None or any(
-                s.dtype != p.dtype or s.device != p.device or s.shape[1:] != p.shape[1:]
-                for s, p in zip(self._stash, parts))):
-            self._stash = [torch.empty((self.tile, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
-        assert self._stash is not None
+        def fits(stash: list[torch.Tensor]) -> bool:
+            return len(stash) == len(parts) and all(s.dtype == p.dtype and s.device == p.device
+                                                    and s.shape[1:] == p.shape[1:] for s, p in zip(stash, parts))
+
+        if at == 0 and (self._stash is None or not fits(self._stash)):
+            rows = min(self.tile, self.rows)
+            self._stash = [torch.empty((rows, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
+        elif self._stash is None or not fits(self._stash):
+            raise ValueError("the rows that complete a stashed tile must have the stashed rows' number of tensors, "
+                             "dtypes, devices and row shapes")
         for s, p in zip(self._stash, parts):
             s[at : at + p.shape[0]].copy_(p)
         self._stashed = at + parts[0].shape[0]
@@ -170,9 +175,18 @@ def add_column_sums(acc: torch.Tensor, values: torch.Tensor, tile: int) -> None:
         arr, out = rows.numpy(), acc.numpy()
         with np.errstate(invalid="ignore", over="ignore"):  # a NaN or infinity is reported with its tensor, later
             for start in range(0, arr.shape[0], tile):
-                out += np.add.reduce(arr[start : start + tile], axis=0, dtype=np.float64)
+                out += row_order_sums(arr[start : start + tile])
         return
     add_tile_tree_sums(acc, rows, tile)
+
+
+def row_order_sums(rows: np.ndarray) -> np.ndarray:
+    """float64 sums over axis 0 of a (rows ≥ 1, N) array, each column added from 0 in row order (the fused
+    kernels' order, ``kernels._numba._close_tile``). numpy adds a C-contiguous array's outer axis row after row,
+    but reduces a single column, or a column-major array, pairwise: those are summed by a running sum instead."""
+    if rows.shape[1] == 1:
+        return np.add.accumulate(rows, axis=0, dtype=np.float64)[-1]
+    return np.add.reduce(np.ascontiguousarray(rows), axis=0, dtype=np.float64)
 
 
 def add_tile_tree_sums(acc: torch.Tensor, rows: torch.Tensor, tile: int) -> None:
