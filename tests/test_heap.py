@@ -115,33 +115,29 @@ def test_an_eager_merge_stays_within_max_ram_with_the_heaps_holes(method, params
     assert peak <= 192 << 20, f"{method}: {peak / 2**20:.1f} MiB above the imports' RSS at --max-ram 192MiB"
 
 
-def memory_cgroup(limit: int):  # type: ignore[no-untyped-def]
-    """bench/run.py's ``MemoryCgroup`` (a cgroup-v1 memory group under this process's own with a hard limit), or a
-    skip where one cannot be made here."""
+def bench_run():  # type: ignore[no-untyped-def]
+    """bench/run.py, loaded as a module (it imports its neighbours in bench/)."""
     import importlib.util
 
     bench = Path(__file__).resolve().parent.parent / "bench"
-    sys.path.insert(0, str(bench))  # bench/run.py imports its neighbours
+    sys.path.insert(0, str(bench))
     try:
         spec = importlib.util.spec_from_file_location("bench_run", bench / "run.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.MemoryCgroup(limit)
-    except (OSError, StopIteration) as exc:
-        pytest.skip(f"no cgroup-v1 memory group can be made here: {exc}")
+        return module
     finally:
         sys.path.remove(str(bench))
 
 
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem ``path`` is on (/proc/self/mounts: the longest mount point above it)."""
-    best, kind = "", ""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        point, fstype = line.split()[1], line.split()[2]
-        if (str(path) + "/").startswith(point.rstrip("/") + "/") and len(point) >= len(best):
-            best, kind = point, fstype
-    return kind
+def memory_cgroup(limit: int):  # type: ignore[no-untyped-def]
+    """bench/run.py's ``MemoryCgroup`` (a cgroup-v1 memory group under this process's own with a hard limit), or a
+    skip where one cannot be made here."""
+    try:
+        return bench_run().MemoryCgroup(limit)
+    except (OSError, StopIteration) as exc:
+        pytest.skip(f"no cgroup-v1 memory group can be made here: {exc}")
 
 
 def swap_total() -> int:
@@ -173,7 +169,7 @@ def test_an_eager_merge_at_64mib_fits_a_hard_cap_of_its_budget(method, params, e
     memory charged to it (tmpfs)."""
     if swap_total():
         pytest.skip("with swap a capped group swaps rather than being killed")
-    if filesystem_type(tmp_path) == "tmpfs":
+    if bench_run().filesystem(tmp_path) == "tmpfs":
         pytest.skip("the merged model would be tmpfs pages charged to the capped group")
     cgroup = memory_cgroup(rss_anon_after_imports() + (extra_mib << 20))
     try:
