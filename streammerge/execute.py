@@ -3,8 +3,8 @@
 ``execute`` opens the work folder (a fresh one, or an interrupted run's to continue), opens the output shards,
 checks what the journal says is done against the bytes on disk, and gets every tensor's job (its schedule). The
 plan's compute workers (:mod:`streammerge.workers`) then take the jobs: each worker's reader thread reads its
-jobs' reads into reusable slots ahead of its compute, the runner executes each job's steps, and one writer thread
-writes, checksums and journals finished chunks behind them (:class:`LocalIO` is a worker's view of these
+jobs' reads into reusable slots ahead of its compute, the runner executes each job's steps, and the worker's writer
+thread writes, checksums and journals its finished chunks behind them (:class:`LocalIO` is a worker's view of these
 threads). Finally the work folder is published as the output folder.
 
 A stop (SIGINT/SIGTERM with ``handle_signals``, or Ctrl-C as ``KeyboardInterrupt``), a full disk, a GPU out of
@@ -51,12 +51,15 @@ def _warn(message: str) -> None:
 
 class LocalIO:
     """One worker's I/O on this machine (see :mod:`streammerge.workers`): staged reads from its own reader thread,
-    writes through the run's one writer thread (``writer``, shared by the workers)."""
+    writes through its own writer thread (``writer``; ``writers``: every worker's, this one's included, which a
+    read of the output waits for)."""
 
     def __init__(self, plan: Plan, work: WorkFolder | None, stop: StopFlag, shown: Progress,
-                 writer: WriteBehind | None, inputs: InputFiles, jobs: JobQueue) -> None:
+                 writer: WriteBehind | None, inputs: InputFiles, jobs: JobQueue,
+                 writers: Sequence[WriteBehind] = ()) -> None:
         self.plan, self.work, self.stop, self.shown = plan, work, stop, shown
         self.writer, self.inputs, self.jobs = writer, inputs, jobs
+        self.writers = tuple(writers) or ((writer,) if writer is not None else ())
         self.compute = make_compute(torch.device(plan.budget.device))
         self.prefetch: Prefetcher | None = None
         self._staged: dict[int, Staged] = {}  # reads whose slot is still in use, by id
@@ -117,7 +120,8 @@ class LocalIO:
 
     def read_output(self, name: str, byte_offset: int, view: memoryview) -> None:
         assert self.writer is not None
-        self.writer.drain()  # the bytes to copy are on disk
+        for writer in self.writers:  # the bytes to copy are written, by whichever worker wrote them
+            writer.fence(self.check_stop)
         self.work.read_output(name, byte_offset, view)
 
     def save_state(self, t: TensorPlan, state: dict[str, torch.Tensor]) -> None:
@@ -190,13 +194,14 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     work = WorkFolder.open(plan, notify) if unit is None else PartFolder.open_unit(plan, unit, notify)
     plan = work.plan  # a part's: its tensors and shards
     with StopFlag(handle_signals) as stop:
-        writer = WriteBehind(plan.out_buffer_bytes, plan.depth * plan.workers,
-                             pin=compute_class(torch.device(plan.budget.device)).pin)
+        pin = compute_class(torch.device(plan.budget.device)).pin
+        writers = [WriteBehind(plan.out_buffer_bytes, plan.depth, pin=pin) for _ in range(plan.workers)]
         inputs = InputFiles()
         ios: list[LocalIO] = []
 
         def close() -> None:
-            writer.close()  # finishes what was submitted (skipped after a failure)
+            for writer in writers:
+                writer.close()  # finishes what was submitted (skipped after a failure)
             for io in ios:
                 io.close()
             inputs.close()
@@ -211,7 +216,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             shown.begin(len(jobs), resumed=sum(1 for j in jobs if not j.schedule.steps),
                         done_bytes=sum(j.schedule.skipped_bytes for j in jobs))
             queue = JobQueue(jobs, plan.workers)
-            ios += [LocalIO(plan, work, stop, shown, writer, inputs, queue) for _ in range(plan.workers)]
+            ios += [LocalIO(plan, work, stop, shown, writer, inputs, queue, writers) for writer in writers]
 
             def compute(io: LocalIO, index: int, job: TensorJob) -> None:
                 shown.tensor(index)
@@ -219,7 +224,8 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
                 io.commit()
 
             run_workers(queue, ios, compute, plan.threads_per_worker)
-            writer.drain()
+            for writer in writers:
+                writer.drain()
             shown.finishing()
             work.finish()
         except (StreamMergeError, OSError, KeyboardInterrupt, torch.OutOfMemoryError) as exc:

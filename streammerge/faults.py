@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 _KILL_AT = int(os.environ.get("STREAMMERGE_KILL_AT", "0") or 0)
@@ -20,6 +21,7 @@ _LOG = os.environ.get("STREAMMERGE_CHECKPOINT_LOG")
 _KILL_ONCE = os.environ.get("STREAMMERGE_KILL_ONCE")
 _ACTIVE = bool(_KILL_AT or _LOG)
 _count = 0
+_counting = threading.Lock()
 _hook: Callable[[str], None] | None = None
 
 
@@ -37,11 +39,13 @@ def checkpoint(event: str) -> None:
     if not _ACTIVE:
         return
     global _count
-    _count += 1
-    if _LOG:
-        with open(_LOG, "a", encoding="utf-8") as f:
-            f.write(event + "\n")
-    if _count == _KILL_AT:
+    with _counting:  # (each worker's writer thread reaches checkpoints)
+        _count += 1
+        count = _count
+        if _LOG:
+            with open(_LOG, "a", encoding="utf-8") as f:
+                f.write(event + "\n")
+    if count == _KILL_AT:
         if _KILL_ONCE:
             try:
                 os.close(os.open(_KILL_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))

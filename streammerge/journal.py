@@ -23,6 +23,11 @@ Order is what makes the journal honest: a chunk line is appended only after its 
 only after its file and the ``state/`` folder entry were synced, so every line that survives a power cut
 describes bytes that survived it too; an input line is queued before the work done with those rows. All writes go
 through :mod:`streammerge.fsio`.
+
+Several writer threads (one per compute worker, each writing its own tensors' chunks in row order) share one
+journal: a thread queues a chunk's line only after its ``pwrite`` returned, and a commit takes the lines queued so
+far (under the lock) before it syncs the shard files, so every line of a batch describes bytes that were in the
+page cache before the sync that makes them durable, whichever thread wrote them.
 """
 
 from __future__ import annotations
@@ -180,12 +185,16 @@ class Journal:
             self._sync_fds.remove(fd)
 
     def record_chunk(self, name: str, r0: int, r1: int, checksum: int, cursor: dict[str, Any], nbytes: int) -> None:
+        """Queue the line of ``name``'s rows [r0, r1), whose bytes were written (durable at the next commit, which
+        this starts when enough bytes or seconds have passed since the last)."""
         self.progress.setdefault(name, TensorProgress()).add(r0, r1, checksum, cursor)
         if not self.enabled:
             return
-        self._pending.append(json.dumps({"t": name, "r0": r0, "r1": r1, "crc": checksum, "cur": cursor}))
-        self._pending_bytes += nbytes
-        due = self._pending_bytes >= COMMIT_BYTES or time.monotonic() - self._last_commit >= COMMIT_SECONDS
+        line = json.dumps({"t": name, "r0": r0, "r1": r1, "crc": checksum, "cur": cursor})
+        with self._lock:  # (several writer threads queue lines)
+            self._pending.append(line)
+            self._pending_bytes += nbytes
+            due = self._pending_bytes >= COMMIT_BYTES or time.monotonic() - self._last_commit >= COMMIT_SECONDS
         if due and not self._committing():  # else the lines wait for the next chunk after that commit is done
             self.commit()
 
@@ -193,7 +202,9 @@ class Journal:
         """Journal the checksums of the input bytes ``name``'s work uses (durable at the next commit)."""
         self.progress.setdefault(name, TensorProgress()).inputs = sums
         if self.enabled:
-            self._pending.append(json.dumps({"i": name, **sums.to_json()}))
+            line = json.dumps({"i": name, **sums.to_json()})
+            with self._lock:
+                self._pending.append(line)
 
     def save_state(self, name: str, index: int, state: dict[str, torch.Tensor]) -> None:
         """Persist a tensor's statistics durably (file, then its folder entry), then journal them with their CRC."""
@@ -209,7 +220,9 @@ class Journal:
         fsio.write_file(folder / fname, data, sync_folder=True)
         p = self.progress.setdefault(name, TensorProgress())
         p.state_file, p.state_crc, p.state_bytes = fname, crc(data), len(data)
-        self._pending.append(json.dumps({"s": name, "file": fname, "crc": p.state_crc, "bytes": len(data)}))
+        line = json.dumps({"s": name, "file": fname, "crc": p.state_crc, "bytes": len(data)})
+        with self._lock:
+            self._pending.append(line)
         self.commit()
 
     def load_state(self, name: str) -> tuple[dict[str, torch.Tensor] | None, str | None]:

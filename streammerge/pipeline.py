@@ -7,9 +7,12 @@ GIL), so the next chunk loads while the current one is computed. The compute tak
 tensor read once for every pass). The reader also checksums the bytes of the reads the schedule flags, as they
 arrive (:class:`~streammerge.inputsums.Sweep`); a staged read carries the result for the journal.
 
-:class:`WriteBehind` runs the durable side effects (shard writes, checksums, journal lines, failpoints) on one
+:class:`WriteBehind` runs the durable side effects (shard writes, checksums, journal lines, failpoints) on a
 background thread in submission order, so the disk writes while the next chunk is computed. Output chunks are
-formed in ``depth`` reusable buffers that the writer hands back once written.
+formed in ``depth`` reusable buffers that the writer hands back once written. Each compute worker has its own
+reader and its own writer: copying a chunk into the page cache costs about as much as reading it, and one thread
+doing it for every worker became the bound once the arithmetic ran on several cores (see :mod:`streammerge.journal`
+for why the journal stays honest with several writers).
 
 Every buffer is allocated once, at the size the plan counted, and reused: resident memory is fixed by the plan,
 and the allocator never has to fault fresh pages in for each chunk. Waits poll a ``check`` callback, so a stop
@@ -176,7 +179,8 @@ class WriteBehind:
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(depth):
             self._free.put(i)
-        self._jobs: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], int | None] | None] = queue.Queue()
+        # (call, its arguments, the output buffer it frees, whether it runs even after a failure)
+        self._jobs: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], int | None, bool] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._reported = False
         self._threaded = threaded
@@ -194,9 +198,9 @@ class WriteBehind:
             self._execute(*item)
             self._jobs.task_done()
 
-    def _execute(self, fn: Callable[..., Any], args: tuple[Any, ...], buffer: int | None) -> None:
+    def _execute(self, fn: Callable[..., Any], args: tuple[Any, ...], buffer: int | None, always: bool) -> None:
         try:
-            if self._error is None:
+            if self._error is None or always:
                 fn(*args)
         except BaseException as exc:
             self._error = exc
@@ -222,10 +226,24 @@ class WriteBehind:
         """Run ``fn(*args)`` after everything submitted before; then free output ``buffer`` (if given)."""
         self._raise()
         if self._threaded:
-            self._jobs.put((fn, args, buffer))
+            self._jobs.put((fn, args, buffer, False))
         else:
-            self._execute(fn, args, buffer)
+            self._execute(fn, args, buffer, False)
             self._raise()
+
+    def fence(self, check: Callable[[], None] | None = None) -> None:
+        """Wait (calling ``check`` every :data:`POLL_SECONDS`) until everything submitted so far has run, from any
+        thread, while the submitter may go on submitting; then raise the writer's failure if it had one, even one
+        already raised to its submitter: what the calls were to write may not be there. For reading back bytes
+        another worker wrote (a tied head's copy of the embedding)."""
+        if self._threaded:
+            done = threading.Event()
+            self._jobs.put((done.set, (), None, True))
+            while not done.wait(POLL_SECONDS):
+                if check is not None:
+                    check()
+        if self._error is not None:
+            raise self._error
 
     def drain(self) -> None:
         """Wait until every submitted call has run; raise the first failure."""

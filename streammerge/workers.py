@@ -1,7 +1,8 @@
 """Compute workers: the tensors of a run computed ``plan.workers`` at a time, on this machine.
 
 Each worker is a thread that computes one tensor at a time with the per-tensor runner, single-threaded inside
-torch, beside its own reader thread, which prefetches the reads of the tensors the worker claims. Workers claim
+torch, beside its own reader thread, which prefetches the reads of the tensors the worker claims, and its own
+writer thread, which writes and journals their chunks. Workers claim
 tensors from one :class:`JobQueue`, so which worker computes a tensor varies from run to run, but nothing a tensor's
 bytes depend on does: its statistics are reduced in row order whichever thread computes a block, its chunks are
 written at their planned offsets, and each worker's share of the budget only changes chunk sizes, which the bytes

@@ -332,7 +332,7 @@ class WorkFolder:
                    f"keeping {kept}")
 
     def record_inputs(self, name: str, sums: InputSums) -> None:
-        """Journal the checksums of the input bytes tensor ``name``'s work uses (on the writer thread)."""
+        """Journal the checksums of the input bytes tensor ``name``'s work uses (on its worker's writer thread)."""
         self.journal.record_inputs(name, sums)
 
     def open_shards(self) -> None:
@@ -408,7 +408,7 @@ class WorkFolder:
         return (f"run `streammerge resume {self.plan.recipe.out}` (or the same command again) to continue, or add "
                 "--restart to start over")
 
-    # ---- filling (on the writer thread) ----------------------------------------------------------------------
+    # ---- filling (on each worker's writer thread) -------------------------------------------------------------
     def write_chunk(self, t: TensorPlan, r0: int, r1: int, data: memoryview, cursor: dict[str, Any]) -> None:
         """Write rows [r0, r1) of ``t`` and journal them (durably, at the next group commit)."""
         try:

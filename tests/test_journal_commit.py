@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 from streammerge import journal as journal_module
@@ -157,3 +158,55 @@ def test_a_commit_thread_that_cannot_start_leaves_the_lines_pending_and_nothing_
     threading.Thread(target=later, daemon=True).start()
     assert done.wait(30), "flush or close hung after a failed thread start"
     assert _lines(j) == [(0, 2), (2, 4)]
+
+
+def test_lines_from_several_writer_threads_each_follow_the_sync_of_their_bytes(tmp_path, monkeypatch):
+    """One writer thread per compute worker: each queues a chunk's line after writing its bytes, while the others
+    commit. Every line that is appended must describe bytes written before the sync of its batch began, and no
+    line may be lost."""
+    monkeypatch.setattr(journal_module, "COMMIT_BYTES", 1)  # every chunk is due: commits from every thread
+    j = Journal(tmp_path)
+    written: set[tuple[str, int]] = set()  # (tensor, r1) whose bytes are "written"
+    lock = threading.Lock()
+    synced: list[set[tuple[str, int]]] = []  # what each sync made durable, in order
+    late: list[str] = []
+
+    def sync(fds: list[int]) -> None:
+        with lock:
+            synced.append(set(written))
+
+    real_append = Journal._append_lines
+
+    def append(self: Journal, lines: list[str]) -> None:
+        import json
+
+        durable = synced[-1]
+        late.extend(line for line in lines if (json.loads(line)["t"], json.loads(line)["r1"]) not in durable)
+        real_append(self, lines)
+
+    monkeypatch.setattr(Journal, "_sync_data", staticmethod(sync))
+    monkeypatch.setattr(Journal, "_append_lines", append)
+    chunks = 300
+
+    def writer(name: str) -> None:
+        for r in range(chunks):
+            with lock:
+                written.add((name, r + 1))
+            j.record_chunk(name, r, r + 1, r, {}, 8)
+            if r % 7 == 0:
+                j.commit()  # a finished tensor's commit
+
+    threads = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the races of an unlocked queue show
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    j.flush()
+    assert late == [], f"{len(late)} lines appended before their bytes' sync, e.g. {late[:2]}"
+    reread = Journal(tmp_path, read_only=True)
+    assert all(reread.get(f"w{i}").rows_done == chunks for i in range(4))

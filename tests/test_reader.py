@@ -269,6 +269,46 @@ def test_write_behind_raises_the_first_failure_once_and_skips_the_rest():
     assert ran == [1]
 
 
+def test_a_fence_from_another_thread_waits_for_what_was_submitted_before_it():
+    """A tied head's worker reads bytes another worker's writer writes: the fence returns once the calls submitted
+    before it have run, while the writer's own worker goes on submitting."""
+    wb = WriteBehind(16, depth=DEPTH)
+    release, ran = threading.Event(), []
+    try:
+        wb.submit(release.wait)  # the writer is held here
+        wb.submit(ran.append, "before")
+        fenced = threading.Event()
+        fencer = threading.Thread(target=lambda: (wb.fence(), fenced.set()))
+        fencer.start()
+        wb.submit(release.wait)  # after the fence: it must not wait for this one (nor block it)
+        assert not fenced.wait(0.3) and ran == []
+        release.set()
+        fencer.join(5)
+        assert fenced.is_set() and ran == ["before"]
+        wb.drain()
+    finally:
+        release.set()
+        wb.close()
+
+
+def test_a_fence_raises_the_writers_failure_even_after_its_submitter_saw_it():
+    """Bytes a failed writer was to write may be missing: reading them back must fail, not copy a hole."""
+    wb = WriteBehind(16, depth=DEPTH)
+
+    def fail() -> None:
+        raise OSError(5, "Input/output error")
+
+    try:
+        wb.submit(fail)
+        with pytest.raises(OSError, match="Input/output"):
+            wb.drain()  # the submitter's report
+        for _ in range(2):
+            with pytest.raises(OSError, match="Input/output"):
+                wb.fence(lambda: None)  # another worker's, every time
+    finally:
+        wb.close()
+
+
 def test_closing_abandons_a_large_read_between_pieces(tmp_path, monkeypatch):
     """A stop does not wait for a whole large read: the reader checks between pieces and gives up."""
     import streammerge.formats.reader as reader
