@@ -3,32 +3,19 @@
 # bench/README.md, "Compute workers, and a busy machine"):
 #   1. the Qwen2-0.5B-shaped family generated (make_models.py --jobs 3: one process per model, the same bytes);
 #   2. bench/threads.py: warm page cache, quiet machine, task_arithmetic, TIES and WIDEN at --threads 1,2,4,...
-#      up to the CPUs (THREADS overrides): the scaling table (speed-up over one thread, share of linear, the plan's
-#      workers at each count) and its plot;
+#      up to the CPUs (THREADS overrides), three rounds (ROUNDS): the scaling table (speed-up over one thread, share
+#      of linear, the plan's workers at each count; each cell's median round) and its plot;
 #   3. bench/job_bound.py at one thread: the largest job's bound on the speed-up at 2, 4, 8 and 16 workers.
 #
 #   bench/cores_check.sh OUTDIR [MODELS_DIR]
 #
-# About 4 minutes on a 16-core machine. Works without installing the project: PYTHONPATH points at this checkout
+# About 5 minutes on a 16-core machine. Works without installing the project: PYTHONPATH points at this checkout
 # and a small `streammerge` shim is put on PATH when none is installed (as bench/gpu_check.sh). PYTHON (default
 # python3) picks the interpreter; MAX_RAM (default 1GiB) the budget; METHODS the methods.
 set -u
 OUT=${1:?usage: bench/cores_check.sh OUTDIR [MODELS_DIR]}
 MODELS=${2:-bench/models/qwen2-0.5b}
-PY=${PYTHON:-python3}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT" || exit 1
-mkdir -p "$OUT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-step() { printf '\n== %s (%s)\n' "$*" "$(date -u +%T)"; }
-
-if ! command -v streammerge >/dev/null; then
-    mkdir -p /tmp/streammerge-shim
-    printf '#!/bin/sh\nexec %s -m streammerge.cli "$@"\n' "$(command -v "$PY")" >/tmp/streammerge-shim/streammerge
-    chmod +x /tmp/streammerge-shim/streammerge
-    export PATH="/tmp/streammerge-shim:$PATH"
-fi
-SM=$(command -v streammerge)
+. "$(dirname "$0")/checkout_env.sh"  # ROOT (the working directory), PY, SM, step(); OUT created
 CPUS=$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))')
 if [ -z "${THREADS:-}" ]; then
     THREADS=1; t=2
@@ -49,7 +36,7 @@ echo "exit $?"; tail -2 "$OUT/generate.log"
 
 step "bench/threads.py --threads $THREADS (quiet)"
 "$PY" bench/threads.py --models "$MODELS" --method "${METHODS:-task_arithmetic,ties,widen}" --threads "$THREADS" \
-    --busy 0 --max-ram "${MAX_RAM:-1GiB}" --streammerge "$SM" --results "$OUT" 2>&1 | tail -40
+    --busy 0 --rounds "${ROUNDS:-3}" --max-ram "${MAX_RAM:-1GiB}" --streammerge "$SM" --results "$OUT" 2>&1 | tail -40
 
 step "bench/job_bound.py (the largest job's bound)"
 "$PY" bench/job_bound.py --models "$MODELS" --method widen,ties --param ties:density=0.5 \

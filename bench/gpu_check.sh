@@ -13,20 +13,7 @@
 set -u
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR [MODELS_DIR]}
 MODELS=${2:-bench/models/qwen1.5-14b-8layers}
-PY=${PYTHON:-python3}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT" || exit 1
-mkdir -p "$OUT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-step() { printf '\n== %s (%s)\n' "$*" "$(date -u +%T)"; }
-
-if ! command -v streammerge >/dev/null; then
-    mkdir -p /tmp/streammerge-shim
-    printf '#!/bin/sh\nexec %s -m streammerge.cli "$@"\n' "$(command -v "$PY")" >/tmp/streammerge-shim/streammerge
-    chmod +x /tmp/streammerge-shim/streammerge
-    export PATH="/tmp/streammerge-shim:$PATH"
-fi
-SM=$(command -v streammerge)
+. "$(dirname "$0")/checkout_env.sh"  # ROOT (the working directory), PY, SM, step(); OUT created
 
 step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default=None, help="comma-separated --threads values (default 1 and every core)")
     ap.add_argument("--busy", default="0,2,4", help="comma-separated numbers of busy processes beside the merge")
     ap.add_argument("--max-ram", default="1GiB")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of the whole grid, one after the other; the tables show each cell's median run")
     ap.add_argument("--work", type=Path, default=None, metavar="DIR",
                     help="write the outputs under DIR (e.g. /dev/shm, to leave the disk's writes out)")
     ap.add_argument("--baseline-python", default=None,
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.render is not None:
         data = json.loads(args.render.read_text())
-        plot(data["rows"], data["cores"], args.render.with_name(args.render.name.removesuffix(".json") + ".png"),
-             data.get("physical_cores", data["cores"]))
+        png = args.render.with_name(args.render.name.removesuffix(".json") + ".png")
+        plot(medians(data["rows"]), data["cores"], png, data.get("physical_cores", data["cores"]))
         return 0
 
     cores, physical = len(os.sched_getaffinity(0)), physical_cores()
@@ -154,37 +156,39 @@ def main(argv: list[str] | None = None) -> int:
         start_up = StartUp(work, {label: (launcher, None) for label, launcher in launchers.items()})
         for _ in range(3):  # three rounds before the merges, two after (StartUp)
             start_up.round()
+        workers: dict[tuple[str, str, int | None], int | None] = {}
         for method in methods:
             params = DEFAULT_PARAMS.get(method, [])
-            workers = {(label, t): plan_workers(launchers[label], models, method, params, t, args.max_ram)
-                       for label, t in runs}
+            workers |= {(method, label, t): plan_workers(launchers[label], models, method, params, t, args.max_ram)
+                        for label, t in runs}
             for label, launcher in launchers.items():  # untimed: a new checkout compiles its kernels here
                 t = max(threads) if label == "streammerge" else None
                 warm_up = merge_cmd(launcher, models, method, params, t, work / "out", args.max_ram)
                 if subprocess.run(warm_up, capture_output=True).returncode != 0:
                     raise SystemExit(f"{' '.join(warm_up)} failed")
-            for k in busy:
-                for label, t in runs:
-                    cmd = merge_cmd(launchers[label], models, method, params, t, work / "out", args.max_ram)
-                    with Busy(k):
-                        r = time_v(cmd)
-                    if r["returncode"] != 0:
-                        raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
-                    row = {"method": method, "build": label, "threads": t, "workers": workers[label, t], "busy": k,
-                           "wall_s": r["wall_s"],
-                           "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
-                           "steal_s": r["steal_s"], "iowait_s": r["iowait_s"]}
-                    rows.append(row)
-                    print(f"{method:16} {label:11} threads {t or '-':>2} busy {k}: {row['wall_s']:6.1f} s wall, "
-                          f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB, "
-                          f"{stolen(row, 1)} s stolen / iowait",
-                          file=sys.stderr)
+        for rnd, method, k in ((rnd, m, k) for rnd in range(args.rounds) for m in methods for k in busy):
+            params = DEFAULT_PARAMS.get(method, [])
+            for label, t in runs:
+                cmd = merge_cmd(launchers[label], models, method, params, t, work / "out", args.max_ram)
+                with Busy(k):
+                    r = time_v(cmd)
+                if r["returncode"] != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")
+                row = {"method": method, "build": label, "threads": t, "workers": workers[method, label, t],
+                       "busy": k, "round": rnd, "wall_s": r["wall_s"],
+                       "cpu_s": r["cpu_s"], "peak_rss": r["peak_rss"],
+                       "steal_s": r["steal_s"], "iowait_s": r["iowait_s"]}
+                rows.append(row)
+                print(f"{method:16} {label:11} threads {t or '-':>2} busy {k}: {row['wall_s']:6.1f} s wall, "
+                      f"{row['cpu_s']:6.1f} s CPU, {row['peak_rss'] / 2**20:6.0f} MiB, "
+                      f"{stolen(row, 1)} s stolen / iowait",
+                      file=sys.stderr)
         for _ in range(2):
             start_up.round()
         fixed = {label: start_up.quickest(label)["wall_s"] for label in start_up.builds}
     for row in rows:
         row["compute_s"] = max(0.0, row["wall_s"] - fixed[row["build"]])
-    report = render(rows, fixed, cores, models.name, args.max_ram, outputs_on, physical)
+    report = render(medians(rows), fixed, cores, models.name, args.max_ram, outputs_on, physical, args.rounds)
     print(report)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -193,18 +197,34 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / f"{base}.json").write_text(json.dumps(data, indent=2))
     (args.results / f"{base}.md").write_text(report)
     try:
-        plot(rows, cores, args.results / f"{base}.png", physical)
+        plot(medians(rows), cores, args.results / f"{base}.png", physical)
     except ImportError:
         print("matplotlib is missing: no plot", file=sys.stderr)
     print(f"wrote {args.results / base}.{{json,md,png}}", file=sys.stderr)
     return 0
 
 
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (method, build, threads, busy): the run of median wall time among its rounds (the lower of the
+    two middle ones for an even count), with ``rounds`` and the cell's ``wall_range``; in first-run order."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["build"], r["threads"], r["busy"]), []).append(r)
+    out = []
+    for runs in cells.values():
+        walls = sorted(r["wall_s"] for r in runs)
+        median = sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+        out.append({**median, "rounds": len(runs), "wall_range": (walls[0], walls[-1])})
+    return out
+
+
 def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, max_ram: str,
-           outputs_on: str = "?", physical: int | None = None) -> str:
+           outputs_on: str = "?", physical: int | None = None, rounds: int = 1) -> str:
     physical = physical or cores
     lines = [f"# Compute workers: {shape}, warm page cache, --max-ram {max_ram}, {cores} cores "
              f"({physical} physical), outputs written to {outputs_on}", "",
+             *([f"{rounds} rounds of the whole grid; each row is its cell's median run (wall range in brackets).", ""]
+               if rounds > 1 else []),
              "Start-up (tiny example merge): " + ", ".join(f"{v:.2f} s" for v in fixed.values()), "",
              "Stolen / iowait: CPU time the hypervisor gave other guests, and idle time waiting for the disk, "
              "during the run (/proc/stat), all CPUs together.", "",
@@ -215,8 +235,10 @@ def render(rows: list[dict], fixed: dict[str, float], cores: int, shape: str, ma
                      and q["threads"] == r["threads"] and q["busy"] == min(x["busy"] for x in rows))
         ratio = r["wall_s"] / quiet["wall_s"] if quiet["wall_s"] else float("nan")
         bound = 1.5 * (r["busy"] + 1) / cores if r["busy"] else 1.0
+        spread = f" ({r['wall_range'][0]:.1f}–{r['wall_range'][1]:.1f})" if r.get("rounds", 1) > 1 else ""
         lines.append(f"| {r['method']} | {r['build']} | {r['threads'] or '-'} | {r.get('workers') or '-'} | "
-                     f"{r['busy']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {stolen(r, 1)} | {r['compute_s']:.1f} | "
+                     f"{r['busy']} | {r['wall_s']:.1f}{spread} | {r['cpu_s']:.1f} | {stolen(r, 1)} | "
+                     f"{r['compute_s']:.1f} | "
                      f"{r['peak_rss'] / 2**20:.0f} | {ratio:.2f} | "
                      f"{'≤ ' + format(bound, '.2f') if r['busy'] else '-'} |")
     table = scaling(rows)

@@ -77,3 +77,15 @@ def test_plan_workers_reads_the_plan_of_each_thread_count(tmp_path: Path) -> Non
     assert got == [1, 2]
     # a budget with no room for a second worker's share: the plan merges one tensor at a time
     assert threads.plan_workers(cli, tmp_path / "tiny", "widen", [], 2, "600KiB") == 1
+
+
+def test_each_cell_shows_its_median_round() -> None:
+    threads = bench_threads()
+    runs = [{**row("widen", 1, c), "round": i} for i, c in enumerate([8.0, 6.0, 9.0])]
+    runs += [{**row("widen", 2, c), "round": i} for i, c in enumerate([5.0, 3.0])]
+    cells = threads.medians(runs)
+    assert [(r["threads"], r["compute_s"], r["rounds"], r["wall_range"]) for r in cells] == \
+        [(1, 8.0, 3, (8.0, 11.0)), (2, 3.0, 2, (5.0, 7.0))]  # two rounds: the lower middle one
+    report = threads.render(cells, {"streammerge": 2.0}, cores=2, shape="s", max_ram="1GiB", rounds=3)
+    assert "3 rounds of the whole grid" in report and "| widen | streammerge | 1 | 1 | 0 | 10.0 (8.0–11.0) |" in report
+    assert "| widen | 2 | 2 | 3.00 | 9.0 | 2.67× | 1.33 |" in report
