@@ -63,6 +63,7 @@ class LocalIO:
         self.compute = make_compute(torch.device(plan.budget.device))
         self.prefetch: Prefetcher | None = None
         self._staged: dict[int, Staged] = {}  # reads whose slot is still in use, by id
+        self._fenced: set[str] = set()  # finished tensors whose writes every writer has done (read_output)
 
     def start_feed(self, feed: Feed) -> None:
         """Start this worker's reader on the reads of the jobs it claims (input checksums serve only a resume)."""
@@ -120,8 +121,10 @@ class LocalIO:
 
     def read_output(self, name: str, byte_offset: int, view: memoryview) -> None:
         assert self.writer is not None
-        for writer in self.writers:  # the bytes to copy are written, by whichever worker wrote them
-            writer.fence(self.check_stop)
+        if name not in self._fenced:  # (its job has finished: every write of it was submitted before this read)
+            for writer in self.writers:  # the bytes to copy are written, by whichever worker wrote them
+                writer.fence(self.check_stop)
+            self._fenced.add(name)
         self.work.read_output(name, byte_offset, view)
 
     def save_state(self, t: TensorPlan, state: dict[str, torch.Tensor]) -> None:
@@ -141,6 +144,8 @@ class LocalIO:
     def check_stop(self) -> None:
         self.stop.check()
         self.jobs.check()
+        if self.writer is not None:  # this worker's writer failed: stop now, not at the next write
+            self.writer.check()
 
     # ---- the run -------------------------------------------------------------------------------------------
     def commit(self) -> None:
@@ -195,7 +200,7 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
     plan = work.plan  # a part's: its tensors and shards
     with StopFlag(handle_signals) as stop:
         pin = compute_class(torch.device(plan.budget.device)).pin
-        writers = [WriteBehind(plan.out_buffer_bytes, plan.depth, pin=pin) for _ in range(plan.workers)]
+        writers: list[WriteBehind] = []
         inputs = InputFiles()
         ios: list[LocalIO] = []
 
@@ -207,6 +212,8 @@ def execute(plan: Plan, show_progress: bool = True, handle_signals: bool = False
             inputs.close()
 
         try:
+            for _ in range(plan.workers):  # one at a time: those started are closed if the next cannot start
+                writers.append(WriteBehind(plan.out_buffer_bytes, plan.depth, pin=pin))
             work.open_shards()
             if work.resumed:
                 shown.say(f"resuming the interrupted merge in {work.path}: {work.done_count()} of "
@@ -254,6 +261,8 @@ def _keep(work: WorkFolder, moot: str | None = None) -> None:
     nothing is left behind."""
     if not work.plan.recipe.journal:
         work.discard()
+        return
+    if work.journal.failed is not None:  # a sync or append failed: the journal ends with the last durable batch
         return
     try:
         work.journal.flush()

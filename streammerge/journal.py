@@ -115,7 +115,8 @@ class Journal:
         self._busy = False  # a batch is being synced and appended
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # a failed batch's, raised by every commit after it
+        self._state_folder_lock = threading.Lock()  # the writers of several workers may save the first statistics
         if self.path.exists():
             self._load()
 
@@ -211,8 +212,9 @@ class Journal:
         if not self.enabled or not state:
             return
         folder = self.work / "state"
-        if not folder.is_dir():
-            fsio.make_dirs(folder)
+        with self._state_folder_lock:
+            if not folder.is_dir():
+                fsio.make_dirs(folder)
         fname = f"{index:06d}.safetensors"
         from safetensors.torch import save as save_safetensors  # imports torch: only where tensors are saved
 
@@ -257,8 +259,9 @@ class Journal:
         were asked for (commits asked for while one is in flight make one batch, one sync), so the merge goes on
         computing (and the writer writing) while the disk catches up; ``wait`` (or :meth:`flush`) blocks until
         everything asked for is done. A failed batch drops the batches queued behind it (their lines may describe
-        bytes that were not synced) and is raised by the next call that commits or waits for the commits (this
-        one, :meth:`flush`, :meth:`truncate`, :meth:`reset`), before it takes any pending line.
+        bytes that were not synced) and is raised by every later call that commits or waits for the commits (this
+        one, :meth:`flush`, :meth:`truncate`, :meth:`reset`), before it takes any pending line: the journal ends
+        with the last batch that was durable.
 
         One long-lived thread, not one per commit: a commit per finished tensor (~300 for a 0.5B model) started a
         thread each, and ``Thread.start`` waits for the new thread to take the GIL, which beside busy compute
@@ -347,10 +350,18 @@ class Journal:
                 self._lock.wait()
         self._raise()
 
-    def _raise(self) -> None:
-        """Raise a failed batch's error, once."""
+    @property
+    def failed(self) -> BaseException | None:
+        """A failed batch's error (its sync or append), or None."""
         with self._lock:
-            exc, self._error = self._error, None
+            return self._error
+
+    def _raise(self) -> None:
+        """Raise a failed batch's error, at every call after it: after a failed fdatasync the kernel may have dropped
+        the unsynced pages and a later sync of the same file reports success, so no line may be appended after it
+        (every worker's writer commits; each must stop, not only the one that was told first)."""
+        with self._lock:
+            exc = self._error
         if exc is not None:
             raise exc
 

@@ -208,6 +208,10 @@ class WriteBehind:
             if buffer is not None:
                 self._free.put(buffer)
 
+    def check(self) -> None:
+        """Raise the writer's failure to its submitter if it has not been raised yet (a poll between writes)."""
+        self._raise()
+
     def _raise(self) -> None:
         if self._error is not None and not self._reported:
             self._reported = True

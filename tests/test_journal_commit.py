@@ -210,3 +210,69 @@ def test_lines_from_several_writer_threads_each_follow_the_sync_of_their_bytes(t
     assert late == [], f"{len(late)} lines appended before their bytes' sync, e.g. {late[:2]}"
     reread = Journal(tmp_path, read_only=True)
     assert all(reread.get(f"w{i}").rows_done == chunks for i in range(4))
+
+
+def test_every_commit_after_a_failed_sync_raises_and_appends_nothing(tmp_path, monkeypatch):
+    """After an fdatasync fails the kernel may have dropped the unsynced pages, and a later sync of the same file
+    reports success: so every later commit (each worker's writer commits) raises the failure, and no line written
+    after it reaches the journal, however many writers ask."""
+    j = Journal(tmp_path)
+    calls = []
+
+    def failing_sync(fds: list[int]) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Journal, "_sync_data", staticmethod(failing_sync))
+    j.record_chunk("w", 0, 2, 11, {}, 8)
+    j.flush()  # durable
+    j.record_chunk("w", 2, 4, 12, {}, 8)  # its bytes may be lost with the failed sync
+    j.commit()  # fails in its sync
+    for _ in range(3):  # one worker's writer is told, then the others, each at its next commit
+        j.record_chunk("w", 4, 6, 13, {}, 8)
+        try:
+            j.commit()
+            j.flush()
+        except OSError as exc:
+            assert exc.errno == 5
+        else:
+            raise AssertionError("a commit after the failed sync did not raise")
+    assert j.failed is not None and j.failed.errno == 5
+    assert len(calls) == 2  # nothing was synced (nor appended) after the failure
+    assert _lines(j) == [(0, 2)]
+    j.close()
+
+
+def test_writers_saving_the_first_statistics_at_once_both_succeed(tmp_path):
+    """The statistics folder is made by whichever writer saves first; two at the same moment (two workers finishing
+    their first statistics pass together) must not fail on each other's mkdir."""
+    import torch
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for trial in range(40):
+            j = Journal(tmp_path / f"run{trial}")
+            j.work.mkdir()
+            barrier, errors = threading.Barrier(2), []
+
+            def save(i: int, j: Journal = j, barrier: threading.Barrier = barrier, errors: list = errors) -> None:
+                barrier.wait()
+                try:
+                    j.save_state(f"t{i}", i, {"s": torch.ones(4)})
+                except OSError as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=save, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            j.flush()
+            j.close()
+            assert errors == [], f"trial {trial}: {errors[0]}"
+            reread = Journal(j.work, read_only=True)
+            assert all(reread.load_state(f"t{i}")[0] is not None for i in range(2))
+    finally:
+        sys.setswitchinterval(interval)

@@ -337,3 +337,23 @@ def test_closing_abandons_a_large_read_between_pieces(tmp_path, monkeypatch):
         assert not pre._thread.is_alive()
         pre.close()
     assert len(pieces) == 3, f"{len(pieces)} pieces read after the close"
+
+
+def test_check_raises_a_writers_failure_to_its_submitter_between_writes():
+    """A worker polls its writer while it waits for its reader or computes: a failed write stops it there, once."""
+    wb = WriteBehind(16, depth=DEPTH)
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        wb.submit(fail)
+        wb.fence()  # (the failure is there: what the submitter sees next is the test)
+    except OSError:
+        pass
+    try:
+        with pytest.raises(OSError, match="No space"):
+            wb.check()
+        wb.check()  # reported once
+    finally:
+        wb.close()

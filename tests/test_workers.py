@@ -395,3 +395,26 @@ def test_the_command_line_takes_threads_and_the_plan_shows_the_workers(fam, tmp_
     assert "threads     2 (--threads): 2 tensor(s) merged at once" in r.stdout
     r = cli("merge", "--base", fam["base"], "--model", fam["chat"], "--out", tmp_path / "o", "--threads", "0")
     assert r.returncode == 2 and "--threads" in r.stderr and "0 is not in the range x>=1" in r.stderr
+
+
+def test_a_tied_head_waits_for_every_writer_once_not_per_chunk(fam, tmp_path, monkeypatch):
+    """The head's job starts once its embedding's job has finished, so every write of the embedding has been
+    submitted: one fence of each worker's writer covers all the head's chunks (each fence waits behind whatever
+    that worker queued since)."""
+    from streammerge.pipeline import WriteBehind
+
+    fences: list[int] = []
+    real_fence = WriteBehind.fence
+
+    def fence(self, check=None):  # type: ignore[no-untyped-def]
+        fences.append(id(self))
+        real_fence(self, check)
+
+    monkeypatch.setattr(WriteBehind, "fence", fence)
+    plan = api.plan(fam["base"], [fam["chat"], fam["multilingual"]], tmp_path / "x", "task_arithmetic",
+                    threads=3, chunk_rows=5)
+    head = plan.tensor("lm_head.weight")
+    assert len(plan.tensors) > 3 and head.shape[0] > 10  # the head's copy takes several chunks
+    out = _merge(fam, tmp_path / "out", "task_arithmetic", threads=3, chunk_rows=5)
+    assert len(fences) == 3 and len(set(fences)) == 3
+    assert_same_output(out, _merge(fam, tmp_path / "one", "task_arithmetic", threads=1))
