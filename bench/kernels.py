@@ -182,6 +182,7 @@ def methods(n: int, repeat: int) -> list[str]:
 
     embedding = TensorTask("bench", (rows, cols), Rule.EMBEDDING, 64, exact_products=True)  # a token per row
     for name, params, task in (("task_arithmetic", {}, matrix), ("ties", {"density": 0.5}, matrix),
+                               ("della", {"density": 0.5}, matrix), ("dare_ties", {"density": 0.5}, matrix),
                                ("widen", {}, matrix), ("widen (embedding rule)", {}, embedding)):
         m = get_method(name.split()[0])
         p = m.resolve_params(params, 2)
@@ -238,10 +239,12 @@ def methods(n: int, repeat: int) -> list[str]:
 
 def fresh_accumulate(t, pass_index: int, base: torch.Tensor, models: list[torch.Tensor],  # type: ignore[no-untyped-def]
                      fused: bool) -> None:
-    """One statistics block (rows 0..); the TileFeeder's order check is reset so the block can be fed again."""
-    feeder = getattr(t, "_feeder", None)
-    if feeder is not None:
-        feeder._next_row = 0
+    """One statistics block (rows 0..); the TileFeeders' order checks (the method's own, and its L1 column sums')
+    are reset so the block can be fed again."""
+    for owner in (t, getattr(t, "sums", None)):
+        feeder = getattr(owner, "_feeder", None)
+        if feeder is not None:
+            feeder._next_row, feeder._stashed = 0, 0
     if fused:
         assert t.accumulate_raw(pass_index, 0, base, models)
     else:
@@ -282,7 +285,7 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
         baseline: Path | None, baseline_backend: str = "eager", work_arg: Path | None = None,
         with_eager: bool = True) -> tuple[str, dict]:
     from run import StartUp, filesystem, stolen, time_v, work_root
-    from threads import DEFAULT_PARAMS, merge_cmd, warm
+    from threads import DEFAULT_PARAMS, merge_cmd, script, warm
 
     warm(models)
     rows: list[dict] = []
@@ -303,7 +306,7 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
     with tempfile.TemporaryDirectory(dir=work_root(work_arg)) as tmp:
         work = Path(tmp)
         outputs_on = filesystem(work)
-        start_up = StartUp(work, {label: (command(prefix, [str(Path(sys.executable).with_name("streammerge"))]),
+        start_up = StartUp(work, {label: (command(prefix, [script(sys.executable)]),
                                           {**os.environ, ENV: backend}) for label, prefix, backend in runs})
         # rounds outermost: each method's best of N samples the whole run, not one spell of it (a slow minute
         # would otherwise fall on whichever method ran then); a start-up round before each, two more after
@@ -316,7 +319,7 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
                 for t in threads:
                     for label, prefix, backend in runs:
                         out = work / f"out-{label}"
-                        cmd = command(prefix, merge_cmd(sys.executable, models, method,
+                        cmd = command(prefix, merge_cmd([script(sys.executable)], models, method,
                                                         DEFAULT_PARAMS.get(method, []), t, out, max_ram))
                         r = time_v(cmd, env={**os.environ, ENV: backend})
                         if r["returncode"] != 0:

@@ -89,3 +89,26 @@ def test_each_cell_shows_its_median_round() -> None:
     report = threads.render(cells, {"streammerge": 2.0}, cores=2, shape="s", max_ram="1GiB", rounds=3)
     assert "3 rounds of the whole grid" in report and "| widen | streammerge | 1 | 1 | 0 | 10.0 (8.0–11.0) |" in report
     assert "| widen | 2 | 2 | 3.00 | 9.0 | 2.67× | 1.33 |" in report
+
+
+def test_kernels_e2e_merges_with_this_builds_console_script(tmp_path: Path) -> None:
+    """bench/kernels.py's end-to-end table shares threads.py's merge command: one round on the tiny family runs,
+    times the merge and compares its output (a launcher passed as a string was split into its characters)."""
+    if importlib.util.find_spec("numba") is None or not Path("/usr/bin/time").exists():
+        pytest.skip("the end-to-end table needs numba and /usr/bin/time")
+    if not Path(bench_threads().script(sys.executable)).is_file():
+        pytest.skip("no streammerge console script beside this python")
+    from streammerge.examples import write_family
+
+    write_family(tmp_path / "tiny", "tiny")
+    sys.path.insert(0, str(BENCH))  # kernels.py imports run.py and threads.py from its folder
+    try:
+        spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
+        assert spec is not None and spec.loader is not None
+        kernels = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(kernels)
+        report, data = kernels.e2e(tmp_path / "tiny", ["task_arithmetic"], [1], 1, "1GiB", None,
+                                   work_arg=tmp_path, with_eager=False)
+    finally:
+        sys.path.remove(str(BENCH))
+    assert "task_arithmetic" in report and "| 1 |" in report
