@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import psutil
 import pytest
@@ -291,15 +292,23 @@ def test_a_fence_from_another_thread_waits_for_what_was_submitted_before_it():
         wb.close()
 
 
-def test_a_fence_raises_the_writers_failure_even_after_its_submitter_saw_it():
-    """Bytes a failed writer was to write may be missing: reading them back must fail, not copy a hole."""
+def _failing_writer(error: OSError) -> WriteBehind:
+    """A writer whose first submitted call has failed with ``error`` (not yet reported to its submitter)."""
     wb = WriteBehind(16, depth=DEPTH)
 
     def fail() -> None:
-        raise OSError(5, "Input/output error")
+        raise error
 
+    wb.submit(fail)
+    while wb._error is None:  # (the writer thread runs it)
+        time.sleep(0.001)
+    return wb
+
+
+def test_a_fence_raises_the_writers_failure_even_after_its_submitter_saw_it():
+    """Bytes a failed writer was to write may be missing: reading them back must fail, not copy a hole."""
+    wb = _failing_writer(OSError(5, "Input/output error"))
     try:
-        wb.submit(fail)
         with pytest.raises(OSError, match="Input/output"):
             wb.drain()  # the submitter's report
         for _ in range(2):
@@ -341,16 +350,7 @@ def test_closing_abandons_a_large_read_between_pieces(tmp_path, monkeypatch):
 
 def test_check_raises_a_writers_failure_to_its_submitter_between_writes():
     """A worker polls its writer while it waits for its reader or computes: a failed write stops it there, once."""
-    wb = WriteBehind(16, depth=DEPTH)
-
-    def fail() -> None:
-        raise OSError(28, "No space left on device")
-
-    try:
-        wb.submit(fail)
-        wb.fence()  # (the failure is there: what the submitter sees next is the test)
-    except OSError:
-        pass
+    wb = _failing_writer(OSError(28, "No space left on device"))
     try:
         with pytest.raises(OSError, match="No space"):
             wb.check()
