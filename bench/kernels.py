@@ -22,7 +22,8 @@ With ``--e2e``: warm page cache, ``streammerge merge ... --threads N`` of the fa
 and ``=numba`` alternately (``--rounds`` times each, the best kept), under ``/usr/bin/time``, and with
 ``--baseline-src`` the same merge by another source tree ("before"); the compute time is the wall time minus the
 start-up (the tiny example's merge per build, the quickest of a round before each round of merges and two after;
-the rounds are outermost, so each method's best is taken over the whole run); every output is compared with
+the rounds are outermost, so each method's best is taken over the whole run; each round's timed merges follow one
+untimed merge of the first method, as the first merge after the tiny ones ran slower); every output is compared with
 eager's (with ``--no-eager``, which leaves the eager runs out, with the first build's). With task_arithmetic among
 the methods, a second table gives each method's compute time over task arithmetic's, per build and thread count
 (the issue's "every other method ≤ 2.5× its task_arithmetic time").
@@ -315,6 +316,14 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
         same: dict[tuple[str, int, str], bool] = {}
         for _ in range(rounds):
             start_up.round()
+            # untimed: the first merge after the tiny ones ran up to 2 s slower than the same merge later in the
+            # round (this VM: fresh pages after a pause), which fell on whichever method came first (task
+            # arithmetic, the ratios' denominator)
+            settle = command(runs[0][1], merge_cmd([script(sys.executable)], models, methods_[0],
+                                                   DEFAULT_PARAMS.get(methods_[0], []), threads[0],
+                                                   work / f"out-{runs[0][0]}", max_ram))
+            if time_v(settle, env={**os.environ, ENV: runs[0][2]})["returncode"] != 0:
+                raise SystemExit(f"{' '.join(settle)} failed")
             for method in methods_:
                 for t in threads:
                     for label, prefix, backend in runs:
