@@ -304,6 +304,10 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
     def command(prefix: list[str] | None, cmd: list[str]) -> list[str]:
         return cmd if prefix is None else [*prefix, *cmd[1:]]
 
+    def merge(prefix: list[str] | None, method: str, t: int, out: Path) -> list[str]:
+        return command(prefix, merge_cmd([script(sys.executable)], models, method, DEFAULT_PARAMS.get(method, []),
+                                         t, out, max_ram))
+
     with tempfile.TemporaryDirectory(dir=work_root(work_arg)) as tmp:
         work = Path(tmp)
         outputs_on = filesystem(work)
@@ -319,17 +323,14 @@ def e2e(models: Path, methods_: list[str], threads: list[int], rounds: int, max_
             # untimed: the first merge after the tiny ones ran up to 2 s slower than the same merge later in the
             # round (this VM: fresh pages after a pause), which fell on whichever method came first (task
             # arithmetic, the ratios' denominator)
-            settle = command(runs[0][1], merge_cmd([script(sys.executable)], models, methods_[0],
-                                                   DEFAULT_PARAMS.get(methods_[0], []), threads[0],
-                                                   work / f"out-{runs[0][0]}", max_ram))
+            settle = merge(runs[0][1], methods_[0], threads[0], work / f"out-{runs[0][0]}")
             if time_v(settle, env={**os.environ, ENV: runs[0][2]})["returncode"] != 0:
                 raise SystemExit(f"{' '.join(settle)} failed")
             for method in methods_:
                 for t in threads:
                     for label, prefix, backend in runs:
                         out = work / f"out-{label}"
-                        cmd = command(prefix, merge_cmd([script(sys.executable)], models, method,
-                                                        DEFAULT_PARAMS.get(method, []), t, out, max_ram))
+                        cmd = merge(prefix, method, t, out)
                         r = time_v(cmd, env={**os.environ, ENV: backend})
                         if r["returncode"] != 0:
                             raise SystemExit(f"{' '.join(cmd)} failed: {r['stderr_tail']}")

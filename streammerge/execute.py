@@ -58,8 +58,7 @@ class LocalIO:
                  writer: WriteBehind | None, inputs: InputFiles, jobs: JobQueue,
                  writers: Sequence[WriteBehind] = ()) -> None:
         self.plan, self.work, self.stop, self.shown = plan, work, stop, shown
-        self.writer, self.inputs, self.jobs = writer, inputs, jobs
-        self.writers = tuple(writers) or ((writer,) if writer is not None else ())
+        self.writer, self.inputs, self.jobs, self.writers = writer, inputs, jobs, tuple(writers)
         self.compute = make_compute(torch.device(plan.budget.device))
         self.prefetch: Prefetcher | None = None
         self._staged: dict[int, Staged] = {}  # reads whose slot is still in use, by id
